@@ -1,0 +1,132 @@
+"""Terminal rendering of a task's events: live progress lines and the closing summary table."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from swarm.events import (
+    AnyEvent,
+    Handoff,
+    ModelCalled,
+    StepFinished,
+    StepStarted,
+    TaskFinished,
+    TaskStateChanged,
+    ToolCalled,
+)
+
+
+@dataclass
+class _StepRow:
+    agent: str
+    model_ms: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tools: list[str] = field(default_factory=list)
+    duration_ms: float | None = None
+    note: str = ""
+
+
+class ProgressPrinter:
+    """Prints one line per event as it arrives and keeps what the summary table needs."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(highlight=False)
+        self.steps: dict[int, _StepRow] = {}
+        self.finished: TaskFinished | None = None
+
+    def __call__(self, ev: AnyEvent) -> None:
+        """Render one event."""
+        c = self.console
+        t = dt.datetime.fromtimestamp(ev.ts).strftime("%H:%M:%S.%f")[:-3]
+        who = f"[bold cyan]{escape(ev.agent or '-'):>10}[/]"
+        if isinstance(ev, TaskStateChanged):
+            detail = f" ({escape(ev.detail)})" if ev.detail else ""
+            c.print(f"[dim]{t}[/] {'task':>10} state → [bold]{ev.state}[/]{detail}")
+        elif isinstance(ev, StepStarted):
+            self.steps.setdefault(ev.step, _StepRow(ev.agent or "-"))
+        elif isinstance(ev, ModelCalled):
+            row = self.steps.setdefault(ev.step, _StepRow(ev.agent or "-"))
+            row.model_ms, row.tokens_in, row.tokens_out = (
+                ev.latency_ms,
+                ev.input_tokens,
+                ev.output_tokens,
+            )
+            if ev.error:
+                row.note = "model error"
+                c.print(
+                    f"[dim]{t}[/] {who} step {ev.step:>3} model [red]error[/]: {escape(ev.error)}"
+                )
+            else:
+                what = f"{ev.tool_calls} tool call(s)" if ev.tool_calls else "answer"
+                c.print(
+                    f"[dim]{t}[/] {who} step {ev.step:>3} model {escape(ev.model)}: "
+                    f"{ev.input_tokens} in / {ev.output_tokens} out tokens, "
+                    f"{ev.latency_ms:.1f} ms → {what}"
+                )
+        elif isinstance(ev, ToolCalled):
+            row = self.steps.setdefault(ev.step, _StepRow(ev.agent or "-"))
+            ok = ev.outcome == "ok"
+            row.tools.append(f"{ev.tool} {'ok' if ok else 'ERR'} {ev.duration_ms:.1f}ms")
+            status = (
+                "[green]ok[/]" if ok else f"[red]error[/] ({ev.error_class}): {escape(ev.detail)}"
+            )
+            c.print(
+                f"[dim]{t}[/] {who} step {ev.step:>3} tool {escape(ev.tool)} "
+                f"{ev.duration_ms:.1f} ms {status}"
+            )
+        elif isinstance(ev, Handoff):
+            c.print(
+                f"[dim]{t}[/] {who} [magenta]handoff → {escape(ev.to_agent)}[/]: "
+                f"{escape(ev.message)}"
+            )
+            for row in reversed(self.steps.values()):
+                row.note = f"→ {ev.to_agent}"
+                break
+        elif isinstance(ev, StepFinished):
+            self.steps.setdefault(ev.step, _StepRow(ev.agent or "-")).duration_ms = ev.duration_ms
+        elif isinstance(ev, TaskFinished):
+            self.finished = ev
+
+    def summary(self) -> None:
+        """Print the answer (or error) and the per-step table."""
+        c = self.console
+        table = Table(title="Steps", show_lines=False)
+        for col in ("step", "agent", "model ms", "tokens in", "tokens out", "tools", "step ms", ""):
+            table.add_column(
+                col, justify="right" if col.endswith(("ms", "in", "out", "step")) else "left"
+            )
+        for n in sorted(self.steps):
+            r = self.steps[n]
+            table.add_row(
+                str(n),
+                r.agent,
+                f"{r.model_ms:.1f}",
+                str(r.tokens_in),
+                str(r.tokens_out),
+                ", ".join(r.tools) or "-",
+                "-" if r.duration_ms is None else f"{r.duration_ms:.1f}",
+                r.note,
+            )
+        c.print(table)
+        f = self.finished
+        if f is None:
+            c.print("[yellow]the task had not finished[/]")
+            return
+        totals = f"{f.steps} steps, {f.input_tokens} input / {f.output_tokens} output tokens"
+        if f.state == "completed":
+            c.print(Panel(escape(f.answer or ""), title=f"answer ({totals})", border_style="green"))
+        else:
+            c.print(
+                Panel(
+                    escape(f.error or ""),
+                    title=f"task {f.state} [{f.error_class}] ({totals})",
+                    border_style="red",
+                )
+            )

@@ -1,0 +1,253 @@
+"""The `swarm` command line: run, validate, up, down, tasks, submit, cancel."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import uuid
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from swarm.config import SwarmConfig, load_config
+from swarm.errors import ConfigError, SwarmError, TaskFailed, UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="swarm: run multi-agent LLM swarms on Ray."
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+ConfigArg = Annotated[str, typer.Argument(help="path of a swarm config YAML file")]
+NameArg = Annotated[str, typer.Argument(help="name of a deployed swarm")]
+AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS)")]
+
+
+def _die(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    err.print(f"[red]error:[/] {message}", markup=True)
+    raise typer.Exit(code)
+
+
+def _load(path: str) -> SwarmConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        err.print(f"[red]{e}[/]", markup=False)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+@app.command()
+def validate(config: ConfigArg) -> None:
+    """Check a config; print every error with its field path (exit 2 on errors)."""
+    cfg = _load(config)
+    agents = ", ".join(
+        f"{n} (x{a.replicas})" if a.replicas > 1 else n for n, a in cfg.agents.items()
+    )
+    out.print(
+        f"[green]ok[/]: swarm {cfg.name!r}: {len(cfg.models)} model(s), "
+        f"{len(cfg.tools)} tool server(s), agents {agents}; "
+        f"strategy {cfg.supervisor.strategy}"
+    )
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    task: Annotated[
+        str | None, typer.Option(help="task text (default: the config's example_task)")
+    ] = None,
+    user: Annotated[str, typer.Option(help="who submits the task")] = "cli",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the task")] = 600.0,
+    events_json: Annotated[bool, typer.Option("--json", help="print events as JSON lines")] = False,
+) -> None:
+    """Deploy the swarm, run one task with live progress, print the answer, take it down."""
+    from swarm._console import ProgressPrinter
+    from swarm.client import SwarmClient
+    from swarm.events import to_json
+    from swarm.runtime.deploy import ensure_ray, start_swarm, stop_swarm
+
+    cfg = _load(config)
+    text = task if task is not None else cfg.example_task
+    if not text.strip():
+        _die("no task: pass --task TEXT or set example_task in the config")
+    if len(text) > cfg.limits.max_task_chars:
+        _die(
+            f"task text is {len(text)} characters; limits.max_task_chars is "
+            f"{cfg.limits.max_task_chars}"
+        )
+    _quiet_ray()
+    try:
+        ensure_ray()
+    except UserError as e:
+        _die(str(e))
+    deployment = f"{cfg.name}-run-{uuid.uuid4().hex[:6]}"
+    out.print(f"[bold]swarm[/] {cfg.name}: deploying as {deployment} ...")
+    try:
+        sup, reports = start_swarm(cfg, deployment=deployment)
+    except SwarmError as e:
+        _die(str(e))
+    for rep in reports:
+        for problem in rep["problems"]:
+            err.print(f"[yellow]warning:[/] agent {rep['role']}: tool source {problem}")
+    printer = ProgressPrinter(out)
+    try:
+        client = SwarmClient(deployment, sup)
+        handle = client.submit(text, user=user)
+        out.print(f"task {handle.id} submitted: {text[:120]!r}")
+        try:
+            for ev in handle.events(timeout=timeout):
+                if events_json:
+                    sys.stdout.write(to_json(ev).decode() + "\n")
+                else:
+                    printer(ev)
+        except TimeoutError:
+            handle.cancel()
+            _die(f"task did not finish within {timeout} s; canceled", EXIT_FAILED)
+        if not events_json:
+            printer.summary()
+        info = handle.status()
+    finally:
+        stop_swarm(deployment)
+    if info.state != "completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def up(
+    config: ConfigArg,
+    address: AddressOpt = None,
+    name: Annotated[str | None, typer.Option(help="deployment name (default: config name)")] = None,
+) -> None:
+    """Deploy the swarm as long-lived named actors on a running Ray cluster."""
+    from swarm.runtime.deploy import ensure_ray, start_swarm
+
+    cfg = _load(config)
+    _quiet_ray()
+    try:
+        ensure_ray(address, local_ok=False)
+        _, reports = start_swarm(cfg, deployment=name or cfg.name, detached=True)
+    except SwarmError as e:
+        _die(str(e))
+    for rep in reports:
+        tools = ", ".join(rep["tools"]) or "no tools"
+        out.print(f"  agent {rep['role']}[{rep['replica']}]: {tools}")
+        for problem in rep["problems"]:
+            err.print(f"[yellow]warning:[/] agent {rep['role']}: tool source {problem}")
+    deployed = name or cfg.name
+    out.print(
+        f"[green]swarm {deployed!r} is up[/]. Drive it with "
+        f"swarm.connect({deployed!r}) or `python -m swarm submit {deployed} TEXT`."
+    )
+
+
+@app.command()
+def down(name: NameArg, address: AddressOpt = None) -> None:
+    """Remove a deployed swarm: its agents, supervisor and model apps."""
+    from swarm.runtime.deploy import ensure_ray, stop_swarm
+
+    _quiet_ray()
+    try:
+        ensure_ray(address, local_ok=False)
+        info = stop_swarm(name)
+    except SwarmError as e:
+        _die(str(e))
+    out.print(f"swarm {name!r} is down ({sum(info['agents'].values())} agent replicas removed)")
+
+
+@app.command()
+def submit(
+    name: NameArg,
+    text: Annotated[str, typer.Argument(help="task text")],
+    user: Annotated[str, typer.Option()] = "cli",
+    wait: Annotated[bool, typer.Option(help="stream progress until the task ends")] = True,
+    timeout: Annotated[float, typer.Option()] = 600.0,
+    address: AddressOpt = None,
+) -> None:
+    """Submit a task to a deployed swarm."""
+    from swarm._console import ProgressPrinter
+    from swarm.client import connect
+
+    _quiet_ray()
+    try:
+        handle = connect(name, address=address).submit(text, user=user)
+    except SwarmError as e:
+        _die(str(e))
+    out.print(f"task {handle.id}")
+    if not wait:
+        return
+    printer = ProgressPrinter(out)
+    for ev in handle.events(timeout=timeout):
+        printer(ev)
+    printer.summary()
+    try:
+        handle.result(timeout=0)
+    except TaskFailed:
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+@app.command()
+def tasks(
+    name: NameArg,
+    state: Annotated[str | None, typer.Option(help="only tasks in this state")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """List a deployed swarm's tasks with their A2A states."""
+    from swarm.client import connect
+
+    _quiet_ray()
+    try:
+        rows = connect(name, address=address).tasks(state=state)
+    except SwarmError as e:
+        _die(str(e))
+    if as_json:
+        out.print_json(json.dumps([r.__dict__ for r in rows]))
+        return
+    table = Table(title=f"tasks of {name}")
+    for col in ("task", "state", "user", "agent", "steps", "tokens", "error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.task_id,
+            r.state,
+            r.user,
+            r.agent or "-",
+            str(r.steps),
+            f"{r.input_tokens}/{r.output_tokens}",
+            f"{r.error_class}: {r.error}" if r.error_class else "",
+        )
+    out.print(table)
+
+
+@app.command()
+def cancel(
+    name: NameArg, task_id: Annotated[str, typer.Argument()], address: AddressOpt = None
+) -> None:
+    """Cancel a running task."""
+    from swarm.client import connect
+
+    _quiet_ray()
+    try:
+        info = connect(name, address=address).task(task_id).cancel()
+    except SwarmError as e:
+        _die(str(e))
+    out.print(f"task {task_id}: {info.state}")
+
+
+def _quiet_ray() -> None:
+    # Ray and Serve log start-up chatter to stderr; the CLI's own output is what users read.
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def main() -> None:
+    """Entry point of `python -m swarm` and the `swarm` script."""
+    app()

@@ -1,0 +1,176 @@
+"""The Python client that drives a running swarm: `swarm.connect(name)`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+from swarm.errors import SwarmError, SwarmNotFound, TaskFailed
+from swarm.events import AnyEvent
+from swarm.protocol import a2a
+from swarm.runtime.deploy import NAMESPACE, ensure_ray
+from swarm.runtime.supervisor import supervisor_actor_name
+
+_POLL_S = 5.0
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task's row in the supervisor's table."""
+
+    task_id: str
+    context_id: str
+    state: str
+    user: str
+    agent: str | None
+    steps: int
+    input_tokens: int
+    output_tokens: int
+    created: float
+    updated: float
+    answer: str | None
+    error_class: str | None
+    error: str | None
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_summary(cls, row: dict[str, Any]) -> TaskInfo:
+        """Build from the supervisor's summary dict."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+    @property
+    def done(self) -> bool:
+        """Whether the task reached a terminal state."""
+        return self.state in a2a.TERMINAL
+
+
+def _get(ref: Any, timeout: float | None = None) -> Any:
+    """ray.get that re-raises swarm's own errors as themselves rather than wrapped."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, SwarmError):
+            raise cause from None
+        raise
+
+
+class TaskHandle:
+    """A submitted task: stream its events, wait for its result, cancel it."""
+
+    def __init__(self, client: SwarmClient, task_id: str) -> None:
+        self.client = client
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.client.name!r}, {self.id!r})"
+
+    def status(self) -> TaskInfo:
+        """The task's current row."""
+        row = _get(self.client._sup.get_task.remote(self.id))
+        row.pop("a2a", None)
+        return TaskInfo.from_summary(row)
+
+    def a2a_task(self) -> Any:
+        """The task as an a2a-sdk `Task` (state, history, artifacts)."""
+        return a2a.loads_task(_get(self.client._sup.get_task.remote(self.id))["a2a"])
+
+    def events(self, timeout: float | None = None) -> Iterator[AnyEvent]:
+        """Yield the task's events as they happen, from the first, until it ends.
+
+        Raises `TimeoutError` if the task hasn't ended within `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cursor = 0
+        while True:
+            wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError(f"task {self.id} still running after {timeout} s")
+            batch, done = _get(self.client._sup.events.remote(self.id, cursor, wait))
+            cursor += len(batch)
+            yield from batch
+            if done:
+                # One more read catches events that arrived with the final state.
+                tail, _ = _get(self.client._sup.events.remote(self.id, cursor, 0.0))
+                yield from tail
+                return
+
+    def wait(self, timeout: float | None = None) -> TaskInfo:
+        """Wait for the task to end, up to `timeout` seconds; return its row (maybe unfinished)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
+            row = _get(self.client._sup.wait.remote(self.id, wait))
+            info = TaskInfo.from_summary(row)
+            if info.done or (deadline is not None and time.monotonic() >= deadline):
+                return info
+
+    def result(self, timeout: float | None = None) -> str:
+        """The final answer; raises `TaskFailed` if the task failed, `TimeoutError` on timeout."""
+        info = self.wait(timeout)
+        if not info.done:
+            raise TimeoutError(f"task {self.id} is still {info.state} after {timeout} s")
+        if info.state != "completed":
+            raise TaskFailed(self.id, info.state, info.error_class, info.error or "")
+        return info.answer or ""
+
+    def cancel(self) -> TaskInfo:
+        """Cancel the task if it is still running."""
+        return TaskInfo.from_summary(_get(self.client._sup.cancel.remote(self.id)))
+
+
+class SwarmClient:
+    """A connection to one deployed swarm's supervisor."""
+
+    def __init__(self, name: str, supervisor: Any) -> None:
+        self.name = name
+        self._sup = supervisor
+
+    def __repr__(self) -> str:
+        return f"SwarmClient({self.name!r})"
+
+    def info(self) -> dict[str, Any]:
+        """Agents, replicas, model endpoints and task counts."""
+        return dict(_get(self._sup.info.remote()))
+
+    def submit(
+        self,
+        text: str,
+        *,
+        user: str = "anonymous",
+        metadata: dict[str, Any] | None = None,
+        context_id: str | None = None,
+    ) -> TaskHandle:
+        """Submit a task; returns at once with a handle."""
+        task_id = _get(self._sup.submit.remote(text, user, metadata, context_id))
+        return TaskHandle(self, task_id)
+
+    def task(self, task_id: str) -> TaskHandle:
+        """A handle on an existing task (raises `TaskNotFound` if there is none)."""
+        handle = TaskHandle(self, task_id)
+        handle.status()
+        return handle
+
+    def tasks(self, state: str | None = None, user: str | None = None) -> list[TaskInfo]:
+        """Tasks and their A2A states, newest first."""
+        return [TaskInfo.from_summary(r) for r in _get(self._sup.list_tasks.remote(state, user))]
+
+
+def connect(name: str, *, address: str | None = None) -> SwarmClient:
+    """Connect to the swarm deployed as `name` on the cluster at `address` (default: RAY_ADDRESS,
+    else the cluster running on this machine)."""
+    import ray
+
+    ensure_ray(address, local_ok=False)
+    try:
+        sup = ray.get_actor(supervisor_actor_name(name), namespace=NAMESPACE)
+    except ValueError:
+        raise SwarmNotFound(
+            f"no swarm named {name!r} is running; deploy it with `python -m swarm up CONFIG`"
+        ) from None
+    return SwarmClient(name, sup)

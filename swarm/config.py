@@ -1,0 +1,410 @@
+"""Swarm config: the pydantic schema and the YAML loader.
+
+Every model is `extra="forbid"` and frozen, so a typo is an error naming its field path and a
+config that crosses a process boundary can't be changed on the way. `${VAR}` and
+`${VAR:-default}` are interpolated from the environment at load time; values that came from the
+environment are wrapped in `SecretStr` where the field is a secret, so they never print.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from swarm.errors import ConfigError
+
+_NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
+_IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+class LatencyConfig(_Strict):
+    """Simulated latency of the scripted engine: fixed + per token, with jitter."""
+
+    fixed_ms: float = Field(0.0, ge=0)
+    per_input_token_ms: float = Field(0.0, ge=0)
+    per_output_token_ms: float = Field(0.0, ge=0)
+    jitter: float = Field(0.0, ge=0, le=1, description="relative jitter, 0.1 = ±10%")
+
+
+class ScriptedModelConfig(_Strict):
+    """The deterministic scripted engine, deployed as a Ray Serve OpenAI-compatible app."""
+
+    provider: Literal["scripted"]
+    policy: str = Field(description="path of a policy YAML file, relative to the config file")
+    latency: LatencyConfig = LatencyConfig()
+    replicas: int = Field(1, ge=1, le=64)
+    max_ongoing_requests: int = Field(1000, ge=1)
+    transport: Literal["http", "in_process"] = Field(
+        "http",
+        description="http: through Ray Serve like a real model server; in_process: no Serve",
+    )
+    # Filled by the loader: the parsed policy, so the config carries it to every process.
+    policy_spec: dict[str, Any] | None = None
+
+
+class OpenAIModelConfig(_Strict):
+    """Any OpenAI-compatible chat-completions endpoint."""
+
+    provider: Literal["openai"]
+    base_url: str
+    model: str
+    api_key: SecretStr | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=20)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+ModelConfig = Annotated[ScriptedModelConfig | OpenAIModelConfig, Field(discriminator="provider")]
+
+
+# ---- tools --------------------------------------------------------------------------------------
+
+
+class MCPStdioConfig(_Strict):
+    """An MCP server spawned as a subprocess, spoken to over stdio."""
+
+    command: str
+    args: list[str] = []
+    env: dict[str, SecretStr] = {}
+    cwd: str | None = None
+
+
+class MCPHttpConfig(_Strict):
+    """An MCP server reached over streamable HTTP."""
+
+    url: str
+    headers: dict[str, SecretStr] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
+class ToolServerConfig(_Strict):
+    """A named source of tools: an MCP server or a list of Python functions."""
+
+    mcp: MCPStdioConfig | MCPHttpConfig | None = None
+    python: list[Annotated[str, Field(pattern=_IMPORT_PATH)]] | None = Field(
+        None, description="functions by import path, package.module:function"
+    )
+    timeout_s: float = Field(30.0, gt=0, description="per-call timeout")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ToolServerConfig:
+        if (self.mcp is None) == (self.python is None):
+            raise ValueError("give exactly one of 'mcp' or 'python'")
+        if self.python is not None and not self.python:
+            raise ValueError("'python' needs at least one function")
+        return self
+
+
+# ---- agents, supervisor, budgets ----------------------------------------------------------------
+
+
+class AgentConfig(_Strict):
+    """One agent role: its model, instructions, tools and peers."""
+
+    model: str
+    instructions: str = ""
+    tools: list[str] = Field(
+        default_factory=list, description="tool server names, or server.tool for a single tool"
+    )
+    handoffs: list[str] = []
+    replicas: int = Field(1, ge=1, le=256)
+    max_sessions: int = Field(
+        1000, ge=1, description="concurrent sessions one replica hosts; more wait in line"
+    )
+    max_steps_per_turn: int = Field(25, ge=1, description="model calls in one turn of this agent")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs each replica reserves")
+
+
+class SupervisorConfig(_Strict):
+    """How tasks move between agents."""
+
+    entry: str | None = Field(None, description="first agent (handoff strategy)")
+    strategy: Literal["handoff", "parallel", "router"] = "handoff"
+    agents: list[str] = Field(
+        default_factory=list, description="fan-out agents (parallel) or candidates (router)"
+    )
+    join: str | None = Field(None, description="parallel: agent that merges the branch answers")
+    router_model: str | None = Field(None, description="router: model that picks the agent")
+    max_handoffs: int = Field(20, ge=0)
+
+
+class TaskBudget(_Strict):
+    """Limits for one task across all of its agents."""
+
+    max_steps: int = Field(60, ge=1)
+    max_wall_s: float = Field(600.0, gt=0)
+
+
+class Budgets(_Strict):
+    """Limits at each level (task only, for now)."""
+
+    task: TaskBudget = TaskBudget()
+
+
+class StateConfig(_Strict):
+    """Where state lives; the runtime issue keeps working memory in the agent actors."""
+
+    run_dir: str = Field("runs", description="run directory, relative to the working directory")
+
+
+class LimitsConfig(_Strict):
+    """Guards on input from users."""
+
+    max_task_chars: int = Field(100_000, ge=1)
+    max_tasks: int = Field(100_000, ge=1, description="tasks kept in the supervisor's table")
+
+
+class SwarmConfig(_Strict):
+    """A whole swarm: models, tools, agents and how tasks move between them."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    description: str = ""
+    example_task: str = Field("", description="the task `swarm run` submits when given none")
+    models: dict[str, ModelConfig]
+    tools: dict[str, ToolServerConfig] = {}
+    agents: dict[str, AgentConfig]
+    supervisor: SupervisorConfig = SupervisorConfig()
+    budgets: Budgets = Budgets()
+    state: StateConfig = StateConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @field_validator("models", "tools", "agents")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if not re.match(_NAME, key):
+                raise ValueError(f"name {key!r} must match {_NAME}")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> SwarmConfig:
+        problems: list[tuple[str, str]] = []
+        if not self.agents:
+            problems.append(("agents", "a swarm needs at least one agent"))
+        for name, agent in self.agents.items():
+            if agent.model not in self.models:
+                problems.append(
+                    (
+                        f"agents.{name}.model",
+                        f"unknown model {agent.model!r}; known: {sorted(self.models)}",
+                    )
+                )
+            for i, ref in enumerate(agent.tools):
+                server = ref.split(".", 1)[0]
+                if server not in self.tools:
+                    problems.append(
+                        (
+                            f"agents.{name}.tools.{i}",
+                            f"unknown tool server {server!r}; known: {sorted(self.tools)}",
+                        )
+                    )
+            for i, peer in enumerate(agent.handoffs):
+                if peer not in self.agents:
+                    problems.append(
+                        (
+                            f"agents.{name}.handoffs.{i}",
+                            f"unknown agent {peer!r}; known: {sorted(self.agents)}",
+                        )
+                    )
+                elif peer == name:
+                    problems.append(
+                        (f"agents.{name}.handoffs.{i}", "an agent can't hand off to itself")
+                    )
+        sup = self.supervisor
+        if sup.strategy == "handoff":
+            if sup.entry is None:
+                problems.append(("supervisor.entry", "the handoff strategy needs an entry agent"))
+        if sup.entry is not None and sup.entry not in self.agents:
+            problems.append(("supervisor.entry", f"unknown agent {sup.entry!r}"))
+        if sup.strategy in ("parallel", "router") and len(sup.agents) < (
+            2 if sup.strategy == "parallel" else 1
+        ):
+            problems.append(
+                (
+                    "supervisor.agents",
+                    f"the {sup.strategy} strategy needs agents to "
+                    f"{'fan out to' if sup.strategy == 'parallel' else 'route between'}",
+                )
+            )
+        for i, a in enumerate(sup.agents):
+            if a not in self.agents:
+                problems.append((f"supervisor.agents.{i}", f"unknown agent {a!r}"))
+        if sup.join is not None and sup.join not in self.agents:
+            problems.append(("supervisor.join", f"unknown agent {sup.join!r}"))
+        if sup.strategy == "router":
+            if sup.router_model is None:
+                problems.append(("supervisor.router_model", "the router strategy needs a model"))
+            elif sup.router_model not in self.models:
+                problems.append(("supervisor.router_model", f"unknown model {sup.router_model!r}"))
+        if problems:
+            # Raised as ValueError so pydantic folds it into one ValidationError; the loader
+            # turns the "path: message" lines back into field paths.
+            raise ValueError("\n".join(f"{p}: {m}" for p, m in problems))
+        return self
+
+    def entry_agents(self) -> list[str]:
+        """Agents a new task may start at, by strategy."""
+        if self.supervisor.strategy == "handoff":
+            return [self.supervisor.entry] if self.supervisor.entry else []
+        return list(self.supervisor.agents)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(
+    value: Any, env: Mapping[str, str], path: str, problems: list[tuple[str, str]]
+) -> Any:
+    if isinstance(value, str):
+
+        def repl(m: re.Match[str]) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in env:
+                return env[var]
+            if default is not None:
+                return default
+            problems.append((path, f"environment variable {var} is not set"))
+            return ""
+
+        return _ENV_RE.sub(repl, value)
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{path}.{i}", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _validation_problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if e["type"] == "value_error" and not loc:
+            # Cross-reference problems from SwarmConfig._references, one "path: message" a line.
+            for line in msg.splitlines():
+                sub, _, text = line.partition(": ")
+                problems.append((f"{loc}.{sub}" if loc else sub, text))
+            continue
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append((loc, msg))
+    return problems
+
+
+def parse_config(
+    data: Any,
+    *,
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    source: str | None = None,
+) -> SwarmConfig:
+    """Validate config values already read from YAML; raise `ConfigError` listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [("", f"expected a mapping at the top level, got {type(data).__name__}")], source
+        )
+    problems: list[tuple[str, str]] = []
+    data = _interpolate(data, os.environ if env is None else env, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    base = base_dir or Path.cwd()
+    models = data.get("models")
+    if isinstance(models, dict):
+        for name, m in models.items():
+            if (
+                isinstance(m, dict)
+                and m.get("provider") == "scripted"
+                and isinstance(m.get("policy"), str)
+            ):
+                path = Path(m["policy"])
+                if not path.is_absolute():
+                    path = base / path
+                try:
+                    spec = yaml.safe_load(path.read_text())
+                except OSError as e:
+                    problems.append(
+                        (f"models.{name}.policy", f"can't read policy file {path}: {e.strerror}")
+                    )
+                    continue
+                except yaml.YAMLError as e:
+                    problems.append(
+                        (f"models.{name}.policy", f"policy file {path} is not valid YAML: {e}")
+                    )
+                    continue
+                m = dict(m)
+                m["policy_spec"] = spec
+                models[name] = m
+                try:
+                    from swarm.models.scripted.policy import Policy
+
+                    Policy.from_spec(spec)
+                except Exception as e:
+                    problems.append((f"models.{name}.policy", f"invalid policy {path}: {e}"))
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return SwarmConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_validation_problems(e), source) from None
+
+
+def load_config(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> SwarmConfig:
+    """Read, interpolate and validate a swarm config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError([("", f"can't read {p}: {e.strerror}")], str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            [(where, f"not valid YAML: {getattr(e, 'problem', e)}")], str(p)
+        ) from None
+    return parse_config(data, base_dir=p.parent, env=env, source=str(p))

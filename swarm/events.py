@@ -1,0 +1,113 @@
+"""Typed step events: the stream a task produces, which the console, client and tracing read.
+
+Events are msgspec structs: cheap to build on the hot path, picklable across Ray, and encodable
+to JSON or msgpack with their `kind` tag.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """Base of every event: which task, when (unix seconds), and which agent if any."""
+
+    task_id: str
+    ts: float
+    agent: str | None = None
+    seq: int = 0
+
+
+class TaskStateChanged(Event, tag="task_state"):
+    """The task moved to a new A2A state (`submitted`, `working`, `completed`, ...)."""
+
+    state: str
+    detail: str = ""
+
+
+class StepStarted(Event, tag="step_started"):
+    """An agent began a step (one model call and its tool calls)."""
+
+    step: int
+
+
+class ModelCalled(Event, tag="model_call"):
+    """A model call finished (or failed, with `error`)."""
+
+    step: int
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    finish_reason: str = ""
+    tool_calls: int = 0
+    error: str | None = None
+
+
+class ToolCalled(Event, tag="tool_call"):
+    """A tool call finished; `outcome` is `ok` or `error` with its class and a short detail."""
+
+    step: int
+    tool: str
+    call_id: str
+    duration_ms: float
+    outcome: str
+    error_class: str | None = None
+    detail: str = ""
+
+
+class Handoff(Event, tag="handoff"):
+    """Control passed from one agent to another."""
+
+    to_agent: str
+    message: str = ""
+
+
+class StepFinished(Event, tag="step_finished"):
+    """An agent finished a step."""
+
+    step: int
+    duration_ms: float
+
+
+class TaskFinished(Event, tag="task_finished"):
+    """The task reached a terminal state; the last event of every task."""
+
+    state: str
+    answer: str | None = None
+    error_class: str | None = None
+    error: str | None = None
+    steps: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+AnyEvent = (
+    TaskStateChanged
+    | StepStarted
+    | ModelCalled
+    | ToolCalled
+    | Handoff
+    | StepFinished
+    | TaskFinished
+)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+def to_json(event: Event) -> bytes:
+    """Encode an event as JSON with its `kind` tag."""
+    return _encoder.encode(event)
+
+
+def from_json(data: bytes | str) -> AnyEvent:
+    """Decode an event from JSON."""
+    return _decoder.decode(data)
+
+
+def to_dict(event: Event) -> dict[str, object]:
+    """An event as a plain dict with its `kind`."""
+    return msgspec.to_builtins(event)  # type: ignore[no-any-return]

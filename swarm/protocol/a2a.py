@@ -1,0 +1,129 @@
+"""A2A values as swarm uses them: building messages and tasks, and moving them across Ray.
+
+a2a-sdk 1.x types are protobuf messages, which don't pickle; across actor boundaries they travel
+as their wire bytes (`dumps` / `loads_*`), which is also the cheapest encoding.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from a2a.types import Artifact, Message, Part, Role, Task, TaskState, TaskStatus
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
+
+# Short names used in events, the CLI and the client; the values are a2a-sdk's enum members.
+STATES: dict[str, int] = {
+    "submitted": TaskState.TASK_STATE_SUBMITTED,
+    "working": TaskState.TASK_STATE_WORKING,
+    "input_required": TaskState.TASK_STATE_INPUT_REQUIRED,
+    "completed": TaskState.TASK_STATE_COMPLETED,
+    "failed": TaskState.TASK_STATE_FAILED,
+    "canceled": TaskState.TASK_STATE_CANCELED,
+    "rejected": TaskState.TASK_STATE_REJECTED,
+}
+STATE_NAMES: dict[int, str] = {v: k for k, v in STATES.items()}
+TERMINAL = frozenset({"completed", "failed", "canceled", "rejected"})
+
+# Allowed transitions of the task table; anything else is an orchestration bug and is refused.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "submitted": frozenset({"working", "canceled", "rejected", "failed"}),
+    "working": frozenset({"working", "input_required", "completed", "failed", "canceled"}),
+    "input_required": frozenset({"working", "canceled", "failed"}),
+}
+
+
+def new_id() -> str:
+    """A fresh id for tasks, contexts and messages."""
+    return uuid.uuid4().hex
+
+
+def text_message(
+    text: str,
+    *,
+    role: str = "user",
+    task_id: str = "",
+    context_id: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> Message:
+    """An A2A message with one text part."""
+    msg = Message(
+        message_id=new_id(),
+        role=Role.ROLE_USER if role == "user" else Role.ROLE_AGENT,
+        parts=[Part(text=text)],
+        task_id=task_id,
+        context_id=context_id,
+    )
+    if metadata:
+        msg.metadata.update(metadata)
+    return msg
+
+
+def message_text(msg: Message) -> str:
+    """The text parts of a message, joined by newlines."""
+    return "\n".join(p.text for p in msg.parts if p.HasField("text"))
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+def new_task(task_id: str, context_id: str, first: Message, metadata: dict[str, Any]) -> Task:
+    """A SUBMITTED task holding its first message."""
+    task = Task(
+        id=task_id,
+        context_id=context_id,
+        status=TaskStatus(state=TaskState.TASK_STATE_SUBMITTED, timestamp=_now()),
+        history=[first],
+    )
+    if metadata:
+        task.metadata.update(metadata)
+    return task
+
+
+def set_state(task: Task, state: str, message: Message | None = None) -> None:
+    """Move a task to `state`, refusing transitions the A2A lifecycle doesn't allow."""
+    current = STATE_NAMES.get(task.status.state, "submitted")
+    if state not in TRANSITIONS.get(current, frozenset()):
+        raise ValueError(f"task {task.id}: illegal transition {current} → {state}")
+    task.status.CopyFrom(TaskStatus(state=STATES[state], timestamp=_now()))
+    if message is not None:
+        task.status.message.CopyFrom(message)
+
+
+def state_of(task: Task) -> str:
+    """The task's state as a short name."""
+    return STATE_NAMES.get(task.status.state, "unknown")
+
+
+def add_answer(task: Task, text: str) -> None:
+    """Attach the final answer as the task's artifact."""
+    task.artifacts.append(Artifact(artifact_id=new_id(), name="answer", parts=[Part(text=text)]))
+
+
+def dumps(value: Message | Task) -> bytes:
+    """Wire bytes of an A2A value."""
+    return value.SerializeToString()
+
+
+def loads_message(data: bytes) -> Message:
+    """A `Message` from wire bytes."""
+    msg = Message()
+    msg.ParseFromString(data)
+    return msg
+
+
+def loads_task(data: bytes) -> Task:
+    """A `Task` from wire bytes."""
+    task = Task()
+    task.ParseFromString(data)
+    return task
+
+
+def to_dict(value: Message | Task) -> dict[str, Any]:
+    """An A2A value as JSON-ready dict (protobuf JSON mapping)."""
+    return MessageToDict(value)

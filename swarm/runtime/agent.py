@@ -1,0 +1,309 @@
+"""Agent roles: `AgentHost` runs many concurrent sessions of one role; `AgentActor` wraps it in Ray.
+
+A role's step loop, model client and tool connections are built once per replica and shared by
+all its sessions (DESIGN decision 1). Ray is touched only at turn boundaries: the supervisor calls
+`run_turn`, and events are flushed to the supervisor in batches off the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from swarm.config import SwarmConfig
+from swarm.events import Event
+from swarm.models.interface import Model
+from swarm.protocol import a2a
+from swarm.runtime.step import Session, StepLoop, TurnLimits
+from swarm.runtime.toolbox import Toolbox
+from swarm.tools.interface import ToolSource
+
+log = logging.getLogger(__name__)
+
+_FLUSH_INTERVAL_S = 0.05
+
+
+@dataclass(slots=True)
+class TurnRequest:
+    """The supervisor asks an agent to take a turn on a task (an A2A message plus context)."""
+
+    task_id: str
+    context_id: str
+    message: bytes  # A2A Message wire bytes: the input for this turn
+    transcript: list[dict[str, Any]]
+    step_offset: int
+    max_steps: int
+    deadline: float | None = None
+    traceparent: str | None = None
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """What a turn produced: an A2A reply, the transcript it added, usage and its last events."""
+
+    task_id: str
+    agent: str
+    kind: Literal["final", "handoff", "failed", "canceled"]
+    message: bytes  # A2A Message wire bytes: the agent's reply
+    text: str = ""
+    target: str | None = None
+    error_class: str | None = None
+    error: str | None = None
+    steps: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    added: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+class EventBuffer:
+    """Collects events per task; the actor flushes them in batches, a turn takes its own rest."""
+
+    def __init__(self) -> None:
+        self._by_task: dict[str, list[Event]] = {}
+
+    def emit(self, event: Event) -> None:
+        """Buffer one event (called on the hot path: an append)."""
+        buf = self._by_task.get(event.task_id)
+        if buf is None:
+            self._by_task[event.task_id] = [event]
+        else:
+            buf.append(event)
+
+    def take(self, task_id: str) -> list[Event]:
+        """Remove and return one task's buffered events."""
+        return self._by_task.pop(task_id, [])
+
+    def drain(self) -> list[Event]:
+        """Remove and return every buffered event."""
+        if not self._by_task:
+            return []
+        out = [e for buf in self._by_task.values() for e in buf]
+        self._by_task.clear()
+        return out
+
+
+def build_sources(cfg: SwarmConfig, names: set[str]) -> dict[str, ToolSource]:
+    """Tool sources for the named servers of a config (not yet started)."""
+    from swarm.tools.function import FunctionToolSource
+    from swarm.tools.mcp import MCPToolSource
+
+    sources: dict[str, ToolSource] = {}
+    for name in sorted(names):
+        tcfg = cfg.tools[name]
+        if tcfg.python is not None:
+            sources[name] = FunctionToolSource(name, tcfg.python, timeout_s=tcfg.timeout_s)
+        else:
+            assert tcfg.mcp is not None
+            sources[name] = MCPToolSource(name, tcfg.mcp, timeout_s=tcfg.timeout_s)
+    return sources
+
+
+def default_instructions(swarm: str, role: str) -> str:
+    """The system message of an agent whose config gives no instructions."""
+    return f"You are the {role} agent of the {swarm} swarm."
+
+
+class AgentHost:
+    """Hosts the sessions of one agent role in one process; no Ray in here."""
+
+    def __init__(
+        self,
+        cfg: SwarmConfig,
+        role: str,
+        model: Model,
+        sources: dict[str, ToolSource],
+        buffer: EventBuffer | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.role = role
+        self.agent_cfg = cfg.agents[role]
+        self.model = model
+        self.sources = sources
+        self.buffer = buffer or EventBuffer()
+        self._system = {
+            "role": "system",
+            "content": self.agent_cfg.instructions or default_instructions(cfg.name, role),
+        }
+        self._slots = asyncio.Semaphore(self.agent_cfg.max_sessions)
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._loop: StepLoop | None = None
+        self._start_lock = asyncio.Lock()
+        self.start_problems: list[str] = []
+
+    async def start(self) -> None:
+        """Connect tool sources and resolve the toolbox; idempotent."""
+        async with self._start_lock:
+            if self._loop is not None:
+                return
+            for source in self.sources.values():
+                try:
+                    await source.start()
+                except Exception as exc:
+                    # A tool server that is down costs only the calls that touch it.
+                    self.start_problems.append(f"{source.name}: {exc}")
+                    log.warning(
+                        "agent %s: tool source %s did not start: %s", self.role, source.name, exc
+                    )
+            toolbox = await Toolbox.build(
+                self.role, self.agent_cfg.tools, self.sources, self.agent_cfg.handoffs
+            )
+            model_cfg = self.cfg.models[self.agent_cfg.model]
+            self._loop = StepLoop(
+                agent=self.role,
+                model=self.model,
+                toolbox=toolbox,
+                emit=self.buffer.emit,
+                model_name=getattr(model_cfg, "model", self.agent_cfg.model),
+            )
+
+    @property
+    def toolbox(self) -> Toolbox:
+        """The resolved toolbox (after `start`)."""
+        if self._loop is None:
+            raise RuntimeError("agent not started")
+        return self._loop.toolbox
+
+    def sessions(self) -> int:
+        """Sessions running now."""
+        return len(self._running)
+
+    async def run_turn(self, req: TurnRequest) -> TurnResult:
+        """Run one turn of a task; never raises for a task's own failure."""
+        if self._loop is None:
+            await self.start()
+        assert self._loop is not None
+        incoming = a2a.loads_message(req.message)
+        text = a2a.message_text(incoming)
+        async with self._slots:
+            self._running[req.task_id] = asyncio.current_task()  # type: ignore[assignment]
+            session = Session(
+                task_id=req.task_id,
+                agent=self.role,
+                session_id=req.context_id or req.task_id,
+                messages=[self._system, *req.transcript, {"role": "user", "content": text}],
+                step=req.step_offset,
+                traceparent=req.traceparent,
+            )
+            base = 1 + len(req.transcript)
+            limits = TurnLimits(max_steps=req.max_steps, deadline=req.deadline)
+            try:
+                outcome = await self._loop.run_turn(session, limits)
+                kind, reply = outcome.kind, outcome.text
+                error_class, error = outcome.error_class, outcome.error
+            except asyncio.CancelledError:
+                kind, reply, error_class, error = "canceled", "", None, "canceled"
+            except Exception as exc:  # a bug in the loop must not take the role down
+                log.exception("agent %s: turn of task %s crashed", self.role, req.task_id)
+                kind, reply = "failed", ""
+                error_class, error = "orchestration", f"{type(exc).__name__}: {exc}"
+            finally:
+                self._running.pop(req.task_id, None)
+        steps = session.step - req.step_offset
+        out = a2a.text_message(
+            reply or (error or ""),
+            role="agent",
+            task_id=req.task_id,
+            context_id=req.context_id,
+            metadata={"agent": self.role, "outcome": kind},
+        )
+        return TurnResult(
+            task_id=req.task_id,
+            agent=self.role,
+            kind=kind,  # type: ignore[arg-type]
+            message=a2a.dumps(out),
+            text=reply,
+            target=outcome.target if kind == "handoff" else None,
+            error_class=error_class,
+            error=error,
+            steps=steps,
+            input_tokens=session.input_tokens,
+            output_tokens=session.output_tokens,
+            cached_tokens=session.cached_tokens,
+            added=session.messages[base:],
+            events=self.buffer.take(req.task_id),
+        )
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel the running turn of a task, if this host has one."""
+        task = self._running.get(task_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    async def aclose(self) -> None:
+        """Close the model client and tool connections."""
+        for source in self.sources.values():
+            try:
+                await source.aclose()
+            except Exception:
+                log.debug("closing %s failed", source.name, exc_info=True)
+        await self.model.aclose()
+
+
+class AgentActor:
+    """Ray actor wrapper of `AgentHost`; created with `ray.remote(AgentActor).options(...)`."""
+
+    def __init__(
+        self,
+        cfg: SwarmConfig,
+        role: str,
+        endpoints: dict[str, str],
+        supervisor: Any,
+        replica: int = 0,
+    ) -> None:
+        from swarm.models import build_model
+
+        agent_cfg = cfg.agents[role]
+        model = build_model(agent_cfg.model, cfg.models[agent_cfg.model], endpoints)
+        sources = build_sources(cfg, {g.split(".", 1)[0] for g in agent_cfg.tools})
+        self.replica = replica
+        self.host = AgentHost(cfg, role, model, sources)
+        self.supervisor = supervisor
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def ready(self) -> dict[str, Any]:
+        """Start the host (tools connected) and the event flusher; report what was found."""
+        await self.host.start()
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop())
+        return {
+            "role": self.host.role,
+            "replica": self.replica,
+            "tools": self.host.toolbox.names,
+            "problems": self.host.start_problems,
+        }
+
+    async def run_turn(self, req: TurnRequest) -> TurnResult:
+        """Run one turn (see `AgentHost.run_turn`)."""
+        return await self.host.run_turn(req)
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a task's running turn."""
+        return self.host.cancel(task_id)
+
+    async def stats(self) -> dict[str, Any]:
+        """Sessions running on this replica."""
+        return {"role": self.host.role, "replica": self.replica, "sessions": self.host.sessions()}
+
+    async def shutdown(self) -> None:
+        """Close connections before the actor is killed."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.host.aclose()
+
+    async def _flush_loop(self) -> None:
+        # Batches live events to the supervisor so clients see progress during long turns,
+        # without a Ray call per step.
+        while True:
+            await asyncio.sleep(_FLUSH_INTERVAL_S)
+            batch = self.host.buffer.drain()
+            if batch and self.supervisor is not None:
+                try:
+                    self.supervisor.push_events.remote(batch)
+                except Exception:
+                    log.debug("event flush failed", exc_info=True)

@@ -1,0 +1,153 @@
+"""Bringing a swarm up on a Ray cluster and taking it down: Serve model apps plus named actors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from swarm.config import ScriptedModelConfig, SwarmConfig
+from swarm.errors import SwarmNotFound, UserError
+from swarm.runtime.supervisor import SupervisorActor, agent_actor_name, supervisor_actor_name
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "swarm"
+DEFAULT_SERVE_PORT = 8000
+
+
+def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
+    """Connect to Ray once: `address`, else `RAY_ADDRESS` (as under `ray job submit`), else local.
+
+    With `local_ok=False` (long-lived deployments) a running cluster is required, since detached
+    actors in a throwaway local cluster would vanish with this process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target is None and not local_ok:
+        target = "auto"
+    try:
+        if target:
+            ray.init(address=target, namespace=NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(
+                address="local", namespace=NAMESPACE, log_to_driver=False, include_dashboard=False
+            )
+    except ConnectionError as exc:
+        raise UserError(
+            f"can't reach a Ray cluster at {target!r}: {exc}. Start one with `ray start --head` "
+            "or set RAY_ADDRESS."
+        ) from None
+
+
+def serve_port() -> int:
+    """Start Ray Serve's HTTP proxy on loopback if needed; return the port it listens on."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    wanted = int(os.environ.get("SWARM_SERVE_PORT", DEFAULT_SERVE_PORT))
+    serve.start(
+        http_options={"host": os.environ.get("SWARM_SERVE_HOST", "127.0.0.1"), "port": wanted}
+    )
+    # Serve keeps the options of its first start; ask the controller which port won. This is an
+    # internal API of Ray 2.60, kept in this one place.
+    return int(_get_global_client().http_config.port)
+
+
+def _app_name(deployment: str, model: str) -> str:
+    return f"{deployment}-{model}"
+
+
+def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
+    """Deploy the config's scripted models as Serve apps; return base URLs by model name."""
+    from ray import serve
+
+    from swarm.models.scripted.serve import build_scripted_app
+
+    endpoints: dict[str, str] = {}
+    port: int | None = None
+    for name, mcfg in cfg.models.items():
+        if not isinstance(mcfg, ScriptedModelConfig) or mcfg.transport != "http":
+            continue
+        if port is None:
+            port = serve_port()
+        app = build_scripted_app(
+            mcfg.policy_spec or {},
+            model_name=name,
+            latency=mcfg.latency,
+            replicas=mcfg.replicas,
+            max_ongoing_requests=mcfg.max_ongoing_requests,
+        )
+        prefix = f"/{deployment}/{name}"
+        serve.run(app, name=_app_name(deployment, name), route_prefix=prefix)
+        endpoints[name] = f"http://127.0.0.1:{port}{prefix}/v1"
+    return endpoints
+
+
+def start_swarm(
+    cfg: SwarmConfig,
+    *,
+    deployment: str | None = None,
+    detached: bool = False,
+    ready_timeout: float = 120.0,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Deploy models and actors; return the supervisor handle and each replica's ready report."""
+    import ray
+
+    deployment = deployment or cfg.name
+    if not re.match(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$", deployment):
+        raise UserError(f"invalid deployment name {deployment!r}")
+    try:
+        ray.get_actor(supervisor_actor_name(deployment), namespace=NAMESPACE)
+    except ValueError:
+        pass
+    else:
+        raise UserError(
+            f"a swarm named {deployment!r} is already running; take it down with "
+            f"`python -m swarm down {deployment}` first"
+        )
+    endpoints = deploy_models(cfg, deployment)
+    sup = (
+        ray.remote(SupervisorActor)
+        .options(
+            name=supervisor_actor_name(deployment),
+            namespace=NAMESPACE,
+            lifetime="detached" if detached else None,
+            max_restarts=0,
+            max_concurrency=10_000,
+            num_cpus=0,
+        )
+        .remote(cfg, endpoints, deployment, NAMESPACE, detached)
+    )
+    reports = ray.get(sup.ready.remote(), timeout=ready_timeout)
+    return sup, reports
+
+
+def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
+    """Take a deployed swarm down: agents, supervisor and model apps."""
+    import ray
+    from ray import serve
+
+    try:
+        sup = ray.get_actor(supervisor_actor_name(deployment), namespace=NAMESPACE)
+    except ValueError:
+        raise SwarmNotFound(f"no swarm named {deployment!r} is running") from None
+    info = ray.get(sup.info.remote(), timeout=timeout)
+    try:
+        ray.get(sup.shutdown.remote(), timeout=timeout)
+    except Exception:
+        log.warning("swarm %s did not shut down cleanly", deployment, exc_info=True)
+    for role, replicas in info["agents"].items():
+        for i in range(replicas):
+            try:
+                ray.kill(ray.get_actor(agent_actor_name(deployment, role, i), namespace=NAMESPACE))
+            except ValueError:
+                pass
+    ray.kill(sup)
+    for model in info["endpoints"]:
+        serve.delete(_app_name(deployment, model))
+    return info

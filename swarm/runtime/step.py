@@ -1,0 +1,314 @@
+"""The step loop, as plain code: (session, model, tools, limits) → outcome plus events.
+
+One step is: budget check → model call → for each tool call: resolve, parse, execute with a
+timeout → append results → step hook → termination check. No Ray in here, so the loop runs the
+same in unit tests, in one process for debugging, and inside an agent actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from swarm.errors import ModelError, RunError, classify
+from swarm.events import Event, Handoff, ModelCalled, StepFinished, StepStarted, ToolCalled
+from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall
+from swarm.runtime.toolbox import Toolbox
+from swarm.tools.interface import ToolContext, ToolResult
+
+Emit = Callable[[Event], None]
+StepHook = Callable[["Session", int], Awaitable[None]]
+
+# Tool errors reach the model as tool messages starting with this marker, so policies (and
+# people reading transcripts) can tell them from results.
+ERROR_PREFIX = "ERROR: "
+_DETAIL_CHARS = 160
+
+
+@dataclass(slots=True)
+class Session:
+    """Working memory of one agent turn on one task.
+
+    `messages` is the OpenAI-format conversation the model sees: the agent's system message, then
+    the task transcript. The loop only appends to it, so a step's work is proportional to what
+    the step added.
+    """
+
+    task_id: str
+    agent: str
+    session_id: str
+    messages: list[dict[str, Any]]
+    step: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    tool_calls: int = 0
+    model_calls: int = 0
+    traceparent: str | None = None
+
+
+@dataclass(slots=True)
+class TurnLimits:
+    """How far one turn may go: model calls, and a wall-clock deadline (time.time())."""
+
+    max_steps: int
+    deadline: float | None = None
+    tool_timeout_s: float | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a turn ended: a final answer, a handoff, or a classified failure."""
+
+    kind: Literal["final", "handoff", "failed"]
+    text: str = ""
+    target: str | None = None
+    error_class: str | None = None
+    error: str | None = None
+    steps: int = 0
+
+
+@dataclass(slots=True)
+class _Clock:
+    now: Callable[[], float] = time.time
+    perf: Callable[[], float] = time.perf_counter
+
+
+@dataclass(slots=True)
+class StepLoop:
+    """Runs turns of one agent role; holds what is the same for every session of the role."""
+
+    agent: str
+    model: Model
+    toolbox: Toolbox
+    emit: Emit
+    model_name: str = ""
+    on_step: StepHook | None = None
+    clock: _Clock = field(default_factory=_Clock)
+
+    async def run_turn(self, session: Session, limits: TurnLimits) -> Outcome:
+        """Run steps until a final answer, a handoff, a failure or a limit."""
+        taken = 0
+        while True:
+            if taken >= limits.max_steps:
+                return Outcome(
+                    "failed",
+                    error_class="budget",
+                    error=f"step limit reached ({limits.max_steps} steps in this turn)",
+                    steps=taken,
+                )
+            if limits.deadline is not None and self.clock.now() >= limits.deadline:
+                return Outcome(
+                    "failed", error_class="budget", error="wall-clock limit reached", steps=taken
+                )
+            outcome = await self.step(session, limits)
+            taken += 1
+            if outcome is not None:
+                outcome.steps = taken
+                return outcome
+
+    async def step(self, session: Session, limits: TurnLimits) -> Outcome | None:
+        """One model call and its tool calls; returns an outcome if the turn ends here."""
+        step = session.step + 1
+        now, perf = self.clock.now, self.clock.perf
+        emit, task_id, agent = self.emit, session.task_id, self.agent
+        emit(StepStarted(task_id=task_id, ts=now(), agent=agent, step=step))
+        t0 = perf()
+        try:
+            resp = await self.model.complete(
+                ModelRequest(
+                    messages=session.messages,
+                    tools=self.toolbox.schemas,
+                    session_id=session.session_id,
+                    agent=agent,
+                )
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = exc if isinstance(exc, RunError) else ModelError(f"{type(exc).__name__}: {exc}")
+            emit(
+                ModelCalled(
+                    task_id=task_id,
+                    ts=now(),
+                    agent=agent,
+                    step=step,
+                    model=self.model_name,
+                    latency_ms=(perf() - t0) * 1e3,
+                    error=str(err),
+                )
+            )
+            session.step = step
+            return Outcome("failed", error_class=classify(err), error=str(err))
+        t1 = perf()
+        session.step = step
+        session.model_calls += 1
+        usage = resp.usage
+        session.input_tokens += usage.input_tokens
+        session.output_tokens += usage.output_tokens
+        session.cached_tokens += usage.cached_input_tokens
+        emit(
+            ModelCalled(
+                task_id=task_id,
+                ts=now(),
+                agent=agent,
+                step=step,
+                model=resp.model or self.model_name,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_input_tokens,
+                latency_ms=(t1 - t0) * 1e3,
+                ttft_ms=None
+                if resp.time_to_first_token_s is None
+                else resp.time_to_first_token_s * 1e3,
+                finish_reason=resp.finish_reason,
+                tool_calls=len(resp.tool_calls),
+            )
+        )
+        session.messages.append(_assistant_message(resp))
+        if not resp.tool_calls:
+            await self._after_step(session, step, t0)
+            return Outcome("final", text=resp.content or "")
+        handoff: Outcome | None = None
+        for call in resp.tool_calls:
+            target = self.toolbox.handoff_target(call.name)
+            if target is not None:
+                handoff = handoff or self._handoff(session, step, call, target)
+                continue
+            result = await self._call_tool(session, step, call, limits)
+            session.messages.append(
+                {"role": "tool", "tool_call_id": call.id, "content": result.content}
+            )
+        await self._after_step(session, step, t0)
+        return handoff
+
+    async def _after_step(self, session: Session, step: int, t0: float) -> None:
+        if self.on_step is not None:
+            await self.on_step(session, step)
+        self.emit(
+            StepFinished(
+                task_id=session.task_id,
+                ts=self.clock.now(),
+                agent=self.agent,
+                step=step,
+                duration_ms=(self.clock.perf() - t0) * 1e3,
+            )
+        )
+
+    def _handoff(self, session: Session, step: int, call: ToolCall, target: str) -> Outcome:
+        args, problem = _parse_arguments(call.arguments)
+        message = str(args.get("message", "")) if args is not None else ""
+        note = (
+            f"Transferred to {target}."
+            if problem is None
+            else (f"Transferred to {target} (handoff arguments were unusable: {problem}).")
+        )
+        session.messages.append({"role": "tool", "tool_call_id": call.id, "content": note})
+        self.emit(
+            Handoff(
+                task_id=session.task_id,
+                ts=self.clock.now(),
+                agent=self.agent,
+                to_agent=target,
+                message=message[:_DETAIL_CHARS],
+            )
+        )
+        return Outcome("handoff", text=message, target=target)
+
+    async def _call_tool(
+        self, session: Session, step: int, call: ToolCall, limits: TurnLimits
+    ) -> ToolResult:
+        perf = self.clock.perf
+        t0 = perf()
+        error_class: str | None = None
+        entry = self.toolbox.resolve(call.name)
+        if entry is None:
+            error_class = "model"
+            result = ToolResult(
+                f"{ERROR_PREFIX}unknown tool {call.name!r}; available tools: "
+                f"{', '.join(self.toolbox.names) or 'none'}",
+                is_error=True,
+            )
+        else:
+            args, problem = _parse_arguments(call.arguments)
+            if args is None:
+                error_class = "model"
+                result = ToolResult(
+                    f"{ERROR_PREFIX}arguments for {call.name!r} are not a JSON object: {problem}",
+                    is_error=True,
+                )
+            else:
+                session.tool_calls += 1
+                ctx = ToolContext(
+                    task_id=session.task_id,
+                    agent=self.agent,
+                    session_id=session.session_id,
+                    call_id=call.id,
+                    step=step,
+                    traceparent=session.traceparent,
+                )
+                try:
+                    coro = entry.source.call(entry.spec.name, args, ctx)
+                    if limits.tool_timeout_s is not None:
+                        result = await asyncio.wait_for(coro, limits.tool_timeout_s)
+                    else:
+                        result = await coro
+                except asyncio.CancelledError:
+                    raise
+                except TimeoutError:
+                    error_class = "tool"
+                    result = ToolResult(
+                        f"{ERROR_PREFIX}tool {call.name!r} timed out after "
+                        f"{limits.tool_timeout_s} s",
+                        is_error=True,
+                    )
+                except Exception as exc:
+                    error_class = classify(exc) if isinstance(exc, RunError) else "tool"
+                    result = ToolResult(f"{ERROR_PREFIX}{exc}", is_error=True)
+                else:
+                    if result.is_error:
+                        error_class = "tool"
+                        if not result.content.startswith(ERROR_PREFIX):
+                            result.content = ERROR_PREFIX + result.content
+        self.emit(
+            ToolCalled(
+                task_id=session.task_id,
+                ts=self.clock.now(),
+                agent=self.agent,
+                step=step,
+                tool=call.name,
+                call_id=call.id,
+                duration_ms=(perf() - t0) * 1e3,
+                outcome="error" if result.is_error else "ok",
+                error_class=error_class,
+                detail=result.content[:_DETAIL_CHARS] if result.is_error else "",
+            )
+        )
+        return result
+
+
+def _assistant_message(resp: ModelResponse) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": resp.content}
+    if resp.tool_calls:
+        msg["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in resp.tool_calls
+        ]
+    return msg
+
+
+def _parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Parse a model's tool-call arguments; an empty string means no arguments."""
+    if not raw or not raw.strip():
+        return {}, None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at position {e.pos})"
+    if not isinstance(value, dict):
+        return None, f"expected an object, got {type(value).__name__}"
+    return value, None
