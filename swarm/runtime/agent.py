@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from swarm.config import SwarmConfig
+from swarm.config import MCPStdioConfig, SwarmConfig
 from swarm.events import Event
 from swarm.models.interface import Model
 from swarm.protocol import a2a
@@ -98,7 +99,12 @@ def build_sources(cfg: SwarmConfig, names: set[str]) -> dict[str, ToolSource]:
             sources[name] = FunctionToolSource(name, tcfg.python, timeout_s=tcfg.timeout_s)
         else:
             assert tcfg.mcp is not None
-            sources[name] = MCPToolSource(name, tcfg.mcp, timeout_s=tcfg.timeout_s)
+            mcp_cfg = tcfg.mcp
+            if isinstance(mcp_cfg, MCPStdioConfig) and mcp_cfg.command in ("python", "python3"):
+                # `python` in a config means the interpreter running swarm, so a server from
+                # the same venv starts whether or not the venv is on PATH.
+                mcp_cfg = mcp_cfg.model_copy(update={"command": sys.executable})
+            sources[name] = MCPToolSource(name, mcp_cfg, timeout_s=tcfg.timeout_s)
     return sources
 
 

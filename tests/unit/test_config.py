@@ -1,0 +1,168 @@
+"""Config schema and loader: good configs load, every bad one names its field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from swarm.cli import app
+from swarm.config import load_config, parse_config
+from swarm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY = {"rules": [{"when": {"agent": "a"}, "respond": {"content": "hi"}}]}
+
+
+def _base(**over: object) -> dict:
+    cfg: dict = {
+        "name": "t",
+        "models": {"m": {"provider": "openai", "base_url": "http://127.0.0.1:1/v1", "model": "x"}},
+        "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
+        "agents": {
+            "a": {"model": "m", "tools": ["fn"], "handoffs": ["b"]},
+            "b": {"model": "m"},
+        },
+        "supervisor": {"entry": "a"},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def _paths(exc: ConfigError) -> dict[str, str]:
+    return dict(exc.problems)
+
+
+def test_demo_config_is_valid() -> None:
+    cfg = load_config(ROOT / "configs" / "research.yaml")
+    assert cfg.supervisor.entry == "planner"
+    assert cfg.agents["researcher"].replicas == 2
+    # The policy file was read relative to the config and travels inside the config.
+    assert cfg.models["default"].policy_spec
+
+
+def test_minimal_config_defaults() -> None:
+    cfg = parse_config(_base())
+    assert cfg.budgets.task.max_steps == 60
+    assert cfg.agents["b"].tools == []
+    assert cfg.entry_agents() == ["a"]
+
+
+def test_unknown_field_names_its_path() -> None:
+    data = _base()
+    data["agents"]["a"]["toolz"] = []
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    assert _paths(ei.value)["agents.a.toolz"] == "unknown field"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "needle"),
+    [
+        (lambda d: d["agents"]["a"].update(model="nope"), "agents.a.model", "unknown model 'nope'"),
+        (lambda d: d["agents"]["a"].update(handoffs=["ghost"]), "agents.a.handoffs.0", "ghost"),
+        (lambda d: d["agents"]["a"].update(handoffs=["a"]), "agents.a.handoffs.0", "itself"),
+        (lambda d: d["agents"]["b"].update(tools=["missing"]), "agents.b.tools.0", "missing"),
+        (lambda d: d["supervisor"].update(entry="zed"), "supervisor.entry", "unknown agent"),
+        (lambda d: d["agents"]["a"].update(replicas=0), "agents.a.replicas", "greater than"),
+        (lambda d: d.update(name="has space"), "name", "pattern"),
+        (
+            lambda d: d["models"]["m"].update(base_url="ftp://x"),
+            "models.m.openai.base_url",
+            "http",
+        ),
+        (lambda d: d["models"]["m"].update(provider="magic"), "models.m", "provider"),
+        (lambda d: d["tools"]["fn"].update(python=["not a path"]), "tools.fn.python.0", "pattern"),
+        (
+            lambda d: d["tools"].update(both={"python": ["a.b:c"], "mcp": {"url": "http://h"}}),
+            "tools.both",
+            "exactly one",
+        ),
+        (
+            lambda d: d["supervisor"].update(strategy="router", agents=["a"]),
+            "supervisor.router_model",
+            "needs a model",
+        ),
+    ],
+)
+def test_bad_config_names_field(mutate, path: str, needle: str) -> None:
+    data = _base()
+    mutate(data)
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    problems = _paths(ei.value)
+    assert path in problems, problems
+    assert needle in problems[path] or needle in str(ei.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = _base()
+    data["agents"]["a"]["model"] = "nope"
+    data["agents"]["b"]["handoffs"] = ["ghost"]
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    assert {"agents.a.model", "agents.b.handoffs.0"} <= set(_paths(ei.value))
+
+
+def test_env_interpolation_and_secrets_stay_hidden() -> None:
+    data = _base()
+    data["models"]["m"]["api_key"] = "${MY_KEY}"
+    data["models"]["m"]["base_url"] = "${BASE:-http://127.0.0.1:9/v1}"
+    cfg = parse_config(data, env={"MY_KEY": "sk-very-secret"})
+    model = cfg.models["m"]
+    assert model.base_url == "http://127.0.0.1:9/v1"
+    assert model.api_key.get_secret_value() == "sk-very-secret"
+    assert "sk-very-secret" not in repr(cfg)
+    assert "sk-very-secret" not in cfg.model_dump_json()
+
+
+def test_missing_env_var_is_named() -> None:
+    data = _base()
+    data["models"]["m"]["api_key"] = "${NOT_SET_ANYWHERE}"
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data, env={})
+    assert "NOT_SET_ANYWHERE" in _paths(ei.value)["models.m.api_key"]
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nagents: [unclosed\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert "line" in ei.value.problems[0][0]
+    assert "not valid YAML" in ei.value.problems[0][1]
+
+
+def test_policy_file_problems(tmp_path: Path) -> None:
+    data = _base()
+    data["models"]["m"] = {"provider": "scripted", "policy": "missing.yaml"}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data, base_dir=tmp_path)
+    assert "can't read policy file" in _paths(ei.value)["models.m.policy"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(POLICY))
+    data["models"]["m"] = {"provider": "scripted", "policy": "p.yaml"}
+    assert parse_config(data, base_dir=tmp_path).models["m"].policy_spec == POLICY
+
+
+def test_top_level_must_be_mapping() -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(["a"])
+    assert "mapping" in str(ei.value)
+
+
+def test_cli_validate_exit_codes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(ROOT / "configs" / "research.yaml")])
+    assert ok.exit_code == 0, ok.output
+    assert "research-desk" in ok.output
+    bad = tmp_path / "bad.yaml"
+    data = _base()
+    data["agents"]["a"]["handoffs"] = ["ghost"]
+    bad.write_text(yaml.safe_dump(data))
+    res = runner.invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 2
+    assert "agents.a.handoffs.0" in res.output
+    missing = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2
