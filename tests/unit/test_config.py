@@ -13,7 +13,7 @@ from swarm.config import load_config, parse_config
 from swarm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-POLICY = {"rules": [{"when": {"agent": "a"}, "respond": {"content": "hi"}}]}
+POLICY = {"rules": [{"when": {"agent": "a"}, "content": "hi"}]}
 
 
 def _base(**over: object) -> dict:

@@ -1,0 +1,60 @@
+"""Integration fixtures: one private local Ray cluster and one Serve HTTP proxy per session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[dict]:
+    """A private local Ray (never an already running cluster); yields `ray.init`'s context info."""
+    import ray
+
+    # A short path: Ray's socket paths under the temp dir must stay under the Unix limit.
+    temp_dir = tempfile.mkdtemp(prefix="swarm-ray-", dir="/tmp")
+    ctx = ray.init(
+        address="local",
+        # Logical CPUs: agents and model replicas reserve none, so this only bounds tasks.
+        num_cpus=4,
+        # The dashboard serves the Jobs API that the `ray job submit` test uses.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        _temp_dir=temp_dir,
+        # Workers import swarm from this checkout, whatever their working directory.
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+    )
+    try:
+        yield {"address": ctx.address_info["address"], "dashboard_url": ctx.dashboard_url,
+               "temp_dir": temp_dir}
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster: dict) -> Iterator[int]:
+    """Start Serve's HTTP proxy on 127.0.0.1 at a free port; yields the port."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
