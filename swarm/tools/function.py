@@ -1,0 +1,243 @@
+"""Python functions as tools: schemas from type hints, validated arguments, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import ArgsKwargs, to_jsonable_python
+
+from swarm.errors import ConfigError, ToolError
+from swarm.tools.interface import ToolContext, ToolResult, ToolSource, ToolSpec
+
+if typing.TYPE_CHECKING:
+    from swarm.config import ToolServerConfig
+
+_HINTS_ATTR = "__swarm_tool_hints__"
+_CTX_PARAM = "ctx"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolHints:
+    """Behaviour hints a function declares with `@tool`."""
+
+    read_only: bool = False
+    destructive: bool = True
+    idempotent: bool = False
+
+
+def tool(
+    *, read_only: bool = False, idempotent: bool = False, destructive: bool | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a function's behaviour hints; `destructive` defaults to `not read_only`."""
+    hints = ToolHints(
+        read_only=read_only,
+        destructive=(not read_only) if destructive is None else destructive,
+        idempotent=idempotent,
+    )
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(fn, _HINTS_ATTR, hints)
+        return fn
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class _FunctionTool:
+    spec: ToolSpec
+    fn: Callable[..., Any]
+    args: TypeAdapter[dict[str, Any]]
+    wants_ctx: bool
+    is_async: bool
+
+
+class FunctionToolSource(ToolSource):
+    """Serves plain Python functions (sync or async) as tools.
+
+    Sync functions run in a worker thread; a timed-out sync function keeps running in its thread
+    (Python can't stop it), but its result is dropped.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        functions: Sequence[str | Callable[..., Any]],
+        *,
+        timeout_s: float = 30.0,
+    ) -> None:
+        """Take functions or `package.module:function` import paths; problems raise ConfigError."""
+        self.name = name
+        self.timeout_s = timeout_s
+        self._tools: dict[str, _FunctionTool] = {}
+        problems: list[tuple[str, str]] = []
+        for i, item in enumerate(functions):
+            where = f"tools.{name}.python.{i}"
+            try:
+                fn = import_function(item) if isinstance(item, str) else item
+            except Exception as e:  # importing user code can raise anything
+                problems.append((where, f"can't import {item!r}: {type(e).__name__}: {e}"))
+                continue
+            try:
+                built = _build(fn, name)
+            except (TypeError, ValueError) as e:
+                problems.append((where, str(e)))
+                continue
+            if built.spec.name in self._tools:
+                problems.append((where, f"duplicate tool {built.spec.name!r}"))
+                continue
+            self._tools[built.spec.name] = built
+        if problems:
+            raise ConfigError(problems)
+
+    @classmethod
+    def from_config(cls, name: str, config: ToolServerConfig) -> FunctionToolSource:
+        """Build the source for a `ToolServerConfig` that has `python:` set."""
+        if config.python is None:
+            raise ConfigError([(f"tools.{name}.python", "not a python tool server")])
+        return cls(name, config.python, timeout_s=config.timeout_s)
+
+    async def list_tools(self) -> list[ToolSpec]:
+        """The functions' specs, in the order given."""
+        return [t.spec for t in self._tools.values()]
+
+    async def call(self, tool: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        """Validate the arguments, run the function under the timeout and encode its result."""
+        entry = self._tools.get(tool)
+        if entry is None:
+            known = ", ".join(sorted(self._tools))
+            message = f"unknown tool {tool!r} in {self.name!r}; known: {known}"
+            return ToolResult(message, is_error=True)
+        try:
+            kwargs = entry.args.validate_python(ArgsKwargs((), dict(arguments or {})))
+        except ValidationError as e:
+            return ToolResult(f"invalid arguments for {tool!r}: {_describe(e)}", is_error=True)
+        if entry.wants_ctx:
+            kwargs[_CTX_PARAM] = ctx
+        if entry.is_async:
+            work = entry.fn(**kwargs)
+        else:
+            work = asyncio.to_thread(entry.fn, **kwargs)
+        deadline = asyncio.timeout(self.timeout_s)
+        try:
+            async with deadline:
+                value = await work
+                if inspect.isawaitable(value):  # e.g. a partial or object wrapping an async def
+                    value = await value
+        except TimeoutError as e:
+            if not deadline.expired():  # the function's own TimeoutError is its result
+                return ToolResult(f"TimeoutError: {e}", is_error=True)
+            raise ToolError(
+                f"tool {tool!r} in {self.name!r} timed out after {self.timeout_s:g}s"
+            ) from None
+        except Exception as e:
+            return ToolResult(f"{type(e).__name__}: {e}", is_error=True)
+        return _encode(value)
+
+
+def import_function(path: str) -> Callable[..., Any]:
+    """Resolve `package.module:function` to the callable it names."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError("expected package.module:function")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise AttributeError(f"module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise TypeError(f"{path!r} is a {type(fn).__name__}, not a function")
+    return typing.cast(Callable[..., Any], fn)
+
+
+def _build(fn: Callable[..., Any], source: str) -> _FunctionTool:
+    name = getattr(fn, "__name__", None)
+    if not name or name == "<lambda>":
+        raise ValueError(f"{fn!r} needs a name to be a tool")
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception as e:
+        raise TypeError(f"can't resolve the type hints of {name!r}: {e}") from e
+    sig = inspect.signature(fn)
+    params = []
+    wants_ctx = False
+    for p in sig.parameters.values():
+        annotation = hints.get(p.name, Any)
+        if p.name == _CTX_PARAM and _is_context(annotation):
+            wants_ctx = True
+            continue
+        if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL):
+            raise TypeError(f"{name!r}: parameter {p.name!r} can't be passed by keyword")
+        params.append(p.replace(annotation=annotation))
+
+    # Pydantic builds an arguments validator from a signature; the stub carries the function's
+    # signature minus `ctx` and hands back the validated arguments instead of running anything.
+    def stub(**kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    stub.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    stub.__annotations__ = {p.name: p.annotation for p in params}
+    stub.__name__ = stub.__qualname__ = name
+    adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(stub)
+    declared = getattr(fn, _HINTS_ATTR, None) or ToolHints()
+    spec = ToolSpec(
+        name=name,
+        description=_first_paragraph(inspect.getdoc(fn)),
+        parameters=_strip_titles(adapter.json_schema()),
+        source=source,
+        read_only=declared.read_only,
+        destructive=declared.destructive,
+        idempotent=declared.idempotent,
+    )
+    return _FunctionTool(spec, fn, adapter, wants_ctx, inspect.iscoroutinefunction(fn))
+
+
+def _is_context(annotation: Any) -> bool:
+    if annotation is ToolContext:
+        return True
+    args = typing.get_args(annotation)
+    return ToolContext in args and all(a in (ToolContext, type(None)) for a in args)
+
+
+def _first_paragraph(doc: str | None) -> str:
+    if not doc:
+        return ""
+    return " ".join(doc.strip().split("\n\n", 1)[0].split())
+
+
+def _strip_titles(schema: Any) -> Any:
+    """Drop pydantic's generated "title" keys, keeping properties that happen to be named title."""
+    if isinstance(schema, list):
+        return [_strip_titles(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):
+            out[key] = {k: _strip_titles(v) for k, v in value.items()}
+        else:
+            out[key] = _strip_titles(value)
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<arguments>"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _encode(value: Any) -> ToolResult:
+    if isinstance(value, str):
+        return ToolResult(value)
+    text = json.dumps(to_jsonable_python(value, fallback=str), ensure_ascii=False)
+    return ToolResult(text, structured=value if isinstance(value, dict | list) else None)

@@ -1,0 +1,205 @@
+"""FunctionToolSource: schemas from hints, validation, errors, timeouts, ctx injection, imports."""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+import pytest
+
+from swarm.config import ToolServerConfig
+from swarm.errors import ConfigError, ToolError
+from swarm.examples import tools as example_tools
+from swarm.tools.function import FunctionToolSource, tool
+from swarm.tools.interface import ToolContext
+
+CTX = ToolContext(task_id="t1", agent="researcher", session_id="s-42", call_id="c1")
+
+
+def _keys(obj: object) -> set[str]:
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+def lookup(topic: str, limit: int = 5, mode: Literal["fast", "deep"] = "fast",
+           tags: list[str] | None = None, ctx: ToolContext | None = None) -> dict:
+    """Look a topic up in the index.
+
+    This second paragraph is detail for humans and must not reach the model.
+    """
+    return {"topic": topic, "limit": limit, "mode": mode, "tags": tags,
+            "session": ctx.session_id if ctx else None}
+
+
+@tool(read_only=False, idempotent=True, destructive=False)
+def save(title: str) -> str:
+    """Save something."""
+    return f"saved {title}"
+
+
+async def whoami(ctx: ToolContext) -> str:
+    """Say who is calling."""
+    return f"{ctx.agent}/{ctx.session_id}/{ctx.call_id}"
+
+
+def thread_name() -> str:
+    """Name the thread the tool ran in."""
+    return threading.current_thread().name
+
+
+def own_timeout() -> str:
+    """Raise the function's own TimeoutError."""
+    raise TimeoutError("upstream API timed out")
+
+
+def source(*fns, timeout_s: float = 5.0) -> FunctionToolSource:
+    return FunctionToolSource("fn", list(fns), timeout_s=timeout_s)
+
+
+async def test_schema_comes_from_type_hints_without_ctx_or_titles():
+    specs = {s.name: s for s in await source(lookup, whoami).list_tools()}
+    params = specs["lookup"].parameters
+    assert params["type"] == "object"
+    assert set(params["properties"]) == {"topic", "limit", "mode", "tags"}
+    assert params["required"] == ["topic"]
+    assert params["properties"]["limit"] == {"default": 5, "type": "integer"}
+    assert params["properties"]["mode"]["enum"] == ["fast", "deep"]
+    assert "title" not in _keys(params)
+    assert specs["whoami"].parameters["properties"] == {}
+    assert specs["lookup"].description == "Look a topic up in the index."
+    assert specs["lookup"].source == "fn"
+    assert specs["lookup"].openai_schema()["function"]["parameters"] == params
+
+
+async def test_a_property_named_title_survives_title_stripping():
+    (spec,) = await source(save).list_tools()
+    assert spec.parameters["properties"] == {"title": {"type": "string"}}
+
+
+async def test_hints_from_decorator_and_conservative_defaults():
+    specs = {s.name: s for s in await FunctionToolSource(
+        "ex", ["swarm.examples.tools:echo", "swarm.examples.tools:fail"]).list_tools()}
+    assert (specs["echo"].read_only, specs["echo"].idempotent, specs["echo"].destructive) == (
+        True, True, False)
+    assert (specs["fail"].read_only, specs["fail"].idempotent, specs["fail"].destructive) == (
+        False, False, True)
+    (saved,) = await source(save).list_tools()
+    assert (saved.read_only, saved.idempotent, saved.destructive) == (False, True, False)
+
+
+async def test_valid_arguments_are_coerced_and_results_encoded():
+    result = await source(lookup).call("lookup", {"topic": "kv cache", "limit": "2"}, CTX)
+    assert not result.is_error
+    assert result.structured == {"topic": "kv cache", "limit": 2, "mode": "fast", "tags": None,
+                                 "session": "s-42"}
+    assert '"limit": 2' in result.content
+    count = await source(example_tools.word_count).call("word_count", {"text": "a b  c"}, CTX)
+    assert (count.content, count.structured) == ("3", None)
+    echoed = await source(example_tools.echo).call("echo", {"text": "héllo"}, CTX)
+    assert echoed.content == "héllo"
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "problem"),
+    [
+        ({}, "topic", "Missing required argument"),
+        ({"topic": 3}, "topic", "valid string"),
+        ({"topic": "x", "limit": "many"}, "limit", "valid integer"),
+        ({"topic": "x", "mode": "slow"}, "mode", "'fast' or 'deep'"),
+        ({"topic": "x", "colour": "red"}, "colour", "Unexpected keyword argument"),
+    ],
+)
+async def test_invalid_arguments_name_the_bad_field(args, field, problem):
+    result = await source(lookup).call("lookup", args, CTX)
+    assert result.is_error
+    assert result.content.startswith("invalid arguments for 'lookup': ")
+    assert f"{field}: " in result.content and problem in result.content
+
+
+async def test_a_raised_exception_becomes_an_error_result():
+    src = FunctionToolSource("ex", ["swarm.examples.tools:fail"])
+    assert (await src.call("fail", {}, CTX)).content == "RuntimeError: boom"
+    result = await src.call("fail", {"message": "disk full"}, CTX)
+    assert result.is_error and result.content == "RuntimeError: disk full"
+
+
+async def test_the_functions_own_timeout_error_is_a_result_not_a_timeout():
+    result = await source(own_timeout).call("own_timeout", {}, CTX)
+    assert result.is_error and result.content == "TimeoutError: upstream API timed out"
+
+
+async def test_async_function_times_out_with_a_tool_error():
+    src = source(example_tools.slow, timeout_s=0.2)
+    with pytest.raises(ToolError, match=r"'slow' in 'fn' timed out after 0.2s"):
+        await src.call("slow", {"seconds": 20}, CTX)
+    assert (await src.call("slow", {"seconds": 0}, CTX)).content == "slept 0s"
+
+
+async def test_sync_function_runs_in_a_thread_and_times_out():
+    release = threading.Event()
+
+    def blocking() -> str:
+        """Block until released."""
+        release.wait(10)
+        return "done"
+
+    src = source(blocking, thread_name, timeout_s=0.2)
+    try:
+        with pytest.raises(ToolError, match="timed out"):
+            await src.call("blocking", {}, CTX)
+    finally:
+        release.set()
+    ran_in = (await src.call("thread_name", {}, CTX)).content
+    assert ran_in != threading.current_thread().name
+
+
+async def test_ctx_is_injected_and_not_a_parameter():
+    src = source(whoami, lookup)
+    assert (await src.call("whoami", {}, CTX)).content == "researcher/s-42/c1"
+    result = await src.call("whoami", {"ctx": {"agent": "forged"}}, CTX)
+    assert result.is_error and "ctx: Unexpected keyword argument" in result.content
+
+
+async def test_unknown_tool_is_an_error_result_listing_known_tools():
+    result = await source(lookup, whoami).call("lokup", {}, CTX)
+    assert result.is_error and "known: lookup, whoami" in result.content
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("swarm.examples.no_such_module:echo", "ModuleNotFoundError"),
+        ("swarm.examples.tools:no_such_function", "has no attribute 'no_such_function'"),
+        ("swarm.examples.tools:MAX_SLOW_S", "not a function"),
+        ("swarm.examples.tools", "expected package.module:function"),
+    ],
+)
+def test_bad_import_path_is_a_config_error_naming_it(path, expected):
+    with pytest.raises(ConfigError) as info:
+        FunctionToolSource("demo", ["swarm.examples.tools:echo", path])
+    ((where, message),) = info.value.problems
+    assert where == "tools.demo.python.1"
+    assert repr(path) in message and expected in message
+
+
+def test_duplicate_and_positional_only_functions_are_rejected():
+    def positional(x: int, /) -> int:
+        """Positional only."""
+        return x
+
+    with pytest.raises(ConfigError, match="duplicate tool 'echo'"):
+        source(example_tools.echo, example_tools.echo)
+    with pytest.raises(ConfigError, match="'x' can't be passed by keyword"):
+        source(positional)
+
+
+async def test_from_config_uses_paths_and_timeout():
+    config = ToolServerConfig(python=["swarm.examples.tools:echo", "swarm.examples.tools:slow"],
+                              timeout_s=0.1)
+    src = FunctionToolSource.from_config("demo", config)
+    assert [s.name for s in await src.list_tools()] == ["echo", "slow"]
+    with pytest.raises(ToolError, match=r"timed out after 0\.1s"):
+        await src.call("slow", {"seconds": 5}, CTX)
