@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,11 +64,15 @@ class TurnResult:
 class EventBuffer:
     """Collects events per task; the actor flushes them in batches, a turn takes its own rest."""
 
-    def __init__(self) -> None:
+    def __init__(self, forward: Callable[[list[Event]], None] | None = None) -> None:
         self._by_task: dict[str, list[Event]] = {}
+        self._forward = forward
 
     def emit(self, event: Event) -> None:
-        """Buffer one event (called on the hot path: an append)."""
+        """Buffer one event (called on the hot path: an append), or forward it at once."""
+        if self._forward is not None:
+            self._forward([event])
+            return
         buf = self._by_task.get(event.task_id)
         if buf is None:
             self._by_task[event.task_id] = [event]
@@ -89,15 +94,16 @@ class EventBuffer:
 
 def build_sources(cfg: SwarmConfig, names: set[str]) -> dict[str, ToolSource]:
     """Tool sources for the named servers of a config (not yet started)."""
-    from swarm.tools.function import FunctionToolSource
-    from swarm.tools.mcp import MCPToolSource
-
     sources: dict[str, ToolSource] = {}
     for name in sorted(names):
         tcfg = cfg.tools[name]
         if tcfg.python is not None:
+            from swarm.tools.function import FunctionToolSource
+
             sources[name] = FunctionToolSource(name, tcfg.python, timeout_s=tcfg.timeout_s)
         else:
+            from swarm.tools.mcp import MCPToolSource
+
             assert tcfg.mcp is not None
             mcp_cfg = tcfg.mcp
             if isinstance(mcp_cfg, MCPStdioConfig) and mcp_cfg.command in ("python", "python3"):

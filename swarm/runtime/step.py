@@ -169,7 +169,7 @@ class StepLoop:
                 tool_calls=len(resp.tool_calls),
             )
         )
-        session.messages.append(_assistant_message(resp))
+        session.messages.append(_assistant_message(resp, agent))
         if not resp.tool_calls:
             await self._after_step(session, step, t0)
             return Outcome("final", text=resp.content or "")
@@ -291,8 +291,9 @@ class StepLoop:
         return result
 
 
-def _assistant_message(resp: ModelResponse) -> dict[str, Any]:
-    msg: dict[str, Any] = {"role": "assistant", "content": resp.content}
+def _assistant_message(resp: ModelResponse, agent: str) -> dict[str, Any]:
+    # `name` says which agent spoke once the transcript passes to another agent.
+    msg: dict[str, Any] = {"role": "assistant", "name": agent, "content": resp.content}
     if resp.tool_calls:
         msg["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}

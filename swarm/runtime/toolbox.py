@@ -87,7 +87,18 @@ class Toolbox:
                 except Exception:
                     listed[server] = []
             specs = listed[server]
-            if only:
+            if only and not specs:
+                # The server didn't list its tools (it is down). Keep the granted name so the
+                # model's calls reach the source, which reconnects or reports a tool error.
+                specs = [
+                    ToolSpec(
+                        name=only,
+                        description=f"{only} (server {server} unavailable)",
+                        parameters={"type": "object"},
+                        source=server,
+                    )
+                ]
+            elif only:
                 specs = [s for s in specs if s.name == only]
                 if not specs and listed[server]:
                     raise ConfigError(

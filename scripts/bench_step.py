@@ -1,0 +1,243 @@
+"""Orchestration overhead per agent step.
+
+One step = one model call (the scripted policy, zero latency) that asks for one `echo` tool call
+with a ~200-byte argument, then the tool call, then appending both messages. With the model and
+the tool in-process, what's left is the runtime's own cost. The figure is per step as measured
+by the step loop's `StepFinished` events, plus throughput with 1, 10 and 100 concurrent tasks.
+
+The same workload is then run through the Serve HTTP path (the scripted engine as a Ray Serve
+deployment reached with `OpenAIModel`), which adds HTTP, JSON and Serve routing, as a real model
+server would.
+
+    python scripts/bench_step.py                # in-process and HTTP
+    python scripts/bench_step.py --no-http      # in-process only, no Ray
+    python scripts/bench_step.py --profile      # plus a cProfile of the in-process hot path
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from swarm.config import parse_config
+from swarm.events import Event, StepFinished
+from swarm.models.interface import Model
+from swarm.protocol import a2a
+from swarm.runtime.agent import AgentHost, EventBuffer, TurnRequest, build_sources
+
+PAYLOAD = "x" * 190
+
+
+def policy(steps: int) -> dict[str, Any]:
+    """Echo `steps - 1` times, then answer: `steps` model calls per task."""
+    return {
+        "rules": [
+            {
+                "when": {"called": {"echo": {"max": steps - 2}}},
+                "tool_calls": [{"name": "echo", "arguments": {"text": PAYLOAD}}],
+            },
+            {"when": {}, "content": "done " + "y" * 190},
+        ]
+    }
+
+
+def config(steps: int) -> Any:
+    return parse_config(
+        {
+            "name": "bench",
+            "models": {
+                "m": {"provider": "openai", "base_url": "http://127.0.0.1:1/v1", "model": "m"}
+            },
+            "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
+            "agents": {"bench": {"model": "m", "tools": ["fn"], "max_steps_per_turn": steps + 1}},
+            "supervisor": {"entry": "bench"},
+        }
+    )
+
+
+class Collector:
+    """Keeps the step durations the loop reports."""
+
+    def __init__(self) -> None:
+        self.durations_ms: list[float] = []
+
+    def __call__(self, batch: list[Event]) -> None:
+        for ev in batch:
+            if type(ev) is StepFinished:
+                self.durations_ms.append(ev.duration_ms)
+
+
+async def run_level(host: AgentHost, concurrency: int, steps: int) -> tuple[float, int]:
+    """Run `concurrency` tasks of `steps` steps at once; return (wall seconds, steps done)."""
+    msg = a2a.dumps(a2a.text_message("bench"))
+
+    async def one(i: int) -> int:
+        req = TurnRequest(
+            task_id=f"t{concurrency}-{i}",
+            context_id=f"c{i}",
+            message=msg,
+            transcript=[],
+            step_offset=0,
+            max_steps=steps + 1,
+        )
+        res = await host.run_turn(req)
+        assert res.kind == "final", res.error
+        return res.steps
+
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(one(i) for i in range(concurrency)))
+    return time.perf_counter() - t0, sum(done)
+
+
+def pct(values: list[float], q: float) -> float:
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+        if len(values) > 1
+        else values[0]
+    )
+
+
+async def bench(model: Model, label: str, steps: int, levels: list[int], rounds: int) -> None:
+    cfg = config(steps)
+    collector = Collector()
+    host = AgentHost(cfg, "bench", model, build_sources(cfg, {"fn"}), EventBuffer(collector))
+    await host.start()
+    await run_level(host, 4, steps)  # warm up: imports, JIT-free caches, connection pools
+    print(f"\n== {label}: {steps} steps per task (1 echo tool call per step, ~200-byte messages)")
+    print(f"{'concurrent':>10} {'step p50 µs':>12} {'step p99 µs':>12} {'steps/s':>10}")
+    for level in levels:
+        collector.durations_ms.clear()
+        wall, total = 0.0, 0
+        for _ in range(rounds):
+            w, n = await run_level(host, level, steps)
+            wall, total = wall + w, total + n
+        d = collector.durations_ms
+        print(
+            f"{level:>10} {pct(d, 50) * 1e3:>12.0f} {pct(d, 99) * 1e3:>12.0f} {total / wall:>10.0f}"
+        )
+    await host.aclose()
+
+
+def profile_inprocess(steps: int) -> None:
+    cfg = config(steps)
+    from swarm.models.scripted.model import ScriptedModel
+
+    model = ScriptedModel(policy(steps))
+    host = AgentHost(cfg, "bench", model, build_sources(cfg, {"fn"}), EventBuffer(Collector()))
+
+    async def go() -> None:
+        await host.start()
+        await run_level(host, 1, steps)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            await run_level(host, 1, steps)
+        prof.disable()
+        out = io.StringIO()
+        st = pstats.Stats(prof, stream=out)
+        st.sort_stats("tottime").print_stats(18)
+        print(f"\n== profile: 20 tasks x {steps} steps, in-process, top functions by own time")
+        print("\n".join(out.getvalue().splitlines()[:45]))
+        total = sum(v[2] for v in st.stats.values())  # type: ignore[attr-defined]
+
+        def share(*needles: str) -> float:
+            own = sum(
+                v[2]
+                for k, v in st.stats.items()  # type: ignore[attr-defined]
+                if any(n in f"{k[0]}:{k[2]}" for n in needles)
+            )
+            return 100 * own / total
+
+        areas = [
+            ("scripted policy (the model stand-in)", ("scripted/",)),
+            ("tool call (function tool, thread)",
+             ("tools/function", "threading", "thread.py", "concurrent/futures")),
+            ("step loop + agent host", ("runtime/step", "runtime/agent", "runtime/toolbox")),
+            ("events (msgspec structs)", ("events.py", "msgspec")),
+            ("asyncio machinery", ("asyncio/",)),
+            ("json", ("json/",)),
+        ]
+        print("\nown time by area:")
+        for label, needles in areas:
+            print(f"  {label:<38} {share(*needles):5.1f}%")
+        await host.aclose()
+
+    asyncio.run(go())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=50, help="model calls per task")
+    ap.add_argument("--levels", default="1,10,100", help="concurrent tasks, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3, help="repetitions per level")
+    ap.add_argument("--no-http", action="store_true", help="skip the Serve HTTP path")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the hot path")
+    args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be at least 2")
+    levels = [int(x) for x in args.levels.split(",")]
+    from swarm.models.scripted.model import ScriptedModel
+
+    print(f"python {sys.version.split()[0]}; in-process scripted model, zero latency")
+    asyncio.run(
+        bench(ScriptedModel(policy(args.steps)), "in-process", args.steps, levels, args.rounds)
+    )
+    if args.profile:
+        profile_inprocess(args.steps)
+    if not args.no_http:
+        http_path(args.steps, levels, max(1, args.rounds - 1))
+
+
+def http_path(steps: int, levels: list[int], rounds: int) -> None:
+    import socket
+    import tempfile
+
+    import ray
+    from ray import serve
+
+    from swarm.models.openai import OpenAIModel
+    from swarm.models.scripted.serve import build_scripted_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix="swarm-bench-"),
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(
+            build_scripted_app(policy(steps), model_name="m"), name="bench", route_prefix="/bench"
+        )
+        model = OpenAIModel(base_url=f"http://127.0.0.1:{port}/bench/v1", model="m")
+        asyncio.run(
+            bench(
+                model,
+                "Serve HTTP path (scripted engine as a Serve deployment)",
+                steps,
+                levels,
+                rounds,
+            )
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Test helpers shipped with swarm: run a swarm config in one process, with no Ray.
+
+`LocalSwarm` builds an `AgentHost` per role (scripted models in-process) and a `Supervisor` over
+them, so a config's behaviour can be checked in unit tests or debugged in a plain interpreter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from swarm.config import ScriptedModelConfig, SwarmConfig
+from swarm.errors import TaskFailed
+from swarm.events import Event
+from swarm.models import build_model
+from swarm.runtime.agent import AgentHost, EventBuffer, build_sources
+from swarm.runtime.supervisor import LocalAgentPool, Supervisor
+
+
+def in_process(cfg: SwarmConfig) -> SwarmConfig:
+    """The same config with every scripted model switched to the in-process transport."""
+    models = {
+        name: m.model_copy(update={"transport": "in_process"})
+        if isinstance(m, ScriptedModelConfig)
+        else m
+        for name, m in cfg.models.items()
+    }
+    return cfg.model_copy(update={"models": models})
+
+
+class LocalSwarm:
+    """A whole swarm in this process: agent hosts plus a supervisor, no Ray."""
+
+    def __init__(self, cfg: SwarmConfig) -> None:
+        self.cfg = in_process(cfg)
+        self.hosts: dict[str, AgentHost] = {}
+        for role, acfg in self.cfg.agents.items():
+            model = build_model(acfg.model, self.cfg.models[acfg.model])
+            sources = build_sources(self.cfg, {g.split(".", 1)[0] for g in acfg.tools})
+            self.hosts[role] = AgentHost(self.cfg, role, model, sources)
+        router = None
+        if self.cfg.supervisor.router_model is not None:
+            name = self.cfg.supervisor.router_model
+            router = build_model(name, self.cfg.models[name])
+        self.supervisor = Supervisor(self.cfg, LocalAgentPool(self.hosts), router)
+        for host in self.hosts.values():
+            # In one process, events reach the supervisor as they happen.
+            host.buffer = EventBuffer(forward=self.supervisor.push_events)
+
+    async def __aenter__(self) -> LocalSwarm:
+        await asyncio.gather(*(h.start() for h in self.hosts.values()))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for rec in self.supervisor.tasks.values():
+            if rec.driver is not None and not rec.driver.done():
+                rec.driver.cancel()
+        await asyncio.gather(*(h.aclose() for h in self.hosts.values()))
+
+    async def run(self, text: str, *, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
+        """Submit a task, wait for it to end, and return its summary."""
+        task_id = self.supervisor.submit(text, **kw)
+        return await self.supervisor.wait(task_id, timeout)
+
+    async def answer(self, text: str, *, timeout: float = 30.0, **kw: Any) -> str:
+        """Run a task and return its answer; raise `TaskFailed` if it didn't complete."""
+        row = await self.run(text, timeout=timeout, **kw)
+        if row["state"] != "completed":
+            raise TaskFailed(row["task_id"], row["state"], row["error_class"], row["error"] or "")
+        return str(row["answer"])
+
+    def events(self, task_id: str) -> list[Event]:
+        """Every event the task has produced so far."""
+        return list(self.supervisor.get(task_id).events)

@@ -1,0 +1,125 @@
+"""The user paths that go through processes: `ray job submit`, and `swarm up` + the client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import swarm
+from swarm.errors import SwarmNotFound, TaskFailed, TaskNotFound, UserError
+from swarm.events import ModelCalled, TaskFinished
+
+ROOT = Path(__file__).resolve().parents[2]
+ECHO = Path(__file__).resolve().parent / "configs" / "echo.yaml"
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    import ray
+
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    return subprocess.run(
+        [sys.executable, "-m", "swarm", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_ray_job_submit_runs_the_demo(ray_cluster, serve_port, tmp_path) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address = ray_cluster["dashboard_url"]
+    assert address, "the integration cluster must run the dashboard for the Jobs API"
+    client = JobSubmissionClient(f"http://{address}")
+    entry = (
+        f"{sys.executable} -m swarm run configs/research.yaml --task 'What is tensor parallelism?'"
+    )
+    runtime_env = {
+        "working_dir": str(ROOT),
+        "env_vars": {"SWARM_NOTES_DIR": str(tmp_path / "notes")},
+    }
+    job_id = None
+    for _ in range(10):  # the job agent can answer 500 just after start-up
+        try:
+            job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            time.sleep(1)  # a retry back-off, not synchronisation
+    assert job_id is not None
+
+    async def tail() -> str:
+        out = []
+        async for lines in client.tail_job_logs(job_id):  # ends when the job ends
+            out.append(lines)
+        return "".join(out)
+
+    logs = asyncio.run(asyncio.wait_for(tail(), 240))
+    status = client.get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "handoff → researcher" in logs and "handoff → writer" in logs
+    assert "tensor" in logs.lower() and "answer" in logs
+
+
+def test_up_client_and_down(ray_cluster, serve_port) -> None:
+    name = f"up-{uuid.uuid4().hex[:6]}"
+    up = _cli("up", str(ECHO), "--name", name)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"swarm {name!r} is up" in up.stdout
+    try:
+        import ray
+
+        # The actors are named and detached, so they outlive the `swarm up` process.
+        from swarm.runtime.deploy import NAMESPACE
+
+        ray.get_actor(f"{name}.supervisor", namespace=NAMESPACE)
+        ray.get_actor(f"{name}.worker.1", namespace=NAMESPACE)
+
+        client = swarm.connect(name)
+        assert client.info()["agents"] == {"front": 1, "worker": 2, "broken": 1}
+        task = client.submit("hello there", user="ana", metadata={"ticket": "T-1"})
+        events = list(task.events(timeout=60))
+        assert any(isinstance(e, ModelCalled) for e in events)
+        assert isinstance(events[-1], TaskFinished)
+        assert task.result(timeout=30) == "done: hello there"
+        st = task.status()
+        assert (st.state, st.user, st.metadata["ticket"]) == ("completed", "ana", "T-1")
+        assert task.a2a_task().status.state == 3  # TASK_STATE_COMPLETED
+
+        slow = client.submit("slow please")
+        for ev in slow.events(timeout=60):
+            if getattr(ev, "step", 0) >= 2:
+                break
+        assert [r.task_id for r in client.tasks(state="working")] == [slow.id]
+        assert slow.cancel().state == "canceled"
+        with pytest.raises(TaskFailed):
+            slow.result(timeout=10)
+        states = {r.task_id: r.state for r in client.tasks()}
+        assert states == {task.id: "completed", slow.id: "canceled"}
+        with pytest.raises(TaskNotFound):
+            client.task("nope")
+        with pytest.raises(UserError):
+            client.submit("")
+
+        listed = _cli("tasks", name)
+        assert listed.returncode == 0 and "canceled" in listed.stdout
+        again = _cli("up", str(ECHO), "--name", name)
+        assert again.returncode == 2 and "already running" in again.stderr
+    finally:
+        down = _cli("down", name)
+    assert down.returncode == 0, down.stderr
+    with pytest.raises(SwarmNotFound):
+        swarm.connect(name)
+    gone = _cli("down", name)
+    assert gone.returncode == 2 and "no swarm named" in gone.stderr

@@ -1,0 +1,287 @@
+"""The step loop and the supervisor in one process (no Ray), driven by scripted policies."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from swarm.config import parse_config
+from swarm.errors import UserError
+from swarm.events import Handoff, ModelCalled, StepFinished, StepStarted, TaskFinished, ToolCalled
+from swarm.protocol import a2a
+from swarm.testing import LocalSwarm
+
+FAILED_TOOL = {"when": {"last_tool_error": True}, "content": "gave up: {{ last }}"}
+
+
+def make_cfg(
+    tmp_path: Path, rules: list[dict[str, Any]], agents: dict[str, Any], **extra: Any
+) -> Any:
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"rules": rules}))
+    data: dict[str, Any] = {
+        "name": "t",
+        "models": {"m": {"provider": "scripted", "policy": "policy.yaml"}},
+        "tools": {
+            "fn": {
+                "python": [
+                    "swarm.examples.tools:echo",
+                    "swarm.examples.tools:fail",
+                    "swarm.examples.tools:slow",
+                ]
+            },
+            "other": {"python": ["swarm.examples.tools:word_count"]},
+        },
+        "agents": agents,
+        "supervisor": {"entry": next(iter(agents))},
+    }
+    data.update(extra)
+    return parse_config(data, base_dir=tmp_path)
+
+
+LOOP_RULES = [
+    FAILED_TOOL,
+    {
+        "when": {"agent": "looper", "called": {"echo": {"max": 2}}},
+        "tool_calls": [{"name": "echo", "arguments": {"text": "ping {{ task }}"}}],
+    },
+    {"when": {"agent": "looper"}, "content": "echoed: {{ results.echo }}"},
+]
+
+
+async def test_step_loop_runs_tools_and_answers(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("hello")
+        assert row["state"] == "completed", row
+        assert row["answer"] == "echoed: ping hello"
+        assert row["steps"] == 4  # three echo steps and the answer
+        evs = sw.events(row["task_id"])
+        kinds = [type(e).__name__ for e in evs]
+        assert kinds.count("StepStarted") == 4 and kinds.count("StepFinished") == 4
+        tools = [e for e in evs if isinstance(e, ToolCalled)]
+        assert [t.outcome for t in tools] == ["ok"] * 3
+        models = [e for e in evs if isinstance(e, ModelCalled)]
+        assert all(m.input_tokens > 0 for m in models)
+        assert isinstance(evs[-1], TaskFinished) and evs[-1].state == "completed"
+        assert [e.seq for e in evs] == list(range(len(evs)))
+        # Each step's events come in order: started, model, tools, finished.
+        first = [e for e in evs if getattr(e, "step", None) == 1]
+        assert [type(e) for e in first] == [StepStarted, ModelCalled, ToolCalled, StepFinished]
+
+
+@pytest.mark.parametrize(
+    ("call", "error_class", "needle"),
+    [
+        ({"name": "nope", "arguments": {}}, "model", "unknown tool 'nope'"),
+        ({"name": "echo", "raw_arguments": '{"text": oops'}, "model", "not a JSON object"),
+        ({"name": "echo", "raw_arguments": "[1, 2]"}, "model", "expected an object"),
+        ({"name": "echo", "arguments": {"wrong": 1}}, "tool", "text"),
+        ({"name": "fail", "arguments": {"message": "disk on fire"}}, "tool", "disk on fire"),
+        # A tool of a server this agent isn't granted is not visible or callable.
+        ({"name": "word_count", "arguments": {"text": "a b"}}, "model", "unknown tool"),
+    ],
+)
+async def test_bad_tool_calls_go_back_to_the_model(
+    tmp_path: Path, call: dict[str, Any], error_class: str, needle: str
+) -> None:
+    rules = [FAILED_TOOL, {"when": {"agent": "a", "last_role": "user"}, "tool_calls": [call]}]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        # The agent got the error as a tool result and answered; the task did not crash.
+        assert row["state"] == "completed", row
+        assert row["answer"].startswith("gave up: ERROR: ")
+        assert needle in row["answer"]
+        (tool,) = [e for e in sw.events(row["task_id"]) if isinstance(e, ToolCalled)]
+        assert tool.outcome == "error" and tool.error_class == error_class
+
+
+async def test_tool_timeout_is_a_tool_error(tmp_path: Path) -> None:
+    rules = [
+        FAILED_TOOL,
+        {
+            "when": {"last_role": "user"},
+            "tool_calls": [{"name": "slow", "arguments": {"seconds": 5}}],
+        },
+    ]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    cfg = cfg.model_copy(
+        update={
+            "tools": {**cfg.tools, "fn": cfg.tools["fn"].model_copy(update={"timeout_s": 0.05})}
+        }
+    )
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        assert row["state"] == "completed"
+        assert "timed out" in row["answer"] or "Timeout" in row["answer"]
+
+
+HANDOFF_RULES = [
+    {
+        "when": {"agent": "a", "last_role": "user"},
+        "tool_calls": [{"name": "echo", "arguments": {"text": "found {{ task }}"}}],
+    },
+    {
+        "when": {"agent": "a", "last_tool": "echo"},
+        "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "write it up"}}],
+    },
+    {"when": {"agent": "b"}, "content": "b says: {{ results.echo }} / {{ last_user }}"},
+]
+
+
+async def test_handoff_passes_the_transcript(tmp_path: Path) -> None:
+    cfg = make_cfg(
+        tmp_path,
+        HANDOFF_RULES,
+        {"a": {"model": "m", "tools": ["fn"], "handoffs": ["b"]}, "b": {"model": "m"}},
+    )
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("the facts", user="ana", metadata={"ticket": 7})
+        assert row["state"] == "completed", row
+        # b answered from a's tool result, which it saw in the transcript, and a's message.
+        assert row["answer"] == "b says: found the facts / write it up"
+        assert row["agent"] == "b" and row["user"] == "ana"
+        assert row["metadata"]["ticket"] == 7
+        (h,) = [e for e in sw.events(row["task_id"]) if isinstance(e, Handoff)]
+        assert (h.agent, h.to_agent) == ("a", "b")
+        task = sw.supervisor.get(row["task_id"]).task
+        assert a2a.state_of(task) == "completed"
+        assert task.artifacts[0].parts[0].text == row["answer"]
+        # History: the user's task, then the A2A messages to and from each agent.
+        texts = [a2a.message_text(m) for m in task.history]
+        assert texts[0] == "the facts" and "write it up" in texts
+
+
+async def test_handoff_ping_pong_is_bounded(tmp_path: Path) -> None:
+    rules = [
+        {
+            "when": {"agent": "a"},
+            "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "you"}}],
+        },
+        {
+            "when": {"agent": "b"},
+            "tool_calls": [{"name": "transfer_to_a", "arguments": {"message": "no, you"}}],
+        },
+    ]
+    cfg = make_cfg(
+        tmp_path,
+        rules,
+        {"a": {"model": "m", "handoffs": ["b"]}, "b": {"model": "m", "handoffs": ["a"]}},
+        supervisor={"entry": "a", "max_handoffs": 5},
+    )
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        assert row["state"] == "failed"
+        assert row["error_class"] == "orchestration" and "too many handoffs" in row["error"]
+
+
+async def test_task_step_budget(tmp_path: Path) -> None:
+    rules = [{"when": {}, "tool_calls": [{"name": "echo", "arguments": {"text": "again"}}]}]
+    cfg = make_cfg(
+        tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}}, budgets={"task": {"max_steps": 7}}
+    )
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("loop forever")
+        assert row["state"] == "failed" and row["error_class"] == "budget"
+        assert row["steps"] == 7
+
+
+async def test_parallel_fan_out_and_join(tmp_path: Path) -> None:
+    rules = [
+        {"when": {"agent": "x"}, "content": "x-part"},
+        {"when": {"agent": "y"}, "content": "y-part"},
+        {"when": {"agent": "j"}, "content": "joined[{{ last_user | replace('\n', ' ') }}]"},
+    ]
+    agents = {"x": {"model": "m"}, "y": {"model": "m"}, "j": {"model": "m"}}
+    cfg = make_cfg(
+        tmp_path,
+        rules,
+        agents,
+        supervisor={"strategy": "parallel", "agents": ["x", "y"], "join": "j"},
+    )
+    async with LocalSwarm(cfg) as sw:
+        answer = await sw.answer("both please")
+        assert "Result from x" in answer and "x-part" in answer and "y-part" in answer
+
+
+async def test_router_picks_agent(tmp_path: Path) -> None:
+    rules = [
+        {
+            "when": {"agent": "router", "task_matches": "(?i)math"},
+            "tool_calls": [{"name": "route_to", "arguments": {"agent": "calc"}}],
+        },
+        {
+            "when": {"agent": "router"},
+            "tool_calls": [{"name": "route_to", "arguments": {"agent": "chat"}}],
+        },
+        {"when": {"agent": "calc"}, "content": "calc handled it"},
+        {"when": {"agent": "chat"}, "content": "chat handled it"},
+    ]
+    cfg = make_cfg(
+        tmp_path,
+        rules,
+        {"calc": {"model": "m"}, "chat": {"model": "m"}},
+        supervisor={"strategy": "router", "agents": ["calc", "chat"], "router_model": "m"},
+    )
+    async with LocalSwarm(cfg) as sw:
+        assert await sw.answer("some math") == "calc handled it"
+        assert await sw.answer("hello there") == "chat handled it"
+
+
+async def test_bad_submissions_are_rejected(tmp_path: Path) -> None:
+    cfg = make_cfg(
+        tmp_path,
+        LOOP_RULES,
+        {"looper": {"model": "m", "tools": ["fn"]}},
+        limits={"max_task_chars": 10},
+    )
+    async with LocalSwarm(cfg) as sw:
+        with pytest.raises(UserError, match="at most 10"):
+            sw.supervisor.submit("x" * 11)
+        with pytest.raises(UserError, match="non-empty"):
+            sw.supervisor.submit("   ")
+        with pytest.raises(UserError, match="JSON"):
+            sw.supervisor.submit("ok", metadata={"f": object()})
+        with pytest.raises(UserError, match="unknown state"):
+            sw.supervisor.list(state="bogus")
+        # Nothing was stored for the rejected submissions, and the swarm still works.
+        assert sw.supervisor.tasks == {}
+        assert (await sw.answer("hi")).startswith("echoed")
+
+
+async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
+    rules = [
+        {
+            "when": {"task_matches": "slow", "last_role": "user"},
+            "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}],
+        },
+        {
+            "when": {"last_role": "user"},
+            "tool_calls": [{"name": "echo", "arguments": {"text": "{{ task }}"}}],
+        },
+        {"when": {}, "content": "done {{ last }}"},
+    ]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        slow_id = sw.supervisor.submit("slow one")
+        started = asyncio.Event()
+
+        async def wait_for_tool() -> None:
+            rec = sw.supervisor.get(slow_id)
+            while not any(isinstance(e, StepStarted) for e in rec.events):
+                await rec.changed.wait()
+            started.set()
+
+        await asyncio.wait_for(wait_for_tool(), 10)
+        fast = [sw.supervisor.submit(f"fast {i}") for i in range(5)]
+        row = await sw.supervisor.cancel(slow_id)
+        assert row["state"] == "canceled"
+        for tid in fast:
+            r = await sw.supervisor.wait(tid, 10)
+            assert r["state"] == "completed" and r["answer"].startswith("done fast")
+        assert sw.supervisor.get(slow_id).state == "canceled"
+        assert sw.hosts["a"].sessions() == 0
