@@ -8,6 +8,7 @@ flight raises `ToolError` and the next call reconnects (respawning a stdio serve
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import shlex
 from collections.abc import AsyncIterator, Callable
@@ -300,9 +301,16 @@ def _to_result(result: mcp_types.CallToolResult) -> ToolResult:
             parts.append(f"[resource link {block.uri}]")
         else:
             parts.append(f"[{block.type} {getattr(block, 'mime_type', '')}]".replace(" ]", "]"))
-    return ToolResult(
-        "\n".join(parts), is_error=bool(result.is_error), structured=result.structured_content
-    )
+    structured = result.structured_content
+    text = "\n".join(parts)
+    if structured is not None and not result.is_error:
+        # Servers serialise a list result as one text block per element, which reads as
+        # several JSON documents; the structured value, as one JSON document, is what the
+        # model should see. MCP wraps non-object results as {"result": value}.
+        value = structured["result"] if set(structured) == {"result"} else structured
+        if not isinstance(value, str):
+            text = json.dumps(value, ensure_ascii=False, default=str)
+    return ToolResult(text, is_error=bool(result.is_error), structured=structured)
 
 
 def _session_gone(e: MCPError) -> bool:
