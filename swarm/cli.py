@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import uuid
 from typing import Annotated, NoReturn
@@ -243,7 +242,9 @@ def cancel(
 
 def _quiet_ray() -> None:
     # Ray and Serve log start-up chatter to stderr; the CLI's own output is what users read.
-    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    # Serve sets its logger's level when it is imported, so import it first, then override.
+    import ray.serve  # noqa: F401
+
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
