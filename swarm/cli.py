@@ -210,7 +210,8 @@ def tasks(
         out.print_json(json.dumps([r.__dict__ for r in rows]))
         return
     table = Table(title=f"tasks of {name}")
-    for col in ("task", "state", "user", "agent", "steps", "tokens", "error"):
+    table.add_column("task", overflow="fold", min_width=32)
+    for col in ("state", "user", "agent", "steps", "tokens", "error"):
         table.add_column(col)
     for r in rows:
         table.add_row(
