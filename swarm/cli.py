@@ -35,10 +35,14 @@ def _die(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 
 def _load(path: str) -> SwarmConfig:
+    from swarm.runtime.deploy import preflight
+
     try:
-        return load_config(path)
+        cfg = load_config(path)
+        preflight(cfg)
+        return cfg
     except ConfigError as e:
-        err.print(f"[red]{e}[/]", markup=False)
+        err.print(str(e), style="red", markup=False)
         raise typer.Exit(EXIT_USAGE) from None
 
 

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from swarm.config import ScriptedModelConfig, SwarmConfig
-from swarm.errors import SwarmNotFound, UserError
+from swarm.errors import OrchestrationError, SwarmNotFound, UserError
 from swarm.runtime.supervisor import SupervisorActor, agent_actor_name, supervisor_actor_name
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,19 @@ def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
     return endpoints
 
 
+def preflight(cfg: SwarmConfig) -> None:
+    """Checks that need code, not just the schema: function tools import and have schemas.
+
+    Raises `ConfigError` naming the field, so a bad import path is caught before anything is
+    deployed (and by `swarm validate`), not as a crash inside an agent actor.
+    """
+    from swarm.tools.function import FunctionToolSource
+
+    for name, tcfg in cfg.tools.items():
+        if tcfg.python is not None:
+            FunctionToolSource(name, tcfg.python, timeout_s=tcfg.timeout_s)
+
+
 def start_swarm(
     cfg: SwarmConfig,
     *,
@@ -110,6 +123,7 @@ def start_swarm(
             f"a swarm named {deployment!r} is already running; take it down with "
             f"`python -m swarm down {deployment}` first"
         )
+    preflight(cfg)
     endpoints = deploy_models(cfg, deployment)
     sup = (
         ray.remote(SupervisorActor)
@@ -123,7 +137,19 @@ def start_swarm(
         )
         .remote(cfg, endpoints, deployment, NAMESPACE, detached)
     )
-    reports = ray.get(sup.ready.remote(), timeout=ready_timeout)
+    try:
+        reports = ray.get(sup.ready.remote(), timeout=ready_timeout)
+    except Exception as exc:
+        # Leave nothing half-deployed behind.
+        try:
+            stop_swarm(deployment, timeout=10)
+        except Exception:
+            log.debug("cleanup of %s failed", deployment, exc_info=True)
+        cause = getattr(exc, "cause", None) or exc
+        raise OrchestrationError(
+            f"swarm {deployment!r} did not start within {ready_timeout} s: "
+            f"{type(cause).__name__}: {cause}"
+        ) from None
     return sup, reports
 
 

@@ -166,3 +166,13 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     assert "agents.a.handoffs.0" in res.output
     missing = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2
+
+
+def test_cli_validate_imports_function_tools(tmp_path: Path) -> None:
+    data = _base()
+    data["tools"]["fn"]["python"] = ["swarm.examples.tools:no_such_function"]
+    bad = tmp_path / "badfn.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 2
+    assert "tools.fn.python.0" in res.output and "no_such_function" in res.output

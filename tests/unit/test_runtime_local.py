@@ -285,3 +285,17 @@ async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
             assert r["state"] == "completed" and r["answer"].startswith("done fast")
         assert sw.supervisor.get(slow_id).state == "canceled"
         assert sw.hosts["a"].sessions() == 0
+
+
+def test_sessions_stick_to_one_replica() -> None:
+    from swarm.runtime.supervisor import replica_for
+
+    keys = [f"context-{i}" for i in range(1000)]
+    first = [replica_for(k, 4) for k in keys]
+    # The same key always maps to the same replica (across calls and processes: crc32)...
+    assert first == [replica_for(k, 4) for k in keys]
+    assert replica_for("abc", 4) == 2  # crc32("abc") % 4, fixed across Python runs
+    # ...and keys spread over every replica.
+    counts = [first.count(r) for r in range(4)]
+    assert min(counts) > 150, counts
+    assert {replica_for(k, 1) for k in keys} == {0}
