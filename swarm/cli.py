@@ -245,6 +245,86 @@ def cancel(
     out.print(f"task {task_id}: {info.state}")
 
 
+TaskArg = Annotated[str, typer.Argument(help="task id")]
+
+
+@app.command()
+def history(name: NameArg, task_id: TaskArg, address: AddressOpt = None) -> None:
+    """List a task's checkpoints: every logged step, tool result and turn boundary."""
+    from swarm.client import connect
+
+    _quiet_ray()
+    try:
+        rows = connect(name, address=address).task(task_id).history()
+    except SwarmError as e:
+        _die(str(e))
+    table = Table(title=f"history of {task_id}")
+    for col in ("seq", "step", "agent", "kind", "", "what"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r["seq"]), str(r["step"]), r["agent"] or "-", r["kind"],
+                      "snap" if r["snapshot"] else "", r["summary"])
+    out.print(table)
+
+
+@app.command()
+def replay(name: NameArg, task_id: TaskArg, address: AddressOpt = None) -> None:
+    """Print a task's conversation as it was logged, read-only."""
+    from swarm.client import connect
+
+    _quiet_ray()
+    try:
+        messages = list(connect(name, address=address).task(task_id).replay())
+    except SwarmError as e:
+        _die(str(e))
+    for m in messages:
+        calls = m.get("tool_calls") or ()
+        text = m.get("content") or ", ".join(
+            f"{(c.get('function') or {}).get('name')}({(c.get('function') or {}).get('arguments')})"
+            for c in calls)
+        out.print(f"[dim]step {m['step']:>3}[/] [cyan]{m['agent'] or '-':>10}[/] "
+                  f"[bold]{m['role']:>9}[/]: {text}", markup=True, highlight=False)
+
+
+@app.command()
+def fork(
+    name: NameArg, task_id: TaskArg,
+    step: Annotated[int, typer.Option(help="continue from the state after this step")],
+    wait: Annotated[bool, typer.Option(help="stream progress until the new task ends")] = True,
+    timeout: Annotated[float, typer.Option()] = 600.0, address: AddressOpt = None,
+) -> None:
+    """Start a new task from step K of an old one (time travel)."""
+    from swarm._console import ProgressPrinter
+    from swarm.client import connect
+
+    _quiet_ray()
+    try:
+        handle = connect(name, address=address).task(task_id).fork(step)
+    except SwarmError as e:
+        _die(str(e))
+    out.print(f"task {handle.id} (forked from {task_id} at step {step})")
+    if wait:
+        printer = ProgressPrinter(out)
+        for ev in handle.events(timeout=timeout):
+            printer(ev)
+        printer.summary()
+
+
+@app.command()
+def respond(name: NameArg, task_id: TaskArg,
+            answer: Annotated[str, typer.Argument(help="rerun or skip")],
+            address: AddressOpt = None) -> None:
+    """Answer a task that waits in INPUT_REQUIRED."""
+    from swarm.client import connect
+
+    _quiet_ray()
+    try:
+        info = connect(name, address=address).task(task_id).respond(answer)
+    except SwarmError as e:
+        _die(str(e))
+    out.print(f"task {task_id}: {info.state}")
+
+
 def _quiet_ray() -> None:
     # Ray and Serve log start-up chatter to stderr; the CLI's own output is what users read.
     # Serve sets its logger's level when it is imported, so import it first, then override.

@@ -11,7 +11,7 @@ from swarm.errors import SwarmError, SwarmNotFound, TaskFailed
 from swarm.events import AnyEvent
 from swarm.protocol import a2a
 from swarm.runtime.deploy import NAMESPACE, ensure_ray
-from swarm.runtime.supervisor import supervisor_actor_name
+from swarm.runtime.supervisor_actor import supervisor_actor_name
 
 _POLL_S = 5.0
 
@@ -34,6 +34,7 @@ class TaskInfo:
     error_class: str | None
     error: str | None
     metadata: dict[str, Any]
+    question: str | None = None
 
     @classmethod
     def from_summary(cls, row: dict[str, Any]) -> TaskInfo:
@@ -118,6 +119,32 @@ class TaskHandle:
         if info.state != "completed":
             raise TaskFailed(self.id, info.state, info.error_class, info.error or "")
         return info.answer or ""
+
+    def history(self, *, full: bool = False) -> list[dict[str, Any]]:
+        """The task's checkpoints in order (seq, kind, agent, step, summary; data if `full`)."""
+        return list(_get(self.client._sup.history.remote(self.id, full)))
+
+    def replay(self) -> Iterator[dict[str, Any]]:
+        """The task's messages as they were logged, read-only, in order."""
+        for row in self.history(full=True):
+            msg = (row.get("data") or {}).get("message")
+            if row["kind"] == "turn_start":
+                msg = {"role": "user", "content": row["data"].get("input", "")}
+            if msg is not None:
+                yield {"step": row["step"], "agent": row["agent"], **msg}
+
+    def fork(self, step: int, *, user: str | None = None) -> TaskHandle:
+        """A new task that continues from this one's state after `step`."""
+        new_id = _get(self.client._sup.fork.remote(self.id, step, user))
+        return TaskHandle(self.client, new_id)
+
+    def forget(self) -> None:
+        """Delete this finished task's durable state."""
+        _get(self.client._sup.forget.remote(self.id))
+
+    def respond(self, text: str) -> TaskInfo:
+        """Answer the task's question while it is in INPUT_REQUIRED (see `TaskInfo.question`)."""
+        return TaskInfo.from_summary(_get(self.client._sup.respond.remote(self.id, text)))
 
     def cancel(self) -> TaskInfo:
         """Cancel the task if it is still running."""

@@ -177,9 +177,25 @@ class Budgets(_Strict):
 
 
 class StateConfig(_Strict):
-    """Where state lives; the runtime issue keeps working memory in the agent actors."""
+    """Where task state lives and how often it is snapshotted."""
 
+    store: str = Field(
+        "embedded",
+        description="embedded (a private redis-server under run_dir), none (no durability), "
+        "memory (one process only), redis://..., unix://..., or a pyarrow URI (file://, s3://)",
+    )
     run_dir: str = Field("runs", description="run directory, relative to the working directory")
+    snapshot_every: int = Field(100, ge=0, description="steps between snapshots; 0: never")
+    max_turn_retries: int = Field(
+        5, ge=0, description="times a turn is resumed after its agent replica dies"
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v in ("embedded", "none", "memory") or re.match(r"^[a-z][a-z0-9+.-]*://", v):
+            return v
+        raise ValueError("expected embedded, none, memory, or a URL such as redis://host:6379/0")
 
 
 class LimitsConfig(_Strict):

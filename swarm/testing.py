@@ -15,6 +15,7 @@ from swarm.events import Event
 from swarm.models import build_model
 from swarm.runtime.agent import AgentHost, EventBuffer, build_sources
 from swarm.runtime.supervisor import LocalAgentPool, Supervisor
+from swarm.state.interface import Checkpointer
 
 
 def in_process(cfg: SwarmConfig) -> SwarmConfig:
@@ -31,18 +32,19 @@ def in_process(cfg: SwarmConfig) -> SwarmConfig:
 class LocalSwarm:
     """A whole swarm in this process: agent hosts plus a supervisor, no Ray."""
 
-    def __init__(self, cfg: SwarmConfig) -> None:
+    def __init__(self, cfg: SwarmConfig, store: Checkpointer | None = None) -> None:
         self.cfg = in_process(cfg)
+        self.store = store
         self.hosts: dict[str, AgentHost] = {}
         for role, acfg in self.cfg.agents.items():
             model = build_model(acfg.model, self.cfg.models[acfg.model])
             sources = build_sources(self.cfg, {g.split(".", 1)[0] for g in acfg.tools})
-            self.hosts[role] = AgentHost(self.cfg, role, model, sources)
+            self.hosts[role] = AgentHost(self.cfg, role, model, sources, store=store)
         router = None
         if self.cfg.supervisor.router_model is not None:
             name = self.cfg.supervisor.router_model
             router = build_model(name, self.cfg.models[name])
-        self.supervisor = Supervisor(self.cfg, LocalAgentPool(self.hosts), router)
+        self.supervisor = Supervisor(self.cfg, LocalAgentPool(self.hosts), router, store=store)
         for host in self.hosts.values():
             # In one process, events reach the supervisor as they happen.
             host.buffer = EventBuffer(forward=self.supervisor.push_events)
@@ -59,7 +61,7 @@ class LocalSwarm:
 
     async def run(self, text: str, *, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
         """Submit a task, wait for it to end, and return its summary."""
-        task_id = self.supervisor.submit(text, **kw)
+        task_id = await self.supervisor.submit(text, **kw)
         return await self.supervisor.wait(task_id, timeout)
 
     async def answer(self, text: str, *, timeout: float = 30.0, **kw: Any) -> str:
@@ -72,3 +74,20 @@ class LocalSwarm:
     def events(self, task_id: str) -> list[Event]:
         """Every event the task has produced so far."""
         return list(self.supervisor.get(task_id).events)
+
+    async def crash(self) -> None:
+        """Simulate the process dying: stop every task and turn, writing nothing more.
+
+        A new `LocalSwarm` on the same store then stands for the restarted process.
+        """
+        self.supervisor.store = None
+        for host in self.hosts.values():
+            host.store = None
+        drivers = [r.driver for r in self.supervisor.tasks.values()
+                   if r.driver is not None and not r.driver.done()]
+        for host in self.hosts.values():
+            for task in list(host._running.values()):
+                task.cancel()
+        for d in drivers:
+            d.cancel()
+        await asyncio.gather(*drivers, return_exceptions=True)

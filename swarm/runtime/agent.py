@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from swarm.config import MCPStdioConfig, SwarmConfig
+from swarm.errors import classify
 from swarm.events import Event
 from swarm.models.interface import Model
 from swarm.protocol import a2a
-from swarm.runtime.step import Session, StepLoop, TurnLimits
+from swarm.runtime.journal import Journal
+from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
+from swarm.state.interface import Checkpointer
+from swarm.state.replay import TaskState, restore
 from swarm.tools.interface import ToolSource
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,13 @@ class TurnRequest:
     max_steps: int
     deadline: float | None = None
     traceparent: str | None = None
+    # Durable state: which log, which turn, whether to resume it, and the task's counters so
+    # far (handoffs, turns, tokens, calls) for the snapshots this turn writes.
+    log_id: str = ""
+    turn_id: str = ""
+    resume: bool = False
+    decision: str | None = None
+    totals: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -47,7 +58,7 @@ class TurnResult:
 
     task_id: str
     agent: str
-    kind: Literal["final", "handoff", "failed", "canceled"]
+    kind: Literal["final", "handoff", "failed", "canceled", "input_required"]
     message: bytes  # A2A Message wire bytes: the agent's reply
     text: str = ""
     target: str | None = None
@@ -57,6 +68,8 @@ class TurnResult:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
+    model_calls: int = 0
+    tool_calls: int = 0
     added: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
@@ -129,8 +142,10 @@ class AgentHost:
         model: Model,
         sources: dict[str, ToolSource],
         buffer: EventBuffer | None = None,
+        store: Checkpointer | None = None,
     ) -> None:
         self.cfg = cfg
+        self.store = store
         self.role = role
         self.agent_cfg = cfg.agents[role]
         self.model = model
@@ -184,60 +199,105 @@ class AgentHost:
         return len(self._running)
 
     async def run_turn(self, req: TurnRequest) -> TurnResult:
-        """Run one turn of a task; never raises for a task's own failure."""
+        """Run (or resume) one turn of a task; never raises for a task's own failure."""
         if self._loop is None:
             await self.start()
-        assert self._loop is not None
-        incoming = a2a.loads_message(req.message)
-        text = a2a.message_text(incoming)
+        loop = self._loop
+        assert loop is not None
+        text = a2a.message_text(a2a.loads_message(req.message))
         async with self._slots:
             self._running[req.task_id] = asyncio.current_task()  # type: ignore[assignment]
             session = Session(
-                task_id=req.task_id,
-                agent=self.role,
-                session_id=req.context_id or req.task_id,
+                task_id=req.task_id, agent=self.role, session_id=req.context_id or req.task_id,
                 messages=[self._system, *req.transcript, {"role": "user", "content": text}],
-                step=req.step_offset,
-                traceparent=req.traceparent,
+                step=req.step_offset, traceparent=req.traceparent,
             )
-            base = 1 + len(req.transcript)
+            first = 1 + len(req.transcript)  # index of this turn's first message
             limits = TurnLimits(max_steps=req.max_steps, deadline=req.deadline)
             try:
-                outcome = await self._loop.run_turn(session, limits)
+                outcome: Outcome | None = None
+                if self.store is not None:
+                    outcome, first = await self._open(req, session, text, limits)
+                if outcome is None:
+                    outcome = await loop.run_turn(session, limits)
                 kind, reply = outcome.kind, outcome.text
-                error_class, error = outcome.error_class, outcome.error
+                error_class, error, target = outcome.error_class, outcome.error, outcome.target
             except asyncio.CancelledError:
-                kind, reply, error_class, error = "canceled", "", None, "canceled"
+                kind, reply, error_class, error, target = "canceled", "", None, "canceled", None
             except Exception as exc:  # a bug in the loop must not take the role down
                 log.exception("agent %s: turn of task %s crashed", self.role, req.task_id)
-                kind, reply = "failed", ""
-                error_class, error = "orchestration", f"{type(exc).__name__}: {exc}"
+                kind, reply, target = "failed", "", None
+                error_class, error = classify(exc), f"{type(exc).__name__}: {exc}"
             finally:
                 self._running.pop(req.task_id, None)
-        steps = session.step - req.step_offset
+            if session.journal is not None and kind not in ("canceled", "input_required"):
+                # Logged after the turn, so a crash before this resumes the turn instead. A
+                # turn waiting for an operator hasn't ended: it resumes with the answer.
+                await session.journal.turn_end(session.step, {
+                    "outcome": kind, "text": reply, "target": target,
+                    "error_class": error_class, "error": error, "turn": req.turn_id})
         out = a2a.text_message(
-            reply or (error or ""),
-            role="agent",
-            task_id=req.task_id,
-            context_id=req.context_id,
-            metadata={"agent": self.role, "outcome": kind},
+            reply or (error or ""), role="agent", task_id=req.task_id,
+            context_id=req.context_id, metadata={"agent": self.role, "outcome": kind},
         )
         return TurnResult(
-            task_id=req.task_id,
-            agent=self.role,
-            kind=kind,  # type: ignore[arg-type]
-            message=a2a.dumps(out),
-            text=reply,
-            target=outcome.target if kind == "handoff" else None,
-            error_class=error_class,
-            error=error,
-            steps=steps,
-            input_tokens=session.input_tokens,
-            output_tokens=session.output_tokens,
-            cached_tokens=session.cached_tokens,
-            added=session.messages[base:],
+            task_id=req.task_id, agent=self.role, kind=kind,  # type: ignore[arg-type]
+            message=a2a.dumps(out), text=reply, target=target if kind == "handoff" else None,
+            error_class=error_class, error=error, steps=session.step - req.step_offset,
+            input_tokens=session.input_tokens, output_tokens=session.output_tokens,
+            cached_tokens=session.cached_tokens, model_calls=session.model_calls,
+            tool_calls=session.tool_calls, added=session.messages[first:],
             events=self.buffer.take(req.task_id),
         )
+
+    async def _open(self, req: TurnRequest, session: Session, text: str, limits: TurnLimits
+                    ) -> tuple[Outcome | None, int]:
+        """Attach a journal; on resume, rebuild the session from the log and finish what a
+        crash interrupted. Returns an outcome if the turn had already ended, and the index of
+        the turn's first message in the session."""
+        assert self.store is not None and self._loop is not None
+        log_id = req.log_id or req.task_id
+        session.log_id = log_id
+        snapshot_every = self.cfg.state.snapshot_every
+        first = 1 + len(req.transcript)
+        if req.resume:
+            state, problems = await restore(self.store, log_id)
+            for problem in problems:
+                log.warning("agent %s: %s", self.role, problem)
+            turn = state.open_turn
+            if turn is not None and turn.agent == self.role:
+                session.messages = [self._system, *state.transcript]
+                session.step = state.step
+                # Session counters are the turn's own: the task's totals less the turn's base.
+                b = turn.base
+                session.input_tokens = state.input_tokens - b.get("input_tokens", 0)
+                session.output_tokens = state.output_tokens - b.get("output_tokens", 0)
+                session.model_calls = state.model_calls - b.get("model_calls", 0)
+                session.tool_calls = state.tool_calls - b.get("tool_calls", 0)
+                session.journal = Journal(self.store, log_id, self.role, turn=turn.turn,
+                                          snapshot_every=snapshot_every, base=state)
+                outcome = await self._loop.resume(session, state.pending, req.decision, limits,
+                                                  turn_start=1 + turn.start)
+                return outcome, 1 + turn.start
+            done = state.last_outcome
+            if turn is None and done is not None and done.get("turn") == req.turn_id and \
+                    done.get("agent") == self.role:
+                # The turn ended but its result never reached the supervisor.
+                return Outcome(done["outcome"], text=done.get("text") or "",
+                               target=done.get("target"), error_class=done.get("error_class"),
+                               error=done.get("error")), first
+        totals = req.totals
+        base = TaskState(
+            step=req.step_offset, handoffs=totals.get("handoffs", 0),
+            turns=totals.get("turns", 0), input_tokens=totals.get("input_tokens", 0),
+            output_tokens=totals.get("output_tokens", 0),
+            model_calls=totals.get("model_calls", 0), tool_calls=totals.get("tool_calls", 0),
+            transcript=[],
+        )
+        session.journal = Journal(self.store, log_id, self.role, turn=req.turn_id,
+                                  snapshot_every=snapshot_every, base=base)
+        await session.journal.turn_start(text, len(req.transcript))
+        return None, first
 
     def cancel(self, task_id: str) -> bool:
         """Cancel the running turn of a task, if this host has one."""
@@ -258,40 +318,49 @@ class AgentHost:
 
 
 class AgentActor:
-    """Ray actor wrapper of `AgentHost`; created with `ray.remote(AgentActor).options(...)`."""
+    """Ray actor wrapper of `AgentHost`; created with `ray.remote(AgentActor).options(...)`.
 
-    def __init__(
-        self,
-        cfg: SwarmConfig,
-        role: str,
-        endpoints: dict[str, str],
-        supervisor: Any,
-        replica: int = 0,
-    ) -> None:
+    After a crash Ray restarts it and the constructor runs again with nothing in memory; the
+    supervisor then re-sends the interrupted turns with `resume=True`, and the host rebuilds
+    each session from the durable log.
+    """
+
+    def __init__(self, cfg: SwarmConfig, role: str, endpoints: dict[str, str], supervisor: Any,
+                 replica: int = 0, store_spec: str | None = None) -> None:
         from swarm.models import build_model
+        from swarm.runtime.supervisor_actor import open_store
 
         agent_cfg = cfg.agents[role]
         model = build_model(agent_cfg.model, cfg.models[agent_cfg.model], endpoints)
         sources = build_sources(cfg, {g.split(".", 1)[0] for g in agent_cfg.tools})
         self.replica = replica
-        self.host = AgentHost(cfg, role, model, sources)
+        self.host = AgentHost(cfg, role, model, sources, store=open_store(store_spec))
         self.supervisor = supervisor
         self._flusher: asyncio.Task[None] | None = None
+        self._started: asyncio.Task[None] | None = None
+
+    async def _ensure(self) -> None:
+        if self._started is None:
+            self._started = asyncio.create_task(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        if self.host.store is not None:
+            await self.host.store.start()
+        await self.host.start()
+        self._flusher = asyncio.create_task(self._flush_loop())
 
     async def ready(self) -> dict[str, Any]:
         """Start the host (tools connected) and the event flusher; report what was found."""
-        await self.host.start()
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop())
+        await self._ensure()
         return {
-            "role": self.host.role,
-            "replica": self.replica,
-            "tools": self.host.toolbox.names,
+            "role": self.host.role, "replica": self.replica, "tools": self.host.toolbox.names,
             "problems": self.host.start_problems,
         }
 
     async def run_turn(self, req: TurnRequest) -> TurnResult:
         """Run one turn (see `AgentHost.run_turn`)."""
+        await self._ensure()
         return await self.host.run_turn(req)
 
     async def cancel(self, task_id: str) -> bool:
@@ -307,6 +376,8 @@ class AgentActor:
         if self._flusher is not None:
             self._flusher.cancel()
         await self.host.aclose()
+        if self.host.store is not None:
+            await self.host.store.close()
 
     async def _flush_loop(self) -> None:
         # Batches live events to the supervisor so clients see progress during long turns,

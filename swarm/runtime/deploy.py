@@ -9,7 +9,11 @@ from typing import Any
 
 from swarm.config import ScriptedModelConfig, SwarmConfig
 from swarm.errors import OrchestrationError, SwarmNotFound, UserError
-from swarm.runtime.supervisor import SupervisorActor, agent_actor_name, supervisor_actor_name
+from swarm.runtime.supervisor_actor import (
+    SupervisorActor,
+    agent_actor_name,
+    supervisor_actor_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,47 @@ def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
     return endpoints
 
 
+STORE_ENV = "SWARM_STATE_STORE"
+
+
+def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
+    """The store URL every actor of this swarm opens, and the embedded server if one started.
+
+    `SWARM_STATE_STORE` in the environment overrides the config's `state.store`. `embedded`
+    starts (or reuses) a private redis-server under the run directory. The store is checked
+    here, so an unreachable one is a clear error before anything is deployed.
+    """
+    import asyncio
+    from pathlib import Path
+
+    from swarm.state import open_checkpointer
+    from swarm.state.embedded import EmbeddedRedis
+
+    spec = os.environ.get(STORE_ENV) or cfg.state.store
+    if spec == "none":
+        return None, None
+    if spec == "memory":
+        raise UserError(
+            "state.store 'memory' lives in one process; a deployed swarm needs 'embedded', "
+            "'none' or a URL (memory is for swarm.testing.LocalSwarm)"
+        )
+    server = None
+    if spec == "embedded":
+        server = EmbeddedRedis.for_run_dir(Path(cfg.state.run_dir).resolve())
+        server.start()
+        spec = server.url
+
+    async def check() -> None:
+        store = open_checkpointer(spec, run_dir=Path(cfg.state.run_dir))
+        try:
+            await store.start()
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+    return spec, server
+
+
 def preflight(cfg: SwarmConfig) -> None:
     """Checks that need code, not just the schema: function tools import and have schemas.
 
@@ -124,6 +169,7 @@ def start_swarm(
             f"`python -m swarm down {deployment}` first"
         )
     preflight(cfg)
+    store_spec, _ = resolve_store(cfg)
     endpoints = deploy_models(cfg, deployment)
     sup = (
         ray.remote(SupervisorActor)
@@ -131,11 +177,11 @@ def start_swarm(
             name=supervisor_actor_name(deployment),
             namespace=NAMESPACE,
             lifetime="detached" if detached else None,
-            max_restarts=0,
+            max_restarts=-1,
             max_concurrency=10_000,
             num_cpus=0,
         )
-        .remote(cfg, endpoints, deployment, NAMESPACE, detached)
+        .remote(cfg, endpoints, deployment, NAMESPACE, detached, store_spec)
     )
     try:
         reports = ray.get(sup.ready.remote(), timeout=ready_timeout)

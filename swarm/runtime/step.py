@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from swarm.errors import ModelError, RunError, classify
 from swarm.events import Event, Handoff, ModelCalled, StepFinished, StepStarted, ToolCalled
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall
 from swarm.runtime.toolbox import Toolbox
+from swarm.state.interface import ledger_key
 from swarm.tools.interface import ToolContext, ToolResult
 
+if TYPE_CHECKING:
+    from swarm.runtime.journal import Journal
+
 Emit = Callable[[Event], None]
-StepHook = Callable[["Session", int], Awaitable[None]]
 
 # Tool errors reach the model as tool messages starting with this marker, so policies (and
 # people reading transcripts) can tell them from results.
@@ -49,6 +52,8 @@ class Session:
     tool_calls: int = 0
     model_calls: int = 0
     traceparent: str | None = None
+    journal: Journal | None = None
+    log_id: str = ""
 
 
 @dataclass(slots=True)
@@ -64,7 +69,7 @@ class TurnLimits:
 class Outcome:
     """How a turn ended: a final answer, a handoff, or a classified failure."""
 
-    kind: Literal["final", "handoff", "failed"]
+    kind: Literal["final", "handoff", "failed", "input_required"]
     text: str = ""
     target: str | None = None
     error_class: str | None = None
@@ -87,7 +92,6 @@ class StepLoop:
     toolbox: Toolbox
     emit: Emit
     model_name: str = ""
-    on_step: StepHook | None = None
     clock: _Clock = field(default_factory=_Clock)
 
     async def run_turn(self, session: Session, limits: TurnLimits) -> Outcome:
@@ -169,26 +173,96 @@ class StepLoop:
                 tool_calls=len(resp.tool_calls),
             )
         )
-        session.messages.append(_assistant_message(resp, agent))
+        assistant = _assistant_message(resp, agent)
+        session.messages.append(assistant)
+        journal = session.journal
+        if journal is not None:
+            # The intent, durable before any tool runs (see swarm.runtime.journal).
+            await journal.model(step, assistant, usage, resp.tool_calls)
         if not resp.tool_calls:
             await self._after_step(session, step, t0)
             return Outcome("final", text=resp.content or "")
-        handoff: Outcome | None = None
-        for call in resp.tool_calls:
-            target = self.toolbox.handoff_target(call.name)
-            if target is not None:
-                handoff = handoff or self._handoff(session, step, call, target)
-                continue
-            result = await self._call_tool(session, step, call, limits)
-            session.messages.append(
-                {"role": "tool", "tool_call_id": call.id, "content": result.content}
-            )
+        handoff = await self._run_calls(session, step, list(enumerate(resp.tool_calls)), limits)
         await self._after_step(session, step, t0)
         return handoff
 
+    async def _run_calls(self, session: Session, step: int, calls: list[tuple[int, ToolCall]],
+                         limits: TurnLimits) -> Outcome | None:
+        """Run a step's tool calls in order, logging each result; return a handoff if any."""
+        handoff: Outcome | None = None
+        journal = session.journal
+        for index, call in calls:
+            target = self.toolbox.handoff_target(call.name)
+            if target is not None:
+                outcome = self._handoff(session, step, call, target)
+                handoff = handoff or outcome
+                is_error = False
+            else:
+                result = await self._call_tool(session, step, index, call, limits)
+                session.messages.append(
+                    {"role": "tool", "tool_call_id": call.id, "content": result.content}
+                )
+                is_error = result.is_error
+            if journal is not None:
+                await journal.tool(step, index, call, session.messages[-1], is_error)
+        return handoff
+
+    async def resume(self, session: Session, pending: dict[int, dict[str, Any]],
+                     decision: str | None, limits: TurnLimits, turn_start: int = 0
+                     ) -> Outcome | None:
+        """Finish a step that a crash interrupted, then say whether the turn already ended.
+
+        `pending` are the calls of the last logged model answer with no logged result: they
+        started and may or may not have finished. An idempotent (or read-only) tool runs again;
+        any other waits for an operator's `decision` ("rerun" or "skip"), and without one the
+        turn ends as `input_required` with the question.
+        """
+        step = session.step
+        todo: list[tuple[int, ToolCall]] = []
+        for index in sorted(pending):
+            raw = pending[index]
+            fn = raw.get("function") or {}
+            call = ToolCall(id=raw.get("id", ""), name=fn.get("name", ""),
+                            arguments=fn.get("arguments", ""))
+            entry = self.toolbox.resolve(call.name)
+            safe = entry is None or entry.spec.idempotent or entry.spec.read_only
+            if safe or decision == "rerun":
+                todo.append((index, call))
+            elif decision == "skip":
+                session.messages.append({"role": "tool", "tool_call_id": call.id, "content": (
+                    f"{ERROR_PREFIX}the call to {call.name!r} was interrupted by a crash and an "
+                    "operator chose not to run it again; it may or may not have taken effect")})
+                if session.journal is not None:
+                    await session.journal.tool(step, index, call, session.messages[-1], True)
+            else:
+                return Outcome("input_required", text=(
+                    f"Agent {self.agent} was running tool {call.name!r} (step {step}, call "
+                    f"{index}, arguments {call.arguments[:200]}) when its process died. The "
+                    "tool is not declared idempotent, so it may or may not have taken effect. "
+                    "Answer 'rerun' to run it again or 'skip' to continue without it."))
+        handoff = await self._run_calls(session, step, todo, limits) if todo else None
+        if handoff is not None:
+            return handoff
+        # Only this turn's own answers count (the transcript before it is other agents').
+        turn = session.messages[turn_start:]
+        last = next((m for m in reversed(turn) if m.get("role") == "assistant"), None)
+        if last is None:
+            return None
+        for raw in last.get("tool_calls") or ():
+            target = self.toolbox.handoff_target((raw.get("function") or {}).get("name", ""))
+            if target is not None:
+                args, _ = _parse_arguments((raw.get("function") or {}).get("arguments", ""))
+                return Outcome("handoff", text=str((args or {}).get("message", "")),
+                               target=target)
+        if not last.get("tool_calls") and session.messages[-1] is last:
+            return Outcome("final", text=last.get("content") or "")
+        return None
+
     async def _after_step(self, session: Session, step: int, t0: float) -> None:
-        if self.on_step is not None:
-            await self.on_step(session, step)
+        if session.journal is not None:
+            session.journal.maybe_snapshot(session.messages, step, {
+                "input_tokens": session.input_tokens, "output_tokens": session.output_tokens,
+                "model_calls": session.model_calls, "tool_calls": session.tool_calls})
         self.emit(
             StepFinished(
                 task_id=session.task_id,
@@ -220,7 +294,7 @@ class StepLoop:
         return Outcome("handoff", text=message, target=target)
 
     async def _call_tool(
-        self, session: Session, step: int, call: ToolCall, limits: TurnLimits
+        self, session: Session, step: int, index: int, call: ToolCall, limits: TurnLimits
     ) -> ToolResult:
         perf = self.clock.perf
         t0 = perf()
@@ -244,12 +318,10 @@ class StepLoop:
             else:
                 session.tool_calls += 1
                 ctx = ToolContext(
-                    task_id=session.task_id,
-                    agent=self.agent,
-                    session_id=session.session_id,
-                    call_id=call.id,
-                    step=step,
-                    traceparent=session.traceparent,
+                    task_id=session.task_id, agent=self.agent, session_id=session.session_id,
+                    call_id=call.id, step=step, traceparent=session.traceparent,
+                    idempotency_key=ledger_key(session.log_id or session.task_id, self.agent,
+                                               step, index),
                 )
                 try:
                     coro = entry.source.call(entry.spec.name, args, ctx)

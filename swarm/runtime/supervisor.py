@@ -23,6 +23,8 @@ from swarm.events import Event, TaskFinished, TaskStateChanged
 from swarm.models.interface import Model, ModelRequest
 from swarm.protocol import a2a
 from swarm.runtime.agent import AgentHost, TurnRequest, TurnResult
+from swarm.state.interface import Checkpointer, TaskRow
+from swarm.state.replay import restore
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +109,16 @@ class TaskRecord:
     driver: asyncio.Task[None] | None = None
     active: set[str] = field(default_factory=set)
     agent: str | None = None
+    text: str = ""
     steps: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    model_calls: int = 0
+    tool_calls: int = 0
+    turns: int = 0
+    handoffs: int = 0
+    question: str | None = None
+    answer_waiter: asyncio.Future[str] | None = None
     updated: float = 0.0
     answer: str | None = None
     error_class: str | None = None
@@ -139,8 +148,37 @@ class TaskRecord:
             "answer": self.answer,
             "error_class": self.error_class,
             "error": self.error,
+            "question": self.question,
             "metadata": dict(self.task.metadata),
         }
+
+    def totals(self) -> dict[str, int]:
+        """Counters an agent's snapshots need."""
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "model_calls": self.model_calls, "tool_calls": self.tool_calls,
+                "handoffs": self.handoffs, "turns": self.turns}
+
+    def to_row(self, swarm: str) -> TaskRow:
+        """The durable row of this task."""
+        data = {k: v for k, v in self.summary().items() if k not in ("task_id", "state")}
+        data.update(a2a=a2a.dumps(self.task), text=self.text, **self.totals())
+        return TaskRow(task_id=self.id, swarm=swarm, state=self.state, data=data,
+                       updated=self.updated)
+
+    @classmethod
+    def from_row(cls, row: TaskRow) -> TaskRecord:
+        """Rebuild a record from its durable row (after a supervisor restart)."""
+        d = row.data
+        rec = cls(task=a2a.loads_task(d["a2a"]), user=d.get("user", ""),
+                  created=d.get("created", row.updated))
+        for name in ("agent", "text", "steps", "input_tokens", "output_tokens", "model_calls",
+                     "tool_calls", "turns", "handoffs", "answer", "error_class", "error",
+                     "question", "updated"):
+            if name in d:
+                setattr(rec, name, d[name])
+        if rec.state in a2a.TERMINAL:
+            rec.done.set()
+        return rec
 
 
 class Supervisor:
@@ -152,16 +190,21 @@ class Supervisor:
         pool: AgentPool,
         router_model: Model | None = None,
         clock: Any = time.time,
+        store: Checkpointer | None = None,
+        swarm_id: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.pool = pool
         self.router_model = router_model
         self.clock = clock
+        self.store = store
+        self.swarm_id = swarm_id or cfg.name
         self.tasks: dict[str, TaskRecord] = {}
+        self.restore_problems: list[str] = []
 
     # ---- API -------------------------------------------------------------------------------
 
-    def submit(
+    async def submit(
         self,
         text: str,
         *,
@@ -198,11 +241,108 @@ class Supervisor:
             task=a2a.new_task(task_id, context_id, first, meta), user=user, created=self.clock()
         )
         rec.updated = rec.created
+        rec.text = text
         self._evict()
+        # Durable before it is acknowledged: a store that is down rejects the submission.
+        await self._persist(rec)
         self.tasks[task_id] = rec
         self._emit(rec, TaskStateChanged(task_id=task_id, ts=rec.created, state="submitted"))
-        rec.driver = asyncio.create_task(self._drive(rec, text), name=f"task-{task_id}")
+        rec.driver = asyncio.create_task(self._drive(rec), name=f"task-{task_id}")
         return task_id
+
+    async def respond(self, task_id: str, text: str) -> dict[str, Any]:
+        """Answer a task waiting in INPUT_REQUIRED ("rerun" or "skip" an interrupted call)."""
+        rec = self.get(task_id)
+        if rec.state != "input_required" or rec.answer_waiter is None:
+            raise UserError(f"task {task_id} is {rec.state}, not waiting for input")
+        answer = text.strip().lower() if isinstance(text, str) else ""
+        if answer not in ("rerun", "skip"):
+            raise UserError(f"answer 'rerun' or 'skip' (got {text!r}): {rec.question}")
+        if not rec.answer_waiter.done():
+            rec.answer_waiter.set_result(answer)
+        return rec.summary()
+
+    # ---- time travel -------------------------------------------------------------------------
+
+    def _require_store(self) -> Checkpointer:
+        if self.store is None:
+            raise UserError(f"swarm {self.cfg.name} keeps no durable state (state.store: none)")
+        return self.store
+
+    async def history(self, task_id: str, *, full: bool = False) -> list[dict[str, Any]]:
+        """The task's checkpoints in order: one row per log entry (with messages if `full`)."""
+        store = self._require_store()
+        self.get(task_id)
+        snaps = set(await store.snapshots(task_id))
+        rows = []
+        for e in await store.read(task_id):
+            row: dict[str, Any] = {"seq": e.seq, "kind": e.kind, "agent": e.agent,
+                                   "step": e.step, "ts": e.ts, "snapshot": e.seq in snaps,
+                                   "summary": _describe(e)}
+            if full:
+                row["data"] = e.data
+            rows.append(row)
+        return rows
+
+    async def fork(self, task_id: str, step: int, *, user: str | None = None) -> str:
+        """A new task that starts from the state of `task_id` after step `step` and runs on.
+
+        The new task's log is a copy of the old one up to that step, so nothing before it runs
+        again; from there the agents continue as if the original had been interrupted.
+        """
+        store = self._require_store()
+        src = self.get(task_id)
+        entries = await store.read(task_id)
+        if step < 0 or (entries and step > max(e.step for e in entries)):
+            last = max((e.step for e in entries), default=0)
+            raise UserError(f"task {task_id} has steps 0..{last}; can't fork at step {step}")
+        # Turn boundaries carry the step they follow, so "everything up to step k" is exact.
+        kept = [msgspec.structs.replace(e, seq=-1) for e in entries
+                if e.step <= step and e.kind != "task"]
+        new_id = a2a.new_id()
+        if kept:
+            await store.append(new_id, kept)
+        meta = {**dict(src.task.metadata), "forked_from": task_id, "forked_at_step": step}
+        first = a2a.text_message(src.text, role="user", task_id=new_id,
+                                 context_id=src.task.context_id, metadata={"user": src.user})
+        rec = TaskRecord(task=a2a.new_task(new_id, src.task.context_id, first, meta),
+                         user=user or src.user, created=self.clock())
+        rec.text, rec.updated = src.text, rec.created
+        await self._persist(rec)
+        self.tasks[new_id] = rec
+        self._emit(rec, TaskStateChanged(task_id=new_id, ts=rec.created, state="submitted",
+                                         detail=f"forked from {task_id} at step {step}"))
+        rec.driver = asyncio.create_task(self._drive(rec, resume=True), name=f"task-{new_id}")
+        return new_id
+
+    async def forget(self, task_id: str) -> None:
+        """Delete a finished task's durable state and drop it from the table."""
+        rec = self.get(task_id)
+        if rec.state not in a2a.TERMINAL:
+            raise UserError(f"task {task_id} is {rec.state}; cancel it before deleting it")
+        if self.store is not None:
+            await self.store.delete(task_id)
+        del self.tasks[task_id]
+
+    async def load(self) -> int:
+        """Rebuild the task table from the durable store and resume unfinished tasks."""
+        if self.store is None:
+            return 0
+        resumed = 0
+        for row in await self.store.list_tasks(self.swarm_id):
+            if row.task_id in self.tasks:
+                continue
+            try:
+                rec = TaskRecord.from_row(row)
+            except Exception as exc:
+                self.restore_problems.append(f"task {row.task_id}: row unusable: {exc}")
+                continue
+            self.tasks[rec.id] = rec
+            if rec.state not in a2a.TERMINAL:
+                rec.driver = asyncio.create_task(self._drive(rec, resume=True),
+                                                 name=f"task-{rec.id}")
+                resumed += 1
+        return resumed
 
     def get(self, task_id: str) -> TaskRecord:
         """The record of a task, or `TaskNotFound`."""
@@ -232,7 +372,7 @@ class Supervisor:
         for role in list(rec.active):
             await self.pool.cancel(role, rec.task.context_id, task_id)
         if rec.state not in a2a.TERMINAL:
-            self._finish(rec, "canceled", error_class=None, error="canceled by request")
+            await self._finish(rec, "canceled", error_class=None, error="canceled by request")
         return rec.summary()
 
     async def wait(self, task_id: str, timeout: float | None) -> dict[str, Any]:
@@ -265,111 +405,165 @@ class Supervisor:
 
     # ---- driving -----------------------------------------------------------------------------
 
-    async def _drive(self, rec: TaskRecord, text: str) -> None:
+    async def _drive(self, rec: TaskRecord, *, resume: bool = False) -> None:
         budget = self.cfg.budgets.task
         try:
-            self._set_state(rec, "working")
-            strategy = self.cfg.supervisor.strategy
-            if strategy == "parallel":
-                coro = self._parallel(rec, text)
-            elif strategy == "router":
-                coro = self._route(rec, text)
-            else:
-                coro = self._chain(rec, self.cfg.supervisor.entry or "", text, rec.transcript)
+            if rec.state == "submitted":
+                await self._set_state(rec, "working")
             remaining = rec.created + budget.max_wall_s - self.clock()
             try:
-                result = await asyncio.wait_for(coro, max(remaining, 0.001))
+                result = await asyncio.wait_for(self._run(rec, resume), max(remaining, 0.001))
             except TimeoutError:
                 for role in list(rec.active):
                     await self.pool.cancel(role, rec.task.context_id, rec.id)
-                self._finish(
-                    rec, "failed", "budget", f"wall-clock limit reached ({budget.max_wall_s} s)"
-                )
+                await self._finish(rec, "failed", "budget",
+                                   f"wall-clock limit reached ({budget.max_wall_s} s)")
                 return
             if result.kind == "final":
-                self._finish(rec, "completed", answer=result.text)
+                await self._finish(rec, "completed", answer=result.text)
             elif result.kind == "canceled":
-                self._finish(rec, "canceled", None, "canceled")
+                await self._finish(rec, "canceled", None, "canceled")
             else:
-                self._finish(
-                    rec,
-                    "failed",
-                    result.error_class or "orchestration",
-                    result.error or "turn failed",
-                )
+                await self._finish(rec, "failed", result.error_class or "orchestration",
+                                   result.error or "turn failed")
         except asyncio.CancelledError:
             if rec.state not in a2a.TERMINAL:
-                self._finish(rec, "canceled", None, "canceled by request")
+                await self._finish(rec, "canceled", None, "canceled by request")
         except RunError as exc:
-            self._finish(rec, "failed", exc.error_class, str(exc))
+            await self._finish(rec, "failed", exc.error_class, str(exc))
         except Exception as exc:  # one task's bug must never take the supervisor down
             log.exception("task %s crashed in the supervisor", rec.id)
-            self._finish(rec, "failed", "orchestration", f"{type(exc).__name__}: {exc}")
+            await self._finish(rec, "failed", "orchestration", f"{type(exc).__name__}: {exc}")
 
-    async def _chain(
-        self, rec: TaskRecord, agent: str, text: str, transcript: list[dict[str, Any]]
-    ) -> TurnResult:
+    async def _run(self, rec: TaskRecord, resume: bool) -> TurnResult:
+        """Run the task by its strategy; after a restart, continue from where its log ends."""
+        strategy = self.cfg.supervisor.strategy
+        if strategy == "parallel":
+            return await self._parallel(rec, rec.text, resume=resume)
+        if resume and self.store is not None:
+            state, problems = await restore(self.store, rec.id)
+            for problem in problems:
+                log.warning("task %s: %s", rec.id, problem)
+            rec.handoffs, rec.turns = state.handoffs, state.turns
+            turn = state.open_turn
+            if turn is not None:
+                rec.transcript = state.transcript[: turn.start]
+                rec.steps = turn.step_offset
+                for k, v in turn.base.items():
+                    setattr(rec, k, v)
+                text = state.transcript[turn.start].get("content") or ""
+                return await self._chain(rec, turn.agent, text, rec.transcript, resume=True)
+            rec.transcript = state.transcript
+            rec.steps = state.step
+            for k, v in state.totals().items():
+                setattr(rec, k, v)
+            done = state.last_outcome
+            if done is not None:
+                outcome = done.get("outcome")
+                if outcome == "handoff" and done.get("target"):
+                    return await self._chain(rec, done["target"], done.get("text") or "",
+                                             rec.transcript)
+                if outcome in ("final", "failed"):
+                    return TurnResult(
+                        task_id=rec.id, agent=done.get("agent", ""), kind=outcome,
+                        message=a2a.dumps(a2a.text_message(done.get("text") or "", role="agent")),
+                        text=done.get("text") or "", error_class=done.get("error_class"),
+                        error=done.get("error"))
+        if strategy == "router":
+            return await self._route(rec, rec.text)
+        return await self._chain(rec, self.cfg.supervisor.entry or "", rec.text, rec.transcript)
+
+    async def _chain(self, rec: TaskRecord, agent: str, text: str,
+                     transcript: list[dict[str, Any]], *, resume: bool = False,
+                     log_id: str | None = None) -> TurnResult:
         """Run turns from `agent`, following handoffs, until one ends the task."""
-        handoffs = 0
         while True:
-            result = await self._turn(rec, agent, text, transcript)
+            result = await self._turn(rec, agent, text, transcript, resume=resume,
+                                      log_id=log_id)
+            resume = False
             if result.kind != "handoff":
                 return result
-            handoffs += 1
-            if handoffs > self.cfg.supervisor.max_handoffs:
-                return _failed(
-                    rec.id,
-                    agent,
-                    "orchestration",
-                    f"too many handoffs ({self.cfg.supervisor.max_handoffs} allowed)",
-                )
+            rec.handoffs += 1
+            if rec.handoffs > self.cfg.supervisor.max_handoffs:
+                return _failed(rec.id, agent, "orchestration",
+                               f"too many handoffs ({self.cfg.supervisor.max_handoffs} allowed)")
             assert result.target is not None
             agent = result.target
             text = result.text or f"Continue the task (handed over by {result.agent})."
 
-    async def _turn(
-        self, rec: TaskRecord, agent: str, text: str, transcript: list[dict[str, Any]]
-    ) -> TurnResult:
+    async def _turn(self, rec: TaskRecord, agent: str, text: str,
+                    transcript: list[dict[str, Any]], *, resume: bool = False,
+                    log_id: str | None = None) -> TurnResult:
         budget = self.cfg.budgets.task
         remaining = budget.max_steps - rec.steps
         if remaining <= 0:
             return _failed(rec.id, agent, "budget", f"task step limit reached ({budget.max_steps})")
         max_steps = min(remaining, self.cfg.agents[agent].max_steps_per_turn)
         context_id = rec.task.context_id
-        msg = a2a.text_message(
-            text, role="user", task_id=rec.id, context_id=context_id, metadata={"to_agent": agent}
-        )
+        msg = a2a.text_message(text, role="user", task_id=rec.id, context_id=context_id,
+                               metadata={"to_agent": agent})
         rec.task.history.append(msg)
         rec.agent = agent
-        rec.active.add(agent)
         req = TurnRequest(
-            task_id=rec.id,
-            context_id=context_id,
-            message=a2a.dumps(msg),
-            transcript=transcript,
-            step_offset=rec.steps,
-            max_steps=max_steps,
-            deadline=rec.created + budget.max_wall_s,
+            task_id=rec.id, context_id=context_id, message=a2a.dumps(msg), transcript=transcript,
+            step_offset=rec.steps, max_steps=max_steps, deadline=rec.created + budget.max_wall_s,
+            log_id=log_id or rec.id, turn_id=str(rec.turns), resume=resume, totals=rec.totals(),
         )
+        retries = 0
+        rec.active.add(agent)
         try:
-            result = await self.pool.turn(agent, context_id, req)
+            while True:
+                try:
+                    result = await self.pool.turn(agent, context_id, req)
+                except _ActorLost as exc:
+                    # The replica died mid-turn; Ray restarts it, and it resumes the turn from
+                    # the durable log. Without a store there is nothing to resume from.
+                    retries += 1
+                    if self.store is None or retries > self.cfg.state.max_turn_retries:
+                        raise
+                    log.warning("task %s: %s; resuming (attempt %d)", rec.id, exc, retries)
+                    req.resume, req.decision = True, None
+                    continue
+                if result.kind != "input_required":
+                    break
+                for ev in result.events:
+                    self._emit(rec, ev)
+                req.decision = await self._ask(rec, result.text)
+                req.resume = True
         finally:
             rec.active.discard(agent)
+        rec.turns += 1
         rec.task.history.append(a2a.loads_message(result.message))
         transcript.extend(result.added)
         rec.steps += result.steps
         rec.input_tokens += result.input_tokens
         rec.output_tokens += result.output_tokens
+        rec.model_calls += result.model_calls
+        rec.tool_calls += result.tool_calls
         for ev in result.events:
             self._emit(rec, ev)
         return result
 
-    async def _parallel(self, rec: TaskRecord, text: str) -> TurnResult:
+    async def _ask(self, rec: TaskRecord, question: str) -> str:
+        """Park the task in INPUT_REQUIRED until `respond` answers `question`."""
+        rec.question = question
+        rec.answer_waiter = asyncio.get_running_loop().create_future()
+        await self._set_state(rec, "input_required", question)
+        try:
+            answer = await rec.answer_waiter
+        finally:
+            rec.answer_waiter = None
+        rec.question = None
+        await self._set_state(rec, "working", f"operator answered {answer!r}")
+        return answer
+
+    async def _parallel(self, rec: TaskRecord, text: str, *, resume: bool = False) -> TurnResult:
         """Fan the task out to every configured agent, then join the answers."""
         sup = self.cfg.supervisor
         branches = [list(rec.transcript) for _ in sup.agents]
         results = await asyncio.gather(
-            *(self._chain(rec, a, text, t) for a, t in zip(sup.agents, branches, strict=True)),
+            *(self._chain(rec, a, text, t, resume=resume, log_id=f"{rec.id}/{a}")
+              for a, t in zip(sup.agents, branches, strict=True)),
             return_exceptions=True,
         )
         parts, failures = [], []
@@ -400,7 +594,8 @@ class Supervisor:
                 *(f"## Branch failed\n{f}" for f in failures),
             ]
         )
-        return await self._chain(rec, sup.join, joined, rec.transcript)
+        return await self._chain(rec, sup.join, joined, rec.transcript, resume=resume,
+                                 log_id=f"{rec.id}/join")
 
     async def _route(self, rec: TaskRecord, text: str) -> TurnResult:
         """Ask the router model which agent should take the task, then run from there."""
@@ -463,52 +658,45 @@ class Supervisor:
         rec.changed.set()
         rec.changed = asyncio.Event()
 
-    def _set_state(self, rec: TaskRecord, state: str, detail: str = "") -> None:
-        a2a.set_state(rec.task, state)
-        rec.updated = self.clock()
-        self._emit(
-            rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state, detail=detail)
-        )
+    async def _persist(self, rec: TaskRecord) -> None:
+        if self.store is not None:
+            await self.store.put_task(rec.to_row(self.swarm_id))
 
-    def _finish(
-        self,
-        rec: TaskRecord,
-        state: str,
-        error_class: str | None = None,
-        error: str | None = None,
-        answer: str | None = None,
-    ) -> None:
+    async def _set_state(self, rec: TaskRecord, state: str, detail: str = "") -> None:
+        message = None
+        if state == "input_required":
+            message = a2a.text_message(detail, role="agent", task_id=rec.id,
+                                       context_id=rec.task.context_id)
+        a2a.set_state(rec.task, state, message)
+        rec.updated = self.clock()
+        await self._persist(rec)
+        self._emit(rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state,
+                                         detail=detail))
+
+    async def _finish(self, rec: TaskRecord, state: str, error_class: str | None = None,
+                      error: str | None = None, answer: str | None = None) -> None:
         if rec.state in a2a.TERMINAL:
             return
-        reply = a2a.text_message(
-            answer if answer is not None else (error or ""),
-            role="agent",
-            task_id=rec.id,
-            context_id=rec.task.context_id,
-        )
+        reply = a2a.text_message(answer if answer is not None else (error or ""), role="agent",
+                                 task_id=rec.id, context_id=rec.task.context_id)
         a2a.set_state(rec.task, state, reply)
         if answer is not None:
             a2a.add_answer(rec.task, answer)
         rec.answer, rec.error_class, rec.error = answer, error_class, error
         rec.updated = self.clock()
-        self._emit(
-            rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state, detail=error or "")
-        )
-        self._emit(
-            rec,
-            TaskFinished(
-                task_id=rec.id,
-                ts=rec.updated,
-                agent=rec.agent,
-                state=state,
-                answer=answer,
-                error_class=error_class,
-                error=error,
-                steps=rec.steps,
-                input_tokens=rec.input_tokens,
-                output_tokens=rec.output_tokens,
-            ),
-        )
+        try:
+            await self._persist(rec)
+        except Exception:
+            # The log still holds the turn's outcome, so a restarted supervisor finishes the
+            # task again from it; the caller learns the outcome now either way.
+            log.exception("task %s: could not store its final state", rec.id)
+        self._emit(rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state,
+                                         detail=error or ""))
+        self._emit(rec, TaskFinished(
+            task_id=rec.id, ts=rec.updated, agent=rec.agent, state=state, answer=answer,
+            error_class=error_class, error=error, steps=rec.steps,
+            input_tokens=rec.input_tokens, output_tokens=rec.output_tokens,
+        ))
         rec.done.set()
 
     def _evict(self) -> None:
@@ -548,125 +736,21 @@ def _final(task_id: str, text: str) -> TurnResult:
     )
 
 
-class SupervisorActor:
-    """Ray actor wrapper of `Supervisor`: creates the agent replicas and serves the client API."""
-
-    def __init__(
-        self,
-        cfg: SwarmConfig,
-        endpoints: dict[str, str],
-        deployment: str,
-        namespace: str,
-        detached: bool,
-    ) -> None:
-        import ray
-
-        from swarm.models import build_model
-        from swarm.runtime.agent import AgentActor
-
-        self.deployment = deployment
-        self.endpoints = endpoints
-        me = ray.get_runtime_context().current_actor
-        remote_cls = ray.remote(AgentActor)
-        handles: dict[str, list[Any]] = {}
-        for role, acfg in cfg.agents.items():
-            handles[role] = [
-                remote_cls.options(
-                    name=agent_actor_name(deployment, role, i),
-                    namespace=namespace,
-                    lifetime="detached" if detached else None,
-                    get_if_exists=True,
-                    max_restarts=-1,
-                    max_concurrency=acfg.max_sessions + 64,
-                    num_cpus=acfg.num_cpus,
-                ).remote(cfg, role, endpoints, me, i)
-                for i in range(acfg.replicas)
-            ]
-        self.handles = handles
-        router = None
-        if cfg.supervisor.router_model is not None:
-            name = cfg.supervisor.router_model
-            router = build_model(name, cfg.models[name], endpoints)
-        self.sup = Supervisor(cfg, RayAgentPool(handles), router)
-
-    async def ready(self) -> list[dict[str, Any]]:
-        """Wait for every agent replica to start; report their tools and start-up problems."""
-        return list(
-            await asyncio.gather(*(h.ready.remote() for hs in self.handles.values() for h in hs))
-        )
-
-    async def info(self) -> dict[str, Any]:
-        """Name, agents and replicas, models and their endpoints, and task counts."""
-        counts: dict[str, int] = {}
-        for rec in self.sup.tasks.values():
-            counts[rec.state] = counts.get(rec.state, 0) + 1
-        cfg = self.sup.cfg
-        return {
-            "name": cfg.name,
-            "deployment": self.deployment,
-            "agents": {r: len(h) for r, h in self.handles.items()},
-            "entry": cfg.supervisor.entry,
-            "strategy": cfg.supervisor.strategy,
-            "endpoints": self.endpoints,
-            "tasks": counts,
-            "max_task_chars": cfg.limits.max_task_chars,
-        }
-
-    async def submit(
-        self,
-        text: str,
-        user: str = "anonymous",
-        metadata: dict[str, Any] | None = None,
-        context_id: str | None = None,
-    ) -> str:
-        """Create a task; see `Supervisor.submit`."""
-        return self.sup.submit(text, user=user, metadata=metadata, context_id=context_id)
-
-    async def get_task(self, task_id: str) -> dict[str, Any]:
-        """A task's summary plus its A2A `Task` as wire bytes under `a2a`."""
-        rec = self.sup.get(task_id)
-        return {**rec.summary(), "a2a": a2a.dumps(rec.task)}
-
-    async def list_tasks(
-        self, state: str | None = None, user: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Task summaries, newest first."""
-        return self.sup.list(state, user)
-
-    async def cancel(self, task_id: str) -> dict[str, Any]:
-        """Cancel a task."""
-        return await self.sup.cancel(task_id)
-
-    async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for a task to end (bounded by `timeout`)."""
-        return await self.sup.wait(task_id, timeout)
-
-    async def events(
-        self, task_id: str, cursor: int = 0, timeout: float = 10.0
-    ) -> tuple[list[Event], bool]:
-        """Long-poll a task's events from `cursor`."""
-        return await self.sup.events(task_id, cursor, min(max(timeout, 0.0), 60.0))
-
-    async def push_events(self, batch: list[Event]) -> None:
-        """Receive a batch of live events from an agent replica."""
-        self.sup.push_events(batch)
-
-    async def shutdown(self) -> None:
-        """Cancel running tasks and close the agents' connections."""
-        for rec in self.sup.tasks.values():
-            if rec.driver is not None and not rec.driver.done():
-                rec.driver.cancel()
-        await asyncio.gather(
-            *(h.shutdown.remote() for hs in self.handles.values() for h in hs),
-            return_exceptions=True,
-        )
-
-
-def supervisor_actor_name(deployment: str) -> str:
-    """The Ray actor name of a deployed swarm's supervisor."""
-    return f"{deployment}.supervisor"
-
-
-def agent_actor_name(deployment: str, role: str, replica: int) -> str:
-    """The Ray actor name of one agent replica."""
-    return f"{deployment}.{role}.{replica}"
+def _describe(e: Any) -> str:
+    """One line about a log entry, for `swarm history`."""
+    d = e.data
+    if e.kind == "model":
+        msg = d.get("message") or {}
+        calls = [(c.get("function") or {}).get("name") for c in msg.get("tool_calls") or ()]
+        usage = d.get("usage") or {}
+        what = f"calls {', '.join(calls)}" if calls else f"answers {str(msg.get('content'))[:60]!r}"
+        return f"model {what} ({usage.get('input_tokens', 0)}/{usage.get('output_tokens', 0)} tok)"
+    if e.kind == "tool":
+        content = str((d.get("message") or {}).get("content", ""))
+        return f"tool result #{d.get('index', 0)}: {content[:70]!r}"
+    if e.kind == "turn_start":
+        return f"turn {d.get('turn')} starts: {str(d.get('input', ''))[:70]!r}"
+    if e.kind == "turn_end":
+        extra = f" → {d['target']}" if d.get("target") else ""
+        return f"turn {d.get('turn')} ends: {d.get('outcome')}{extra}"
+    return f"{e.kind}: {str(d)[:70]}"

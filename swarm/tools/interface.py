@@ -54,6 +54,9 @@ class ToolContext:
     call_id: str = ""
     step: int = 0
     traceparent: str | None = None
+    # Same for every attempt of one logical call (task:agent:step:index), so a tool with side
+    # effects can deduplicate a call that a resumed task sends again.
+    idempotency_key: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
 

@@ -95,11 +95,16 @@ class MCPToolSource(ToolSource):
         client = conn.client
         if client is None:
             raise ToolError(self._lost(tool, "the connection closed"))
-        meta = {"traceparent": ctx.traceparent} if ctx.traceparent else None
+        meta: dict[str, Any] = {}
+        if ctx.traceparent:
+            meta["traceparent"] = ctx.traceparent
+        if ctx.idempotency_key:
+            # Lets a server deduplicate a call that a resumed task sends again.
+            meta["swarm/idempotency_key"] = ctx.idempotency_key
         try:
             with anyio.fail_after(self.timeout_s + _TIMEOUT_GRACE_S):
                 result = await client.call_tool(
-                    tool, arguments, read_timeout_seconds=self.timeout_s, meta=meta
+                    tool, arguments, read_timeout_seconds=self.timeout_s, meta=meta or None
                 )
         except MCPError as e:
             if e.code == mcp_types.REQUEST_TIMEOUT:

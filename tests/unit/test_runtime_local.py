@@ -241,11 +241,11 @@ async def test_bad_submissions_are_rejected(tmp_path: Path) -> None:
     )
     async with LocalSwarm(cfg) as sw:
         with pytest.raises(UserError, match="at most 10"):
-            sw.supervisor.submit("x" * 11)
+            await sw.supervisor.submit("x" * 11)
         with pytest.raises(UserError, match="non-empty"):
-            sw.supervisor.submit("   ")
+            await sw.supervisor.submit("   ")
         with pytest.raises(UserError, match="JSON"):
-            sw.supervisor.submit("ok", metadata={"f": object()})
+            await sw.supervisor.submit("ok", metadata={"f": object()})
         with pytest.raises(UserError, match="unknown state"):
             sw.supervisor.list(state="bogus")
         # Nothing was stored for the rejected submissions, and the swarm still works.
@@ -267,7 +267,7 @@ async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
     ]
     cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
     async with LocalSwarm(cfg) as sw:
-        slow_id = sw.supervisor.submit("slow one")
+        slow_id = await sw.supervisor.submit("slow one")
         started = asyncio.Event()
 
         async def wait_for_tool() -> None:
@@ -277,7 +277,7 @@ async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
             started.set()
 
         await asyncio.wait_for(wait_for_tool(), 10)
-        fast = [sw.supervisor.submit(f"fast {i}") for i in range(5)]
+        fast = [await sw.supervisor.submit(f"fast {i}") for i in range(5)]
         row = await sw.supervisor.cancel(slow_id)
         assert row["state"] == "canceled"
         for tid in fast:

@@ -1,0 +1,124 @@
+"""The step loop's write-ahead journal: what a session did, logged to a `Checkpointer`.
+
+Per step it writes (a) the model's answer with its tool calls, plus a `started` ledger record per
+tool call, before any tool runs, and (b) each tool's result, plus its `finished` ledger record,
+as it completes. Each is one atomic append, so a step is durable before it is reported done, and
+after a crash the calls with no result are exactly those that started but may not have finished.
+Snapshots are written every `snapshot_every` steps, off the step's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Any
+
+from swarm.models.interface import ToolCall, Usage
+from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry, ledger_key
+from swarm.state.replay import OpenTurn, TaskState, to_snapshot
+
+log = logging.getLogger(__name__)
+
+
+def args_hash(arguments: str) -> str:
+    """A short stable hash of a tool call's raw arguments (the ledger stores no arguments)."""
+    return hashlib.blake2b(arguments.encode(), digest_size=8).hexdigest()
+
+
+class Journal:
+    """Logs one session's turn of one task; created per turn by the agent host."""
+
+    def __init__(self, store: Checkpointer, log_id: str, agent: str, *, turn: str,
+                 snapshot_every: int = 100, base: TaskState | None = None) -> None:
+        self.store = store
+        self.log_id = log_id
+        self.agent = agent
+        self.turn = turn
+        self.snapshot_every = snapshot_every
+        # What a snapshot needs beyond the session: task counters before this turn, handoffs,
+        # the open turn. Fresh turns get it from the supervisor, resumed ones from the log.
+        self.base = base or TaskState()
+        self.seq = self.base.seq
+        self.open_turn: OpenTurn | None = self.base.open_turn
+        self._snapshotting: asyncio.Task[None] | None = None
+        self.entries_written = 0
+
+    async def _append(self, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
+                      ) -> None:
+        self.seq = await self.store.append(self.log_id, entries, ledger)
+        self.entries_written += len(entries)
+
+    async def turn_start(self, text: str, transcript_len: int) -> None:
+        """Log that this agent's turn began with `text` (at `transcript_len` in the transcript)."""
+        base = self.base
+        self.open_turn = OpenTurn(agent=self.agent, turn=self.turn, start=transcript_len,
+                                  step_offset=base.step, base=base.totals())
+        base.turns += 1
+        await self._append([LogEntry(kind="turn_start", agent=self.agent, step=base.step,
+                                     ts=time.time(), data={"input": text, "turn": self.turn})])
+
+    async def model(self, step: int, message: dict[str, Any], usage: Usage,
+                    calls: list[ToolCall]) -> None:
+        """Log the model's answer and mark each tool call it asks for as started."""
+        now = time.time()
+        ledger = [
+            LedgerRecord(key=ledger_key(self.log_id, self.agent, step, i), state="started",
+                         tool=c.name, args_hash=args_hash(c.arguments), ts=now)
+            for i, c in enumerate(calls)
+        ]
+        await self._append(
+            [LogEntry(kind="model", agent=self.agent, step=step, ts=now,
+                      data={"message": message, "usage": {
+                          "input_tokens": usage.input_tokens,
+                          "output_tokens": usage.output_tokens}})],
+            ledger,
+        )
+
+    async def tool(self, step: int, index: int, call: ToolCall, message: dict[str, Any],
+                   is_error: bool) -> None:
+        """Log a tool call's result and mark it finished in the ledger."""
+        now = time.time()
+        await self._append(
+            [LogEntry(kind="tool", agent=self.agent, step=step, ts=now,
+                      data={"message": message, "index": index})],
+            [LedgerRecord(key=ledger_key(self.log_id, self.agent, step, index), state="finished",
+                          tool=call.name, args_hash=args_hash(call.arguments),
+                          result=message.get("content"), is_error=is_error, ts=now)],
+        )
+
+    async def turn_end(self, step: int, outcome: dict[str, Any]) -> None:
+        """Log how the turn ended (after `step`)."""
+        await self._append([LogEntry(kind="turn_end", agent=self.agent, step=step,
+                                     ts=time.time(), data=outcome)])
+        await self.flush()
+
+    def maybe_snapshot(self, messages: list[dict[str, Any]], step: int,
+                       turn_counters: dict[str, int]) -> None:
+        """Start a snapshot in the background every `snapshot_every` steps."""
+        if self.snapshot_every <= 0 or step % self.snapshot_every or self.open_turn is None:
+            return
+        if self._snapshotting is not None and not self._snapshotting.done():
+            return  # the previous one is still being written; the next interval will catch up
+        base, turn = self.base, self.open_turn
+        totals = {k: turn.base.get(k, 0) + v for k, v in turn_counters.items()}
+        state = TaskState(
+            transcript=list(messages[1:]), step=step, seq=self.seq, handoffs=base.handoffs,
+            turns=base.turns, task_state=base.task_state, task_data=dict(base.task_data),
+            open_turn=turn, **totals,
+        )
+        snap = to_snapshot(self.log_id, state, time.time())
+        self._snapshotting = asyncio.create_task(self._put_snapshot(snap))
+
+    async def _put_snapshot(self, snap: Any) -> None:
+        try:
+            await self.store.put_snapshot(snap)
+        except Exception:
+            # A snapshot is an optimisation: restore falls back to older ones plus the log.
+            log.warning("snapshot of %s at seq %s failed", self.log_id, snap.seq, exc_info=True)
+
+    async def flush(self) -> None:
+        """Wait for a snapshot in flight."""
+        if self._snapshotting is not None:
+            await asyncio.gather(self._snapshotting, return_exceptions=True)

@@ -1,0 +1,173 @@
+"""The supervisor as a Ray actor: creates the agent replicas and serves the client API.
+
+The actor restarts after a crash (`max_restarts=-1`); its constructor runs again with nothing
+in memory, so the first call after a restart rebuilds the task table from the durable store and
+resumes every unfinished task (`Supervisor.load`). Clients keep their handles: a named actor's
+handle stays valid across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from swarm.config import SwarmConfig
+from swarm.events import Event
+from swarm.protocol import a2a
+from swarm.runtime.supervisor import RayAgentPool, Supervisor
+
+
+def supervisor_actor_name(deployment: str) -> str:
+    """The Ray actor name of a deployed swarm's supervisor."""
+    return f"{deployment}.supervisor"
+
+
+def agent_actor_name(deployment: str, role: str, replica: int) -> str:
+    """The Ray actor name of one agent replica."""
+    return f"{deployment}.{role}.{replica}"
+
+
+def open_store(spec: str | None) -> Any:
+    """The checkpointer for a resolved store spec (a URL), or None for no durability."""
+    if spec is None:
+        return None
+    from pathlib import Path
+
+    from swarm.state import open_checkpointer
+
+    return open_checkpointer(spec, run_dir=Path("."))
+
+
+class SupervisorActor:
+    """Ray actor wrapper of `Supervisor`."""
+
+    def __init__(self, cfg: SwarmConfig, endpoints: dict[str, str], deployment: str,
+                 namespace: str, detached: bool, store_spec: str | None = None) -> None:
+        import ray
+
+        from swarm.models import build_model
+        from swarm.runtime.agent import AgentActor
+
+        self.deployment = deployment
+        self.endpoints = endpoints
+        me = ray.get_runtime_context().current_actor
+        remote_cls = ray.remote(AgentActor)
+        self.handles: dict[str, list[Any]] = {
+            role: [
+                remote_cls.options(
+                    name=agent_actor_name(deployment, role, i), namespace=namespace,
+                    lifetime="detached" if detached else None, get_if_exists=True,
+                    max_restarts=-1, max_concurrency=acfg.max_sessions + 64,
+                    num_cpus=acfg.num_cpus,
+                ).remote(cfg, role, endpoints, me, i, store_spec)
+                for i in range(acfg.replicas)
+            ]
+            for role, acfg in cfg.agents.items()
+        }
+        router = None
+        if cfg.supervisor.router_model is not None:
+            name = cfg.supervisor.router_model
+            router = build_model(name, cfg.models[name], endpoints)
+        self.sup = Supervisor(cfg, RayAgentPool(self.handles), router,
+                              store=open_store(store_spec), swarm_id=deployment)
+        self._loaded: asyncio.Task[int] | None = None
+
+    async def _ensure(self) -> None:
+        # Every call waits for the table to be rebuilt, so nothing sees a half-loaded table.
+        if self._loaded is None:
+            self._loaded = asyncio.create_task(self._load())
+        await asyncio.shield(self._loaded)
+
+    async def _load(self) -> int:
+        if self.sup.store is not None:
+            await self.sup.store.start()
+        return await self.sup.load()
+
+    async def ready(self) -> list[dict[str, Any]]:
+        """Wait for every agent replica to start; report their tools and start-up problems."""
+        await self._ensure()
+        return list(await asyncio.gather(
+            *(h.ready.remote() for hs in self.handles.values() for h in hs)))
+
+    async def info(self) -> dict[str, Any]:
+        """Name, agents and replicas, models and their endpoints, and task counts."""
+        await self._ensure()
+        counts: dict[str, int] = {}
+        for rec in self.sup.tasks.values():
+            counts[rec.state] = counts.get(rec.state, 0) + 1
+        cfg = self.sup.cfg
+        return {"name": cfg.name, "deployment": self.deployment,
+                "agents": {r: len(h) for r, h in self.handles.items()},
+                "entry": cfg.supervisor.entry, "strategy": cfg.supervisor.strategy,
+                "endpoints": self.endpoints, "tasks": counts,
+                "max_task_chars": cfg.limits.max_task_chars,
+                "durable": self.sup.store is not None,
+                "restore_problems": self.sup.restore_problems}
+
+    async def submit(self, text: str, user: str = "anonymous",
+                     metadata: dict[str, Any] | None = None, context_id: str | None = None) -> str:
+        """Create a task; see `Supervisor.submit`."""
+        await self._ensure()
+        return await self.sup.submit(text, user=user, metadata=metadata, context_id=context_id)
+
+    async def respond(self, task_id: str, text: str) -> dict[str, Any]:
+        """Answer a task waiting for input."""
+        await self._ensure()
+        return await self.sup.respond(task_id, text)
+
+    async def history(self, task_id: str, full: bool = False) -> list[dict[str, Any]]:
+        """A task's checkpoints (log entries) in order."""
+        await self._ensure()
+        return await self.sup.history(task_id, full=full)
+
+    async def fork(self, task_id: str, step: int, user: str | None = None) -> str:
+        """Start a new task from step `step` of an old one; returns the new task's id."""
+        await self._ensure()
+        return await self.sup.fork(task_id, step, user=user)
+
+    async def forget(self, task_id: str) -> None:
+        """Delete a finished task's durable state."""
+        await self._ensure()
+        await self.sup.forget(task_id)
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        """A task's summary plus its A2A `Task` as wire bytes under `a2a`."""
+        await self._ensure()
+        rec = self.sup.get(task_id)
+        return {**rec.summary(), "a2a": a2a.dumps(rec.task)}
+
+    async def list_tasks(self, state: str | None = None, user: str | None = None
+                         ) -> list[dict[str, Any]]:
+        """Task summaries, newest first."""
+        await self._ensure()
+        return self.sup.list(state, user)
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        """Cancel a task."""
+        await self._ensure()
+        return await self.sup.cancel(task_id)
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for a task to end (bounded by `timeout`)."""
+        await self._ensure()
+        return await self.sup.wait(task_id, timeout)
+
+    async def events(self, task_id: str, cursor: int = 0, timeout: float = 10.0
+                     ) -> tuple[list[Event], bool]:
+        """Long-poll a task's events from `cursor`."""
+        await self._ensure()
+        return await self.sup.events(task_id, cursor, min(max(timeout, 0.0), 60.0))
+
+    async def push_events(self, batch: list[Event]) -> None:
+        """Receive a batch of live events from an agent replica."""
+        self.sup.push_events(batch)
+
+    async def shutdown(self) -> None:
+        """Cancel running tasks and close the agents' connections."""
+        for rec in self.sup.tasks.values():
+            if rec.driver is not None and not rec.driver.done():
+                rec.driver.cancel()
+        await asyncio.gather(*(h.shutdown.remote() for hs in self.handles.values() for h in hs),
+                             return_exceptions=True)
+        if self.sup.store is not None:
+            await self.sup.store.close()

@@ -1,0 +1,89 @@
+"""`MemoryCheckpointer`: the `Checkpointer` in one process, for unit tests and `LocalSwarm`.
+
+It stores encoded bytes, like a real store, so codec problems and corruption show up here too.
+"""
+
+from __future__ import annotations
+
+from swarm.state import codec
+from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry, Snapshot, TaskRow
+
+
+class MemoryCheckpointer(Checkpointer):
+    """Task logs, snapshots, ledger and rows in dicts of encoded records."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.logs: dict[str, list[bytes]] = {}
+        self.snaps: dict[str, dict[int, bytes]] = {}
+        self.ledgers: dict[str, dict[str, bytes]] = {}
+        self.rows: dict[str, bytes] = {}
+        self.row_swarm: dict[str, str] = {}
+
+    async def append(
+        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
+    ) -> int:
+        """Append entries and upsert ledger records (atomic: no await in between)."""
+        log = self.logs.setdefault(task_id, [])
+        for e in entries:
+            e.seq = len(log)
+            log.append(codec.encode(e))
+        if ledger:
+            book = self.ledgers.setdefault(task_id, {})
+            for rec in ledger:
+                book[rec.key] = codec.encode(rec)
+        return len(log) - 1 if entries else -1
+
+    async def read(self, task_id: str, after: int = -1, upto: int | None = None) -> list[LogEntry]:
+        """Entries with after < seq <= upto."""
+        log = self.logs.get(task_id, [])
+        end = len(log) if upto is None else min(len(log), upto + 1)
+        return [
+            codec.decode(LogEntry, log[i], task_id=task_id, what=f"entry {i}")
+            for i in range(max(after + 1, 0), end)
+        ]
+
+    async def put_snapshot(self, snapshot: Snapshot) -> None:
+        """Store a snapshot."""
+        self.snaps.setdefault(snapshot.task_id, {})[snapshot.seq] = codec.encode(snapshot)
+
+    async def snapshots(self, task_id: str) -> list[int]:
+        """Snapshot seqs, ascending."""
+        return sorted(self.snaps.get(task_id, {}))
+
+    async def get_snapshot(self, task_id: str, seq: int) -> Snapshot | None:
+        """The snapshot at `seq`, or None."""
+        data = self.snaps.get(task_id, {}).get(seq)
+        if data is None:
+            return None
+        return codec.decode(Snapshot, data, task_id=task_id, what=f"snapshot at entry {seq}")
+
+    async def ledger(self, task_id: str) -> dict[str, LedgerRecord]:
+        """Ledger records by key."""
+        return {
+            k: codec.decode(LedgerRecord, v, task_id=task_id, what=f"ledger record {k}")
+            for k, v in self.ledgers.get(task_id, {}).items()
+        }
+
+    async def put_task(self, row: TaskRow) -> None:
+        """Create or replace a task row."""
+        self.rows[row.task_id] = codec.encode(row)
+        self.row_swarm[row.task_id] = row.swarm
+
+    async def get_task(self, task_id: str) -> TaskRow | None:
+        """A task row, or None."""
+        data = self.rows.get(task_id)
+        return None if data is None else codec.decode(TaskRow, data, task_id=task_id, what="row")
+
+    async def list_tasks(self, swarm: str) -> list[TaskRow]:
+        """Rows of one swarm."""
+        return [
+            codec.decode(TaskRow, self.rows[t], task_id=t, what="row")
+            for t, s in self.row_swarm.items() if s == swarm
+        ]
+
+    async def delete(self, task_id: str) -> None:
+        """Remove everything of one task."""
+        for table in (self.logs, self.snaps, self.ledgers, self.rows, self.row_swarm):
+            table.pop(task_id, None)  # type: ignore[attr-defined]

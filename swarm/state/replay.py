@@ -1,0 +1,152 @@
+"""Folding a task's log into its state: plain code shared by agent resume and supervisor rebuild.
+
+Entry kinds and their `data`:
+
+- `turn_start` (agent): `input` (the message the agent was given), `turn` (turn id)
+- `model` (agent, step): `message` (the assistant message, tool calls included), `usage`
+- `tool` (agent, step): `message` (the tool message), `index` (position in the step's calls)
+- `turn_end` (agent): `outcome` (final / handoff / failed / canceled / input_required), `text`,
+  `target`, `error_class`, `error`
+- `task` (supervisor): `state`, plus what the transition carries (answer, error)
+- `approval`: a pending question and, later, its answer (see `Pending`)
+
+A model entry is the intent: the tool calls it names are logged before any of them runs, so
+after a crash the calls with no `tool` entry are exactly the ones that started and may or may
+not have finished.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from swarm.state.interface import LogEntry, Snapshot
+
+
+class OpenTurn(msgspec.Struct, kw_only=True):
+    """The turn in progress: who runs it and where its messages start in the transcript."""
+
+    agent: str
+    turn: str
+    start: int
+    step_offset: int
+    # Task totals when the turn began, so a resumed turn reports only its own usage.
+    base: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class TaskState(msgspec.Struct, kw_only=True):
+    """A task's state as of entry `seq`."""
+
+    transcript: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    step: int = 0
+    seq: int = -1
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model_calls: int = 0
+    tool_calls: int = 0
+    handoffs: int = 0
+    turns: int = 0
+    open_turn: OpenTurn | None = None
+    # Tool calls of the latest model entry that have no result yet: {index: call dict}.
+    pending: dict[int, dict[str, Any]] = msgspec.field(default_factory=dict)
+    last_outcome: dict[str, Any] | None = None
+    task_state: str = "submitted"
+    task_data: dict[str, Any] = msgspec.field(default_factory=dict)
+    questions: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+    def totals(self) -> dict[str, int]:
+        """Usage counters of the task so far."""
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "model_calls": self.model_calls, "tool_calls": self.tool_calls}
+
+    def turn_messages(self) -> list[dict[str, Any]]:
+        """Messages of the open turn (its input and everything after)."""
+        if self.open_turn is None:
+            return []
+        return self.transcript[self.open_turn.start :]
+
+
+def apply(state: TaskState, entry: LogEntry) -> None:
+    """Fold one entry into the state, in place."""
+    d = entry.data
+    kind = entry.kind
+    if kind == "model":
+        msg = d["message"]
+        state.transcript.append(msg)
+        state.step = max(state.step, entry.step)
+        state.model_calls += 1
+        usage = d.get("usage") or {}
+        state.input_tokens += int(usage.get("input_tokens", 0))
+        state.output_tokens += int(usage.get("output_tokens", 0))
+        state.pending = dict(enumerate(msg.get("tool_calls") or ()))
+    elif kind == "tool":
+        state.transcript.append(d["message"])
+        state.pending.pop(int(d.get("index", 0)), None)
+        state.tool_calls += 1
+    elif kind == "turn_start":
+        state.open_turn = OpenTurn(
+            agent=entry.agent, turn=str(d.get("turn", "")), start=len(state.transcript),
+            step_offset=state.step, base=state.totals(),
+        )
+        state.transcript.append({"role": "user", "content": d.get("input", "")})
+        state.pending = {}
+        state.turns += 1
+    elif kind == "turn_end":
+        state.open_turn = None
+        state.pending = {}
+        state.last_outcome = dict(d, agent=entry.agent)
+        if d.get("outcome") == "handoff":
+            state.handoffs += 1
+    elif kind == "task":
+        state.task_state = str(d.get("state", state.task_state))
+        state.task_data.update(d)
+    elif kind == "approval":
+        state.questions.append(dict(d))
+    state.seq = entry.seq
+
+
+def fold(snapshot: Snapshot | None, entries: list[LogEntry]) -> TaskState:
+    """The state of a task from its latest usable snapshot and the entries after it."""
+    state = (
+        msgspec.convert(snapshot.data, TaskState) if snapshot is not None else TaskState()
+    )
+    if snapshot is not None:
+        state.seq = snapshot.seq
+    for entry in entries:
+        if entry.seq <= state.seq:
+            continue
+        apply(state, entry)
+    return state
+
+
+def to_snapshot(task_id: str, state: TaskState, ts: float) -> Snapshot:
+    """A snapshot of the state (compacts everything up to `state.seq`)."""
+    return Snapshot(task_id=task_id, seq=state.seq, step=state.step,
+                    data=msgspec.to_builtins(state), ts=ts)
+
+
+async def restore(store: Any, task_id: str, upto: int | None = None) -> tuple[TaskState, list[str]]:
+    """Load a task's state from a `Checkpointer`: the newest usable snapshot plus later entries.
+
+    A corrupt or unknown-version snapshot is reported and the previous one is used instead; a
+    corrupt log entry raises `CorruptRecord`, since skipping it would silently drop a step.
+    Returns the state and the problems met on the way.
+    """
+    from swarm.state.interface import CorruptRecord
+
+    problems: list[str] = []
+    seqs = await store.snapshots(task_id)
+    if upto is not None:
+        seqs = [s for s in seqs if s <= upto]
+    snapshot = None
+    for seq in reversed(seqs):
+        try:
+            snapshot = await store.get_snapshot(task_id, seq)
+        except CorruptRecord as e:
+            problems.append(f"{e}; falling back to an older snapshot")
+            continue
+        if snapshot is not None:
+            break
+    entries = await store.read(task_id, after=snapshot.seq if snapshot else -1, upto=upto)
+    return fold(snapshot, entries), problems

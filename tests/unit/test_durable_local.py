@@ -1,0 +1,161 @@
+"""Durable state in one process: crash mid-task, restart on the same store, finish exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from a2a.types import TaskState, TaskStatus
+
+from swarm.config import parse_config
+from swarm.protocol import a2a
+from swarm.state.interface import TaskRow
+from swarm.state.memory import MemoryCheckpointer
+from swarm.state.replay import restore
+from swarm.testing import LocalSwarm
+from tests.unit import durable_tools as dt
+
+RULES = [
+    {"when": {"agent": "a", "last_role": "user"},
+     "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-1"}}]},
+    {"when": {"agent": "a", "last_tool": "lookup", "called": {"pay": 0}},
+     "tool_calls": [{"name": "pay", "arguments": {"key": "{{ task }}-2"}}]},
+    {"when": {"agent": "a", "last_tool": "pay"},
+     "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "{{ last }}"}}]},
+    {"when": {"agent": "b"}, "content": "done: {{ last_user }}"},
+]
+
+
+def make_cfg(tmp_path: Path) -> Any:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": RULES}))
+    return parse_config({
+        "name": "dur",
+        "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
+        "tools": {"t": {"python": ["tests.unit.durable_tools:pay",
+                                   "tests.unit.durable_tools:lookup"]}},
+        "agents": {"a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
+                   "b": {"model": "m"}},
+        "supervisor": {"entry": "a"},
+        "state": {"snapshot_every": 2},
+    }, base_dir=tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    dt.RUNS.clear()
+    dt.HOLD.clear()
+    dt.ENTERED.clear()
+
+
+async def _held(key: str) -> None:
+    dt.HOLD[key] = asyncio.Event()
+    dt.ENTERED[key] = asyncio.Event()
+
+
+async def test_undisturbed_run_writes_a_replayable_log(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+        row = await sw.run("x")
+    assert row["state"] == "completed" and row["answer"] == "done: paid x-2"
+    assert dt.RUNS == {"x-1": 1, "x-2": 1}
+    state, problems = await restore(store, row["task_id"])
+    assert problems == []
+    assert state.turns == 2 and state.handoffs == 1 and state.open_turn is None
+    assert state.step == row["steps"] == 4
+    ledger = await store.ledger(row["task_id"])
+    assert {r.state for r in ledger.values()} == {"finished"}
+    assert {r.tool for r in ledger.values()} == {"lookup", "pay", "transfer_to_b"}
+    assert len(await store.snapshots(row["task_id"])) >= 1
+    persisted = await store.get_task(row["task_id"])
+    assert persisted is not None and persisted.state == "completed"
+
+
+async def test_crash_during_a_non_idempotent_call_asks_an_operator(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    cfg = make_cfg(tmp_path)
+    await _held("y-2")
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("y")
+        await asyncio.wait_for(dt.ENTERED["y-2"].wait(), 10)
+        await sw.crash()  # the process dies while `pay` runs: did it pay or not?
+    dt.HOLD.clear()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        rec = sw2.supervisor.get(task_id)
+        await asyncio.wait_for(_wait_state(rec, "input_required"), 10)
+        assert "pay" in rec.question and "rerun" in rec.question
+        assert dt.RUNS["y-1"] == 1  # the finished lookup was not run again
+        await sw2.supervisor.respond(task_id, "skip")
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed"
+    assert dt.RUNS == {"y-1": 1, "y-2": 1}  # pay ran once, before the crash, never again
+    assert "interrupted by a crash" in row["answer"]
+
+
+async def test_rerun_decision_runs_the_call_again(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    cfg = make_cfg(tmp_path)
+    await _held("z-2")
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("z")
+        await asyncio.wait_for(dt.ENTERED["z-2"].wait(), 10)
+        await sw.crash()
+    dt.HOLD.clear()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        await sw2.supervisor.load()
+        rec = sw2.supervisor.get(task_id)
+        await asyncio.wait_for(_wait_state(rec, "input_required"), 10)
+        with pytest.raises(Exception, match="rerun' or 'skip"):
+            await sw2.supervisor.respond(task_id, "maybe")
+        await sw2.supervisor.respond(task_id, "rerun")
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["answer"] == "done: paid z-2"
+    assert dt.RUNS["z-2"] == 2  # the operator chose to run it again
+
+
+async def test_crash_during_an_idempotent_call_resumes_by_itself(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    cfg = make_cfg(tmp_path)
+    await _held("w-1")
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("w")
+        await asyncio.wait_for(dt.ENTERED["w-1"].wait(), 10)
+        await sw.crash()
+    dt.HOLD.clear()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        await sw2.supervisor.load()
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed" and row["answer"] == "done: paid w-2"
+    assert dt.RUNS == {"w-1": 2, "w-2": 1}
+    assert row["steps"] == 4  # same as an undisturbed run: no step lost or repeated
+
+
+async def test_crash_between_turns_continues_with_the_next_agent(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    cfg = make_cfg(tmp_path)
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("v")
+        row = await sw.supervisor.wait(task_id, 10)
+    # Roll the durable row back to "working", as if the process died right after the last
+    # turn was logged but before the supervisor stored the outcome.
+    persisted = await store.get_task(task_id)
+    assert persisted is not None
+    task = a2a.loads_task(persisted.data["a2a"])
+    task.status.CopyFrom(TaskStatus(state=TaskState.TASK_STATE_WORKING))
+    del task.artifacts[:]
+    data = {**persisted.data, "a2a": a2a.dumps(task)}
+    await store.put_task(TaskRow(task_id=task_id, swarm=persisted.swarm, state="working",
+                                 data=data))
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        again = await sw2.supervisor.wait(task_id, 10)
+    assert again["state"] == "completed" and again["answer"] == row["answer"]
+    assert dt.RUNS == {"v-1": 1, "v-2": 1}  # nothing re-ran: the log said it was all done
+
+
+async def _wait_state(rec: Any, state: str) -> None:
+    while rec.state != state:
+        await rec.changed.wait()
