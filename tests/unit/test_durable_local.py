@@ -159,3 +159,58 @@ async def test_crash_between_turns_continues_with_the_next_agent(tmp_path: Path)
 async def _wait_state(rec: Any, state: str) -> None:
     while rec.state != state:
         await rec.changed.wait()
+
+
+async def test_fork_continues_from_a_step_without_redoing_it(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+        row = await sw.run("f")
+        assert dt.RUNS == {"f-1": 1, "f-2": 1}
+        history = await sw.supervisor.history(row["task_id"])
+        kinds = [h["kind"] for h in history]
+        assert kinds[:3] == ["turn_start", "model", "tool"] and kinds[-1] == "turn_end"
+        assert any(h["snapshot"] for h in history)
+        assert "lookup" in history[1]["summary"]
+        # Fork after step 1 (the lookup): the fork pays again in its own logical call, and
+        # does not look up again.
+        new_id = await sw.supervisor.fork(row["task_id"], 1)
+        forked = await sw.supervisor.wait(new_id, 10)
+        assert forked["state"] == "completed" and forked["answer"] == row["answer"]
+        assert dt.RUNS == {"f-1": 1, "f-2": 2}
+        assert forked["metadata"]["forked_from"] == row["task_id"]
+        with pytest.raises(Exception, match="can't fork at step 99"):
+            await sw.supervisor.fork(row["task_id"], 99)
+        # Deleting a finished task's state leaves the fork alone.
+        await sw.supervisor.forget(row["task_id"])
+        assert await store.read(row["task_id"]) == []
+        assert len(await store.read(new_id)) > 0
+
+
+async def test_corrupt_records_are_named_and_never_skipped(tmp_path: Path) -> None:
+    import msgspec
+
+    from swarm.state.interface import CorruptRecord, Snapshot
+
+    store = MemoryCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+        row = await sw.run("c")
+    tid = row["task_id"]
+    good, _ = await restore(store, tid)
+    seqs = await store.snapshots(tid)
+    assert seqs
+    # A truncated newest snapshot: restore says which, falls back, and loses nothing.
+    newest = seqs[-1]
+    store.snaps[tid][newest] = store.snaps[tid][newest][:-5]
+    state, problems = await restore(store, tid)
+    assert len(problems) == 1 and f"task {tid}" in problems[0]
+    assert f"snapshot at entry {newest}" in problems[0]
+    assert state.transcript == good.transcript and state.step == good.step
+    # A snapshot of a format version this code doesn't know is refused the same way.
+    alien = Snapshot(task_id=tid, seq=newest, step=1, data={}, v=99)
+    store.snaps[tid][newest] = msgspec.msgpack.encode(alien)
+    state, problems = await restore(store, tid)
+    assert "format version 99" in problems[0] and state.step == good.step
+    # A corrupt log entry can't be skipped: the error names the task and the entry.
+    store.logs[tid][2] = b"\xc1garbage"
+    with pytest.raises(CorruptRecord, match=f"task {tid}: entry 2 is unusable"):
+        await restore(store, tid, upto=3)
