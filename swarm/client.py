@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -61,6 +62,31 @@ def _get(ref: Any, timeout: float | None = None) -> Any:
         raise
 
 
+_RESTART_WAIT_S = 120.0
+
+
+def _call(actor: Any, method: str, *args: Any, timeout: float | None = None) -> Any:
+    """Call a supervisor method, riding out a restart of the supervisor.
+
+    While a crashed supervisor restarts, calls fail with ActorUnavailableError ("may or may not
+    have been executed"); every supervisor method is safe to repeat (a submission carries the
+    task id the client chose), so the call is simply sent again, for a bounded time.
+    """
+    import ray
+
+    deadline = time.monotonic() + _RESTART_WAIT_S
+    delay = 0.1
+    while True:
+        try:
+            return _get(getattr(actor, method).remote(*args), timeout)
+        except ray.exceptions.ActorUnavailableError as exc:
+            if time.monotonic() > deadline:
+                raise SwarmError(f"the swarm's supervisor stayed unavailable for "
+                                 f"{_RESTART_WAIT_S:.0f} s: {exc}") from None
+            time.sleep(delay)  # back-off between retries, not synchronisation
+            delay = min(delay * 2, 2.0)
+
+
 class TaskHandle:
     """A submitted task: stream its events, wait for its result, cancel it."""
 
@@ -73,13 +99,13 @@ class TaskHandle:
 
     def status(self) -> TaskInfo:
         """The task's current row."""
-        row = _get(self.client._sup.get_task.remote(self.id))
+        row = _call(self.client._sup, "get_task", self.id)
         row.pop("a2a", None)
         return TaskInfo.from_summary(row)
 
     def a2a_task(self) -> Any:
         """The task as an a2a-sdk `Task` (state, history, artifacts)."""
-        return a2a.loads_task(_get(self.client._sup.get_task.remote(self.id))["a2a"])
+        return a2a.loads_task(_call(self.client._sup, "get_task", self.id)["a2a"])
 
     def events(self, timeout: float | None = None) -> Iterator[AnyEvent]:
         """Yield the task's events as they happen, from the first, until it ends.
@@ -92,12 +118,12 @@ class TaskHandle:
             wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
             if wait <= 0:
                 raise TimeoutError(f"task {self.id} still running after {timeout} s")
-            batch, done = _get(self.client._sup.events.remote(self.id, cursor, wait))
+            batch, done = _call(self.client._sup, "events", self.id, cursor, wait)
             cursor += len(batch)
             yield from batch
             if done:
                 # One more read catches events that arrived with the final state.
-                tail, _ = _get(self.client._sup.events.remote(self.id, cursor, 0.0))
+                tail, _ = _call(self.client._sup, "events", self.id, cursor, 0.0)
                 yield from tail
                 return
 
@@ -106,7 +132,7 @@ class TaskHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
-            row = _get(self.client._sup.wait.remote(self.id, wait))
+            row = _call(self.client._sup, "wait", self.id, wait)
             info = TaskInfo.from_summary(row)
             if info.done or (deadline is not None and time.monotonic() >= deadline):
                 return info
@@ -122,7 +148,7 @@ class TaskHandle:
 
     def history(self, *, full: bool = False) -> list[dict[str, Any]]:
         """The task's checkpoints in order (seq, kind, agent, step, summary; data if `full`)."""
-        return list(_get(self.client._sup.history.remote(self.id, full)))
+        return list(_call(self.client._sup, "history", self.id, full))
 
     def replay(self) -> Iterator[dict[str, Any]]:
         """The task's messages as they were logged, read-only, in order."""
@@ -135,20 +161,20 @@ class TaskHandle:
 
     def fork(self, step: int, *, user: str | None = None) -> TaskHandle:
         """A new task that continues from this one's state after `step`."""
-        new_id = _get(self.client._sup.fork.remote(self.id, step, user))
+        new_id = _call(self.client._sup, "fork", self.id, step, user)
         return TaskHandle(self.client, new_id)
 
     def forget(self) -> None:
         """Delete this finished task's durable state."""
-        _get(self.client._sup.forget.remote(self.id))
+        _call(self.client._sup, "forget", self.id)
 
     def respond(self, text: str) -> TaskInfo:
         """Answer the task's question while it is in INPUT_REQUIRED (see `TaskInfo.question`)."""
-        return TaskInfo.from_summary(_get(self.client._sup.respond.remote(self.id, text)))
+        return TaskInfo.from_summary(_call(self.client._sup, "respond", self.id, text))
 
     def cancel(self) -> TaskInfo:
         """Cancel the task if it is still running."""
-        return TaskInfo.from_summary(_get(self.client._sup.cancel.remote(self.id)))
+        return TaskInfo.from_summary(_call(self.client._sup, "cancel", self.id))
 
 
 class SwarmClient:
@@ -163,7 +189,7 @@ class SwarmClient:
 
     def info(self) -> dict[str, Any]:
         """Agents, replicas, model endpoints and task counts."""
-        return dict(_get(self._sup.info.remote()))
+        return dict(_call(self._sup, "info"))
 
     def submit(
         self,
@@ -174,7 +200,9 @@ class SwarmClient:
         context_id: str | None = None,
     ) -> TaskHandle:
         """Submit a task; returns at once with a handle."""
-        task_id = _get(self._sup.submit.remote(text, user, metadata, context_id))
+        # The client picks the id, so a submission repeated after a supervisor restart can't
+        # create a second task.
+        task_id = _call(self._sup, "submit", text, user, metadata, context_id, uuid.uuid4().hex)
         return TaskHandle(self, task_id)
 
     def task(self, task_id: str) -> TaskHandle:
@@ -185,7 +213,7 @@ class SwarmClient:
 
     def tasks(self, state: str | None = None, user: str | None = None) -> list[TaskInfo]:
         """Tasks and their A2A states, newest first."""
-        return [TaskInfo.from_summary(r) for r in _get(self._sup.list_tasks.remote(state, user))]
+        return [TaskInfo.from_summary(r) for r in _call(self._sup, "list_tasks", state, user)]
 
 
 def connect(name: str, *, address: str | None = None) -> SwarmClient:

@@ -208,7 +208,9 @@ def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
         sup = ray.get_actor(supervisor_actor_name(deployment), namespace=NAMESPACE)
     except ValueError:
         raise SwarmNotFound(f"no swarm named {deployment!r} is running") from None
-    info = ray.get(sup.info.remote(), timeout=timeout)
+    from swarm.client import _call
+
+    info = _call(sup, "info", timeout=timeout)
     try:
         ray.get(sup.shutdown.remote(), timeout=timeout)
     except Exception:

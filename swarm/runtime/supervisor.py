@@ -230,7 +230,12 @@ class Supervisor:
         except (TypeError, ValueError) as e:
             raise UserError(f"metadata must be JSON-serialisable: {e}") from None
         task_id = task_id or a2a.new_id()
-        if task_id in self.tasks:
+        if not isinstance(task_id, str) or not 8 <= len(task_id) <= 64:
+            raise UserError("task_id must be a string of 8 to 64 characters")
+        existing = self.tasks.get(task_id)
+        if existing is not None:
+            if existing.text == text and existing.user == user:
+                return task_id  # the same submission sent again (a client retry)
             raise UserError(f"task {task_id} already exists")
         context_id = context_id or a2a.new_id()
         first = a2a.text_message(

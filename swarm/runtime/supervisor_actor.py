@@ -105,10 +105,12 @@ class SupervisorActor:
                 "restore_problems": self.sup.restore_problems}
 
     async def submit(self, text: str, user: str = "anonymous",
-                     metadata: dict[str, Any] | None = None, context_id: str | None = None) -> str:
-        """Create a task; see `Supervisor.submit`."""
+                     metadata: dict[str, Any] | None = None, context_id: str | None = None,
+                     task_id: str | None = None) -> str:
+        """Create a task (or return it, if this id was submitted already); see `Supervisor`."""
         await self._ensure()
-        return await self.sup.submit(text, user=user, metadata=metadata, context_id=context_id)
+        return await self.sup.submit(text, user=user, metadata=metadata, context_id=context_id,
+                                     task_id=task_id)
 
     async def respond(self, task_id: str, text: str) -> dict[str, Any]:
         """Answer a task waiting for input."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -21,7 +22,28 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[dict]:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the session: the swarms' durable store and the payments tool's.
+
+    Exported as SWARM_STATE_STORE, so every swarm the tests deploy is durable, and as
+    SWARM_PAYMENTS_REDIS for the example payment tool.
+    """
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    os.environ["SWARM_STATE_STORE"] = server.url
+    os.environ["SWARM_PAYMENTS_REDIS"] = server.url
+    try:
+        yield server.url
+    finally:
+        os.environ.pop("SWARM_STATE_STORE", None)
+        os.environ.pop("SWARM_PAYMENTS_REDIS", None)
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(redis_url: str) -> Iterator[dict]:
     """A private local Ray (never an already running cluster); yields `ray.init`'s context info."""
     import ray
 
@@ -37,7 +59,8 @@ def ray_cluster() -> Iterator[dict]:
         dashboard_port=free_port(),
         _temp_dir=temp_dir,
         # Workers import swarm from this checkout, whatever their working directory.
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
+                                  "SWARM_PAYMENTS_REDIS": redis_url}},
     )
     try:
         yield {"address": ctx.address_info["address"], "dashboard_url": ctx.dashboard_url,

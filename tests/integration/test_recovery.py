@@ -1,0 +1,101 @@
+"""Crash recovery on a local Ray: agent replicas and the supervisor die mid-task, tasks finish
+with the answers of an undisturbed run, and no charge is ever applied twice."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from swarm.client import SwarmClient
+from swarm.config import load_config
+from swarm.runtime.deploy import NAMESPACE, start_swarm, stop_swarm
+from swarm.runtime.supervisor_actor import agent_actor_name, supervisor_actor_name
+
+HERE = Path(__file__).resolve().parent
+ANSWER = "done: charged 1, balance 20"
+
+
+@pytest.fixture
+def pay(ray_cluster, serve_port, redis_url) -> Iterator[tuple[SwarmClient, str, redis.Redis]]:
+    cfg = load_config(HERE / "configs" / "pay.yaml")
+    name = f"pay-{uuid.uuid4().hex[:6]}"
+    sup, _ = start_swarm(cfg, deployment=name)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.delete("payments:progress")
+    yield SwarmClient(name, sup), name, r
+    stop_swarm(name)
+
+
+def _wait_progress(r: redis.Redis, charges: int, timeout: float = 60.0) -> None:
+    """Block until `charges` more charges were applied (the tool pushes one item each)."""
+    for _ in range(charges):
+        assert r.blpop(["payments:progress"], timeout=timeout) is not None, "no progress"
+
+
+def _check_exactly_once(r: redis.Redis, accounts: list[str]) -> None:
+    for acct in accounts:
+        assert r.get(f"balance:{acct}") == "20", acct
+    effects = [int(v) for v in r.mget(r.keys("effects:*"))] if r.keys("effects:*") else []
+    assert effects and max(effects) == 1, "a logical call took effect twice"
+
+
+def _kill(name: str, role: str, replica: int) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(agent_actor_name(name, role, replica), namespace=NAMESPACE),
+             no_restart=False)
+
+
+def test_agent_replica_killed_mid_task_resumes_its_sessions(pay) -> None:
+    client, name, r = pay
+    accounts = [f"acct-{uuid.uuid4().hex[:8]}" for _ in range(6)]
+    handles = [client.submit(a) for a in accounts]
+    _wait_progress(r, 10)
+    _kill(name, "teller", 0)
+    _kill(name, "teller", 1)
+    for h in handles:
+        assert h.result(timeout=120) == ANSWER
+    # Every task took 20 tool steps plus the answer, as an undisturbed run does.
+    assert {h.status().steps for h in handles} == {21}
+    _check_exactly_once(r, accounts)
+
+
+def test_supervisor_killed_rebuilds_its_table_and_clients_keep_handles(pay) -> None:
+    import ray
+
+    client, name, r = pay
+    accounts = [f"acct-{uuid.uuid4().hex[:8]}" for _ in range(4)]
+    handles = [client.submit(a, user="ops") for a in accounts]
+    _wait_progress(r, 8)
+    sup = ray.get_actor(supervisor_actor_name(name), namespace=NAMESPACE)
+    ray.kill(sup, no_restart=False)
+    # The same handles work against the restarted supervisor.
+    for h in handles:
+        assert h.result(timeout=120) == ANSWER
+    rows = {t.task_id: t for t in client.tasks()}
+    assert all(rows[h.id].state == "completed" and rows[h.id].user == "ops" for h in handles)
+    history = handles[0].history()
+    assert [row["seq"] for row in history] == list(range(len(history)))
+    _check_exactly_once(r, accounts)
+
+
+@pytest.mark.slow
+def test_fifty_random_kills_never_repeat_a_charge(pay) -> None:
+    client, name, r = pay
+    rng = random.Random(1234)
+    accounts = [f"acct-{uuid.uuid4().hex[:8]}" for _ in range(20)]
+    handles = [client.submit(a) for a in accounts]
+    kills = 0
+    while kills < 50 and not all(h.status().done for h in handles):
+        _wait_progress(r, 1)
+        _kill(name, "teller", rng.randrange(2))
+        kills += 1
+    for h in handles:
+        assert h.result(timeout=300) == ANSWER
+    _check_exactly_once(r, accounts)
+    assert kills == 50, f"only {kills} kills landed before the tasks finished"
