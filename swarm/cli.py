@@ -74,7 +74,7 @@ def run(
     from swarm._console import ProgressPrinter
     from swarm.client import SwarmClient
     from swarm.events import to_json
-    from swarm.runtime.deploy import ensure_ray, start_swarm, stop_swarm
+    from swarm.runtime.deploy import ensure_ray, start_swarm, stop_embedded_store, stop_swarm
 
     cfg = _load(config)
     text = task if task is not None else cfg.example_task
@@ -118,6 +118,7 @@ def run(
         info = handle.status()
     finally:
         stop_swarm(deployment)
+        stop_embedded_store(deployment)
     if info.state != "completed":
         raise typer.Exit(EXIT_FAILED)
 

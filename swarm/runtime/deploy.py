@@ -93,6 +93,18 @@ def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
 
 
 STORE_ENV = "SWARM_STATE_STORE"
+# Embedded servers this process started, by deployment, so `swarm run` can stop its own.
+_STARTED_HERE: dict[str, Any] = {}
+
+
+def stop_embedded_store(deployment: str) -> None:
+    """Stop the embedded redis-server that deploying `deployment` started, if any.
+
+    Its append-only file stays under the run directory, so the data is kept.
+    """
+    server = _STARTED_HERE.pop(deployment, None)
+    if server is not None:
+        server.stop()
 
 
 def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
@@ -169,7 +181,9 @@ def start_swarm(
             f"`python -m swarm down {deployment}` first"
         )
     preflight(cfg)
-    store_spec, _ = resolve_store(cfg)
+    store_spec, server = resolve_store(cfg)
+    if server is not None and server.started_here:
+        _STARTED_HERE[deployment] = server
     endpoints = deploy_models(cfg, deployment)
     sup = (
         ray.remote(SupervisorActor)

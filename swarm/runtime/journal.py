@@ -85,7 +85,8 @@ class Journal:
                       data={"message": message, "index": index})],
             [LedgerRecord(key=ledger_key(self.log_id, self.agent, step, index), state="finished",
                           tool=call.name, args_hash=args_hash(call.arguments),
-                          result=message.get("content"), is_error=is_error, ts=now)],
+                          result=_preview(message.get("content")), is_error=is_error,
+                          ts=now)],
         )
 
     async def turn_end(self, step: int, outcome: dict[str, Any]) -> None:
@@ -122,3 +123,15 @@ class Journal:
         """Wait for a snapshot in flight."""
         if self._snapshotting is not None:
             await asyncio.gather(self._snapshotting, return_exceptions=True)
+
+
+_PREVIEW_CHARS = 256
+
+
+def _preview(content: Any) -> str | None:
+    # The full result is the log entry written atomically with this record; the ledger keeps
+    # a preview, so storage stays about the size of the messages themselves.
+    if content is None:
+        return None
+    text = str(content)
+    return text if len(text) <= _PREVIEW_CHARS else text[:_PREVIEW_CHARS] + "…"

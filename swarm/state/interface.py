@@ -116,8 +116,12 @@ class Checkpointer(ABC):
         """Entries with `after < seq <= upto` (all after `after` when `upto` is None), in order."""
 
     @abstractmethod
-    async def put_snapshot(self, snapshot: Snapshot) -> None:
-        """Store a snapshot; several are kept per task (older ones for fallback and forks)."""
+    async def put_snapshot(self, snapshot: Snapshot, keep: int = 3) -> None:
+        """Store a snapshot and drop all but the newest `keep` of the task's snapshots.
+
+        Older ones are only a faster start: the log is complete, so a fallback or a fork
+        before the oldest kept snapshot replays from the beginning.
+        """
 
     @abstractmethod
     async def snapshots(self, task_id: str) -> list[int]:

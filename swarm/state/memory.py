@@ -44,9 +44,12 @@ class MemoryCheckpointer(Checkpointer):
             for i in range(max(after + 1, 0), end)
         ]
 
-    async def put_snapshot(self, snapshot: Snapshot) -> None:
-        """Store a snapshot."""
-        self.snaps.setdefault(snapshot.task_id, {})[snapshot.seq] = codec.encode(snapshot)
+    async def put_snapshot(self, snapshot: Snapshot, keep: int = 3) -> None:
+        """Store a snapshot, keeping the newest `keep`."""
+        snaps = self.snaps.setdefault(snapshot.task_id, {})
+        snaps[snapshot.seq] = codec.encode(snapshot)
+        for seq in sorted(snaps)[:-keep] if keep > 0 else []:
+            del snaps[seq]
 
     async def snapshots(self, task_id: str) -> list[int]:
         """Snapshot seqs, ascending."""

@@ -147,11 +147,15 @@ class RedisCheckpointer(Checkpointer):
             out.append(entry)
         return out
 
-    async def put_snapshot(self, snapshot: Snapshot) -> None:
-        """Store a snapshot."""
+    async def put_snapshot(self, snapshot: Snapshot, keep: int = 3) -> None:
+        """Store a snapshot, keeping the newest `keep`."""
         key = self._k(snapshot.task_id, "snap")
         data = codec.encode(snapshot)
         await self._retry(lambda: self._client.hset(key, str(snapshot.seq), data))
+        seqs = await self.snapshots(snapshot.task_id)
+        old = [str(s) for s in seqs[:-keep]] if keep > 0 else []
+        if old:
+            await self._retry(lambda: self._client.hdel(key, *old))
 
     async def snapshots(self, task_id: str) -> list[int]:
         """Snapshot seqs, ascending."""
