@@ -168,7 +168,7 @@ async def test_corrupt_and_unknown_version_records_are_named(backend) -> None:
     assert len(await store.read("t", upto=0)) == 1
     corrupt("t", "snap:1", msgspec.msgpack.encode(
         Snapshot(task_id="t", seq=1, step=2, data={}, v=99)))
-    with pytest.raises(CorruptRecord, match="snapshot at entry 1.*format version 99"):
+    with pytest.raises(CorruptRecord, match=r"snapshot at entry 1.*format version 99"):
         await store.get_snapshot("t", 1)
 
 
