@@ -28,6 +28,12 @@ from swarm.errors import CheckpointError
 
 FORMAT_VERSION = 1
 
+def _version() -> int:
+    # A factory rather than a plain default: with omit_defaults, msgspec leaves out fields
+    # equal to their default, and the version must be written into every record.
+    return FORMAT_VERSION
+
+
 EntryKind = Literal["turn_start", "model", "tool", "turn_end", "task", "approval"]
 
 
@@ -40,7 +46,7 @@ class LogEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     data: dict[str, Any] = msgspec.field(default_factory=dict)
     ts: float = 0.0
     seq: int = -1
-    v: int = FORMAT_VERSION
+    v: int = msgspec.field(default_factory=_version)
 
 
 class Snapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -51,7 +57,7 @@ class Snapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     step: int
     data: dict[str, Any]
     ts: float = 0.0
-    v: int = FORMAT_VERSION
+    v: int = msgspec.field(default_factory=_version)
 
 
 class LedgerRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -64,7 +70,7 @@ class LedgerRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     result: str | None = None
     is_error: bool = False
     ts: float = 0.0
-    v: int = FORMAT_VERSION
+    v: int = msgspec.field(default_factory=_version)
 
 
 class TaskRow(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -75,7 +81,7 @@ class TaskRow(msgspec.Struct, kw_only=True, omit_defaults=True):
     state: str
     data: dict[str, Any] = msgspec.field(default_factory=dict)
     updated: float = 0.0
-    v: int = FORMAT_VERSION
+    v: int = msgspec.field(default_factory=_version)
 
 
 class CorruptRecord(CheckpointError):

@@ -214,3 +214,15 @@ async def test_corrupt_records_are_named_and_never_skipped(tmp_path: Path) -> No
     store.logs[tid][2] = b"\xc1garbage"
     with pytest.raises(CorruptRecord, match=f"task {tid}: entry 2 is unusable"):
         await restore(store, tid, upto=3)
+
+
+def test_every_record_carries_its_format_version() -> None:
+    import msgspec
+
+    from swarm.state import codec
+    from swarm.state.interface import FORMAT_VERSION, LedgerRecord, LogEntry, Snapshot, TaskRow
+
+    for record in (LogEntry(kind="x"), Snapshot(task_id="t", seq=0, step=0, data={}),
+                   LedgerRecord(key="k", state="started", tool="t"),
+                   TaskRow(task_id="t", swarm="s", state="working")):
+        assert msgspec.msgpack.decode(codec.encode(record))["v"] == FORMAT_VERSION
