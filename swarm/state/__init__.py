@@ -33,6 +33,7 @@ def open_checkpointer(spec: str, *, run_dir: Path) -> Checkpointer:
     `redis://`, `rediss://` or `unix://` URLs; any other `scheme://` URI is a pyarrow
     filesystem for `ArrowCheckpointer` (`file://`, `s3://`, ...).
     """
+    spec = spec.strip()
     if spec == "memory":
         from swarm.state.memory import MemoryCheckpointer
 
@@ -43,13 +44,16 @@ def open_checkpointer(spec: str, *, run_dir: Path) -> Checkpointer:
         server = EmbeddedRedis.for_run_dir(run_dir)
         server.start()
         spec = server.url
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    scheme, sep, rest = spec.partition("://")
+    if sep and scheme.lower() in ("redis", "rediss", "unix"):
         from swarm.state.redis import RedisCheckpointer
 
         return RedisCheckpointer(spec)
-    if "://" in spec:
+    if sep and scheme and rest and scheme.replace("+", "").replace("-", "").isalnum():
         from swarm.state.arrow import ArrowCheckpointer
 
         return ArrowCheckpointer(spec)
-    raise ValueError(f"unknown state store {spec!r}: expected memory, embedded, a redis:// URL "
-                     "or a pyarrow filesystem URI such as file:///path")
+    raise ValueError(
+        f"unknown state store {spec!r}: expected 'memory', 'embedded', a redis://, rediss:// "
+        "or unix:// URL, or a pyarrow filesystem URI such as file:///path or s3://bucket/path"
+    )

@@ -1,9 +1,13 @@
 """`MemoryCheckpointer`: the `Checkpointer` in one process, for unit tests and `LocalSwarm`.
 
-It stores encoded bytes, like a real store, so codec problems and corruption show up here too.
+It stores encoded bytes, like a real store, so codec problems show up here too, and tests can
+damage a stored record (`logs[task][seq]`, `snaps[task][seq]`) to see how corruption is handled.
+Every method finishes without awaiting, so each call is atomic in its event loop.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from swarm.state import codec
 from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry, Snapshot, TaskRow
@@ -24,28 +28,31 @@ class MemoryCheckpointer(Checkpointer):
     async def append(
         self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
     ) -> int:
-        """Append entries and upsert ledger records (atomic: no await in between)."""
+        """Append entries and upsert ledger records (atomic: nothing is awaited)."""
+        encoded = [codec.encode(e) for e in entries]  # fail before changing anything
+        records = [(rec.key, codec.encode(rec)) for rec in ledger or ()]
         log = self.logs.setdefault(task_id, [])
-        for e in entries:
-            e.seq = len(log)
-            log.append(codec.encode(e))
-        if ledger:
-            book = self.ledgers.setdefault(task_id, {})
-            for rec in ledger:
-                book[rec.key] = codec.encode(rec)
+        first = len(log)
+        log += encoded
+        for i, e in enumerate(entries):
+            e.seq = first + i
+        if records:
+            self.ledgers.setdefault(task_id, {}).update(records)
         return len(log) - 1 if entries else -1
 
     async def read(self, task_id: str, after: int = -1, upto: int | None = None) -> list[LogEntry]:
         """Entries with after < seq <= upto."""
         log = self.logs.get(task_id, [])
         end = len(log) if upto is None else min(len(log), upto + 1)
-        return [
-            codec.decode(LogEntry, log[i], task_id=task_id, what=f"entry {i}")
-            for i in range(max(after + 1, 0), end)
-        ]
+        out = []
+        for i in range(max(after + 1, 0), end):
+            entry = codec.decode(LogEntry, log[i], task_id=task_id, what=f"entry {i}")
+            entry.seq = i
+            out.append(entry)
+        return out
 
     async def put_snapshot(self, snapshot: Snapshot, keep: int = 3) -> None:
-        """Store a snapshot, keeping the newest `keep`."""
+        """Store a snapshot, keeping the newest `keep` (all of them if `keep` <= 0)."""
         snaps = self.snaps.setdefault(snapshot.task_id, {})
         snaps[snapshot.seq] = codec.encode(snapshot)
         for seq in sorted(snaps)[:-keep] if keep > 0 else []:
@@ -90,3 +97,12 @@ class MemoryCheckpointer(Checkpointer):
         """Remove everything of one task."""
         for table in (self.logs, self.snaps, self.ledgers, self.rows, self.row_swarm):
             table.pop(task_id, None)  # type: ignore[attr-defined]
+
+    async def info(self) -> dict[str, Any]:
+        """Counts for status displays: swarms, task rows, logs and stored bytes."""
+        stored = sum(len(b) for log in self.logs.values() for b in log)
+        stored += sum(len(b) for t in (self.snaps, self.ledgers) for d in t.values()
+                      for b in d.values())
+        stored += sum(len(b) for b in self.rows.values())
+        return {"store": "memory", "swarms": len(set(self.row_swarm.values())),
+                "tasks": len(self.rows), "logs": len(self.logs), "stored_bytes": stored}

