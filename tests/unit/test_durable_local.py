@@ -50,9 +50,16 @@ def _reset() -> None:
     dt.ENTERED.clear()
 
 
-async def _held(key: str) -> None:
+async def _crash_during(cfg: Any, store: MemoryCheckpointer, text: str, key: str) -> str:
+    """Submit `text`, let the process die while the tool call `key` runs; return the task id."""
     dt.HOLD[key] = asyncio.Event()
     dt.ENTERED[key] = asyncio.Event()
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit(text)
+        await asyncio.wait_for(dt.ENTERED[key].wait(), 10)
+        await sw.crash()
+    dt.HOLD.clear()
+    return task_id
 
 
 async def test_undisturbed_run_writes_a_replayable_log(tmp_path: Path) -> None:
@@ -76,12 +83,7 @@ async def test_undisturbed_run_writes_a_replayable_log(tmp_path: Path) -> None:
 async def test_crash_during_a_non_idempotent_call_asks_an_operator(tmp_path: Path) -> None:
     store = MemoryCheckpointer()
     cfg = make_cfg(tmp_path)
-    await _held("y-2")
-    async with LocalSwarm(cfg, store=store) as sw:
-        task_id = await sw.supervisor.submit("y")
-        await asyncio.wait_for(dt.ENTERED["y-2"].wait(), 10)
-        await sw.crash()  # the process dies while `pay` runs: did it pay or not?
-    dt.HOLD.clear()
+    task_id = await _crash_during(cfg, store, "y", "y-2")
     async with LocalSwarm(cfg, store=store) as sw2:
         assert await sw2.supervisor.load() == 1
         rec = sw2.supervisor.get(task_id)
@@ -98,12 +100,7 @@ async def test_crash_during_a_non_idempotent_call_asks_an_operator(tmp_path: Pat
 async def test_rerun_decision_runs_the_call_again(tmp_path: Path) -> None:
     store = MemoryCheckpointer()
     cfg = make_cfg(tmp_path)
-    await _held("z-2")
-    async with LocalSwarm(cfg, store=store) as sw:
-        task_id = await sw.supervisor.submit("z")
-        await asyncio.wait_for(dt.ENTERED["z-2"].wait(), 10)
-        await sw.crash()
-    dt.HOLD.clear()
+    task_id = await _crash_during(cfg, store, "z", "z-2")
     async with LocalSwarm(cfg, store=store) as sw2:
         await sw2.supervisor.load()
         rec = sw2.supervisor.get(task_id)
@@ -119,12 +116,7 @@ async def test_rerun_decision_runs_the_call_again(tmp_path: Path) -> None:
 async def test_crash_during_an_idempotent_call_resumes_by_itself(tmp_path: Path) -> None:
     store = MemoryCheckpointer()
     cfg = make_cfg(tmp_path)
-    await _held("w-1")
-    async with LocalSwarm(cfg, store=store) as sw:
-        task_id = await sw.supervisor.submit("w")
-        await asyncio.wait_for(dt.ENTERED["w-1"].wait(), 10)
-        await sw.crash()
-    dt.HOLD.clear()
+    task_id = await _crash_during(cfg, store, "w", "w-1")
     async with LocalSwarm(cfg, store=store) as sw2:
         await sw2.supervisor.load()
         row = await sw2.supervisor.wait(task_id, 10)
