@@ -70,7 +70,8 @@ async def _arrow(root: Path) -> AsyncIterator[Backend]:
     store = ArrowCheckpointer(root.as_uri())
     await store.start()
     # The arrow backend owns its file layout, so it damages its own bytes if it can.
-    damage = getattr(store, "corrupt_for_tests", None)
+    from arrow_support import corrupter
+    damage = corrupter(store)
     try:
         yield Backend(store, damage)
     finally:
