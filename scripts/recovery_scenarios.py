@@ -10,7 +10,8 @@ It prints the figures, and with `--json` one JSON line last; the exit code is no
 check failed.
 
 - actor-kill: agent replicas are killed (and restarted by Ray) five times on a local Ray.
-- node-loss: the worker node hosting an agent replica is removed from a multi-node cluster.
+- node-loss: the worker node hosting an agent replica is lost (its workers frozen, its raylet
+  killed) in a multi-node cluster.
 - cluster-restart: the whole cluster is killed and started again; the supervisor rebuilds its
   task table from Redis and resumes the unfinished tasks.
 
@@ -137,6 +138,7 @@ def worker_env(url: str) -> dict[str, str]:
 
 
 def pay_config() -> Any:
+    """The payments swarm of the integration tests (`pay.yaml`)."""
     from swarm.config import load_config
 
     return load_config(CONFIGS / "pay.yaml")
@@ -233,7 +235,7 @@ def submit_balanced(client: Any, tasks: int = TASKS) -> list[Job]:
 def unfinished(r: redis.Redis, jobs: list[Job], margin: int = 2) -> set[str]:
     """Tasks with at least `margin` charges still to apply, read from their balances.
 
-    A margin of two leaves at least one charge after a kill even if one lands meanwhile.
+    A margin of two leaves at least one charge after a failure even if one lands meanwhile.
     """
     balances = r.mget([f"balance:{j.account}" for j in jobs]) if jobs else []
     return {j.handle.id for j, b in zip(jobs, balances, strict=True)
@@ -315,27 +317,29 @@ class WaitingClient:
 class Recovery:
     """Timings of one failure, in ms from the moment it was caused."""
 
-    def __init__(self, charge_ms: float, old_exit_ms: float) -> None:
+    def __init__(self, charge_ms: float, old_exit_ms: float | None) -> None:
         self.charge_ms, self.old_exit_ms = charge_ms, old_exit_ms
 
 
-def measure_recovery(progress: Progress, victims: set[str], old_pid: int,
-                     break_it: Callable[[], None]) -> Recovery:
-    """Break something; time until the old worker is gone and until a task it was running
-    applies a charge again.
+def measure_recovery(progress: Progress, victims: set[str], break_it: Callable[[], None],
+                     old_pid: int | None = None) -> Recovery:
+    """Break something; time until a task the broken part was running applies a charge again
+    (and until the old worker process `old_pid`, if given, has exited).
 
-    The clock starts just before `break_it`. A charge applied by the old worker process in the
-    instant before it died is not recovery, so every item already in the progress list when
-    that process is gone is dropped before waiting for a victim's next charge.
+    The clock starts just before `break_it`. A charge the old worker applied in the instant
+    before it stopped is not recovery, so every item already in the progress list once it can
+    apply no more (it exited, or `break_it` froze it) is dropped before waiting for a victim.
     """
     t0 = time.monotonic()
     break_it()
-    if not wait_process_gone(old_pid, EVENT_TIMEOUT_S):
-        raise TimeoutError(f"the old worker (pid {old_pid}) outlived the failure")
-    gone = time.monotonic()
+    gone = None
+    if old_pid is not None:
+        if not wait_process_gone(old_pid, EVENT_TIMEOUT_S):
+            raise TimeoutError(f"the old worker (pid {old_pid}) outlived the failure")
+        gone = (time.monotonic() - t0) * 1000
     progress.drop_pending()
     back = progress.next_charge_of(victims)
-    return Recovery((back - t0) * 1000, (gone - t0) * 1000)
+    return Recovery((back - t0) * 1000, gone)
 
 
 def report_recoveries(report: Report, recoveries: list[Recovery]) -> None:
@@ -344,7 +348,9 @@ def report_recoveries(report: Report, recoveries: list[Recovery]) -> None:
     report.figure("recovery_ms_each", [round(x) for x in charge])
     report.figure("recovery_ms_median", round(statistics.median(charge)))
     report.figure("recovery_ms_max", round(max(charge)))
-    report.figure("old_worker_exit_ms_max", round(max(r.old_exit_ms for r in recoveries)))
+    exits = [r.old_exit_ms for r in recoveries if r.old_exit_ms is not None]
+    if exits:
+        report.figure("old_worker_exit_ms_max", round(max(exits)))
 
 
 # ---- actor-kill ---------------------------------------------------------------------------------
@@ -381,7 +387,9 @@ def actor_kill(report: Report) -> None:
         extra = 0
         for i in range(5):
             replica = i % REPLICAS
-            victims = unfinished(progress.r, [j for j in jobs if j.replica == replica])
+            # A killed worker can run on for a few hundred ms (old_worker_exit_ms): the tasks
+            # timed must have more charges left than it could apply meanwhile.
+            victims = unfinished(progress.r, [j for j in jobs if j.replica == replica], 8)
             if not victims:
                 # The other replica's recovery outlasted this replica's tasks: give it new
                 # work, and kill it once that work is under way.
@@ -389,7 +397,7 @@ def actor_kill(report: Report) -> None:
                 jobs += fresh
                 extra += len(fresh)
                 progress.next_charge_of({j.handle.id for j in fresh})
-                victims = unfinished(progress.r, fresh)
+                victims = unfinished(progress.r, fresh, 8)
             actor = agent_actor_name(name, "teller", replica)
             handle = ray.get_actor(actor, namespace=NAMESPACE)
             pid = actor_location(gcs, actor)["pid"]
@@ -397,7 +405,7 @@ def actor_kill(report: Report) -> None:
             # (its context id sticks it there), not to the next charge of any task: the other
             # replica keeps charging throughout and would make the figure meaningless.
             recoveries.append(measure_recovery(
-                progress, victims, pid, lambda h=handle: ray.kill(h, no_restart=False)))
+                progress, victims, lambda h=handle: ray.kill(h, no_restart=False), pid))
         report.figure("tasks", len(jobs))
         # Submitted when a replica about to be killed had finished its tasks during the other
         # replica's recovery, so every kill interrupts work.
@@ -408,6 +416,24 @@ def actor_kill(report: Report) -> None:
         restarts = [actor_location(gcs, agent_actor_name(name, "teller", i))["restarts"]
                     for i in range(REPLICAS)]
         report.figure("replica_restarts", restarts)
+
+
+def node_workers(node: Any) -> list[psutil.Process]:
+    """The processes a node's raylet started (workers and agents)."""
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    return psutil.Process(raylet).children(recursive=True)
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    """SIGKILL processes (stopped ones too) and wait, bounded, for them to exit."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    for p in procs:
+        wait_process_gone(p.pid, 30)
+    procs.clear()
 
 
 # ---- node-loss ----------------------------------------------------------------------------------
@@ -481,12 +507,24 @@ def node_loss(report: Report) -> None:
         if not victims:
             raise RuntimeError("the tasks on the doomed node finished before it was removed")
         waiting = WaitingClient(jobs)
-        # allow_graceful=False: the node's processes are SIGKILLed, as in a crash; nothing
-        # tells the GCS, so it learns of the loss from missed health checks.
-        rec = measure_recovery(progress, victims, where[on_lost[0]]["pid"],
-                               lambda: cluster.remove_node(lost, allow_graceful=False))
+        frozen: list[psutil.Process] = []
+        stack.callback(kill_all, frozen)
+
+        def lose_node() -> None:
+            # remove_node kills the raylet and its daemons but not the workers, which run on
+            # for up to a second (long enough, here, to finish every task they had) before
+            # noticing. A crashed machine runs nothing more, so its workers are frozen first;
+            # nothing tells the GCS, which learns of the loss from missed health checks.
+            frozen.extend(node_workers(lost))
+            for p in frozen:
+                with contextlib.suppress(psutil.Error):
+                    p.suspend()
+            cluster.remove_node(lost, allow_graceful=False)
+
+        rec = measure_recovery(progress, victims, lose_node)
         report.figure("recovery_ms", round(rec.charge_ms))
-        report.figure("old_worker_exit_ms", round(rec.old_exit_ms))
+        report.figure("frozen_worker_processes", len(frozen))
+        kill_all(frozen)
         waiting.join()
         report.figure("client_errors", waiting.errors)
         check_outcome(report, url, jobs)
