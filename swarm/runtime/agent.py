@@ -157,6 +157,7 @@ class AgentHost:
         }
         self._slots = asyncio.Semaphore(self.agent_cfg.max_sessions)
         self._running: dict[str, asyncio.Task[Any]] = {}
+        self._turns: dict[str, asyncio.Future[TurnResult]] = {}
         self._loop: StepLoop | None = None
         self._start_lock = asyncio.Lock()
         self.start_problems: list[str] = []
@@ -199,7 +200,29 @@ class AgentHost:
         return len(self._running)
 
     async def run_turn(self, req: TurnRequest) -> TurnResult:
-        """Run (or resume) one turn of a task; never raises for a task's own failure."""
+        """Run (or resume) one turn of a task; never raises for a task's own failure.
+
+        A resume of a turn that is still running here (its supervisor restarted, this replica
+        didn't) joins that turn instead of starting a second copy of it.
+        """
+        current = self._turns.get(req.task_id)
+        if current is not None and not current.done():
+            if req.resume:
+                return await asyncio.shield(current)
+            raise RuntimeError(f"task {req.task_id} already has a turn running on {self.role}")
+        turn = asyncio.ensure_future(self._run_turn(req))
+        self._turns[req.task_id] = turn
+
+        def _forget(done: asyncio.Future[TurnResult], task_id: str = req.task_id) -> None:
+            if self._turns.get(task_id) is done:
+                del self._turns[task_id]
+
+        turn.add_done_callback(_forget)
+        # Shielded: a caller that goes away (a supervisor dying) doesn't cancel the turn;
+        # `cancel` does.
+        return await asyncio.shield(turn)
+
+    async def _run_turn(self, req: TurnRequest) -> TurnResult:
         if self._loop is None:
             await self.start()
         loop = self._loop
@@ -268,21 +291,23 @@ class AgentHost:
             if turn is not None and turn.agent == self.role:
                 session.messages = [self._system, *state.transcript]
                 session.step = state.step
-                # Session counters are the turn's own: the task's totals less the turn's base.
-                b = turn.base
-                session.input_tokens = state.input_tokens - b.get("input_tokens", 0)
-                session.output_tokens = state.output_tokens - b.get("output_tokens", 0)
-                session.model_calls = state.model_calls - b.get("model_calls", 0)
-                session.tool_calls = state.tool_calls - b.get("tool_calls", 0)
+                self._own_counters(session, state, turn.base)
                 session.journal = Journal(self.store, log_id, self.role, turn=turn.turn,
                                           snapshot_every=snapshot_every, base=state)
                 outcome = await self._loop.resume(session, state.pending, req.decision, limits,
                                                   turn_start=1 + turn.start)
                 return outcome, 1 + turn.start
             done = state.last_outcome
+            ended = state.last_turn
             if turn is None and done is not None and done.get("turn") == req.turn_id and \
                     done.get("agent") == self.role:
-                # The turn ended but its result never reached the supervisor.
+                # The turn ended but its result never reached the supervisor: report it as it
+                # was, its messages and usage rebuilt from the log.
+                if ended is not None:
+                    session.messages = [self._system, *state.transcript]
+                    session.step = state.step
+                    self._own_counters(session, state, ended.base)
+                    first = 1 + ended.start
                 return Outcome(done["outcome"], text=done.get("text") or "",
                                target=done.get("target"), error_class=done.get("error_class"),
                                error=done.get("error")), first
@@ -298,6 +323,14 @@ class AgentHost:
                                   snapshot_every=snapshot_every, base=base)
         await session.journal.turn_start(text, len(req.transcript))
         return None, first
+
+    @staticmethod
+    def _own_counters(session: Session, state: TaskState, base: dict[str, int]) -> None:
+        # Session counters are the turn's own: the task's totals less the turn's base.
+        session.input_tokens = state.input_tokens - base.get("input_tokens", 0)
+        session.output_tokens = state.output_tokens - base.get("output_tokens", 0)
+        session.model_calls = state.model_calls - base.get("model_calls", 0)
+        session.tool_calls = state.tool_calls - base.get("tool_calls", 0)
 
     def cancel(self, task_id: str) -> bool:
         """Cancel the running turn of a task, if this host has one."""

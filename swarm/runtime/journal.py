@@ -77,12 +77,15 @@ class Journal:
         )
 
     async def tool(self, step: int, index: int, call: ToolCall, message: dict[str, Any],
-                   is_error: bool) -> None:
-        """Log a tool call's result and mark it finished in the ledger."""
+                   is_error: bool, *, handoff: bool = False) -> None:
+        """Log a tool call's result and mark it finished in the ledger (a handoff is logged
+        like a tool call but doesn't count as one)."""
         now = time.time()
+        data: dict[str, Any] = {"message": message, "index": index}
+        if handoff:
+            data["handoff"] = True
         await self._append(
-            [LogEntry(kind="tool", agent=self.agent, step=step, ts=now,
-                      data={"message": message, "index": index})],
+            [LogEntry(kind="tool", agent=self.agent, step=step, ts=now, data=data)],
             [LedgerRecord(key=ledger_key(self.log_id, self.agent, step, index), state="finished",
                           tool=call.name, args_hash=args_hash(call.arguments),
                           result=_preview(message.get("content")), is_error=is_error,

@@ -204,7 +204,8 @@ class StepLoop:
                 )
                 is_error = result.is_error
             if journal is not None:
-                await journal.tool(step, index, call, session.messages[-1], is_error)
+                await journal.tool(step, index, call, session.messages[-1], is_error,
+                                   handoff=target is not None)
         return handoff
 
     async def resume(self, session: Session, pending: dict[int, dict[str, Any]],

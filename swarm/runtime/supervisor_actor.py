@@ -1,9 +1,9 @@
 """The supervisor as a Ray actor: creates the agent replicas and serves the client API.
 
 The actor restarts after a crash (`max_restarts=-1`); its constructor runs again with nothing
-in memory, so the first call after a restart rebuilds the task table from the durable store and
-resumes every unfinished task (`Supervisor.load`). Clients keep their handles: a named actor's
-handle stays valid across restarts.
+in memory, so it calls itself at once to rebuild the task table from the durable store and
+resume every unfinished task (`Supervisor.load`); every client call waits for that. Clients
+keep their handles: a named actor's handle stays valid across restarts.
 """
 
 from __future__ import annotations
@@ -71,6 +71,14 @@ class SupervisorActor:
         self.sup = Supervisor(cfg, RayAgentPool(self.handles), router,
                               store=open_store(store_spec), swarm_id=deployment)
         self._loaded: asyncio.Task[int] | None = None
+        # Rebuild the table and resume unfinished tasks now, not at the first client call: after
+        # a crash, nobody may call for a long time. The call runs once the constructor returns.
+        me.warm.remote()
+
+    async def warm(self) -> int:
+        """Load the task table (once); returns how many tasks are in it."""
+        await self._ensure()
+        return len(self.sup.tasks)
 
     async def _ensure(self) -> None:
         # Every call waits for the table to be rebuilt, so nothing sees a half-loaded table.

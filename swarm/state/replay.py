@@ -48,6 +48,9 @@ class TaskState(msgspec.Struct, kw_only=True):
     handoffs: int = 0
     turns: int = 0
     open_turn: OpenTurn | None = None
+    # The turn that ended last, so a turn whose result never reached the supervisor can be
+    # reported in full (its messages and usage) after a restart.
+    last_turn: OpenTurn | None = None
     # Tool calls of the latest model entry that have no result yet: {index: call dict}.
     pending: dict[int, dict[str, Any]] = msgspec.field(default_factory=dict)
     last_outcome: dict[str, Any] | None = None
@@ -83,7 +86,8 @@ def apply(state: TaskState, entry: LogEntry) -> None:
     elif kind == "tool":
         state.transcript.append(d["message"])
         state.pending.pop(int(d.get("index", 0)), None)
-        state.tool_calls += 1
+        if not d.get("handoff"):
+            state.tool_calls += 1
     elif kind == "turn_start":
         state.open_turn = OpenTurn(
             agent=entry.agent, turn=str(d.get("turn", "")), start=len(state.transcript),
@@ -93,6 +97,7 @@ def apply(state: TaskState, entry: LogEntry) -> None:
         state.pending = {}
         state.turns += 1
     elif kind == "turn_end":
+        state.last_turn = state.open_turn
         state.open_turn = None
         state.pending = {}
         state.last_outcome = dict(d, agent=entry.agent)

@@ -49,6 +49,26 @@ def _wait_progress(r: redis.Redis, charges: int, handles: list | None = None,
     return True
 
 
+def _wait_rows_completed(r: redis.Redis, swarm: str, ids: list[str],
+                         timeout: float = 120.0) -> None:
+    """Block until the store's task rows of `ids` say completed, reading Redis directly."""
+    from swarm.state import codec
+    from swarm.state.interface import TaskRow
+
+    raw = redis.Redis(connection_pool=r.connection_pool.__class__(
+        **{**r.connection_pool.connection_kwargs, "decode_responses": False}))
+    deadline = time.monotonic() + timeout
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        rows = raw.hmget(f"swarm:s:{swarm}:tasks", ids)
+        states = {i: codec.decode(TaskRow, v, task_id=i, what="row").state if v else "missing"
+                  for i, v in zip(ids, rows, strict=True)}
+        if set(states.values()) == {"completed"}:
+            return
+        r.blpop(["payments:progress"], timeout=0.5)  # wakes on progress, else polls
+    raise AssertionError(f"tasks did not complete without a client call: {states}")
+
+
 def _check_exactly_once(r: redis.Redis, accounts: list[str]) -> None:
     for acct in accounts:
         assert r.get(f"balance:{acct}") == "20", acct
@@ -86,6 +106,9 @@ def test_supervisor_killed_rebuilds_its_table_and_clients_keep_handles(pay) -> N
     _wait_progress(r, 8)
     sup = ray.get_actor(supervisor_actor_name(name), namespace=NAMESPACE)
     ray.kill(sup, no_restart=False)
+    # The restarted supervisor resumes the tasks by itself: they finish, as the durable task
+    # rows show, before any client calls it again.
+    _wait_rows_completed(r, name, [h.id for h in handles])
     # The same handles work against the restarted supervisor.
     for h in handles:
         assert h.result(timeout=120) == ANSWER

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from a2a.types import TaskState, TaskStatus
@@ -78,6 +79,38 @@ async def test_undisturbed_run_writes_a_replayable_log(tmp_path: Path) -> None:
     assert len(await store.snapshots(row["task_id"])) >= 1
     persisted = await store.get_task(row["task_id"])
     assert persisted is not None and persisted.state == "completed"
+
+
+async def test_a_turn_whose_result_was_lost_is_reported_in_full(tmp_path: Path) -> None:
+    # The agent logged the end of its turn, then died before the supervisor got the result:
+    # the resent turn must report what the turn did (messages, steps, usage), not an empty turn.
+    from swarm.runtime.agent import TurnRequest
+
+    first = MemoryCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path), store=first) as sw:
+        task_id = (await sw.run("x"))["task_id"]
+    # The store as the crash left it: the log ends with agent a's turn_end.
+    entries = await first.read(task_id)
+    end = next(i for i, e in enumerate(entries) if e.kind == "turn_end")
+    entries = entries[: end + 1]
+    store = MemoryCheckpointer()
+    await store.append(task_id, [msgspec.structs.replace(e, seq=-1) for e in entries])
+    mine = [e for e in entries if e.kind in ("model", "tool")]
+    dt.RUNS.clear()
+    async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+        msg = a2a.dumps(a2a.text_message("x", role="user", task_id=task_id))
+        again = await sw.hosts["a"].run_turn(TurnRequest(
+            task_id=task_id, context_id=task_id, message=msg, transcript=[], step_offset=0,
+            max_steps=10, log_id=task_id, turn_id="0", resume=True))
+    assert again.kind == "handoff" and again.target == "b"
+    assert again.steps == 3
+    assert again.model_calls == sum(e.kind == "model" for e in mine) == 3
+    assert again.tool_calls == sum(e.kind == "tool" and not e.data.get("handoff") for e in mine) == 2
+    assert again.input_tokens > 0 and again.output_tokens > 0
+    assert again.added[0] == {"role": "user", "content": "x"}
+    assert len(again.added) == 1 + len(mine)
+    assert dt.RUNS == {}  # reporting it again ran nothing again
+    assert len(await store.read(task_id)) == len(entries)  # and wrote nothing
 
 
 async def test_crash_during_a_non_idempotent_call_asks_an_operator(tmp_path: Path) -> None:
