@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -176,8 +177,12 @@ class Budgets(_Strict):
     task: TaskBudget = TaskBudget()
 
 
+# When a session's log is made durable (see StateConfig.checkpoint and swarm.runtime.journal).
+CheckpointPolicy = Literal["every_step", "every_n", "phase"]
+
+
 class StateConfig(_Strict):
-    """Where task state lives and how often it is snapshotted."""
+    """Where task state lives, how often it is made durable and how often snapshotted."""
 
     store: str = Field(
         "embedded",
@@ -189,6 +194,30 @@ class StateConfig(_Strict):
     max_turn_retries: int = Field(
         5, ge=0, description="times a turn is resumed after its agent replica dies"
     )
+    checkpoint: CheckpointPolicy = Field(
+        "every_step",
+        description="when the log is made durable: every_step (each model answer and tool "
+        "result at once), every_n (every `checkpoint_every` steps) or phase (at turn start, turn "
+        "end or handoff, and input_required only). Under every_n and phase a crash loses the "
+        "steps since the last checkpoint: the resumed session replays from the last durable "
+        "entry and runs those steps again, calling the model again. Side effects are never "
+        "repeated: before a tool that is not read-only or idempotent runs, everything so far "
+        "is made durable, and its result is written at once. A due snapshot is a checkpoint too",
+    )
+    checkpoint_every: int | None = Field(
+        None, validate_default=True,
+        description="steps between checkpoints (>= 1); only with checkpoint: every_n",
+    )
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_every(cls, v: int | None, info: ValidationInfo) -> int | None:
+        policy = info.data.get("checkpoint")
+        if policy == "every_n" and (v is None or v < 1):
+            raise ValueError("checkpoint: every_n needs checkpoint_every, an integer >= 1")
+        if policy is not None and policy != "every_n" and v is not None:
+            raise ValueError(f"only used with checkpoint: every_n, not {policy}")
+        return v
 
     @field_validator("store")
     @classmethod

@@ -293,7 +293,9 @@ class AgentHost:
                 session.step = state.step
                 self._own_counters(session, state, turn.base)
                 session.journal = Journal(self.store, log_id, self.role, turn=turn.turn,
-                                          snapshot_every=snapshot_every, base=state)
+                                          snapshot_every=snapshot_every, base=state,
+                                          checkpoint=self.cfg.state.checkpoint,
+                                          checkpoint_every=self.cfg.state.checkpoint_every)
                 outcome = await self._loop.resume(session, state.pending, req.decision, limits,
                                                   turn_start=1 + turn.start)
                 return outcome, 1 + turn.start
@@ -320,7 +322,9 @@ class AgentHost:
             transcript=[],
         )
         session.journal = Journal(self.store, log_id, self.role, turn=req.turn_id,
-                                  snapshot_every=snapshot_every, base=base)
+                                  snapshot_every=snapshot_every, base=base,
+                                  checkpoint=self.cfg.state.checkpoint,
+                                  checkpoint_every=self.cfg.state.checkpoint_every)
         await session.journal.turn_start(text, len(req.transcript))
         return None, first
 

@@ -1,10 +1,19 @@
 """The step loop's write-ahead journal: what a session did, logged to a `Checkpointer`.
 
-Per step it writes (a) the model's answer with its tool calls, plus a `started` ledger record per
+Per step it logs (a) the model's answer with its tool calls, plus a `started` ledger record per
 tool call, before any tool runs, and (b) each tool's result, plus its `finished` ledger record,
-as it completes. Each is one atomic append, so a step is durable before it is reported done, and
+as it completes. When they become durable is the checkpoint policy (`state.checkpoint`):
+
+- `every_step`: each of them is one atomic append at once.
+- `every_n`: they are buffered and written in one atomic append every `checkpoint_every` steps.
+- `phase`: they are buffered until the turn ends (or hands off, or needs input).
+
+Under every policy the turn's start and end are durable at once, a due snapshot is a checkpoint,
+and the step loop calls `checkpoint()` before a tool with side effects runs and again after its
+result is logged, so such a call is never made without its `started` record being durable, and
 after a crash the calls with no result are exactly those that started but may not have finished.
-Snapshots are written every `snapshot_every` steps, off the step's path.
+What a crash loses is only buffered work, which the resumed session does again. Snapshots are
+written every `snapshot_every` steps, off the step's path, of durable state only.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import logging
 import time
 from typing import Any
 
+from swarm.config import CheckpointPolicy
 from swarm.models.interface import ToolCall, Usage
 from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry, ledger_key
 from swarm.state.replay import OpenTurn, TaskState, to_snapshot
@@ -31,7 +41,9 @@ class Journal:
     """Logs one session's turn of one task; created per turn by the agent host."""
 
     def __init__(self, store: Checkpointer, log_id: str, agent: str, *, turn: str,
-                 snapshot_every: int = 100, base: TaskState | None = None) -> None:
+                 snapshot_every: int = 100, base: TaskState | None = None,
+                 checkpoint: CheckpointPolicy = "every_step",
+                 checkpoint_every: int | None = None) -> None:
         self.store = store
         self.log_id = log_id
         self.agent = agent
@@ -44,11 +56,53 @@ class Journal:
         self.open_turn: OpenTurn | None = self.base.open_turn
         self._snapshotting: asyncio.Task[None] | None = None
         self.entries_written = 0
+        self.policy = checkpoint
+        self.checkpoint_every = checkpoint_every or 1
+        # Written but not yet durable, in order; ledger records by key, so a call's `finished`
+        # record replaces its `started` one. `self.seq` stays the last durable entry's seq.
+        self._entries: list[LogEntry] = []
+        self._ledger: dict[str, LedgerRecord] = {}
+        self._steps = 0  # steps ended since the last checkpoint
 
-    async def _append(self, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
-                      ) -> None:
-        self.seq = await self.store.append(self.log_id, entries, ledger)
+    @property
+    def buffered(self) -> int:
+        """Log entries written but not yet durable."""
+        return len(self._entries)
+
+    async def _append(self, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
+                      *, now: bool = False) -> None:
+        self._entries.extend(entries)
+        for rec in ledger or ():
+            self._ledger[rec.key] = rec
+        if now or self.policy == "every_step":
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Make everything written so far durable, in one atomic append (a no-op if nothing is
+        buffered)."""
+        self._steps = 0
+        if not self._entries and not self._ledger:
+            return
+        entries, ledger = self._entries, list(self._ledger.values())
+        # Taken out before the append: one that raised may still have been applied, so
+        # writing these again later could log them twice (the turn fails instead).
+        self._entries, self._ledger = [], {}
+        seq = await self.store.append(self.log_id, entries, ledger or None)
+        if entries:
+            self.seq = seq
         self.entries_written += len(entries)
+
+    async def end_step(self, step: int) -> None:
+        """Note that `step` ended; checkpoint if the policy (or a due snapshot) says so."""
+        self._steps += 1
+        if not self._entries and not self._ledger:
+            self._steps = 0  # everything up to here is durable already
+            return
+        if self.policy == "every_n" and self._steps >= self.checkpoint_every:
+            await self.checkpoint()
+        elif self.snapshot_every > 0 and step % self.snapshot_every == 0:
+            # A snapshot may only hold durable state, so the step it is taken at is durable.
+            await self.checkpoint()
 
     async def turn_start(self, text: str, transcript_len: int) -> None:
         """Log that this agent's turn began with `text` (at `transcript_len` in the transcript)."""
@@ -57,7 +111,8 @@ class Journal:
                                   step_offset=base.step, base=base.totals())
         base.turns += 1
         await self._append([LogEntry(kind="turn_start", agent=self.agent, step=base.step,
-                                     ts=time.time(), data={"input": text, "turn": self.turn})])
+                                     ts=time.time(), data={"input": text, "turn": self.turn})],
+                           now=True)
 
     async def model(self, step: int, message: dict[str, Any], usage: Usage,
                     calls: list[ToolCall]) -> None:
@@ -93,9 +148,9 @@ class Journal:
         )
 
     async def turn_end(self, step: int, outcome: dict[str, Any]) -> None:
-        """Log how the turn ended (after `step`)."""
+        """Log how the turn ended (after `step`), durable with everything buffered before it."""
         await self._append([LogEntry(kind="turn_end", agent=self.agent, step=step,
-                                     ts=time.time(), data=outcome)])
+                                     ts=time.time(), data=outcome)], now=True)
         await self.flush()
 
     def maybe_snapshot(self, messages: list[dict[str, Any]], step: int,
@@ -123,7 +178,8 @@ class Journal:
             log.warning("snapshot of %s at seq %s failed", self.log_id, snap.seq, exc_info=True)
 
     async def flush(self) -> None:
-        """Wait for a snapshot in flight."""
+        """Make buffered entries durable and wait for a snapshot in flight."""
+        await self.checkpoint()
         if self._snapshotting is not None:
             await asyncio.gather(self._snapshotting, return_exceptions=True)
 

@@ -177,7 +177,8 @@ class StepLoop:
         session.messages.append(assistant)
         journal = session.journal
         if journal is not None:
-            # The intent, durable before any tool runs (see swarm.runtime.journal).
+            # The intent, logged before any tool runs and durable before one with side effects
+            # does (see swarm.runtime.journal).
             await journal.model(step, assistant, usage, resp.tool_calls)
         if not resp.tool_calls:
             await self._after_step(session, step, t0)
@@ -196,8 +197,13 @@ class StepLoop:
             if target is not None:
                 outcome = self._handoff(session, step, call, target)
                 handoff = handoff or outcome
-                is_error = False
+                is_error = effects = False
             else:
+                effects = not self.toolbox.safe_to_repeat(call.name)
+                if journal is not None and effects:
+                    # Whatever the checkpoint policy, this call's `started` record (and all
+                    # before it) is durable before the side effect can happen.
+                    await journal.checkpoint()
                 result = await self._call_tool(session, step, index, call, limits)
                 session.messages.append(
                     {"role": "tool", "tool_call_id": call.id, "content": result.content}
@@ -206,6 +212,9 @@ class StepLoop:
             if journal is not None:
                 await journal.tool(step, index, call, session.messages[-1], is_error,
                                    handoff=target is not None)
+            if journal is not None and effects:
+                # And its result at once: after a crash it must not look unfinished.
+                await journal.checkpoint()
         return handoff
 
     async def resume(self, session: Session, pending: dict[int, dict[str, Any]],
@@ -225,9 +234,7 @@ class StepLoop:
             fn = raw.get("function") or {}
             call = ToolCall(id=raw.get("id", ""), name=fn.get("name", ""),
                             arguments=fn.get("arguments", ""))
-            entry = self.toolbox.resolve(call.name)
-            safe = entry is None or entry.spec.idempotent or entry.spec.read_only
-            if safe or decision == "rerun":
+            if self.toolbox.safe_to_repeat(call.name) or decision == "rerun":
                 todo.append((index, call))
             elif decision == "skip":
                 session.messages.append({"role": "tool", "tool_call_id": call.id, "content": (
@@ -235,7 +242,10 @@ class StepLoop:
                     "operator chose not to run it again; it may or may not have taken effect")})
                 if session.journal is not None:
                     await session.journal.tool(step, index, call, session.messages[-1], True)
+                    await session.journal.checkpoint()  # the operator's decision, at once
             else:
+                if session.journal is not None:
+                    await session.journal.checkpoint()  # a phase boundary
                 return Outcome("input_required", text=(
                     f"Agent {self.agent} was running tool {call.name!r} (step {step}, call "
                     f"{index}, arguments {call.arguments[:200]}) when its process died. The "
@@ -260,10 +270,14 @@ class StepLoop:
         return None
 
     async def _after_step(self, session: Session, step: int, t0: float) -> None:
-        if session.journal is not None:
-            session.journal.maybe_snapshot(session.messages, step, {
-                "input_tokens": session.input_tokens, "output_tokens": session.output_tokens,
-                "model_calls": session.model_calls, "tool_calls": session.tool_calls})
+        journal = session.journal
+        if journal is not None:
+            await journal.end_step(step)
+            if not journal.buffered:
+                # A snapshot holds only durable state: its seq is the last durable entry's.
+                journal.maybe_snapshot(session.messages, step, {
+                    "input_tokens": session.input_tokens, "output_tokens": session.output_tokens,
+                    "model_calls": session.model_calls, "tool_calls": session.tool_calls})
         self.emit(
             StepFinished(
                 task_id=session.task_id,

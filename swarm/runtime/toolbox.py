@@ -63,6 +63,16 @@ class Toolbox:
         """The granted tool of this name, or None."""
         return self._entries.get(name)
 
+    def safe_to_repeat(self, name: str) -> bool:
+        """Whether a call of `name` may run again with no further effect.
+
+        True for tools declared read-only or idempotent, for handoffs, and for names that
+        resolve to no tool (their calls fail before reaching one). A tool that declares nothing
+        is taken to have side effects.
+        """
+        entry = self._entries.get(name)
+        return entry is None or entry.spec.read_only or entry.spec.idempotent
+
     def handoff_target(self, name: str) -> str | None:
         """The agent a handoff tool names, or None if `name` is not a handoff tool."""
         return self._handoffs.get(name)

@@ -1,0 +1,249 @@
+"""Checkpoint policies: fewer writes, yet no side effect is ever repeated after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from swarm.config import parse_config
+from swarm.errors import ConfigError
+from swarm.models.interface import ToolCall, Usage
+from swarm.runtime.journal import Journal
+from swarm.state.interface import LedgerRecord, LogEntry
+from swarm.state.memory import MemoryCheckpointer
+from swarm.state.replay import fold
+from swarm.testing import LocalSwarm
+from tests.unit import durable_tools as dt
+
+LOOKUP = {"name": "lookup", "arguments": {"key": "{{ task }}-{{ step }}"}}
+PAY = {"name": "pay", "arguments": {"key": "{{ task }}-pay"}}
+
+# One agent, eight steps: four lookups, a payment, two lookups, the answer.
+LONG = [
+    {"when": {"agent": "a", "called": {"lookup": {"max": 3}, "pay": 0}}, "tool_calls": [LOOKUP]},
+    {"when": {"agent": "a", "called": {"lookup": 4, "pay": 0}}, "tool_calls": [PAY]},
+    {"when": {"agent": "a", "called": {"lookup": {"max": 5}, "pay": 1}}, "tool_calls": [LOOKUP]},
+    {"when": {"agent": "a"}, "content": "done: {{ results.pay }}"},
+]
+
+# Two lookups, then a handoff to b, which answers.
+HANDOFF = [
+    {"when": {"agent": "a", "called": {"lookup": {"max": 1}}}, "tool_calls": [LOOKUP]},
+    {"when": {"agent": "a"},
+     "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "{{ last }}"}}]},
+    {"when": {"agent": "b"}, "content": "done: {{ last_user }}"},
+]
+
+# Two lookups, a payment, the answer.
+PAY_THIRD = [
+    {"when": {"agent": "a", "called": {"lookup": {"max": 1}}}, "tool_calls": [LOOKUP]},
+    {"when": {"agent": "a", "called": {"pay": 0}}, "tool_calls": [PAY]},
+    {"when": {"agent": "a"}, "content": "done: {{ results.pay }}"},
+]
+
+
+class CountingCheckpointer(MemoryCheckpointer):
+    """The memory store, remembering what each append carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appends: list[tuple[list[str], list[tuple[str, str]]]] = []
+
+    async def append(self, task_id: str, entries: list[LogEntry],
+                     ledger: list[LedgerRecord] | None = None) -> int:
+        self.appends.append(([e.kind for e in entries],
+                             [(r.tool, r.state) for r in ledger or ()]))
+        return await super().append(task_id, entries, ledger)
+
+
+def make_cfg(tmp_path: Path, rules: list[dict[str, Any]], **state: Any) -> Any:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": rules}))
+    return parse_config({
+        "name": "ckpt",
+        "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
+        "tools": {"t": {"python": ["tests.unit.durable_tools:pay",
+                                   "tests.unit.durable_tools:lookup"]}},
+        "agents": {"a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
+                   "b": {"model": "m"}},
+        "supervisor": {"entry": "a"},
+        "state": {"snapshot_every": 0, **state},
+    }, base_dir=tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    dt.RUNS.clear()
+    dt.HOLD.clear()
+    dt.ENTERED.clear()
+
+
+async def _crash_while(cfg: Any, store: MemoryCheckpointer, text: str, key: str,
+                       inspect: Callable[[], Awaitable[None]] | None = None) -> str:
+    """Submit `text`; while the tool call `key` runs, `inspect`, then die. Returns the task id."""
+    dt.HOLD[key] = asyncio.Event()
+    dt.ENTERED[key] = asyncio.Event()
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit(text)
+        await asyncio.wait_for(dt.ENTERED[key].wait(), 10)
+        if inspect is not None:
+            await inspect()
+        await sw.crash()
+    dt.HOLD.clear()
+    return task_id
+
+
+async def _wait_state(rec: Any, state: str) -> None:
+    while rec.state != state:
+        await rec.changed.wait()
+
+
+async def test_every_n_writes_fewer_appends_for_the_same_answer(tmp_path: Path) -> None:
+    each = CountingCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path, LONG), store=each) as sw:
+        row_each = await sw.run("x")
+    batched = CountingCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path, LONG, checkpoint="every_n", checkpoint_every=3),
+                          store=batched) as sw:
+        row_batched = await sw.run("x")
+    assert row_each["answer"] == row_batched["answer"] == "done: paid x-pay"
+    assert row_each["steps"] == row_batched["steps"] == 8
+    # every_step: the turn's start and end, and per step a model answer and a tool result.
+    assert len(each.appends) == 2 + 8 + 7
+    assert [kinds for kinds, _ in batched.appends] == [
+        ["turn_start"],
+        ["model", "tool", "model", "tool", "model", "tool"],  # steps 1-3
+        ["model", "tool", "model"],  # step 4, and step 5's answer before `pay` runs
+        ["tool"],  # pay's result, at once
+        ["model", "tool", "model", "tool", "model"],  # steps 6-8
+        ["turn_end"],
+    ]
+    # Lookups' ledger records travel with the log; a lookup's started and finished records
+    # collapse into one. Pay's are written on their own, before and after it runs.
+    assert batched.appends[2][1] == [("lookup", "finished"), ("pay", "started")]
+    assert batched.appends[3][1] == [("pay", "finished")]
+    # The log reads the same either way, seq by seq.
+    tid_each, tid_batched = row_each["task_id"], row_batched["task_id"]
+    log_each, log_batched = await each.read(tid_each), await batched.read(tid_batched)
+    assert [(e.seq, e.kind, e.step) for e in log_each] == \
+        [(e.seq, e.kind, e.step) for e in log_batched]
+    ledger = await batched.ledger(tid_batched)
+    assert len(ledger) == 7 and {r.state for r in ledger.values()} == {"finished"}
+
+
+async def test_phase_writes_at_turn_boundaries_only(tmp_path: Path) -> None:
+    store = CountingCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path, HANDOFF, checkpoint="phase"), store=store) as sw:
+        row = await sw.run("h")
+    assert row["state"] == "completed" and row["answer"].startswith("done: ")
+    assert [kinds for kinds, _ in store.appends] == [
+        ["turn_start"],
+        ["model", "tool", "model", "tool", "model", "tool", "turn_end"],  # a, to the handoff
+        ["turn_start"],
+        ["model", "turn_end"],  # b
+    ]
+    assert dt.RUNS == {"h-1": 1, "h-2": 1}
+
+
+async def test_a_side_effect_is_durable_as_started_before_it_happens(tmp_path: Path) -> None:
+    store = CountingCheckpointer()
+    cfg = make_cfg(tmp_path, PAY_THIRD, checkpoint="phase")
+    seen: dict[str, Any] = {}
+
+    async def inspect() -> None:
+        # `pay` is running now (its side effect under way) and the turn is far from its end.
+        tid = next(iter(store.logs))
+        seen["ledger"] = {r.tool: r.state for r in (await store.ledger(tid)).values()}
+        seen["log"] = [e.kind for e in await store.read(tid)]
+
+    task_id = await _crash_while(cfg, store, "p", "p-pay", inspect)
+    assert seen["ledger"] == {"lookup": "finished", "pay": "started"}
+    assert seen["log"] == ["turn_start", "model", "tool", "model", "tool", "model"]
+    assert len(store.appends) == 2  # the turn start, then one flush forced by `pay`
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        rec = sw2.supervisor.get(task_id)
+        await asyncio.wait_for(_wait_state(rec, "input_required"), 10)
+        assert "pay" in rec.question
+        await sw2.supervisor.respond(task_id, "skip")
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed"
+    # The lookups were durable with pay's intent, so nothing ran twice.
+    assert dt.RUNS == {"p-1": 1, "p-2": 1, "p-pay": 1}
+
+
+async def test_resume_under_every_n_redoes_lost_steps_but_not_side_effects(
+        tmp_path: Path) -> None:
+    store = CountingCheckpointer()
+    cfg = make_cfg(tmp_path, LONG, checkpoint="every_n", checkpoint_every=3)
+    # Step 7's lookup is running: step 6 is buffered, steps 1-5 (with pay) are durable.
+    task_id = await _crash_while(cfg, store, "r", "r-7")
+    assert [e.step for e in await store.read(task_id) if e.kind == "model"] == [1, 2, 3, 4, 5]
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed" and row["answer"] == "done: paid r-pay"
+    assert row["steps"] == 8  # as in an undisturbed run
+    assert dt.RUNS["r-pay"] == 1  # the side effect happened once
+    assert dt.RUNS["r-6"] == 2 and dt.RUNS["r-7"] == 2  # lost steps ran again
+    assert all(dt.RUNS[f"r-{i}"] == 1 for i in range(1, 5))
+    steps = [e.step for e in await store.read(task_id) if e.kind == "model"]
+    assert steps == list(range(1, 9))  # the log holds each step once
+
+
+async def test_snapshots_hold_only_durable_state(tmp_path: Path) -> None:
+    store = CountingCheckpointer()
+    cfg = make_cfg(tmp_path, LONG, checkpoint="every_n", checkpoint_every=3, snapshot_every=2)
+    async with LocalSwarm(cfg, store=store) as sw:
+        row = await sw.run("s")
+    tid = row["task_id"]
+    seqs = await store.snapshots(tid)
+    assert seqs
+    for seq in seqs:
+        snap = await store.get_snapshot(tid, seq)
+        from_log = fold(None, await store.read(tid, upto=seq))
+        assert fold(snap, []).transcript == from_log.transcript
+        assert snap is not None and snap.step == from_log.step
+
+
+async def test_flush_writes_what_is_buffered() -> None:
+    store = MemoryCheckpointer()
+    journal = Journal(store, "t", "a", turn="0", checkpoint="phase")
+    await journal.turn_start("hi", 0)
+    call = ToolCall(id="c", name="lookup", arguments="{}")
+    await journal.model(1, {"role": "assistant", "content": None}, Usage(), [call])
+    assert len(await store.read("t")) == 1 and journal.buffered == 1 and journal.seq == 0
+    await journal.flush()
+    assert [e.kind for e in await store.read("t")] == ["turn_start", "model"]
+    assert journal.buffered == 0 and journal.seq == 1
+    assert [r.state for r in (await store.ledger("t")).values()] == ["started"]
+
+
+@pytest.mark.parametrize(("state", "message"), [
+    ({"checkpoint": "every_n"}, "needs checkpoint_every"),
+    ({"checkpoint": "every_n", "checkpoint_every": 0}, "an integer >= 1"),
+    ({"checkpoint": "phase", "checkpoint_every": 3}, "only used with checkpoint: every_n"),
+    ({"checkpoint_every": 3}, "only used with checkpoint: every_n"),
+])
+def test_checkpoint_every_is_checked(tmp_path: Path, state: dict[str, Any], message: str
+                                     ) -> None:
+    with pytest.raises(ConfigError) as ei:
+        make_cfg(tmp_path, LONG, **state)
+    assert message in dict(ei.value.problems)["state.checkpoint_every"]
+
+
+def test_unknown_checkpoint_policy_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as ei:
+        make_cfg(tmp_path, LONG, checkpoint="sometimes")
+    assert "every_n" in dict(ei.value.problems)["state.checkpoint"]
+
+
+def test_checkpoint_defaults_to_every_step(tmp_path: Path) -> None:
+    state = make_cfg(tmp_path, LONG).state
+    assert state.checkpoint == "every_step" and state.checkpoint_every is None
+    assert make_cfg(tmp_path, LONG, checkpoint="every_n",
+                    checkpoint_every=5).state.checkpoint_every == 5
