@@ -105,7 +105,8 @@ async def test_a_turn_whose_result_was_lost_is_reported_in_full(tmp_path: Path) 
     assert again.kind == "handoff" and again.target == "b"
     assert again.steps == 3
     assert again.model_calls == sum(e.kind == "model" for e in mine) == 3
-    assert again.tool_calls == sum(e.kind == "tool" and not e.data.get("handoff") for e in mine) == 2
+    tools = sum(e.kind == "tool" and not e.data.get("handoff") for e in mine)
+    assert again.tool_calls == tools == 2
     assert again.input_tokens > 0 and again.output_tokens > 0
     assert again.added[0] == {"role": "user", "content": "x"}
     assert len(again.added) == 1 + len(mine)
