@@ -48,6 +48,8 @@ if str(REPO_ROOT) not in sys.path:
 import psutil  # noqa: E402 - after the path set-up, like the swarm imports below
 import redis  # noqa: E402
 
+from swarm.runtime.deploy import RAY_SYSTEM_CONFIG  # noqa: E402
+
 CONFIGS = REPO_ROOT / "tests" / "integration" / "configs"
 ANSWER = "done: charged 1, balance 20"
 STEPS = 21  # twenty charges plus the answer, as an undisturbed run takes
@@ -369,6 +371,7 @@ def actor_kill(report: Report) -> None:
         url = private_redis(stack)
         temp_dir = short_tmp(stack, "rs-ak-")
         ctx = ray.init(address="local", num_cpus=2, namespace=NAMESPACE, _temp_dir=temp_dir,
+                       _system_config=RAY_SYSTEM_CONFIG,
                        include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=free_port(), log_to_driver=False,
                        runtime_env={"env_vars": worker_env(url)})
@@ -440,7 +443,7 @@ def kill_all(procs: list[psutil.Process]) -> None:
 
 # A lost node is declared dead after three missed 500 ms health checks instead of ~16 s.
 FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
-                      "health_check_failure_threshold": 3}
+                      "health_check_failure_threshold": 3, **RAY_SYSTEM_CONFIG}
 
 
 def node_loss(report: Report) -> None:
@@ -562,7 +565,8 @@ class HeadProcess:
     def start(self) -> float:
         """Start the head (same ports every time); the seconds `ray start` took."""
         cmd = [RAY_BIN, "start", "--head", "--temp-dir", self.temp_dir, "--num-cpus", "2",
-               "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
+               "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+               "--system-config", json.dumps(RAY_SYSTEM_CONFIG)]
         for flag, port in self.ports.items():
             cmd += [flag, str(port)]
         log_path = Path(self.temp_dir) / "ray-start.log"

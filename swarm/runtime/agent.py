@@ -259,6 +259,14 @@ class AgentHost:
                 await session.journal.turn_end(session.step, {
                     "outcome": kind, "text": reply, "target": target,
                     "error_class": error_class, "error": error, "turn": req.turn_id})
+            elif session.journal is not None and kind == "canceled":
+                # Under every_n / phase, steps a cancel cut short are still buffered: keep them
+                # in the log (history and fork see them); a failing store doesn't hide the cancel.
+                try:
+                    await session.journal.checkpoint()
+                except Exception:
+                    log.warning("task %s: buffered steps lost at cancel", req.task_id,
+                                exc_info=True)
         out = a2a.text_message(
             reply or (error or ""), role="agent", task_id=req.task_id,
             context_id=req.context_id, metadata={"agent": self.role, "outcome": kind},

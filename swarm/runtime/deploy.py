@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 NAMESPACE = "swarm"
 DEFAULT_SERVE_PORT = 8000
 
+# Ray settings that recovery depends on. When an actor's worker dies under a call, the caller
+# waits up to `timeout_ms_task_wait_for_death_info` (1 s by default) for the GCS to say why
+# before it sees the error, and only then can the supervisor resume the turn. 100 ms is enough
+# on one machine. A long-lived cluster gets it from `ray start --system-config` (README).
+RAY_SYSTEM_CONFIG: dict[str, int] = {"timeout_ms_task_wait_for_death_info": 100}
+
 
 def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
     """Connect to Ray once: `address`, else `RAY_ADDRESS` (as under `ray job submit`), else local.
@@ -39,7 +45,8 @@ def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
             ray.init(address=target, namespace=NAMESPACE, log_to_driver=False)
         else:
             ray.init(
-                address="local", namespace=NAMESPACE, log_to_driver=False, include_dashboard=False
+                address="local", namespace=NAMESPACE, log_to_driver=False,
+                include_dashboard=False, _system_config=RAY_SYSTEM_CONFIG,
             )
     except ConnectionError as exc:
         raise UserError(
