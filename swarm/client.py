@@ -36,6 +36,8 @@ class TaskInfo:
     error: str | None
     metadata: dict[str, Any]
     question: str | None = None
+    model_calls: int = 0
+    tool_calls: int = 0
 
     @classmethod
     def from_summary(cls, row: dict[str, Any]) -> TaskInfo:

@@ -259,7 +259,7 @@ class AgentHost:
                 await session.journal.turn_end(session.step, {
                     "outcome": kind, "text": reply, "target": target,
                     "error_class": error_class, "error": error, "turn": req.turn_id})
-            elif session.journal is not None and kind == "canceled":
+            elif session.journal is not None and kind == "canceled" and self.store is not None:
                 # Under every_n / phase, steps a cancel cut short are still buffered: keep them
                 # in the log (history and fork see them); a failing store doesn't hide the cancel.
                 try:

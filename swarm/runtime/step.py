@@ -17,6 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from swarm.errors import ModelError, RunError, classify
 from swarm.events import Event, Handoff, ModelCalled, StepFinished, StepStarted, ToolCalled
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall
+from swarm.runtime.middleware import (
+    Middleware,
+    ModelCall,
+    StopTurn,
+    ToolInvocation,
+    compose_model,
+    compose_tool,
+)
 from swarm.runtime.toolbox import Toolbox
 from swarm.state.interface import ledger_key
 from swarm.tools.interface import ToolContext, ToolResult
@@ -93,6 +101,22 @@ class StepLoop:
     emit: Emit
     model_name: str = ""
     clock: _Clock = field(default_factory=_Clock)
+    # Layers around every model and tool call (swarm.runtime.middleware), outermost first.
+    middleware: list[Middleware] = field(default_factory=list)
+    _model_fn: Any = field(default=None, init=False, repr=False)
+    _tool_fn: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.use(self.middleware)
+
+    def use(self, layers: list[Middleware]) -> None:
+        """Set the middleware layers (composed once here, not per call)."""
+        self.middleware = list(layers)
+        self._model_fn = compose_model(self.middleware, self._complete) if layers else None
+        self._tool_fn = compose_tool(self.middleware, _invoke_tool) if layers else None
+
+    async def _complete(self, call: ModelCall) -> ModelResponse:
+        return await self.model.complete(call.request)
 
     async def run_turn(self, session: Session, limits: TurnLimits) -> Outcome:
         """Run steps until a final answer, a handoff, a failure or a limit."""
@@ -109,7 +133,10 @@ class StepLoop:
                 return Outcome(
                     "failed", error_class="budget", error="wall-clock limit reached", steps=taken
                 )
-            outcome = await self.step(session, limits)
+            try:
+                outcome = await self.step(session, limits)
+            except StopTurn as stop:
+                outcome = stop.outcome
             taken += 1
             if outcome is not None:
                 outcome.steps = taken
@@ -122,16 +149,20 @@ class StepLoop:
         emit, task_id, agent = self.emit, session.task_id, self.agent
         emit(StepStarted(task_id=task_id, ts=now(), agent=agent, step=step))
         t0 = perf()
+        request = ModelRequest(
+            messages=session.messages,
+            tools=self.toolbox.schemas,
+            session_id=session.session_id,
+            agent=agent,
+        )
         try:
-            resp = await self.model.complete(
-                ModelRequest(
-                    messages=session.messages,
-                    tools=self.toolbox.schemas,
-                    session_id=session.session_id,
-                    agent=agent,
+            if self._model_fn is None:
+                resp = await self.model.complete(request)
+            else:
+                resp = await self._model_fn(
+                    ModelCall(session, step, agent, self.model_name, request)
                 )
-            )
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, StopTurn):
             raise
         except Exception as exc:
             err = exc if isinstance(exc, RunError) else ModelError(f"{type(exc).__name__}: {exc}")
@@ -251,7 +282,10 @@ class StepLoop:
                     f"{index}, arguments {call.arguments[:200]}) when its process died. The "
                     "tool is not declared idempotent, so it may or may not have taken effect. "
                     "Answer 'rerun' to run it again or 'skip' to continue without it."))
-        handoff = await self._run_calls(session, step, todo, limits) if todo else None
+        try:
+            handoff = await self._run_calls(session, step, todo, limits) if todo else None
+        except StopTurn as stop:
+            return stop.outcome
         if handoff is not None:
             return handoff
         # Only this turn's own answers count (the transcript before it is other agents').
@@ -339,12 +373,19 @@ class StepLoop:
                                                step, index),
                 )
                 try:
-                    coro = entry.source.call(entry.spec.name, args, ctx)
+                    if self._tool_fn is None:
+                        coro = entry.source.call(entry.spec.name, args, ctx)
+                    else:
+                        coro = self._tool_fn(ToolInvocation(
+                            session, step, index, self.agent, call, entry, args, ctx))
                     if limits.tool_timeout_s is not None:
                         result = await asyncio.wait_for(coro, limits.tool_timeout_s)
                     else:
                         result = await coro
                 except asyncio.CancelledError:
+                    raise
+                except StopTurn:
+                    session.tool_calls -= 1  # stopped before it ran: not a call
                     raise
                 except TimeoutError:
                     error_class = "tool"
@@ -376,6 +417,10 @@ class StepLoop:
             )
         )
         return result
+
+
+async def _invoke_tool(inv: ToolInvocation) -> ToolResult:
+    return await inv.entry.source.call(inv.entry.spec.name, inv.args, inv.ctx)
 
 
 def _assistant_message(resp: ModelResponse, agent: str) -> dict[str, Any]:

@@ -143,6 +143,8 @@ class TaskRecord:
             "steps": self.steps,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
+            "model_calls": self.model_calls,
+            "tool_calls": self.tool_calls,
             "created": self.created,
             "updated": self.updated,
             "answer": self.answer,

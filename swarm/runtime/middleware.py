@@ -1,0 +1,112 @@
+"""Middleware around the step loop's model and tool calls: where observability and governance
+plug in (tracing, metrics, the usage ledger, budgets, stuck detection, approvals, rate limits).
+
+A `Middleware` wraps each model call and each tool call, onion style: it sees the call before
+the next layer does (to check a budget, wait on a rate limit, ask for an approval, open a span)
+and the result after (to record usage, close the span). The loop composes the layers once per
+agent role, so a role with no middleware pays nothing and each layer costs one await.
+
+A layer stops the turn by raising `StopTurn` with the outcome the turn should end with (a
+budget stop, a pending approval, a stuck task); any other exception from a model layer fails
+the step like a model error, and from a tool layer reaches the model as a tool error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from swarm.models.interface import ModelRequest, ModelResponse, ToolCall
+from swarm.tools.interface import ToolContext, ToolResult
+
+if TYPE_CHECKING:
+    from swarm.runtime.step import Outcome, Session
+    from swarm.runtime.toolbox import ToolEntry
+
+
+@dataclass(slots=True)
+class ModelCall:
+    """One model call on its way through the middleware."""
+
+    session: Session
+    step: int
+    agent: str
+    model: str
+    request: ModelRequest
+    # Scratch space a layer may use to pass things down (a span, a trace context).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ToolInvocation:
+    """One tool call on its way through the middleware (after its name and JSON arguments
+    were checked: `entry` is the granted tool, `args` the parsed arguments)."""
+
+    session: Session
+    step: int
+    index: int
+    agent: str
+    call: ToolCall
+    entry: ToolEntry
+    args: dict[str, Any]
+    ctx: ToolContext
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+NextModel = Callable[[ModelCall], Awaitable[ModelResponse]]
+NextTool = Callable[[ToolInvocation], Awaitable[ToolResult]]
+
+
+class StopTurn(Exception):
+    """Raised by a layer to end the turn now with `outcome`."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.error or outcome.text or outcome.kind)
+        self.outcome = outcome
+
+
+class Middleware:
+    """A layer around model and tool calls; the defaults pass calls straight through."""
+
+    async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
+        """Wrap one model call; must call `nxt(call)` at most once, or raise."""
+        return await nxt(call)
+
+    async def on_tool(self, inv: ToolInvocation, nxt: NextTool) -> ToolResult:
+        """Wrap one tool call; must call `nxt(inv)` at most once, or raise."""
+        return await nxt(inv)
+
+
+def compose_model(layers: list[Middleware], inner: NextModel) -> NextModel:
+    """The model call through every layer whose `on_model` is overridden, outermost first."""
+    fn = inner
+    for layer in reversed(layers):
+        if type(layer).on_model is Middleware.on_model:
+            continue
+        fn = _bind_model(layer, fn)
+    return fn
+
+
+def compose_tool(layers: list[Middleware], inner: NextTool) -> NextTool:
+    """The tool call through every layer whose `on_tool` is overridden, outermost first."""
+    fn = inner
+    for layer in reversed(layers):
+        if type(layer).on_tool is Middleware.on_tool:
+            continue
+        fn = _bind_tool(layer, fn)
+    return fn
+
+
+def _bind_model(layer: Middleware, nxt: NextModel) -> NextModel:
+    async def call(c: ModelCall) -> ModelResponse:
+        return await layer.on_model(c, nxt)
+
+    return call
+
+
+def _bind_tool(layer: Middleware, nxt: NextTool) -> NextTool:
+    async def call(i: ToolInvocation) -> ToolResult:
+        return await layer.on_tool(i, nxt)
+
+    return call
