@@ -20,6 +20,7 @@ from swarm.events import Event
 from swarm.models.interface import Model
 from swarm.protocol import a2a
 from swarm.runtime.journal import Journal
+from swarm.runtime.middleware import build_middleware
 from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
 from swarm.state.interface import Checkpointer
@@ -186,6 +187,8 @@ class AgentHost:
                 toolbox=toolbox,
                 emit=self.buffer.emit,
                 model_name=getattr(model_cfg, "model", self.agent_cfg.model),
+                middleware=build_middleware(self.cfg, self.role, store=self.store,
+                                            emit=self.buffer.emit),
             )
 
     @property

@@ -110,3 +110,15 @@ def _bind_tool(layer: Middleware, nxt: NextTool) -> NextTool:
         return await layer.on_tool(i, nxt)
 
     return call
+
+
+def build_middleware(cfg: Any, role: str, *, store: Any = None,
+                     emit: Callable[[Any], None] | None = None) -> list[Middleware]:
+    """The layers an agent role runs with, outermost first, from the swarm config.
+
+    Order matters: tracing sees every call, including ones a later layer stops; usage is
+    recorded for calls that ran; limits are checked closest to the call, so a stopped call
+    costs nothing. Each feature adds its layer here when the config asks for it.
+    """
+    layers: list[Middleware] = []
+    return layers
