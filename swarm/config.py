@@ -48,6 +48,24 @@ class LatencyConfig(_Strict):
     jitter: float = Field(0.0, ge=0, le=1, description="relative jitter, 0.1 = ±10%")
 
 
+class Price(_Strict):
+    """What a model costs, in USD per million tokens (for the usage ledger and cost budgets)."""
+
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per 1M prompt tokens")
+    output_per_mtok: float = Field(0.0, ge=0, description="USD per 1M completion tokens")
+    cached_input_per_mtok: float | None = Field(
+        None, ge=0, description="USD per 1M cached prompt tokens; default: the input price"
+    )
+
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        """USD for one call's usage (cached tokens are part of `input_tokens`)."""
+        cached = min(max(cached_tokens, 0), input_tokens)
+        cached_rate = self.input_per_mtok if self.cached_input_per_mtok is None \
+            else self.cached_input_per_mtok
+        return ((input_tokens - cached) * self.input_per_mtok + cached * cached_rate
+                + output_tokens * self.output_per_mtok) / 1e6
+
+
 class ScriptedModelConfig(_Strict):
     """The deterministic scripted engine, deployed as a Ray Serve OpenAI-compatible app."""
 
@@ -60,6 +78,7 @@ class ScriptedModelConfig(_Strict):
         "http",
         description="http: through Ray Serve like a real model server; in_process: no Serve",
     )
+    price: Price = Field(Price(), description="for cost accounting; scripted is free by default")
     # Filled by the loader: the parsed policy, so the config carries it to every process.
     policy_spec: dict[str, Any] | None = None
 
@@ -75,6 +94,7 @@ class OpenAIModelConfig(_Strict):
     max_retries: int = Field(3, ge=0, le=20)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
+    price: Price = Field(Price(), description="USD per million tokens, for the ledger and budgets")
 
     @field_validator("base_url")
     @classmethod

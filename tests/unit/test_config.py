@@ -176,3 +176,18 @@ def test_cli_validate_imports_function_tools(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["validate", str(bad)])
     assert res.exit_code == 2
     assert "tools.fn.python.0" in res.output and "no_such_function" in res.output
+
+
+def test_prices_are_checked_and_priced() -> None:
+    data = _base()
+    data["models"] = {"gpt": {"provider": "openai", "base_url": "http://127.0.0.1:1/v1",
+                              "model": "x", "price": {"input_per_mtok": -1}}}
+    data["agents"] = {"a": {"model": "gpt"}}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert "models.gpt.openai.price.input_per_mtok" in _paths(exc.value)
+    data["models"]["gpt"]["price"] = {"input_per_mtok": 3, "output_per_mtok": 15,
+                                      "cached_input_per_mtok": 0.3}
+    price = parse_config(data).models["gpt"].price
+    # 800 fresh + 200 cached prompt tokens, 500 completion tokens.
+    assert price.cost(1000, 500, cached_tokens=200) == pytest.approx(0.00996)
