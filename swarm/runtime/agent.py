@@ -23,7 +23,7 @@ from swarm.runtime.journal import Journal
 from swarm.runtime.middleware import build_middleware
 from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
-from swarm.state.interface import Checkpointer
+from swarm.state.interface import Checkpointer, Fenced
 from swarm.state.replay import TaskState, restore
 from swarm.tools.interface import ToolSource
 
@@ -240,6 +240,7 @@ class AgentHost:
             )
             first = 1 + len(req.transcript)  # index of this turn's first message
             limits = TurnLimits(max_steps=req.max_steps, deadline=req.deadline)
+            superseded = False
             try:
                 outcome: Outcome | None = None
                 if self.store is not None:
@@ -250,13 +251,21 @@ class AgentHost:
                 error_class, error, target = outcome.error_class, outcome.error, outcome.target
             except asyncio.CancelledError:
                 kind, reply, error_class, error, target = "canceled", "", None, "canceled", None
+            except Fenced as exc:
+                # Another copy of this turn took the task over; it reports the outcome.
+                log.warning("agent %s: %s", self.role, exc)
+                kind, reply, target = "canceled", "", None
+                error_class, error = "orchestration", str(exc)
+                superseded = True
             except Exception as exc:  # a bug in the loop must not take the role down
                 log.exception("agent %s: turn of task %s crashed", self.role, req.task_id)
                 kind, reply, target = "failed", "", None
                 error_class, error = classify(exc), f"{type(exc).__name__}: {exc}"
             finally:
                 self._running.pop(req.task_id, None)
-            if session.journal is not None and kind not in ("canceled", "input_required"):
+            if superseded:
+                pass
+            elif session.journal is not None and kind not in ("canceled", "input_required"):
                 # Logged after the turn, so a crash before this resumes the turn instead. A
                 # turn waiting for an operator hasn't ended: it resumes with the answer.
                 await session.journal.turn_end(session.step, {
@@ -294,6 +303,9 @@ class AgentHost:
         session.log_id = log_id
         snapshot_every = self.cfg.state.snapshot_every
         first = 1 + len(req.transcript)
+        # Every copy of a turn claims the task's log: a copy still running elsewhere (cut off,
+        # not dead) can't write, or start a tool call, from now on.
+        fence = await self.store.claim(log_id)
         if req.resume:
             state, problems = await restore(self.store, log_id)
             for problem in problems:
@@ -306,7 +318,8 @@ class AgentHost:
                 session.journal = Journal(self.store, log_id, self.role, turn=turn.turn,
                                           snapshot_every=snapshot_every, base=state,
                                           checkpoint=self.cfg.state.checkpoint,
-                                          checkpoint_every=self.cfg.state.checkpoint_every)
+                                          checkpoint_every=self.cfg.state.checkpoint_every,
+                                          fence=fence)
                 outcome = await self._loop.resume(session, state.pending, req.decision, limits,
                                                   turn_start=1 + turn.start)
                 return outcome, 1 + turn.start
@@ -335,7 +348,8 @@ class AgentHost:
         session.journal = Journal(self.store, log_id, self.role, turn=req.turn_id,
                                   snapshot_every=snapshot_every, base=base,
                                   checkpoint=self.cfg.state.checkpoint,
-                                  checkpoint_every=self.cfg.state.checkpoint_every)
+                                  checkpoint_every=self.cfg.state.checkpoint_every,
+                                  fence=fence)
         await session.journal.turn_start(text, len(req.transcript))
         return None, first
 

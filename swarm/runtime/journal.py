@@ -43,8 +43,11 @@ class Journal:
     def __init__(self, store: Checkpointer, log_id: str, agent: str, *, turn: str,
                  snapshot_every: int = 100, base: TaskState | None = None,
                  checkpoint: CheckpointPolicy = "every_step",
-                 checkpoint_every: int | None = None) -> None:
+                 checkpoint_every: int | None = None, fence: int | None = None) -> None:
         self.store = store
+        # This writer's token (`Checkpointer.claim`): once another copy of the turn claims a
+        # newer one, every append of this journal raises `Fenced` and the turn stops.
+        self.fence = fence
         self.log_id = log_id
         self.agent = agent
         self.turn = turn
@@ -87,7 +90,7 @@ class Journal:
         # Taken out before the append: one that raised may still have been applied, so
         # writing these again later could log them twice (the turn fails instead).
         self._entries, self._ledger = [], {}
-        seq = await self.store.append(self.log_id, entries, ledger or None)
+        seq = await self.store.append(self.log_id, entries, ledger or None, fence=self.fence)
         if entries:
             self.seq = seq
         self.entries_written += len(entries)

@@ -35,8 +35,10 @@ class AgentPool(ABC):
     """How the supervisor reaches agent roles; a session sticks to one replica of a role."""
 
     @abstractmethod
-    async def turn(self, role: str, key: str, req: TurnRequest) -> TurnResult:
-        """Run one turn on the replica that `key` maps to."""
+    async def turn(self, role: str, key: str, req: TurnRequest, attempt: int = 0) -> TurnResult:
+        """Run one turn on the replica that `key` maps to; a retry after that replica died
+        (`attempt` > 0) moves to the next one, so a turn resumes without waiting for the dead
+        replica to restart."""
 
     @abstractmethod
     async def cancel(self, role: str, key: str, task_id: str) -> None:
@@ -54,7 +56,7 @@ class LocalAgentPool(AgentPool):
     def __init__(self, hosts: dict[str, AgentHost]) -> None:
         self.hosts = hosts
 
-    async def turn(self, role: str, key: str, req: TurnRequest) -> TurnResult:
+    async def turn(self, role: str, key: str, req: TurnRequest, attempt: int = 0) -> TurnResult:
         """Run the turn in-process."""
         return await self.hosts[role].run_turn(req)
 
@@ -68,25 +70,32 @@ class RayAgentPool(AgentPool):
 
     def __init__(self, handles: dict[str, list[Any]]) -> None:
         self.handles = handles
+        self._where: dict[str, Any] = {}  # task id -> the replica running its turn now
 
-    def _pick(self, role: str, key: str) -> Any:
+    def _pick(self, role: str, key: str, attempt: int = 0) -> Any:
         replicas = self.handles[role]
-        return replicas[replica_for(key, len(replicas))]
+        return replicas[(replica_for(key, len(replicas)) + attempt) % len(replicas)]
 
-    async def turn(self, role: str, key: str, req: TurnRequest) -> TurnResult:
-        """Call `run_turn` on the sticky replica; a dead actor is an orchestration error."""
+    async def turn(self, role: str, key: str, req: TurnRequest, attempt: int = 0) -> TurnResult:
+        """Call `run_turn` on the sticky replica (the next one on a retry); a dead actor is an
+        orchestration error."""
         import ray
 
+        replica = self._pick(role, key, attempt)
+        self._where[req.task_id] = replica
         try:
-            result: TurnResult = await self._pick(role, key).run_turn.remote(req)
+            result: TurnResult = await replica.run_turn.remote(req)
         except ray.exceptions.RayActorError as exc:
             raise _ActorLost(f"agent {role} replica died during the turn: {exc}") from None
+        finally:
+            if self._where.get(req.task_id) is replica:
+                del self._where[req.task_id]
         return result
 
     async def cancel(self, role: str, key: str, task_id: str) -> None:
-        """Ask the replica to cancel; a replica that is gone has nothing to cancel."""
+        """Ask the replica running the turn to cancel; one that is gone has nothing to cancel."""
         try:
-            await self._pick(role, key).cancel.remote(task_id)
+            await self._where.get(task_id, self._pick(role, key)).cancel.remote(task_id)
         except Exception:
             log.debug("cancel of %s on %s failed", task_id, role, exc_info=True)
 
@@ -521,7 +530,7 @@ class Supervisor:
         try:
             while True:
                 try:
-                    result = await self.pool.turn(agent, context_id, req)
+                    result = await self.pool.turn(agent, context_id, req, attempt=retries)
                 except _ActorLost as exc:
                     # The replica died mid-turn; Ray restarts it, and it resumes the turn from
                     # the durable log. Without a store there is nothing to resume from.

@@ -49,6 +49,7 @@ from swarm.state.interface import (
     FORMAT_VERSION,
     Checkpointer,
     CorruptRecord,
+    Fenced,
     LedgerRecord,
     LogEntry,
     Snapshot,
@@ -128,6 +129,7 @@ class ArrowCheckpointer(Checkpointer):
         self.max_open = max(1, max_open)
         self._base = root.rstrip("/") + "/" if root else ""
         self._tails: dict[str, _Tail] = {}
+        self._fences: dict[str, int] = {}
         self._open: OrderedDict[str, _Tail] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -268,11 +270,25 @@ class ArrowCheckpointer(Checkpointer):
 
     # -- the Checkpointer ----------------------------------------------------------------------
 
+    async def claim(self, task_id: str) -> int:
+        """A new writer token, kept in the task's `fence` file. Fencing holds among the
+        writers of this process; writers in several processes need the Redis store."""
+        async with self._lock(task_id):
+            data = await self._io(self._read, f"{self.task_dir(task_id)}/fence")
+            token = (int(data.to_pybytes()) if data is not None else 0) + 1
+            await self._io(self._put, f"{self.task_dir(task_id)}/fence", str(token).encode())
+            self._fences[task_id] = token
+            return token
+
     async def append(
-        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
+        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
+        *, fence: int | None = None,
     ) -> int:
         """Append entries and upsert ledger records as one record batch, in one write."""
         async with self._lock(task_id):
+            current = self._fences.get(task_id, 0)
+            if fence is not None and fence < current:
+                raise Fenced(task_id, fence, current)
             tail = self._tails.get(task_id)
             if tail is None:
                 tail = self._tails[task_id] = await self._io(self._recover, task_id)
@@ -423,6 +439,7 @@ class ArrowCheckpointer(Checkpointer):
         """Remove a task's log, snapshots, ledger and row."""
         async with self._lock(task_id):
             self._close(task_id, self._tails.pop(task_id, None))
+            self._fences.pop(task_id, None)
             await self._io(self._delete, task_id)
 
     def _delete(self, task_id: str) -> None:

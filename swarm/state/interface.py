@@ -93,6 +93,16 @@ class CorruptRecord(CheckpointError):
         super().__init__(f"task {task_id}: {what} is unusable: {reason}")
 
 
+class Fenced(CheckpointError):
+    """An append carried an older writer token than the task's current one: another writer
+    (a resumed copy of the turn) has taken the task over, so this one must stop."""
+
+    def __init__(self, task_id: str, token: int, current: int) -> None:
+        self.task_id, self.token, self.current = task_id, token, current
+        super().__init__(f"task {task_id}: writer token {token} was superseded by {current}; "
+                         "another copy of this turn took over")
+
+
 class StoreUnavailable(CheckpointError):
     """The durable store can't be reached (after the backend's own bounded retries)."""
 
@@ -112,10 +122,24 @@ class Checkpointer(ABC):
 
     @abstractmethod
     async def append(
-        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
+        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
+        *, fence: int | None = None,
     ) -> int:
         """Append entries (assigning their seq) and upsert ledger records, atomically, in one
-        round trip; return the seq of the last entry appended (-1 if none)."""
+        round trip; return the seq of the last entry appended (-1 if none).
+
+        With `fence` (a token from `claim`), the append happens only if no newer token was
+        claimed for the task since; otherwise it raises `Fenced` and changes nothing.
+        """
+
+    @abstractmethod
+    async def claim(self, task_id: str) -> int:
+        """Become the task's writer: a token greater than every token claimed before for it.
+
+        A turn claims one when it starts or resumes; appends fenced with an older token then
+        fail, so a copy of a turn that is still running somewhere (a replica cut off rather
+        than dead) can't write, and can't start a tool call, once another copy took over.
+        """
 
     @abstractmethod
     async def read(self, task_id: str, after: int = -1, upto: int | None = None) -> list[LogEntry]:

@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from swarm.state import codec
-from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry, Snapshot, TaskRow
+from swarm.state.interface import (
+    Checkpointer,
+    Fenced,
+    LedgerRecord,
+    LogEntry,
+    Snapshot,
+    TaskRow,
+)
 
 
 class MemoryCheckpointer(Checkpointer):
@@ -24,11 +31,22 @@ class MemoryCheckpointer(Checkpointer):
         self.ledgers: dict[str, dict[str, bytes]] = {}
         self.rows: dict[str, bytes] = {}
         self.row_swarm: dict[str, str] = {}
+        self.fences: dict[str, int] = {}
+
+    async def claim(self, task_id: str) -> int:
+        """A new writer token for the task."""
+        token = self.fences.get(task_id, 0) + 1
+        self.fences[task_id] = token
+        return token
 
     async def append(
-        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
+        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
+        *, fence: int | None = None,
     ) -> int:
         """Append entries and upsert ledger records (atomic: nothing is awaited)."""
+        current = self.fences.get(task_id, 0)
+        if fence is not None and fence < current:
+            raise Fenced(task_id, fence, current)
         encoded = [codec.encode(e) for e in entries]  # fail before changing anything
         records = [(rec.key, codec.encode(rec)) for rec in ledger or ()]
         log = self.logs.setdefault(task_id, [])
@@ -95,7 +113,8 @@ class MemoryCheckpointer(Checkpointer):
 
     async def delete(self, task_id: str) -> None:
         """Remove everything of one task."""
-        for table in (self.logs, self.snaps, self.ledgers, self.rows, self.row_swarm):
+        for table in (self.logs, self.snaps, self.ledgers, self.rows, self.row_swarm,
+                      self.fences):
             table.pop(task_id, None)  # type: ignore[attr-defined]
 
     async def info(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Layout under a key prefix (default `swarm`):
 - `{p}:t:{task}:ledger` HASH idempotency key → encoded ledger record
 - `{p}:t:{task}:tok`    ZSET of recent append tokens, scored by the log length they produced
 - `{p}:t:{task}:swarm`  STRING, the swarm whose row the task has
+- `{p}:t:{task}:fence`  STRING, the newest writer token (`claim`); older tokens can't append
 - `{p}:s:{swarm}:tasks` HASH task id → encoded row
 
 Every write is one round trip to a Lua script, so it is atomic and ordered with the others.
@@ -52,6 +53,7 @@ from swarm.state import codec
 from swarm.state.interface import (
     FORMAT_VERSION,
     Checkpointer,
+    Fenced,
     LedgerRecord,
     LogEntry,
     Snapshot,
@@ -68,13 +70,17 @@ _READ_PAGE = 1024  # entries per read round trip: bounds what one call makes Red
 _APPEND = """
 local seen = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if seen then return tonumber(seen) end
+if ARGV[3] ~= '' then
+  local current = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if tonumber(ARGV[3]) < current then return -1 - current end
+end
 local n = tonumber(ARGV[2])
 local len = 0
 if n == 0 then len = redis.call('LLEN', KEYS[1]) end
-for i = 3, 2 + n, 1000 do
-  len = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, 2 + n)))
+for i = 4, 3 + n, 1000 do
+  len = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, 3 + n)))
 end
-for i = 3 + n, #ARGV, 1000 do
+for i = 4 + n, #ARGV, 1000 do
   redis.call('HSET', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 redis.call('ZADD', KEYS[3], len, ARGV[1])
@@ -286,16 +292,25 @@ class RedisCheckpointer(Checkpointer):
         finally:
             self._release(conn)
 
+    async def claim(self, task_id: str) -> int:
+        """A new writer token for the task (INCR of its fence key)."""
+        return int(await self._cmd("INCR", self._k(task_id, "fence")))
+
     async def append(
-        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None
+        self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
+        *, fence: int | None = None,
     ) -> int:
         """Append entries and upsert ledger records atomically, in one round trip."""
-        args: list[Any] = [os.urandom(12), len(entries)]  # the retry token
+        # The retry token, then the writer token ('' for none).
+        args: list[Any] = [os.urandom(12), len(entries), "" if fence is None else fence]
         args += [codec.encode(e) for e in entries]
         for rec in ledger or ():
             args += (rec.key, codec.encode(rec))
-        keys = (self._k(task_id, "log"), self._k(task_id, "ledger"), self._k(task_id, "tok"))
+        keys = (self._k(task_id, "log"), self._k(task_id, "ledger"), self._k(task_id, "tok"),
+                self._k(task_id, "fence"))
         length = int(await self._eval("append", keys, args))
+        if length < 0:
+            raise Fenced(task_id, fence or 0, -1 - length)
         first = length - len(entries)
         for i, e in enumerate(entries):
             e.seq = first + i
@@ -377,7 +392,7 @@ class RedisCheckpointer(Checkpointer):
 
     async def delete(self, task_id: str) -> None:
         """Remove every key of a task and its row, atomically."""
-        keys = [self._k(task_id, w) for w in ("log", "snap", "ledger", "tok", "swarm")]
+        keys = [self._k(task_id, w) for w in ("log", "snap", "ledger", "tok", "swarm", "fence")]
         await self._eval("delete", keys, (task_id, self.prefix))
 
     async def info(self) -> dict[str, Any]:

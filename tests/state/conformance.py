@@ -20,6 +20,7 @@ from swarm.state import codec
 from swarm.state.interface import (
     Checkpointer,
     CorruptRecord,
+    Fenced,
     LedgerRecord,
     LogEntry,
     Snapshot,
@@ -100,6 +101,23 @@ class CheckpointerConformance:
         assert await store.append("t", [], [record("t:a:1:1", "finished", "done")]) == -1
         assert (await store.ledger("t"))["t:a:1:1"].result == "done"
         assert len(await store.read("t")) == 2
+
+    async def test_a_superseded_writer_can_no_longer_append(self, backend: Backend) -> None:
+        store = backend.store
+        old = await store.claim("t")
+        assert await store.append("t", [entry(1)], [record("t:a:1:0")], fence=old) == 0
+        new = await store.claim("t")
+        assert new > old
+        with pytest.raises(Fenced, match="task t: writer token"):
+            await store.append("t", [entry(2)], [record("t:a:2:0")], fence=old)
+        # The refused append changed nothing: no entry, no ledger record.
+        assert [e.step for e in await store.read("t")] == [1]
+        assert sorted(await store.ledger("t")) == ["t:a:1:0"]
+        assert await store.append("t", [entry(2)], fence=new) == 1
+        assert await store.append("t", [entry(3)]) == 2  # unfenced writers (the supervisor)
+        assert await store.claim("other") == 1  # tokens are per task
+        await store.delete("t")
+        assert await store.claim("t") >= 1
 
     async def test_concurrent_appenders_get_distinct_seqs_and_lose_nothing(
         self, backend: Backend

@@ -63,8 +63,8 @@ def alerts():
 
 
 async def test_the_same_append_token_applies_once(store: RedisCheckpointer) -> None:
-    keys = [store._k("t", w) for w in ("log", "ledger", "tok")]
-    args = [b"token-1", 2, b"e0", b"e1", b"k", b"v"]
+    keys = [store._k("t", w) for w in ("log", "ledger", "tok", "fence")]
+    args = [b"token-1", 2, b"", b"e0", b"e1", b"k", b"v"]
     assert await store._eval("append", keys, args) == 2
     assert await store._eval("append", keys, args) == 2  # a retry: nothing appended again
     assert await store._eval("append", keys, [b"token-2", *args[1:]]) == 4

@@ -55,10 +55,11 @@ class CountingCheckpointer(MemoryCheckpointer):
         self.appends: list[tuple[list[str], list[tuple[str, str]]]] = []
 
     async def append(self, task_id: str, entries: list[LogEntry],
-                     ledger: list[LedgerRecord] | None = None) -> int:
+                     ledger: list[LedgerRecord] | None = None, *,
+                     fence: int | None = None) -> int:
         self.appends.append(([e.kind for e in entries],
                              [(r.tool, r.state) for r in ledger or ()]))
-        return await super().append(task_id, entries, ledger)
+        return await super().append(task_id, entries, ledger, fence=fence)
 
 
 def make_cfg(tmp_path: Path, rules: list[dict[str, Any]], **state: Any) -> Any:

@@ -159,6 +159,37 @@ async def test_crash_during_an_idempotent_call_resumes_by_itself(tmp_path: Path)
     assert row["steps"] == 4  # same as an undisturbed run: no step lost or repeated
 
 
+async def test_a_cut_off_copy_of_a_turn_is_fenced_out(tmp_path: Path) -> None:
+    # Replica A's turn hangs in an idempotent lookup (cut off, not dead). The supervisor gives
+    # up on it and resumes the turn on replica B, which runs it to the end. When A wakes up,
+    # it must not write, nor go on to the payment: B owns the task now.
+    from swarm.runtime.agent import TurnRequest
+
+    store = MemoryCheckpointer()
+    cfg = make_cfg(tmp_path)
+    dt.HOLD["f-1"], dt.ENTERED["f-1"] = asyncio.Event(), asyncio.Event()
+    async with LocalSwarm(cfg, store=store) as a, LocalSwarm(cfg, store=store) as b:
+        task_id = "fenced-task"
+        msg = a2a.dumps(a2a.text_message("f", role="user", task_id=task_id))
+
+        def req(resume: bool) -> TurnRequest:
+            return TurnRequest(task_id=task_id, context_id=task_id, message=msg, transcript=[],
+                               step_offset=0, max_steps=10, log_id=task_id, turn_id="0",
+                               resume=resume)
+
+        first = asyncio.create_task(a.hosts["a"].run_turn(req(False)))
+        await asyncio.wait_for(dt.ENTERED["f-1"].wait(), 10)
+        hold = dt.HOLD.pop("f-1")  # the copy on B doesn't hang
+        second = await b.hosts["a"].run_turn(req(True))
+        assert second.kind == "handoff" and second.target == "b"
+        written = len(await store.read(task_id))
+        hold.set()  # A wakes up
+        stale = await asyncio.wait_for(first, 10)
+    assert stale.kind == "canceled" and "took over" in (stale.error or "")
+    assert len(await store.read(task_id)) == written  # A wrote nothing after B took over
+    assert dt.RUNS == {"f-1": 2, "f-2": 1}  # the lookup twice (idempotent), the payment once
+
+
 async def test_crash_between_turns_continues_with_the_next_agent(tmp_path: Path) -> None:
     store = MemoryCheckpointer()
     cfg = make_cfg(tmp_path)
