@@ -344,6 +344,22 @@ def measure_recovery(progress: Progress, victims: set[str], break_it: Callable[[
     return Recovery((back - t0) * 1000, gone)
 
 
+def wait_alive(handles: list[Any], timeout: float = EVENT_TIMEOUT_S) -> None:
+    """Block until every actor answers a call (a restarting one refuses calls until then)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    for h in handles:
+        while True:
+            try:
+                ray.get(h.stats.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # the actor is restarting; ask again shortly
+
+
 def report_recoveries(report: Report, recoveries: list[Recovery]) -> None:
     """Print the recovery figures: per failure, median and max."""
     charge = [r.charge_ms for r in recoveries]
@@ -388,8 +404,13 @@ def actor_kill(report: Report) -> None:
         progress.take(10)
         recoveries: list[Recovery] = []
         extra = 0
+        replicas = [ray.get_actor(agent_actor_name(name, "teller", i), namespace=NAMESPACE)
+                    for i in range(REPLICAS)]
         for i in range(5):
             replica = i % REPLICAS
+            # Failures are independent: the replica killed last has restarted (its call
+            # answers) before the next kill, as it would have in the time between real crashes.
+            wait_alive(replicas)
             # A killed worker can run on for a few hundred ms (old_worker_exit_ms): the tasks
             # timed must have more charges left than it could apply meanwhile.
             victims = unfinished(progress.r, [j for j in jobs if j.replica == replica], 8)
@@ -416,6 +437,7 @@ def actor_kill(report: Report) -> None:
         report_recoveries(report, recoveries)
         report.check("five_kills_landed", len(recoveries) == 5, f"{len(recoveries)} kills")
         check_outcome(report, url, jobs)
+        wait_alive(replicas)
         restarts = [actor_location(gcs, agent_actor_name(name, "teller", i))["restarts"]
                     for i in range(REPLICAS)]
         report.figure("replica_restarts", restarts)
