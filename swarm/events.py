@@ -84,6 +84,15 @@ class TaskFinished(Event, tag="task_finished"):
     output_tokens: int = 0
 
 
+class TurnResumed(Event, tag="turn_resumed"):
+    """An agent resumed a turn that a crash interrupted: from where, and what it cost."""
+
+    step: int
+    source: str  # "hot" (the object-store snapshot), "durable" (the store's), or "log"
+    entries_replayed: int = 0
+    restore_ms: float = 0.0
+
+
 AnyEvent = (
     TaskStateChanged
     | StepStarted
@@ -92,6 +101,7 @@ AnyEvent = (
     | Handoff
     | StepFinished
     | TaskFinished
+    | TurnResumed
 )
 
 _encoder = msgspec.json.Encoder()

@@ -10,26 +10,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from swarm.config import MCPStdioConfig, SwarmConfig
 from swarm.errors import classify
-from swarm.events import Event
+from swarm.events import Event, TurnResumed
 from swarm.models.interface import Model
 from swarm.protocol import a2a
 from swarm.runtime.journal import Journal
 from swarm.runtime.middleware import build_middleware
 from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
-from swarm.state.interface import Checkpointer, Fenced
+from swarm.state import codec
+from swarm.state.interface import Checkpointer, Fenced, Snapshot
 from swarm.state.replay import TaskState, restore
 from swarm.tools.interface import ToolSource
 
 log = logging.getLogger(__name__)
 
 _FLUSH_INTERVAL_S = 0.05
+_HOT_TIMEOUT_S = 2.0
 
 
 @dataclass(slots=True)
@@ -51,6 +54,8 @@ class TurnRequest:
     resume: bool = False
     decision: str | None = None
     totals: dict[str, int] = field(default_factory=dict)
+    # On a resume: [ObjectRef] of the task's latest snapshot in the object store, if any.
+    hot: list[Any] | None = None
 
 
 @dataclass(slots=True)
@@ -162,6 +167,8 @@ class AgentHost:
         self._loop: StepLoop | None = None
         self._start_lock = asyncio.Lock()
         self.start_problems: list[str] = []
+        # Called with each durable snapshot (the actor publishes it to the object store).
+        self.publish_snapshot: Callable[[Snapshot], None] | None = None
 
     async def start(self) -> None:
         """Connect tool sources and resolve the toolbox; idempotent."""
@@ -307,11 +314,19 @@ class AgentHost:
         # not dead) can't write, or start a tool call, from now on.
         fence = await self.store.claim(log_id)
         if req.resume:
-            state, problems = await restore(self.store, log_id)
+            t0 = time.perf_counter()
+            hot = await self._hot_snapshot(req, log_id)
+            state, problems = await restore(self.store, log_id, snapshot=hot)
             for problem in problems:
                 log.warning("agent %s: %s", self.role, problem)
             turn = state.open_turn
             if turn is not None and turn.agent == self.role:
+                source = "hot" if hot is not None else \
+                    ("durable" if state.seq >= 0 and await self.store.snapshots(log_id) else "log")
+                self.buffer.emit(TurnResumed(
+                    task_id=req.task_id, ts=time.time(), agent=self.role, step=state.step,
+                    source=source, restore_ms=(time.perf_counter() - t0) * 1e3,
+                    entries_replayed=state.seq - (hot.seq if hot is not None else -1)))
                 session.messages = [self._system, *state.transcript]
                 session.step = state.step
                 self._own_counters(session, state, turn.base)
@@ -320,6 +335,7 @@ class AgentHost:
                                           checkpoint=self.cfg.state.checkpoint,
                                           checkpoint_every=self.cfg.state.checkpoint_every,
                                           fence=fence)
+                session.journal.on_snapshot = self.publish_snapshot
                 outcome = await self._loop.resume(session, state.pending, req.decision, limits,
                                                   turn_start=1 + turn.start)
                 return outcome, 1 + turn.start
@@ -350,8 +366,23 @@ class AgentHost:
                                   checkpoint=self.cfg.state.checkpoint,
                                   checkpoint_every=self.cfg.state.checkpoint_every,
                                   fence=fence)
+        session.journal.on_snapshot = self.publish_snapshot
         await session.journal.turn_start(text, len(req.transcript))
         return None, first
+
+    async def _hot_snapshot(self, req: TurnRequest, log_id: str) -> Snapshot | None:
+        """The task's latest snapshot from the Ray object store, if the supervisor holds one
+        and it is still there (its owner may have died: then the durable copy serves)."""
+        if not req.hot:
+            return None
+        try:
+            data = await asyncio.wait_for(req.hot[0], _HOT_TIMEOUT_S)
+            snap = codec.decode(Snapshot, data, task_id=log_id, what="hot snapshot")
+        except Exception as exc:
+            log.info("agent %s: hot snapshot of %s unusable (%s); using the store",
+                     self.role, log_id, exc)
+            return None
+        return snap if snap.task_id == log_id else None
 
     @staticmethod
     def _own_counters(session: Session, state: TaskState, base: dict[str, int]) -> None:
@@ -398,6 +429,8 @@ class AgentActor:
         self.replica = replica
         self.host = AgentHost(cfg, role, model, sources, store=open_store(store_spec))
         self.supervisor = supervisor
+        if supervisor is not None:
+            self.host.publish_snapshot = self._publish_snapshot
         self._flusher: asyncio.Task[None] | None = None
         self._started: asyncio.Task[None] | None = None
 
@@ -411,6 +444,12 @@ class AgentActor:
             await self.host.store.start()
         await self.host.start()
         self._flusher = asyncio.create_task(self._flush_loop())
+
+    def _publish_snapshot(self, snap: Snapshot) -> None:
+        # The supervisor puts it in the object store, so the object's owner outlives agent
+        # replicas (Ray 2.56 dropped `ray.put(_owner=...)`): a resume on any replica reads it
+        # from there instead of the durable store. Fire and forget, off the step path.
+        self.supervisor.put_hot.remote(snap.task_id, snap.seq, codec.encode(snap))
 
     async def ready(self) -> dict[str, Any]:
         """Start the host (tools connected) and the event flusher; report what was found."""

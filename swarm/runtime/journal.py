@@ -58,6 +58,9 @@ class Journal:
         self.seq = self.base.seq
         self.open_turn: OpenTurn | None = self.base.open_turn
         self._snapshotting: asyncio.Task[None] | None = None
+        # Called with each snapshot once it is durable (the agent actor publishes it to the
+        # Ray object store, so a resume elsewhere needn't read it back from the store).
+        self.on_snapshot: Any = None
         self.entries_written = 0
         self.policy = checkpoint
         self.checkpoint_every = checkpoint_every or 1
@@ -179,6 +182,12 @@ class Journal:
         except Exception:
             # A snapshot is an optimisation: restore falls back to older ones plus the log.
             log.warning("snapshot of %s at seq %s failed", self.log_id, snap.seq, exc_info=True)
+            return
+        if self.on_snapshot is not None:
+            try:
+                self.on_snapshot(snap)
+            except Exception:
+                log.debug("publishing the snapshot of %s failed", self.log_id, exc_info=True)
 
     async def flush(self) -> None:
         """Make buffered entries durable and wait for a snapshot in flight."""

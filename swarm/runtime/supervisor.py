@@ -29,6 +29,7 @@ from swarm.state.replay import restore
 log = logging.getLogger(__name__)
 
 _MAX_EVENTS_PER_TASK = 20_000
+_RESTART_WAIT_S = 120.0  # how long a turn waits for a dead replica to come back
 
 
 class AgentPool(ABC):
@@ -84,6 +85,8 @@ class RayAgentPool(AgentPool):
         replica = self._pick(role, key, attempt)
         self._where[req.task_id] = replica
         try:
+            if attempt:
+                await self._until_alive(role, replica)
             result: TurnResult = await replica.run_turn.remote(req)
         except ray.exceptions.RayActorError as exc:
             raise _ActorLost(f"agent {role} replica died during the turn: {exc}") from None
@@ -91,6 +94,25 @@ class RayAgentPool(AgentPool):
             if self._where.get(req.task_id) is replica:
                 del self._where[req.task_id]
         return result
+
+    async def _until_alive(self, role: str, replica: Any) -> None:
+        # A replica that is restarting refuses calls at once; wait (bounded) until it answers,
+        # so a retry isn't spent on it. A live replica answers in one round trip.
+        import ray
+
+        delay, deadline = 0.02, time.monotonic() + _RESTART_WAIT_S
+        while True:
+            try:
+                await replica.stats.remote()
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise _ActorLost(f"agent {role} replica did not come back in "
+                                     f"{_RESTART_WAIT_S:g} s") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except ray.exceptions.RayActorError as exc:
+                raise _ActorLost(f"agent {role} replica is gone: {exc}") from None
 
     async def cancel(self, role: str, key: str, task_id: str) -> None:
         """Ask the replica running the turn to cancel; one that is gone has nothing to cancel."""
@@ -212,6 +234,9 @@ class Supervisor:
         self.swarm_id = swarm_id or cfg.name
         self.tasks: dict[str, TaskRecord] = {}
         self.restore_problems: list[str] = []
+        # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
+        # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
+        self.hot: dict[str, tuple[int, list[Any]]] = {}
 
     # ---- API -------------------------------------------------------------------------------
 
@@ -539,6 +564,8 @@ class Supervisor:
                         raise
                     log.warning("task %s: %s; resuming (attempt %d)", rec.id, exc, retries)
                     req.resume, req.decision = True, None
+                    held = self.hot.get(req.log_id)
+                    req.hot = held[1] if held is not None else None
                     continue
                 if result.kind != "input_required":
                     break
@@ -700,6 +727,8 @@ class Supervisor:
             a2a.add_answer(rec.task, answer)
         rec.answer, rec.error_class, rec.error = answer, error_class, error
         rec.updated = self.clock()
+        for log_id in [k for k in self.hot if k == rec.id or k.startswith(rec.id + "/")]:
+            del self.hot[log_id]  # a finished task resumes nothing
         try:
             await self._persist(rec)
         except Exception:

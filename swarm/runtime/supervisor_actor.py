@@ -168,6 +168,22 @@ class SupervisorActor:
         await self._ensure()
         return await self.sup.events(task_id, cursor, min(max(timeout, 0.0), 60.0))
 
+    async def put_hot(self, log_id: str, seq: int, data: bytes) -> None:
+        """Hold an agent's latest snapshot of a log (encoded) in the object store, owned by
+        this actor so that it outlives the agent replicas."""
+        import ray
+
+        rec = self.sup.tasks.get(log_id.split("/", 1)[0])
+        if rec is None or rec.state in a2a.TERMINAL:
+            return  # arrived after the task ended: nothing will resume it
+        held = self.sup.hot.get(log_id)
+        if held is None or held[0] < seq:
+            self.sup.hot[log_id] = (seq, [ray.put(data)])
+
+    async def hot_snapshots(self) -> dict[str, int]:
+        """The seq of the snapshot held for each log id."""
+        return {log_id: seq for log_id, (seq, _) in self.sup.hot.items()}
+
     async def push_events(self, batch: list[Event]) -> None:
         """Receive a batch of live events from an agent replica."""
         self.sup.push_events(batch)

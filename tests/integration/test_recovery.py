@@ -14,6 +14,7 @@ import redis
 
 from swarm.client import SwarmClient
 from swarm.config import load_config
+from swarm.events import TurnResumed
 from swarm.runtime.deploy import NAMESPACE, start_swarm, stop_swarm
 from swarm.runtime.supervisor_actor import agent_actor_name, supervisor_actor_name
 
@@ -95,6 +96,27 @@ def test_agent_replica_killed_mid_task_resumes_its_sessions(pay) -> None:
     # Every task took 20 tool steps plus the answer, as an undisturbed run does.
     assert {h.status().steps for h in handles} == {21}
     _check_exactly_once(r, accounts)
+
+
+def test_a_resumed_turn_starts_from_the_hot_snapshot(pay) -> None:
+    # Both replicas die after the task's first snapshot: the turn resumes from the copy the
+    # supervisor holds in the object store and replays only the entries after it.
+    import ray
+
+    client, name, r = pay
+    handle = client.submit(f"acct-{uuid.uuid4().hex[:8]}")
+    sup = ray.get_actor(supervisor_actor_name(name), namespace=NAMESPACE)
+    deadline = time.monotonic() + 60
+    while handle.id not in ray.get(sup.hot_snapshots.remote()):
+        assert time.monotonic() < deadline, "no snapshot was published"
+        r.blpop(["payments:progress"], timeout=0.5)  # wakes on the next charge
+    _kill(name, "teller", 0)
+    _kill(name, "teller", 1)
+    assert handle.result(timeout=120) == ANSWER
+    resumed = [e for e in handle.events() if isinstance(e, TurnResumed)]
+    assert resumed, "the turn was not resumed"
+    assert resumed[0].source == "hot"
+    assert 0 < resumed[0].step < 21 and resumed[0].entries_replayed < 10 * 2 + 2
 
 
 def test_supervisor_killed_rebuilds_its_table_and_clients_keep_handles(pay) -> None:
