@@ -553,6 +553,10 @@ def node_loss(report: Report) -> None:
         waiting.join()
         report.figure("client_errors", waiting.errors)
         check_outcome(report, url, jobs)
+        # The tasks moved to the surviving replica at once; Ray restarts the lost replica on
+        # the other worker in the background (once the GCS declares the node dead).
+        wait_alive([ray.get_actor(agent_actor_name(name, "teller", i), namespace=NAMESPACE)
+                    for i in on_lost])
         now = {i: actor_location(gcs, agent_actor_name(name, "teller", i)) for i in on_lost}
         report.check("replicas_moved_to_other_worker",
                      all(a["node_id"] == survivor.node_id for a in now.values()),
