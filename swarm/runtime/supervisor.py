@@ -605,7 +605,7 @@ class Supervisor:
         sup = self.cfg.supervisor
         branches = [list(rec.transcript) for _ in sup.agents]
         results = await asyncio.gather(
-            *(self._chain(rec, a, text, t, resume=resume, log_id=f"{rec.id}/{a}")
+            *(self._branch(rec, a, text, t, f"{rec.id}/{a}", resume)
               for a, t in zip(sup.agents, branches, strict=True)),
             return_exceptions=True,
         )
@@ -637,8 +637,37 @@ class Supervisor:
                 *(f"## Branch failed\n{f}" for f in failures),
             ]
         )
-        return await self._chain(rec, sup.join, joined, rec.transcript, resume=resume,
-                                 log_id=f"{rec.id}/join")
+        return await self._branch(rec, sup.join, joined, rec.transcript, f"{rec.id}/join",
+                                  resume)
+
+    async def _branch(self, rec: TaskRecord, agent: str, text: str,
+                      transcript: list[dict[str, Any]], log_id: str, resume: bool
+                      ) -> TurnResult:
+        """Run one branch (its own log) from `agent`; after a restart, from where its log
+        ends: an open turn resumes with its agent, an ended one is not run again."""
+        if not resume or self.store is None:
+            return await self._chain(rec, agent, text, transcript, log_id=log_id)
+        state, problems = await restore(self.store, log_id)
+        for problem in problems:
+            log.warning("task %s, branch %s: %s", rec.id, log_id, problem)
+        turn = state.open_turn
+        if turn is not None:
+            transcript[:] = state.transcript[: turn.start]
+            text = state.transcript[turn.start].get("content") or ""
+            return await self._chain(rec, turn.agent, text, transcript, resume=True,
+                                     log_id=log_id)
+        done = state.last_outcome
+        if done is None:
+            return await self._chain(rec, agent, text, transcript, log_id=log_id)
+        transcript[:] = state.transcript
+        if done.get("outcome") == "handoff" and done.get("target"):
+            return await self._chain(rec, done["target"], done.get("text") or "", transcript,
+                                     log_id=log_id)
+        return TurnResult(
+            task_id=rec.id, agent=done.get("agent", ""), kind=done.get("outcome", "failed"),
+            message=a2a.dumps(a2a.text_message(done.get("text") or "", role="agent")),
+            text=done.get("text") or "", error_class=done.get("error_class"),
+            error=done.get("error"))
 
     async def _route(self, rec: TaskRecord, text: str) -> TurnResult:
         """Ask the router model which agent should take the task, then run from there."""
