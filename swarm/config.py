@@ -228,6 +228,18 @@ class StateConfig(_Strict):
         None, validate_default=True,
         description="steps between checkpoints (>= 1); only with checkpoint: every_n",
     )
+    archive: str | None = Field(
+        None,
+        description="a pyarrow filesystem URI (file:///data/archive, s3://bucket/prefix) that "
+        "older log segments and finished tasks move to out of Redis; reads span both. Needs a "
+        "Redis store (embedded, redis://, rediss://, unix://)",
+    )
+    archive_after: int = Field(
+        1000, ge=0,
+        description="with archive: log entries (about two a step) a task keeps in Redis before "
+        "a snapshot moves the ones up to the previous snapshot to the archive; 0: only finished "
+        "tasks are archived",
+    )
 
     @field_validator("checkpoint_every")
     @classmethod
@@ -245,6 +257,20 @@ class StateConfig(_Strict):
         if v in ("embedded", "none", "memory") or re.match(r"^[a-z][a-z0-9+.-]*://", v):
             return v
         raise ValueError("expected embedded, none, memory, or a URL such as redis://host:6379/0")
+
+    @field_validator("archive")
+    @classmethod
+    def _archive(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if not re.match(r"^[a-z][a-z0-9+.-]*://.", v):
+            raise ValueError("expected a pyarrow filesystem URI such as file:///data/archive "
+                             "or s3://bucket/prefix")
+        store = info.data.get("store", "")
+        if store != "embedded" and not re.match(r"^(redis|rediss|unix)://", store):
+            raise ValueError(f"an archive needs a redis store (embedded, redis://...), "
+                             f"not {store!r}")
+        return v
 
 
 class LimitsConfig(_Strict):
