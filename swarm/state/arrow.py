@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from swarm.errors import CheckpointError
 from swarm.state import codec
 from swarm.state.interface import (
     FORMAT_VERSION,
@@ -187,16 +188,18 @@ class ArrowCheckpointer(Checkpointer):
             self.fs.create_dir(posixpath.dirname(path), recursive=True)
             return opener(path)
 
-    def _put(self, path: str, data: bytes) -> None:
-        """Write a whole file; on a local disk through a rename, so readers see old or new."""
+    def _put(self, path: str, data: bytes, sync: bool = False) -> None:
+        """Write a whole file; on a local disk through a rename, so readers see old or new
+        (and synced to disk with `fsync`, or `sync`)."""
         target, path = path, f"{path}.{os.urandom(6).hex()}.tmp" if self.local else path
+        sync = (sync or self.fsync) and self.local
         with self._open_out(path) as f:
             f.write(data)
         if self.local:
-            if self.fsync:
+            if sync:
                 _fsync(path)
             self.fs.move(path, target)
-            if self.fsync:
+            if sync:
                 _fsync(posixpath.dirname(target))
 
     def _remove(self, path: str) -> None:
@@ -357,6 +360,55 @@ class ArrowCheckpointer(Checkpointer):
                     e.seq = s
                     out.append(e)
         return out
+
+    async def next_seq(self, task_id: str) -> int:
+        """The seq after the task's last stored entry (0 if none), read from storage."""
+        tail = await self._io(self._recover, task_id, thread=True)
+        return tail.next_seq
+
+    async def write_segment(self, task_id: str, entries: list[LogEntry],
+                            ledger: list[LedgerRecord] | None = None) -> int:
+        """Store entries that already have their seqs (another store's), with ledger records,
+        as one new segment file, written whole (and synced, on a local disk); read it back and
+        return the seq after the log's last entry. This is how `TieredCheckpointer` archives.
+
+        Entries the store already holds are skipped, so a repeated call writes nothing new
+        (ledger records are written again if given again); entries that would leave a gap
+        after the last stored one raise `CheckpointError`, and so does finding the segment's
+        name taken (another writer got there first).
+        """
+        async with self._lock(task_id):
+            # Appends of this instance would go on from a stale tail: recover it on next use.
+            self._close(task_id, self._tails.pop(task_id, None))
+            return await self._io(self._write_segment, task_id, entries, ledger or [],
+                                  thread=True)
+
+    def _write_segment(self, task_id: str, entries: list[LogEntry],
+                       ledger: list[LedgerRecord]) -> int:
+        end = self._recover(task_id).next_seq
+        new = [e for e in entries if e.seq >= end]
+        if [e.seq for e in new] != list(range(end, end + len(new))):
+            raise CheckpointError(
+                f"task {task_id}: can't archive entries {new[0].seq}..{new[-1].seq}: they must "
+                f"be consecutive and start at {end}, the archived log's end")
+        if not new and not ledger:
+            return end
+        part = sum(s.first == end for s in self._segments(task_id))
+        path = f"{self.task_dir(task_id)}/log-{end:012d}{f'-{part}' if part else ''}.arrows"
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            raise CheckpointError(f"task {task_id}: {path} exists: another writer is archiving")
+        rows = [(e.seq, e.kind, e.agent, e.step, e.ts, None, codec.encode(e)) for e in new]
+        rows += [(None, None, None, None, r.ts, r.key, codec.encode(r)) for r in ledger]
+        batch = pa.RecordBatch.from_struct_array(pa.array(rows, type=_ROW)).serialize()
+        self._put(path, _SCHEMA_MESSAGE + batch.to_pybytes(), sync=True)
+        # Read back what landed before anyone relies on it (the caller trims its copy next).
+        batches = _Batches(task_id, _Segment(end, part, path), self._read(path) or _EMPTY)
+        batches.check()
+        seqs = [s for i in range(len(batches.messages)) for s in batches.get(i)[0]]
+        if [s for s in seqs if s is not None] != [e.seq for e in new] or \
+                seqs.count(None) != len(ledger):
+            raise CheckpointError(f"task {task_id}: {path} doesn't read back as written")
+        return self._recover(task_id).next_seq
 
     async def put_snapshot(self, snapshot: Snapshot, keep: int = 3) -> None:
         """Store a snapshot and drop all but the newest `keep` (all kept if `keep` <= 0)."""

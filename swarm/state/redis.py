@@ -2,7 +2,13 @@
 
 Layout under a key prefix (default `swarm`):
 
-- `{p}:t:{task}:log`    LIST of encoded entries; an entry's seq is its index
+- `{p}:t:{task}:log`    LIST of encoded entries; an entry's seq is its index plus `base`
+- `{p}:t:{task}:arch`   HASH, only once a segment was archived: `base` (the seq of the LIST's
+                        first entry; the ones before it were moved to an archive and trimmed),
+                        `ledger` (1: finished ledger records moved too), `snap` (the seq of the
+                        snapshot the archive holds)
+- `{p}:t:{task}:lease`  STRING with a TTL: the token of whoever is archiving the task
+- `{p}:t:{task}:logs`   SET of the ids of the task's other logs (`task/agent`), for retention
 - `{p}:t:{task}:snap`   HASH seq → encoded snapshot (the newest `keep` are kept)
 - `{p}:t:{task}:ledger` HASH idempotency key → encoded ledger record
 - `{p}:t:{task}:tok`    ZSET of recent append tokens, scored by the log length they produced
@@ -18,6 +24,10 @@ the token up in the task's token set and, if it is there, returns the length rec
 instead of appending again. The set keeps the task's newest 128 tokens (a compact listpack),
 so a retry is recognised unless 128 other appends to the same task landed in between; the
 retry comes from the same call within `outage_timeout_s`, and a task has one writer per step.
+
+Compaction (`compact`, used by `TieredCheckpointer` once a segment is safely archived) trims
+the head of the LIST and raises `base`, so seqs stay what they were and appends go on at the
+next one; `read` then refuses the trimmed range rather than return a log with a hole in it.
 
 When Redis is unreachable, every operation waits for it with exponential backoff for up to
 `outage_timeout_s`, logging one WARNING per outage and an INFO when it is back, then raises
@@ -40,7 +50,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
@@ -75,6 +85,7 @@ if ARGV[3] ~= '' then
   if tonumber(ARGV[3]) < current then return -1 - current end
 end
 local n = tonumber(ARGV[2])
+local base = tonumber(redis.call('HGET', KEYS[5], 'base') or '0')
 local len = 0
 if n == 0 then len = redis.call('LLEN', KEYS[1]) end
 for i = 4, 3 + n, 1000 do
@@ -83,13 +94,57 @@ end
 for i = 4 + n, #ARGV, 1000 do
   redis.call('HSET', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
+len = base + len
 redis.call('ZADD', KEYS[3], len, ARGV[1])
 if redis.call('ZCARD', KEYS[3]) > 128 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -129) end
 return len
 """
+# ARGV: the first seq wanted, how many at most, the last seq wanted ('' for no limit). Returns
+# the base, the seq of the first item returned (the base if the first wanted one was trimmed),
+# how many items, and the items concatenated.
 _READ = """
-local items = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
-return {#items, table.concat(items)}
+local base = tonumber(redis.call('HGET', KEYS[2], 'base') or '0')
+local s = math.max(tonumber(ARGV[1]), base)
+local e = s + tonumber(ARGV[2]) - 1
+if ARGV[3] ~= '' then e = math.min(e, tonumber(ARGV[3])) end
+if e < s then return {base, s, 0, ''} end
+local items = redis.call('LRANGE', KEYS[1], s - base, e - base)
+return {base, s, #items, table.concat(items)}
+"""
+_BOUNDS = """
+local f = redis.call('HMGET', KEYS[2], 'base', 'ledger', 'snap')
+return {tonumber(f[1] or '0') + redis.call('LLEN', KEYS[1]), f[1] or '', f[2] or '', f[3] or ''}
+"""
+# Trims entries up to ARGV[2] (but never past the log's end), only while the caller's lease
+# (ARGV[1]) is current; then, for a finished task, deletes the ledger records given (ARGV[5:],
+# key/value pairs) that are still as given, and the snapshots (ARGV[3] = '1'). ARGV[4] is the
+# seq of the snapshot the archive now holds ('' for none). Returns the new base, -1 for a lost
+# lease, -2 if the log is shorter than ARGV[2].
+_COMPACT = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+local base = tonumber(redis.call('HGET', KEYS[2], 'base') or '0')
+local n = tonumber(ARGV[2]) + 1 - base
+if n > redis.call('LLEN', KEYS[1]) then return -2 end
+if n > 0 then
+  redis.call('LTRIM', KEYS[1], n, -1)
+  base = base + n
+end
+redis.call('HSET', KEYS[2], 'base', base)
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'snap', ARGV[4]) end
+if #ARGV > 4 then
+  for i = 5, #ARGV, 2 do
+    if redis.call('HGET', KEYS[4], ARGV[i]) == ARGV[i + 1] then
+      redis.call('HDEL', KEYS[4], ARGV[i])
+    end
+  end
+  redis.call('HSET', KEYS[2], 'ledger', 1)
+end
+if ARGV[3] == '1' then redis.call('DEL', KEYS[5]) end
+return base
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 _PUT_SNAPSHOT = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -120,8 +175,20 @@ return redis.call('DEL', unpack(KEYS))
 """
 _SCRIPTS = {name: (src, hashlib.sha1(src.encode()).hexdigest()) for name, src in {
     "append": _APPEND, "read": _READ, "put_snapshot": _PUT_SNAPSHOT, "put_task": _PUT_TASK,
-    "get_task": _GET_TASK, "delete": _DELETE}.items()}
+    "get_task": _GET_TASK, "delete": _DELETE, "bounds": _BOUNDS, "compact": _COMPACT,
+    "release": _RELEASE}.items()}
 _entries = msgspec.msgpack.Decoder(list[LogEntry])
+
+
+class Bounds(NamedTuple):
+    """A task's log in Redis: `base` (first seq held; earlier ones are archived) to `end`
+    (the next seq), and what the archive took over (`ledger_archived`, `snapshot`)."""
+
+    base: int
+    end: int
+    archived: bool
+    ledger_archived: bool
+    snapshot: int | None
 
 
 def redact(url: str) -> str:
@@ -307,7 +374,7 @@ class RedisCheckpointer(Checkpointer):
         for rec in ledger or ():
             args += (rec.key, codec.encode(rec))
         keys = (self._k(task_id, "log"), self._k(task_id, "ledger"), self._k(task_id, "tok"),
-                self._k(task_id, "fence"))
+                self._k(task_id, "fence"), self._k(task_id, "arch"))
         length = int(await self._eval("append", keys, args))
         if length < 0:
             raise Fenced(task_id, fence or 0, -1 - length)
@@ -317,25 +384,54 @@ class RedisCheckpointer(Checkpointer):
         return length - 1 if entries else -1
 
     async def read(self, task_id: str, after: int = -1, upto: int | None = None) -> list[LogEntry]:
-        """Entries with after < seq <= upto, fetched in pages of concatenated records."""
-        out: list[LogEntry] = []
+        """Entries with after < seq <= upto, fetched in pages of concatenated records.
+
+        Raises `CheckpointError` if some of them were archived and trimmed from Redis: only a
+        `TieredCheckpointer` over this store and its archive can read those.
+        """
+        base, out = await self.read_tail(task_id, after, upto)
         start = max(after + 1, 0)
-        key = self._k(task_id, "log")
-        while upto is None or start <= upto:
-            stop = start + _READ_PAGE - 1 if upto is None else min(start + _READ_PAGE - 1, upto)
-            count, blob = await self._eval("read", (key,), (start, stop))
-            page = self._decode_page(int(count), blob)
-            if page is None:  # something is wrong with a record: find it and name it
-                raw = await self._cmd("LRANGE", key, start, stop)
-                page = [codec.decode(LogEntry, data, task_id=task_id, what=f"entry {start + i}")
-                        for i, data in enumerate(raw)]
-            for i, e in enumerate(page):
-                e.seq = start + i
-            out += page
-            if len(page) < stop - start + 1:
-                break
-            start = stop + 1
+        if start < base and (upto is None or start <= upto):
+            last = base - 1 if upto is None else min(upto, base - 1)
+            raise CheckpointError(
+                f"task {task_id}: entries {start}..{last} were moved to an archive and trimmed "
+                "from redis; read them through a TieredCheckpointer (state.archive)")
         return out
+
+    async def read_tail(self, task_id: str, after: int = -1,
+                        upto: int | None = None) -> tuple[int, list[LogEntry]]:
+        """What Redis holds of `read(task_id, after, upto)`: the log's base (the seq of the first
+        entry still in Redis) and the entries from `max(after + 1, base)` to `upto`, in order.
+
+        If a compaction trims entries this call was about to read, it starts over, so the
+        entries returned always begin at the base returned (or at `after + 1`) with no gap.
+        """
+        key, arch = self._k(task_id, "log"), self._k(task_id, "arch")
+        while True:
+            out: list[LogEntry] = []
+            start, base = max(after + 1, 0), -1
+            while upto is None or start <= upto:
+                page_base, first, count, blob = await self._eval(
+                    "read", (key, arch), (start, _READ_PAGE, "" if upto is None else upto))
+                first, count = int(first), int(count)
+                if base < 0:
+                    base, start = int(page_base), first
+                elif first != start:  # trimmed under us: what we have may now have a hole
+                    break
+                page = self._decode_page(count, blob)
+                if page is None:  # something is wrong with a record: find it and name it
+                    index = first - int(page_base)
+                    raw = await self._cmd("LRANGE", key, index, index + count - 1)
+                    page = [codec.decode(LogEntry, data, task_id=task_id,
+                                         what=f"entry {first + i}") for i, data in enumerate(raw)]
+                for i, e in enumerate(page):
+                    e.seq = first + i
+                out += page
+                start = first + count
+                if count < _READ_PAGE:
+                    return max(base, 0), out
+            else:
+                return max(base, 0), out
 
     @staticmethod
     def _decode_page(count: int, blob: bytes) -> list[LogEntry] | None:
@@ -367,12 +463,8 @@ class RedisCheckpointer(Checkpointer):
 
     async def ledger(self, task_id: str) -> dict[str, LedgerRecord]:
         """Ledger records by key."""
-        flat = await self._cmd("HGETALL", self._k(task_id, "ledger"))
-        out = {}
-        for k, v in zip(flat[::2], flat[1::2], strict=True):
-            key = k.decode()
-            out[key] = codec.decode(LedgerRecord, v, task_id=task_id, what=f"ledger record {key}")
-        return out
+        return {key: codec.decode(LedgerRecord, v, task_id=task_id, what=f"ledger record {key}")
+                for key, v in (await self.ledger_raw(task_id)).items()}
 
     async def put_task(self, row: TaskRow) -> None:
         """Create or replace a task row (moving it if its swarm changed)."""
@@ -392,8 +484,68 @@ class RedisCheckpointer(Checkpointer):
 
     async def delete(self, task_id: str) -> None:
         """Remove every key of a task and its row, atomically."""
-        keys = [self._k(task_id, w) for w in ("log", "snap", "ledger", "tok", "swarm", "fence")]
+        keys = [self._k(task_id, w) for w in ("log", "snap", "ledger", "tok", "swarm", "fence",
+                                              "arch", "lease", "logs")]
         await self._eval("delete", keys, (task_id, self.prefix))
+
+    # -- compaction (for TieredCheckpointer) -----------------------------------------------------
+
+    async def bounds(self, task_id: str) -> Bounds:
+        """Where the task's log starts and ends in Redis, and what was archived of it."""
+        end, base, ledger, snap = await self._eval(
+            "bounds", (self._k(task_id, "log"), self._k(task_id, "arch")), ())
+        return Bounds(base=int(base or 0), end=int(end), archived=base != b"",
+                      ledger_archived=ledger != b"", snapshot=int(snap) if snap else None)
+
+    async def lease(self, task_id: str, ttl_s: float) -> str | None:
+        """Become the task's only archiver for `ttl_s` seconds: a token, or None if another
+        holds the lease. `compact` needs a current token; `release` gives it back."""
+        token = os.urandom(9).hex()
+        ok = await self._cmd("SET", self._k(task_id, "lease"), token, "NX", "PX",
+                             max(1, int(ttl_s * 1000)))
+        return token if ok else None
+
+    async def release(self, task_id: str, token: str) -> None:
+        """Give a lease back (if it is still this token's)."""
+        await self._eval("release", (self._k(task_id, "lease"),), (token,))
+
+    async def compact(self, task_id: str, upto: int, *, lease: str, snapshot: int | None = None,
+                      ledger: dict[str, bytes] | None = None, drop_snapshots: bool = False,
+                      ) -> int:
+        """Trim the entries up to `upto` (already archived: the caller checked) from the log,
+        atomically, keeping every seq as it was; return the new base.
+
+        `snapshot` records the seq of the snapshot the archive holds. For a finished task,
+        `ledger` (raw records by key, as `ledger_raw` gave them) are deleted where still
+        unchanged and marked as archived, and `drop_snapshots` deletes the task's snapshots.
+        Raises `CheckpointError` if the lease was lost or the log doesn't reach `upto`.
+        """
+        keys = [self._k(task_id, w) for w in ("log", "arch", "lease", "ledger", "snap")]
+        args: list[Any] = [lease, upto, "1" if drop_snapshots else "0",
+                           "" if snapshot is None else snapshot]
+        for key, value in (ledger or {}).items():
+            args += (key, value)
+        base = int(await self._eval("compact", keys, args))
+        if base == -1:
+            raise CheckpointError(f"task {task_id}: the archive lease expired before the log "
+                                  "was trimmed; nothing was trimmed")
+        if base == -2:
+            raise CheckpointError(f"task {task_id}: can't trim through entry {upto}: the log "
+                                  "is shorter")
+        return base
+
+    async def ledger_raw(self, task_id: str) -> dict[str, bytes]:
+        """The task's ledger records as stored (encoded), by key."""
+        flat = await self._cmd("HGETALL", self._k(task_id, "ledger"))
+        return {k.decode(): v for k, v in zip(flat[::2], flat[1::2], strict=True)}
+
+    async def link(self, task_id: str, log_id: str) -> None:
+        """Record `log_id` as one of the task's logs (its agents' own logs, `task/agent`)."""
+        await self._cmd("SADD", self._k(task_id, "logs"), log_id)
+
+    async def linked(self, task_id: str) -> list[str]:
+        """The ids `link` recorded for the task, sorted."""
+        return sorted(m.decode() for m in await self._cmd("SMEMBERS", self._k(task_id, "logs")))
 
     async def info(self) -> dict[str, Any]:
         """Counts for status displays: swarms, task rows and logs under the prefix, server facts."""

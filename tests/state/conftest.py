@@ -1,7 +1,8 @@
 """Fixtures for the state tests: every `Checkpointer` backend, with a hook to damage its bytes.
 
 The Redis backend runs on a real redis-server (one per session, started by `EmbeddedRedis` in a
-temporary directory) with a fresh key prefix per test. Nothing here starts Ray.
+temporary directory) with a fresh key prefix per test; the tiered one is that Redis with an
+Arrow archive in a temporary directory. Nothing here starts Ray.
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ async def _redis(server: EmbeddedRedis) -> AsyncIterator[Backend]:
         raw.close()
 
 
+async def _tiered(server: EmbeddedRedis, root: Path) -> AsyncIterator[Backend]:
+    """Redis with an Arrow archive; the hook damages the Redis copy (nothing is archived in
+    the conformance tests, so every record is there)."""
+    from swarm.state.arrow import ArrowCheckpointer
+    from swarm.state.tiered import TieredCheckpointer
+
+    async for hot in _redis(server):
+        store = TieredCheckpointer(hot.store, ArrowCheckpointer(root.as_uri()))  # type: ignore[arg-type]
+        await store.start()
+        try:
+            yield Backend(store, hot.corrupt)
+        finally:
+            await store.close()
+
+
 async def _arrow(root: Path) -> AsyncIterator[Backend]:
     from swarm.state.arrow import ArrowCheckpointer
 
@@ -90,6 +106,7 @@ def _arrow_missing() -> bool:
     "redis",
     pytest.param("arrow", marks=pytest.mark.skipif(
         _arrow_missing(), reason="swarm.state.arrow (ArrowCheckpointer) is not written yet")),
+    "tiered",
 ])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """A fresh, started store of each backend, with its corruption hook."""
@@ -97,6 +114,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         gen = _memory()
     elif request.param == "redis":
         gen = _redis(request.getfixturevalue("redis_server"))
+    elif request.param == "tiered":
+        gen = _tiered(request.getfixturevalue("redis_server"), tmp_path / "archive")
     else:
         gen = _arrow(tmp_path / "arrow")
     async for b in gen:

@@ -1,4 +1,4 @@
-"""Every `Checkpointer` backend (memory, Redis, Arrow) runs the conformance suite."""
+"""Every `Checkpointer` backend (memory, Redis, Arrow, tiered) runs the conformance suite."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def alerts():
 
 
 async def test_the_same_append_token_applies_once(store: RedisCheckpointer) -> None:
-    keys = [store._k("t", w) for w in ("log", "ledger", "tok", "fence")]
+    keys = [store._k("t", w) for w in ("log", "ledger", "tok", "fence", "arch")]
     args = [b"token-1", 2, b"", b"e0", b"e1", b"k", b"v"]
     assert await store._eval("append", keys, args) == 2
     assert await store._eval("append", keys, args) == 2  # a retry: nothing appended again
