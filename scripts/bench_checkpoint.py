@@ -1,7 +1,8 @@
 """Checkpoint cost as a session grows: µs and bytes per checkpoint, snapshots, restore time.
 
 One session of 2,000 steps per backend: memory (the in-process baseline), Redis (a private
-redis-server started by `EmbeddedRedis`), Arrow IPC files, and Arrow with `fsync=True`. A step
+redis-server started by `EmbeddedRedis`), Arrow IPC files, Arrow with `fsync=True`, and tiered
+(that Redis with an Arrow archive behind it, archiving as a snapshot passes 1,000 entries). A step
 checkpoints what a tool step adds, as the journal does: one `append` of a log entry holding a
 ~400-byte tool message plus the call's ledger record. Every K steps a compacted snapshot (the
 folded state: a dict with every message so far) is written; its cost is reported on its own.
@@ -17,6 +18,9 @@ At steps 10, 100, 500 and 2,000:
 
     python scripts/bench_checkpoint.py
     python scripts/bench_checkpoint.py --backends redis,arrow --steps 2000 --snapshot-every 100
+
+With the tiered backend it prints one more line: the Redis bytes of a session before compaction,
+after archiving up to its previous snapshot, and after archiving it as a finished task.
 
 With the Redis backend it then runs `scripts/recovery_scenarios.py actor-kill` and `node-loss`
 (each in its own process with its own local Ray cluster, ~1 minute each) and prints the time
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swarm.state import codec
 from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry
 from swarm.state.replay import TaskState, apply, restore, to_snapshot
+from swarm.state.tiered import TieredCheckpointer
 
 MARKS = (10, 100, 500, 2000)
 WINDOW = 10  # appends per per-checkpoint median
@@ -153,8 +158,8 @@ async def open_backend(name: str) -> AsyncIterator[Backend]:
                       lambda t: sum(map(len, mem.logs.get(t, ())))
                       + sum(map(len, mem.ledgers.get(t, {}).values())),
                       lambda t: sum(map(len, mem.snaps.get(t, {}).values())))
-    elif name == "redis":
-        async with _redis() as backend:
+    elif name in ("redis", "tiered"):
+        async with _redis(tiered=name == "tiered") as backend:
             yield backend
     elif name in ("arrow", "arrow-fsync"):
         from swarm.state.arrow import ArrowCheckpointer
@@ -171,13 +176,15 @@ async def open_backend(name: str) -> AsyncIterator[Backend]:
             await store.close()
             shutil.rmtree(root, ignore_errors=True)
     else:
-        raise SystemExit(f"unknown backend {name!r}: memory, redis, arrow or arrow-fsync")
+        raise SystemExit(f"unknown backend {name!r}: memory, redis, arrow, arrow-fsync or "
+                         "tiered")
 
 
 @contextlib.asynccontextmanager
-async def _redis() -> AsyncIterator[Backend]:
+async def _redis(tiered: bool = False) -> AsyncIterator[Backend]:
     import redis
 
+    from swarm.state.arrow import ArrowCheckpointer
     from swarm.state.embedded import EmbeddedRedis
     from swarm.state.redis import RedisCheckpointer
 
@@ -185,22 +192,61 @@ async def _redis() -> AsyncIterator[Backend]:
     server = EmbeddedRedis(run_dir)
     server.start()
     raw = redis.Redis.from_url(server.url)
-    store = RedisCheckpointer(server.url)
+    hot = RedisCheckpointer(server.url)
+    store: Checkpointer = hot
+    label = f"redis (private redis-server on loopback, AOF everysec, {server.url})"
+    if tiered:
+        store = TieredCheckpointer(hot, ArrowCheckpointer((run_dir / "archive").as_uri()))
+        label = f"tiered ({label[7:-1]}; archive under {run_dir / 'archive'})"
 
     def usage(task: str, *what: str) -> int:
-        return sum(raw.memory_usage(f"{store.prefix}:t:{task}:{w}", samples=0) or 0
+        return sum(raw.memory_usage(f"{hot.prefix}:t:{task}:{w}", samples=0) or 0
                    for w in what)
 
     try:
         await store.start()
-        yield Backend(f"redis (private redis-server on loopback, AOF everysec, {server.url})",
-                      store, lambda t: usage(t, "log", "ledger", "tok"),
+        yield Backend(label, store, lambda t: usage(t, "log", "ledger", "tok", "arch"),
                       lambda t: usage(t, "snap"))
     finally:
         await store.close()
         raw.close()
         server.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def compaction(b: Backend, steps: int, every: int) -> None:
+    """Print the Redis bytes of a session before and after archiving it (tiered backend)."""
+    from swarm.state.interface import TaskRow
+
+    store = b.store
+    assert isinstance(store, TieredCheckpointer)
+    manual = TieredCheckpointer(store.hot, store.archive, archive_after=0)  # no automatic runs
+    task, state = f"compact-{time.time_ns()}", TaskState()
+    for step in range(1, steps + 1):
+        entry, ledger = step_records(task, step)
+        await manual.append(task, [entry], [ledger])
+        apply(state, entry)
+        if every and step % every == 0:
+            await manual.put_snapshot(to_snapshot(task, state, time.time()))
+
+    def held() -> float:
+        return (b.log_bytes(task) + b.snapshot_bytes(task)) / 1024
+
+    before = held()
+    snaps = await manual.snapshots(task)
+    t0 = time.perf_counter()
+    await manual.archive_log(task, snaps[-2] if len(snaps) > 1 else None)
+    segment_ms, segment = (time.perf_counter() - t0) * 1e3, held()
+    await manual.put_task(TaskRow(task_id=task, swarm="bench", state="completed"))
+    t0 = time.perf_counter()
+    await manual.drain()
+    finished_ms, finished = (time.perf_counter() - t0) * 1e3, held()
+    archived = _file_bytes(store.archive, task, "") / 1024
+    print(f"redis bytes of the {steps}-step session (log, ledger, snapshots): {before:.0f} KB; "
+          f"archived up to the previous snapshot: {segment:.0f} KB ({segment_ms:.0f} ms); "
+          f"finished and archived: {finished:.1f} KB ({finished_ms:.0f} ms); archive on disk: "
+          f"{archived:.0f} KB")
+    await manual.delete(task)
 
 
 def _file_bytes(store: Any, task: str, prefix: str) -> int:
@@ -249,6 +295,8 @@ async def bench(name: str, steps: int, every: int) -> dict[str, Any]:
     """Run one backend's session and its recovery hooks; print and return its summary."""
     async with open_backend(name) as backend:
         summary = report(backend.label, await run(backend, steps, every))
+        if name == "tiered":
+            await compaction(backend, steps, every)
     summary["name"] = name
     return summary
 
@@ -258,7 +306,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--snapshot-every", type=int, default=100, metavar="K")
-    ap.add_argument("--backends", default="memory,redis,arrow,arrow-fsync")
+    ap.add_argument("--backends", default="memory,redis,arrow,arrow-fsync,tiered")
     ap.add_argument("--no-recovery", action="store_true",
                     help="skip the actor-kill and node-loss runs (each starts its own Ray)")
     args = ap.parse_args()
