@@ -30,8 +30,8 @@ When it happens, with no help from the runtime:
   (`task/agent`, linked to the task on their first append).
 
 `delete` removes a task from both tiers, its agents' logs included. A failed background run is
-logged and tried again at the task's next snapshot or on `archive_task`; nothing is trimmed
-that the archive doesn't hold.
+logged and tried again at the task's next snapshot, on `archive_task`, or by the sweep
+`archive_finished(swarm)`; nothing is trimmed that the archive doesn't hold.
 """
 
 from __future__ import annotations
@@ -243,6 +243,22 @@ class TieredCheckpointer(Checkpointer):
         finished = row is not None and row.state in FINISHED
         return {log_id: await self.archive_log(log_id, finished=finished)
                 for log_id in [*await self.hot.linked(task_id), task_id]}
+
+    async def archive_finished(self, swarm: str) -> int:
+        """Archive every finished task of a swarm that Redis still holds entries or ledger
+        records of (one whose background run failed, or that finished before the archive was
+        configured); how many were archived."""
+        count = 0
+        for row in await self.hot.list_tasks(swarm):
+            if row.state not in FINISHED:
+                continue
+            for log_id in [*await self.hot.linked(row.task_id), row.task_id]:
+                bounds = await self.hot.bounds(log_id)
+                if bounds.end > bounds.base or await self.hot.ledger_raw(log_id):
+                    await self.archive_task(row.task_id)
+                    count += 1
+                    break
+        return count
 
     async def archive_log(self, task_id: str, upto: int | None = None, *,
                           finished: bool = False) -> int | None:

@@ -343,3 +343,18 @@ def test_with_archive_round_trips_through_one_spec(tmp_path: Path) -> None:
     assert store.hot.url == "redis://h:1/0" and store.archive.uri == "file:///a"
     with pytest.raises(ValueError, match="archive_after"):
         open_checkpointer("redis://h:1/0|file:///a|soon", run_dir=tmp_path)
+
+
+async def test_a_sweep_archives_finished_tasks_left_in_redis(tiers: Tiers) -> None:
+    plain = await tiers.open(on_finish=False)  # as if the archive came later, or a run failed
+    for task, state in (("done", "completed"), ("dead", "failed"), ("live", "working")):
+        await fill(plain, task, 10)
+        await plain.put_task(TaskRow(task_id=task, swarm="s", state=state))
+    await fill(plain, "done/writer", 5)
+    await plain.drain()
+    assert [tiers.llen(t) for t in ("done", "dead", "live")] == [10, 10, 10]
+    assert await plain.archive_finished("s") == 2
+    assert [tiers.llen(t) for t in ("done", "done/writer", "dead", "live")] == [0, 0, 0, 10]
+    assert not tiers.raw.exists(tiers.key("done", "ledger"))
+    assert len(await plain.ledger("done")) == 10 and len(await plain.read("dead")) == 10
+    assert await plain.archive_finished("s") == 0  # nothing left to do
