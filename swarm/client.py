@@ -38,6 +38,10 @@ class TaskInfo:
     question: str | None = None
     model_calls: int = 0
     tool_calls: int = 0
+    cost_usd: float = 0.0
+    budget_exhausted: str | None = None  # the limit that cut the task short (it may still
+    # have COMPLETED, with the agent's wrap-up answer)
+    stuck: str | None = None  # the stuck detector that stopped or escalated it
 
     @classmethod
     def from_summary(cls, row: dict[str, Any]) -> TaskInfo:

@@ -169,6 +169,9 @@ class AgentConfig(_Strict):
     )
     max_steps_per_turn: int = Field(25, ge=1, description="model calls in one turn of this agent")
     num_cpus: float = Field(0.0, ge=0, description="CPUs each replica reserves")
+    budget: AgentBudget | None = Field(
+        None, description="this agent's limits per task; fields given override budgets.agent"
+    )
 
 
 class SupervisorConfig(_Strict):
@@ -184,17 +187,94 @@ class SupervisorConfig(_Strict):
     max_handoffs: int = Field(20, ge=0)
 
 
-class TaskBudget(_Strict):
+class Limits(_Strict):
+    """Usage limits at one level; a limit left out (null) is no limit. Checked before every
+    model and tool call (see swarm.governance.budget), so usage overshoots by at most one call."""
+
+    max_steps: int | None = Field(None, ge=0, description="steps (one model call + its tools)")
+    max_model_calls: int | None = Field(None, ge=0)
+    max_tool_calls: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, description="input + output tokens")
+    max_input_tokens: int | None = Field(None, ge=0)
+    max_output_tokens: int | None = Field(None, ge=0)
+    max_cost_usd: float | None = Field(None, ge=0, description="USD, by the models' `price`")
+    max_wall_s: float | None = Field(None, gt=0)
+
+
+class TaskBudget(Limits):
     """Limits for one task across all of its agents."""
 
-    max_steps: int = Field(60, ge=1)
+    max_steps: int = Field(60, ge=0)
     max_wall_s: float = Field(600.0, gt=0)
 
 
+class AgentBudget(Limits):
+    """Limits for one agent's share of one task (all of its turns in that task); `max_wall_s`
+    is the time its turns in the task may take in total."""
+
+
+class SwarmBudget(Limits):
+    """Limits for the whole deployed swarm, over every task: totals since the supervisor
+    started, or per fixed window of `window_s` seconds (3600: per hour)."""
+
+    window_s: float | None = Field(None, gt=0, description="none: since the swarm started")
+
+    @field_validator("max_wall_s")
+    @classmethod
+    def _no_wall(cls, v: float | None) -> float | None:
+        if v is not None:
+            raise ValueError("a swarm has no wall-clock limit; use budgets.task.max_wall_s "
+                             "or budgets.agent.max_wall_s (and window_s for a rate)")
+        return v
+
+
+_WRAP_UP = ("The budget for this task is exhausted ({reason}). Do not call any tools. Give "
+            "your best final answer now, from what you have so far.")
+
+
 class Budgets(_Strict):
-    """Limits at each level (task only, for now)."""
+    """Limits at task, agent and swarm level, and what happens when one runs out."""
 
     task: TaskBudget = TaskBudget()
+    agent: AgentBudget = Field(
+        AgentBudget(), description="default for every agent; agents.X.budget overrides fields"
+    )
+    swarm: SwarmBudget = SwarmBudget()
+    on_exhausted: Literal["wrap_up", "fail"] = Field(
+        "wrap_up",
+        description="wrap_up: the agent gets one final call with no tools to give its best "
+        "answer, and the task ends COMPLETED marked budget_exhausted; fail: FAILED, class budget",
+    )
+    wrap_up_message: str = Field(_WRAP_UP, min_length=1,
+                                 description="the wrap-up instruction; {reason} names the limit")
+    wrap_up_grace_s: float = Field(
+        60.0, gt=0, description="time past max_wall_s the wrap-up call may take"
+    )
+
+
+class StuckConfig(_Strict):
+    """Stuck detection: thresholds (null disables a detector) and what to do on a detection."""
+
+    action: Literal["stop", "escalate"] = Field(
+        "stop", description="stop: the task FAILS with the cause; escalate: it waits in "
+        "INPUT_REQUIRED until an operator answers 'continue' or 'stop'",
+    )
+    same_call: int | None = Field(
+        8, ge=2, description="the N-th call of one tool with the same arguments in a task"
+    )
+    no_progress: int | None = Field(
+        10, ge=1, description="N steps in a row whose tool results all repeat earlier ones"
+    )
+    ping_pong: int | None = Field(
+        8, ge=2, description="N handoffs in a row bouncing between the same two agents"
+    )
+    input_timeout_s: float | None = Field(
+        None, gt=0, description="longest wait in INPUT_REQUIRED; then the task fails"
+    )
+    queue_timeout_s: float | None = Field(
+        None, gt=0, description="longest wait for a session slot on an agent replica"
+    )
+    deadlock: bool = Field(True, description="stop a task that closes a wait-for cycle")
 
 
 # When a session's log is made durable (see StateConfig.checkpoint and swarm.runtime.journal).
@@ -291,6 +371,7 @@ class SwarmConfig(_Strict):
     agents: dict[str, AgentConfig]
     supervisor: SupervisorConfig = SupervisorConfig()
     budgets: Budgets = Budgets()
+    stuck: StuckConfig = StuckConfig()
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
 
@@ -367,6 +448,14 @@ class SwarmConfig(_Strict):
             # turns the "path: message" lines back into field paths.
             raise ValueError("\n".join(f"{p}: {m}" for p, m in problems))
         return self
+
+    def agent_budget(self, agent: str) -> AgentBudget:
+        """An agent's limits per task: budgets.agent with the fields its own `budget` gives."""
+        own = self.agents[agent].budget
+        if own is None:
+            return self.budgets.agent
+        return self.budgets.agent.model_copy(
+            update={k: getattr(own, k) for k in own.model_fields_set})
 
     def entry_agents(self) -> list[str]:
         """Agents a new task may start at, by strategy."""

@@ -82,6 +82,16 @@ class TaskFinished(Event, tag="task_finished"):
     steps: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    budget_exhausted: str | None = None  # the limit that ran out, if the task was cut short
+
+
+class Alert(Event, tag="alert"):
+    """A governance detection: a budget ran out, or the task looks stuck (same call repeated,
+    no progress, handoff ping-pong, waiting too long, deadlock); `action` is what was done."""
+
+    alert: str  # "budget_exhausted", "stuck.same_call", "stuck.deadlock", ...
+    action: str  # "wrap_up", "fail", "stop", "escalate"
+    detail: str = ""
 
 
 class TurnResumed(Event, tag="turn_resumed"):
@@ -101,6 +111,7 @@ AnyEvent = (
     | Handoff
     | StepFinished
     | TaskFinished
+    | Alert
     | TurnResumed
 )
 

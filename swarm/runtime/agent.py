@@ -8,16 +8,18 @@ all its sessions (DESIGN decision 1). Ray is touched only at turn boundaries: th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from swarm.config import MCPStdioConfig, SwarmConfig
 from swarm.errors import classify
 from swarm.events import Event, TurnResumed
+from swarm.governance.stuck import StuckError
 from swarm.models.interface import Model
 from swarm.protocol import a2a
 from swarm.runtime.journal import Journal
@@ -56,6 +58,9 @@ class TurnRequest:
     totals: dict[str, int] = field(default_factory=dict)
     # On a resume: [ObjectRef] of the task's latest snapshot in the object store, if any.
     hot: list[Any] | None = None
+    # Governance for this turn (swarm.governance): "budget" (an Allowance), "steps_why",
+    # "stuck_from" (transcript index stuck detection counts from).
+    guard: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -78,6 +83,8 @@ class TurnResult:
     tool_calls: int = 0
     added: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    budget_exhausted: str | None = None  # the limit that ran out, if a budget ended the turn
+    stuck: str | None = None  # the stuck detector that ended the turn, if one did
 
 
 class EventBuffer:
@@ -238,7 +245,7 @@ class AgentHost:
         loop = self._loop
         assert loop is not None
         text = a2a.message_text(a2a.loads_message(req.message))
-        async with self._slots:
+        async with self._slot():
             self._running[req.task_id] = asyncio.current_task()  # type: ignore[assignment]
             session = Session(
                 task_id=req.task_id, agent=self.role, session_id=req.context_id or req.task_id,
@@ -247,6 +254,15 @@ class AgentHost:
             )
             first = 1 + len(req.transcript)  # index of this turn's first message
             limits = TurnLimits(max_steps=req.max_steps, deadline=req.deadline)
+            if req.guard:
+                session.scratch.update(req.guard)
+                limits.steps_why = req.guard.get("steps_why", "")
+                budget = req.guard.get("budget")
+                if budget is not None:
+                    limits.deadline_why = budget.why.get("wall_s", limits.deadline_why)
+            if self.cfg.budgets.on_exhausted == "wrap_up":
+                limits.wrap_up = self.cfg.budgets.wrap_up_message
+            marks: tuple[str | None, str | None] = (None, None)
             superseded = False
             try:
                 outcome: Outcome | None = None
@@ -255,6 +271,7 @@ class AgentHost:
                 if outcome is None:
                     outcome = await loop.run_turn(session, limits)
                 kind, reply = outcome.kind, outcome.text
+                marks = (outcome.budget_exhausted, outcome.stuck)
                 error_class, error, target = outcome.error_class, outcome.error, outcome.target
             except asyncio.CancelledError:
                 kind, reply, error_class, error, target = "canceled", "", None, "canceled", None
@@ -297,8 +314,30 @@ class AgentHost:
             input_tokens=session.input_tokens, output_tokens=session.output_tokens,
             cached_tokens=session.cached_tokens, model_calls=session.model_calls,
             tool_calls=session.tool_calls, added=session.messages[first:],
+            budget_exhausted=marks[0], stuck=marks[1],
             events=self.buffer.take(req.task_id),
         )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """A session slot of this replica; waiting longer than stuck.queue_timeout_s for one
+        raises `StuckError` (the supervisor stops the task)."""
+        timeout = self.cfg.stuck.queue_timeout_s
+        if timeout is None or not self._slots.locked():
+            async with self._slots:
+                yield
+            return
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout)
+        except TimeoutError:
+            raise StuckError("queue_timeout", (
+                f"waited {timeout:g} s (stuck.queue_timeout_s) for a session slot on agent "
+                f"{self.role}: all {self.agent_cfg.max_sessions} (max_sessions) are busy"
+            )) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def _open(self, req: TurnRequest, session: Session, text: str, limits: TurnLimits
                     ) -> tuple[Outcome | None, int]:

@@ -36,6 +36,8 @@ class ModelCall:
     request: ModelRequest
     # Scratch space a layer may use to pass things down (a span, a trace context).
     extra: dict[str, Any] = field(default_factory=dict)
+    # The wrap-up call after a `StopTurn(..., wrap_up=...)`: limit layers let it through.
+    final: bool = False
 
 
 @dataclass(slots=True)
@@ -59,11 +61,17 @@ NextTool = Callable[[ToolInvocation], Awaitable[ToolResult]]
 
 
 class StopTurn(Exception):
-    """Raised by a layer to end the turn now with `outcome`."""
+    """Raised by a layer to end the turn now with `outcome`.
 
-    def __init__(self, outcome: Outcome) -> None:
+    With `wrap_up` (an instruction), the model first gets one final call with no tools and
+    that instruction; if it answers, the turn ends `final` with that answer instead (marked
+    with the outcome's `budget_exhausted`).
+    """
+
+    def __init__(self, outcome: Outcome, wrap_up: str | None = None) -> None:
         super().__init__(outcome.error or outcome.text or outcome.kind)
         self.outcome = outcome
+        self.wrap_up = wrap_up
 
 
 class Middleware:
@@ -121,4 +129,10 @@ def build_middleware(cfg: Any, role: str, *, store: Any = None,
     costs nothing. Each feature adds its layer here when the config asks for it.
     """
     layers: list[Middleware] = []
+    from swarm.governance.budget import BudgetLayer
+    from swarm.governance.stuck import StuckLayer
+
+    layers.append(BudgetLayer(cfg, role))
+    if cfg.stuck.same_call is not None or cfg.stuck.no_progress is not None:
+        layers.append(StuckLayer(cfg.stuck))
     return layers

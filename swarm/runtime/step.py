@@ -62,6 +62,8 @@ class Session:
     traceparent: str | None = None
     journal: Journal | None = None
     log_id: str = ""
+    # Per-turn state of middleware layers (the turn's budget allowance, stuck detection).
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -71,6 +73,11 @@ class TurnLimits:
     max_steps: int
     deadline: float | None = None
     tool_timeout_s: float | None = None
+    # What runs out when max_steps or the deadline is reached, and the wrap-up instruction
+    # (None: the turn fails with class budget instead; see swarm.governance.budget).
+    steps_why: str = ""
+    deadline_why: str = "wall-clock limit"
+    wrap_up: str | None = None
 
 
 @dataclass(slots=True)
@@ -83,6 +90,17 @@ class Outcome:
     error_class: str | None = None
     error: str | None = None
     steps: int = 0
+    # Set when a budget ran out (the limit) or a stuck detector fired (its name).
+    budget_exhausted: str | None = None
+    stuck: str | None = None
+
+
+def budget_stop(reason: str, wrap_up: str | None) -> StopTurn:
+    """The stop for an exhausted budget: `reason` names the limit; `wrap_up` is the wrap-up
+    instruction template (with `{reason}`), or None to fail with class budget."""
+    outcome = Outcome("failed", error_class="budget", error=f"budget exhausted: {reason}",
+                      budget_exhausted=reason)
+    return StopTurn(outcome, None if wrap_up is None else wrap_up.replace("{reason}", reason))
 
 
 @dataclass(slots=True)
@@ -122,25 +140,108 @@ class StepLoop:
         """Run steps until a final answer, a handoff, a failure or a limit."""
         taken = 0
         while True:
+            stop: StopTurn | None = None
+            outcome: Outcome | None = None
             if taken >= limits.max_steps:
-                return Outcome(
-                    "failed",
-                    error_class="budget",
-                    error=f"step limit reached ({limits.max_steps} steps in this turn)",
-                    steps=taken,
-                )
-            if limits.deadline is not None and self.clock.now() >= limits.deadline:
-                return Outcome(
-                    "failed", error_class="budget", error="wall-clock limit reached", steps=taken
-                )
-            try:
-                outcome = await self.step(session, limits)
-            except StopTurn as stop:
-                outcome = stop.outcome
-            taken += 1
+                stop = budget_stop(
+                    limits.steps_why or f"step limit ({limits.max_steps} steps in this turn)",
+                    limits.wrap_up)
+            elif limits.deadline is not None and self.clock.now() >= limits.deadline:
+                stop = budget_stop(limits.deadline_why, limits.wrap_up)
+            else:
+                try:
+                    outcome = await self.step(session, limits)
+                except StopTurn as exc:
+                    stop = exc
+                taken += 1
+            if stop is not None:
+                if stop.wrap_up is not None:
+                    taken += 1
+                outcome = await self.stopped(session, stop)
             if outcome is not None:
                 outcome.steps = taken
                 return outcome
+
+    async def stopped(self, session: Session, stop: StopTurn) -> Outcome:
+        """End a turn that a limit or a layer stopped: answer the tool calls that won't run
+        (so the transcript stays valid for any model), then make the wrap-up call if asked."""
+        outcome = stop.outcome
+        if outcome.kind == "input_required":
+            return outcome  # it resumes where it stopped: its pending calls stay pending
+        await self._close_pending(session, outcome.error or "the turn was stopped")
+        if stop.wrap_up is None:
+            return outcome
+        return await self._wrap_up(session, stop)
+
+    async def _close_pending(self, session: Session, reason: str) -> None:
+        messages = session.messages
+        i = len(messages) - 1
+        while i >= 0 and messages[i].get("role") == "tool":
+            i -= 1
+        if i < 0 or messages[i].get("role") != "assistant" or not messages[i].get("tool_calls"):
+            return
+        answered = {m.get("tool_call_id") for m in messages[i + 1:]}
+        for index, raw in enumerate(messages[i]["tool_calls"]):
+            if raw.get("id") in answered:
+                continue
+            msg = {"role": "tool", "tool_call_id": raw.get("id"),
+                   "content": f"{ERROR_PREFIX}not run: {reason}"}
+            messages.append(msg)
+            if session.journal is not None:
+                fn = raw.get("function") or {}
+                call = ToolCall(id=raw.get("id", ""), name=fn.get("name", ""),
+                                arguments=fn.get("arguments", ""))
+                await session.journal.tool(session.step, index, call, msg, True)
+
+    async def _wrap_up(self, session: Session, stop: StopTurn) -> Outcome:
+        """One final model call with no tools and the wrap-up instruction."""
+        cut = stop.outcome
+        step = session.step + 1
+        now, perf, agent = self.clock.now, self.clock.perf, self.agent
+        self.emit(StepStarted(task_id=session.task_id, ts=now(), agent=agent, step=step))
+        t0 = perf()
+        # The instruction is not logged: a restored transcript shows the answer without it.
+        session.messages.append({"role": "user", "content": stop.wrap_up})
+        request = ModelRequest(messages=session.messages, tools=[],
+                               session_id=session.session_id, agent=agent)
+        try:
+            if self._model_fn is None:
+                resp = await self.model.complete(request)
+            else:
+                resp = await self._model_fn(
+                    ModelCall(session, step, agent, self.model_name, request, final=True))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            session.step = step
+            self.emit(ModelCalled(task_id=session.task_id, ts=now(), agent=agent, step=step,
+                                  model=self.model_name, latency_ms=(perf() - t0) * 1e3,
+                                  error=str(exc)))
+            cut.error = f"{cut.error}; the wrap-up call failed: {exc}"
+            return cut
+        session.step = step
+        session.model_calls += 1
+        usage = resp.usage
+        session.input_tokens += usage.input_tokens
+        session.output_tokens += usage.output_tokens
+        session.cached_tokens += usage.cached_input_tokens
+        self.emit(ModelCalled(
+            task_id=session.task_id, ts=now(), agent=agent, step=step,
+            model=resp.model or self.model_name, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, cached_tokens=usage.cached_input_tokens,
+            latency_ms=(perf() - t0) * 1e3, finish_reason=resp.finish_reason))
+        # Tool calls in a wrap-up answer are dropped: it was offered none.
+        assistant = {"role": "assistant", "name": agent, "content": resp.content}
+        session.messages.append(assistant)
+        if session.journal is not None:
+            await session.journal.model(step, assistant, usage, [])
+        await self._after_step(session, step, t0)
+        text = resp.content or ""
+        if not text.strip():
+            cut.error = f"{cut.error}; the wrap-up call gave no answer"
+            return cut
+        return Outcome("final", text=text, budget_exhausted=cut.budget_exhausted,
+                       stuck=cut.stuck)
 
     async def step(self, session: Session, limits: TurnLimits) -> Outcome | None:
         """One model call and its tool calls; returns an outcome if the turn ends here."""
@@ -285,7 +386,7 @@ class StepLoop:
         try:
             handoff = await self._run_calls(session, step, todo, limits) if todo else None
         except StopTurn as stop:
-            return stop.outcome
+            return await self.stopped(session, stop)
         if handoff is not None:
             return handoff
         # Only this turn's own answers count (the transcript before it is other agents').

@@ -19,7 +19,10 @@ import msgspec
 
 from swarm.config import SwarmConfig
 from swarm.errors import RunError, TaskNotFound, UserError
-from swarm.events import Event, TaskFinished, TaskStateChanged
+from swarm.events import Alert, Event, TaskFinished, TaskStateChanged
+from swarm.governance import stuck
+from swarm.governance.budget import SwarmUsage, Usage, swarm_exhausted, task_usage, turn_allowance
+from swarm.governance.stuck import StuckError, WaitGraph, bounces
 from swarm.models.interface import Model, ModelRequest
 from swarm.protocol import a2a
 from swarm.runtime.agent import AgentHost, TurnRequest, TurnResult
@@ -154,6 +157,13 @@ class TaskRecord:
     answer: str | None = None
     error_class: str | None = None
     error: str | None = None
+    # Governance (swarm.governance): cost so far, the limit that cut the task short, the stuck
+    # detector that fired, each agent's usage in this task, and what a question accepts.
+    cost_usd: float = 0.0
+    budget_exhausted: str | None = None
+    stuck: str | None = None
+    by_agent: dict[str, Usage] = field(default_factory=dict)
+    choices: tuple[str, ...] = ("rerun", "skip")
 
     @property
     def id(self) -> str:
@@ -182,6 +192,9 @@ class TaskRecord:
             "error_class": self.error_class,
             "error": self.error,
             "question": self.question,
+            "cost_usd": self.cost_usd,
+            "budget_exhausted": self.budget_exhausted,
+            "stuck": self.stuck,
             "metadata": dict(self.task.metadata),
         }
 
@@ -206,7 +219,7 @@ class TaskRecord:
                   created=d.get("created", row.updated))
         for name in ("agent", "text", "steps", "input_tokens", "output_tokens", "model_calls",
                      "tool_calls", "turns", "handoffs", "answer", "error_class", "error",
-                     "question", "updated"):
+                     "question", "updated", "cost_usd", "budget_exhausted", "stuck"):
             if name in d:
                 setattr(rec, name, d[name])
         if rec.state in a2a.TERMINAL:
@@ -237,6 +250,9 @@ class Supervisor:
         # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
         self.hot: dict[str, tuple[int, list[Any]]] = {}
+        # Governance: the swarm's usage over every task, and who waits on whom (deadlocks).
+        self.swarm_usage = SwarmUsage(cfg.budgets.swarm.window_s, clock)
+        self.waits = WaitGraph()
 
     # ---- API -------------------------------------------------------------------------------
 
@@ -288,6 +304,9 @@ class Supervisor:
         await self._persist(rec)
         self.tasks[task_id] = rec
         self._emit(rec, TaskStateChanged(task_id=task_id, ts=rec.created, state="submitted"))
+        parent = meta.get("parent_task")
+        if isinstance(parent, str) and parent in self.tasks:
+            self.waits.parent[task_id] = parent  # its tool waits for this one (deadlocks)
         rec.driver = asyncio.create_task(self._drive(rec), name=f"task-{task_id}")
         return task_id
 
@@ -297,8 +316,9 @@ class Supervisor:
         if rec.state != "input_required" or rec.answer_waiter is None:
             raise UserError(f"task {task_id} is {rec.state}, not waiting for input")
         answer = text.strip().lower() if isinstance(text, str) else ""
-        if answer not in ("rerun", "skip"):
-            raise UserError(f"answer 'rerun' or 'skip' (got {text!r}): {rec.question}")
+        if answer not in rec.choices:
+            raise UserError(f"answer {' or '.join(map(repr, rec.choices))} (got {text!r}): "
+                            f"{rec.question}")
         if not rec.answer_waiter.done():
             rec.answer_waiter.set_result(answer)
         return rec.summary()
@@ -452,21 +472,28 @@ class Supervisor:
             if rec.state == "submitted":
                 await self._set_state(rec, "working")
             remaining = rec.created + budget.max_wall_s - self.clock()
+            if self.cfg.budgets.on_exhausted == "wrap_up":
+                # The turn stops itself at max_wall_s and wraps up; this is the hard stop.
+                remaining += self.cfg.budgets.wrap_up_grace_s
             try:
                 result = await asyncio.wait_for(self._run(rec, resume), max(remaining, 0.001))
             except TimeoutError:
                 for role in list(rec.active):
                     await self.pool.cancel(role, rec.task.context_id, rec.id)
-                await self._finish(rec, "failed", "budget",
-                                   f"wall-clock limit reached ({budget.max_wall_s} s)")
+                why = f"task max_wall_s ({budget.max_wall_s:g})"
+                self._alert(rec, "budget_exhausted", "fail", why)
+                await self._finish(rec, "failed", "budget", f"budget exhausted: {why}",
+                                   budget_exhausted=why)
                 return
             if result.kind == "final":
-                await self._finish(rec, "completed", answer=result.text)
+                await self._finish(rec, "completed", answer=result.text,
+                                   budget_exhausted=result.budget_exhausted)
             elif result.kind == "canceled":
                 await self._finish(rec, "canceled", None, "canceled")
             else:
                 await self._finish(rec, "failed", result.error_class or "orchestration",
-                                   result.error or "turn failed")
+                                   result.error or "turn failed",
+                                   budget_exhausted=result.budget_exhausted)
         except asyncio.CancelledError:
             if rec.state not in a2a.TERMINAL:
                 await self._finish(rec, "canceled", None, "canceled by request")
@@ -518,10 +545,19 @@ class Supervisor:
                      transcript: list[dict[str, Any]], *, resume: bool = False,
                      log_id: str | None = None) -> TurnResult:
         """Run turns from `agent`, following handoffs, until one ends the task."""
+        trail, stuck_from = [agent], 0  # for stuck detection: agents in turn order
         while True:
             result = await self._turn(rec, agent, text, transcript, resume=resume,
-                                      log_id=log_id)
+                                      log_id=log_id, stuck_from=stuck_from)
             resume = False
+            if result.stuck in ("same_call", "no_progress") and \
+                    self.cfg.stuck.action == "escalate":
+                if not await self._escalate(rec, result.error or str(result.stuck)):
+                    return result
+                trail, stuck_from = [agent], len(transcript)
+                text = ("An operator reviewed this task, which looked stuck "
+                        f"({result.error}), and asked you to continue without repeating it.")
+                continue
             if result.kind != "handoff":
                 return result
             rec.handoffs += 1
@@ -529,17 +565,43 @@ class Supervisor:
                 return _failed(rec.id, agent, "orchestration",
                                f"too many handoffs ({self.cfg.supervisor.max_handoffs} allowed)")
             assert result.target is not None
+            trail.append(result.target)
+            limit = self.cfg.stuck.ping_pong
+            if limit is not None and bounces(trail) >= limit:
+                cause = (f"{bounces(trail)} handoffs in a row between {agent} and "
+                         f"{result.target} (stuck.ping_pong is {limit})")
+                if self.cfg.stuck.action == "stop":
+                    return self._stuck(rec, agent, "ping_pong", cause)
+                stuck.record(self.swarm_id, "ping_pong")
+                self._alert(rec, "stuck.ping_pong", "escalate", cause)
+                if not await self._escalate(rec, cause):
+                    return self._stuck(rec, agent, "ping_pong", cause, counted=True)
+                trail = [result.target]
             agent = result.target
             text = result.text or f"Continue the task (handed over by {result.agent})."
 
     async def _turn(self, rec: TaskRecord, agent: str, text: str,
                     transcript: list[dict[str, Any]], *, resume: bool = False,
-                    log_id: str | None = None) -> TurnResult:
-        budget = self.cfg.budgets.task
-        remaining = budget.max_steps - rec.steps
-        if remaining <= 0:
-            return _failed(rec.id, agent, "budget", f"task step limit reached ({budget.max_steps})")
-        max_steps = min(remaining, self.cfg.agents[agent].max_steps_per_turn)
+                    log_id: str | None = None, stuck_from: int = 0) -> TurnResult:
+        cfg, budget = self.cfg, self.cfg.budgets.task
+        swarm_used = self.swarm_usage.current()
+        gone = swarm_exhausted(cfg, swarm_used)
+        if gone is not None:
+            # No new work once the swarm's budget is spent (a wrap-up would spend more of it).
+            self._alert(rec, "budget_exhausted", "fail", gone)
+            res = _failed(rec.id, agent, "budget", f"budget exhausted: {gone}")
+            res.budget_exhausted = gone
+            return res
+        mine = rec.by_agent.setdefault(agent, Usage())
+        started = self.clock()
+        allowance, steps_left, steps_why = turn_allowance(
+            cfg, agent, task_usage(rec), mine, swarm_used, now=started,
+            task_deadline=rec.created + budget.max_wall_s)
+        max_steps = per_turn = cfg.agents[agent].max_steps_per_turn
+        if steps_left is not None and steps_left <= per_turn:
+            max_steps = steps_left
+        else:
+            steps_why = f"agents.{agent}.max_steps_per_turn ({per_turn})"
         context_id = rec.task.context_id
         msg = a2a.text_message(text, role="user", task_id=rec.id, context_id=context_id,
                                metadata={"to_agent": agent})
@@ -549,13 +611,24 @@ class Supervisor:
             task_id=rec.id, context_id=context_id, message=a2a.dumps(msg), transcript=transcript,
             step_offset=rec.steps, max_steps=max_steps, deadline=rec.created + budget.max_wall_s,
             log_id=log_id or rec.id, turn_id=str(rec.turns), resume=resume, totals=rec.totals(),
+            guard={"budget": allowance, "steps_why": steps_why, "stuck_from": stuck_from},
         )
         retries = 0
         rec.active.add(agent)
+        replica = (agent, replica_for(context_id, cfg.agents[agent].replicas))
+        self.waits.enter(rec.id, replica, cfg.agents[agent].max_sessions)
         try:
+            cycle = self.waits.cycle(rec.id) if cfg.stuck.deadlock else None
+            if cycle is not None:
+                return self._stuck(rec, agent, "deadlock", (
+                    f"a cycle of tasks waiting on each other: {' -> '.join(cycle)} -> "
+                    f"{cycle[0]} (a sub-task waits for a session slot of agent {agent} held "
+                    "by a task that waits for it)"))
             while True:
                 try:
                     result = await self.pool.turn(agent, context_id, req, attempt=retries)
+                except StuckError as exc:
+                    return self._stuck(rec, agent, exc.detector, str(exc))
                 except _ActorLost as exc:
                     # The replica died mid-turn; Ray restarts it, and it resumes the turn from
                     # the durable log. Without a store there is nothing to resume from.
@@ -575,6 +648,7 @@ class Supervisor:
                 req.resume = True
         finally:
             rec.active.discard(agent)
+            self.waits.leave(rec.id, replica)
         rec.turns += 1
         rec.task.history.append(a2a.loads_message(result.message))
         transcript.extend(result.added)
@@ -585,15 +659,70 @@ class Supervisor:
         rec.tool_calls += result.tool_calls
         for ev in result.events:
             self._emit(rec, ev)
+        self._account(rec, agent, result, started)
         return result
+
+    def _account(self, rec: TaskRecord, agent: str, result: TurnResult, started: float) -> None:
+        """Count a turn's usage for the task, the agent and the swarm; alert on a stop."""
+        cfg = self.cfg
+        price = cfg.models[cfg.agents[agent].model].price
+        used = Usage(result.steps, result.model_calls, result.tool_calls, result.input_tokens,
+                     result.output_tokens, price.cost(result.input_tokens, result.output_tokens,
+                                                      result.cached_tokens),
+                     self.clock() - started)
+        rec.cost_usd += used.cost_usd
+        rec.by_agent[agent].add(used)
+        self.swarm_usage.add(used)
+        if result.budget_exhausted is not None:
+            self._alert(rec, "budget_exhausted", "wrap_up" if result.kind == "final" else "fail",
+                        result.budget_exhausted)
+        if result.stuck is not None:
+            stuck.record(self.swarm_id, result.stuck)
+            rec.stuck = result.stuck
+            self._alert(rec, f"stuck.{result.stuck}", cfg.stuck.action, result.error or "")
+
+    def _alert(self, rec: TaskRecord, alert: str, action: str, detail: str) -> None:
+        self._emit(rec, Alert(task_id=rec.id, ts=self.clock(), agent=rec.agent, alert=alert,
+                              action=action, detail=detail))
+
+    def _stuck(self, rec: TaskRecord, agent: str | None, detector: str, cause: str, *,
+               counted: bool = False) -> TurnResult:
+        """A task found stuck outside a turn: count it, alert, and the failed result."""
+        if not counted:
+            stuck.record(self.swarm_id, detector)
+            self._alert(rec, f"stuck.{detector}", "stop", cause)
+        rec.stuck = detector
+        msg = cause if cause.startswith("stuck (") else f"stuck ({detector}): {cause}"
+        res = _failed(rec.id, agent, stuck.ERROR_CLASS[detector], msg)
+        res.stuck = detector
+        return res
+
+    async def _escalate(self, rec: TaskRecord, cause: str) -> bool:
+        """Ask an operator about a stuck task; True to continue, False to stop it."""
+        rec.choices = ("continue", "stop")
+        try:
+            answer = await self._ask(rec, f"The task looks stuck: {cause}. Answer 'continue' "
+                                          "to let it go on, or 'stop' to fail it.")
+        finally:
+            rec.choices = ("rerun", "skip")
+        if answer == "continue":
+            rec.stuck = None
+        return answer == "continue"
 
     async def _ask(self, rec: TaskRecord, question: str) -> str:
         """Park the task in INPUT_REQUIRED until `respond` answers `question`."""
         rec.question = question
         rec.answer_waiter = asyncio.get_running_loop().create_future()
         await self._set_state(rec, "input_required", question)
+        timeout = self.cfg.stuck.input_timeout_s
         try:
-            answer = await rec.answer_waiter
+            answer = await asyncio.wait_for(rec.answer_waiter, timeout)
+        except TimeoutError:
+            cause = f"no answer in {timeout:g} s (stuck.input_timeout_s) to: {question}"
+            stuck.record(self.swarm_id, "input_timeout")
+            self._alert(rec, "stuck.input_timeout", "stop", cause)
+            rec.stuck = "input_timeout"
+            raise StuckError("input_timeout", f"stuck (input_timeout): {cause}") from None
         finally:
             rec.answer_waiter = None
         rec.question = None
@@ -700,6 +829,9 @@ class Supervisor:
         )
         rec.input_tokens += resp.usage.input_tokens
         rec.output_tokens += resp.usage.output_tokens
+        assert self.cfg.supervisor.router_model is not None
+        rec.cost_usd += self.cfg.models[self.cfg.supervisor.router_model].price.cost(
+            resp.usage.input_tokens, resp.usage.output_tokens, resp.usage.cached_input_tokens)
         chosen = None
         for call in resp.tool_calls:
             if call.name == "route_to":
@@ -746,9 +878,14 @@ class Supervisor:
                                          detail=detail))
 
     async def _finish(self, rec: TaskRecord, state: str, error_class: str | None = None,
-                      error: str | None = None, answer: str | None = None) -> None:
+                      error: str | None = None, answer: str | None = None,
+                      budget_exhausted: str | None = None) -> None:
         if rec.state in a2a.TERMINAL:
             return
+        self.waits.parent.pop(rec.id, None)
+        if budget_exhausted is not None:
+            rec.budget_exhausted = budget_exhausted
+            rec.task.metadata["budget_exhausted"] = budget_exhausted
         reply = a2a.text_message(answer if answer is not None else (error or ""), role="agent",
                                  task_id=rec.id, context_id=rec.task.context_id)
         a2a.set_state(rec.task, state, reply)
@@ -770,6 +907,7 @@ class Supervisor:
             task_id=rec.id, ts=rec.updated, agent=rec.agent, state=state, answer=answer,
             error_class=error_class, error=error, steps=rec.steps,
             input_tokens=rec.input_tokens, output_tokens=rec.output_tokens,
+            budget_exhausted=rec.budget_exhausted,
         ))
         rec.done.set()
 

@@ -182,7 +182,8 @@ async def test_handoff_ping_pong_is_bounded(tmp_path: Path) -> None:
 async def test_task_step_budget(tmp_path: Path) -> None:
     rules = [{"when": {}, "tool_calls": [{"name": "echo", "arguments": {"text": "again"}}]}]
     cfg = make_cfg(
-        tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}}, budgets={"task": {"max_steps": 7}}
+        tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}},
+        budgets={"task": {"max_steps": 7}, "on_exhausted": "fail"},
     )
     async with LocalSwarm(cfg) as sw:
         row = await sw.run("loop forever")

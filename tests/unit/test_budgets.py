@@ -1,0 +1,204 @@
+"""Budgets and termination: runaway agents are stopped within their limit plus one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swarm.client import TaskInfo
+from swarm.config import parse_config
+from swarm.errors import ConfigError
+from swarm.events import Alert, ModelCalled, TaskFinished, ToolCalled
+from swarm.testing import LocalSwarm
+from tests.unit.test_runtime_local import make_cfg
+
+WRAP = {"name": "wrap", "when": {"last_matches": "budget for this task is exhausted"},
+        "content": "best answer after {{ counts.called.echo }} echoes"}
+# Loops forever, with new arguments each step (so no stuck detector fires first).
+RUNAWAY = {"name": "loop", "when": {}, "tool_calls": [
+    {"name": "echo", "arguments": {"text": "n{{ messages | length }}"}}]}
+QUIET = {"same_call": None, "no_progress": None}
+
+
+def _cfg(tmp_path: Path, budgets: dict[str, Any], rules: list[dict[str, Any]] | None = None,
+         agents: dict[str, Any] | None = None, **extra: Any) -> Any:
+    return make_cfg(tmp_path, rules or [WRAP, RUNAWAY],
+                    agents or {"a": {"model": "m", "tools": ["fn"]}},
+                    budgets=budgets, stuck=QUIET, **extra)
+
+
+def _calls(sw: LocalSwarm, task_id: str) -> tuple[list[ModelCalled], list[ToolCalled]]:
+    evs = sw.events(task_id)
+    return ([e for e in evs if isinstance(e, ModelCalled)],
+            [e for e in evs if isinstance(e, ToolCalled)])
+
+
+async def test_runaway_tool_loop_fails_at_its_tool_call_limit(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"task": {"max_tool_calls": 5}, "on_exhausted": "fail"})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        assert row["state"] == "failed" and row["error_class"] == "budget"
+        assert row["error"] == "budget exhausted: task max_tool_calls (5)"
+        assert row["budget_exhausted"] == "task max_tool_calls (5)"
+        # Five tool calls ran; the model was not called again once they were spent.
+        assert row["tool_calls"] == 5 and row["model_calls"] == 5
+        models, tools = _calls(sw, row["task_id"])
+        assert len(models) == 5 and len(tools) == 5
+        (alert,) = [e for e in sw.events(row["task_id"]) if isinstance(e, Alert)]
+        assert alert.alert == "budget_exhausted" and alert.action == "fail"
+
+
+async def test_wrap_up_completes_with_the_best_answer(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"task": {"max_tool_calls": 5}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        assert row["state"] == "completed", row
+        assert row["answer"] == "best answer after 5 echoes"
+        assert row["budget_exhausted"] == "task max_tool_calls (5)"
+        assert row["metadata"]["budget_exhausted"] == "task max_tool_calls (5)"
+        # The limit plus one call: the wrap-up, offered no tools.
+        assert row["tool_calls"] == 5 and row["model_calls"] == 6
+        evs = sw.events(row["task_id"])
+        assert isinstance(evs[-1], TaskFinished)
+        assert evs[-1].budget_exhausted == "task max_tool_calls (5)"
+        assert [e.action for e in evs if isinstance(e, Alert)] == ["wrap_up"]
+        info = TaskInfo.from_summary(row)
+        assert info.budget_exhausted == "task max_tool_calls (5)" and info.state == "completed"
+        # The wrap-up instruction names the limit.
+        rec = sw.supervisor.get(row["task_id"])
+        assert rec.transcript[-2]["role"] == "user"
+        assert "task max_tool_calls (5)" in rec.transcript[-2]["content"]
+
+
+async def test_model_call_limit_plus_one_wrap_up(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"task": {"max_model_calls": 3}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        assert row["state"] == "completed" and row["model_calls"] == 4
+        assert row["tool_calls"] == 3
+        assert row["answer"] == "best answer after 3 echoes"
+
+
+async def test_a_wrap_up_with_no_answer_fails(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"task": {"max_model_calls": 2}}, rules=[RUNAWAY])
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        assert row["state"] == "failed" and row["error_class"] == "budget"
+        assert "the wrap-up call gave no answer" in row["error"]
+        assert row["model_calls"] == 3
+
+
+@pytest.mark.parametrize("on_exhausted", ["fail", "wrap_up"])
+async def test_token_overspender_stops_within_one_call(tmp_path: Path, on_exhausted: str
+                                                       ) -> None:
+    limit = 600
+    cfg = _cfg(tmp_path, {"task": {"max_tokens": limit}, "on_exhausted": on_exhausted})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        models, tools = _calls(sw, row["task_id"])
+        spent = [m.input_tokens + m.output_tokens for m in models]
+        work = spent[:-1] if on_exhausted == "wrap_up" else spent
+        # Every call but the last started under the limit; the last one crossed it.
+        assert sum(work[:-1]) < limit <= sum(work)
+        assert row["input_tokens"] + row["output_tokens"] == sum(spent)
+        # The tool call of the step that crossed the limit did not run; it got a result
+        # saying so, so the transcript stays valid for any model.
+        assert len(tools) == len(work) - 1
+        transcript = sw.supervisor.get(row["task_id"]).transcript
+        last_tool = [m for m in transcript if m["role"] == "tool"][-1]
+        assert last_tool["content"] == \
+            f"ERROR: not run: budget exhausted: task max_tokens ({limit})"
+        assert row["budget_exhausted"] == f"task max_tokens ({limit})"
+        assert row["state"] == ("completed" if on_exhausted == "wrap_up" else "failed")
+
+
+async def test_cost_budget_uses_model_prices(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"task": {"max_cost_usd": 0.5}, "on_exhausted": "fail"})
+    price = {"input_per_mtok": 1000.0, "output_per_mtok": 4000.0}
+    model = cfg.models["m"].model_copy(update={"price": cfg.models["m"].price.model_validate(
+        price)})
+    cfg = cfg.model_copy(update={"models": {"m": model}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        models, tools = _calls(sw, row["task_id"])
+        costs = [model.price.cost(m.input_tokens, m.output_tokens) for m in models]
+        assert sum(costs[:-1]) < 0.5 <= sum(costs)
+        assert row["cost_usd"] == pytest.approx(sum(costs))
+        assert row["state"] == "failed" and row["budget_exhausted"] == "task max_cost_usd (0.5)"
+        assert len(tools) == len(models) - 1
+
+
+async def test_an_agent_budget_overrides_the_default(tmp_path: Path) -> None:
+    rules = [WRAP,
+             {"when": {"agent": "a", "called": {"echo": {"max": 2}}}, "tool_calls": [
+                 {"name": "echo", "arguments": {"text": "a{{ messages | length }}"}}]},
+             {"when": {"agent": "a"}, "tool_calls": [{"name": "transfer_to_b",
+                                                      "arguments": {"message": "yours"}}]},
+             RUNAWAY]
+    agents = {"a": {"model": "m", "tools": ["fn"], "handoffs": ["b"]},
+              "b": {"model": "m", "tools": ["fn"], "budget": {"max_tool_calls": 2}}}
+    cfg = _cfg(tmp_path, {"agent": {"max_tool_calls": 10}}, rules=rules, agents=agents)
+    assert cfg.agent_budget("b").max_tool_calls == 2
+    assert cfg.agent_budget("a").max_tool_calls == 10
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        assert row["state"] == "completed", row
+        assert row["budget_exhausted"] == "agent max_tool_calls (2)"
+        _, tools = _calls(sw, row["task_id"])
+        # a's three echoes ran under its default of 10; b stopped after its own 2.
+        assert [t.agent for t in tools] == ["a"] * 3 + ["b"] * 2
+        assert row["answer"] == "best answer after 5 echoes"
+
+
+async def test_swarm_budget_stops_new_work_across_tasks(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"swarm": {"max_tool_calls": 4}, "on_exhausted": "fail"})
+    async with LocalSwarm(cfg) as sw:
+        first = await sw.run("one")
+        assert first["state"] == "failed" and first["tool_calls"] == 4
+        assert first["budget_exhausted"] == "swarm max_tool_calls (4)"
+        second = await sw.run("two")
+        assert second["state"] == "failed" and second["error_class"] == "budget"
+        assert second["budget_exhausted"] == "swarm max_tool_calls (4)"
+        assert second["model_calls"] == 0 and second["tool_calls"] == 0
+        assert sw.supervisor.swarm_usage.current().tool_calls == 4
+
+
+async def test_swarm_budget_window_starts_afresh(tmp_path: Path) -> None:
+    from swarm.governance.budget import SwarmUsage, Usage
+
+    now = [1000.0]
+    usage = SwarmUsage(window_s=3600, clock=lambda: now[0])
+    usage.add(Usage(tool_calls=3))
+    assert usage.current().tool_calls == 3
+    now[0] += 3599
+    assert usage.current().tool_calls == 3
+    now[0] += 2
+    assert usage.current().tool_calls == 0
+
+
+@pytest.mark.parametrize(("data", "field", "needle"), [
+    ({"budgets": {"task": {"max_tool_calls": -1}}}, "budgets.task.max_tool_calls",
+     "greater than or equal to 0"),
+    ({"budgets": {"swarm": {"max_cost_usd": -0.5}}}, "budgets.swarm.max_cost_usd",
+     "greater than or equal to 0"),
+    ({"budgets": {"swarm": {"max_wall_s": 10}}}, "budgets.swarm.max_wall_s",
+     "no wall-clock limit"),
+    ({"budgets": {"on_exhausted": "ignore"}}, "budgets.on_exhausted", "'wrap_up' or 'fail'"),
+    ({"budgets": {"agent": {"max_tokenz": 5}}}, "budgets.agent.max_tokenz", "unknown field"),
+    ({"agents": {"a": {"model": "m", "budget": {"max_steps": -3}}}},
+     "agents.a.budget.max_steps", "greater than or equal to 0"),
+    ({"stuck": {"action": "pause"}}, "stuck.action", "'stop' or 'escalate'"),
+    ({"stuck": {"same_call": 1}}, "stuck.same_call", "greater than or equal to 2"),
+    ({"stuck": {"input_timeout_s": 0}}, "stuck.input_timeout_s", "greater than 0"),
+])
+def test_bad_limits_name_their_field(data: dict[str, Any], field: str, needle: str) -> None:
+    base: dict[str, Any] = {
+        "name": "t", "models": {"m": {"provider": "openai", "base_url": "http://x",
+                                      "model": "x"}},
+        "agents": {"a": {"model": "m"}}, "supervisor": {"entry": "a"}}
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, **data})
+    assert any(path == field and needle in msg for path, msg in err.value.problems), \
+        err.value.problems
