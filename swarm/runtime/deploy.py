@@ -124,7 +124,7 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
     import asyncio
     from pathlib import Path
 
-    from swarm.state import open_checkpointer
+    from swarm.state import open_checkpointer, with_archive
     from swarm.state.embedded import EmbeddedRedis
 
     spec = os.environ.get(STORE_ENV) or cfg.state.store
@@ -140,6 +140,13 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
         server = EmbeddedRedis.for_run_dir(Path(cfg.state.run_dir).resolve())
         server.start()
         spec = server.url
+    if cfg.state.archive and "|" not in spec:
+        # Every actor opens the store from this one string; a relative file:// archive is
+        # taken from the working directory here, wherever the actors run.
+        archive = cfg.state.archive
+        if archive.startswith("file://") and not archive.startswith("file:///"):
+            archive = Path(archive[len("file://"):]).resolve().as_uri()
+        spec = with_archive(spec, archive, cfg.state.archive_after)
 
     async def check() -> None:
         store = open_checkpointer(spec, run_dir=Path(cfg.state.run_dir))
@@ -188,6 +195,9 @@ def start_swarm(
             f"`python -m swarm down {deployment}` first"
         )
     preflight(cfg)
+    from swarm.observability.usage import pin_location
+
+    cfg = pin_location(cfg)  # every actor writes the usage ledger to the same place
     store_spec, server = resolve_store(cfg)
     if server is not None and server.started_here:
         _STARTED_HERE[deployment] = server

@@ -358,3 +358,25 @@ async def test_a_sweep_archives_finished_tasks_left_in_redis(tiers: Tiers) -> No
     assert not tiers.raw.exists(tiers.key("done", "ledger"))
     assert len(await plain.ledger("done")) == 10 and len(await plain.read("dead")) == 10
     assert await plain.archive_finished("s") == 0  # nothing left to do
+
+
+def test_a_deployed_swarm_opens_its_store_with_the_archive(
+        redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # resolve_store hands every actor one spec string: the archive must be in it, with a
+    # relative file:// archive made absolute (actors run elsewhere).
+    from swarm.config import parse_config
+    from swarm.runtime.deploy import resolve_store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SWARM_STATE_STORE", raising=False)
+    cfg = parse_config({
+        "name": "arch",
+        "models": {"m": {"provider": "openai", "base_url": "http://127.0.0.1:1/v1", "model": "x"}},
+        "agents": {"a": {"model": "m"}}, "supervisor": {"entry": "a"},
+        "state": {"store": redis_server.url, "archive": "file://archive", "archive_after": 500},
+    })
+    spec, server = resolve_store(cfg)
+    assert server is None
+    assert spec == f"{redis_server.url}|{(tmp_path / 'archive').as_uri()}|500"
+    store = open_checkpointer(spec, run_dir=tmp_path)
+    assert isinstance(store, TieredCheckpointer)
