@@ -353,6 +353,69 @@ class StateConfig(_Strict):
         return v
 
 
+class OTLPConfig(_Strict):
+    """Where the `otlp` exporter sends spans (an OpenTelemetry collector)."""
+
+    endpoint: str = Field(description="http(s)://host:port; gRPC: :4317, HTTP: :4318")
+    protocol: Literal["grpc", "http"] = "grpc"
+    headers: dict[str, SecretStr] = {}
+    timeout_s: float = Field(10.0, gt=0, description="per export, retries included")
+    insecure: bool = Field(True, description="gRPC without TLS (http:// endpoints)")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s:]+(:\d{1,5})?(/\S*)?$", v):
+            raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:4317")
+        return v.rstrip("/")
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry spans per task, agent turn, model call and tool call (see
+    swarm.observability.tracing): where they are exported, and whether content is captured."""
+
+    enabled: bool = Field(True, description="make spans at all (the trace store needs them)")
+    exporter: Literal["none", "console", "jsonl", "otlp"] = Field(
+        "none", description="none, console (stdout), jsonl (a file under state.run_dir) or "
+        "otlp (a collector, see tracing.otlp)",
+    )
+    otlp: OTLPConfig | None = None
+    jsonl_path: str = Field("traces/spans.jsonl", min_length=1,
+                            description="the jsonl exporter's file, relative to state.run_dir")
+    store: bool = Field(True, description="keep spans per task for `swarm trace` (Redis when "
+                        "the state store is Redis, else JSONL files under state.run_dir)")
+    store_ttl_s: float = Field(7 * 86400, gt=0, description="how long the trace store keeps "
+                               "a task's spans (Redis)")
+    capture_content: bool = Field(False, description="record prompts, answers, tool "
+                                  "arguments and results in spans (secrets redacted)")
+    max_content_chars: int = Field(4000, ge=16, description="per captured value")
+    redact: list[str] = Field([], description="extra regexes whose matches are redacted")
+    max_queue: int = Field(4096, ge=1, description="spans buffered per exporter; beyond "
+                           "this they are dropped (and counted), never waited for")
+    batch_size: int = Field(512, ge=1)
+    flush_interval_s: float = Field(0.5, gt=0, le=60)
+
+    @field_validator("redact")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"redact.{i}: not a regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _exporter_settings(self) -> TracingConfig:
+        if self.exporter == "otlp" and self.otlp is None:
+            raise ValueError("exporter otlp needs tracing.otlp.endpoint "
+                             "(e.g. otlp: {endpoint: 'http://127.0.0.1:4317', protocol: grpc})")
+        if self.batch_size > self.max_queue:
+            raise ValueError(f"tracing.batch_size ({self.batch_size}) is more than "
+                             f"tracing.max_queue ({self.max_queue})")
+        return self
+
+
 class LimitsConfig(_Strict):
     """Guards on input from users."""
 
@@ -374,6 +437,7 @@ class SwarmConfig(_Strict):
     stuck: StuckConfig = StuckConfig()
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @field_validator("models", "tools", "agents")
     @classmethod

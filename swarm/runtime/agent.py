@@ -176,6 +176,7 @@ class AgentHost:
         self.start_problems: list[str] = []
         # Called with each durable snapshot (the actor publishes it to the object store).
         self.publish_snapshot: Callable[[Snapshot], None] | None = None
+        self._tracer: Any = None  # swarm.observability.tracing.SwarmTracer when tracing is on
 
     async def start(self) -> None:
         """Connect tool sources and resolve the toolbox; idempotent."""
@@ -195,6 +196,9 @@ class AgentHost:
                 self.role, self.agent_cfg.tools, self.sources, self.agent_cfg.handoffs
             )
             model_cfg = self.cfg.models[self.agent_cfg.model]
+            from swarm.observability.tracing import swarm_tracer
+
+            self._tracer = swarm_tracer(self.cfg)
             self._loop = StepLoop(
                 agent=self.role,
                 model=self.model,
@@ -252,6 +256,8 @@ class AgentHost:
                 messages=[self._system, *req.transcript, {"role": "user", "content": text}],
                 step=req.step_offset, traceparent=req.traceparent,
             )
+            trace = None if self._tracer is None else \
+                self._tracer.start_agent(req, self.role, loop.model_name)
             first = 1 + len(req.transcript)  # index of this turn's first message
             limits = TurnLimits(max_steps=req.max_steps, deadline=req.deadline)
             if req.guard:
@@ -303,6 +309,9 @@ class AgentHost:
                 except Exception:
                     log.warning("task %s: buffered steps lost at cancel", req.task_id,
                                 exc_info=True)
+        if trace is not None:
+            self._tracer.end_agent(trace, kind, error_class, error, session, target,
+                                   session.step - req.step_offset)
         out = a2a.text_message(
             reply or (error or ""), role="agent", task_id=req.task_id,
             context_id=req.context_id, metadata={"agent": self.role, "outcome": kind},

@@ -129,6 +129,10 @@ def build_middleware(cfg: Any, role: str, *, store: Any = None,
     costs nothing. Each feature adds its layer here when the config asks for it.
     """
     layers: list[Middleware] = []
+    from swarm.observability.tracing import swarm_tracer
+
+    if (tracer := swarm_tracer(cfg)) is not None:
+        layers.append(tracer.middleware(role))  # outermost: sees every call, even stopped ones
     from swarm.governance.budget import BudgetLayer
     from swarm.governance.stuck import StuckLayer
 

@@ -250,6 +250,9 @@ class Supervisor:
         # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
         self.hot: dict[str, tuple[int, list[Any]]] = {}
+        from swarm.observability.tracing import swarm_tracer
+
+        self._tracer = swarm_tracer(cfg)  # None when tracing is off
         # Governance: the swarm's usage over every task, and who waits on whom (deadlocks).
         self.swarm_usage = SwarmUsage(cfg.budgets.swarm.window_s, clock)
         self.waits = WaitGraph()
@@ -344,6 +347,18 @@ class Supervisor:
                 row["data"] = e.data
             rows.append(row)
         return rows
+
+    async def trace(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's spans from the trace store (swarm.observability), in start order."""
+        self.get(task_id)
+        from swarm.observability.tracing import active
+
+        tracing = active()
+        if not self.cfg.tracing.enabled or tracing is None or tracing.store is None:
+            raise UserError(f"swarm {self.cfg.name} keeps no traces (tracing.enabled and "
+                            "tracing.store must be on)")
+        rows = await asyncio.to_thread(tracing.read, task_id)
+        return sorted(rows, key=lambda r: r["start"])
 
     async def fork(self, task_id: str, step: int, *, user: str | None = None) -> str:
         """A new task that starts from the state of `task_id` after step `step` and runs on.
@@ -468,6 +483,8 @@ class Supervisor:
 
     async def _drive(self, rec: TaskRecord, *, resume: bool = False) -> None:
         budget = self.cfg.budgets.task
+        trace = None if self._tracer is None else self._tracer.start_workflow(
+            rec.id, rec.task.context_id, rec.user, resume)
         try:
             if rec.state == "submitted":
                 await self._set_state(rec, "working")
@@ -502,6 +519,9 @@ class Supervisor:
         except Exception as exc:  # one task's bug must never take the supervisor down
             log.exception("task %s crashed in the supervisor", rec.id)
             await self._finish(rec, "failed", "orchestration", f"{type(exc).__name__}: {exc}")
+        finally:
+            if trace is not None:
+                self._tracer.end_workflow(trace, rec)
 
     async def _run(self, rec: TaskRecord, resume: bool) -> TurnResult:
         """Run the task by its strategy; after a restart, continue from where its log ends."""
@@ -626,7 +646,7 @@ class Supervisor:
                     "by a task that waits for it)"))
             while True:
                 try:
-                    result = await self.pool.turn(agent, context_id, req, attempt=retries)
+                    result = await self._send(agent, context_id, req, retries)
                 except StuckError as exc:
                     return self._stuck(rec, agent, exc.detector, str(exc))
                 except _ActorLost as exc:
@@ -708,6 +728,23 @@ class Supervisor:
         if answer == "continue":
             rec.stuck = None
         return answer == "continue"
+
+    async def _send(self, agent: str, key: str, req: TurnRequest, attempt: int) -> TurnResult:
+        """Send one turn to an agent (an A2A message): traced as an A2A client span whose
+        traceparent rides in the request and the message metadata."""
+        if self._tracer is None:
+            return await self.pool.turn(agent, key, req, attempt=attempt)
+        span, req.traceparent = self._tracer.start_send(req.task_id, req.context_id, agent)
+        msg = a2a.loads_message(req.message)
+        msg.metadata["traceparent"] = req.traceparent
+        req.message = a2a.dumps(msg)
+        try:
+            result = await self.pool.turn(agent, key, req, attempt=attempt)
+        except BaseException as exc:
+            self._tracer.end_send(span, exc=exc)
+            raise
+        self._tracer.end_send(span, result)
+        return result
 
     async def _ask(self, rec: TaskRecord, question: str) -> str:
         """Park the task in INPUT_REQUIRED until `respond` answers `question`."""

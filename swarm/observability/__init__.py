@@ -1,0 +1,3 @@
+"""Observability: OpenTelemetry traces per task (GenAI semantic conventions), the swarm's own
+trace store, and the `swarm trace` renderer. Importing this package starts nothing; a process
+gets its tracing from `tracing.configure` (Ray actors) or `tracing.install` (tests)."""

@@ -1,0 +1,210 @@
+"""The trace store the swarm keeps itself: finished spans per task, so `swarm trace TASK` works
+with no collector.
+
+Spans reach it through `StoreExporter` (behind a `BatchSpanProcessor`, so writes are batched
+and happen on the processor's thread, never on the step path). Every actor process writes its
+own spans; the supervisor reads a task's spans back with one lookup:
+
+- `RedisTraceStore`: one LIST per task, `{prefix}:trace:{task}`, with a TTL; one pipelined
+  round trip per batch. Used whenever the swarm's state store is Redis (embedded or a URL).
+- `JsonlTraceStore`: one JSONL file per task under a directory (the run dir), for swarms with no
+  Redis; only processes on the same machine (or a shared filesystem) see each other's spans.
+- `MemoryTraceStore`: in this process, for tests and `LocalSwarm`.
+
+A stored span is a compact row: name, trace/span/parent ids (hex), kind, start/end (epoch
+seconds), status, error and attributes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import StatusCode
+
+log = logging.getLogger(__name__)
+
+TASK_ATTR = "swarm.task.id"
+_MAX_ROWS = 100_000  # per task read
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_KINDS = {0: "internal", 1: "server", 2: "client", 3: "producer", 4: "consumer"}
+
+
+def span_row(span: ReadableSpan) -> dict[str, Any]:
+    """The compact, JSON-ready row of a finished span."""
+    ctx = span.context
+    parent = span.parent
+    status = span.status
+    return {
+        "name": span.name,
+        "trace": f"{ctx.trace_id:032x}",
+        "span": f"{ctx.span_id:016x}",
+        "parent": f"{parent.span_id:016x}" if parent is not None else None,
+        "kind": _KINDS.get(span.kind.value, str(span.kind.value)),
+        "start": (span.start_time or 0) / 1e9,
+        "end": (span.end_time or span.start_time or 0) / 1e9,
+        "status": "error" if status.status_code is StatusCode.ERROR
+        else ("ok" if status.status_code is StatusCode.OK else "unset"),
+        "error": status.description,
+        "attrs": {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in (span.attributes or {}).items()},
+    }
+
+
+class TraceStore(ABC):
+    """Where finished spans are kept per task. `append` runs on an exporter thread (blocking
+    I/O is fine there); `read` returns a task's rows in the order they were written."""
+
+    @abstractmethod
+    def append(self, rows: dict[str, list[bytes]]) -> None:
+        """Add encoded rows, grouped by task id."""
+
+    @abstractmethod
+    def read(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's span rows (empty if none)."""
+
+    def close(self) -> None:  # noqa: B027 - documented no-op hook
+        """Release connections; the default does nothing."""
+
+
+class MemoryTraceStore(TraceStore):
+    """Spans in this process (tests, `LocalSwarm`)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def append(self, rows: dict[str, list[bytes]]) -> None:
+        """Keep the rows."""
+        with self._lock:
+            for task_id, batch in rows.items():
+                self._rows.setdefault(task_id, []).extend(batch)
+
+    def read(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's rows."""
+        with self._lock:
+            return [_decode(r) for r in self._rows.get(task_id, ())]
+
+
+class RedisTraceStore(TraceStore):
+    """Spans in Redis: a LIST per task with a TTL, refreshed by every write."""
+
+    def __init__(self, url: str, *, prefix: str = "swarm", ttl_s: float = 7 * 86400,
+                 timeout_s: float = 5.0) -> None:
+        import redis
+
+        self.url = url
+        self.prefix = prefix
+        self.ttl_s = max(1, int(ttl_s))
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                           socket_connect_timeout=timeout_s)
+
+    def key(self, task_id: str) -> str:
+        """The LIST holding a task's spans."""
+        return f"{self.prefix}:trace:{task_id}"
+
+    def append(self, rows: dict[str, list[bytes]]) -> None:
+        """One pipelined round trip: RPUSH and EXPIRE per task."""
+        pipe = self._redis.pipeline(transaction=False)
+        for task_id, batch in rows.items():
+            key = self.key(task_id)
+            pipe.rpush(key, *batch)
+            pipe.expire(key, self.ttl_s)
+        pipe.execute()
+
+    def read(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's rows (the newest `_MAX_ROWS` at most)."""
+        return [_decode(r) for r in self._redis.lrange(self.key(task_id), -_MAX_ROWS, -1)]
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._redis.close()
+
+
+_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+
+
+class JsonlTraceStore(TraceStore):
+    """Spans as one JSONL file per task under `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._lock = threading.Lock()
+
+    def path(self, task_id: str) -> Path:
+        """The file of a task (ids that aren't safe file names are hashed)."""
+        name = task_id.replace("/", "_")
+        if not _SAFE.match(name) or name.startswith("."):
+            name = hashlib.sha256(task_id.encode()).hexdigest()[:32]
+        return self.directory / f"{name}.jsonl"
+
+    def append(self, rows: dict[str, list[bytes]]) -> None:
+        """Append each task's rows to its file."""
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for task_id, batch in rows.items():
+                with self.path(task_id).open("ab") as f:
+                    f.write(b"\n".join(batch) + b"\n")
+
+    def read(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's rows; a torn last line (a writer that died mid-write) is skipped."""
+        try:
+            data = self.path(task_id).read_bytes()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in data.splitlines()[-_MAX_ROWS:]:
+            try:
+                out.append(_decode(line))
+            except msgspec.DecodeError:
+                continue
+        return out
+
+
+def open_trace_store(spec: str | None, run_dir: Path, *, ttl_s: float) -> TraceStore:
+    """The trace store for a swarm whose state store is `spec` (a resolved URL or None)."""
+    scheme = (spec or "").partition("://")[0].lower()
+    if scheme in ("redis", "rediss", "unix"):
+        assert spec is not None
+        return RedisTraceStore(spec, ttl_s=ttl_s)
+    if spec == "memory":
+        return MemoryTraceStore()
+    return JsonlTraceStore(Path(run_dir) / "traces" / "tasks")
+
+
+class StoreExporter(SpanExporter):
+    """A `SpanExporter` into a `TraceStore`: spans with a task id, grouped per task."""
+
+    def __init__(self, store: TraceStore) -> None:
+        self.store = store
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Write one batch; a store that is down fails the batch (counted by the processor)."""
+        rows: dict[str, list[bytes]] = {}
+        for span in spans:
+            task_id = (span.attributes or {}).get(TASK_ATTR)
+            if not isinstance(task_id, str):
+                continue
+            rows.setdefault(task_id, []).append(_encode(span_row(span)))
+        if not rows:
+            return SpanExportResult.SUCCESS
+        try:
+            self.store.append(rows)
+        except Exception as exc:
+            log.debug("trace store write failed: %s", exc)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Close the store."""
+        self.store.close()

@@ -1,0 +1,395 @@
+"""OpenTelemetry spans per task, following the GenAI semantic conventions.
+
+One task is one trace:
+
+    invoke_workflow {swarm}                 the supervisor drives the task
+      SendMessage {agent}                   an A2A message to an agent (client span)
+        invoke_agent {agent}                the agent's turn, in its actor
+          chat {model}                      one model call: usage, finish reasons
+          execute_tool {tool}               one tool call (MCP spans nest under it)
+
+The trace context crosses actors as a W3C `traceparent` in the `TurnRequest` and the A2A
+message metadata, and reaches MCP servers in the request's `_meta` (`ToolContext.traceparent`).
+
+A process has at most one installed `Tracing` (its provider, processors and trace store): Ray
+actors call `configure` once; tests `install` one built on a private `TracerProvider`, since
+the global OpenTelemetry provider can be set only once per process. `SwarmTracer` binds it to
+one swarm config and is what the supervisor, agent hosts and the middleware layer call; with
+tracing off, they hold None and pay nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.context import Context, attach, detach
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from swarm.observability._export import (
+    CountedBatchProcessor,
+    Redactor,
+    TaskIdProcessor,
+    build_exporter,
+    config_secrets,
+)
+from swarm.observability.store import TASK_ATTR, TraceStore, open_trace_store
+from swarm.runtime.middleware import Middleware, ModelCall, NextModel, NextTool, StopTurn
+
+if TYPE_CHECKING:
+    from swarm.config import SwarmConfig
+    from swarm.models.interface import ModelResponse
+    from swarm.tools.interface import ToolResult
+
+log = logging.getLogger("swarm.observability")
+
+_propagator = TraceContextTextMapPropagator()
+_STORE_QUEUE = 8192
+_ROOT = Context()
+# A2A task state a turn leaves the task in, by the turn's outcome.
+_A2A_STATE = {"final": "completed", "handoff": "working", "failed": "failed",
+              "canceled": "canceled", "input_required": "input_required"}
+
+
+class Tracing:
+    """A process's tracer provider, its processors (trace store, exporter) and trace store.
+
+    `provider` is injectable: tests pass a private one (with an `InMemorySpanExporter`); by
+    default a new provider is made. The store processor and the configured exporter each get
+    their own bounded `CountedBatchProcessor`, so a slow exporter never delays the store.
+    """
+
+    def __init__(self, *, provider: TracerProvider | None = None, store: TraceStore | None = None,
+                 exporter: Any = None, settings: Any = None,
+                 resource: dict[str, Any] | None = None) -> None:
+        from swarm.config import TracingConfig
+
+        self.settings = settings if settings is not None else TracingConfig()
+        s = self.settings
+        self.provider = provider or TracerProvider(
+            resource=Resource.create({"service.name": "swarm", **(resource or {})}))
+        self.provider.add_span_processor(TaskIdProcessor())
+        self.store = store
+        self.processors: dict[str, CountedBatchProcessor] = {}
+        for name, exp in (("store", None if store is None else _store_exporter(store)),
+                          (s.exporter, exporter)):
+            if exp is None:
+                continue
+            # The store is local and fast: it gets a queue of its own size, so an exporter
+            # configured with a small one doesn't make it drop spans.
+            queue = s.max_queue if name != "store" else max(s.max_queue, _STORE_QUEUE)
+            proc = CountedBatchProcessor(name, exp, max_queue=queue,
+                                         batch_size=min(s.batch_size, queue),
+                                         flush_interval_s=s.flush_interval_s)
+            self.processors[name] = proc
+            self.provider.add_span_processor(proc)
+        self.tracer = self.provider.get_tracer("swarm")
+
+    @classmethod
+    def from_config(cls, cfg: SwarmConfig, store_spec: str | None, *,
+                    run_dir: Path | None = None, provider: TracerProvider | None = None,
+                    resource: dict[str, Any] | None = None) -> Tracing:
+        """Build from `cfg.tracing`: the trace store next to the state store `store_spec`."""
+        s = cfg.tracing
+        run_dir = Path(run_dir if run_dir is not None else cfg.state.run_dir)
+        store = open_trace_store(store_spec, run_dir, ttl_s=s.store_ttl_s) if s.store else None
+        return cls(provider=provider, store=store, exporter=build_exporter(s, run_dir),
+                   settings=s, resource={"swarm.name": cfg.name, **(resource or {})})
+
+    def read(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's stored spans, after flushing this process's own (blocking: use a thread)."""
+        if self.store is None:
+            return []
+        proc = self.processors.get("store")
+        if proc is not None:
+            proc.force_flush()
+        return self.store.read(task_id)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Export everything queued now (blocks up to the exporters' own timeouts)."""
+        return self.provider.force_flush(int(timeout_s * 1e3))
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per processor: spans ended, exported, failed, dropped and still queued."""
+        return {name: p.stats() for name, p in self.processors.items()}
+
+    def shutdown(self) -> None:
+        """Flush and stop the processors."""
+        self.provider.shutdown()
+
+
+def _store_exporter(store: TraceStore) -> Any:
+    from swarm.observability.store import StoreExporter
+
+    return StoreExporter(store)
+
+
+_ACTIVE: Tracing | None = None
+
+
+def install(tracing: Tracing | None) -> Tracing | None:
+    """Make `tracing` this process's tracing (None: none); returns the previous one."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, tracing
+    return previous
+
+
+def active() -> Tracing | None:
+    """This process's installed tracing, if any."""
+    return _ACTIVE
+
+
+def stats() -> dict[str, dict[str, int]]:
+    """Span counts of this process's tracing per processor (empty if none is installed)."""
+    return _ACTIVE.stats() if _ACTIVE is not None else {}
+
+
+def configure(cfg: SwarmConfig, store_spec: str | None, **resource: Any) -> Tracing | None:
+    """Set up tracing for this (actor) process from its swarm config, once.
+
+    The provider also becomes the global OpenTelemetry provider, so libraries' own spans (the
+    MCP SDK's) join the task's trace. Returns None when the config turns tracing off.
+    """
+    if not cfg.tracing.enabled:
+        return None
+    if _ACTIVE is not None:
+        return _ACTIVE
+    from opentelemetry import trace
+
+    tracing = Tracing.from_config(cfg, store_spec, resource=resource)
+    try:
+        trace.set_tracer_provider(tracing.provider)
+    except Exception:  # pragma: no cover - another library set it first
+        log.debug("global tracer provider already set", exc_info=True)
+    install(tracing)
+    return tracing
+
+
+def swarm_tracer(cfg: SwarmConfig) -> SwarmTracer | None:
+    """The tracer for one swarm, or None when tracing is off or no tracing is installed."""
+    if not cfg.tracing.enabled or _ACTIVE is None:
+        return None
+    return SwarmTracer(_ACTIVE, cfg)
+
+
+def traceparent_of(span: Any) -> str:
+    """The W3C traceparent of a span (what `TraceContextTextMapPropagator` writes)."""
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def _set_error(span: Any, error_class: str | None, error: str | None, redact: Redactor) -> None:
+    span.set_attribute("error.type", error_class or "error")
+    span.set_status(Status(StatusCode.ERROR, redact(error or error_class or "error")[:500]))
+
+
+class SwarmTracer:
+    """Spans for one swarm: the supervisor's workflow and A2A spans, agent turns, and the
+    middleware layer for model and tool calls."""
+
+    def __init__(self, tracing: Tracing, cfg: SwarmConfig) -> None:
+        self.tracing = tracing
+        self.tracer = tracing.tracer
+        self.cfg = cfg
+        self.swarm = cfg.name
+        self.capture = cfg.tracing.capture_content
+        self.max_chars = cfg.tracing.max_content_chars
+        self.redact = Redactor(config_secrets(cfg), cfg.tracing.redact)
+
+    # ---- supervisor ---------------------------------------------------------------------------
+
+    def start_workflow(self, task_id: str, context_id: str, user: str, resumed: bool
+                       ) -> tuple[Any, Any]:
+        """Open a task's `invoke_workflow` span (a new trace) and make it current."""
+        span = self.tracer.start_span(f"invoke_workflow {self.swarm}", context=_ROOT, attributes={
+            "gen_ai.operation.name": "invoke_workflow", "swarm.name": self.swarm,
+            "gen_ai.conversation.id": context_id, TASK_ATTR: task_id, "swarm.user": user,
+            "swarm.resumed": resumed})
+        return span, attach(set_span_in_context(span))
+
+    def end_workflow(self, handle: tuple[Any, Any], rec: Any) -> None:
+        """Close the workflow span with the task's final state and totals."""
+        span, token = handle
+        detach(token)
+        span.set_attributes({
+            "swarm.task.state": rec.state, "swarm.steps": rec.steps,
+            "gen_ai.usage.input_tokens": rec.input_tokens,
+            "gen_ai.usage.output_tokens": rec.output_tokens,
+            "swarm.model_calls": rec.model_calls, "swarm.tool_calls": rec.tool_calls})
+        if rec.state == "failed":
+            _set_error(span, rec.error_class, rec.error, self.redact)
+        span.end()
+
+    def start_send(self, task_id: str, context_id: str, agent: str) -> tuple[Any, str]:
+        """Open the A2A client span of a message to `agent`; returns it and its traceparent."""
+        span = self.tracer.start_span(f"SendMessage {agent}", kind=SpanKind.CLIENT, attributes={
+            "a2a.method.name": "SendMessage", "a2a.task.id": task_id,
+            "gen_ai.conversation.id": context_id, "gen_ai.agent.name": agent, TASK_ATTR: task_id})
+        carrier: dict[str, str] = {}
+        _propagator.inject(carrier, context=set_span_in_context(span))
+        return span, carrier["traceparent"]
+
+    def end_send(self, span: Any, result: Any = None, exc: BaseException | None = None) -> None:
+        """Close an A2A span with the state the turn left the task in."""
+        if result is not None:
+            span.set_attributes({"a2a.task.state": _A2A_STATE.get(result.kind, result.kind),
+                                 "swarm.outcome": result.kind})
+            if result.target:
+                span.set_attribute("swarm.handoff.to", result.target)
+            if result.kind == "failed":
+                _set_error(span, result.error_class, result.error, self.redact)
+        elif exc is not None:
+            span.set_attribute("a2a.task.state", "failed")
+            _set_error(span, getattr(exc, "error_class", None) or type(exc).__name__,
+                       str(exc), self.redact)
+        span.end()
+
+    # ---- agents -------------------------------------------------------------------------------
+
+    def start_agent(self, req: Any, role: str, model: str) -> tuple[Any, Any]:
+        """Open an agent turn's `invoke_agent` span under the request's traceparent."""
+        parent = _propagator.extract({"traceparent": req.traceparent}) if req.traceparent \
+            else _ROOT
+        span = self.tracer.start_span(f"invoke_agent {role}", context=parent, attributes={
+            "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": role,
+            "gen_ai.agent.id": f"{self.swarm}.{role}", "gen_ai.conversation.id": req.context_id,
+            "gen_ai.request.model": model, TASK_ATTR: req.task_id, "swarm.turn": req.turn_id,
+            "swarm.resume": req.resume})
+        return span, attach(set_span_in_context(span))
+
+    def end_agent(self, handle: tuple[Any, Any], kind: str, error_class: str | None,
+                  error: str | None, session: Any, target: str | None, steps: int) -> None:
+        """Close an agent turn's span with its outcome and usage."""
+        span, token = handle
+        detach(token)
+        span.set_attributes({
+            "swarm.outcome": kind, "swarm.steps": steps,
+            "gen_ai.usage.input_tokens": session.input_tokens,
+            "gen_ai.usage.output_tokens": session.output_tokens,
+            "gen_ai.usage.cache_read.input_tokens": session.cached_tokens,
+            "swarm.model_calls": session.model_calls, "swarm.tool_calls": session.tool_calls})
+        if kind == "handoff" and target:
+            span.set_attribute("swarm.handoff.to", target)
+        if kind == "failed":
+            _set_error(span, error_class, error, self.redact)
+        span.end()
+
+    def middleware(self, role: str) -> TracingMiddleware:
+        """The layer that traces a role's model and tool calls."""
+        return TracingMiddleware(self, role)
+
+    def content(self, value: Any) -> str:
+        """A captured value: JSON, redacted, cut to `max_content_chars`."""
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        return self.redact(text[: self.max_chars * 2])[: self.max_chars]
+
+
+class TracingMiddleware(Middleware):
+    """`chat` spans around model calls and `execute_tool` spans around tool calls."""
+
+    def __init__(self, tracer: SwarmTracer, role: str) -> None:
+        self.t = tracer
+        self.tracer = tracer.tracer
+        cfg = tracer.cfg
+        self.model_key = cfg.agents[role].model
+        mcfg = cfg.models[self.model_key]
+        self.provider = mcfg.provider
+        self.price = mcfg.price
+        self.capture = tracer.capture
+
+    async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
+        """One `chat {model}` span with usage, finish reasons and cost."""
+        session = call.session
+        span = self.tracer.start_span("chat " + call.model, kind=SpanKind.CLIENT, attributes={
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": self.provider,
+            "gen_ai.request.model": call.model, "gen_ai.agent.name": call.agent,
+            "gen_ai.conversation.id": session.session_id, TASK_ATTR: session.task_id,
+            "swarm.step": call.step})
+        if call.final:
+            span.set_attribute("swarm.wrap_up", True)
+        if self.capture:
+            span.set_attribute("gen_ai.input.messages", self.t.content(_new_input(call)))
+        try:
+            resp = await nxt(call)
+        except StopTurn as stop:
+            _stopped(span, stop, self.t.redact)
+            raise
+        except BaseException as exc:
+            _set_error(span, getattr(exc, "error_class", None) or "model",
+                       f"{type(exc).__name__}: {exc}", self.t.redact)
+            span.end()
+            raise
+        usage = resp.usage
+        span.set_attributes({
+            "gen_ai.response.model": resp.model or call.model,
+            "gen_ai.response.finish_reasons": (resp.finish_reason,),
+            "gen_ai.usage.input_tokens": usage.input_tokens,
+            "gen_ai.usage.output_tokens": usage.output_tokens,
+            "gen_ai.usage.cache_read.input_tokens": usage.cached_input_tokens,
+            "swarm.cost_usd": self.price.cost(usage.input_tokens, usage.output_tokens,
+                                              usage.cached_input_tokens),
+            "swarm.tool_calls": len(resp.tool_calls)})
+        if self.capture:
+            out: dict[str, Any] = {"role": "assistant", "content": resp.content}
+            if resp.tool_calls:
+                out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                     for c in resp.tool_calls]
+            span.set_attribute("gen_ai.output.messages", self.t.content([out]))
+        span.end()
+        return resp
+
+    async def on_tool(self, inv: Any, nxt: NextTool) -> ToolResult:
+        """One `execute_tool {tool}` span, current while the tool runs; its traceparent goes to
+        the tool (MCP `_meta`)."""
+        session = inv.session
+        span = self.tracer.start_span("execute_tool " + inv.call.name, attributes={
+            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": inv.call.name,
+            "gen_ai.tool.call.id": inv.call.id, "gen_ai.tool.type": "function",
+            "gen_ai.agent.name": inv.agent, "gen_ai.conversation.id": session.session_id,
+            "swarm.tool.server": inv.entry.source.name, TASK_ATTR: session.task_id,
+            "swarm.step": inv.step})
+        if self.capture:
+            span.set_attribute("gen_ai.tool.call.arguments", self.t.content(inv.args))
+        inv.ctx.traceparent = traceparent_of(span)
+        token = attach(set_span_in_context(span))
+        try:
+            result = await nxt(inv)
+        except StopTurn as stop:
+            _stopped(span, stop, self.t.redact)
+            raise
+        except BaseException as exc:
+            _set_error(span, getattr(exc, "error_class", None) or "tool",
+                       f"{type(exc).__name__}: {exc}", self.t.redact)
+            span.end()
+            raise
+        finally:
+            detach(token)
+        if self.capture:
+            span.set_attribute("gen_ai.tool.call.result", self.t.content(result.content))
+        if result.is_error:
+            _set_error(span, "tool", result.content, self.t.redact)
+        span.end()
+        return result
+
+
+def _stopped(span: Any, stop: StopTurn, redact: Redactor) -> None:
+    """A layer below stopped the turn (a budget, an approval gate, stuck detection)."""
+    outcome = stop.outcome
+    span.set_attribute("swarm.stopped", outcome.kind)
+    if outcome.kind == "failed":
+        _set_error(span, outcome.error_class, outcome.error, redact)
+    span.end()
+
+
+def _new_input(call: ModelCall) -> list[dict[str, Any]]:
+    """The messages since the model's last answer: what this call adds to the conversation."""
+    messages = call.request.messages
+    i = len(messages)
+    while i > 0 and messages[i - 1].get("role") != "assistant":
+        i -= 1
+    return messages[i:] if i else messages

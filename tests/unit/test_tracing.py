@@ -1,0 +1,361 @@
+"""Tracing: the exact span tree of a three-agent task, redaction, exporters that can't connect,
+the trace store and `swarm trace` rendering, and the traceparent reaching an MCP server."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp.server.mcpserver import Context, MCPServer
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from swarm.errors import ConfigError
+from swarm.observability._export import REDACTED, Redactor, build_exporter
+from swarm.observability.store import JsonlTraceStore, MemoryTraceStore
+from swarm.observability.tracing import Tracing, install, traceparent_of
+from swarm.protocol import a2a
+from swarm.testing import LocalSwarm
+from swarm.tools.mcp import MCPToolSource
+from tests.unit.test_runtime_local import make_cfg
+
+THREE_AGENTS = [
+    {"when": {"agent": "a", "last_role": "user"},
+     "tool_calls": [{"name": "echo", "arguments": {"text": "found {{ task }}"}}]},
+    {"when": {"agent": "a", "last_tool": "echo"},
+     "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "check it"}}]},
+    {"when": {"agent": "b"},
+     "tool_calls": [{"name": "transfer_to_c", "arguments": {"message": "write it up"}}]},
+    {"when": {"agent": "c"}, "content": "c says: {{ results.echo }}"},
+]
+AGENTS = {"a": {"model": "m", "tools": ["fn"], "handoffs": ["b"]},
+          "b": {"model": "m", "handoffs": ["c"]}, "c": {"model": "m"}}
+
+
+class Traced:
+    """A private provider with an in-memory exporter, installed as this process's tracing."""
+
+    def __init__(self, **tracing: Any) -> None:
+        from swarm.config import TracingConfig
+
+        self.memory = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.memory))
+        self.store = MemoryTraceStore()
+        self.settings = TracingConfig(**tracing)
+        self.tracing = Tracing(provider=provider, store=self.store, settings=self.settings,
+                               exporter=tracing.pop("_exporter", None))
+
+    def spans(self) -> list[Any]:
+        return list(self.memory.get_finished_spans())
+
+
+@pytest.fixture
+def traced() -> Iterator[Traced]:
+    t = Traced()
+    previous = install(t.tracing)
+    yield t
+    install(previous)
+    t.tracing.shutdown()
+
+
+def tree(spans: list[Any]) -> list[tuple[str, list[Any]]]:
+    """Spans as nested (name, children), children in start order."""
+    by_parent: dict[int | None, list[Any]] = {}
+    for s in spans:
+        by_parent.setdefault(s.parent.span_id if s.parent else None, []).append(s)
+
+    def build(parent: int | None) -> list[tuple[str, list[Any]]]:
+        kids = sorted(by_parent.get(parent, []), key=lambda s: s.start_time)
+        return [(s.name, build(s.context.span_id)) for s in kids]
+
+    return build(None)
+
+
+def cfg3(tmp_path: Path, **extra: Any) -> Any:
+    return make_cfg(tmp_path, THREE_AGENTS, AGENTS, **extra)
+
+
+async def test_three_agent_task_is_one_trace_with_the_exact_tree(tmp_path: Path, traced: Traced
+                                                                ) -> None:
+    async with LocalSwarm(cfg3(tmp_path)) as sw:
+        row = await sw.run("the facts")
+    assert row["state"] == "completed", row
+    spans = traced.spans()
+    assert tree(spans) == [
+        ("invoke_workflow t", [
+            ("SendMessage a", [("invoke_agent a", [
+                ("chat m", []), ("execute_tool echo", []), ("chat m", [])])]),
+            ("SendMessage b", [("invoke_agent b", [("chat m", [])])]),
+            ("SendMessage c", [("invoke_agent c", [("chat m", [])])]),
+        ]),
+    ]
+    assert len({s.context.trace_id for s in spans}) == 1
+    task_id, context_id = row["task_id"], row["context_id"]
+    for s in spans:
+        attrs = s.attributes
+        assert attrs["swarm.task.id"] == task_id
+        assert attrs["gen_ai.conversation.id"] == context_id
+    ops = {s.name: s.attributes.get("gen_ai.operation.name") for s in spans}
+    assert ops == {"invoke_workflow t": "invoke_workflow", "invoke_agent a": "invoke_agent",
+                   "invoke_agent b": "invoke_agent", "invoke_agent c": "invoke_agent",
+                   "chat m": "chat", "execute_tool echo": "execute_tool",
+                   "SendMessage a": None, "SendMessage b": None, "SendMessage c": None}
+    agents = [s for s in spans if s.name.startswith("invoke_agent")]
+    assert [(s.attributes["gen_ai.agent.name"], s.attributes["gen_ai.request.model"],
+             s.attributes["swarm.outcome"]) for s in sorted(agents, key=lambda s: s.start_time)
+            ] == [("a", "m", "handoff"), ("b", "m", "handoff"), ("c", "m", "final")]
+    chats = sorted((s for s in spans if s.name == "chat m"), key=lambda s: s.start_time)
+    assert [c.attributes["gen_ai.agent.name"] for c in chats] == ["a", "a", "b", "c"]
+    for c in chats:
+        a = c.attributes
+        assert a["gen_ai.request.model"] == "m" and a["gen_ai.provider.name"] == "scripted"
+        assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
+        assert a["gen_ai.usage.cache_read.input_tokens"] >= 0
+        assert a["gen_ai.response.finish_reasons"] in (("tool_calls",), ("stop",))
+    assert chats[-1].attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    # The chat spans' tokens add up to the task's.
+    assert sum(c.attributes["gen_ai.usage.input_tokens"] for c in chats) == row["input_tokens"]
+    assert sum(c.attributes["gen_ai.usage.output_tokens"] for c in chats) == \
+        row["output_tokens"]
+    (tool,) = [s for s in spans if s.name == "execute_tool echo"]
+    assert tool.attributes["gen_ai.tool.name"] == "echo"
+    assert tool.attributes["gen_ai.tool.type"] == "function"
+    assert tool.attributes["gen_ai.tool.call.id"].startswith("call_")
+    sends = sorted((s for s in spans if s.name.startswith("SendMessage")),
+                   key=lambda s: s.start_time)
+    assert [(s.attributes["a2a.method.name"], s.attributes["a2a.task.id"],
+             s.attributes["a2a.task.state"]) for s in sends] == [
+        ("SendMessage", task_id, "working"), ("SendMessage", task_id, "working"),
+        ("SendMessage", task_id, "completed")]
+    (wf,) = [s for s in spans if s.name == "invoke_workflow t"]
+    assert wf.attributes["swarm.task.state"] == "completed"
+    assert wf.attributes["gen_ai.usage.input_tokens"] == row["input_tokens"]
+    # Content is off by default: no prompts, answers, arguments or results in any span.
+    assert not [k for s in spans for k in s.attributes
+                if k in ("gen_ai.input.messages", "gen_ai.output.messages",
+                         "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")]
+
+
+async def test_traceparent_travels_in_the_a2a_messages(tmp_path: Path, traced: Traced) -> None:
+    sent: list[tuple[str, str | None, str]] = []
+    async with LocalSwarm(cfg3(tmp_path)) as sw:
+        pool = sw.supervisor.pool
+        turn = pool.turn
+
+        async def spy(role: str, key: str, req: Any, attempt: int = 0) -> Any:
+            meta = a2a.loads_message(req.message).metadata
+            sent.append((role, req.traceparent, meta["traceparent"]))
+            return await turn(role, key, req, attempt)
+
+        pool.turn = spy  # type: ignore[method-assign]
+        await sw.run("the facts")
+    sends = {s.attributes["gen_ai.agent.name"]: s for s in traced.spans()
+             if s.name.startswith("SendMessage")}
+    agents = {s.attributes["gen_ai.agent.name"]: s for s in traced.spans()
+              if s.name.startswith("invoke_agent")}
+    assert [role for role, _, _ in sent] == ["a", "b", "c"]
+    for role, in_request, in_message in sent:
+        # The request and the A2A message carry the W3C traceparent of the A2A span, and the
+        # agent's span (in "another actor") continues from it.
+        assert in_request == in_message == traceparent_of(sends[role])
+        assert agents[role].parent.span_id == sends[role].context.span_id
+
+
+async def test_content_capture_is_opt_in_and_secrets_are_redacted(tmp_path: Path) -> None:
+    rules = [
+        {"when": {"agent": "a", "last_role": "user"},
+         "tool_calls": [{"name": "echo", "arguments": {"text": "{{ task }}"}}]},
+        {"when": {"agent": "a"}, "content": "done: {{ results.echo }}"},
+    ]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}},
+                   models={"m": {"provider": "scripted", "policy": "policy.yaml"},
+                           "paid": {"provider": "openai", "base_url": "http://127.0.0.1:1/v1",
+                                    "model": "x", "api_key": "s3cr3t-config-key"}},
+                   tracing={"capture_content": True})
+    t = Traced(capture_content=True)
+    previous = install(t.tracing)
+    try:
+        async with LocalSwarm(cfg) as sw:
+            row = await sw.run("key s3cr3t-config-key, Authorization: Bearer abcdef0123456789 "
+                               "and password=hunter22 but the weather is fine")
+    finally:
+        install(previous)
+        t.tracing.shutdown()
+    assert row["state"] == "completed"
+    captured = [str(v) for s in t.spans() for k, v in s.attributes.items()
+                if k in ("gen_ai.input.messages", "gen_ai.output.messages",
+                         "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")]
+    assert len(captured) == 6  # two chats (in and out), one tool (arguments and result)
+    text = "\n".join(captured)
+    assert "the weather is fine" in text  # content is there...
+    for secret in ("s3cr3t-config-key", "abcdef0123456789", "hunter22"):
+        assert secret not in text  # ...secrets are not
+    assert REDACTED in text
+
+
+def test_redactor_patterns() -> None:
+    r = Redactor(["my-configured-token"])
+    assert r("x my-configured-token y") == f"x {REDACTED} y"
+    assert r('{"api_key": "abc123xyz"}') == '{' + REDACTED + '}' or \
+        "abc123xyz" not in r('{"api_key": "abc123xyz"}')
+    assert "sk-proj1234567890abcdefgh" not in r("use sk-proj1234567890abcdefgh now")
+    assert r("nothing secret here") == "nothing secret here"
+
+
+def test_invalid_exporter_config_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        cfg3(tmp_path, tracing={"exporter": "zipkin"})
+    assert "tracing.exporter" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        cfg3(tmp_path, tracing={"exporter": "otlp"})
+    assert "tracing" in str(e.value) and "otlp.endpoint" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        cfg3(tmp_path, tracing={"exporter": "otlp", "otlp": {"endpoint": "localhost:4317"}})
+    assert "tracing.otlp.endpoint" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        cfg3(tmp_path, tracing={"exporter": "otlp", "otlp": {"endpoint": "http://h:4317",
+                                                              "protocol": "thrift"}})
+    assert "tracing.otlp.protocol" in str(e.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_an_exporter_that_cannot_connect_never_fails_a_task(
+        tmp_path: Path, protocol: str) -> None:
+    port = _closed_port()
+    cfg = cfg3(tmp_path, tracing={
+        "exporter": "otlp", "max_queue": 2, "batch_size": 1,
+        "otlp": {"endpoint": f"http://127.0.0.1:{port}", "protocol": protocol,
+                 "timeout_s": 0.5}})
+    exporter = build_exporter(cfg.tracing, tmp_path)
+    tracing = Tracing(provider=TracerProvider(), store=MemoryTraceStore(),
+                      exporter=exporter, settings=cfg.tracing)
+    previous = install(tracing)
+    try:
+        async with LocalSwarm(cfg) as sw:
+            rows = [await sw.run(f"task {i}") for i in range(3)]
+        assert [r["state"] for r in rows] == ["completed"] * 3
+        tracing.flush(timeout_s=30)
+        stats = tracing.stats()
+    finally:
+        install(previous)
+        tracing.shutdown()
+    otlp = stats["otlp"]
+    # 3 tasks x 12 spans: every one was either dropped (queue of 2 full) or failed to export.
+    assert otlp["ended"] == 36
+    assert otlp["exported"] == 0 and otlp["failed"] > 0 and otlp["dropped"] > 0
+    assert otlp["failed"] + otlp["dropped"] == otlp["ended"]
+    # The trace store, on its own processor, got everything.
+    assert stats["store"]["exported"] == 36 and stats["store"]["dropped"] == 0
+
+
+async def test_trace_store_keeps_spans_per_task(tmp_path: Path, traced: Traced) -> None:
+    async with LocalSwarm(cfg3(tmp_path)) as sw:
+        one = await sw.run("first")
+        two = await sw.run("second")
+        rows = await sw.supervisor.trace(one["task_id"])
+    assert len(rows) == 12
+    assert {r["attrs"]["swarm.task.id"] for r in rows} == {one["task_id"]}
+    assert rows[0]["name"] == "invoke_workflow t" and rows[0]["parent"] is None
+    assert len(traced.store.read(two["task_id"])) == 12
+    ids = {r["span"] for r in rows}
+    assert all(r["parent"] in ids for r in rows[1:])
+
+
+def test_jsonl_store_round_trip(tmp_path: Path) -> None:
+    store = JsonlTraceStore(tmp_path / "traces")
+    store.append({"t-1": [b'{"name": "x", "start": 1.0}'], "../evil": [b'{"name": "y"}']})
+    assert store.read("t-1") == [{"name": "x", "start": 1.0}]
+    assert store.read("../evil") == [{"name": "y"}]
+    assert all(p.parent == tmp_path / "traces" for p in (tmp_path / "traces").iterdir())
+    assert store.read("nothing") == []
+
+
+async def test_trace_rendering(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from swarm.observability.render import render_trace
+
+    cfg = cfg3(tmp_path, models={"m": {"provider": "scripted", "policy": "policy.yaml",
+                                       "price": {"input_per_mtok": 1000,
+                                                 "output_per_mtok": 2000}}})
+    t = Traced()
+    previous = install(t.tracing)
+    try:
+        async with LocalSwarm(cfg) as sw:
+            row = await sw.run("the facts")
+            rows = await sw.supervisor.trace(row["task_id"])
+    finally:
+        install(previous)
+        t.tracing.shutdown()
+    console = Console(width=140, record=True, color_system=None)
+    console.print(render_trace(rows))
+    text = console.export_text()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for n in ("invoke_workflow t", "SendMessage a", "invoke_agent a", "chat m",
+              "execute_tool echo", "SendMessage b", "invoke_agent c"):
+        assert n in text
+    # Nesting shows as indentation: workflow < send < agent < chat.
+    def indent(name: str) -> int:
+        line = next(ln for ln in lines if name in ln)
+        return line.index(name)
+    assert indent("invoke_workflow t") < indent("SendMessage a") < indent("invoke_agent a") \
+        < indent("chat m")
+    cost = (row["input_tokens"] * 1000 + row["output_tokens"] * 2000) / 1e6
+    assert f"${cost:.4f}" in text
+    assert f"{row['input_tokens']} in" in text
+
+
+async def test_traceparent_reaches_an_mcp_server(tmp_path: Path, traced: Traced) -> None:
+    server = MCPServer("probe", log_level="WARNING")
+
+    @server.tool()
+    def trace(ctx: Context) -> str:
+        """Report the traceparent this request carried."""
+        meta = ctx.request_context.meta or {}
+        return str(meta.get("traceparent") if isinstance(meta, dict) else meta.traceparent)
+
+    rules = [
+        {"when": {"agent": "a", "last_role": "user"},
+         "tool_calls": [{"name": "trace", "arguments": {}}]},
+        {"when": {"agent": "a"}, "content": "{{ results.trace }}"},
+    ]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["probe"]}},
+                   tools={"probe": {"mcp": {"command": "unused"}}})
+    sw = LocalSwarm(cfg)
+    sw.hosts["a"].sources["probe"] = MCPToolSource("probe", server)
+    async with sw:
+        row = await sw.run("go")
+    assert row["state"] == "completed", row
+    (tool,) = [s for s in traced.spans() if s.name == "execute_tool trace"]
+    assert row["answer"] == traceparent_of(tool)
+    ctx = TraceContextTextMapPropagator().extract({"traceparent": row["answer"]})
+    from opentelemetry.trace import get_current_span
+
+    assert get_current_span(ctx).get_span_context().span_id == tool.context.span_id
+
+
+async def test_no_installed_tracing_means_no_spans_and_no_layer(tmp_path: Path) -> None:
+    previous = install(None)
+    try:
+        async with LocalSwarm(cfg3(tmp_path)) as sw:
+            row = await sw.run("x")
+            assert sw.supervisor._tracer is None
+            assert sw.hosts["a"]._tracer is None
+            assert sw.hosts["a"]._loop is not None
+            assert not any(type(m).__name__ == "TracingMiddleware"
+                           for m in sw.hosts["a"]._loop.middleware)
+    finally:
+        install(previous)
+    assert row["state"] == "completed"
