@@ -326,6 +326,177 @@ def respond(name: NameArg, task_id: TaskArg,
     out.print(f"task {task_id}: {info.state}")
 
 
+GateArg = Annotated[str, typer.Argument(help="gate id (see `swarm tasks` / the task's question)")]
+AsOpt = Annotated[str | None, typer.Option("--as", help="approver name (default: OS user)")]
+
+
+@app.command()
+def approve(name: NameArg, task_id: TaskArg, gate: GateArg, approver: AsOpt = None,
+            args: Annotated[str | None, typer.Option(
+                "--args", help="JSON object: run the call with these arguments instead")] = None,
+            address: AddressOpt = None) -> None:
+    """Approve a tool call waiting at an approval gate (optionally with edited arguments)."""
+    from swarm.client import connect
+
+    if args is not None:
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError as e:
+            _die(f"--args is not valid JSON: {e.msg} at position {e.pos}")
+        if not isinstance(parsed, dict):
+            _die(f"--args must be a JSON object, got {type(parsed).__name__}")
+    _quiet_ray()
+    try:
+        info = connect(name, address=address).task(task_id).approve(
+            gate, json.loads(args) if args is not None else None, approver=approver)
+    except SwarmError as e:
+        _die(str(e))
+    out.print(f"task {task_id}: gate {gate} approved; {info.state}")
+
+
+@app.command()
+def deny(name: NameArg, task_id: TaskArg, gate: GateArg, approver: AsOpt = None,
+         reason: Annotated[str | None, typer.Option(help="why (the agent's model sees it)")]
+         = None, address: AddressOpt = None) -> None:
+    """Deny a tool call waiting at an approval gate; the agent is told who denied it and why."""
+    from swarm.client import connect
+
+    _quiet_ray()
+    try:
+        info = connect(name, address=address).task(task_id).deny(gate, reason,
+                                                                 approver=approver)
+    except SwarmError as e:
+        _die(str(e))
+    out.print(f"task {task_id}: gate {gate} denied; {info.state}")
+
+
+@app.command()
+def audit(
+    name: NameArg,
+    task: Annotated[str | None, typer.Option("--task", help="only this task")] = None,
+    since: Annotated[str | None, typer.Option(help="an age (30m, 2h, 7d) or ISO time")] = None,
+    kind: Annotated[str | None, typer.Option(help="a kind or prefix: task, tool, approval")]
+    = None,
+    limit: Annotated[int, typer.Option(min=1)] = 1000,
+    store: Annotated[str | None, typer.Option(
+        help="read a Redis directly (redis://...) instead of asking the running swarm")] = None,
+    archive_dir: Annotated[str | None, typer.Option(
+        "--archive-dir", help="with --store: the Parquet archive folder (run_dir/audit)")]
+    = None,
+    archive: Annotated[bool, typer.Option(
+        "--archive", help="first move the stream into a Parquet file")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Print the audit log: submissions, tool calls, approvals and how tasks ended."""
+    import asyncio
+    import datetime as dt
+    from pathlib import Path
+
+    from swarm.governance.audit import parse_since
+
+    try:
+        cutoff = None if since is None else parse_since(since)
+    except ValueError as e:
+        _die(str(e))
+    if store is not None:
+        from swarm.governance.audit import AuditLog, RedisAuditLog
+
+        if not store.startswith(("redis://", "rediss://", "unix://")):
+            _die(f"--store {store!r}: expected a redis://, rediss:// or unix:// URL")
+        folder = Path(archive_dir) if archive_dir else None
+        log_: AuditLog = RedisAuditLog(store, name, folder)
+
+        async def _read() -> list[dict[str, object]]:
+            try:
+                if archive:
+                    await log_.archive()
+                return await log_.read(task_id=task, since=cutoff, kind=kind, limit=limit)
+            finally:
+                await log_.aclose()
+
+        try:
+            rows = asyncio.run(_read())
+        except Exception as e:
+            _die(f"can't read the audit log from {store}: {e}", EXIT_FAILED)
+    else:
+        from swarm.client import connect
+
+        _quiet_ray()
+        try:
+            client = connect(name, address=address)
+            if archive:
+                client.archive_audit()
+            rows = client.audit(task_id=task, since=cutoff, kind=kind, limit=limit)
+        except SwarmError as e:
+            _die(str(e))
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"audit log of {name}")
+    for col in ("time", "kind", "task", "user", "agent", "tool / gate", "outcome", "detail"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        when = dt.datetime.fromtimestamp(float(r["ts"])).isoformat(sep=" ", timespec="seconds")
+        what = " ".join(str(r[k]) for k in ("tool", "gate", "args_hash") if r.get(k))
+        outcome = " ".join(str(r[k]) for k in ("outcome", "error_class") if r.get(k))
+        if r.get("by"):
+            outcome = f"{outcome} by {r['by']}".strip()
+        table.add_row(when, str(r["kind"]), str(r.get("task_id", "")), str(r.get("user", "")),
+                      str(r.get("agent", "")), what, outcome, str(r.get("detail", "")))
+    out.print(table)
+
+
+@app.command()
+def usage(
+    config: Annotated[str | None, typer.Argument(
+        help="swarm config: read its usage.dir (default: ./runs/usage)")] = None,
+    by: Annotated[str, typer.Option(help="role, user, swarm or model")] = "role",
+    since: Annotated[str, typer.Option(
+        help="relative (30m, 24h, 7d, 2w) or an ISO date / date-time (UTC)")] = "24h",
+    swarm: Annotated[str | None, typer.Option(
+        "--swarm", help="only this deployed swarm (its deployment name)")] = None,
+    directory: Annotated[str | None, typer.Option(
+        "--dir", help="the ledger's folder or filesystem URI (overrides the config's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print usage and cost from the ledger, summed by role, user, swarm or model."""
+    from swarm.observability.usage import default_location, usage_table
+
+    if directory is not None:
+        location = directory
+    elif config is not None:
+        try:
+            location = default_location(load_config(config))
+        except ConfigError as e:
+            err.print(str(e), style="red", markup=False)
+            raise typer.Exit(EXIT_USAGE) from None
+    else:
+        location = "runs/usage"
+    try:
+        table = usage_table(location, by, since, swarm=swarm)
+    except UserError as e:
+        _die(str(e))
+    rows = table.to_pylist()
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    what = f"usage by {by} since {since}" + (f" of {swarm}" if swarm else "")
+    if not rows:
+        out.print(f"no usage recorded under {location} ({what})")
+        return
+    view = Table(title=what, caption=location)
+    view.add_column(by, overflow="fold")
+    for col in ("model calls", "tool calls", "tokens in", "tokens out", "cached", "cost USD",
+                "errors"):
+        view.add_column(col, justify="right")
+    for r in rows:
+        view.add_row(str(r[by]), str(r["model_calls"]), str(r["tool_calls"]),
+                     str(r["input_tokens"]), str(r["output_tokens"]), str(r["cached_tokens"]),
+                     f"{r['cost_usd']:.4f}", str(r["errors"]))
+    out.print(view)
+
+
 def _quiet_ray() -> None:
     # Ray and Serve log start-up chatter to stderr; the CLI's own output is what users read.
     # Serve sets its logger's level when it is imported, so import it first, then override.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from swarm.errors import SwarmError, SwarmNotFound, TaskFailed
@@ -36,12 +36,16 @@ class TaskInfo:
     error: str | None
     metadata: dict[str, Any]
     question: str | None = None
+    # Open approval gates: gate, agent, tool, arguments, reason, requested (unix time), ...
+    gates: list[dict[str, Any]] = field(default_factory=list)
     model_calls: int = 0
     tool_calls: int = 0
     cost_usd: float = 0.0
     budget_exhausted: str | None = None  # the limit that cut the task short (it may still
     # have COMPLETED, with the agent's wrap-up answer)
     stuck: str | None = None  # the stuck detector that stopped or escalated it
+    # Failed model and tool calls by error class, the ones the task recovered from included.
+    errors: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_summary(cls, row: dict[str, Any]) -> TaskInfo:
@@ -178,9 +182,31 @@ class TaskHandle:
         """Answer the task's question while it is in INPUT_REQUIRED (see `TaskInfo.question`)."""
         return TaskInfo.from_summary(_call(self.client._sup, "respond", self.id, text))
 
+    def approve(self, gate: str, args: dict[str, Any] | None = None, *,
+                approver: str | None = None) -> TaskInfo:
+        """Approve the open approval gate `gate` (see `TaskInfo.gates`); with `args`, the call
+        runs with these arguments instead. `approver` defaults to the OS user name."""
+        return TaskInfo.from_summary(_call(self.client._sup, "approve", self.id, gate,
+                                           approver or _whoami(), args))
+
+    def deny(self, gate: str, reason: str | None = None, *,
+             approver: str | None = None) -> TaskInfo:
+        """Deny the open approval gate `gate`; the agent's model is told who denied it and why."""
+        return TaskInfo.from_summary(_call(self.client._sup, "deny", self.id, gate,
+                                           approver or _whoami(), reason))
+
     def cancel(self) -> TaskInfo:
         """Cancel the task if it is still running."""
         return TaskInfo.from_summary(_call(self.client._sup, "cancel", self.id))
+
+
+def _whoami() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment
+        return "unknown"
 
 
 class SwarmClient:
@@ -217,9 +243,38 @@ class SwarmClient:
         handle.status()
         return handle
 
+    def audit(self, *, task_id: str | None = None, since: float | None = None,
+              kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Audit log entries, oldest first: submissions, tool calls, approvals, task ends.
+        `since` is unix seconds; `kind` a kind or its prefix (`approval`, `task`)."""
+        return list(_call(self._sup, "audit", task_id, since, kind, limit))
+
+    def archive_audit(self) -> str | None:
+        """Move the audit stream into a Parquet file under the run directory; its path."""
+        path = _call(self._sup, "audit_archive")
+        return None if path is None else str(path)
+
     def tasks(self, state: str | None = None, user: str | None = None) -> list[TaskInfo]:
         """Tasks and their A2A states, newest first."""
         return [TaskInfo.from_summary(r) for r in _call(self._sup, "list_tasks", state, user)]
+
+    def usage(self, by: str = "role", since: str | float | None = "24h") -> Any:
+        """This swarm's usage and cost from its ledger as a pyarrow Table, summed `by` role,
+        user, swarm or model, since `since` (30m, 24h, 7d, an ISO date, or unix seconds).
+
+        The ledger's Parquet files are read directly from where the swarm writes them (its
+        `usage.dir`, shared storage); rows still buffered in the agents (up to
+        `usage.flush_interval_s`) are not in it yet."""
+        from datetime import UTC, datetime
+
+        from swarm.errors import UserError
+        from swarm.observability.usage import usage_table
+
+        location = _call(self._sup, "info").get("usage_dir")
+        if not location:
+            raise UserError(f"swarm {self.name} keeps no usage ledger (usage.enabled: false)")
+        when = datetime.fromtimestamp(since, UTC) if isinstance(since, int | float) else since
+        return usage_table(location, by, when, swarm=self.name)
 
 
 def connect(name: str, *, address: str | None = None) -> SwarmClient:

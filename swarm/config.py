@@ -423,6 +423,101 @@ class LimitsConfig(_Strict):
     max_tasks: int = Field(100_000, ge=1, description="tasks kept in the supervisor's table")
 
 
+# ---- approvals, rate limits, audit (swarm.governance) --------------------------------------------
+
+GateRule = Literal["none", "destructive", "listed", "all"]
+
+
+class ApprovalsConfig(_Strict):
+    """Approval gates: which tool calls wait in INPUT_REQUIRED until a person approves them."""
+
+    require: GateRule = Field(
+        "none", description="none: no gates; destructive: tools whose hints say destructive "
+        "(an MCP tool with no annotation counts as destructive) plus `tools`; listed: only "
+        "`tools`; all: every tool call",
+    )
+    tools: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="tools that always need approval: tool, server.tool "
+        "or a glob such as files.* (fnmatch)",
+    )
+    exempt: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="tools that never need approval (wins over the rest)"
+    )
+    timeout_s: float = Field(
+        300.0, gt=0, description="an unanswered gate is denied after this long (the task's "
+        "budgets.task.max_wall_s still applies while it waits)",
+    )
+    agents: dict[str, GateRule] = Field(
+        default_factory=dict, description="per-agent override of `require`"
+    )
+
+    def rule(self, agent: str) -> GateRule:
+        """The rule an agent runs under."""
+        return self.agents.get(agent, self.require)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ApprovalsConfig:
+        if self.require == "none" and self.tools and not self.agents:
+            raise ValueError("tools are listed but require is none: set require to listed "
+                             "(or destructive) to gate them")
+        return self
+
+
+class RateLimitConfig(_Strict):
+    """One token bucket: `rate` per `per`, holding at most `burst`, for each key of a scope."""
+
+    scope: Literal["user", "agent", "model"] = Field(
+        description="user: per task submitter; agent: per agent role; model: per model name"
+    )
+    key: str = Field("*", min_length=1,
+                     description="the user, agent or model this limit is for; * for each")
+    rate: float = Field(gt=0, description="tokens added per `per`")
+    per: Literal["second", "minute", "hour"] = "second"
+    burst: float | None = Field(None, gt=0,
+                                description="bucket size; default: one `per`'s worth (rate)")
+    count: Literal["requests", "tokens"] = Field(
+        "requests", description="requests: one per call; tokens: a model call's input + "
+        "output tokens (debited after the call; a call waits while the bucket is in debt)",
+    )
+    calls: Literal["model", "tool", "all"] = Field("model", description="which calls it checks")
+    on_limit: Literal["wait", "reject"] = Field(
+        "wait", description="wait (up to the turn's deadline) or reject the call at once"
+    )
+    strict: bool = Field(
+        False, description="when the limiter's Redis is down: true fails the call (closed), "
+        "false lets it through (open) with one warning",
+    )
+
+    @property
+    def per_second(self) -> float:
+        """The refill rate in tokens per second."""
+        return self.rate / {"second": 1.0, "minute": 60.0, "hour": 3600.0}[self.per]
+
+    @property
+    def size(self) -> float:
+        """The bucket size."""
+        return self.burst if self.burst is not None else self.rate
+
+    @model_validator(mode="after")
+    def _sane(self) -> RateLimitConfig:
+        if self.count == "tokens" and self.calls != "model":
+            raise ValueError("count: tokens only applies to model calls (calls: model)")
+        if self.count == "requests" and self.size < 1:
+            raise ValueError(f"burst is {self.size:g}: a bucket must hold at least one request")
+        return self
+
+
+class AuditConfig(_Strict):
+    """The append-only audit log: a Redis stream per swarm, archived to Parquet."""
+
+    enabled: bool = True
+    max_len: int = Field(100_000, ge=100, description="entries kept in the stream (approximate)")
+    archive_dir: str = Field("audit", min_length=1,
+                             description="Parquet archive, relative to state.run_dir")
+    flush_interval_s: float = Field(0.2, gt=0, le=60,
+                                    description="how often buffered entries are written")
+
+
 class SwarmConfig(_Strict):
     """A whole swarm: models, tools, agents and how tasks move between them."""
 
@@ -437,6 +532,9 @@ class SwarmConfig(_Strict):
     stuck: StuckConfig = StuckConfig()
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
+    approvals: ApprovalsConfig = ApprovalsConfig()
+    rate_limits: list[RateLimitConfig] = []
+    audit: AuditConfig = AuditConfig()
     tracing: TracingConfig = TracingConfig()
 
     @field_validator("models", "tools", "agents")
@@ -520,6 +618,27 @@ class SwarmConfig(_Strict):
             return self.budgets.agent
         return self.budgets.agent.model_copy(
             update={k: getattr(own, k) for k in own.model_fields_set})
+
+    @model_validator(mode="after")
+    def _governance_references(self) -> SwarmConfig:
+        problems: list[tuple[str, str]] = []
+        ap = self.approvals
+        for agent in ap.agents:
+            if agent not in self.agents:
+                problems.append((f"approvals.agents.{agent}",
+                                 f"unknown agent {agent!r}; known: {sorted(self.agents)}"))
+        gated = ap.require != "none" or any(r != "none" for r in ap.agents.values())
+        if gated and self.state.store == "none":
+            problems.append(("approvals.require", "approval gates need durable state (a gate "
+                             "and its decision are logged), but state.store is none"))
+        for i, lim in enumerate(self.rate_limits):
+            known = {"agent": self.agents, "model": self.models}.get(lim.scope)
+            if known is not None and lim.key != "*" and lim.key not in known:
+                problems.append((f"rate_limits.{i}.key", f"unknown {lim.scope} {lim.key!r}; "
+                                 f"known: {sorted(known)} or *"))
+        if problems:
+            raise ValueError("\n".join(f"{p}: {m}" for p, m in problems))
+        return self
 
     def entry_agents(self) -> list[str]:
         """Agents a new task may start at, by strategy."""

@@ -61,6 +61,7 @@ class TurnRequest:
     # Governance for this turn (swarm.governance): "budget" (an Allowance), "steps_why",
     # "stuck_from" (transcript index stuck detection counts from).
     guard: dict[str, Any] | None = None
+    user: str = ""  # who submitted the task (per-user rate limits, audit)
 
 
 @dataclass(slots=True)
@@ -85,6 +86,7 @@ class TurnResult:
     events: list[Event] = field(default_factory=list)
     budget_exhausted: str | None = None  # the limit that ran out, if a budget ended the turn
     stuck: str | None = None  # the stuck detector that ended the turn, if one did
+    gate: dict[str, Any] | None = None  # the approval gate an input_required turn waits on
 
 
 class EventBuffer:
@@ -254,12 +256,13 @@ class AgentHost:
             session = Session(
                 task_id=req.task_id, agent=self.role, session_id=req.context_id or req.task_id,
                 messages=[self._system, *req.transcript, {"role": "user", "content": text}],
-                step=req.step_offset, traceparent=req.traceparent,
+                step=req.step_offset, traceparent=req.traceparent, user=req.user,
             )
             trace = None if self._tracer is None else \
                 self._tracer.start_agent(req, self.role, loop.model_name)
             first = 1 + len(req.transcript)  # index of this turn's first message
             limits = TurnLimits(max_steps=req.max_steps, deadline=req.deadline)
+            session.scratch["deadline"] = req.deadline  # rate limits wait no longer than this
             if req.guard:
                 session.scratch.update(req.guard)
                 limits.steps_why = req.guard.get("steps_why", "")
@@ -269,6 +272,7 @@ class AgentHost:
             if self.cfg.budgets.on_exhausted == "wrap_up":
                 limits.wrap_up = self.cfg.budgets.wrap_up_message
             marks: tuple[str | None, str | None] = (None, None)
+            gate: dict[str, Any] | None = None
             superseded = False
             try:
                 outcome: Outcome | None = None
@@ -278,6 +282,7 @@ class AgentHost:
                     outcome = await loop.run_turn(session, limits)
                 kind, reply = outcome.kind, outcome.text
                 marks = (outcome.budget_exhausted, outcome.stuck)
+                gate = outcome.gate
                 error_class, error, target = outcome.error_class, outcome.error, outcome.target
             except asyncio.CancelledError:
                 kind, reply, error_class, error, target = "canceled", "", None, "canceled", None
@@ -323,7 +328,7 @@ class AgentHost:
             input_tokens=session.input_tokens, output_tokens=session.output_tokens,
             cached_tokens=session.cached_tokens, model_calls=session.model_calls,
             tool_calls=session.tool_calls, added=session.messages[first:],
-            budget_exhausted=marks[0], stuck=marks[1],
+            budget_exhausted=marks[0], stuck=marks[1], gate=gate,
             events=self.buffer.take(req.task_id),
         )
 

@@ -171,7 +171,7 @@ class Journal:
         state = TaskState(
             transcript=list(messages[1:]), step=step, seq=self.seq, handoffs=base.handoffs,
             turns=base.turns, task_state=base.task_state, task_data=dict(base.task_data),
-            open_turn=turn, **totals,
+            open_turn=turn, questions=list(base.questions), **totals,
         )
         snap = to_snapshot(self.log_id, state, time.time())
         self._snapshotting = asyncio.create_task(self._put_snapshot(snap))

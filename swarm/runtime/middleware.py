@@ -134,9 +134,19 @@ def build_middleware(cfg: Any, role: str, *, store: Any = None,
     if (tracer := swarm_tracer(cfg)) is not None:
         layers.append(tracer.middleware(role))  # outermost: sees every call, even stopped ones
     from swarm.governance.budget import BudgetLayer
+    from swarm.governance.ratelimit import build_rate_limit_layer
     from swarm.governance.stuck import StuckLayer
 
+    limiter = build_rate_limit_layer(cfg, role, store)
+    if limiter is not None:
+        layers.append(limiter)
     layers.append(BudgetLayer(cfg, role))
     if cfg.stuck.same_call is not None or cfg.stuck.no_progress is not None:
         layers.append(StuckLayer(cfg.stuck))
+    from swarm.governance.approvals import build_approval_layer
+    from swarm.governance.audit import build_audit_layer
+
+    for layer in (build_audit_layer(cfg, role, store), build_approval_layer(cfg, role)):
+        if layer is not None:  # the audit sees each call's outcome, a gate's denial included
+            layers.append(layer)
     return layers

@@ -62,6 +62,7 @@ class Session:
     traceparent: str | None = None
     journal: Journal | None = None
     log_id: str = ""
+    user: str = ""  # who submitted the task
     # Per-turn state of middleware layers (the turn's budget allowance, stuck detection).
     scratch: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +94,8 @@ class Outcome:
     # Set when a budget ran out (the limit) or a stuck detector fired (its name).
     budget_exhausted: str | None = None
     stuck: str | None = None
+    # input_required by an approval gate: the gate (swarm.governance.approvals.Gate.public()).
+    gate: dict[str, Any] | None = None
 
 
 def budget_stop(reason: str, wrap_up: str | None) -> StopTurn:
@@ -361,12 +364,18 @@ class StepLoop:
         """
         step = session.step
         todo: list[tuple[int, ToolCall]] = []
+        # Calls an approval gate stopped before they ran: sent on, through their gate again.
+        held: set[int] = set()
+        if session.journal is not None and session.journal.base.questions:
+            from swarm.governance.approvals import held_calls
+
+            held = held_calls(session.journal.base.questions, self.agent, step, pending)
         for index in sorted(pending):
             raw = pending[index]
             fn = raw.get("function") or {}
             call = ToolCall(id=raw.get("id", ""), name=fn.get("name", ""),
                             arguments=fn.get("arguments", ""))
-            if self.toolbox.safe_to_repeat(call.name) or decision == "rerun":
+            if index in held or self.toolbox.safe_to_repeat(call.name) or decision == "rerun":
                 todo.append((index, call))
             elif decision == "skip":
                 session.messages.append({"role": "tool", "tool_call_id": call.id, "content": (

@@ -152,6 +152,7 @@ class TaskRecord:
     turns: int = 0
     handoffs: int = 0
     question: str | None = None
+    gates: dict[str, dict[str, Any]] = field(default_factory=dict)  # open approval gates
     answer_waiter: asyncio.Future[str] | None = None
     updated: float = 0.0
     answer: str | None = None
@@ -192,6 +193,7 @@ class TaskRecord:
             "error_class": self.error_class,
             "error": self.error,
             "question": self.question,
+            "gates": list(self.gates.values()),
             "cost_usd": self.cost_usd,
             "budget_exhausted": self.budget_exhausted,
             "stuck": self.stuck,
@@ -256,6 +258,14 @@ class Supervisor:
         # Governance: the swarm's usage over every task, and who waits on whom (deadlocks).
         self.swarm_usage = SwarmUsage(cfg.budgets.swarm.window_s, clock)
         self.waits = WaitGraph()
+        from swarm.governance.approvals import ApprovalDesk
+
+        self.approvals = ApprovalDesk(self)
+        from swarm.governance.audit import audit_log
+
+        self.audit = audit_log(cfg, store)  # None when audit is off
+        if self.audit is not None:
+            self.approvals.on_record = self.audit.record
 
     # ---- API -------------------------------------------------------------------------------
 
@@ -307,6 +317,8 @@ class Supervisor:
         await self._persist(rec)
         self.tasks[task_id] = rec
         self._emit(rec, TaskStateChanged(task_id=task_id, ts=rec.created, state="submitted"))
+        if self.audit is not None:
+            self.audit.record("task.submitted", task_id=task_id, user=user, detail=text)
         parent = meta.get("parent_task")
         if isinstance(parent, str) and parent in self.tasks:
             self.waits.parent[task_id] = parent  # its tool waits for this one (deadlocks)
@@ -316,6 +328,9 @@ class Supervisor:
     async def respond(self, task_id: str, text: str) -> dict[str, Any]:
         """Answer a task waiting in INPUT_REQUIRED ("rerun" or "skip" an interrupted call)."""
         rec = self.get(task_id)
+        if rec.gates and rec.answer_waiter is None:
+            raise UserError(f"task {task_id} waits for approval of gate {', '.join(rec.gates)}: "
+                            "answer with approve or deny (swarm approve / swarm deny)")
         if rec.state != "input_required" or rec.answer_waiter is None:
             raise UserError(f"task {task_id} is {rec.state}, not waiting for input")
         answer = text.strip().lower() if isinstance(text, str) else ""
@@ -325,6 +340,16 @@ class Supervisor:
         if not rec.answer_waiter.done():
             rec.answer_waiter.set_result(answer)
         return rec.summary()
+
+    async def approve(self, task_id: str, gate: str, *, approver: str,
+                      args: dict[str, Any] | str | None = None) -> dict[str, Any]:
+        """Approve an open approval gate, optionally with edited arguments (what then runs)."""
+        return await self.approvals.decide(task_id, gate, "approved", by=approver, args=args)
+
+    async def deny(self, task_id: str, gate: str, *, approver: str,
+                   reason: str | None = None) -> dict[str, Any]:
+        """Deny an open approval gate; the model gets "denied by <approver>: <reason>"."""
+        return await self.approvals.decide(task_id, gate, "denied", by=approver, reason=reason)
 
     # ---- time travel -------------------------------------------------------------------------
 
@@ -374,7 +399,10 @@ class Supervisor:
             raise UserError(f"task {task_id} has steps 0..{last}; can't fork at step {step}")
         # Turn boundaries carry the step they follow, so "everything up to step k" is exact.
         kept = [msgspec.structs.replace(e, seq=-1) for e in entries
-                if e.step <= step and e.kind != "task"]
+                if e.step <= step and e.kind not in ("task", "approval")]
+        from swarm.governance.approvals import reopened_gates
+
+        kept += reopened_gates(entries, step, self.clock())  # a fork asks for approval again
         new_id = a2a.new_id()
         if kept:
             await store.append(new_id, kept)
@@ -631,6 +659,7 @@ class Supervisor:
             task_id=rec.id, context_id=context_id, message=a2a.dumps(msg), transcript=transcript,
             step_offset=rec.steps, max_steps=max_steps, deadline=rec.created + budget.max_wall_s,
             log_id=log_id or rec.id, turn_id=str(rec.turns), resume=resume, totals=rec.totals(),
+            user=rec.user,
             guard={"budget": allowance, "steps_why": steps_why, "stuck_from": stuck_from},
         )
         retries = 0
@@ -664,7 +693,13 @@ class Supervisor:
                     break
                 for ev in result.events:
                     self._emit(rec, ev)
-                req.decision = await self._ask(rec, result.text)
+                if result.gate is not None:
+                    # An approval gate: the decision goes into the log, where the resumed
+                    # turn finds it (swarm.governance.approvals).
+                    await self.approvals.wait(rec, result.gate)
+                    req.decision = None
+                else:
+                    req.decision = await self._ask(rec, result.text)
                 req.resume = True
         finally:
             rec.active.discard(agent)
@@ -946,6 +981,10 @@ class Supervisor:
             input_tokens=rec.input_tokens, output_tokens=rec.output_tokens,
             budget_exhausted=rec.budget_exhausted,
         ))
+        if self.audit is not None:
+            self.audit.record(f"task.{state}", task_id=rec.id, user=rec.user, agent=rec.agent,
+                              error_class=error_class, outcome=rec.budget_exhausted or rec.stuck,
+                              detail=error)
         rec.done.set()
 
     def _evict(self) -> None:

@@ -125,6 +125,44 @@ class SupervisorActor:
         await self._ensure()
         return await self.sup.respond(task_id, text)
 
+    async def approve(self, task_id: str, gate: str, approver: str,
+                      args: dict[str, Any] | str | None = None) -> dict[str, Any]:
+        """Approve an open approval gate (optionally with edited arguments)."""
+        await self._ensure()
+        return await self.sup.approve(task_id, gate, approver=approver, args=args)
+
+    async def deny(self, task_id: str, gate: str, approver: str,
+                   reason: str | None = None) -> dict[str, Any]:
+        """Deny an open approval gate."""
+        await self._ensure()
+        return await self.sup.deny(task_id, gate, approver=approver, reason=reason)
+
+    async def audit(self, task_id: str | None = None, since: float | None = None,
+                    kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Audit entries (stream plus Parquet archive), oldest first."""
+        await self._ensure()
+        if self.sup.audit is None:
+            return []
+        return await self.sup.audit.read(task_id=task_id, since=since, kind=kind, limit=limit)
+
+    async def audit_archive(self) -> str | None:
+        """Move the audit stream to a Parquet file; its path."""
+        await self._ensure()
+        path = None if self.sup.audit is None else await self.sup.audit.archive()
+        return None if path is None else str(path)
+
+    async def trace(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's stored spans (see `Supervisor.trace`)."""
+        await self._ensure()
+        return await self.sup.trace(task_id)
+
+    async def trace_stats(self) -> dict[str, dict[str, int]]:
+        """Span counts of the supervisor process's exporters (ended, exported, failed,
+        dropped, queued)."""
+        from swarm.observability.tracing import stats
+
+        return stats()
+
     async def history(self, task_id: str, full: bool = False) -> list[dict[str, Any]]:
         """A task's checkpoints (log entries) in order."""
         await self._ensure()

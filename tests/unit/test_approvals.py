@@ -1,0 +1,198 @@
+"""Approval gates, in one process: a gated call waits for a decision that survives restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from swarm.config import parse_config
+from swarm.errors import ConfigError, UserError
+from swarm.runtime.journal import args_hash
+from swarm.state.memory import MemoryCheckpointer
+from swarm.testing import LocalSwarm
+from tests.unit import durable_tools as dt
+
+RULES = [
+    {"when": {"agent": "a", "last_role": "user"},
+     "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-1"}}]},
+    {"when": {"agent": "a", "last_tool": "lookup", "called": {"pay": 0}},
+     "tool_calls": [{"name": "pay", "arguments": {"key": "{{ task }}-2"}}]},
+    {"when": {"agent": "a", "last_tool": "pay"},
+     "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "{{ last }}"}}]},
+    {"when": {"agent": "b"}, "content": "done: {{ last_user }}"},
+]
+
+
+def make_cfg(tmp_path: Path, **approvals: Any) -> Any:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": RULES}))
+    return parse_config({
+        "name": "gated",
+        "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
+        "tools": {"t": {"python": ["tests.unit.durable_tools:pay",
+                                   "tests.unit.durable_tools:lookup"]}},
+        "agents": {"a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
+                   "b": {"model": "m"}},
+        "supervisor": {"entry": "a"},
+        "approvals": approvals or {"require": "destructive", "exempt": ["lookup"]},
+    }, base_dir=tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    dt.RUNS.clear()
+    dt.HOLD.clear()
+    dt.ENTERED.clear()
+
+
+async def _gate(sw: LocalSwarm, task_id: str) -> dict[str, Any]:
+    """Wait until the task waits on an approval gate; return the gate."""
+    rec = sw.supervisor.get(task_id)
+    while not (rec.state == "input_required" and rec.gates):
+        await asyncio.wait_for(rec.changed.wait(), 10)
+    return next(iter(rec.gates.values()))
+
+
+async def test_a_destructive_call_waits_and_runs_once_with_the_edited_arguments(
+        tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+        task_id = await sw.supervisor.submit("x", user="carol")
+        gate = await _gate(sw, task_id)
+        assert gate["tool"] == "pay" and json.loads(gate["arguments"]) == {"key": "x-2"}
+        assert gate["agent"] == "a" and "destructive" in gate["reason"]
+        summary = sw.supervisor.get(task_id).summary()
+        assert summary["state"] == "input_required"
+        assert summary["gates"][0]["gate"] == gate["gate"]
+        assert gate["gate"] in summary["question"]
+        assert dt.RUNS == {"x-1": 1}  # the lookup ran, the payment waits
+        await sw.supervisor.approve(task_id, gate["gate"], approver="alice",
+                                    args={"key": "edited"})
+        row = await sw.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed" and row["answer"] == "done: paid edited"
+    assert row["gates"] == [] and row["question"] is None
+    assert dt.RUNS == {"x-1": 1, "edited": 1}
+    # The ledger and the log show what ran: the edited arguments, approved by alice.
+    ledger = await store.ledger(task_id)
+    pay = next(r for r in ledger.values() if r.tool == "pay")
+    assert pay.state == "finished" and pay.args_hash == args_hash(json.dumps({"key": "edited"}))
+    approvals = [e.data for e in await store.read(task_id) if e.kind == "approval"]
+    assert [a["event"] for a in approvals] == ["requested", "approved", "ran"]
+    assert approvals[1]["by"] == "alice" and json.loads(approvals[1]["arguments"]) == {
+        "key": "edited"}
+
+
+async def test_a_denied_call_reaches_the_model_and_the_task_goes_on(tmp_path: Path) -> None:
+    async with LocalSwarm(make_cfg(tmp_path), store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("y")
+        gate = await _gate(sw, task_id)
+        await sw.supervisor.deny(task_id, gate["gate"], approver="bob", reason="too risky")
+        row = await sw.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed"
+    assert row["answer"] == "done: ERROR: denied by bob: too risky"
+    assert "y-2" not in dt.RUNS
+
+
+async def test_the_gate_and_its_decision_survive_a_restart(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    cfg = make_cfg(tmp_path)
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("z")
+        gid = (await _gate(sw, task_id))["gate"]
+        await sw.crash()
+    # The restarted swarm finds the open gate in the log and waits on it again.
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        assert (await _gate(sw2, task_id))["gate"] == gid
+        await sw2.supervisor.approve(task_id, gid, approver="alice")
+        dt.HOLD["z-2"], dt.ENTERED["z-2"] = asyncio.Event(), asyncio.Event()
+        await asyncio.wait_for(dt.ENTERED["z-2"].wait(), 10)
+        await sw2.crash()  # dies while the approved payment runs
+    dt.HOLD.clear()
+    async with LocalSwarm(cfg, store=store) as sw3:
+        await sw3.supervisor.load()
+        rec = sw3.supervisor.get(task_id)
+        while rec.state != "input_required":
+            await asyncio.wait_for(rec.changed.wait(), 10)
+        # Not a new gate: the approved call may have taken effect, as after any crash.
+        assert rec.gates == {} and "rerun" in (rec.question or "")
+        with pytest.raises(UserError, match="already approved by alice"):
+            await sw3.supervisor.approve(task_id, gid, approver="alice")
+        await sw3.supervisor.respond(task_id, "skip")
+        row = await sw3.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed"
+    assert dt.RUNS == {"z-1": 1, "z-2": 1}  # approved once, ran once
+
+
+async def test_an_unanswered_gate_is_denied_by_timeout(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, require="listed", tools=["t.pay"], timeout_s=0.05)
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        row = await sw.run("w")
+    assert row["state"] == "completed"
+    assert row["answer"].startswith("done: ERROR: denied by timeout: no decision within")
+    assert "w-2" not in dt.RUNS
+
+
+async def test_the_timeout_counts_from_the_gate_not_from_a_restart(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    cfg = make_cfg(tmp_path, require="destructive", exempt=["lookup"], timeout_s=60)
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("v")
+        await _gate(sw, task_id)
+        await sw.crash()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        # The supervisor comes back two minutes after the gate was raised (within the task's
+        # wall-clock budget of 600 s, past the gate's 60 s).
+        sw2.supervisor.clock = lambda: time.time() + 120
+        await sw2.supervisor.load()
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["answer"].startswith("done: ERROR: denied by timeout")
+
+
+async def test_bad_decisions_are_clear_errors(tmp_path: Path) -> None:
+    async with LocalSwarm(make_cfg(tmp_path), store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("u")
+        gid = (await _gate(sw, task_id))["gate"]
+        with pytest.raises(UserError, match=f"task {task_id} has no gate 'nope'; open gates: "
+                                            f"{gid}"):
+            await sw.supervisor.approve(task_id, "nope", approver="alice")
+        with pytest.raises(UserError, match="arguments must be a JSON object"):
+            await sw.supervisor.approve(task_id, gid, approver="alice", args="[1]")
+        with pytest.raises(UserError, match="--args is not valid JSON"):
+            await sw.supervisor.approve(task_id, gid, approver="alice", args="{nope")
+        with pytest.raises(UserError, match="approver's name"):
+            await sw.supervisor.approve(task_id, gid, approver=" ")
+        with pytest.raises(UserError, match="waits for approval of gate"):
+            await sw.supervisor.respond(task_id, "rerun")
+        await sw.supervisor.deny(task_id, gid, approver="alice")
+        with pytest.raises(UserError, match=f"gate {gid} of task {task_id} was already denied "
+                                            "by alice"):
+            await sw.supervisor.approve(task_id, gid, approver="bob")
+        await sw.supervisor.wait(task_id, 10)
+        with pytest.raises(UserError, match="no task"):
+            await sw.supervisor.approve("missing-task", gid, approver="bob")
+
+
+def test_bad_approval_config_is_named(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": RULES}))
+    base = {"name": "g", "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
+            "agents": {"a": {"model": "m"}}, "supervisor": {"entry": "a"}}
+    for approvals, where, what in [
+        ({"require": "sometimes"}, "approvals.require", "Input should be"),
+        ({"require": "none", "tools": ["x"]}, "approvals", "require is none"),
+        ({"require": "all", "agents": {"ghost": "none"}}, "approvals.agents.ghost",
+         "unknown agent"),
+        ({"timeout_s": 0}, "approvals.timeout_s", "greater than 0"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            parse_config({**base, "approvals": approvals}, base_dir=tmp_path)
+        assert (where, ) == tuple(p for p, _ in e.value.problems if p == where)
+        assert what in str(e.value)
+    with pytest.raises(ConfigError, match="approval gates need durable state"):
+        parse_config({**base, "approvals": {"require": "all"}, "state": {"store": "none"}},
+                     base_dir=tmp_path)
