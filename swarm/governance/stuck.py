@@ -129,12 +129,19 @@ def _canonical(args: Any) -> str:
     return json.dumps(args, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _scan(session: Session) -> _Seen:
-    """Replay the transcript (from `stuck_from`) into counters: once per turn."""
+def _scan(session: Session, *, in_step: bool) -> _Seen:
+    """Replay the transcript (from `stuck_from`) into counters: once per turn. `in_step`: the
+    last model answer is the step running now (a resumed turn's first call is a tool call),
+    which the layer counts as its calls run."""
     seen = _Seen()
     start = 1 + int(session.scratch.get("stuck_from", 0))
+    messages = session.messages
+    end = len(messages)
+    if in_step:
+        end = next((i for i in range(end - 1, start - 1, -1)
+                    if messages[i].get("role") == "assistant"), end)
     names: dict[str, str] = {}
-    for m in session.messages[start:]:
+    for m in messages[start:end]:
         role = m.get("role")
         if role == "assistant":
             seen.end_step()
@@ -165,16 +172,18 @@ class StuckLayer(Middleware):
         self.no_progress = cfg.no_progress
 
     @staticmethod
-    def _seen(session: Session) -> _Seen:
+    def _seen(session: Session, *, in_step: bool) -> _Seen:
         seen = session.scratch.get("stuck")
         if seen is None:
-            seen = session.scratch["stuck"] = _scan(session)
+            seen = session.scratch["stuck"] = _scan(session, in_step=in_step)
         return seen
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """Refuse the model call after `no_progress` stale steps in a row."""
-        if not call.final and self.no_progress is not None:
-            seen = self._seen(call.session)
+        if call.final:
+            return await nxt(call)
+        seen = self._seen(call.session, in_step=False)
+        if self.no_progress is not None:
             if seen.step != call.step:
                 seen.end_step()
                 seen.step = call.step
@@ -186,7 +195,7 @@ class StuckLayer(Middleware):
 
     async def on_tool(self, inv: ToolInvocation, nxt: NextTool) -> ToolResult:
         """Refuse the `same_call`-th identical call; note whether the result is new."""
-        seen = self._seen(inv.session)
+        seen = self._seen(inv.session, in_step=True)
         if self.same_call is not None:
             key = (inv.entry.spec.name, _canonical(inv.args))
             n = seen.calls.get(key, 0) + 1
