@@ -12,6 +12,11 @@ server would.
     python scripts/bench_step.py                # in-process and HTTP
     python scripts/bench_step.py --no-http      # in-process only, no Ray
     python scripts/bench_step.py --profile      # plus a cProfile of the in-process hot path
+    python scripts/bench_step.py --no-http --layers tracing   # each layer set off vs on
+
+`--layers` names optional layers (see LAYERS; comma-separated, `+` joins layers into one
+run): the in-process rows are printed without them, then with each, and a summary compares
+µs/step.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ def config(steps: int) -> Any:
             "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
             "agents": {"bench": {"model": "m", "tools": ["fn"], "max_steps_per_turn": steps + 1}},
             "supervisor": {"entry": "bench"},
+            # The workload repeats one call on purpose: not a stuck agent.
+            "stuck": {"same_call": None, "no_progress": None},
         }
     )
 
@@ -118,8 +125,38 @@ def pct(values: list[float], q: float) -> float:
     )
 
 
-async def bench(model: Model, label: str, steps: int, levels: list[int], rounds: int) -> None:
+def _tracing(cfg: Any) -> Any:
+    """Tracing as deployed with no Redis: spans to the trace store (JSONL under a run dir)."""
+    import tempfile
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from swarm.observability.tracing import Tracing, install
+
+    tracing = Tracing.from_config(cfg, None, provider=TracerProvider(),
+                                  run_dir=Path(tempfile.mkdtemp(prefix="swarm-bench-")))
+    install(tracing)
+
+    def teardown() -> None:
+        install(None)
+        tracing.shutdown()
+        print(f"tracing: {tracing.stats()}")
+
+    return teardown
+
+
+# Optional layers: name -> setup(cfg) that turns the layer on and returns its teardown.
+LAYERS: dict[str, Any] = {"tracing": _tracing}
+
+
+async def bench(model: Model, label: str, steps: int, levels: list[int], rounds: int,
+                layers: tuple[str, ...] = ()) -> dict[int, float]:
+    """Print one table; return µs/step per concurrency level."""
     cfg = config(steps)
+    teardowns = [LAYERS[name](cfg) for name in layers]
+    if layers:
+        label += " + " + " + ".join(layers)
+    result: dict[int, float] = {}
     collector = Collector()
     host = AgentHost(cfg, "bench", model, build_sources(cfg, {"fn"}), EventBuffer(collector))
     await host.start()
@@ -140,7 +177,11 @@ async def bench(model: Model, label: str, steps: int, levels: list[int], rounds:
         print(f"{level:>10} {pct(d, 50) * 1e3:>12.0f} {pct(d, 99) * 1e3:>12.0f} "
               f"{pct(r, 50) * 1e3:>12.0f} {pct(r, 99) * 1e3:>12.0f} {total / wall:>9.0f} "
               f"{wall / total * 1e6:>8.0f}")
+        result[level] = wall / total * 1e6
     await host.aclose()
+    for teardown in teardowns:
+        teardown()
+    return result
 
 
 def profile_inprocess(steps: int) -> None:
@@ -199,16 +240,31 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="repetitions per level")
     ap.add_argument("--no-http", action="store_true", help="skip the Serve HTTP path")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the hot path")
+    ap.add_argument("--layers", default="",
+                    help=f"layer sets to compare with none, comma-separated ({', '.join(LAYERS)}"
+                    "; join with + to combine)")
     args = ap.parse_args()
+    runs = [tuple(x.split("+")) for x in args.layers.split(",") if x]
+    for run in runs:
+        for name in run:
+            if name not in LAYERS:
+                ap.error(f"--layers: unknown layer {name!r}; known: {', '.join(LAYERS)}")
     if args.steps < 2:
         ap.error("--steps must be at least 2")
     levels = [int(x) for x in args.levels.split(",")]
     from swarm.models.scripted.model import ScriptedModel
 
     print(f"python {sys.version.split()[0]}; in-process scripted model, zero latency")
-    asyncio.run(
+    base = asyncio.run(
         bench(ScriptedModel(policy(args.steps)), "in-process", args.steps, levels, args.rounds)
     )
+    for run in runs:
+        on = asyncio.run(bench(ScriptedModel(policy(args.steps)), "in-process", args.steps,
+                               levels, args.rounds, run))
+        print(f"\n== overhead of {' + '.join(run)} (in-process, µs/step, off -> on)")
+        for level in levels:
+            print(f"{level:>10} concurrent: {base[level]:>6.0f} -> {on[level]:>6.0f} "
+                  f"({(on[level] / base[level] - 1) * 100:+.1f}%)")
     if args.profile:
         profile_inprocess(args.steps)
     if not args.no_http:

@@ -269,6 +269,28 @@ def history(name: NameArg, task_id: TaskArg, address: AddressOpt = None) -> None
 
 
 @app.command()
+def trace(
+    name: NameArg, task_id: TaskArg, address: AddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the span rows as JSON lines")]
+    = False,
+) -> None:
+    """Show a task's step tree: nested spans with durations, tokens, cost and errors."""
+    from swarm.client import connect
+    from swarm.observability.render import render_trace
+
+    _quiet_ray()
+    try:
+        rows = connect(name, address=address).task(task_id).trace()
+    except SwarmError as e:
+        _die(str(e))
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    out.print(render_trace(rows, title=f"task {task_id}"))
+
+
+@app.command()
 def replay(name: NameArg, task_id: TaskArg, address: AddressOpt = None) -> None:
     """Print a task's conversation as it was logged, read-only."""
     from swarm.client import connect

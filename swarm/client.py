@@ -160,6 +160,12 @@ class TaskHandle:
         """The task's checkpoints in order (seq, kind, agent, step, summary; data if `full`)."""
         return list(_call(self.client._sup, "history", self.id, full))
 
+    def trace(self) -> list[dict[str, Any]]:
+        """The task's spans from the swarm's trace store, in start order (name, trace/span/parent
+        ids, kind, start/end in epoch seconds, status, error, attributes): what `swarm trace`
+        renders (`swarm.observability.render.render_trace`)."""
+        return list(_call(self.client._sup, "trace", self.id))
+
     def replay(self) -> Iterator[dict[str, Any]]:
         """The task's messages as they were logged, read-only, in order."""
         for row in self.history(full=True):

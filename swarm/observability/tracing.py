@@ -149,7 +149,8 @@ def stats() -> dict[str, dict[str, int]]:
     return _ACTIVE.stats() if _ACTIVE is not None else {}
 
 
-def configure(cfg: SwarmConfig, store_spec: str | None, **resource: Any) -> Tracing | None:
+def configure(cfg: SwarmConfig, store_spec: str | None,
+              resource: dict[str, Any] | None = None) -> Tracing | None:
     """Set up tracing for this (actor) process from its swarm config, once.
 
     The provider also becomes the global OpenTelemetry provider, so libraries' own spans (the

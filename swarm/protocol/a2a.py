@@ -31,7 +31,9 @@ TERMINAL = frozenset({"completed", "failed", "canceled", "rejected"})
 TRANSITIONS: dict[str, frozenset[str]] = {
     "submitted": frozenset({"working", "canceled", "rejected", "failed"}),
     "working": frozenset({"working", "input_required", "completed", "failed", "canceled"}),
-    "input_required": frozenset({"working", "canceled", "failed"}),
+    # input_required → input_required: a new question (a second gate, or the same one asked
+    # again by a restarted supervisor).
+    "input_required": frozenset({"working", "input_required", "canceled", "failed"}),
 }
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from swarm.state.replay import restore
 log = logging.getLogger(__name__)
 
 _MAX_EVENTS_PER_TASK = 20_000
+_REASK_WAIT_S = 30.0  # how long an answer waits for a reloaded task to ask its question again
 _RESTART_WAIT_S = 120.0  # how long a turn waits for a dead replica to come back
 
 
@@ -154,6 +156,9 @@ class TaskRecord:
     question: str | None = None
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)  # open approval gates
     answer_waiter: asyncio.Future[str] | None = None
+    # Set while `answer_waiter` waits: a restarted supervisor asks its question again a
+    # moment after loading the task, and an answer sent meanwhile waits for it.
+    asking: asyncio.Event = field(default_factory=asyncio.Event)
     updated: float = 0.0
     answer: str | None = None
     error_class: str | None = None
@@ -331,6 +336,10 @@ class Supervisor:
         if rec.gates and rec.answer_waiter is None:
             raise UserError(f"task {task_id} waits for approval of gate {', '.join(rec.gates)}: "
                             "answer with approve or deny (swarm approve / swarm deny)")
+        if rec.state == "input_required" and rec.answer_waiter is None and \
+                rec.driver is not None and not rec.driver.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rec.asking.wait(), _REASK_WAIT_S)
         if rec.state != "input_required" or rec.answer_waiter is None:
             raise UserError(f"task {task_id} is {rec.state}, not waiting for input")
         answer = text.strip().lower() if isinstance(text, str) else ""
@@ -786,6 +795,7 @@ class Supervisor:
         rec.question = question
         rec.answer_waiter = asyncio.get_running_loop().create_future()
         await self._set_state(rec, "input_required", question)
+        rec.asking.set()
         timeout = self.cfg.stuck.input_timeout_s
         try:
             answer = await asyncio.wait_for(rec.answer_waiter, timeout)
@@ -797,6 +807,7 @@ class Supervisor:
             raise StuckError("input_timeout", f"stuck (input_timeout): {cause}") from None
         finally:
             rec.answer_waiter = None
+            rec.asking.clear()
         rec.question = None
         await self._set_state(rec, "working", f"operator answered {answer!r}")
         return answer

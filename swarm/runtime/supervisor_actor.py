@@ -46,8 +46,10 @@ class SupervisorActor:
         import ray
 
         from swarm.models import build_model
+        from swarm.observability.tracing import configure
         from swarm.runtime.agent import AgentActor
 
+        configure(cfg, store_spec, {"swarm.process": "supervisor"})
         self.deployment = deployment
         self.endpoints = endpoints
         me = ray.get_runtime_context().current_actor

@@ -330,3 +330,23 @@ async def test_parallel_branches_resume_after_a_crash_without_rerunning_ended_on
     assert dt.RUNS == {"p-x": 1, "p-y": 2}
     x_log = await store.read(f"{task_id}/x")
     assert sum(e.kind == "turn_start" for e in x_log) == 1
+
+
+async def test_a_task_waiting_for_an_operator_waits_again_after_a_restart(
+        tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    cfg = make_cfg(tmp_path)
+    task_id = await _crash_during(cfg, store, "q", "q-2")
+    async with LocalSwarm(cfg, store=store) as sw2:
+        await sw2.supervisor.load()
+        await asyncio.wait_for(_wait_state(sw2.supervisor.get(task_id), "input_required"), 10)
+        await sw2.crash()  # the supervisor dies while the task waits for the answer
+    async with LocalSwarm(cfg, store=store) as sw3:
+        assert await sw3.supervisor.load() == 1
+        rec = sw3.supervisor.get(task_id)
+        await asyncio.wait_for(_wait_state(rec, "input_required"), 10)
+        assert rec.question is not None and "pay" in rec.question
+        await sw3.supervisor.respond(task_id, "skip")
+        row = await sw3.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed"
+    assert dt.RUNS == {"q-1": 1, "q-2": 1}

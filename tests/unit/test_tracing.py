@@ -359,3 +359,47 @@ async def test_no_installed_tracing_means_no_spans_and_no_layer(tmp_path: Path) 
     finally:
         install(previous)
     assert row["state"] == "completed"
+
+
+async def test_redis_trace_store_from_config_as_actors_use_it(tmp_path: Path) -> None:
+    """`Tracing.from_config` with a Redis state store (as each Ray actor builds it): spans of
+    two processes' tracers land in one per-task LIST with a TTL."""
+    from swarm.observability.store import RedisTraceStore
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    try:
+        cfg = cfg3(tmp_path, tracing={"store_ttl_s": 3600})
+        sup_side = Tracing.from_config(cfg, server.url, provider=TracerProvider())
+        agent_side = Tracing.from_config(cfg, server.url, provider=TracerProvider())
+        assert isinstance(sup_side.store, RedisTraceStore)
+        previous = install(sup_side)
+        try:
+            async with LocalSwarm(cfg) as sw:
+                # The agents trace through "another process's" tracing.
+                install(agent_side)
+                for host in sw.hosts.values():
+                    host._tracer = None
+                    host._loop = None
+                    await host.start()
+                install(sup_side)
+                row = await sw.run("the facts")
+            agent_side.flush()
+            rows = sup_side.read(row["task_id"])
+        finally:
+            install(previous)
+        names = sorted(r["name"] for r in rows)
+        assert names == sorted(["invoke_workflow t", "SendMessage a", "SendMessage b",
+                                "SendMessage c", "invoke_agent a", "invoke_agent b",
+                                "invoke_agent c", "chat m", "chat m", "chat m", "chat m",
+                                "execute_tool echo"])
+        store = sup_side.store
+        assert isinstance(store, RedisTraceStore)
+        ttl = store._redis.ttl(store.key(row["task_id"]))
+        assert 0 < ttl <= 3600
+        assert sup_side.stats()["store"]["failed"] == 0
+        sup_side.shutdown()
+        agent_side.shutdown()
+    finally:
+        server.stop()
