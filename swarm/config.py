@@ -423,6 +423,43 @@ class LimitsConfig(_Strict):
     max_tasks: int = Field(100_000, ge=1, description="tasks kept in the supervisor's table")
 
 
+class MetricsConfig(_Strict):
+    """Metrics for the Ray dashboard (swarm.observability.metrics)."""
+
+    enabled: bool = True
+    flush_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="seconds between pushes of the in-memory sums to Ray"
+    )
+
+
+class UsageConfig(_Strict):
+    """The usage and cost ledger (swarm.observability.usage)."""
+
+    enabled: bool = True
+    dir: str | None = Field(
+        None, min_length=1,
+        description="where the Parquet files go: a path, or a pyarrow filesystem URI such as "
+        "s3://bucket/usage; default <state.run_dir>/usage (a swarm.testing.LocalSwarm writes a "
+        "ledger only when this is set)",
+    )
+    flush_interval_s: float = Field(10.0, gt=0, le=3600, description="seconds between writes")
+    max_buffered_rows: int = Field(
+        50_000, ge=1, description="rows held in memory that make the writer flush early"
+    )
+    redis_totals: bool = Field(
+        True, description="with a Redis state store, keep running totals per swarm, role, "
+        "user and model in Redis as well",
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v and not re.match(r"^[a-z][a-z0-9+.-]*://.", v):
+            raise ValueError("expected a path or a URI such as file:///data/usage or "
+                             "s3://bucket/usage")
+        return v
+
+
 # ---- approvals, rate limits, audit (swarm.governance) --------------------------------------------
 
 GateRule = Literal["none", "destructive", "listed", "all"]
@@ -532,10 +569,12 @@ class SwarmConfig(_Strict):
     stuck: StuckConfig = StuckConfig()
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    usage: UsageConfig = UsageConfig()
+    tracing: TracingConfig = TracingConfig()
     approvals: ApprovalsConfig = ApprovalsConfig()
     rate_limits: list[RateLimitConfig] = []
     audit: AuditConfig = AuditConfig()
-    tracing: TracingConfig = TracingConfig()
 
     @field_validator("models", "tools", "agents")
     @classmethod

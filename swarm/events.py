@@ -44,6 +44,7 @@ class ModelCalled(Event, tag="model_call"):
     finish_reason: str = ""
     tool_calls: int = 0
     error: str | None = None
+    error_class: str | None = None  # with `error`: model, tool, orchestration, budget, policy
 
 
 class ToolCalled(Event, tag="tool_call"):

@@ -178,6 +178,8 @@ class AgentHost:
         self.start_problems: list[str] = []
         # Called with each durable snapshot (the actor publishes it to the object store).
         self.publish_snapshot: Callable[[Snapshot], None] | None = None
+        # Called with the seconds each journal append took (the metering layer sets it).
+        self.on_checkpoint: Callable[[float], None] | None = None
         self._tracer: Any = None  # swarm.observability.tracing.SwarmTracer when tracing is on
 
     async def start(self) -> None:
@@ -208,7 +210,7 @@ class AgentHost:
                 emit=self.buffer.emit,
                 model_name=getattr(model_cfg, "model", self.agent_cfg.model),
                 middleware=build_middleware(self.cfg, self.role, store=self.store,
-                                            emit=self.buffer.emit),
+                                            emit=self.buffer.emit, host=self),
             )
 
     @property
@@ -298,6 +300,8 @@ class AgentHost:
                 error_class, error = classify(exc), f"{type(exc).__name__}: {exc}"
             finally:
                 self._running.pop(req.task_id, None)
+            for layer in loop.middleware:
+                layer.on_turn_end(session)
             if superseded:
                 pass
             elif session.journal is not None and kind not in ("canceled", "input_required"):
@@ -389,6 +393,7 @@ class AgentHost:
                                           checkpoint_every=self.cfg.state.checkpoint_every,
                                           fence=fence)
                 session.journal.on_snapshot = self.publish_snapshot
+                session.journal.on_append = self.on_checkpoint
                 outcome = await self._loop.resume(session, state.pending, req.decision, limits,
                                                   turn_start=1 + turn.start)
                 return outcome, 1 + turn.start
@@ -420,6 +425,7 @@ class AgentHost:
                                   checkpoint_every=self.cfg.state.checkpoint_every,
                                   fence=fence)
         session.journal.on_snapshot = self.publish_snapshot
+        session.journal.on_append = self.on_checkpoint
         await session.journal.turn_start(text, len(req.transcript))
         return None, first
 
@@ -454,7 +460,13 @@ class AgentHost:
         return True
 
     async def aclose(self) -> None:
-        """Close the model client and tool connections."""
+        """Flush the middleware layers; close the model client and tool connections."""
+        for layer in self._loop.middleware if self._loop is not None else ():
+            try:
+                await layer.aclose()
+            except Exception:
+                log.warning("agent %s: closing layer %s failed", self.role,
+                            type(layer).__name__, exc_info=True)
         for source in self.sources.values():
             try:
                 await source.aclose()

@@ -61,6 +61,8 @@ class Journal:
         # Called with each snapshot once it is durable (the agent actor publishes it to the
         # Ray object store, so a resume elsewhere needn't read it back from the store).
         self.on_snapshot: Any = None
+        # Called with the seconds each durable append took (metrics: checkpoint latency).
+        self.on_append: Any = None
         self.entries_written = 0
         self.policy = checkpoint
         self.checkpoint_every = checkpoint_every or 1
@@ -93,7 +95,10 @@ class Journal:
         # Taken out before the append: one that raised may still have been applied, so
         # writing these again later could log them twice (the turn fails instead).
         self._entries, self._ledger = [], {}
+        t0 = time.perf_counter()
         seq = await self.store.append(self.log_id, entries, ledger or None, fence=self.fence)
+        if self.on_append is not None:
+            self.on_append(time.perf_counter() - t0)
         if entries:
             self.seq = seq
         self.entries_written += len(entries)

@@ -85,6 +85,12 @@ class Middleware:
         """Wrap one tool call; must call `nxt(inv)` at most once, or raise."""
         return await nxt(inv)
 
+    def on_turn_end(self, session: Session) -> None:
+        """Called by the agent host after each turn of a session; must be cheap (no I/O)."""
+
+    async def aclose(self) -> None:
+        """Called once when the agent host shuts down: flush what the layer buffers."""
+
 
 def compose_model(layers: list[Middleware], inner: NextModel) -> NextModel:
     """The model call through every layer whose `on_model` is overridden, outermost first."""
@@ -121,7 +127,8 @@ def _bind_tool(layer: Middleware, nxt: NextTool) -> NextTool:
 
 
 def build_middleware(cfg: Any, role: str, *, store: Any = None,
-                     emit: Callable[[Any], None] | None = None) -> list[Middleware]:
+                     emit: Callable[[Any], None] | None = None,
+                     host: Any = None) -> list[Middleware]:
     """The layers an agent role runs with, outermost first, from the swarm config.
 
     Order matters: tracing sees every call, including ones a later layer stops; usage is
@@ -133,6 +140,10 @@ def build_middleware(cfg: Any, role: str, *, store: Any = None,
 
     if (tracer := swarm_tracer(cfg)) is not None:
         layers.append(tracer.middleware(role))  # outermost: sees every call, even stopped ones
+    from swarm.observability.metering import metering_layer
+
+    if (meter := metering_layer(cfg, role, store=store, host=host)) is not None:
+        layers.append(meter)  # metrics and usage rows of the calls that ran
     from swarm.governance.budget import BudgetLayer
     from swarm.governance.ratelimit import build_rate_limit_layer
     from swarm.governance.stuck import StuckLayer

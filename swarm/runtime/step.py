@@ -219,7 +219,8 @@ class StepLoop:
             session.step = step
             self.emit(ModelCalled(task_id=session.task_id, ts=now(), agent=agent, step=step,
                                   model=self.model_name, latency_ms=(perf() - t0) * 1e3,
-                                  error=str(exc)))
+                                  error=str(exc), error_class=classify(exc)
+                                  if isinstance(exc, RunError) else "model"))
             cut.error = f"{cut.error}; the wrap-up call failed: {exc}"
             return cut
         session.step = step
@@ -279,6 +280,7 @@ class StepLoop:
                     model=self.model_name,
                     latency_ms=(perf() - t0) * 1e3,
                     error=str(err),
+                    error_class=classify(err),
                 )
             )
             session.step = step

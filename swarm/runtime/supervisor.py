@@ -20,7 +20,7 @@ import msgspec
 
 from swarm.config import SwarmConfig
 from swarm.errors import RunError, TaskNotFound, UserError
-from swarm.events import Alert, Event, TaskFinished, TaskStateChanged
+from swarm.events import Alert, Event, ModelCalled, TaskFinished, TaskStateChanged, ToolCalled
 from swarm.governance import stuck
 from swarm.governance.budget import SwarmUsage, Usage, swarm_exhausted, task_usage, turn_allowance
 from swarm.governance.stuck import StuckError, WaitGraph, bounces
@@ -170,6 +170,8 @@ class TaskRecord:
     stuck: str | None = None
     by_agent: dict[str, Usage] = field(default_factory=dict)
     choices: tuple[str, ...] = ("rerun", "skip")
+    # Failed model and tool calls by error class, including the ones the task recovered from.
+    errors: dict[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -198,10 +200,11 @@ class TaskRecord:
             "error_class": self.error_class,
             "error": self.error,
             "question": self.question,
-            "gates": list(self.gates.values()),
             "cost_usd": self.cost_usd,
             "budget_exhausted": self.budget_exhausted,
             "stuck": self.stuck,
+            "errors": dict(self.errors),
+            "gates": list(self.gates.values()),
             "metadata": dict(self.task.metadata),
         }
 
@@ -226,7 +229,8 @@ class TaskRecord:
                   created=d.get("created", row.updated))
         for name in ("agent", "text", "steps", "input_tokens", "output_tokens", "model_calls",
                      "tool_calls", "turns", "handoffs", "answer", "error_class", "error",
-                     "question", "updated", "cost_usd", "budget_exhausted", "stuck"):
+                     "question", "updated", "cost_usd", "budget_exhausted", "stuck",
+                     "errors"):
             if name in d:
                 setattr(rec, name, d[name])
         if rec.state in a2a.TERMINAL:
@@ -257,6 +261,9 @@ class Supervisor:
         # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
         self.hot: dict[str, tuple[int, list[Any]]] = {}
+        from swarm.observability.metrics import task_meter
+
+        self.meter = task_meter(cfg, self.swarm_id)  # None when nothing records metrics
         from swarm.observability.tracing import swarm_tracer
 
         self._tracer = swarm_tracer(cfg)  # None when tracing is off
@@ -455,6 +462,8 @@ class Supervisor:
                 rec.driver = asyncio.create_task(self._drive(rec, resume=True),
                                                  name=f"task-{rec.id}")
                 resumed += 1
+        if self.meter is not None:
+            self.meter.resync(self.tasks.values())
         return resumed
 
     def get(self, task_id: str) -> TaskRecord:
@@ -944,6 +953,12 @@ class Supervisor:
             events.append(msgspec.structs.replace(ev, seq=len(events)))
         rec.changed.set()
         rec.changed = asyncio.Event()
+        kind = type(ev)
+        if (kind is ToolCalled or kind is ModelCalled) and ev.error_class:  # type: ignore[attr-defined]
+            cls = ev.error_class  # type: ignore[attr-defined]
+            rec.errors[cls] = rec.errors.get(cls, 0) + 1
+        if self.meter is not None:
+            self.meter.on_event(ev)
 
     async def _persist(self, rec: TaskRecord) -> None:
         if self.store is not None:

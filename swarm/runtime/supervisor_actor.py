@@ -112,7 +112,8 @@ class SupervisorActor:
                 "endpoints": self.endpoints, "tasks": counts,
                 "max_task_chars": cfg.limits.max_task_chars,
                 "durable": self.sup.store is not None,
-                "restore_problems": self.sup.restore_problems}
+                "restore_problems": self.sup.restore_problems,
+                "usage_dir": cfg.usage.dir if cfg.usage.enabled else None}
 
     async def submit(self, text: str, user: str = "anonymous",
                      metadata: dict[str, Any] | None = None, context_id: str | None = None,

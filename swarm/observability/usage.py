@@ -1,0 +1,357 @@
+"""The usage and cost ledger: one row per model call and per tool call, as Parquet.
+
+The agent's metering layer (swarm.observability.metering) appends a row (a tuple in `COLUMNS`
+order) to a `UsageLedger` per call; a background task writes them in batches, every
+`usage.flush_interval_s`, soon after a turn ends and at shutdown, never on the step path. A batch
+becomes one Parquet file per day, `<usage.dir>/day=YYYY-MM-DD/part-*.parquet` (hive
+partitioning), on the local disk or any pyarrow filesystem URI (`s3://bucket/usage`). With a Redis
+state store the same batch adds to running totals in Redis, one pipeline of HINCRBYFLOAT per
+batch: hash `<prefix>:usage:<swarm>:<dim>:<value>` (dim: swarm, role, user, model) with fields
+cost_usd, input_tokens, output_tokens, cached_tokens, model_calls, tool_calls, errors.
+
+`usage_table` reads the dataset back with pyarrow.dataset, the day and time filters pushed down to
+the files, and sums it by role, user, swarm or model (`swarm usage`, `SwarmClient.usage`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from swarm.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+# A row's fields, in order (the metering layer builds the tuples).
+COLUMNS = ("ts", "task_id", "user", "swarm", "role", "kind", "model", "tool", "step",
+           "input_tokens", "output_tokens", "cached_tokens", "cost_usd", "latency_ms", "outcome",
+           "error_class")
+BY = ("role", "user", "swarm", "model")
+SUMS = ("model_calls", "tool_calls", "input_tokens", "output_tokens", "cached_tokens",
+        "cost_usd", "errors")
+
+
+def schema() -> pa.Schema:
+    """The Parquet schema of ledger files (`day` is the partition, not a column)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("ts", pa.timestamp("us", tz="UTC")), ("task_id", pa.string()), ("user", pa.string()),
+        ("swarm", pa.string()), ("role", pa.string()),
+        ("kind", pa.string()),  # model | tool
+        ("model", pa.string()),  # the model's config name; null on tool rows
+        ("tool", pa.string()),  # null on model rows
+        ("step", pa.int32()), ("input_tokens", pa.int64()), ("output_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()), ("cost_usd", pa.float64()), ("latency_ms", pa.float64()),
+        ("outcome", pa.string()),  # ok | error | canceled
+        ("error_class", pa.string()),  # null unless outcome is error
+    ])
+
+
+def default_location(cfg: Any) -> str:
+    """Where a swarm's ledger goes: `usage.dir`, else `<state.run_dir>/usage`, a local path made
+    absolute against the working directory (so every actor writes to the same place)."""
+    loc = cfg.usage.dir or str(Path(cfg.state.run_dir) / "usage")
+    return loc if "://" in loc else str(Path(loc).resolve())
+
+
+def pin_location(cfg: Any) -> Any:
+    """The config with `usage.dir` resolved (done where a swarm is deployed)."""
+    if not cfg.usage.enabled:
+        return cfg
+    return cfg.model_copy(update={"usage": cfg.usage.model_copy(
+        update={"dir": default_location(cfg)})})
+
+
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except Exception as exc:
+            raise UserError(f"usage.dir {location!r} is not a usable filesystem URI: {exc}"
+                            ) from None
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def _redis_url(store: Any) -> tuple[str, str] | None:
+    """(URL, key prefix) of a Redis state store (also the hot tier of a tiered one)."""
+    for candidate in (store, getattr(store, "hot", None)):
+        url = getattr(candidate, "url", None)
+        if isinstance(url, str) and url.split("://", 1)[0].lower() in ("redis", "rediss", "unix"):
+            return url, str(getattr(candidate, "prefix", "swarm"))
+    return None
+
+
+class UsageLedger:
+    """Buffers ledger rows and writes them in batches from a background task."""
+
+    def __init__(self, location: str, *, flush_interval_s: float = 10.0,
+                 max_buffered_rows: int = 50_000, redis: tuple[str, str] | None = None) -> None:
+        self.location = location
+        self.fs, self.root = _filesystem(location)
+        self.flush_interval_s = flush_interval_s
+        self.max_buffered_rows = max_buffered_rows
+        # Flushes asked for by turn ends coalesce: at most one per this many seconds.
+        self.min_gap_s = min(1.0, flush_interval_s)
+        self.rows: list[tuple[Any, ...]] = []
+        self.files_written = 0
+        self.rows_written = 0
+        self.rows_dropped = 0
+        self._redis_spec = redis
+        self._redis: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._seq = 0
+
+    # -- hot path --------------------------------------------------------------------------
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        """Buffer one row (an append; the writer task starts on the first one)."""
+        rows = self.rows
+        rows.append(row)
+        if self._task is None or self._task.done():
+            self._start()
+        if len(rows) >= self.max_buffered_rows:
+            self.kick()
+
+    def kick(self) -> None:
+        """Ask the writer to flush soon (at a turn's end), without waiting for it."""
+        if self._wake is not None and self.rows:
+            self._wake.set()
+
+    # -- background ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), self.flush_interval_s)
+            except TimeoutError:
+                pass
+            wake.clear()
+            await self.flush()
+            await asyncio.sleep(self.min_gap_s)
+
+    async def flush(self) -> int:
+        """Write the buffered rows now (Parquet in a thread, then the Redis totals); returns
+        how many were written. A failed write keeps the rows for the next flush, up to
+        `max_buffered_rows` more; beyond that the oldest are dropped and counted."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            rows, self.rows = self.rows, []
+            if not rows:
+                return 0
+            try:
+                files = await asyncio.to_thread(self._write, rows)
+            except Exception:
+                log.warning("usage ledger: writing %d rows under %s failed; will retry",
+                            len(rows), self.location, exc_info=True)
+                keep = rows[-self.max_buffered_rows:]
+                self.rows_dropped += len(rows) - len(keep)
+                self.rows[:0] = keep
+                return 0
+            self.files_written += files
+            self.rows_written += len(rows)
+            if self._redis_spec is not None:
+                try:
+                    await self._add_totals(rows)
+                except Exception:
+                    log.warning("usage ledger: Redis totals for %d rows failed", len(rows),
+                                exc_info=True)
+            return len(rows)
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> int:
+        import pyarrow.parquet as pq
+
+        by_day: dict[str, list[tuple[Any, ...]]] = {}
+        for r in rows:
+            by_day.setdefault(time.strftime("%Y-%m-%d", time.gmtime(r[0])), []).append(r)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for day, part in by_day.items():
+            folder = f"{self.root}/day={day}"
+            self.fs.create_dir(folder, recursive=True)
+            self._seq += 1
+            name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{self._seq}.parquet"
+            pq.write_table(to_table(part), f"{folder}/{name}", filesystem=self.fs)
+        return len(by_day)
+
+    async def _add_totals(self, rows: list[tuple[Any, ...]]) -> None:
+        assert self._redis_spec is not None
+        url, prefix = self._redis_spec
+        if self._redis is None:
+            import redis.asyncio as aredis
+
+            self._redis = aredis.Redis.from_url(url)
+        sums: dict[str, dict[str, float]] = {}
+        members: dict[str, set[str]] = {}
+        for r in rows:
+            (_, _, user, swarm, role, kind, model, _, _, tin, tout, tcached, cost, _, outcome,
+             _) = r
+            add = {"input_tokens": tin, "output_tokens": tout, "cached_tokens": tcached,
+                   "cost_usd": cost, "model_calls": kind == "model", "tool_calls": kind == "tool",
+                   "errors": outcome == "error"}
+            for dim, value in (("swarm", swarm), ("role", role), ("user", user), ("model", model)):
+                if value is None:
+                    continue
+                key = f"{prefix}:usage:{swarm}:{dim}:{value}"
+                members.setdefault(f"{prefix}:usage:{swarm}:{dim}", set()).add(value)
+                acc = sums.setdefault(key, {})
+                for name, v in add.items():
+                    if v:
+                        acc[name] = acc.get(name, 0.0) + float(v)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, acc in sums.items():
+                for name, v in acc.items():
+                    pipe.hincrbyfloat(key, name, v)
+            for key, values in members.items():
+                pipe.sadd(key, *values)
+            await pipe.execute()
+
+    async def aclose(self) -> None:
+        """Stop the writer and flush what is left."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        # Under the lock a flush in progress finishes first (cancelling it could lose its
+        # batch); the writer is then waiting, and safe to cancel.
+        async with self._lock:
+            task, self._task = self._task, None
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.flush()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+
+def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
+    """Ledger rows (tuples in `COLUMNS` order) as an Arrow table with `schema()`."""
+    import pyarrow as pa
+
+    sch = schema()
+    cols = list(zip(*rows, strict=True)) if rows else [() for _ in COLUMNS]
+    arrays = [pa.array([int(t * 1e6) for t in cols[0]], pa.int64()).cast(sch.field(0).type)]
+    arrays += [pa.array(list(c), sch.field(i + 1).type) for i, c in enumerate(cols[1:])]
+    return pa.Table.from_arrays(arrays, schema=sch)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """A `--since` value: relative (`30m`, `24h`, `7d`, `2w`) or an ISO date or date-time
+    (UTC unless it names a zone); returns an aware UTC datetime."""
+    now = now or datetime.now(UTC)
+    m = _RELATIVE.match(text or "")
+    if m:
+        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except (ValueError, AttributeError):
+        raise UserError(
+            f"--since {text!r} is neither a relative time (30m, 24h, 7d, 2w) nor an ISO date "
+            "or date-time (2026-11-01, 2026-11-01T12:00:00Z)") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def read_usage(location: str, *, since: datetime | None = None,
+               swarm: str | None = None) -> pa.Table:
+    """The ledger rows under `location` from `since` on (optionally of one swarm)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    fs, root = _filesystem(location)
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return schema().empty_table()
+    part = ds.partitioning(pa.schema([("day", pa.string())]), flavor="hive")
+    dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning=part,
+                         schema=schema().append(pa.field("day", pa.string())),
+                         exclude_invalid_files=True)
+    cond = None
+    if since is not None:
+        since = since.astimezone(UTC)
+        cond = (ds.field("day") >= since.strftime("%Y-%m-%d")) & \
+            (ds.field("ts") >= pa.scalar(since, pa.timestamp("us", tz="UTC")))
+    if swarm is not None:
+        eq = ds.field("swarm") == swarm
+        cond = eq if cond is None else cond & eq
+    return dataset.to_table(filter=cond, columns=list(COLUMNS))
+
+
+def summarize(table: pa.Table, by: str) -> pa.Table:
+    """Sum ledger rows by `by` (role, user, swarm or model): calls, tokens, cost, errors;
+    the most expensive first."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if by not in BY:
+        raise UserError(f"--by must be one of {', '.join(BY)} (got {by!r})")
+    key = pc.fill_null(table[by], "-")
+    t = pa.table({
+        by: key,
+        "model_calls": pc.cast(pc.equal(table["kind"], "model"), pa.int64()),
+        "tool_calls": pc.cast(pc.equal(table["kind"], "tool"), pa.int64()),
+        "input_tokens": table["input_tokens"], "output_tokens": table["output_tokens"],
+        "cached_tokens": table["cached_tokens"], "cost_usd": table["cost_usd"],
+        "errors": pc.cast(pc.equal(table["outcome"], "error"), pa.int64()),
+    })
+    out = t.group_by(by).aggregate([(c, "sum") for c in SUMS])
+    out = out.rename_columns([c.removesuffix("_sum") for c in out.column_names])
+    out = out.select([by, *SUMS])
+    if out.num_rows:
+        out = out.sort_by([("cost_usd", "descending"), (by, "ascending")])
+    return out
+
+
+def usage_table(location: str, by: str, since: str | datetime | None = "24h",
+                swarm: str | None = None) -> pa.Table:
+    """The ledger under `location` summed by `by` since `since` (see `parse_since`)."""
+    if by not in BY:
+        raise UserError(f"--by must be one of {', '.join(BY)} (got {by!r})")
+    when = parse_since(since) if isinstance(since, str) else since
+    return summarize(read_usage(location, since=when, swarm=swarm), by)
+
+
+async def redis_totals(url: str, swarm: str, by: str, *, prefix: str = "swarm"
+                       ) -> dict[str, dict[str, float]]:
+    """The running totals kept in Redis for one swarm, by role, user, swarm or model."""
+    import redis.asyncio as aredis
+
+    if by not in BY:
+        raise UserError(f"by must be one of {', '.join(BY)} (got {by!r})")
+    client = aredis.Redis.from_url(url, decode_responses=True)
+    try:
+        values = sorted(await client.smembers(f"{prefix}:usage:{swarm}:{by}"))
+        out: dict[str, dict[str, float]] = {}
+        for v in values:
+            raw = await client.hgetall(f"{prefix}:usage:{swarm}:{by}:{v}")
+            out[v] = {k: float(x) for k, x in raw.items()}
+        return out
+    finally:
+        await client.aclose()

@@ -1,0 +1,333 @@
+"""Metrics and the usage ledger in one process: what the metering layer records per call, the
+Parquet ledger and its queries, Redis totals, and one error class everywhere."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+from typer.testing import CliRunner
+
+from swarm.errors import ConfigError, UserError
+from swarm.events import ModelCalled, ToolCalled
+from swarm.observability.metrics import MemoryRecorder, use_recorder
+from swarm.observability.usage import (
+    UsageLedger,
+    parse_since,
+    read_usage,
+    redis_totals,
+    usage_table,
+)
+from swarm.state.memory import MemoryCheckpointer
+from swarm.testing import LocalSwarm
+from tests.unit.test_runtime_local import FAILED_TOOL, LOOP_RULES, make_cfg
+
+PRICE = {"input_per_mtok": 3.0, "output_per_mtok": 15.0, "cached_input_per_mtok": 0.3}
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for this module (the binary EmbeddedRedis finds)."""
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("usage-redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def recorder() -> Iterator[MemoryRecorder]:
+    rec = MemoryRecorder()
+    before = use_recorder(rec)
+    try:
+        yield rec
+    finally:
+        use_recorder(before)
+
+
+def priced_cfg(tmp_path: Path, rules: list[dict[str, Any]], agents: dict[str, Any],
+               **extra: Any) -> Any:
+    cfg = make_cfg(tmp_path, rules, agents, usage={"dir": str(tmp_path / "usage")}, **extra)
+    m = cfg.models["m"]
+    price = m.price.model_validate(PRICE)
+    return cfg.model_copy(update={"models": {"m": m.model_copy(update={"price": price})}})
+
+
+async def test_one_row_and_one_count_per_call(tmp_path: Path, recorder: MemoryRecorder) -> None:
+    cfg = priced_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        row = await sw.run("hello", user="ana")
+        events = sw.events(row["task_id"])
+        sup_meter = sw.supervisor.meter
+        assert sup_meter is not None
+        await sup_meter.aclose()
+    assert row["state"] == "completed"
+    models = [e for e in events if isinstance(e, ModelCalled)]
+    tools = [e for e in events if isinstance(e, ToolCalled)]
+    assert (len(models), len(tools)) == (4, 3)
+
+    table = read_usage(str(tmp_path / "usage")).sort_by([("ts", "ascending")])
+    rows = table.to_pylist()
+    model_rows = [r for r in rows if r["kind"] == "model"]
+    tool_rows = [r for r in rows if r["kind"] == "tool"]
+    assert len(model_rows) == 4 and len(tool_rows) == 3
+    price = cfg.models["m"].price
+    for ev, r in zip(models, sorted(model_rows, key=lambda r: r["step"]), strict=True):
+        assert (r["step"], r["input_tokens"], r["output_tokens"], r["cached_tokens"]) == \
+            (ev.step, ev.input_tokens, ev.output_tokens, ev.cached_tokens)
+        assert r["cost_usd"] == pytest.approx(
+            price.cost(ev.input_tokens, ev.output_tokens, ev.cached_tokens))
+        assert r["cost_usd"] > 0
+        assert (r["task_id"], r["user"], r["swarm"], r["role"], r["model"], r["tool"]) == \
+            (row["task_id"], "ana", "t", "looper", "m", None)
+        assert (r["outcome"], r["error_class"]) == ("ok", None) and r["latency_ms"] >= 0
+    assert {(r["tool"], r["outcome"], r["input_tokens"], r["cost_usd"]) for r in tool_rows} == \
+        {("echo", "ok", 0, 0.0)}
+
+    # The same calls, counted in the metrics.
+    tags = {"swarm": "t", "agent": "looper"}
+    assert recorder.value("swarm_steps", **tags) == 4
+    assert recorder.value("swarm_model_calls", outcome="ok", model="m", **tags) == 4
+    assert recorder.value("swarm_model_calls", outcome="error", **tags) == 0
+    assert recorder.value("swarm_tokens", type="input", **tags) == \
+        sum(e.input_tokens for e in models)
+    assert recorder.value("swarm_tokens", type="output", **tags) == \
+        sum(e.output_tokens for e in models)
+    assert recorder.value("swarm_cost_usd", **tags) == pytest.approx(
+        sum(r["cost_usd"] for r in model_rows))
+    assert recorder.value("swarm_tool_calls", tool="echo", outcome="ok", **tags) == 3
+    assert recorder.value("swarm_errors", **tags) == 0
+    assert len(recorder.observations("swarm_model_latency_ms", model="m", **tags)) == 4
+    # Every journal append was timed (turn start, 4 model answers, 3 results, turn end).
+    assert len(recorder.observations("swarm_checkpoint_latency_ms", **tags)) == 9
+    assert recorder.value("swarm_queue_depth", agent="looper") == 0
+    assert recorder.value("swarm_sessions", agent="looper") == 0
+    # The supervisor's task metrics.
+    assert recorder.value("swarm_tasks_finished", swarm="t", state="completed") == 1
+    for state in ("active", "input_required", "stuck"):
+        assert {"swarm": "t", "state": state} in recorder.series("swarm_tasks")
+        assert recorder.value("swarm_tasks", swarm="t", state=state) == 0
+
+
+async def test_nothing_is_metered_without_a_recorder_or_a_ledger_dir(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        assert sw.supervisor.meter is None
+        loop: Any = sw.hosts["looper"]._loop
+        assert not any(type(x).__name__ == "MeteringLayer" for x in loop.middleware)
+        assert (await sw.run("hi"))["state"] == "completed"
+    assert not (tmp_path / "usage").exists()
+
+
+def _row(ts: float, **kw: Any) -> tuple[Any, ...]:
+    r = {"task_id": "t1", "user": "u", "swarm": "s", "role": "a", "kind": "model", "model": "m",
+         "tool": None, "step": 1, "input_tokens": 10, "output_tokens": 5, "cached_tokens": 0,
+         "cost_usd": 0.5, "latency_ms": 1.0, "outcome": "ok", "error_class": None, **kw}
+    return (ts, *r.values())
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+async def test_files_are_partitioned_by_day_and_filtered_by_since(tmp_path: Path) -> None:
+    ledger = UsageLedger(str(tmp_path / "usage"))
+    ledger.add(_row(_ts("2026-01-01T23:59:00"), task_id="old"))
+    ledger.add(_row(_ts("2026-01-02T00:01:00"), task_id="new1"))
+    ledger.add(_row(_ts("2026-01-02T10:00:00"), task_id="new2"))
+    assert await ledger.flush() == 3
+    await ledger.aclose()
+    days = sorted(p.name for p in (tmp_path / "usage").iterdir())
+    assert days == ["day=2026-01-01", "day=2026-01-02"]
+    for d in days:
+        (f,) = (tmp_path / "usage" / d).iterdir()
+        assert f.name.startswith("part-") and f.suffix == ".parquet"
+    # The day is a hive partition the reader can prune on.
+    data = ds.dataset(str(tmp_path / "usage"), format="parquet", partitioning="hive")
+    assert "day" in data.schema.names
+
+    def tasks(since: str) -> list[str]:
+        when = parse_since(since, now=datetime(2026, 1, 2, 12, tzinfo=UTC))
+        return sorted(read_usage(str(tmp_path / "usage"), since=when)["task_id"].to_pylist())
+
+    assert tasks("2026-01-01") == ["new1", "new2", "old"]
+    assert tasks("2026-01-02") == ["new1", "new2"]
+    assert tasks("2026-01-02T05:00:00Z") == ["new2"]
+    assert tasks("12h") == ["new1", "new2"]
+    assert tasks("13h") == ["new1", "new2", "old"]
+    assert tasks("1d") == ["new1", "new2", "old"]
+    assert tasks("30m") == []
+
+
+def test_since_values_that_mean_nothing_are_errors() -> None:
+    for bad in ("yesterday", "24", "-3h", "2026-13-01", ""):
+        with pytest.raises(UserError, match="--since"):
+            parse_since(bad)
+    assert parse_since("2026-01-02T03:00:00+02:00") == datetime(2026, 1, 2, 1, tzinfo=UTC)
+
+
+async def test_grouping_by_each_key(tmp_path: Path) -> None:
+    ledger = UsageLedger(str(tmp_path / "u"))
+    now = datetime.now(UTC).timestamp()
+    ledger.add(_row(now, user="ana", role="planner", swarm="s1", model="big", cost_usd=1.0))
+    ledger.add(_row(now, user="ana", role="writer", swarm="s1", model="small", cost_usd=0.25))
+    ledger.add(_row(now, user="bo", role="writer", swarm="s2", model="small", cost_usd=0.5,
+                    outcome="error", error_class="model"))
+    ledger.add(_row(now, user="bo", role="writer", swarm="s2", kind="tool", model=None,
+                    tool="search", input_tokens=0, output_tokens=0, cost_usd=0.0))
+    await ledger.aclose()
+    loc = str(tmp_path / "u")
+
+    def sums(by: str, swarm: str | None = None) -> dict[str, tuple[Any, ...]]:
+        t = usage_table(loc, by, "1h", swarm=swarm)
+        assert t.column_names == [by, "model_calls", "tool_calls", "input_tokens",
+                                  "output_tokens", "cached_tokens", "cost_usd", "errors"]
+        return {r[by]: (r["model_calls"], r["tool_calls"], r["input_tokens"], r["cost_usd"],
+                        r["errors"]) for r in t.to_pylist()}
+
+    assert sums("user") == {"ana": (2, 0, 20, 1.25, 0), "bo": (1, 1, 10, 0.5, 1)}
+    assert sums("role") == {"planner": (1, 0, 10, 1.0, 0), "writer": (2, 1, 20, 0.75, 1)}
+    assert sums("swarm") == {"s1": (2, 0, 20, 1.25, 0), "s2": (1, 1, 10, 0.5, 1)}
+    assert sums("model") == {"big": (1, 0, 10, 1.0, 0), "small": (2, 0, 20, 0.75, 1),
+                             "-": (0, 1, 0, 0.0, 0)}
+    assert sums("role", swarm="s2") == {"writer": (1, 1, 10, 0.5, 1)}
+    # Most expensive first.
+    assert usage_table(loc, "role", "1h")["role"].to_pylist() == ["planner", "writer"]
+    # Nothing recorded yet is an empty table, not an error.
+    assert usage_table(str(tmp_path / "nothing"), "user", "1h").num_rows == 0
+
+
+def test_a_bad_by_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"--by must be one of role, user, swarm, model "
+                                        r"\(got 'team'\)"):
+        usage_table(str(tmp_path), "team", "1h")
+    from swarm.cli import app
+
+    res = CliRunner().invoke(app, ["usage", "--by", "team", "--dir", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "--by must be one of role, user, swarm, model" in res.output
+
+
+def test_bad_usage_and_metrics_config_name_the_field(tmp_path: Path) -> None:
+    for extra, path in (({"usage": {"flush_interval_s": 0}}, "usage.flush_interval_s"),
+                        ({"usage": {"dir": ""}}, "usage.dir"),
+                        ({"usage": {"dir": "://nowhere"}}, "usage.dir"),
+                        ({"usage": {"bogus": 1}}, "usage.bogus"),
+                        ({"metrics": {"flush_interval_s": -1}}, "metrics.flush_interval_s")):
+        with pytest.raises(ConfigError) as ei:
+            make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m"}}, **extra)
+        assert path in [p for p, _ in ei.value.problems], ei.value.problems
+
+
+async def test_cli_prints_the_table(tmp_path: Path) -> None:
+    ledger = UsageLedger(str(tmp_path / "u"))
+    now = datetime.now(UTC).timestamp()
+    ledger.add(_row(now, role="planner", cost_usd=0.125))
+    ledger.add(_row(now, role="writer", cost_usd=0.5))
+    await ledger.aclose()
+    from swarm.cli import app
+
+    res = CliRunner().invoke(app, ["usage", "--by", "role", "--since", "1h",
+                                   "--dir", str(tmp_path / "u")], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    writer = next(i for i, x in enumerate(lines) if "writer" in x)
+    planner = next(i for i, x in enumerate(lines) if "planner" in x)
+    assert writer < planner and "0.5000" in lines[writer] and "0.1250" in lines[planner]
+    res = CliRunner().invoke(app, ["usage", "--since", "later", "--dir", str(tmp_path / "u")])
+    assert res.exit_code == 2 and "--since" in res.output
+
+
+async def test_redis_totals_match_the_ledger(tmp_path: Path, redis_url: str,
+                                             recorder: MemoryRecorder) -> None:
+    from swarm.state.redis import RedisCheckpointer
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    store = RedisCheckpointer(redis_url, prefix=prefix)
+    await store.start()
+    cfg = priced_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            for user in ("ana", "bo", "ana"):
+                assert (await sw.run("hi", user=user))["state"] == "completed"
+    finally:
+        await store.close()
+    rows = read_usage(str(tmp_path / "usage")).to_pylist()
+    assert len(rows) == 21
+    by_user = await redis_totals(redis_url, "t", "user", prefix=prefix)
+    assert set(by_user) == {"ana", "bo"}
+    for user, tot in by_user.items():
+        mine = [r for r in rows if r["user"] == user]
+        assert tot["model_calls"] == sum(r["kind"] == "model" for r in mine)
+        assert tot["tool_calls"] == sum(r["kind"] == "tool" for r in mine)
+        assert tot["input_tokens"] == sum(r["input_tokens"] for r in mine)
+        assert tot["output_tokens"] == sum(r["output_tokens"] for r in mine)
+        assert tot["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in mine))
+    (role,) = (await redis_totals(redis_url, "t", "role", prefix=prefix)).values()
+    (model,) = (await redis_totals(redis_url, "t", "model", prefix=prefix)).values()
+    (swarm,) = (await redis_totals(redis_url, "t", "swarm", prefix=prefix)).values()
+    assert role["model_calls"] == model["model_calls"] == swarm["model_calls"] == 12
+    assert role["tool_calls"] == swarm["tool_calls"] == 9 and "tool_calls" not in model
+    assert swarm["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
+
+
+# ---- one error class everywhere -----------------------------------------------------------------
+
+
+async def test_a_failing_tool_has_one_class_everywhere(tmp_path: Path,
+                                                       recorder: MemoryRecorder) -> None:
+    rules = [FAILED_TOOL, {"when": {"last_role": "user"},
+                           "tool_calls": [{"name": "fail", "arguments": {"message": "no disk"}}]}]
+    cfg = priced_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        (ev,) = [e for e in sw.events(row["task_id"]) if isinstance(e, ToolCalled)]
+    # The model got the error and answered: the task recovered, and its status says what failed.
+    assert row["state"] == "completed" and "no disk" in row["answer"]
+    assert (ev.outcome, ev.error_class) == ("error", "tool")
+    assert row["errors"] == {"tool": 1}
+    (ledger_row,) = [r for r in read_usage(str(tmp_path / "usage")).to_pylist()
+                     if r["kind"] == "tool"]
+    assert (ledger_row["tool"], ledger_row["outcome"], ledger_row["error_class"]) == \
+        ("fail", "error", "tool")
+    assert recorder.series("swarm_errors") == [
+        {"swarm": "t", "agent": "a", "kind": "tool", "error_class": "tool"}]
+    assert recorder.value("swarm_errors", kind="tool", error_class="tool") == 1
+    assert recorder.value("swarm_tool_calls", tool="fail", outcome="error") == 1
+
+
+async def test_a_failing_model_call_has_one_class_everywhere(tmp_path: Path,
+                                                             recorder: MemoryRecorder) -> None:
+    # No rule matches the second step and there is no default: the scripted model raises.
+    rules = [{"when": {"last_role": "user"},
+              "tool_calls": [{"name": "echo", "arguments": {"text": "x"}}]}]
+    cfg = priced_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        failed = [e for e in sw.events(row["task_id"]) if isinstance(e, ModelCalled) and e.error]
+        meter = sw.supervisor.meter
+        assert meter is not None
+        meter.meter.flush()
+    assert row["state"] == "failed" and row["error_class"] == "model"
+    assert row["errors"] == {"model": 1}
+    (ev,) = failed
+    assert ev.error_class == "model"
+    (bad,) = [r for r in read_usage(str(tmp_path / "usage")).to_pylist()
+              if r["outcome"] != "ok"]
+    assert (bad["kind"], bad["outcome"], bad["error_class"], bad["step"]) == \
+        ("model", "error", "model", ev.step)
+    assert bad["cost_usd"] == 0.0
+    assert recorder.value("swarm_errors", kind="model", error_class="model") == 1
+    # The task that failed because of it is counted with the same class.
+    assert recorder.value("swarm_errors", kind="task", error_class="model", agent="a") == 1
+    assert recorder.value("swarm_tasks_finished", state="failed", error_class="model") == 1
+    assert recorder.value("swarm_model_calls", outcome="error") == 1
+    assert recorder.value("swarm_steps", agent="a") == 2
