@@ -41,23 +41,25 @@ _KINDS = {0: "internal", 1: "server", 2: "client", 3: "producer", 4: "consumer"}
 
 
 def span_row(span: ReadableSpan) -> dict[str, Any]:
-    """The compact, JSON-ready row of a finished span."""
+    """The compact, JSON-ready row of a finished span (on the export thread, per span: kept
+    lean, as its cost competes with the event loop for the GIL)."""
     ctx = span.context
     parent = span.parent
     status = span.status
+    code = status.status_code
+    attrs = span._attributes  # the SDK's own mapping, or the plain dict swarm's spans carry
     return {
         "name": span.name,
-        "trace": f"{ctx.trace_id:032x}",
-        "span": f"{ctx.span_id:016x}",
-        "parent": f"{parent.span_id:016x}" if parent is not None else None,
+        "trace": format(ctx.trace_id, "032x"),
+        "span": format(ctx.span_id, "016x"),
+        "parent": format(parent.span_id, "016x") if parent is not None else None,
         "kind": _KINDS.get(span.kind.value, str(span.kind.value)),
         "start": (span.start_time or 0) / 1e9,
         "end": (span.end_time or span.start_time or 0) / 1e9,
-        "status": "error" if status.status_code is StatusCode.ERROR
-        else ("ok" if status.status_code is StatusCode.OK else "unset"),
+        "status": "error" if code is StatusCode.ERROR
+        else ("ok" if code is StatusCode.OK else "unset"),
         "error": status.description,
-        "attrs": {k: list(v) if isinstance(v, tuple) else v
-                  for k, v in (span.attributes or {}).items()},
+        "attrs": attrs if type(attrs) is dict else dict(attrs or {}),  # tuples encode as lists
     }
 
 

@@ -22,13 +22,25 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context, attach, detach
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    get_current_span,
+    set_span_in_context,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from swarm.observability._export import (
@@ -49,6 +61,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("swarm.observability")
 
 _propagator = TraceContextTextMapPropagator()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)
+_CLIENT, _INTERNAL = SpanKind.CLIENT, SpanKind.INTERNAL
+_random_bits = random.getrandbits
 _STORE_QUEUE = 8192
 _ROOT = Context()
 # A2A task state a turn leaves the task in, by the turn's outcome.
@@ -291,7 +307,13 @@ class SwarmTracer:
 
 
 class TracingMiddleware(Middleware):
-    """`chat` spans around model calls and `execute_tool` spans around tool calls."""
+    """`chat` spans around model calls and `execute_tool` spans around tool calls.
+
+    These two run on every step, so they skip the SDK's `Span` (its attribute checks and
+    locking cost more than the rest of a step): the layer times the call, builds the finished
+    `ReadableSpan` itself, under the current `invoke_agent` span, and hands it to the
+    processors, which queue it for their export thread. What is exported is the same.
+    """
 
     def __init__(self, tracer: SwarmTracer, role: str) -> None:
         self.t = tracer
@@ -302,79 +324,116 @@ class TracingMiddleware(Middleware):
         self.provider = mcfg.provider
         self.price = mcfg.price
         self.capture = tracer.capture
+        provider = tracer.tracing.provider
+        self.resource = provider.resource
+        self.scope = InstrumentationScope("swarm")
+        # Every processor of the provider (the store's, an exporter's, a test's), as the SDK's
+        # own spans reach them. A private attribute of the SDK: pinned with opentelemetry-sdk.
+        self.on_end = provider._active_span_processor.on_end
+
+    def _finish(self, name: str, kind: SpanKind, parent: SpanContext, span_id: int, t0: int,
+                attrs: dict[str, Any], status: Status = _UNSET) -> None:
+        span = ReadableSpan(
+            name=name, context=SpanContext(parent.trace_id, span_id, False, _SAMPLED),
+            parent=parent if parent.is_valid else None, resource=self.resource,
+            attributes=attrs, kind=kind, status=status, start_time=t0, end_time=time_ns(),
+            instrumentation_scope=self.scope)
+        self.on_end(span)
+
+    def _error(self, error_class: str | None, error: str | None,
+               attrs: dict[str, Any]) -> Status:
+        attrs["error.type"] = error_class or "error"
+        return Status(StatusCode.ERROR, self.t.redact(error or error_class or "error")[:500])
+
+    def _stopped(self, stop: StopTurn, attrs: dict[str, Any]) -> Status:
+        outcome = stop.outcome
+        attrs["swarm.stopped"] = outcome.kind
+        if outcome.kind == "failed":
+            return self._error(outcome.error_class, outcome.error, attrs)
+        return _UNSET
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """One `chat {model}` span with usage, finish reasons and cost."""
         session = call.session
-        span = self.tracer.start_span("chat " + call.model, kind=SpanKind.CLIENT, attributes={
+        parent = get_current_span().get_span_context()
+        trace_id = parent.trace_id if parent.is_valid else _random_bits(128)
+        parent = parent if parent.is_valid else SpanContext(trace_id, 0, False)
+        attrs: dict[str, Any] = {
             "gen_ai.operation.name": "chat", "gen_ai.provider.name": self.provider,
             "gen_ai.request.model": call.model, "gen_ai.agent.name": call.agent,
             "gen_ai.conversation.id": session.session_id, TASK_ATTR: session.task_id,
-            "swarm.step": call.step})
+            "swarm.step": call.step}
         if call.final:
-            span.set_attribute("swarm.wrap_up", True)
+            attrs["swarm.wrap_up"] = True
         if self.capture:
-            span.set_attribute("gen_ai.input.messages", self.t.content(_new_input(call)))
+            attrs["gen_ai.input.messages"] = self.t.content(_new_input(call))
+        name, span_id, t0 = "chat " + call.model, _random_bits(64), time_ns()
         try:
             resp = await nxt(call)
         except StopTurn as stop:
-            _stopped(span, stop, self.t.redact)
+            self._finish(name, _CLIENT, parent, span_id, t0, attrs, self._stopped(stop, attrs))
             raise
         except BaseException as exc:
-            _set_error(span, getattr(exc, "error_class", None) or "model",
-                       f"{type(exc).__name__}: {exc}", self.t.redact)
-            span.end()
+            status = self._error(getattr(exc, "error_class", None) or "model",
+                                 f"{type(exc).__name__}: {exc}", attrs)
+            self._finish(name, _CLIENT, parent, span_id, t0, attrs, status)
             raise
         usage = resp.usage
-        span.set_attributes({
-            "gen_ai.response.model": resp.model or call.model,
-            "gen_ai.response.finish_reasons": (resp.finish_reason,),
-            "gen_ai.usage.input_tokens": usage.input_tokens,
-            "gen_ai.usage.output_tokens": usage.output_tokens,
-            "gen_ai.usage.cache_read.input_tokens": usage.cached_input_tokens,
-            "swarm.cost_usd": self.price.cost(usage.input_tokens, usage.output_tokens,
-                                              usage.cached_input_tokens),
-            "swarm.tool_calls": len(resp.tool_calls)})
+        attrs["gen_ai.response.model"] = resp.model or call.model
+        attrs["gen_ai.response.finish_reasons"] = (resp.finish_reason,)
+        attrs["gen_ai.usage.input_tokens"] = usage.input_tokens
+        attrs["gen_ai.usage.output_tokens"] = usage.output_tokens
+        attrs["gen_ai.usage.cache_read.input_tokens"] = usage.cached_input_tokens
+        attrs["swarm.cost_usd"] = self.price.cost(usage.input_tokens, usage.output_tokens,
+                                                  usage.cached_input_tokens)
+        attrs["swarm.tool_calls"] = len(resp.tool_calls)
         if self.capture:
             out: dict[str, Any] = {"role": "assistant", "content": resp.content}
             if resp.tool_calls:
                 out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                                      for c in resp.tool_calls]
-            span.set_attribute("gen_ai.output.messages", self.t.content([out]))
-        span.end()
+            attrs["gen_ai.output.messages"] = self.t.content([out])
+        self._finish(name, _CLIENT, parent, span_id, t0, attrs)
         return resp
 
     async def on_tool(self, inv: Any, nxt: NextTool) -> ToolResult:
         """One `execute_tool {tool}` span, current while the tool runs; its traceparent goes to
-        the tool (MCP `_meta`)."""
+        the tool (MCP `_meta`), and spans the tool's client opens nest under it."""
         session = inv.session
-        span = self.tracer.start_span("execute_tool " + inv.call.name, attributes={
+        parent = get_current_span().get_span_context()
+        trace_id = parent.trace_id if parent.is_valid else _random_bits(128)
+        parent = parent if parent.is_valid else SpanContext(trace_id, 0, False)
+        span_id = _random_bits(64)
+        attrs: dict[str, Any] = {
             "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": inv.call.name,
             "gen_ai.tool.call.id": inv.call.id, "gen_ai.tool.type": "function",
             "gen_ai.agent.name": inv.agent, "gen_ai.conversation.id": session.session_id,
             "swarm.tool.server": inv.entry.source.name, TASK_ATTR: session.task_id,
-            "swarm.step": inv.step})
+            "swarm.step": inv.step}
         if self.capture:
-            span.set_attribute("gen_ai.tool.call.arguments", self.t.content(inv.args))
-        inv.ctx.traceparent = traceparent_of(span)
-        token = attach(set_span_in_context(span))
+            attrs["gen_ai.tool.call.arguments"] = self.t.content(inv.args)
+        inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
+        name, t0 = "execute_tool " + inv.call.name, time_ns()
+        token = attach(set_span_in_context(
+            NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
         try:
             result = await nxt(inv)
         except StopTurn as stop:
-            _stopped(span, stop, self.t.redact)
+            self._finish(name, _INTERNAL, parent, span_id, t0, attrs, self._stopped(stop, attrs))
             raise
         except BaseException as exc:
-            _set_error(span, getattr(exc, "error_class", None) or "tool",
-                       f"{type(exc).__name__}: {exc}", self.t.redact)
-            span.end()
+            status = self._error(getattr(exc, "error_class", None) or "tool",
+                                 f"{type(exc).__name__}: {exc}", attrs)
+            self._finish(name, _INTERNAL, parent, span_id, t0, attrs, status)
             raise
         finally:
             detach(token)
+        status = _UNSET
         if self.capture:
-            span.set_attribute("gen_ai.tool.call.result", self.t.content(result.content))
+            attrs["gen_ai.tool.call.result"] = self.t.content(result.content)
         if result.is_error:
-            _set_error(span, "tool", result.content, self.t.redact)
-        span.end()
+            status = self._error("tool", result.content, attrs)
+        self._finish(name, _INTERNAL, parent, span_id, t0, attrs, status)
         return result
 
 
