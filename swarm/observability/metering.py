@@ -30,10 +30,10 @@ from swarm.observability.metrics import (
     STEPS,
     TOKENS,
     TOOL_CALLS,
-    Key,
     Meter,
     Periodic,
     Recorder,
+    Series,
     active_recorder,
     actor_identity,
 )
@@ -61,23 +61,24 @@ class MeteringLayer(Middleware):
         self.model = model
         self.price = cfg.models[model].price
         self.periodic = Periodic(flush_interval_s, meter.flush) if meter is not None else None
-        tags = (swarm, role, model)
-        # Keys bound once: a call only adds numbers to dict entries.
-        self._k_steps: Key = (STEPS, (swarm, role))
-        self._k_ok: Key = (MODEL_CALLS, (*tags, "ok"))
-        self._k_failed: Key = (MODEL_CALLS, (*tags, "error"))
-        self._k_in: Key = (TOKENS, (*tags, "input"))
-        self._k_out: Key = (TOKENS, (*tags, "output"))
-        self._k_cached: Key = (TOKENS, (*tags, "cached"))
-        self._k_cost: Key = (COST, tags)
-        self._k_latency: Key = (MODEL_LATENCY, tags)
-        self._k_checkpoint: Key = (CHECKPOINT_LATENCY, (swarm, role))
-        self._k_tool: dict[tuple[str, str], Key] = {}
-        self._k_error: dict[tuple[str, str], Key] = {}
+        if meter is not None:
+            # Series bound once: a call only adds to attributes.
+            tags = (swarm, role, model)
+            self._steps = meter.series(STEPS, swarm, role)
+            self._ok = meter.series(MODEL_CALLS, *tags, "ok")
+            self._failed = meter.series(MODEL_CALLS, *tags, "error")
+            self._in = meter.series(TOKENS, *tags, "input")
+            self._out = meter.series(TOKENS, *tags, "output")
+            self._cached = meter.series(TOKENS, *tags, "cached")
+            self._cost = meter.series(COST, *tags)
+            self._latency = meter.series(MODEL_LATENCY, *tags)
+            self._checkpoint = meter.series(CHECKPOINT_LATENCY, swarm, role)
+        self._tools: dict[tuple[str, str], Series] = {}
         if host is not None and meter is not None:
             host.on_checkpoint = self.checkpointed
-            keys = ((QUEUE_DEPTH, (swarm, role, replica)), (SESSIONS, (swarm, role, replica)))
-            meter.samplers.append(lambda m: _sample_host(m, host, *keys))
+            queue = meter.series(QUEUE_DEPTH, swarm, role, replica)
+            sessions = meter.series(SESSIONS, swarm, role, replica)
+            meter.samplers.append(lambda _: _sample_host(host, queue, sessions))
 
     # -- the layer -------------------------------------------------------------------------
 
@@ -99,33 +100,21 @@ class MeteringLayer(Middleware):
         usage = resp.usage
         tin, tout, tcached = usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
         cost = self.price.cost(tin, tout, tcached) if tin or tout else 0.0
-        meter = self.meter
-        if meter is not None:
-            c = meter.counts
-            k = self._k_steps
-            c[k] = c.get(k, 0.0) + 1
-            k = self._k_ok
-            c[k] = c.get(k, 0.0) + 1
-            if tin:
-                k = self._k_in
-                c[k] = c.get(k, 0.0) + tin
-            if tout:
-                k = self._k_out
-                c[k] = c.get(k, 0.0) + tout
-            if tcached:
-                k = self._k_cached
-                c[k] = c.get(k, 0.0) + tcached
-            if cost:
-                k = self._k_cost
-                c[k] = c.get(k, 0.0) + cost
-            meter.observe(self._k_latency, ms)
+        if self.meter is not None:
+            self._steps.value += 1
+            self._ok.value += 1
+            self._in.value += tin
+            self._out.value += tout
+            self._cached.value += tcached
+            self._cost.value += cost
+            self._latency.samples.append(ms)
             self.periodic.ensure()  # type: ignore[union-attr]
         ledger = self.ledger
         if ledger is not None:
             s = call.session
-            ledger.add((time.time(), s.task_id, getattr(s, "user", "") or None, self.swarm,
-                        self.role, "model", self.model, None, call.step, tin, tout, tcached,
-                        cost, ms, "ok", None))
+            ledger.add((time.time(), s.task_id, s.user or None, self.swarm, self.role,
+                        "model", self.model, None, call.step, tin, tout, tcached, cost, ms,
+                        "ok", None))
         return resp
 
     async def on_tool(self, inv: ToolInvocation, nxt: NextTool) -> ToolResult:
@@ -166,32 +155,24 @@ class MeteringLayer(Middleware):
 
     def checkpointed(self, seconds: float) -> None:
         """A journal append took `seconds` (the agent host's hook on every checkpoint)."""
-        if self.meter is not None:
-            self.meter.observe(self._k_checkpoint, seconds * 1e3)
-
-    def _error_key(self, kind: str, error_class: str) -> Key:
-        key = self._k_error.get((kind, error_class))
-        if key is None:
-            key = self._k_error[(kind, error_class)] = (
-                ERRORS, (self.swarm, self.role, kind, error_class))
-        return key
+        self._checkpoint.samples.append(seconds * 1e3)
 
     def _model_failed(self, call: ModelCall, t0: float, outcome: str,
                       error_class: str | None) -> None:
         ms = (time.perf_counter() - t0) * 1e3
         meter = self.meter
         if meter is not None:
-            meter.add(self._k_steps)
-            meter.add(self._k_failed)
-            meter.observe(self._k_latency, ms)
+            self._steps.value += 1
+            self._failed.value += 1
+            self._latency.samples.append(ms)
             if error_class is not None:
-                meter.add(self._error_key("model", error_class))
+                meter.add(ERRORS, self.swarm, self.role, "model", error_class)
             self.periodic.ensure()  # type: ignore[union-attr]
         if self.ledger is not None:
             s = call.session
-            self.ledger.add((time.time(), s.task_id, getattr(s, "user", "") or None,
-                             self.swarm, self.role, "model", self.model, None, call.step, 0, 0,
-                             0, 0.0, ms, outcome, error_class))
+            self.ledger.add((time.time(), s.task_id, s.user or None, self.swarm, self.role,
+                             "model", self.model, None, call.step, 0, 0, 0, 0.0, ms, outcome,
+                             error_class))
 
     def _tool_done(self, inv: ToolInvocation, t0: float, outcome: str,
                    error_class: str | None) -> None:
@@ -199,28 +180,26 @@ class MeteringLayer(Middleware):
         tool = inv.call.name
         meter = self.meter
         if meter is not None:
-            key = self._k_tool.get((tool, outcome))
-            if key is None:
-                key = self._k_tool[(tool, outcome)] = (
-                    TOOL_CALLS, (self.swarm, self.role, tool, outcome))
-            c = meter.counts
-            c[key] = c.get(key, 0.0) + 1
+            series = self._tools.get((tool, outcome))
+            if series is None:
+                series = self._tools[(tool, outcome)] = meter.series(
+                    TOOL_CALLS, self.swarm, self.role, tool, outcome)
+            series.value += 1
             if error_class is not None:
-                meter.add(self._error_key("tool", error_class))
-            self.periodic.ensure()  # type: ignore[union-attr]
+                meter.add(ERRORS, self.swarm, self.role, "tool", error_class)
         if self.ledger is not None:
             s = inv.session
-            self.ledger.add((time.time(), s.task_id, getattr(s, "user", "") or None,
-                             self.swarm, self.role, "tool", None, tool, inv.step, 0, 0, 0, 0.0,
-                             ms, outcome, error_class))
+            self.ledger.add((time.time(), s.task_id, s.user or None, self.swarm, self.role,
+                             "tool", None, tool, inv.step, 0, 0, 0, 0.0, ms, outcome,
+                             error_class))
 
 
-def _sample_host(meter: Meter, host: Any, queue: Key, sessions: Key) -> None:
+def _sample_host(host: Any, queue: Series, sessions: Series) -> None:
     # Read at flush time, off the step path: sessions waiting on the host's slot semaphore
     # (asyncio keeps them in `_waiters`) and sessions running.
     waiters = getattr(host._slots, "_waiters", None)
-    meter.set(queue, float(sum(1 for w in waiters if not w.done())) if waiters else 0.0)
-    meter.set(sessions, float(host.sessions()))
+    queue.value = float(sum(1 for w in waiters if not w.done())) if waiters else 0.0
+    sessions.value = float(host.sessions())
 
 
 def metering_layer(cfg: Any, role: str, *, store: Any = None, host: Any = None,

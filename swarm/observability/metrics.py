@@ -27,7 +27,7 @@ from swarm.events import Event, TaskFinished, TaskStateChanged
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity: one object per metric
 class MetricSpec:
     """One metric: its name (before Ray's `ray_` prefix), kind, help text and label names."""
 
@@ -79,9 +79,6 @@ SESSIONS = MetricSpec("swarm_sessions", "gauge", "sessions running on an agent r
 SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     STEPS, MODEL_CALLS, TOKENS, COST, MODEL_LATENCY, TOOL_CALLS, ERRORS, CHECKPOINT_LATENCY,
     TASKS, TASKS_FINISHED, ALERTS, QUEUE_DEPTH, SESSIONS)}
-
-Key = tuple[MetricSpec, tuple[str, ...]]
-"""A metric and its label values (in the order of `tag_keys`): bound once, used per call."""
 
 NONE = "none"  # the label value for "no error class" and the like (Ray wants a string)
 
@@ -237,41 +234,54 @@ def actor_identity() -> tuple[str | None, str]:
 
 # ---- aggregation --------------------------------------------------------------------------------
 
-_MAX_SAMPLES = 100_000  # per histogram series between flushes; more are dropped
+class Series:
+    """One metric with bound label values: what a hot path updates (`value += n`,
+    `samples.append(x)`), and `Meter.flush` pushes and resets."""
+
+    __slots__ = ("samples", "spec", "tags", "value")
+
+    def __init__(self, spec: MetricSpec, tags: tuple[str, ...]) -> None:
+        if len(tags) != len(spec.tag_keys):
+            raise ValueError(f"{spec.name} takes labels {spec.tag_keys}, got {tags}")
+        self.spec = spec
+        self.tags = tags
+        self.value = 0.0  # a counter's sum since the last flush, or a gauge's value
+        self.samples: list[float] = []  # a histogram's observations since the last flush
 
 
 class Meter:
-    """Metric updates summed in memory; `flush` pushes them to the recorder.
+    """Metric series summed in memory; `flush` pushes them to the recorder.
 
-    Callers on a hot path bind their keys once (`(SPEC, label values)`) and update `counts`
-    directly; gauges can also be computed at flush time by `samplers`.
+    A hot path binds its series once (`meter.series(STEPS, swarm, agent)`) and then only adds
+    to an attribute; gauges can also be computed at flush time by `samplers`.
     """
 
-    __slots__ = ("counts", "gauges", "recorder", "samplers", "samples")
+    __slots__ = ("_series", "recorder", "samplers")
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
-        self.counts: dict[Key, float] = {}
-        self.gauges: dict[Key, float] = {}
-        self.samples: dict[Key, list[float]] = {}
+        self._series: dict[tuple[str, tuple[str, ...]], Series] = {}
         self.samplers: list[Callable[[Meter], None]] = []
 
-    def add(self, key: Key, value: float = 1.0) -> None:
-        """Add to a counter (a zero is skipped: Ray counters only take positive steps)."""
-        if value > 0:
-            self.counts[key] = self.counts.get(key, 0.0) + value
+    def series(self, spec: MetricSpec, *tags: str) -> Series:
+        """The series of `spec` with these label values (created once)."""
+        key = (spec.name, tags)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = Series(spec, tags)
+        return found
 
-    def set(self, key: Key, value: float) -> None:
+    def add(self, spec: MetricSpec, *tags: str, value: float = 1.0) -> None:
+        """Add to a counter (off hot paths: it looks the series up)."""
+        self.series(spec, *tags).value += value
+
+    def set(self, spec: MetricSpec, *tags: str, value: float) -> None:
         """Set a gauge; pushed again at every flush."""
-        self.gauges[key] = value
+        self.series(spec, *tags).value = value
 
-    def observe(self, key: Key, value: float) -> None:
-        """Add a histogram observation."""
-        buf = self.samples.get(key)
-        if buf is None:
-            self.samples[key] = [value]
-        elif len(buf) < _MAX_SAMPLES:
-            buf.append(value)
+    def observe(self, spec: MetricSpec, *tags: str, value: float) -> None:
+        """Add a histogram observation (off hot paths)."""
+        self.series(spec, *tags).samples.append(value)
 
     def flush(self) -> None:
         """Push everything summed since the last flush; a failing recorder loses only that."""
@@ -280,17 +290,19 @@ class Meter:
                 sampler(self)
             except Exception:
                 log.debug("metrics sampler failed", exc_info=True)
-        counts, self.counts = self.counts, {}
-        samples, self.samples = self.samples, {}
         rec = self.recorder
         try:
-            for (spec, tags), v in counts.items():
-                if v > 0:
-                    rec.inc(spec, tags, v)
-            for (spec, tags), vs in samples.items():
-                rec.observe(spec, tags, vs)
-            for (spec, tags), v in self.gauges.items():
-                rec.set(spec, tags, v)
+            for s in list(self._series.values()):
+                kind = s.spec.kind
+                if kind == "counter":
+                    v, s.value = s.value, 0.0
+                    if v > 0:  # Ray counters take positive steps only
+                        rec.inc(s.spec, s.tags, v)
+                elif kind == "gauge":
+                    rec.set(s.spec, s.tags, s.value)
+                elif s.samples:
+                    vs, s.samples = s.samples, []
+                    rec.observe(s.spec, s.tags, vs)
         except Exception:
             log.warning("pushing metrics failed", exc_info=True)
 
@@ -356,14 +368,14 @@ class TaskMeter:
         elif kind is TaskFinished:
             tid, state = ev.task_id, ev.state  # type: ignore[attr-defined]
             cls = ev.error_class  # type: ignore[attr-defined]
-            self.meter.add((TASKS_FINISHED, (self.swarm, state, cls or NONE)))
+            self.meter.add(TASKS_FINISHED, self.swarm, state, cls or NONE)
             if state == "failed":
                 agent = ev.agent or self._agent.get(tid) or NONE
-                self.meter.add((ERRORS, (self.swarm, agent, "task", cls or "orchestration")))
+                self.meter.add(ERRORS, self.swarm, agent, "task", cls or "orchestration")
             self._moved(tid, state)
         elif kind.__name__ == "Alert":
             alert = str(getattr(ev, "alert", "") or "unknown")
-            self.meter.add((ALERTS, (self.swarm, alert)))
+            self.meter.add(ALERTS, self.swarm, alert)
             if alert.startswith("stuck") and ev.task_id in self._state:
                 self._stuck.add(ev.task_id)
         else:
@@ -394,9 +406,9 @@ class TaskMeter:
                 waiting += 1
             else:
                 active += 1
-        meter.set((TASKS, (self.swarm, "active")), active)
-        meter.set((TASKS, (self.swarm, "input_required")), waiting)
-        meter.set((TASKS, (self.swarm, "stuck")), len(self._stuck))
+        meter.set(TASKS, self.swarm, "active", value=active)
+        meter.set(TASKS, self.swarm, "input_required", value=waiting)
+        meter.set(TASKS, self.swarm, "stuck", value=len(self._stuck))
 
     async def aclose(self) -> None:
         """Stop the background flush and push what is left."""

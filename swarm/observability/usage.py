@@ -102,6 +102,7 @@ class UsageLedger:
                  max_buffered_rows: int = 50_000, redis: tuple[str, str] | None = None) -> None:
         self.location = location
         self.fs, self.root = _filesystem(location)
+        import pyarrow.parquet  # noqa: F401  (now, at start-up: not in the first flush)
         self.flush_interval_s = flush_interval_s
         self.max_buffered_rows = max_buffered_rows
         # Flushes asked for by turn ends coalesce: at most one per this many seconds.
@@ -184,12 +185,18 @@ class UsageLedger:
     def _write(self, rows: list[tuple[Any, ...]]) -> int:
         import pyarrow.parquet as pq
 
-        by_day: dict[str, list[tuple[Any, ...]]] = {}
+        # Group by UTC day number (cheap integer division), name each day once.
+        by_day: dict[int, list[tuple[Any, ...]]] = {}
         for r in rows:
-            by_day.setdefault(time.strftime("%Y-%m-%d", time.gmtime(r[0])), []).append(r)
+            day = int(r[0] // 86400)
+            part = by_day.get(day)
+            if part is None:
+                by_day[day] = [r]
+            else:
+                part.append(r)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         for day, part in by_day.items():
-            folder = f"{self.root}/day={day}"
+            folder = f"{self.root}/day={time.strftime('%Y-%m-%d', time.gmtime(day * 86400))}"
             self.fs.create_dir(folder, recursive=True)
             self._seq += 1
             name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{self._seq}.parquet"
@@ -248,11 +255,13 @@ class UsageLedger:
 def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
     """Ledger rows (tuples in `COLUMNS` order) as an Arrow table with `schema()`."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     sch = schema()
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in COLUMNS]
-    arrays = [pa.array([int(t * 1e6) for t in cols[0]], pa.int64()).cast(sch.field(0).type)]
-    arrays += [pa.array(list(c), sch.field(i + 1).type) for i, c in enumerate(cols[1:])]
+    micros = pc.multiply(pa.array(cols[0], pa.float64()), 1e6)
+    arrays = [micros.cast(pa.int64(), safe=False).cast(sch.field(0).type)]
+    arrays += [pa.array(c, sch.field(i + 1).type) for i, c in enumerate(cols[1:])]
     return pa.Table.from_arrays(arrays, schema=sch)
 
 
