@@ -331,3 +331,30 @@ async def test_a_failing_model_call_has_one_class_everywhere(tmp_path: Path,
     assert recorder.value("swarm_tasks_finished", state="failed", error_class="model") == 1
     assert recorder.value("swarm_model_calls", outcome="error") == 1
     assert recorder.value("swarm_steps", agent="a") == 2
+
+
+def test_the_grafana_dashboard_uses_exactly_the_exported_metrics() -> None:
+    import json
+    import re
+
+    from swarm.observability.metrics import SPECS
+
+    path = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "swarm-dashboard.json"
+    dash = json.loads(path.read_text())
+    suffix = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    exported = {f"ray_{s.name}{x}": s for s in SPECS.values() for x in suffix[s.kind]}
+    used = set()
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = re.findall(r"\bray_\w+", expr)
+            assert names, expr
+            for name in names:
+                assert name in exported, f"{panel['title']}: {name} is not a swarm metric"
+                spec = exported[name]
+                used.add(spec.name)
+                for group in re.findall(r"by \(([^)]*)\)", expr):
+                    for label in (x.strip() for x in group.split(",")):
+                        assert label in (*spec.tag_keys, "le"), (panel["title"], label)
+    # Every metric is on the dashboard.
+    assert used == set(SPECS)
