@@ -260,7 +260,9 @@ class StuckConfig(_Strict):
         "INPUT_REQUIRED until an operator answers 'continue' or 'stop'",
     )
     same_call: int | None = Field(
-        8, ge=2, description="the N-th call of one tool with the same arguments in a task"
+        32, ge=2, description="the N-th call of one tool with the same arguments in a task "
+        "(generous by default: repeating a call can be legitimate, e.g. polling or a charge "
+        "made once per item)"
     )
     no_progress: int | None = Field(
         10, ge=1, description="N steps in a row whose tool results all repeat earlier ones"
