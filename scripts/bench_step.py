@@ -14,7 +14,7 @@ server would.
     python scripts/bench_step.py --profile      # plus a cProfile of the in-process hot path
     python scripts/bench_step.py --no-http --layers tracing   # each layer set off vs on
     python scripts/bench_step.py --no-http --layers metrics+ledger,tracing+metrics+ledger \
-        --repeat 3                              # best of 3 runs each, alternating
+        --levels 10 --rounds 1 --paired 40      # A/B in 40 alternating blocks
 
 `--layers` names optional layers (see LAYERS; comma-separated, `+` joins layers into one
 run): the in-process rows are printed without them, then with each, and a summary compares
@@ -228,6 +228,45 @@ async def bench(model: Model, label: str, steps: int, levels: list[int], rounds:
     return result
 
 
+async def paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: int) -> None:
+    """A/B in alternating blocks: one host per layer set (and one with none), each block runs
+    `level` tasks on every host in turn; the overhead is the median over blocks of each host's
+    CPU µs/step against the bare host's in the same block, so drifting load cancels out."""
+    from swarm.models.scripted.model import ScriptedModel
+
+    sets: list[tuple[str, ...]] = [(), *runs]
+    hosts, teardowns = [], []
+    for layers in sets:
+        cfg = config(steps)
+        for name in layers:
+            got = LAYERS[name](cfg)
+            if isinstance(got, tuple):
+                cfg, got = got
+            teardowns.append(got)
+        host = AgentHost(cfg, "bench", ScriptedModel(policy(steps)), build_sources(cfg, {"fn"}),
+                         EventBuffer(Collector()))
+        await host.start()
+        await run_level(host, 4, steps)  # warm up
+        hosts.append(host)
+    cpu: list[list[float]] = [[] for _ in sets]
+    for _ in range(blocks):
+        for i, host in enumerate(hosts):
+            c0 = time.process_time()
+            _, n = await run_level(host, level, steps)
+            cpu[i].append((time.process_time() - c0) / n * 1e6)
+    print(f"\n== paired blocks: {blocks} x {level} tasks x {steps} steps per layer set "
+          "(median CPU µs/step; overhead: median of per-block ratios)")
+    print(f"{'layers':<28} {'µs/step':>8} {'overhead':>9}")
+    for i, layers in enumerate(sets):
+        ratio = statistics.median(a / b for a, b in zip(cpu[i], cpu[0], strict=True))
+        print(f"{' + '.join(layers) or 'none':<28} {statistics.median(cpu[i]):>8.0f} "
+              f"{(ratio - 1) * 100:>+8.1f}%")
+    for host in hosts:
+        await host.aclose()
+    for teardown in teardowns:
+        teardown()
+
+
 def profile_inprocess(steps: int) -> None:
     cfg = config(steps)
     from swarm.models.scripted.model import ScriptedModel
@@ -291,6 +330,9 @@ def main() -> None:
                     help="with --layers: run the base and each layer set this many times, "
                     "alternating, and compare the best CPU µs/step of each (a shared machine "
                     "is noisy)")
+    ap.add_argument("--paired", type=int, default=0, metavar="BLOCKS",
+                    help="with --layers: also compare in BLOCKS alternating blocks at the last "
+                    "--levels value (robust on a busy machine)")
     args = ap.parse_args()
     runs = [tuple(x.split("+")) for x in args.layers.split(",") if x]
     for run in runs:
@@ -319,6 +361,10 @@ def main() -> None:
         for level in levels:
             print(f"{level:>10} concurrent: {base[level]:>6.0f} -> {on[level]:>6.0f} "
                   f"({(on[level] / base[level] - 1) * 100:+.1f}%)")
+    if args.paired:
+        if not runs:
+            ap.error("--paired needs --layers")
+        asyncio.run(paired(runs, args.steps, levels[-1], args.paired))
     if args.profile:
         profile_inprocess(args.steps)
     if not args.no_http:
