@@ -76,6 +76,15 @@ def test_counters_reach_prometheus_and_the_ledger_reads_back(ray_cluster, serve_
                       outcome="ok") == 3
         # Journal appends are timed (the tests' store is Redis).
         assert _total(samples, "ray_swarm_checkpoint_latency_ms_count", agent="worker") > 0
+        # The supervisor's task metrics, from its own process.
+        deadline = time.monotonic() + _WAIT_S
+        while _total(samples, "ray_swarm_tasks_finished_total", state="completed") < 3 and \
+                time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+            samples = _scrape(port, name)
+        assert _total(samples, "ray_swarm_tasks_finished_total", state="completed") == 3
+        assert _total(samples, "ray_swarm_tasks", state="active") == 0
+        assert _total(samples, "ray_swarm_errors_total") == 0
 
         # The ledger, written by the agent replicas, read back by the client.
         deadline = time.monotonic() + 60
