@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 from pathlib import Path
 from time import time_ns
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ from swarm.observability._export import (
     config_secrets,
 )
 from swarm.observability.store import TASK_ATTR, TraceStore, open_trace_store
+from swarm.observability.store import _encode as _encode_row
 from swarm.runtime.middleware import Middleware, ModelCall, NextModel, NextTool, StopTurn
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ log = logging.getLogger("swarm.observability")
 _propagator = TraceContextTextMapPropagator()
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
+_OK: tuple[StatusCode, str | None] = (StatusCode.UNSET, None)  # a span that didn't fail
 _CLIENT, _INTERNAL = SpanKind.CLIENT, SpanKind.INTERNAL
 _random_bits = random.getrandbits
 _STORE_QUEUE = 8192
@@ -105,6 +108,8 @@ class Tracing:
             self.processors[name] = proc
             self.provider.add_span_processor(proc)
         self.tracer = self.provider.get_tracer("swarm")
+        self.sink = StepSpanSink(self, max_queue=max(s.max_queue, _STORE_QUEUE),
+                                 flush_interval_s=s.flush_interval_s)
 
     @classmethod
     def from_config(cls, cfg: SwarmConfig, store_spec: str | None, *,
@@ -121,6 +126,7 @@ class Tracing:
         """A task's stored spans, after flushing this process's own (blocking: use a thread)."""
         if self.store is None:
             return []
+        self.sink.flush()
         proc = self.processors.get("store")
         if proc is not None:
             proc.force_flush()
@@ -128,15 +134,136 @@ class Tracing:
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Export everything queued now (blocks up to the exporters' own timeouts)."""
+        self.sink.flush()
         return self.provider.force_flush(int(timeout_s * 1e3))
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per processor: spans ended, exported, failed, dropped and still queued."""
-        return {name: p.stats() for name, p in self.processors.items()}
+        """Per processor: spans ended, exported, failed, dropped and still queued (the store's
+        include the per-step spans its direct sink wrote)."""
+        out = {name: p.stats() for name, p in self.processors.items()}
+        if "store" in out:
+            for key, n in self.sink.stats().items():
+                out["store"][key] = out["store"].get(key, 0) + n
+        return out
 
     def shutdown(self) -> None:
         """Flush and stop the processors."""
+        self.sink.close()
         self.provider.shutdown()
+
+
+class StepSpanSink:
+    """Where the per-step spans (`chat`, `execute_tool`) go: a list the step path appends a
+    plain tuple to, drained by one thread every `flush_interval_s`.
+
+    The thread writes the trace store's rows directly, and builds SDK `ReadableSpan`s only for
+    the provider's other processors (a configured exporter, a test's), which is where the cost
+    of an OpenTelemetry span is paid: never on the step path, and not at all when the store is
+    the only destination (the default).
+    """
+
+    def __init__(self, tracing: Tracing, *, max_queue: int, flush_interval_s: float) -> None:
+        self.tracing = tracing
+        self.max_queue = max_queue
+        self.interval = flush_interval_s
+        self.pending: list[tuple[Any, ...]] = []
+        self.ended = self.exported = self.failed = self.dropped = 0
+        self._lock = threading.Lock()  # one flush at a time
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.scope = InstrumentationScope("swarm")
+
+    def add(self, record: tuple[Any, ...]) -> None:
+        """Queue one finished span (called on the step path: an append)."""
+        pending = self.pending
+        if len(pending) >= self.max_queue:
+            self.dropped += 1
+            return
+        pending.append(record)
+        self.ended += 1
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="swarm-step-spans",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # pragma: no cover - never let the thread die
+                log.warning("tracing: writing step spans failed", exc_info=True)
+
+    def flush(self) -> None:
+        """Write what is queued: rows to the trace store, spans to the other processors."""
+        with self._lock:
+            batch, self.pending = self.pending, []
+            if not batch:
+                return
+            tracing = self.tracing
+            store_proc = tracing.processors.get("store")
+            if tracing.store is not None:
+                rows: dict[str, list[bytes]] = {}
+                for rec in batch:
+                    rows.setdefault(rec[10], []).append(_encode_row(_step_row(rec)))
+                try:
+                    tracing.store.append(rows)
+                    self.exported += len(batch)
+                except Exception:
+                    self.failed += len(batch)
+                    log.warning("tracing: the trace store refused %d span(s)", len(batch),
+                                exc_info=True)
+            multi = tracing.provider._active_span_processor  # the SDK's; pinned with the SDK
+            others = [p for p in getattr(multi, "_span_processors", ())
+                      if p is not store_proc and not isinstance(p, TaskIdProcessor)]
+            if others:
+                resource = tracing.provider.resource
+                for rec in batch:
+                    span = _readable(rec, resource, self.scope)
+                    for proc in others:
+                        proc.on_end(span)
+
+    def stats(self) -> dict[str, int]:
+        """Per-step spans ended, written to the store, failed and dropped, and queued."""
+        return {"ended": self.ended, "exported": self.exported, "failed": self.failed,
+                "dropped": self.dropped, "queued": len(self.pending)}
+
+    def close(self) -> None:
+        """Write what is left and stop the thread."""
+        self._closed = True
+        self._wake.set()
+        self.flush()
+
+
+_STATUS_NAMES = {StatusCode.ERROR: "error", StatusCode.OK: "ok", StatusCode.UNSET: "unset"}
+_KIND_NAMES = {SpanKind.INTERNAL: "internal", SpanKind.CLIENT: "client"}
+
+
+def _step_row(rec: tuple[Any, ...]) -> dict[str, Any]:
+    """The trace store's row (as `span_row` makes it) of a per-step span record."""
+    name, kind, trace_id, span_id, parent_id, t0, t1, code, error, attrs, _task = rec
+    return {"name": name, "trace": format(trace_id, "032x"), "span": format(span_id, "016x"),
+            "parent": format(parent_id, "016x") if parent_id else None,
+            "kind": _KIND_NAMES.get(kind, "internal"), "start": t0 / 1e9, "end": t1 / 1e9,
+            "status": _STATUS_NAMES.get(code, "unset"), "error": error, "attrs": attrs}
+
+
+def _readable(rec: tuple[Any, ...], resource: Any, scope: Any) -> ReadableSpan:
+    """An SDK span of a per-step span record, for exporters."""
+    name, kind, trace_id, span_id, parent_id, t0, t1, code, error, attrs, _task = rec
+    return ReadableSpan(
+        name=name, context=SpanContext(trace_id, span_id, False, _SAMPLED),
+        parent=SpanContext(trace_id, parent_id, False, _SAMPLED) if parent_id else None,
+        resource=resource, attributes=attrs, kind=kind,
+        status=_UNSET if code is StatusCode.UNSET else Status(code, error),
+        start_time=t0, end_time=t1, instrumentation_scope=scope)
 
 
 def _store_exporter(store: TraceStore) -> Any:
@@ -327,30 +454,24 @@ class TracingMiddleware(Middleware):
         provider = tracer.tracing.provider
         self.resource = provider.resource
         self.scope = InstrumentationScope("swarm")
-        # Every processor of the provider (the store's, an exporter's, a test's), as the SDK's
-        # own spans reach them. A private attribute of the SDK: pinned with opentelemetry-sdk.
-        self.on_end = provider._active_span_processor.on_end
+        self.sink = tracer.tracing.sink
 
     def _finish(self, name: str, kind: SpanKind, parent: SpanContext, span_id: int, t0: int,
-                attrs: dict[str, Any], status: Status = _UNSET) -> None:
-        span = ReadableSpan(
-            name=name, context=SpanContext(parent.trace_id, span_id, False, _SAMPLED),
-            parent=parent if parent.is_valid else None, resource=self.resource,
-            attributes=attrs, kind=kind, status=status, start_time=t0, end_time=time_ns(),
-            instrumentation_scope=self.scope)
-        self.on_end(span)
+                attrs: dict[str, Any], status: tuple[StatusCode, str | None] = _OK) -> None:
+        self.sink.add((name, kind, parent.trace_id, span_id, parent.span_id, t0, time_ns(),
+                       status[0], status[1], attrs, attrs[TASK_ATTR]))
 
     def _error(self, error_class: str | None, error: str | None,
-               attrs: dict[str, Any]) -> Status:
+               attrs: dict[str, Any]) -> tuple[StatusCode, str | None]:
         attrs["error.type"] = error_class or "error"
-        return Status(StatusCode.ERROR, self.t.redact(error or error_class or "error")[:500])
+        return StatusCode.ERROR, self.t.redact(error or error_class or "error")[:500]
 
-    def _stopped(self, stop: StopTurn, attrs: dict[str, Any]) -> Status:
+    def _stopped(self, stop: StopTurn, attrs: dict[str, Any]) -> tuple[StatusCode, str | None]:
         outcome = stop.outcome
         attrs["swarm.stopped"] = outcome.kind
         if outcome.kind == "failed":
             return self._error(outcome.error_class, outcome.error, attrs)
-        return _UNSET
+        return _OK
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """One `chat {model}` span with usage, finish reasons and cost."""
@@ -428,7 +549,7 @@ class TracingMiddleware(Middleware):
             raise
         finally:
             detach(token)
-        status = _UNSET
+        status = _OK
         if self.capture:
             attrs["gen_ai.tool.call.result"] = self.t.content(result.content)
         if result.is_error:

@@ -52,6 +52,7 @@ class Traced:
                                exporter=tracing.pop("_exporter", None))
 
     def spans(self) -> list[Any]:
+        self.tracing.sink.flush()  # per-step spans reach processors from the sink's thread
         return list(self.memory.get_finished_spans())
 
 
