@@ -1,4 +1,4 @@
-"""The `swarm` command line: run, validate, up, down, tasks, submit, cancel."""
+"""The `swarm` command line: run, validate, up, down, serve, tasks, submit, cancel."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (defau
 
 
 def _die(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    err.print(f"[red]error:[/] {message}", markup=True)
+    # Messages are plain text: `swarm[gpu]` or a field path must not be read as markup.
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/] {escape(message)}", markup=True)
     raise typer.Exit(code)
 
 
@@ -163,6 +166,60 @@ def down(name: NameArg, address: AddressOpt = None) -> None:
     except SwarmError as e:
         _die(str(e))
     out.print(f"swarm {name!r} is down ({sum(info['agents'].values())} agent replicas removed)")
+
+
+@app.command()
+def serve(
+    config: ConfigArg,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="print the Serve YAML of the config's vllm models; deploy nothing",
+    )] = False,
+    address: AddressOpt = None,
+    name: Annotated[str | None, typer.Option(
+        help="deployment name the apps are named after (default: config name)")] = None,
+) -> None:
+    """Deploy a config's model apps (vLLM through Ray Serve LLM, scripted) on a Ray cluster."""
+    from swarm.models.vllm import GPU_EXTRA, dry_run_yaml, vllm_available, vllm_models
+
+    cfg = _load(config)
+    deployment = name or cfg.name
+    gpu = vllm_models(cfg)
+    if dry_run:
+        try:
+            text, hidden = dry_run_yaml(cfg, source=config, deployment=deployment)
+        except ConfigError as e:
+            err.print(str(e), style="red", markup=False)
+            raise typer.Exit(EXIT_USAGE) from None
+        sys.stdout.write(text)
+        for path in hidden:
+            err.print(f"[yellow]note:[/] {path} redacted; set it on the cluster instead")
+        other = sorted(set(cfg.models) - set(gpu))
+        if other:
+            err.print(f"[yellow]note:[/] model(s) {', '.join(other)} are not vllm models and "
+                      "are not in this YAML")
+        return
+    missing = "" if not gpu or vllm_available() else (
+        f"model(s) {', '.join(sorted(gpu))} use provider: vllm, which needs vLLM and Ray Serve "
+        f"LLM: {GPU_EXTRA} (the gpu extra) on every node that serves them")
+    rest = {n: m for n, m in cfg.models.items() if n not in gpu}
+    if missing and not rest:
+        _die(missing, EXIT_FAILED)
+    from swarm.runtime.deploy import deploy_models, ensure_ray
+
+    _quiet_ray()
+    try:
+        ensure_ray(address, local_ok=False)
+        # Without vLLM, the other models still deploy; the command then fails for the rest.
+        endpoints = deploy_models(cfg.model_copy(update={"models": rest}) if missing else cfg,
+                                  deployment)
+    except SwarmError as e:
+        _die(str(e))
+    for model, url in endpoints.items():
+        out.print(f"  model {model}: {url}")
+    if missing:
+        _die(missing, EXIT_FAILED)
+    out.print(f"[green]{len(endpoints)} model app(s) up[/] for {deployment!r}; `swarm up` "
+              f"{config} reuses them, `swarm down {deployment}` removes them with the swarm")
 
 
 @app.command()

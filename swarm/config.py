@@ -104,7 +104,182 @@ class OpenAIModelConfig(_Strict):
         return v.rstrip("/")
 
 
-ModelConfig = Annotated[ScriptedModelConfig | OpenAIModelConfig, Field(discriminator="provider")]
+class VLLMAutoscaling(_Strict):
+    """Serve autoscaling of a vLLM deployment: replicas between min and max, scaled to keep
+    about `target_ongoing_requests` requests in flight per replica."""
+
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+
+
+# Tier presets for `provider: vllm` (README "Models on GPUs"): defaults an entry's own fields
+# override. vLLM batches up to `max_num_seqs` sequences per replica (256 by default), so
+# `max_ongoing_requests` is sized against that: a replica admits no more than it can batch.
+# shared: many light agents (classifiers, routers) with short prompts sharing system prompts:
+#   admit a full batch (256), scale out at half of it (128) to keep latency flat, up to 4
+#   replicas, and route by prompt prefix so the shared prefixes hit the prefix cache.
+# workflow: multi-turn agents whose context grows each step: fewer sequences fit in the KV cache
+#   (64 in flight, scale at 32, up to 8 replicas), and a session stays on the replica that holds
+#   its prefix (consistent hashing on x-session-id).
+# dedicated: reserved for one long-horizon swarm: a fixed replica count (min = max, no cold
+#   starts or session remapping mid-task), 128 in flight, session-affine.
+VLLM_TIERS: dict[str, dict[str, Any]] = {
+    "shared": {
+        "max_ongoing_requests": 256, "router": "prefix_cache", "enable_prefix_caching": True,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 128},
+    },
+    "workflow": {
+        "max_ongoing_requests": 64, "router": "session", "enable_prefix_caching": True,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 32},
+    },
+    "dedicated": {
+        "max_ongoing_requests": 128, "router": "session", "enable_prefix_caching": True,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 64},
+    },
+}
+# engine_kwargs that have their own field, so a value can't be given twice.
+_VLLM_ENGINE_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len",
+                       "enable_prefix_caching", "quantization")
+
+
+class VLLMModelConfig(_Strict):
+    """A self-hosted model served by vLLM through Ray Serve LLM (`swarm serve`, swarm.models.vllm).
+
+    Agents reach it like `provider: openai` pointed at its Serve route, with `model` = model_id.
+    A `tier` fills defaults (VLLM_TIERS); fields given explicitly override them.
+    """
+
+    provider: Literal["vllm"]
+    model_source: str = Field(min_length=1,
+                              description="Hugging Face model id, local path or s3:// / gs:// URI")
+    model_id: str | None = Field(
+        None, min_length=1, description="the name clients ask for; default: model_source")
+    tier: Literal["shared", "workflow", "dedicated"] | None = Field(
+        None, description="sizing preset: shared, workflow or dedicated (see VLLM_TIERS)")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model copy is split across")
+    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (x TP GPUs each)")
+    gpus_per_node: int = Field(8, ge=1, description="GPUs on one node of the target node type")
+    accelerator_type: str | None = Field(None,
+                                         description="H100, H200, A100, L4, ... (Ray's names)")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        None, validate_default=True,  # type: ignore[assignment]
+        description="default: STRICT_PACK (one node) when TP x PP <= gpus_per_node, else PACK",
+    )
+    max_model_len: int | None = Field(None, ge=1, description="context length in tokens")
+    enable_prefix_caching: bool | None = None
+    quantization: str | None = Field(None, min_length=1, description="e.g. fp8")
+    autoscaling: VLLMAutoscaling | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1, description="in flight per replica")
+    router: Literal["default", "prefix_cache", "session"] | None = Field(
+        None, description="prefix_cache: PrefixCacheAffinityRouter; session: consistent hashing "
+        "on the x-session-id header; default: Serve's power-of-two choices",
+    )
+    router_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                          description="request_router_kwargs for the router")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                          description="more vLLM engine arguments, passed through")
+    runtime_env: dict[str, Any] | None = None
+    client: dict[str, Any] = Field(
+        default_factory=dict, description="OpenAI client options for agents (the fields of a "
+        "provider: openai entry other than provider, base_url and model: timeout_s, ...)",
+    )
+    price: Price = Field(Price(), description="USD per million tokens, for the ledger and budgets")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_tier(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("tier") not in VLLM_TIERS:
+            return data
+        preset = VLLM_TIERS[data["tier"]]
+        out = dict(data)
+        for key, value in preset.items():
+            if key == "autoscaling":
+                given = out.get("autoscaling")
+                if given is None:
+                    out[key] = dict(value)
+                elif isinstance(given, dict):
+                    merged = dict(given)
+                    if data["tier"] == "dedicated":
+                        # A dedicated pool has a fixed size: one bound given sets both.
+                        fixed = merged.get("min_replicas", merged.get("max_replicas"))
+                        if fixed is not None:
+                            merged.setdefault("min_replicas", fixed)
+                            merged.setdefault("max_replicas", fixed)
+                    out[key] = {**value, **merged}
+            elif out.get(key) is None:
+                out[key] = value
+        return out
+
+    @field_validator("placement_strategy", mode="before")
+    @classmethod
+    def _placement(cls, v: Any, info: ValidationInfo) -> Any:
+        devices = info.data.get("tensor_parallel_size", 1) * info.data.get(
+            "pipeline_parallel_size", 1)
+        per_node = info.data.get("gpus_per_node", 8)
+        if v is None:
+            return "STRICT_PACK" if devices <= per_node else "PACK"
+        if v == "STRICT_PACK" and devices > per_node:
+            raise ValueError(
+                f"tensor_parallel_size x pipeline_parallel_size = {devices} GPUs, but "
+                f"STRICT_PACK keeps a replica on one node of gpus_per_node = {per_node}; "
+                "lower TP/PP or use PACK to span nodes")
+        return v
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _bounds(cls, v: VLLMAutoscaling | None) -> VLLMAutoscaling | None:
+        if v is not None and v.min_replicas is not None:
+            # Serve's own default for a missing max_replicas is 1.
+            top = 1 if v.max_replicas is None else v.max_replicas
+            if v.min_replicas > top:
+                raise ValueError(f"min_replicas ({v.min_replicas}) is above max_replicas ({top}"
+                                 f"{', Serve default' if v.max_replicas is None else ''})")
+        return v
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_duplicates(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in _VLLM_ENGINE_FIELDS:
+            if key in v:
+                raise ValueError(f"{key} has its own field: set models.<name>.{key}, "
+                                 "not engine_kwargs")
+        return v
+
+    @field_validator("client")
+    @classmethod
+    def _client(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("provider", "base_url", "model"):
+            if key in v:
+                raise ValueError(f"{key} is set by the deployment, not in client")
+        try:
+            OpenAIModelConfig(provider="openai", base_url="http://x", model="x", **v)
+        except ValidationError as e:
+            raise ValueError("; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: "
+                f"{'unknown field' if err['type'] == 'extra_forbidden' else err['msg']}"
+                for err in e.errors())) from None
+        return v
+
+    @property
+    def served_model_id(self) -> str:
+        """The model name clients send (model_id, else model_source)."""
+        return self.model_id or self.model_source
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs one replica takes: TP x PP."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def openai_config(self, base_url: str) -> OpenAIModelConfig:
+        """The `provider: openai` entry agents use to reach this model at `base_url`."""
+        return OpenAIModelConfig(provider="openai", base_url=base_url,
+                                 model=self.served_model_id, price=self.price, **self.client)
+
+
+ModelConfig = Annotated[
+    ScriptedModelConfig | OpenAIModelConfig | VLLMModelConfig, Field(discriminator="provider")
+]
 
 
 # ---- tools --------------------------------------------------------------------------------------
@@ -733,6 +908,11 @@ def _validation_problems(err: ValidationError) -> list[tuple[str, str]]:
             continue
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx", {})
+            key = str(ctx.get("discriminator", "tag")).strip("'")
+            loc = f"{loc}.{key}".strip(".")
+            msg = f"unknown {key} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
         problems.append((loc, msg))
     return problems
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swarm.config import ModelConfig, OpenAIModelConfig, ScriptedModelConfig
+from swarm.config import ModelConfig, OpenAIModelConfig, ScriptedModelConfig, VLLMModelConfig
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall, Usage
 
 __all__ = ["Model", "ModelRequest", "ModelResponse", "ToolCall", "Usage", "build_model"]
@@ -19,6 +19,12 @@ def build_model(name: str, cfg: ModelConfig, endpoints: dict[str, str] | None = 
 
     if isinstance(cfg, OpenAIModelConfig):
         return OpenAIModel.from_config(cfg)
+    if isinstance(cfg, VLLMModelConfig):
+        # A Ray Serve LLM app: the provider: openai path pointed at its route.
+        url = (endpoints or {}).get(name)
+        if url is None:
+            raise ValueError(f"model {name!r} has no deployed endpoint")
+        return OpenAIModel.from_config(cfg.openai_config(url), name=name)
     assert isinstance(cfg, ScriptedModelConfig)
     if cfg.transport == "in_process":
         from swarm.models.scripted.model import ScriptedModel

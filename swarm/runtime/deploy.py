@@ -74,7 +74,7 @@ def _app_name(deployment: str, model: str) -> str:
 
 
 def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
-    """Deploy the config's scripted models as Serve apps; return base URLs by model name."""
+    """Deploy the config's scripted and vllm models as Serve apps; return base URLs by name."""
     from ray import serve
 
     from swarm.models.scripted.serve import build_scripted_app
@@ -96,6 +96,10 @@ def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
         prefix = f"/{deployment}/{name}"
         serve.run(app, name=_app_name(deployment, name), route_prefix=prefix)
         endpoints[name] = f"http://127.0.0.1:{port}{prefix}/v1"
+    from swarm.models.vllm import deploy_vllm_models, vllm_models
+
+    if vllm_models(cfg):
+        endpoints.update(deploy_vllm_models(cfg, deployment, port or serve_port()))
     return endpoints
 
 

@@ -73,7 +73,8 @@ def test_unknown_field_names_its_path() -> None:
             "models.m.openai.base_url",
             "http",
         ),
-        (lambda d: d["models"]["m"].update(provider="magic"), "models.m", "provider"),
+        (lambda d: d["models"]["m"].update(provider="magic"), "models.m.provider",
+         "unknown provider 'magic'"),
         (lambda d: d["tools"]["fn"].update(python=["not a path"]), "tools.fn.python.0", "pattern"),
         (
             lambda d: d["tools"].update(both={"python": ["a.b:c"], "mcp": {"url": "http://h"}}),
