@@ -16,6 +16,20 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
+# The python_exec sandbox needs bubblewrap; as root with apt (CI), install it when missing.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing bubblewrap for the python_exec sandbox" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq bubblewrap >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null; } ||
+      echo "setup: could not install bubblewrap; python_exec sandbox tests will fail" \
+        "or be skipped" >&2
+  else
+    echo "setup: bwrap not found; python_exec sandbox tests will be skipped" \
+      "(install the bubblewrap package)" >&2
+  fi
+fi
 spec="."
 if [ "$#" -gt 0 ]; then spec=".[$(IFS=,; echo "$*")]"; fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"
