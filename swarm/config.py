@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from swarm.errors import ConfigError
+from swarm.memory.config import AgentMemoryConfig, MemoryConfig, memory_problems
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
 _IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -346,6 +347,10 @@ class AgentConfig(_Strict):
     num_cpus: float = Field(0.0, ge=0, description="CPUs each replica reserves")
     budget: AgentBudget | None = Field(
         None, description="this agent's limits per task; fields given override budgets.agent"
+    )
+    memory: AgentMemoryConfig | None = Field(
+        None, description="session history, automatic recall and memory namespaces "
+        "(swarm.memory); the built-in `memory` tool server gives remember / recall / forget"
     )
 
 
@@ -752,6 +757,7 @@ class SwarmConfig(_Strict):
     approvals: ApprovalsConfig = ApprovalsConfig()
     rate_limits: list[RateLimitConfig] = []
     audit: AuditConfig = AuditConfig()
+    memory: MemoryConfig = MemoryConfig()
 
     @field_validator("models", "tools", "agents")
     @classmethod
@@ -776,7 +782,7 @@ class SwarmConfig(_Strict):
                 )
             for i, ref in enumerate(agent.tools):
                 server = ref.split(".", 1)[0]
-                if server not in self.tools:
+                if server not in self.tools and server != "memory":  # memory: built in
                     problems.append(
                         (
                             f"agents.{name}.tools.{i}",
@@ -852,6 +858,16 @@ class SwarmConfig(_Strict):
             if known is not None and lim.key != "*" and lim.key not in known:
                 problems.append((f"rate_limits.{i}.key", f"unknown {lim.scope} {lim.key!r}; "
                                  f"known: {sorted(known)} or *"))
+        if problems:
+            raise ValueError("\n".join(f"{p}: {m}" for p, m in problems))
+        return self
+
+    @model_validator(mode="after")
+    def _memory_references(self) -> SwarmConfig:
+        problems = memory_problems(self)
+        if "memory" in self.tools:
+            problems.append(("tools.memory", "memory is the built-in memory tool server "
+                             "(remember, recall, forget); give this server another name"))
         if problems:
             raise ValueError("\n".join(f"{p}: {m}" for p, m in problems))
         return self

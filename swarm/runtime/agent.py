@@ -124,6 +124,11 @@ def build_sources(cfg: SwarmConfig, names: set[str]) -> dict[str, ToolSource]:
     """Tool sources for the named servers of a config (not yet started)."""
     sources: dict[str, ToolSource] = {}
     for name in sorted(names):
+        if name == "memory" and name not in cfg.tools:  # the built-in memory tools
+            from swarm.memory.tools import MemoryToolSource
+
+            sources[name] = MemoryToolSource(cfg)
+            continue
         tcfg = cfg.tools[name]
         if tcfg.python is not None:
             from swarm.tools.function import FunctionToolSource
@@ -496,6 +501,7 @@ class AgentActor:
         sources = build_sources(cfg, {g.split(".", 1)[0] for g in agent_cfg.tools})
         self.replica = replica
         self.host = AgentHost(cfg, role, model, sources, store=open_store(store_spec))
+        self.host.endpoints = endpoints  # type: ignore[attr-defined]  # memory: the embedder
         self.supervisor = supervisor
         if supervisor is not None:
             self.host.publish_snapshot = self._publish_snapshot

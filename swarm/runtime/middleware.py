@@ -160,4 +160,9 @@ def build_middleware(cfg: Any, role: str, *, store: Any = None,
     for layer in (build_audit_layer(cfg, role, store), build_approval_layer(cfg, role)):
         if layer is not None:  # the audit sees each call's outcome, a gate's denial included
             layers.append(layer)
+    from swarm.memory.layer import memory_layer
+
+    if (mem := memory_layer(cfg, role, store=store, host=host, emit=emit,
+                            ledger=getattr(meter, "ledger", None))):
+        layers.insert(0, mem)  # first: a turn's context is primed before any span or limit
     return layers

@@ -276,6 +276,9 @@ class Supervisor:
         from swarm.governance.audit import audit_log
 
         self.audit = audit_log(cfg, store)  # None when audit is off
+        from swarm.memory.service import session_recorder
+
+        self.session_memory = session_recorder(cfg, store)  # None: no agent keeps sessions
         if self.audit is not None:
             self.approvals.on_record = self.audit.record
 
@@ -1011,6 +1014,10 @@ class Supervisor:
             self.audit.record(f"task.{state}", task_id=rec.id, user=rec.user, agent=rec.agent,
                               error_class=error_class, outcome=rec.budget_exhausted or rec.stuck,
                               detail=error)
+        if self.session_memory is not None and state == "completed" and answer is not None:
+            # Before `done`: the user's next task in this session starts with this exchange.
+            await self.session_memory.record_exchange(rec.user, rec.task.context_id, rec.text,
+                                                      answer, rec.id)
         rec.done.set()
 
     def _evict(self) -> None:

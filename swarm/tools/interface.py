@@ -58,6 +58,7 @@ class ToolContext:
     # effects can deduplicate a call that a resumed task sends again.
     idempotency_key: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    user: str = ""  # who submitted the task (memory namespaces, per-user limits)
 
 
 class ToolSource(ABC):
