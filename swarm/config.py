@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from swarm.errors import ConfigError
+from swarm.tools.access import grant_problems
 from swarm.memory.config import AgentMemoryConfig, MemoryConfig, memory_problems
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
@@ -336,7 +337,11 @@ class AgentConfig(_Strict):
     model: str
     instructions: str = ""
     tools: list[str] = Field(
-        default_factory=list, description="tool server names, or server.tool for a single tool"
+        default_factory=list, description="tools it may call: server, server.tool, or globs "
+        "in either part (server.read_*, *.search); see swarm.tools.access"
+    )
+    deny_tools: list[str] = Field(
+        default_factory=list, description="tools taken back out of `tools`, same patterns"
     )
     handoffs: list[str] = []
     replicas: int = Field(1, ge=1, le=256)
@@ -780,15 +785,7 @@ class SwarmConfig(_Strict):
                         f"unknown model {agent.model!r}; known: {sorted(self.models)}",
                     )
                 )
-            for i, ref in enumerate(agent.tools):
-                server = ref.split(".", 1)[0]
-                if server not in self.tools and server != "memory":  # memory: built in
-                    problems.append(
-                        (
-                            f"agents.{name}.tools.{i}",
-                            f"unknown tool server {server!r}; known: {sorted(self.tools)}",
-                        )
-                    )
+            problems.extend(grant_problems(name, agent.tools, agent.deny_tools, self.tools))
             for i, peer in enumerate(agent.handoffs):
                 if peer not in self.agents:
                     problems.append(

@@ -1,0 +1,154 @@
+"""What both sides of the suite share: the workload's messages, the deterministic model's
+decision, figures, and CPU and memory of a set of processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import psutil
+
+# The echo argument and the final answer: with the JSON around them each message is ~200-300
+# bytes, as the issue asks ("about 200 bytes each").
+PAYLOAD = "x" * 190
+ANSWER = "done " + "y" * 190
+MODEL_LATENCY_S = 0.2  # the concurrency workload's simulated model latency
+TOOL_STEPS = 10  # the concurrency workload: 10 tool steps plus a final answer per task
+
+
+def wants_tool(tool_results: int, steps: int) -> bool:
+    """The deterministic policy, the same on both sides: call `echo` until `steps - 1` results
+    are in, then answer (so a task is `steps` model calls). O(1): it is given the count."""
+    return tool_results < steps - 1
+
+
+def openai_messages_bytes(steps: int) -> int:
+    """Bytes of the messages a task of `steps` model calls adds, as OpenAI-format JSON (the
+    measure of "the bytes of the messages themselves" on both sides)."""
+    call = {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_00000", "type": "function",
+        "function": {"name": "echo", "arguments": json.dumps({"text": PAYLOAD})}}]}
+    result = {"role": "tool", "tool_call_id": "call_00000", "content": PAYLOAD}
+    final = {"role": "assistant", "content": ANSWER}
+    size = len(json.dumps(call)) + len(json.dumps(result))
+    return (steps - 1) * size + len(json.dumps(final))
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (inclusive method), or the only value."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def step_gaps_us(stamps: list[float]) -> list[float]:
+    """Per-step µs from the times of consecutive model calls of one task: one full cycle of
+    model call, tool call and the checkpoints between them."""
+    return [(b - a) * 1e6 for a, b in itertools.pairwise(stamps)]
+
+
+class Procs:
+    """CPU seconds and RSS summed over this process, its descendants and extra pids."""
+
+    def __init__(self, extra: Iterable[int] = ()) -> None:
+        self.me = psutil.Process(os.getpid())
+        self.extra = list(extra)
+        self._known: list[psutil.Process] | None = None
+
+    def freeze(self) -> Procs:
+        """Take the process list once (walking /proc for descendants on every sample costs
+        CPU the figures would count); call when every process involved has started."""
+        self._known = None
+        self._known = self.processes()
+        return self
+
+    def processes(self) -> list[psutil.Process]:
+        """This process, its descendants (Ray's workers, redis-server) and the extra pids."""
+        if self._known is not None:
+            return self._known
+        out = [self.me, *self.me.children(recursive=True)]
+        seen = {p.pid for p in out}
+        for pid in self.extra:
+            if pid not in seen:
+                try:
+                    out.append(psutil.Process(pid))
+                except psutil.Error:
+                    pass
+        return out
+
+    def cpu(self) -> dict[int, float]:
+        """CPU seconds (user + system) of each process, by pid."""
+        out = {}
+        for p in self.processes():
+            try:
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+
+    def rss(self) -> int:
+        """Resident bytes of all the processes."""
+        total = 0
+        for p in self.processes():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two `Procs.cpu` readings (processes that appeared count whole;
+    those that exited in between are lost, so measure while they live)."""
+    return sum(v - before.get(pid, 0.0) for pid, v in after.items())
+
+
+class PeakRss:
+    """Samples `Procs.rss` every `every_s` from a thread; keeps the peak."""
+
+    def __init__(self, procs: Procs, every_s: float = 0.1) -> None:
+        import threading
+
+        self.procs, self.every = procs, every_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-rss")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.procs.rss())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.procs.rss())
+
+
+def now() -> float:
+    """perf_counter, named for readability."""
+    return time.perf_counter()
+
+
+def concurrency_row(impl: str, sessions: int, wall_s: float, steps: int, cpu_s: float,
+                    rss_delta: int, **extra: Any) -> dict[str, Any]:
+    """Figures of one concurrency run, against the ideal of C x 10 / 2.2 steps/s."""
+    ideal_wall = (TOOL_STEPS + 1) * MODEL_LATENCY_S
+    ideal = sessions * TOOL_STEPS / ideal_wall
+    achieved = steps / wall_s
+    return {"impl": impl, "sessions": sessions, "wall_s": wall_s, "steps": steps,
+            "steps_per_s": achieved, "ideal_steps_per_s": ideal,
+            "of_ideal": achieved / ideal, "cpu_us_per_step": cpu_s / steps * 1e6,
+            "cpu_s": cpu_s, "mem_per_session_kb": rss_delta / sessions / 1024, **extra}

@@ -1,0 +1,179 @@
+"""The suite's table (printed), its targets and its PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TARGET_P50_US = 800.0
+TARGET_VS_LG = {100: 3.0, 500: 7.0}
+TARGET_STORED_RATIO = 2.0
+TARGET_OF_IDEAL = 0.9
+TARGET_MEM_KB = 64.0
+
+
+def _f(v: Any, fmt: str = ".0f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def table(res: dict[str, Any]) -> str:
+    """The results as plain-text tables, with each target's verdict."""
+    out: list[str] = []
+    steps = [r for r in res.get("step_overhead", []) if "error" not in r]
+    if steps:
+        out.append("== 1. step overhead: µs per step, durable checkpoint every step, tracing on "
+                   "(one task at a time)")
+        out.append(f"{'runtime':<40} {'steps':>6} {'p50 µs':>8} {'p99 µs':>8} "
+                   f"{'to durable µs/step':>19}")
+        for r in steps:
+            out.append(f"{r['impl']:<40} {r['steps']:>6} {_f(r['p50_us']):>8} "
+                       f"{_f(r['p99_us']):>8} {_f(r['durable_us_per_step']):>19}")
+        out.append("")
+        for v in verdicts(res):
+            out.append(v)
+        out.append("")
+    growth = res.get("growth", [])
+    if growth:
+        out.append("== 2. checkpoint growth: bytes stored for one task")
+        out.append(f"{'runtime':<22} {'step':>6} {'stored KB':>10} {'messages KB':>12} "
+                   f"{'stored/msg':>11} {'bytes/step since last':>22}")
+        for g in growth:
+            prev = None
+            for r in g["rows"]:
+                per = "-" if prev is None else \
+                    f"{(r['stored_bytes'] - prev['stored_bytes']) / (r['step'] - prev['step']):.0f}"
+                out.append(f"{g['impl']:<22} {r['step']:>6} {r['stored_bytes'] / 1024:>10.0f} "
+                           f"{r['message_bytes'] / 1024:>12.0f} "
+                           f"{r['stored_bytes'] / r['message_bytes']:>10.2f}x {per:>22}")
+                prev = r
+            if g.get("breakdown"):
+                parts = ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in g["breakdown"].items())
+                out.append(f"{'':<22} at the last step: {parts}")
+        out.append("")
+    conc = res.get("concurrency", [])
+    if conc:
+        out.append("== 3. concurrency: tasks of 10 tool steps + answer, 200 ms per model call "
+                   "(ideal: C x 10 / 2.2 steps/s)")
+        out.append(f"{'runtime':<46} {'C':>5} {'steps/s':>8} {'ideal':>7} {'of ideal':>9} "
+                   f"{'CPU µs/step':>12} {'KB/session':>11}")
+        for r in conc:
+            if "error" in r:
+                out.append(f"{r['impl']:<46} {r['sessions']:>5} failed: {r['error'][:60]}")
+                continue
+            out.append(f"{r['impl']:<46} {r['sessions']:>5} {r['steps_per_s']:>8.0f} "
+                       f"{r['ideal_steps_per_s']:>7.0f} {r['of_ideal'] * 100:>8.1f}% "
+                       f"{r['cpu_us_per_step']:>12.0f} {r['mem_per_session_kb']:>11.1f}")
+        out.append("")
+    rec = res.get("recovery")
+    if rec:
+        out.append("== 4. recovery: agent actor killed mid-task (scripts/recovery_scenarios.py "
+                   "actor-kill)")
+        if "error" in rec:
+            out.append(f"failed: {rec['error']}")
+        else:
+            f = rec["figures"]
+            out.append(f"time to resume: median {f.get('recovery_ms_median')} ms, max "
+                       f"{f.get('recovery_ms_max')} ms over {len(f.get('recovery_ms_each', []))} "
+                       f"kills; steps lost: {rec['steps_lost']}; duplicated tool effects: "
+                       f"{rec['duplicated_effects']} ({f.get('repeated_invocations_absorbed')} "
+                       "repeated invocations absorbed by the idempotency ledger); checks "
+                       f"{'passed' if rec['ok'] else 'FAILED: ' + str(rec['failed_checks'])}")
+    return "\n".join(out)
+
+
+def verdicts(res: dict[str, Any]) -> list[str]:
+    """Targets 1-3 against the figures, one line each."""
+    out = []
+    steps = [r for r in res.get("step_overhead", []) if "error" not in r]
+    sw = {r["steps"]: r for r in steps if r["impl"] == "swarm+redis"}
+    lg = {r["steps"]: r for r in steps if r["impl"] == "langgraph+sqlite"}
+    if sw:
+        worst = max(sw.values(), key=lambda r: r["p50_us"])
+        ok = worst["p50_us"] <= TARGET_P50_US
+        out.append(f"target p50 <= {TARGET_P50_US:.0f} µs at every length: worst "
+                   f"{worst['p50_us']:.0f} µs at {worst['steps']} steps: "
+                   f"{'met' if ok else 'MISSED'}")
+    for n, want in TARGET_VS_LG.items():
+        if n in sw and n in lg:
+            for key, what in (("p50_us", "p50"), ("durable_us_per_step", "to durable")):
+                ratio = lg[n][key] / sw[n][key]
+                out.append(f"target >= {want:g}x lower than LangGraph+SQLite at {n} steps "
+                           f"({what}): {ratio:.1f}x: {'met' if ratio >= want else 'MISSED'}")
+    for g in res.get("growth", []):
+        last = g["rows"][-1]
+        ratio = last["stored_bytes"] / last["message_bytes"]
+        out.append(f"target stored <= {TARGET_STORED_RATIO:g}x message bytes ({g['impl']}, "
+                   f"step {last['step']}): {ratio:.2f}x: "
+                   f"{'met' if ratio <= TARGET_STORED_RATIO else 'MISSED'}")
+    for r in res.get("concurrency", []):
+        if r.get("sessions") == 2000 and r["impl"].startswith("swarm") and "error" not in r:
+            ok = r["of_ideal"] >= TARGET_OF_IDEAL and r["mem_per_session_kb"] <= TARGET_MEM_KB
+            out.append(f"target >= {TARGET_OF_IDEAL:.0%} of ideal and <= {TARGET_MEM_KB:.0f} KB/"
+                       f"session at 2,000 ({r['impl']}): {r['of_ideal']:.1%}, "
+                       f"{r['mem_per_session_kb']:.1f} KB: {'met' if ok else 'MISSED'}")
+    return out
+
+
+def plots(res: dict[str, Any], folder: Path) -> list[Path]:
+    """step_overhead.png, growth.png, concurrency.png (whatever the results hold)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    steps = [r for r in res.get("step_overhead", []) if "error" not in r]
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for impl in dict.fromkeys(r["impl"] for r in steps):
+            rows = sorted((r for r in steps if r["impl"] == impl), key=lambda r: r["steps"])
+            ax.plot([r["steps"] for r in rows], [r["p50_us"] for r in rows], marker="o",
+                    label=impl)
+        ax.axhline(TARGET_P50_US, ls="--", c="grey", lw=1, label="target 800 µs")
+        ax.set(xscale="log", yscale="log", xlabel="steps per task",
+               ylabel="p50 µs per step (durable, traced)", title="Step overhead")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        made.append(_save(fig, folder / "step_overhead.png"))
+    growth = res.get("growth", [])
+    if growth:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for g in growth:
+            rows = g["rows"]
+            ax.plot([r["step"] for r in rows], [r["stored_bytes"] / r["step"] for r in rows],
+                    marker="o", label=f"{g['impl']}: stored / step")
+        rows = growth[0]["rows"]
+        ax.plot([r["step"] for r in rows], [r["message_bytes"] / r["step"] for r in rows],
+                ls="--", c="grey", label="the messages themselves / step")
+        ax.set(xscale="log", yscale="log", xlabel="steps so far", ylabel="bytes per step",
+               title="Checkpoint growth")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        made.append(_save(fig, folder / "growth.png"))
+    conc = [r for r in res.get("concurrency", []) if "error" not in r]
+    if conc:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for impl in dict.fromkeys(r["impl"] for r in conc):
+            rows = sorted((r for r in conc if r["impl"] == impl), key=lambda r: r["sessions"])
+            xs = [r["sessions"] for r in rows]
+            a1.plot(xs, [r["of_ideal"] * 100 for r in rows], marker="o", label=impl)
+            a2.plot(xs, [r["cpu_us_per_step"] for r in rows], marker="o", label=impl)
+        a1.axhline(TARGET_OF_IDEAL * 100, ls="--", c="grey", lw=1, label="target 90%")
+        a1.set(xscale="log", xlabel="concurrent tasks", ylabel="% of ideal steps/s",
+               title="Throughput (2 cores)", ylim=(0, 105))
+        a2.set(xscale="log", yscale="log", xlabel="concurrent tasks", ylabel="CPU µs per step",
+               title="CPU per step (all processes)")
+        for a in (a1, a2):
+            a.grid(alpha=0.3, which="both")
+        a1.legend(fontsize=7)
+        made.append(_save(fig, folder / "concurrency.png"))
+    return made
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

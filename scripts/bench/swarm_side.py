@@ -1,0 +1,355 @@
+"""The workloads on swarm: an `AgentHost` (the agent actor's logic, no Ray) with the Redis
+checkpointer on a private redis-server, tracing, metrics and the usage ledger on as a deployed
+swarm has them, and the same deterministic model and `echo` tool as LangGraph's side; plus the
+concurrency workload on the real multi-process shape (a Ray deployment) and in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from scripts.bench.common import (
+    ANSWER,
+    MODEL_LATENCY_S,
+    PAYLOAD,
+    TOOL_STEPS,
+    PeakRss,
+    Procs,
+    concurrency_row,
+    cpu_delta,
+    openai_messages_bytes,
+    pct,
+    step_gaps_us,
+    wants_tool,
+)
+from swarm.config import SwarmConfig, parse_config
+from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall, Usage
+from swarm.protocol import a2a
+from swarm.runtime.agent import AgentHost, EventBuffer, TurnRequest, build_sources
+
+_ARGS = json.dumps({"text": PAYLOAD})
+
+
+class EchoModel(Model):
+    """The deterministic policy as a swarm `Model`, in-process: one `echo` call per call until
+    `steps - 1` results are in, then the answer. `stamps` gets perf_counter at each call."""
+
+    name = "bench-echo"
+
+    def __init__(self, steps: int, latency_s: float = 0.0) -> None:
+        self.steps = steps
+        self.latency_s = latency_s
+        self.stamps: list[float] | None = None
+        self.hook: Any = None  # called with the tool results so far (the growth workload)
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        """One call: a tool call or the answer, decided by the count of results so far."""
+        if self.stamps is not None:
+            self.stamps.append(time.perf_counter())
+        results = (len(request.messages) - 2) // 2  # system, user, then (call, result) pairs
+        if self.hook is not None:
+            await self.hook(results)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        usage = Usage(input_tokens=60 + 70 * results, output_tokens=60)
+        if wants_tool(results, self.steps):
+            call = ToolCall(id=f"call_{results:05d}", name="echo", arguments=_ARGS)
+            return ModelResponse(content=None, tool_calls=[call], usage=usage,
+                                 finish_reason="tool_calls", model="bench")
+        return ModelResponse(content=ANSWER, tool_calls=[], usage=usage, model="bench")
+
+
+def bench_config(steps: int, run_dir: Path, state: dict[str, Any] | None = None,
+                 **extra: Any) -> SwarmConfig:
+    """One agent `bench` with the `echo` function tool; tracing, metrics and the ledger on."""
+    return parse_config({
+        "name": "bench",
+        "models": {"m": {"provider": "openai", "base_url": "http://127.0.0.1:1/v1",
+                         "model": "m"}},
+        "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
+        "agents": {"bench": {"model": "m", "tools": ["fn"], "max_steps_per_turn": steps + 1}},
+        "supervisor": {"entry": "bench"},
+        # The workload repeats one call on purpose: not a stuck agent.
+        "stuck": {"same_call": None, "no_progress": None},
+        "state": {"run_dir": str(run_dir), **(state or {})},
+        "usage": {"dir": str(run_dir / "usage")},
+        **extra,
+    })
+
+
+def mcp_echo_server() -> Any:
+    """An in-process MCP server with the same `echo` tool (read-only, idempotent)."""
+    from mcp.server.mcpserver import MCPServer
+    from mcp.types import ToolAnnotations
+
+    server = MCPServer("bench", log_level="WARNING")
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True))
+    def echo(text: str) -> str:
+        """Return the text unchanged."""
+        return text
+
+    return server
+
+
+@contextlib.asynccontextmanager
+async def redis_store(fsync_always: bool = False) -> AsyncIterator[tuple[Any, Any, Path]]:
+    """A private redis-server (AOF, fsync every second unless `fsync_always`) and a started
+    `RedisCheckpointer` on it; yields (store, server, run dir)."""
+    import redis as redis_sync
+
+    from swarm.state.embedded import EmbeddedRedis
+    from swarm.state.redis import RedisCheckpointer
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-swarm-"))
+    server = EmbeddedRedis(run_dir)
+    server.start()
+    if fsync_always:
+        with redis_sync.Redis.from_url(server.url) as r:
+            r.config_set("appendfsync", "always")
+    store = RedisCheckpointer(server.url)
+    await store.start()
+    try:
+        yield store, server, run_dir
+    finally:
+        await store.close()
+        server.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def observability(cfg: SwarmConfig, store_url: str, run_dir: Path) -> Any:
+    """Tracing into the Redis trace store (as a deployed swarm with a Redis store has it, no
+    exporter) and metrics into an in-memory recorder (Ray's isn't there in-process)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from swarm.observability.metrics import MemoryRecorder, use_recorder
+    from swarm.observability.tracing import Tracing, install
+
+    tracing = Tracing.from_config(cfg, store_url, provider=TracerProvider(), run_dir=run_dir)
+    before = install(tracing)
+    recorder = use_recorder(MemoryRecorder())
+    try:
+        yield tracing
+    finally:
+        use_recorder(recorder)
+        install(before)
+        tracing.shutdown()
+
+
+def _request(task: str, steps: int) -> TurnRequest:
+    return TurnRequest(task_id=task, context_id=task, message=a2a.dumps(a2a.text_message("bench")),
+                       transcript=[], step_offset=0, max_steps=steps + 1, log_id=task,
+                       turn_id=f"{task}-turn")
+
+
+async def _host(steps: int, store: Any, run_dir: Path, tool: str, state: dict[str, Any] | None
+                = None) -> tuple[AgentHost, EchoModel, SwarmConfig]:
+    from swarm.tools.mcp import MCPToolSource
+
+    cfg = bench_config(steps, run_dir, state)
+    model = EchoModel(steps)
+    sources = build_sources(cfg, {"fn"}) if tool == "function" else \
+        {"fn": MCPToolSource("fn", mcp_echo_server())}
+    host = AgentHost(cfg, "bench", model, sources, EventBuffer(), store=store)
+    return host, model, cfg
+
+
+def step_overhead(steps: int, tasks: int, tool: str = "function",
+                  fsync_always: bool = False, state: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """`tasks` tasks of `steps` model calls, one at a time, checkpointing every step."""
+    return asyncio.run(_step_overhead(steps, tasks, tool, fsync_always, state))
+
+
+async def _step_overhead(steps: int, tasks: int, tool: str, fsync_always: bool,
+                         state: dict[str, Any] | None) -> dict[str, Any]:
+    async with redis_store(fsync_always) as (store, server, run_dir):
+        host, model, cfg = await _host(steps, store, run_dir, tool, state)
+        with observability(cfg, server.url, run_dir) as tracing:
+            await host.start()
+            res = await host.run_turn(_request("warm", steps))  # imports, caches, connections
+            assert res.kind == "final", res.error
+            gaps: list[float] = []
+            walls: list[float] = []
+            for i in range(tasks):
+                model.stamps = []
+                t0 = time.perf_counter()
+                # run_turn returns once the turn's end is durable (and a snapshot in flight is
+                # written): the time until the last checkpoint is durable.
+                res = await host.run_turn(_request(f"t{i}", steps))
+                wall = time.perf_counter() - t0
+                assert res.kind == "final" and res.text == ANSWER, (res.kind, res.error)
+                assert res.tool_calls == steps - 1
+                gaps += step_gaps_us(model.stamps)
+                walls.append(wall / steps * 1e6)
+            await host.aclose()
+            spans = tracing.stats()
+    label = "swarm+redis" + (" (MCP tool)" if tool == "mcp" else "") + \
+        (" (appendfsync always)" if fsync_always else "") + \
+        ("".join(f" ({k}={v})" for k, v in (state or {}).items()))
+    return {"impl": label, "steps": steps, "tasks": tasks, "p50_us": pct(gaps, 50),
+            "p99_us": pct(gaps, 99), "durable_us_per_step": min(walls),
+            "durable_us_per_step_median": pct(walls, 50), "spans": spans}
+
+
+def growth(marks: list[int]) -> dict[str, Any]:
+    """One task up to the last mark; what Redis holds for it (MEMORY USAGE of every key of the
+    task: log, ledger, snapshots, tokens, fence) at each mark."""
+    return asyncio.run(_growth(marks))
+
+
+async def _growth(marks: list[int]) -> dict[str, Any]:
+    import redis as redis_sync
+
+    steps = max(marks) + 1
+    sizes: dict[int, int] = {}
+    async with redis_store() as (store, server, run_dir):
+        host, model, cfg = await _host(steps, store, run_dir, "function")
+        raw = redis_sync.Redis.from_url(server.url)
+
+        def usage() -> dict[str, int]:
+            keys = list(raw.scan_iter(match=f"{store.prefix}:t:g:*", count=1000))
+            return {k.decode().rsplit(":", 1)[1]: raw.memory_usage(k, samples=0) or 0
+                    for k in keys}
+
+        breakdown: dict[str, int] = {}
+
+        async def hook(done: int) -> None:
+            if done in marks and done not in sizes:
+                await asyncio.sleep(0.05)  # a snapshot due at this step lands in the background
+                breakdown.clear()
+                breakdown.update(usage())
+                sizes[done] = sum(breakdown.values())
+
+        model.hook = hook
+        with observability(cfg, server.url, run_dir):
+            await host.start()
+            res = await host.run_turn(_request("g", steps))
+            assert res.kind == "final", res.error
+            await host.aclose()
+        raw.close()
+    return {"impl": "swarm+redis", "breakdown": breakdown, "rows": [
+        {"step": m, "stored_bytes": sizes[m], "message_bytes": openai_messages_bytes(m + 1)}
+        for m in marks if m in sizes]}
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+
+def local_concurrency(sessions: int, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`sessions` tasks at once through a whole swarm in one process (`LocalSwarm`: supervisor
+    and agent host, no Ray) with the Redis checkpointer, the model sleeping 200 ms a call."""
+    return asyncio.run(_local_concurrency(sessions, state))
+
+
+async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dict[str, Any]:
+    from swarm.testing import LocalSwarm
+
+    async with redis_store() as (store, server, run_dir):
+        cfg = bench_config(TOOL_STEPS + 1, run_dir, state,
+                           budgets={"task": {"max_wall_s": 3600}})
+        procs = Procs([p for p in [server.pid()] if p])
+        with observability(cfg, server.url, run_dir):
+            sw = LocalSwarm(cfg, store=store)
+            sw.hosts["bench"].model = EchoModel(TOOL_STEPS + 1, MODEL_LATENCY_S)
+            async with sw:
+                row = await sw.run("warm", timeout=60)
+                assert row["state"] == "completed", row
+                base = procs.freeze().rss()
+                cpu0 = procs.cpu()
+                with PeakRss(procs) as peak:
+                    t0 = time.perf_counter()
+                    ids = await asyncio.gather(*(sw.supervisor.submit(f"task {i}")
+                                                 for i in range(sessions)))
+                    rows = await asyncio.gather(*(sw.supervisor.wait(t, 600) for t in ids))
+                    wall = time.perf_counter() - t0
+                cpu = cpu_delta(cpu0, procs.cpu())
+            bad = [r for r in rows if r["state"] != "completed"]
+            assert not bad, bad[0]
+    label = "".join(f" ({k}={v})" for k, v in (state or {}).items())
+    return concurrency_row(f"swarm+redis, one process (LocalSwarm){label}", sessions, wall,
+                           sessions * TOOL_STEPS, cpu, peak.peak - base, processes=2)
+
+
+def ray_concurrency(levels: list[int], replicas: int = 2) -> list[dict[str, Any]]:
+    """The concurrency workload on a local Ray with 2 CPUs: a supervisor actor and `replicas`
+    agent actors, the scripted engine in-process (200 ms a call) and a Redis store; every level
+    in the same deployment, one after the other. CPU and memory are summed over the driver,
+    Ray's processes (GCS, raylet, workers) and redis-server."""
+    import ray
+
+    from swarm.runtime.deploy import NAMESPACE, RAY_SYSTEM_CONFIG, start_swarm
+    from swarm.state.embedded import EmbeddedRedis
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    server = EmbeddedRedis(run_dir)
+    server.start()
+    policy = run_dir / "policy.yaml"
+    policy.write_text(json.dumps({"rules": [
+        {"when": {"called": {"echo": {"max": TOOL_STEPS - 1}}},
+         "tool_calls": [{"name": "echo", "arguments": {"text": PAYLOAD}}]},
+        {"when": {}, "content": ANSWER}]}))
+    out: list[dict[str, Any]] = []
+    os.environ["SWARM_STATE_STORE"] = server.url
+    try:
+        ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False,
+                 log_to_driver=False, _temp_dir=str(run_dir / "ray"),
+                 _system_config=RAY_SYSTEM_CONFIG,
+                 runtime_env={"env_vars": {"SWARM_STATE_STORE": server.url}})
+        from swarm.config import load_config
+
+        cfg_path = run_dir / "bench.yaml"
+        cfg_path.write_text(json.dumps({
+            "name": "bench",
+            "models": {"m": {"provider": "scripted", "policy": str(policy),
+                             "transport": "in_process",
+                             "latency": {"fixed_ms": MODEL_LATENCY_S * 1000}}},
+            "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
+            "agents": {"bench": {"model": "m", "tools": ["fn"], "replicas": replicas,
+                                 "max_steps_per_turn": TOOL_STEPS + 2,
+                                 "max_sessions": max(levels)}},
+            "supervisor": {"entry": "bench"},
+            "stuck": {"same_call": None, "no_progress": None},
+            "state": {"store": server.url, "run_dir": str(run_dir)},
+            "budgets": {"task": {"max_wall_s": 3600}},
+        }))
+        cfg = load_config(cfg_path)
+        sup, _ = start_swarm(cfg, deployment="bench")
+        procs = Procs([p for p in [server.pid()] if p])
+        asyncio.run(_ray_level(sup, 4, procs))  # warm up
+        for level in levels:
+            out.append(asyncio.run(_ray_level(sup, level, procs)) | {"replicas": replicas})
+    finally:
+        ray.shutdown()
+        server.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.environ.pop("SWARM_STATE_STORE", None)
+    return out
+
+
+async def _ray_level(sup: Any, sessions: int, procs: Procs) -> dict[str, Any]:
+    base = procs.freeze().rss()
+    cpu0 = procs.cpu()
+    with PeakRss(procs, every_s=0.2) as peak:
+        t0 = time.perf_counter()
+        ids = await asyncio.gather(*(sup.submit.remote(f"task {i}") for i in range(sessions)))
+        rows = await asyncio.gather(*(sup.wait.remote(t, 600) for t in ids))
+        wall = time.perf_counter() - t0
+    cpu = cpu_delta(cpu0, procs.cpu())
+    bad = [r for r in rows if r["state"] != "completed"]
+    assert not bad, bad[0]
+    steps = {r.get("steps") for r in rows}
+    return concurrency_row("swarm+redis, Ray (supervisor + agent replicas)", sessions, wall,
+                           sessions * TOOL_STEPS, cpu, peak.peak - base,
+                           processes=len(procs.processes()), steps_per_task=sorted(
+                               s for s in steps if s is not None))
