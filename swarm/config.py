@@ -29,6 +29,7 @@ from pydantic import (
 from swarm.errors import ConfigError
 from swarm.tools.access import grant_problems
 from swarm.memory.config import AgentMemoryConfig, MemoryConfig, memory_problems
+from swarm.tools.access import grant_problems
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
 _IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
