@@ -27,8 +27,8 @@ from pydantic import (
 )
 
 from swarm.errors import ConfigError
-from swarm.tools.access import grant_problems
 from swarm.memory.config import AgentMemoryConfig, MemoryConfig, memory_problems
+from swarm.tools.access import grant_problems
 from swarm.tools.access import grant_problems
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 from swarm.errors import ConfigError
+from swarm.tools.access import Grant, parse_grant
 from swarm.tools.interface import ToolSource, ToolSpec
 
 HANDOFF_PREFIX = "transfer_to_"
@@ -45,11 +47,17 @@ class Toolbox:
     """The tools one agent may see and call, resolved once when the agent starts.
 
     Only granted tools are in `schemas` and only they resolve, so access control holds in the step
-    loop itself, not just in the prompt.
+    loop itself, not just in the prompt; a call of a known but ungranted tool gets `refusal`.
     """
 
-    def __init__(self, entries: dict[str, ToolEntry], handoffs: list[str]) -> None:
+    def __init__(self, entries: dict[str, ToolEntry], handoffs: list[str], *, agent: str = "",
+                 forbidden: dict[str, str] | None = None) -> None:
+        self.agent = agent
         self._entries = entries
+        # Tools that exist but this agent may not call, with why (see `refusal`).
+        self._forbidden = forbidden or {}
+        # Start-up warnings (grant globs that match nothing), for the agent's start problems.
+        self.problems: list[str] = []
         self._handoffs = {handoff_tool_name(a): a for a in handoffs}
         self.schemas: list[dict[str, Any]] = [e.spec.openai_schema() for e in entries.values()]
         self.schemas.extend(_handoff_schema(a) for a in handoffs)
@@ -77,70 +85,104 @@ class Toolbox:
         """The agent a handoff tool names, or None if `name` is not a handoff tool."""
         return self._handoffs.get(name)
 
+    def refusal(self, name: str) -> str | None:
+        """Why `name` may not be called, if it is a real tool this agent isn't granted (a
+        policy error), or None if no such tool is known here (the model made it up)."""
+        reason = self._forbidden.get(name)
+        if reason is None:
+            return None
+        return f"tool {name!r} is not granted to agent {self.agent!r} ({reason})"
+
     @classmethod
     async def build(
-        cls, agent: str, grants: list[str], sources: dict[str, ToolSource], handoffs: list[str]
+        cls,
+        agent: str,
+        grants: list[str],
+        sources: dict[str, ToolSource],
+        handoffs: list[str],
+        deny: list[str] | tuple[str, ...] = (),
+        others: dict[str, str] | None = None,
     ) -> Toolbox:
-        """Resolve grants (`server` for all its tools, `server.tool` for one) against live sources.
+        """Resolve grant patterns (README "Tool access") against live sources.
 
-        A source that can't list its tools contributes none; its calls will fail as tool errors,
-        which is the agent's signal, rather than failing the whole agent.
+        `sources` are the servers the grants reach; `deny` patterns take tools back out;
+        `others` maps tool names of servers this agent doesn't use to their server, so calls
+        of those are refused as policy errors too. A source that can't list its tools
+        contributes none (its calls fail as tool errors, the agent's signal), except a tool
+        granted by its exact name, which is kept so calls reach the source once it is back. A
+        glob that matches nothing is a warning in `problems`; an exact name that the server
+        doesn't have is a `ConfigError`.
         """
+        allow = [parse_grant(g) for g in grants]
+        denied = [parse_grant(d) for d in deny]
+        listed: dict[str, list[ToolSpec] | None] = {}
+        for server, source in sources.items():
+            try:
+                listed[server] = await source.list_tools()
+            except Exception:
+                listed[server] = None
         entries: dict[str, ToolEntry] = {}
-        listed: dict[str, list[ToolSpec]] = {}
-        for grant in grants:
-            server, _, only = grant.partition(".")
+        forbidden: dict[str, str] = {}
+        problems: list[str] = []
+        where = f"agents.{agent}.tools"
+
+        def deny_rule(server: str, tool: str) -> Grant | None:
+            return next((d for d in denied if d.matches(server, tool)), None)
+
+        def add(server: str, spec: ToolSpec) -> None:
+            rule = deny_rule(server, spec.name)
+            if rule is not None:
+                forbidden[spec.name] = f"denied by deny_tools {rule.text!r}"
+                return
             source = sources[server]
-            if server not in listed:
-                try:
-                    listed[server] = await source.list_tools()
-                except Exception:
-                    listed[server] = []
-            specs = listed[server]
-            if only and not specs:
-                # The server didn't list its tools (it is down). Keep the granted name so the
-                # model's calls reach the source, which reconnects or reports a tool error.
-                specs = [
-                    ToolSpec(
-                        name=only,
-                        description=f"{only} (server {server} unavailable)",
-                        parameters={"type": "object"},
-                        source=server,
-                    )
-                ]
-            elif only:
-                specs = [s for s in specs if s.name == only]
-                if not specs and listed[server]:
-                    raise ConfigError(
-                        [
-                            (
-                                f"agents.{agent}.tools",
-                                f"server {server!r} has no tool {only!r}; it has "
-                                f"{sorted(s.name for s in listed[server])}",
-                            )
-                        ]
-                    )
-            for spec in specs:
-                other = entries.get(spec.name)
-                if other is not None and other.source is not source:
-                    raise ConfigError(
-                        [
-                            (
-                                f"agents.{agent}.tools",
-                                f"tool name {spec.name!r} is served by both "
-                                f"{other.source.name!r} and {server!r}; grant one as server.tool",
-                            )
-                        ]
-                    )
-                if spec.name.startswith(HANDOFF_PREFIX):
-                    raise ConfigError(
-                        [
-                            (
-                                f"agents.{agent}.tools",
-                                f"tool {spec.name!r} of {server!r} clashes with "
-                                "the handoff tool prefix",
-                            )
-                        ]
-                    )
-                entries[spec.name] = ToolEntry(spec, source)
-        return cls(entries, handoffs)
+            other = entries.get(spec.name)
+            if other is not None and other.source is not source:
+                raise ConfigError([(where, f"tool name {spec.name!r} is served by both "
+                                    f"{other.source.name!r} and {server!r}; grant one as "
+                                    "server.tool")])
+            if spec.name.startswith(HANDOFF_PREFIX):
+                raise ConfigError([(where, f"tool {spec.name!r} of {server!r} clashes with "
+                                    "the handoff tool prefix")])
+            entries[spec.name] = ToolEntry(spec, source)
+
+        for grant in allow:
+            matched = False
+            for server in (s for s in sources if grant.matches_server(s)):
+                specs = listed[server]
+                if specs is None:
+                    if grant.exact_tool:
+                        # The server is down. Keep the granted name so the model's calls reach
+                        # the source, which reconnects or reports a tool error.
+                        assert grant.tool is not None
+                        add(server, ToolSpec(
+                            name=grant.tool, parameters={"type": "object"}, source=server,
+                            description=f"{grant.tool} (server {server} unavailable)"))
+                        matched = True
+                    continue
+                for spec in specs:
+                    if grant.tool is None or fnmatchcase(spec.name, grant.tool):
+                        matched = True
+                        add(server, spec)
+                if grant.exact_tool and not matched:
+                    raise ConfigError([(where, f"server {server!r} has no tool {grant.tool!r}; "
+                                        f"it has {sorted(s.name for s in specs)}")])
+            if not matched and grant.tool is not None:
+                down = [s for s in sources if grant.matches_server(s) and listed[s] is None]
+                problems.append(
+                    f"{where}: {grant.text!r} matches no tool"
+                    + (f" (server {', '.join(down)} did not list its tools)" if down else ""))
+        for rule in denied:
+            if not any(rule.matches(server, spec.name) for server, specs in listed.items()
+                       for spec in specs or ()):
+                problems.append(f"agents.{agent}.deny_tools: {rule.text!r} matches no tool "
+                                "this agent's servers list")
+        for server, specs in listed.items():
+            for spec in specs or ():
+                if spec.name not in entries:
+                    forbidden.setdefault(spec.name, f"server {server!r} does not grant it")
+        for name, server in (others or {}).items():
+            if name not in entries:
+                forbidden.setdefault(name, f"it belongs to server {server!r}")
+        box = cls(entries, handoffs, agent=agent, forbidden=forbidden)
+        box.problems = problems
+        return box
