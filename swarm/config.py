@@ -29,7 +29,6 @@ from pydantic import (
 from swarm.errors import ConfigError
 from swarm.memory.config import AgentMemoryConfig, MemoryConfig, memory_problems
 from swarm.tools.access import grant_problems
-from swarm.tools.access import grant_problems
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
 _IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -81,6 +80,11 @@ class ScriptedModelConfig(_Strict):
         "http",
         description="http: through Ray Serve like a real model server; in_process: no Serve",
     )
+    stream: bool = Field(True, description="http: the client streams (SSE), measuring TTFT")
+    router: Literal["default", "session"] = Field(
+        "session", description="session: a session's calls go to one replica (consistent "
+        "hashing on x-session-id); default: Serve's power-of-two choices")
+    max_context_tokens: int | None = Field(None, ge=1, description="the context window")
     price: Price = Field(Price(), description="for cost accounting; scripted is free by default")
     # Filled by the loader: the parsed policy, so the config carries it to every process.
     policy_spec: dict[str, Any] | None = None
@@ -98,6 +102,14 @@ class OpenAIModelConfig(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     price: Price = Field(Price(), description="USD per million tokens, for the ledger and budgets")
+    # Client behaviour (swarm.models.openai): streaming, retries, timeouts, context window.
+    stream: bool = Field(True, description="stream (SSE) to measure time to first token")
+    step_timeout_s: float | None = Field(
+        None, gt=0, description="bound on one step's model call, all retries included")
+    backoff_base_s: float = Field(0.5, gt=0, description="first retry waits up to this long")
+    backoff_max_s: float = Field(20.0, gt=0, description="cap of one retry's wait")
+    max_context_tokens: int | None = Field(
+        None, ge=1, description="the model's context window (agents may set a smaller one)")
 
     @field_validator("base_url")
     @classmethod
@@ -354,6 +366,16 @@ class AgentConfig(_Strict):
     budget: AgentBudget | None = Field(
         None, description="this agent's limits per task; fields given override budgets.agent"
     )
+    # The model client around `model` (swarm.models.agent): fallbacks and the context window.
+    fallback_models: list[str] = Field(
+        default_factory=list, description="models tried in order when `model` fails after its "
+        "retries (timeouts, connection errors, 408, 429, 5xx)")
+    max_context_tokens: int | None = Field(
+        None, ge=1, description="prompt size limit; default: the model's max_context_tokens")
+    context_strategy: Literal["drop_oldest_tool_results", "summarize", "fail"] = Field(
+        "drop_oldest_tool_results", description="what happens before a call above the limit")
+    summarize_model: str | None = Field(
+        None, description="context_strategy summarize: the model that writes the summary")
     memory: AgentMemoryConfig | None = Field(
         None, description="session history, automatic recall and memory namespaces "
         "(swarm.memory); the built-in `memory` tool server gives remember / recall / forget"
@@ -866,6 +888,29 @@ class SwarmConfig(_Strict):
         if "memory" in self.tools:
             problems.append(("tools.memory", "memory is the built-in memory tool server "
                              "(remember, recall, forget); give this server another name"))
+        if problems:
+            raise ValueError("\n".join(f"{p}: {m}" for p, m in problems))
+        return self
+
+    @model_validator(mode="after")
+    def _model_client_references(self) -> SwarmConfig:
+        problems: list[tuple[str, str]] = []
+        known = ", ".join(sorted(self.models)) or "none"
+        for name, agent in self.agents.items():
+            for i, ref in enumerate(agent.fallback_models):
+                if ref not in self.models:
+                    problems.append((f"agents.{name}.fallback_models.{i}",
+                                     f"unknown model {ref!r}; defined models: {known}"))
+                elif ref == agent.model or agent.fallback_models.index(ref) != i:
+                    problems.append((f"agents.{name}.fallback_models.{i}",
+                                     f"{ref!r} is already in this agent's model chain"))
+            if agent.summarize_model is not None and agent.summarize_model not in self.models:
+                problems.append((f"agents.{name}.summarize_model",
+                                 f"unknown model {agent.summarize_model!r}; defined models: "
+                                 f"{known}"))
+            if agent.context_strategy == "summarize" and agent.summarize_model is None:
+                problems.append((f"agents.{name}.summarize_model", "context_strategy summarize "
+                                 "needs a summarize_model (a model from `models`)"))
         if problems:
             raise ValueError("\n".join(f"{p}: {m}" for p, m in problems))
         return self

@@ -48,6 +48,27 @@ class ModelError(RunError):
     error_class = "model"
 
 
+class ModelCallError(ModelError):
+    """A model server call failed after its retries: `status` is the last HTTP status (None
+    for a timeout or connection error) and `attempts` how many requests were sent.
+
+    `transient` says another model may succeed where this one failed (timeouts, connection
+    errors, 408, 429 and 5xx answers): a fallback chain moves on only for those.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, attempts: int = 1,
+                 transient: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.attempts = attempts
+        self.transient = transient
+
+
+class ContextLimitError(ModelError):
+    """A prompt is larger than the agent's context window (estimated before the call, or
+    reported by the server as a context-length error)."""
+
+
 class ToolError(RunError):
     """A tool could not be reached or failed in transport (a tool's own error is a result)."""
 

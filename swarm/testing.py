@@ -13,6 +13,7 @@ from swarm.config import ScriptedModelConfig, SwarmConfig
 from swarm.errors import TaskFailed
 from swarm.events import Event
 from swarm.models import build_model
+from swarm.models.agent import build_agent_model
 from swarm.runtime.agent import AgentHost, EventBuffer, build_sources
 from swarm.runtime.supervisor import LocalAgentPool, Supervisor
 from swarm.state.interface import Checkpointer
@@ -37,7 +38,7 @@ class LocalSwarm:
         self.store = store
         self.hosts: dict[str, AgentHost] = {}
         for role, acfg in self.cfg.agents.items():
-            model = build_model(acfg.model, self.cfg.models[acfg.model])
+            model = build_agent_model(self.cfg, role)
             sources = build_sources(self.cfg, {g.split(".", 1)[0] for g in acfg.tools})
             self.hosts[role] = AgentHost(self.cfg, role, model, sources, store=store)
         router = None

@@ -35,6 +35,8 @@ class ModelRequest:
     agent: str = ""
     max_tokens: int | None = None
     temperature: float | None = None
+    # The step's wall-clock deadline (time.time()); a client's retries stop there.
+    deadline: float | None = None
 
 
 @dataclass(slots=True)

@@ -1,28 +1,132 @@
-"""`OpenAIModel`: any OpenAI-compatible chat-completions server, through the official client."""
+"""`OpenAIModel`: any OpenAI-compatible chat-completions server, over a pooled httpx client.
+
+No SDK: importing the openai package costs ~0.6 s, paid again on every actor restart (the
+crash-recovery path), and its typed response objects cost more per call than the few fields
+read here. The client speaks the wire format directly:
+
+- one `httpx.AsyncClient` per process and event loop for each server origin (scheme, host,
+  port), shared by every model on that server and closed when its last user calls `aclose`;
+- `stream: true` by default: SSE chunks with `stream_options.include_usage`, content and tool
+  calls assembled from their deltas, time to first token measured at the first chunk;
+- retries with exponential backoff and full jitter on 408, 429 (honouring `Retry-After`), 5xx,
+  connection errors and timeouts; a per-call timeout (`timeout_s`) and a per-step timeout
+  (`step_timeout_s`, across retries, and never past the step's own deadline);
+- the session id in `x-session-id`, so a session-affine router keeps a session's calls on the
+  replica that holds its prefix cache; the agent name in `x-swarm-agent`.
+
+Failures after retries raise `ModelCallError` (status, server message, attempts); a server's
+context-length 400 raises `ContextLimitError`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
+import random
+import re
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
-import openai
-from openai.types.chat import ChatCompletion
+import httpx
+import msgspec
 
-from swarm.errors import ModelError
+from swarm.errors import ContextLimitError, ModelCallError, ModelError
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall, Usage
 
 if TYPE_CHECKING:
     from swarm.config import OpenAIModelConfig
 
-__all__ = ["OpenAIModel"]
+__all__ = ["OpenAIModel", "close_pool", "is_context_length_message"]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.decode
+# Statuses another attempt may fix. 4xx other than these are the request's own fault.
+_RETRY_STATUS = frozenset({408, 429})
+_MAX_RETRY_AFTER_S = 60.0
+# How servers word a prompt that doesn't fit (OpenAI's code, vLLM's and others' messages).
+_CONTEXT_RE = re.compile(
+    r"context[_ ]length|maximum context|context window|max_model_len|prompt is too long|"
+    r"too many tokens|reduce the length", re.IGNORECASE)
+
+
+def is_context_length_message(text: str) -> bool:
+    """Whether a server's error text says the prompt exceeds the model's context."""
+    return bool(_CONTEXT_RE.search(text))
+
+
+# ---- the connection pool ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pooled:
+    client: httpx.AsyncClient
+    loop: asyncio.AbstractEventLoop
+    users: set[int] = field(default_factory=set)
+
+
+# (id of the event loop, origin) -> client. A client's connections belong to the loop that
+# opened them, so each loop gets its own; entries of closed loops are dropped on the next use.
+_POOL: dict[tuple[int, str], _Pooled] = {}
+
+
+def _pooled_client(origin: str, user: int) -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    key = (id(loop), origin)
+    entry = _POOL.get(key)
+    if entry is None or entry.loop is not loop or entry.client.is_closed:
+        for k in [k for k, e in _POOL.items() if e.loop.is_closed()]:
+            del _POOL[k]
+        # Timeouts are applied per call (asyncio.timeout), so one client serves any settings.
+        # An agent replica runs up to max_sessions calls at once: allow that many connections.
+        entry = _Pooled(httpx.AsyncClient(
+            timeout=httpx.Timeout(None),
+            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256),
+        ), loop)
+        _POOL[key] = entry
+    entry.users.add(user)
+    return entry.client
+
+
+async def _release(user: int) -> None:
+    for key, entry in list(_POOL.items()):
+        entry.users.discard(user)
+        if not entry.users:
+            del _POOL[key]
+            if not entry.loop.is_closed() and entry.loop is asyncio.get_running_loop():
+                await entry.client.aclose()
+
+
+async def close_pool() -> None:
+    """Close every pooled client of the running event loop (for shutdown and tests)."""
+    loop = asyncio.get_running_loop()
+    for key, entry in list(_POOL.items()):
+        if entry.loop is loop:
+            del _POOL[key]
+            await entry.client.aclose()
+
+
+# ---- the client ---------------------------------------------------------------------------------
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way another attempt may fix."""
+
+    def __init__(self, what: str, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.status = status
+        self.retry_after = retry_after
 
 
 class OpenAIModel(Model):
     """A chat model behind an OpenAI-compatible endpoint (OpenAI, vLLM, the scripted engine).
 
-    `base_url` includes the API version prefix, e.g. `http://127.0.0.1:8000/scripted/v1`. The
-    client retries 408/409/429/5xx answers, connection errors and timeouts `max_retries` times
-    with exponential backoff; whatever still fails is raised as `ModelError`.
+    `base_url` includes the API version prefix, e.g. `http://127.0.0.1:8000/scripted/v1`.
+    `http_client` replaces the pooled client (tests pass one on an ASGI transport); the model
+    then doesn't close it.
     """
 
     def __init__(
@@ -35,23 +139,33 @@ class OpenAIModel(Model):
         max_tokens: int | None = None,
         temperature: float | None = None,
         name: str | None = None,
-        http_client: Any = None,
+        http_client: httpx.AsyncClient | None = None,
+        *,
+        stream: bool = True,
+        step_timeout_s: float | None = None,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 20.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.api_key = api_key
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.name = name or model
-        # The client requires a key even for servers that ignore it.
-        self._client = openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=api_key or "unused",
-            timeout=timeout_s,
-            max_retries=max_retries,
-            http_client=http_client,
-        )
+        self.stream = stream
+        self.step_timeout_s = step_timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._url = f"{self.base_url}/chat/completions"
+        parts = urlsplit(self.base_url)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._own_client = http_client
+        self._headers = {"content-type": "application/json"}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._rng = random.Random()
 
     @classmethod
     def from_config(cls, cfg: OpenAIModelConfig, *, name: str | None = None) -> OpenAIModel:
@@ -65,88 +179,252 @@ class OpenAIModel(Model):
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             name=name,
+            stream=cfg.stream,
+            step_timeout_s=cfg.step_timeout_s,
+            backoff_base_s=cfg.backoff_base_s,
+            backoff_max_s=cfg.backoff_max_s,
         )
 
-    async def complete(self, request: ModelRequest) -> ModelResponse:
-        """Send one chat completion and map the answer; failures become `ModelError`."""
-        kwargs: dict[str, Any] = {"model": self.model, "messages": request.messages}
-        headers = {"x-session-id": request.session_id, "x-swarm-agent": request.agent}
+    def _client(self) -> httpx.AsyncClient:
+        if self._own_client is not None:
+            return self._own_client
+        return _pooled_client(self._origin, id(self))
+
+    def _body(self, request: ModelRequest) -> bytes:
+        body: dict[str, Any] = {"model": self.model, "messages": request.messages}
         if request.tools:
-            kwargs["tools"] = request.tools
+            body["tools"] = request.tools
         max_tokens = request.max_tokens if request.max_tokens is not None else self.max_tokens
         if max_tokens is not None:
-            kwargs["max_tokens"] = max_tokens
-        temperature = request.temperature if request.temperature is not None else self.temperature
+            body["max_tokens"] = max_tokens
+        temperature = request.temperature if request.temperature is not None \
+            else self.temperature
         if temperature is not None:
-            kwargs["temperature"] = temperature
-        start = time.perf_counter()
+            body["temperature"] = temperature
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return _encode(body)
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        """Send one chat completion, retrying transient failures; map the answer."""
+        content = self._body(request)
+        headers = {**self._headers, "x-session-id": request.session_id,
+                   "x-swarm-agent": request.agent}
+        now = time.time()
+        end = None if self.step_timeout_s is None else now + self.step_timeout_s
+        if request.deadline is not None and (end is None or request.deadline < end):
+            end = request.deadline
+        client = self._client()
+        attempt = 0
+        while True:
+            attempt += 1
+            call_timeout = self.timeout_s
+            if end is not None:
+                call_timeout = min(call_timeout, end - time.time())
+                if call_timeout <= 0:
+                    raise self._out_of_time(attempt - 1, end, None)
+            try:
+                async with asyncio.timeout(call_timeout):
+                    return await self._attempt(client, content, headers)
+            except _Retryable as e:
+                failure = e
+            except TimeoutError:
+                failure = _Retryable(f"timed out after {call_timeout:.3g}s")
+            except httpx.TransportError as e:
+                failure = _Retryable(f"can't reach the server: {type(e).__name__}: {e}")
+            if attempt > self.max_retries:
+                raise self._failed(failure, attempt)
+            delay = self._backoff(attempt, failure.retry_after)
+            if end is not None and time.time() + delay >= end:
+                raise self._out_of_time(attempt, end, failure)
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]; a server's Retry-After
+        wins (up to a minute: a longer wait is an outage, better met by a fallback model)."""
+        if retry_after is not None:
+            return min(retry_after, _MAX_RETRY_AFTER_S)
+        return self._rng.uniform(0.0, min(self.backoff_max_s,
+                                          self.backoff_base_s * 2 ** (attempt - 1)))
+
+    def _where(self) -> str:
+        return f"model {self.model!r} at {self.base_url}"
+
+    def _failed(self, failure: _Retryable, attempts: int) -> ModelCallError:
+        tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+        if failure.status is not None:
+            msg = f"{self._where()} answered HTTP {failure.status} ({tries}): {failure.what}"
+        else:
+            msg = f"{self._where()} failed ({tries}): {failure.what}"
+        return ModelCallError(msg, status=failure.status, attempts=attempts, transient=True)
+
+    def _out_of_time(self, attempts: int, end: float, last: _Retryable | None) -> ModelCallError:
+        why = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+        if last is not None:
+            status = f"HTTP {last.status} " if last.status else ""
+            why += f", last: {status}{last.what}"
+        step = f"step_timeout_s = {self.step_timeout_s}" if self.step_timeout_s else "the step"
+        return ModelCallError(
+            f"{self._where()}: out of time for this step ({step} or the turn's deadline, "
+            f"{max(0.0, end - time.time()):.3g}s left; {why})",
+            status=last.status if last else None, attempts=attempts, transient=True)
+
+    async def _attempt(self, client: httpx.AsyncClient, content: bytes,
+                       headers: dict[str, str]) -> ModelResponse:
+        t0 = time.perf_counter()
+        if not self.stream:
+            r = await client.post(self._url, content=content, headers=headers)
+            if r.status_code != 200:
+                self._status_error(r.status_code, r.content, r.headers)
+            return self._from_json(r.content)
+        async with client.stream("POST", self._url, content=content, headers=headers) as r:
+            if r.status_code != 200:
+                self._status_error(r.status_code, await r.aread(), r.headers)
+            if not r.headers.get("content-type", "").startswith("text/event-stream"):
+                return self._from_json(await r.aread())  # a server that ignores `stream`
+            return await self._from_stream(r, t0)
+
+    def _status_error(self, status: int, raw: bytes, headers: httpx.Headers) -> NoReturn:
+        message = _server_message(raw)
+        if status in _RETRY_STATUS or status >= 500:
+            raise _Retryable(message, status, _retry_after(headers))
+        if status == 400 and is_context_length_message(message):
+            raise ContextLimitError(
+                f"{self._where()} rejected the prompt as too long for its context window "
+                f"(HTTP 400): {message}")
+        raise ModelCallError(f"{self._where()} answered HTTP {status}: {message}",
+                             status=status, attempts=1, transient=False)
+
+    def _from_json(self, raw: bytes) -> ModelResponse:
         try:
-            # The SDK's low-level post keeps its retries, timeouts, errors and typed response,
-            # but skips `chat.completions.create`'s parameter transform, which walks every
-            # message on every call: 18 ms for a 100-message conversation, growing with it.
-            resp = await self._client.post(
-                "/chat/completions", cast_to=ChatCompletion, body=kwargs,
-                options={"headers": headers},
-            )
-        except openai.APIStatusError as e:
-            raise ModelError(
-                f"model {self.model!r} at {self.base_url} answered HTTP {e.status_code}"
-                f"{self._retried(e.status_code)}: {_server_message(e)}") from e
-        except openai.APITimeoutError as e:
-            raise ModelError(
-                f"model {self.model!r} at {self.base_url} timed out after {self.timeout_s}s "
-                f"({self.max_retries} retries)") from e
-        except openai.APIConnectionError as e:
-            raise ModelError(
-                f"can't reach model {self.model!r} at {self.base_url} "
-                f"({self.max_retries} retries): {e.__cause__ or e}") from e
-        except openai.OpenAIError as e:
-            raise ModelError(f"model {self.model!r} at {self.base_url} failed: {e}") from e
-        elapsed = time.perf_counter() - start
-        return self._response(resp, elapsed)
-
-    def _retried(self, status: int) -> str:
-        retryable = status in (408, 409, 429) or status >= 500
-        return f" after {self.max_retries} retries" if retryable and self.max_retries else ""
-
-    def _response(self, resp: Any, elapsed: float) -> ModelResponse:
-        if not resp.choices:
-            raise ModelError(f"model {self.model!r} at {self.base_url} returned no choices")
-        choice = resp.choices[0]
-        msg = choice.message
+            data = _decode(raw)
+            choice = data["choices"][0]
+            msg = choice["message"]
+        except (msgspec.DecodeError, KeyError, IndexError, TypeError) as e:
+            raise ModelError(f"{self._where()} returned an unreadable completion "
+                             f"({type(e).__name__}: {e}): {raw[:200]!r}") from e
         calls = []
-        for c in msg.tool_calls or ():
-            if c.type != "function":
-                raise ModelError(f"model {self.model!r} returned an unsupported {c.type!r} "
-                                 "tool call; only function tools are supported")
-            calls.append(ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments))
-        usage = Usage()
-        if resp.usage is not None:
-            details = resp.usage.prompt_tokens_details
-            usage = Usage(
-                input_tokens=resp.usage.prompt_tokens,
-                output_tokens=resp.usage.completion_tokens,
-                cached_input_tokens=(details.cached_tokens or 0) if details is not None else 0,
-            )
+        for c in msg.get("tool_calls") or ():
+            if c.get("type", "function") != "function":
+                raise ModelError(f"model {self.model!r} returned an unsupported "
+                                 f"{c.get('type')!r} tool call; only function tools are supported")
+            fn = c.get("function") or {}
+            calls.append(ToolCall(id=c.get("id") or "", name=fn.get("name") or "",
+                                  arguments=fn.get("arguments") or ""))
         return ModelResponse(
-            content=msg.content,
-            tool_calls=calls,
-            usage=usage,
-            finish_reason=choice.finish_reason or "stop",
-            model=resp.model or self.model,
-            time_to_first_token_s=elapsed,
-        )
+            content=msg.get("content"), tool_calls=calls, usage=_usage(data.get("usage")),
+            finish_reason=choice.get("finish_reason") or "stop",
+            model=data.get("model") or self.model, time_to_first_token_s=None)
+
+    async def _from_stream(self, r: httpx.Response, t0: float) -> ModelResponse:
+        parts: list[str] = []
+        calls: dict[int, list[Any]] = {}  # index -> [id, name, [argument pieces]]
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        model = ""
+        ttft: float | None = None
+        done = False
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = _decode(data)
+            except msgspec.DecodeError as e:
+                raise ModelError(f"{self._where()} sent an unreadable stream chunk: "
+                                 f"{data[:200]!r}") from e
+            if "error" in chunk:  # an error after the 200 (vLLM does this)
+                raise _Retryable(f"error in the stream: {_error_text(chunk['error'])}")
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if not model:
+                model = chunk.get("model") or ""
+            for ch in chunk.get("choices") or ():
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                if ch.get("index", 0):
+                    continue
+                delta = ch.get("delta") or {}
+                text = delta.get("content")
+                if text:
+                    parts.append(text)
+                for tc in delta.get("tool_calls") or ():
+                    slot = calls.get(tc.get("index", 0))
+                    if slot is None:
+                        slot = calls[tc.get("index", 0)] = ["", "", []]
+                    if tc.get("id"):
+                        slot[0] = tc["id"]
+                    fn = tc.get("function") or {}
+                    if fn.get("name"):
+                        slot[1] += fn["name"]
+                    if fn.get("arguments"):
+                        slot[2].append(fn["arguments"])
+                if ch.get("finish_reason"):
+                    finish = ch["finish_reason"]
+        if not done and finish is None:
+            raise _Retryable("the stream ended before the completion did")
+        return ModelResponse(
+            content="".join(parts) if parts else None,
+            tool_calls=[ToolCall(id=s[0], name=s[1], arguments="".join(s[2]))
+                        for _, s in sorted(calls.items())],
+            usage=_usage(usage), finish_reason=finish or "stop", model=model or self.model,
+            time_to_first_token_s=ttft)
 
     async def aclose(self) -> None:
-        """Close the HTTP client and its connections."""
-        await self._client.close()
+        """Give up this model's share of the pooled client (closed with its last user)."""
+        if self._own_client is None:
+            await _release(id(self))
 
 
-def _server_message(e: openai.APIStatusError) -> str:
-    """The server's own error message when it sent one, else the client's summary."""
-    body = e.body
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
-    if isinstance(body, str) and body:
-        return body[:500]
-    return e.message
+def _usage(u: dict[str, Any] | None) -> Usage:
+    if not u:
+        return Usage()
+    details = u.get("prompt_tokens_details") or {}
+    return Usage(input_tokens=u.get("prompt_tokens") or 0,
+                 output_tokens=u.get("completion_tokens") or 0,
+                 cached_input_tokens=details.get("cached_tokens") or 0)
+
+
+def _error_text(err: Any) -> str:
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return err["message"]
+    return str(err)[:500]
+
+
+def _server_message(raw: bytes) -> str:
+    """The server's own error message when it sent one (OpenAI's or FastAPI's shape)."""
+    try:
+        body = _decode(raw)
+    except msgspec.DecodeError:
+        return raw[:500].decode("utf-8", "replace").strip() or "(empty body)"
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message"):
+            if key in body:
+                return _error_text(body[key])
+    return str(body)[:500]
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the server asked to wait: `retry-after-ms`, `retry-after` seconds or date."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -490,14 +490,14 @@ class AgentActor:
 
     def __init__(self, cfg: SwarmConfig, role: str, endpoints: dict[str, str], supervisor: Any,
                  replica: int = 0, store_spec: str | None = None) -> None:
-        from swarm.models import build_model
+        from swarm.models.agent import build_agent_model
         from swarm.observability.tracing import configure
         from swarm.runtime.supervisor_actor import open_store
 
         # This actor's process traces into the swarm's trace store (and exporter).
         configure(cfg, store_spec, {"swarm.process": f"agent {role}.{replica}"})
         agent_cfg = cfg.agents[role]
-        model = build_model(agent_cfg.model, cfg.models[agent_cfg.model], endpoints)
+        model = build_agent_model(cfg, role, endpoints)  # with fallbacks and context limit
         sources = build_sources(cfg, {g.split(".", 1)[0] for g in agent_cfg.tools})
         self.replica = replica
         self.host = AgentHost(cfg, role, model, sources, store=open_store(store_spec))

@@ -259,6 +259,7 @@ class StepLoop:
             tools=self.toolbox.schemas,
             session_id=session.session_id,
             agent=agent,
+            deadline=limits.deadline,  # the client's retries stop at the turn's deadline
         )
         try:
             if self._model_fn is None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import time
 import zlib
 from typing import Any
@@ -12,9 +10,11 @@ from typing import Any
 from swarm.config import LatencyConfig, ScriptedModelConfig
 from swarm.errors import ConfigError
 from swarm.models.interface import Model, ModelRequest, ModelResponse, Usage
-from swarm.models.scripted.policy import Policy, ScriptedReply, message_text
+from swarm.models.scripted.policy import Policy, ScriptedReply
+from swarm.models.tokens import PromptCounter, count_prompt_tokens
 
-__all__ = ["ScriptedModel", "count_prompt_tokens", "reply_usage", "simulated_latency_s"]
+__all__ = ["PromptCounter", "ScriptedModel", "count_prompt_tokens", "reply_usage",
+           "simulated_latency_s"]
 
 
 def simulated_latency_s(
@@ -34,63 +34,6 @@ def simulated_latency_s(
         unit = zlib.crc32(f"{seed}:{key}".encode()) / 0xFFFFFFFF  # in [0, 1]
         ms *= 1.0 + latency.jitter * (2.0 * unit - 1.0)
     return ms / 1000.0
-
-
-def count_prompt_tokens(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
-    """Approximate prompt tokens: message text and tool calls, 4 per message, tool schemas."""
-    chars = sum(16 + _message_chars(m) for m in messages)
-    if tools:
-        chars += len(json.dumps(tools, separators=(",", ":")))
-    return math.ceil(chars / 4)
-
-
-class PromptCounter:
-    """`count_prompt_tokens` in time proportional to what a conversation added since last call.
-
-    The runtime only appends to a session's message list, so the count for a list seen before
-    is extended from where it stopped. A list is recognised by its id plus the identity of the
-    last message counted (so a new list that happens to reuse an id is counted afresh). Tool
-    schema lists are long-lived per agent; their size is cached by identity.
-    """
-
-    def __init__(self, max_entries: int = 50_000) -> None:
-        self._seen: dict[int, tuple[int, Any, int]] = {}
-        self._tools: dict[int, tuple[Any, int]] = {}
-        self._max = max_entries
-
-    def __call__(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
-        """Approximate prompt tokens, as `count_prompt_tokens` would count them."""
-        n = len(messages)
-        start, chars = 0, 0
-        seen = self._seen.get(id(messages))
-        if seen is not None and seen[0] <= n and seen[0] and messages[seen[0] - 1] is seen[1]:
-            start, chars = seen[0], seen[2]
-        for m in messages[start:] if start else messages:
-            chars += 16 + _message_chars(m)
-        if n:
-            if len(self._seen) >= self._max:
-                del self._seen[next(iter(self._seen))]
-            self._seen[id(messages)] = (n, messages[-1], chars)
-        if tools:
-            cached = self._tools.get(id(tools))
-            if cached is None or cached[0] is not tools:
-                if len(self._tools) >= 1024:
-                    self._tools.clear()
-                cached = (tools, len(json.dumps(tools, separators=(",", ":"))))
-                self._tools[id(tools)] = cached
-            chars += cached[1]
-        return math.ceil(chars / 4)
-
-
-def _message_chars(m: dict[str, Any]) -> int:
-    content = m.get("content")
-    chars = len(content) if type(content) is str else len(message_text(content))
-    calls = m.get("tool_calls")
-    if calls:
-        for c in calls:
-            fn = c.get("function") or {}
-            chars += len(fn.get("name") or "") + len(fn.get("arguments") or "")
-    return chars
 
 
 def reply_usage(

@@ -52,6 +52,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from swarm.errors import ConfigError, ModelError
 from swarm.models.interface import ToolCall
+from swarm.models.tokens import message_text
 
 __all__ = [
     "Policy", "PolicyDecisionError", "PolicySpecError", "ScriptedReply", "count_tokens",
@@ -203,15 +204,6 @@ def count_tokens(text: str) -> int:
 
 
 # ---- conversation view --------------------------------------------------------------------------
-
-
-def message_text(content: Any) -> str:
-    """The text of a message's `content`: a string, or the text of its content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)
 
 
 def _maybe_json(text: str) -> Any:

@@ -1,0 +1,517 @@
+"""`OpenAIModel`, `FallbackModel` and `ContextWindow` against a real HTTP server on 127.0.0.1.
+
+The server is a small Starlette app under uvicorn in a thread; each test scripts its answers
+per model name (status codes, Retry-After, slow answers, SSE streams, context-length errors)
+and reads back the requests it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from swarm.config import ConfigError, parse_config
+from swarm.errors import ContextLimitError, ModelCallError, ModelError
+from swarm.events import ModelCalled, ToolCalled
+from swarm.models.agent import build_agent_model
+from swarm.models.context import SUMMARY_PREFIX, ContextWindow, dropped_placeholder
+from swarm.models.fallback import FallbackModel
+from swarm.models.interface import ModelRequest
+from swarm.models.openai import OpenAIModel
+from swarm.testing import LocalSwarm
+
+Responder = Callable[[dict[str, Any]], Awaitable[Response]]
+
+
+@dataclass
+class FakeServer:
+    """Answers each model's requests from its script, in order (the last entry repeats)."""
+
+    url: str
+    scripts: dict[str, list[Responder]] = field(default_factory=dict)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def script(self, model: str, *answers: Responder) -> None:
+        self.scripts[model] = list(answers)
+
+    def bodies(self, model: str) -> list[dict[str, Any]]:
+        return [r["body"] for r in self.requests if r["body"]["model"] == model]
+
+
+def make_app(srv: FakeServer) -> Starlette:
+    async def chat(request: Request) -> Response:
+        body = json.loads(await request.body())
+        srv.requests.append({"body": body, "headers": dict(request.headers), "t": time.time()})
+        script = srv.scripts[body["model"]]
+        answer = script.pop(0) if len(script) > 1 else script[0]
+        return await answer(body)
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeServer]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+    srv = FakeServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1")
+    uv = uvicorn.Server(uvicorn.Config(make_app(srv), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh(server: FakeServer) -> None:
+    server.scripts.clear()
+    server.requests.clear()
+
+
+# ---- scripted answers ---------------------------------------------------------------------------
+
+
+def completion(content: str | None = "hi", *, tool_calls: list[dict[str, Any]] | None = None,
+               usage: dict[str, Any] | None = None) -> Responder:
+    async def answer(body: dict[str, Any]) -> Response:
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+        return JSONResponse({
+            "id": "c1", "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": 0, "message": msg,
+                         "finish_reason": "tool_calls" if tool_calls else "stop"}],
+            "usage": usage or {"prompt_tokens": 10, "completion_tokens": 2}})
+    return answer
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None,
+          delay: float = 0.0) -> Responder:
+    async def answer(body: dict[str, Any]) -> Response:
+        if delay:
+            await asyncio.sleep(delay)
+        return JSONResponse({"error": {"message": message, "type": "x", "code": None}},
+                            status_code=status, headers=headers)
+    return answer
+
+
+def slow(seconds: float) -> Responder:
+    async def answer(body: dict[str, Any]) -> Response:
+        await asyncio.sleep(seconds)
+        return await completion("late")(body)
+    return answer
+
+
+def sse(chunks: list[dict[str, Any]], first_delay: float = 0.0, done: bool = True) -> Responder:
+    async def answer(body: dict[str, Any]) -> Response:
+        async def events() -> Any:
+            if first_delay:
+                await asyncio.sleep(first_delay)
+            for c in chunks:
+                yield f"data: {json.dumps({'model': body['model'], **c})}\n\n"
+            if done:
+                yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+    return answer
+
+
+def delta(d: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+
+def req(text: str = "hello", session: str = "s-1", **kw: Any) -> ModelRequest:
+    return ModelRequest(messages=[{"role": "user", "content": text}], session_id=session,
+                        agent="a", **kw)
+
+
+def model(server: FakeServer, name: str = "m1", **kw: Any) -> OpenAIModel:
+    kw.setdefault("backoff_base_s", 0.001)
+    return OpenAIModel(server.url, name, **kw)
+
+
+# ---- headers, streaming, usage ------------------------------------------------------------------
+
+
+async def test_streaming_assembles_content_and_tool_calls_with_ttft(server: FakeServer) -> None:
+    server.script("m1", sse([
+        delta({"role": "assistant", "content": ""}),
+        delta({"content": "Let me "}),
+        delta({"content": "check."}),
+        delta({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                               "function": {"name": "search", "arguments": ""}}]}),
+        delta({"tool_calls": [{"index": 0, "function": {"arguments": '{"q": "ray'}}]}),
+        delta({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                               "function": {"name": "fetch", "arguments": '{"url":'}}]}),
+        delta({"tool_calls": [{"index": 0, "function": {"arguments": ' serve"}'}}]}),
+        delta({"tool_calls": [{"index": 1, "function": {"arguments": ' "x"}'}}]}),
+        delta({}, "tool_calls"),
+        {"choices": [], "usage": {"prompt_tokens": 1200, "completion_tokens": 30,
+                                  "prompt_tokens_details": {"cached_tokens": 1024}}},
+    ], first_delay=0.05))
+    m = model(server)
+    try:
+        resp = await m.complete(req(session="sess-42"))
+    finally:
+        await m.aclose()
+    assert resp.content == "Let me check."
+    assert [(c.id, c.name, json.loads(c.arguments)) for c in resp.tool_calls] == [
+        ("call_a", "search", {"q": "ray serve"}), ("call_b", "fetch", {"url": "x"})]
+    assert resp.finish_reason == "tool_calls" and resp.model == "m1"
+    assert (resp.usage.input_tokens, resp.usage.output_tokens,
+            resp.usage.cached_input_tokens) == (1200, 30, 1024)
+    assert resp.time_to_first_token_s is not None and resp.time_to_first_token_s >= 0.05
+    [sent] = server.requests
+    assert sent["headers"]["x-session-id"] == "sess-42"
+    assert sent["headers"]["x-swarm-agent"] == "a"
+    assert sent["body"]["stream"] is True
+    assert sent["body"]["stream_options"] == {"include_usage": True}
+
+
+async def test_non_streaming_reads_cached_tokens(server: FakeServer) -> None:
+    server.script("m1", completion("plain", usage={
+        "prompt_tokens": 100, "completion_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 64}}))
+    m = model(server, stream=False)
+    resp = await m.complete(req(session="s-9"))
+    await m.aclose()
+    assert resp.content == "plain" and resp.time_to_first_token_s is None
+    assert (resp.usage.input_tokens, resp.usage.cached_input_tokens) == (100, 64)
+    [sent] = server.requests
+    assert "stream" not in sent["body"] and sent["headers"]["x-session-id"] == "s-9"
+
+
+async def test_a_stream_cut_short_is_retried(server: FakeServer) -> None:
+    server.script("m1", sse([delta({"content": "par"})], done=False),
+                  sse([delta({"content": "whole"}, "stop")]))
+    m = model(server)
+    resp = await m.complete(req())
+    await m.aclose()
+    assert resp.content == "whole" and len(server.requests) == 2
+
+
+# ---- retries and timeouts -----------------------------------------------------------------------
+
+
+async def test_429_and_5xx_are_retried_honouring_retry_after(server: FakeServer) -> None:
+    server.script("m1", error(429, "slow down", {"retry-after": "0.3"}), error(502, "bad gw"),
+                  completion("finally"))
+    m = model(server, max_retries=3)
+    resp = await m.complete(req())
+    await m.aclose()
+    assert resp.content == "finally"
+    times = [r["t"] for r in server.requests]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.3  # the server's Retry-After, not the 1 ms backoff
+
+
+async def test_gives_up_after_max_retries_with_status_message_and_attempts(
+        server: FakeServer) -> None:
+    server.script("m1", error(503, "overloaded, try later"))
+    m = model(server, max_retries=2)
+    with pytest.raises(ModelCallError) as info:
+        await m.complete(req())
+    await m.aclose()
+    e = info.value
+    assert (e.status, e.attempts, e.transient) == (503, 3, True)
+    assert "HTTP 503 (3 attempts): overloaded, try later" in str(e)
+    assert len(server.requests) == 3
+
+
+async def test_client_errors_are_not_retried(server: FakeServer) -> None:
+    server.script("m1", error(401, "bad key"))
+    m = model(server, max_retries=5)
+    with pytest.raises(ModelCallError, match="HTTP 401: bad key") as info:
+        await m.complete(req())
+    await m.aclose()
+    assert info.value.transient is False and len(server.requests) == 1
+
+
+def test_backoff_is_full_jitter_under_an_exponential_cap(server: FakeServer) -> None:
+    m = OpenAIModel(server.url, "m1", backoff_base_s=0.5, backoff_max_s=3.0)
+    for attempt, cap in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)]:
+        waits = [m._backoff(attempt, None) for _ in range(300)]
+        assert all(0 <= w <= cap for w in waits)
+        assert max(waits) > cap / 2 and min(waits) < cap / 2  # spread over the range
+    assert m._backoff(1, 7.5) == 7.5  # Retry-After wins
+    assert m._backoff(1, 3600) == 60.0  # ...up to a minute
+
+
+async def test_per_call_timeout_then_success(server: FakeServer) -> None:
+    server.script("m1", slow(2.0), completion("quick"))
+    m = model(server, timeout_s=0.2, max_retries=1)
+    resp = await m.complete(req())
+    await m.aclose()
+    assert resp.content == "quick" and len(server.requests) == 2
+
+
+async def test_step_timeout_bounds_all_retries(server: FakeServer) -> None:
+    server.script("m1", slow(2.0))
+    m = model(server, timeout_s=0.2, max_retries=50, step_timeout_s=0.5)
+    with pytest.raises(ModelCallError, match="out of time for this step") as info:
+        await m.complete(req())
+    await m.aclose()
+    assert 1 <= info.value.attempts <= 3 and len(server.requests) <= 3
+    # The turn's deadline bounds the call the same way.
+    server.requests.clear()
+    m = model(server, timeout_s=0.2, max_retries=50)
+    with pytest.raises(ModelCallError, match="out of time"):
+        await m.complete(req(deadline=time.time() + 0.3))
+    await m.aclose()
+    assert len(server.requests) <= 2
+
+
+async def test_unreachable_server_is_a_transient_model_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        m = OpenAIModel(f"http://127.0.0.1:{port}/v1", "m", max_retries=1,
+                        backoff_base_s=0.001)
+        with pytest.raises(ModelCallError, match=r"\(2 attempts\): can't reach") as info:
+            await m.complete(req())
+        await m.aclose()
+    assert info.value.transient and info.value.status is None
+
+
+# ---- the pooled client --------------------------------------------------------------------------
+
+
+async def test_models_on_one_server_share_one_client_closed_with_the_last(
+        server: FakeServer) -> None:
+    server.script("m1", completion())
+    server.script("m2", completion())
+    a, b = model(server, "m1"), model(server, "m2")
+    await a.complete(req())
+    await b.complete(req())
+    assert a._client() is b._client()
+    client = a._client()
+    await a.aclose()
+    assert not client.is_closed
+    await b.aclose()
+    assert client.is_closed
+    c = model(server, "m1")  # a new user gets a new client
+    assert (await c.complete(req())).content == "hi"
+    await c.aclose()
+
+
+# ---- fallbacks ----------------------------------------------------------------------------------
+
+
+async def test_fallback_chain_moves_on_after_retries(server: FakeServer) -> None:
+    server.script("primary", error(503, "down"))
+    server.script("backup", error(429, "busy"))
+    server.script("last", completion("from last"))
+    chain = FallbackModel([model(server, n, max_retries=1) for n in ("primary", "backup",
+                                                                      "last")])
+    resp = await chain.complete(req())
+    await chain.aclose()
+    assert resp.content == "from last" and resp.model == "last"
+    assert [r["body"]["model"] for r in server.requests] == [
+        "primary", "primary", "backup", "backup", "last"]
+
+
+async def test_fallback_is_not_used_for_client_errors(server: FakeServer) -> None:
+    server.script("primary", error(422, "bad tool schema"))
+    server.script("backup", completion())
+    chain = FallbackModel([model(server, "primary"), model(server, "backup")])
+    with pytest.raises(ModelCallError, match="HTTP 422: bad tool schema"):
+        await chain.complete(req())
+    await chain.aclose()
+    assert server.bodies("backup") == []
+
+
+async def test_every_model_failing_names_each(server: FakeServer) -> None:
+    server.script("primary", error(500, "boom"))
+    server.script("backup", error(503, "also down"))
+    chain = FallbackModel([model(server, "primary", max_retries=0),
+                           model(server, "backup", max_retries=0)])
+    with pytest.raises(ModelError, match=r"primary: .*boom; backup: .*also down"):
+        await chain.complete(req())
+    await chain.aclose()
+
+
+# ---- context limits -----------------------------------------------------------------------------
+
+
+def long_conversation(n: int = 6, size: int = 800) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You research."},
+                                      {"role": "user", "content": "find things"}]
+    for i in range(n):
+        messages.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{i}", "type": "function",
+             "function": {"name": "search", "arguments": json.dumps({"q": f"q{i}"})}}]})
+        messages.append({"role": "tool", "tool_call_id": f"c{i}", "content": f"{i}" * size})
+    return messages
+
+
+async def test_drop_oldest_tool_results_fits_without_touching_the_session(
+        server: FakeServer) -> None:
+    server.script("m1", completion("ok"))
+    messages = long_conversation()  # ~1300 tokens
+    before = json.dumps(messages)
+    window = ContextWindow(model(server), 700, "drop_oldest_tool_results")
+    resp = await window.complete(ModelRequest(messages=messages, agent="a"))
+    await window.aclose()
+    assert resp.content == "ok"
+    assert json.dumps(messages) == before  # the session's list (the durable log) is intact
+    sent = [m for m in server.requests[0]["body"]["messages"] if m["role"] == "tool"]
+    dropped = [m["content"] == dropped_placeholder(800) for m in sent]
+    # The oldest go first, and only as many as needed; the latest result is kept.
+    assert dropped[0] and not dropped[-1]
+    assert dropped == sorted(dropped, reverse=True)
+    assert 0 < sum(dropped) < len(sent)
+
+
+async def test_fail_strategy_names_the_sizes_and_sends_nothing(server: FakeServer) -> None:
+    server.script("m1", completion())
+    window = ContextWindow(model(server), 500, "fail", source="agents.a.max_context_tokens")
+    with pytest.raises(ContextLimitError,
+                       match=r"about \d+ tokens .* above the limit of 500 "
+                             r"\(agents\.a\.max_context_tokens = 500\); context_strategy: fail"):
+        await window.complete(ModelRequest(messages=long_conversation(), agent="a"))
+    await window.aclose()
+    assert server.requests == []
+
+
+async def test_summarize_replaces_older_messages_and_reuses_the_summary(
+        server: FakeServer) -> None:
+    server.script("m1", completion("answer"))
+    server.script("summ", completion("SUMMARY: searched q0..q4"))
+    window = ContextWindow(model(server), 900, "summarize",
+                           summarizer=model(server, "summ"))
+    messages = long_conversation()
+    resp = await window.complete(ModelRequest(messages=messages, agent="a", session_id="s1"))
+    assert resp.content == "answer"
+    assert resp.usage.input_tokens == 20  # the answer's 10 and the summary call's 10
+    [ask] = server.bodies("summ")
+    assert "q0" in ask["messages"][1]["content"]
+    sent = server.bodies("m1")[0]["messages"]
+    assert sent[0] == messages[0]
+    assert sent[1] == {"role": "user", "content": SUMMARY_PREFIX + "SUMMARY: searched q0..q4"}
+    assert sent[2]["role"] != "tool" and sent[-1] == messages[-1]
+    assert len(messages) == 14  # untouched
+    # The next step adds a little: the summary still fits, so no second summary call.
+    messages.append({"role": "assistant", "content": "thinking"})
+    await window.complete(ModelRequest(messages=messages, agent="a", session_id="s1"))
+    await window.aclose()
+    assert len(server.bodies("summ")) == 1
+    assert server.bodies("m1")[1]["messages"][1]["content"].startswith(SUMMARY_PREFIX)
+
+
+async def test_servers_context_length_400_is_a_clear_error_or_handled(
+        server: FakeServer) -> None:
+    too_long = error(400, "This model's maximum context length is 4096 tokens. However, you "
+                          "requested 5000 tokens in the messages.")
+    server.script("m1", too_long)
+    m = model(server)
+    with pytest.raises(ContextLimitError, match=r"too long for its context window.*4096"):
+        await m.complete(req())
+    # Under a strategy, the prompt is shortened with headroom and sent once more.
+    server.script("m1", too_long, completion("fits now"))
+    window = ContextWindow(m, 100_000, "drop_oldest_tool_results")
+    resp = await window.complete(ModelRequest(messages=long_conversation(), agent="a"))
+    await window.aclose()
+    assert resp.content == "fits now"
+    retry = server.requests[-1]["body"]["messages"]
+    assert any(msg.get("content") == dropped_placeholder(800) for msg in retry)
+
+
+# ---- config and the runtime ---------------------------------------------------------------------
+
+
+def swarm_cfg(tmp_path: Path, server: FakeServer, **agent: Any) -> Any:
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"rules": []}))
+    return parse_config({
+        "name": "t",
+        "models": {
+            "primary": {"provider": "openai", "base_url": server.url, "model": "primary",
+                        "max_retries": 1, "backoff_base_s": 0.001},
+            "backup": {"provider": "openai", "base_url": server.url, "model": "backup",
+                       "stream": False},
+        },
+        "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
+        "agents": {"a": {"model": "primary", "tools": ["fn"], **agent}},
+        "supervisor": {"entry": "a"},
+    }, base_dir=tmp_path)
+
+
+def test_config_checks_fallback_and_summarize_models(tmp_path: Path,
+                                                     server: FakeServer) -> None:
+    with pytest.raises(ConfigError) as info:
+        swarm_cfg(tmp_path, server, fallback_models=["nope"])
+    assert "agents.a.fallback_models.0: unknown model 'nope'" in str(info.value)
+    with pytest.raises(ConfigError, match=r"agents\.a\.summarize_model: context_strategy "
+                                          r"summarize needs a summarize_model"):
+        swarm_cfg(tmp_path, server, context_strategy="summarize", max_context_tokens=100)
+    with pytest.raises(ConfigError, match="already in this agent's model chain"):
+        swarm_cfg(tmp_path, server, fallback_models=["primary"])
+    with pytest.raises(ConfigError, match="context_strategy"):
+        swarm_cfg(tmp_path, server, context_strategy="truncate")
+    cfg = swarm_cfg(tmp_path, server, fallback_models=["backup"], max_context_tokens=5000)
+    built = build_agent_model(cfg, "a")
+    assert isinstance(built, ContextWindow) and built.max_tokens == 5000
+    assert isinstance(built.inner, FallbackModel)
+    assert [m.name for m in built.inner.models] == ["primary", "backup"]
+
+
+async def test_swarm_agent_falls_back_and_reports_who_answered(tmp_path: Path,
+                                                               server: FakeServer) -> None:
+    server.script("primary", error(503, "down"))
+    server.script("backup", completion("backup here"))
+    cfg = swarm_cfg(tmp_path, server, fallback_models=["backup"])
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("hello")
+        assert row["state"] == "completed" and row["answer"] == "backup here"
+        [called] = [e for e in sw.events(row["task_id"]) if isinstance(e, ModelCalled)]
+    assert called.model == "backup"
+    assert [r["body"]["model"] for r in server.requests] == ["primary", "primary", "backup"]
+    # Every call of the task carried the agent's session id.
+    assert len({r["headers"]["x-session-id"] for r in server.requests}) == 1
+
+
+async def test_broken_tool_arguments_over_http_go_back_as_a_model_error(
+        tmp_path: Path, server: FakeServer) -> None:
+    server.script("primary", sse([
+        delta({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                               "function": {"name": "echo", "arguments": '{"text": "unterm'}}]},
+              "tool_calls")]), completion("recovered"))
+    cfg = swarm_cfg(tmp_path, server)
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        evs = sw.events(row["task_id"])
+    assert row["state"] == "completed" and row["answer"] == "recovered"
+    [tool] = [e for e in evs if isinstance(e, ToolCalled)]
+    assert tool.outcome == "error" and tool.error_class == "model"
+    second = server.requests[1]["body"]["messages"]
+    assert second[-1]["role"] == "tool" and "not a JSON object" in second[-1]["content"]
+    first = next(e for e in evs if isinstance(e, ModelCalled))
+    assert first.ttft_ms is not None  # streamed: time to first token in the step's event
+
+
+def test_importing_the_client_does_not_import_the_openai_sdk() -> None:
+    # The SDK's import alone cost ~0.6 s on every actor restart.
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, swarm.models.openai, swarm.models.agent; "
+         "print('openai' in sys.modules)"], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
