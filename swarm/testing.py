@@ -17,6 +17,7 @@ from swarm.models.agent import build_agent_model
 from swarm.runtime.agent import AgentHost, EventBuffer, build_sources
 from swarm.runtime.supervisor import LocalAgentPool, Supervisor
 from swarm.state.interface import Checkpointer
+from swarm.tools.access import granted_servers
 
 
 def in_process(cfg: SwarmConfig) -> SwarmConfig:
@@ -39,7 +40,7 @@ class LocalSwarm:
         self.hosts: dict[str, AgentHost] = {}
         for role, acfg in self.cfg.agents.items():
             model = build_agent_model(self.cfg, role)
-            sources = build_sources(self.cfg, {g.split(".", 1)[0] for g in acfg.tools})
+            sources = build_sources(self.cfg, granted_servers(acfg.tools, self.cfg.tools))
             self.hosts[role] = AgentHost(self.cfg, role, model, sources, store=store)
         router = None
         if self.cfg.supervisor.router_model is not None:

@@ -29,6 +29,7 @@ from swarm.runtime.toolbox import Toolbox
 from swarm.state import codec
 from swarm.state.interface import Checkpointer, Fenced, Snapshot
 from swarm.state.replay import TaskState, restore
+from swarm.tools.access import function_tool_names, granted_servers
 from swarm.tools.interface import ToolSource
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,13 @@ class AgentHost:
                         "agent %s: tool source %s did not start: %s", self.role, source.name, exc
                     )
             toolbox = await Toolbox.build(
-                self.role, self.agent_cfg.tools, self.sources, self.agent_cfg.handoffs
+                self.role, self.agent_cfg.tools, self.sources, self.agent_cfg.handoffs,
+                deny=self.agent_cfg.deny_tools,
+                others=function_tool_names(self.cfg.tools, exclude=self.sources),
             )
+            for problem in toolbox.problems:
+                self.start_problems.append(problem)
+                log.warning("agent %s: %s", self.role, problem)
             model_cfg = self.cfg.models[self.agent_cfg.model]
             from swarm.observability.tracing import swarm_tracer
 
@@ -498,7 +504,7 @@ class AgentActor:
         configure(cfg, store_spec, {"swarm.process": f"agent {role}.{replica}"})
         agent_cfg = cfg.agents[role]
         model = build_agent_model(cfg, role, endpoints)  # with fallbacks and context limit
-        sources = build_sources(cfg, {g.split(".", 1)[0] for g in agent_cfg.tools})
+        sources = build_sources(cfg, granted_servers(agent_cfg.tools, cfg.tools))
         self.replica = replica
         self.host = AgentHost(cfg, role, model, sources, store=open_store(store_spec))
         self.host.endpoints = endpoints  # type: ignore[attr-defined]  # memory: the embedder

@@ -463,12 +463,18 @@ class StepLoop:
         error_class: str | None = None
         entry = self.toolbox.resolve(call.name)
         if entry is None:
-            error_class = "model"
-            result = ToolResult(
-                f"{ERROR_PREFIX}unknown tool {call.name!r}; available tools: "
-                f"{', '.join(self.toolbox.names) or 'none'}",
-                is_error=True,
-            )
+            refusal = self.toolbox.refusal(call.name)
+            if refusal is not None:
+                # A real tool this agent isn't granted: refused by policy, not a model slip.
+                error_class = "policy"
+                result = ToolResult(f"{ERROR_PREFIX}{refusal}", is_error=True)
+            else:
+                error_class = "model"
+                result = ToolResult(
+                    f"{ERROR_PREFIX}unknown tool {call.name!r}; available tools: "
+                    f"{', '.join(self.toolbox.names) or 'none'}",
+                    is_error=True,
+                )
         else:
             args, problem = _parse_arguments(call.arguments)
             if args is None:

@@ -81,8 +81,9 @@ async def test_step_loop_runs_tools_and_answers(tmp_path: Path) -> None:
         ({"name": "echo", "raw_arguments": "[1, 2]"}, "model", "expected an object"),
         ({"name": "echo", "arguments": {"wrong": 1}}, "tool", "text"),
         ({"name": "fail", "arguments": {"message": "disk on fire"}}, "tool", "disk on fire"),
-        # A tool of a server this agent isn't granted is not visible or callable.
-        ({"name": "word_count", "arguments": {"text": "a b"}}, "model", "unknown tool"),
+        # A tool of a server this agent isn't granted is not visible or callable: a policy error.
+        ({"name": "word_count", "arguments": {"text": "a b"}}, "policy",
+         "tool 'word_count' is not granted to agent 'a'"),
     ],
 )
 async def test_bad_tool_calls_go_back_to_the_model(
