@@ -307,3 +307,15 @@ async def test_swarm_carries_on_after_a_fork_bomb(sandbox: Sandbox, tmp_path: Pa
         session_msgs = [m for m in sw.supervisor.get(row["task_id"]).transcript
                         if m.get("role") == "tool"]
         assert '"limit": "processes"' in session_msgs[0]["content"]
+
+
+async def test_the_code_desk_example(sandbox: Sandbox) -> None:
+    from swarm.config import load_config
+    from swarm.testing import LocalSwarm
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "code.yaml")
+    async with LocalSwarm(cfg) as sw:
+        assert await sw.answer(cfg.example_task, timeout=120) == (
+            "The program exited with status 0 and printed: 3.875")
+        answer = await sw.answer("run: " + FORK_BOMB, timeout=120)
+        assert answer.startswith("The program was stopped by the processes limit"), answer
