@@ -26,6 +26,7 @@ LIMITS = SandboxLimits(cpu_s=1, wall_s=60, memory_mb=256, file_size_mb=1, max_pr
                        output_bytes=10_000)
 SHORT = replace(LIMITS, wall_s=2)
 ROOT = os.geteuid() == 0
+CODE_DESK = Path(__file__).resolve().parents[2] / "configs" / "code.yaml"
 
 FORK_BOMB = "import os\nwhile True:\n    os.fork()\n"
 # Children that survive a failed fork and keep trying: only the wall clock ends it.
@@ -313,7 +314,7 @@ async def test_the_code_desk_example(sandbox: Sandbox) -> None:
     from swarm.config import load_config
     from swarm.testing import LocalSwarm
 
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "code.yaml")
+    cfg = load_config(CODE_DESK)
     async with LocalSwarm(cfg) as sw:
         assert await sw.answer(cfg.example_task, timeout=120) == (
             "The program exited with status 0 and printed: 3.875")
