@@ -81,9 +81,9 @@ class Gate:
         args = self.arguments if len(self.arguments) <= _ARGS_CHARS \
             else self.arguments[:_ARGS_CHARS] + "…"
         return (f"Approval needed (gate {self.gate}): agent {self.agent} wants to call "
-                f"{self.tool}({args}) — {self.reason}. Approve with `swarm approve TASK "
-                f"{self.gate}` (optionally --args JSON) or deny with `swarm deny TASK "
-                f"{self.gate}`.")
+                f"{self.tool}({args}) — {self.reason}. Approve with `swarm approve SWARM "
+                f"{self.log_id.split('/', 1)[0]} {self.gate}` (optionally --args JSON) or deny "
+                f"with `swarm deny SWARM {self.log_id.split('/', 1)[0]} {self.gate}`.")
 
 
 def fold_gates(questions: list[dict[str, Any]]) -> dict[str, Gate]:
