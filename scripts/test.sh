@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. -k config, or tests/unit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test
+bash scripts/setup.sh test memory embed
 export PATH="$PWD/.venv/bin:$PATH"
 # Tests start their own Ray cluster; never join one that happens to run on this machine.
 unset RAY_ADDRESS

@@ -176,7 +176,7 @@ class LanceMemoryStore:
                 q = table.vector_search([vectors[i] for i in idx]) if len(idx) > 1 else \
                     table.vector_search(vectors[idx[0]])
                 res = await (q.distance_type("cosine").where(f"namespace = {sql_str(ns)}")
-                             .select(["id", "created"]).limit(1).to_arrow())
+                             .select(["id", "created", "_distance"]).limit(1).to_arrow())
                 qi = res.column("query_index").to_pylist() if "query_index" in \
                     res.column_names else [0] * res.num_rows
                 for j, rid, dist, cr in zip(qi, res.column("id").to_pylist(),
@@ -238,7 +238,7 @@ class LanceMemoryStore:
         self._check_dim(vector.reshape(1, -1))
         where = "namespace IN (" + ", ".join(sql_str(n) for n in namespaces) + ")"
         res = await (table.vector_search(vector).distance_type("cosine").where(where)
-                     .select(list(_COLUMNS)).limit(k).to_arrow())
+                     .select([*_COLUMNS, "_distance"]).limit(k).to_arrow())
         hits = [_hit(r) for r in res.to_pylist()]
         if min_score is not None:
             hits = [h for h in hits if h.score >= min_score]
