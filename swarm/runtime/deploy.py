@@ -92,6 +92,7 @@ def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
             latency=mcfg.latency,
             replicas=mcfg.replicas,
             max_ongoing_requests=mcfg.max_ongoing_requests,
+            router=mcfg.router,
         )
         prefix = f"/{deployment}/{name}"
         serve.run(app, name=_app_name(deployment, name), route_prefix=prefix)

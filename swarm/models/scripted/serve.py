@@ -3,9 +3,11 @@
 `make_openai_app` builds a plain FastAPI app (testable without Ray through an ASGI transport);
 `build_scripted_app` wraps it in a Ray Serve deployment. Endpoints: `POST /v1/chat/completions`
 (JSON, or SSE chunks with `stream: true`) and `GET /v1/models`. The agent name comes from the
-`x-swarm-agent` header. Sampling parameters (temperature, max_tokens, ...) are accepted and
-ignored. Bad bodies answer 400 with an OpenAI-style error, an unknown model 404, and a policy
-that can't answer 422; all carry `x-should-retry: false`, as the same request fails again.
+`x-swarm-agent` header. Answers name the replica that served them (`system_fingerprint` and
+the `x-replica-id` header) so session affinity can be measured. Sampling parameters
+(temperature, max_tokens, ...) are accepted and ignored. Bad bodies answer 400 with an
+OpenAI-style error, an unknown model 404, and a policy that can't answer 422; all carry
+`x-should-retry: false`, as the same request fails again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -28,9 +31,12 @@ from swarm.models.scripted.policy import Policy, PolicyDecisionError, ScriptedRe
 if TYPE_CHECKING:
     from ray.serve import Application
 
-__all__ = ["build_scripted_app", "make_openai_app"]
+__all__ = ["SESSION_ROUTER", "build_scripted_app", "make_openai_app"]
 
 _CHUNK_CHARS = 16  # characters per streamed content or arguments delta
+# Serve's session-affinity router (experimental in Ray 2.60): consistent hashing on the
+# request's session id, which the HTTP proxy reads from the x-session-id header.
+SESSION_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 
 
 # ---- request schema: loose where OpenAI is loose, strict where the engine depends on it --------
@@ -171,11 +177,97 @@ async def _stream(
 # ---- the app ------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """A validated request and the policy's reply, before the simulated latency."""
+
+    stream: bool
+    include_usage: bool
+    reply: ScriptedReply
+    prompt: int
+    completion: int
+    key: str
+    base: dict[str, Any]
+    headers: dict[str, str]
+
+
+class _Engine:
+    """The engine behind both entry points: the HTTP app and the deployment handle's `chat`."""
+
+    def __init__(self, policy: Policy, model_name: str, latency: LatencyConfig | None,
+                 seed: int, replica_id: str) -> None:
+        self.policy = policy
+        self.model_name = model_name
+        self.latency = latency
+        self.seed = seed
+        self.replica_id = replica_id
+
+    def prepare(self, body: Any, agent: str, session_id: str) -> _Prepared | JSONResponse:
+        """Validate `body` and decide the reply; an error answer for a bad request."""
+        if not isinstance(body, dict):
+            return _error(400, "The request body must be a JSON object.", code="invalid_json")
+        try:
+            req = _ChatRequest.model_validate(body)
+        except ValidationError as e:
+            return _validation_error(e)
+        if req.model != self.model_name:
+            return _error(404, f"The model '{req.model}' does not exist; this server serves "
+                          f"'{self.model_name}'.", param="model", code="model_not_found")
+        # The policy reads the raw dicts: validation above only guarantees their shape.
+        messages, tools = body["messages"], body.get("tools") or []
+        try:
+            reply = self.policy.decide(messages, tools, agent)
+        except PolicyDecisionError as e:
+            return _error(422, str(e), code="policy_error")
+        usage = reply_usage(messages, tools, reply)
+        # system_fingerprint names the replica that answered, so session affinity is visible.
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": self.model_name, "system_fingerprint": self.replica_id or None}
+        headers = {"x-scripted-rule": reply.rule.encode("ascii", "replace").decode()}
+        if self.replica_id:
+            headers["x-replica-id"] = self.replica_id
+        return _Prepared(
+            stream=bool(req.stream),
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            reply=reply, prompt=usage.input_tokens, completion=usage.output_tokens,
+            key=f"{session_id}:{agent}:{len(messages)}", base=base, headers=headers)
+
+    def delay_s(self, p: _Prepared, completion: int | None = None) -> float:
+        """The latency model: fixed + prefill per input token + decode per output token."""
+        return simulated_latency_s(self.latency, p.prompt,
+                                   p.completion if completion is None else completion,
+                                   p.key, self.seed)
+
+    async def completion(self, p: _Prepared) -> dict[str, Any]:
+        """The non-streamed answer, after the simulated latency."""
+        total_s = self.delay_s(p)
+        if total_s > 0:
+            await asyncio.sleep(total_s)
+        return {
+            **p.base, "object": "chat.completion",
+            "choices": [{"index": 0, "message": _message(p.reply), "logprobs": None,
+                         "finish_reason": p.reply.finish_reason}],
+            "usage": _usage(p.prompt, p.completion),
+        }
+
+    def stream(self, p: _Prepared) -> AsyncIterator[str]:
+        """SSE events: the first after fixed + prefill (time to first token), then decode."""
+        first_s = self.delay_s(p, 0)
+        return _stream({**p.base, "object": "chat.completion.chunk"}, p.reply,
+                       _usage(p.prompt, p.completion), p.include_usage, first_s,
+                       self.delay_s(p) - first_s)
+
+
 def make_openai_app(
-    policy: Policy, model_name: str, latency: LatencyConfig | None = None, *, seed: int = 0
+    policy: Policy, model_name: str, latency: LatencyConfig | None = None, *, seed: int = 0,
+    replica_id: str = "",
 ) -> FastAPI:
     """A FastAPI app serving `policy` as the OpenAI chat-completions model `model_name`."""
-    app = FastAPI(title=f"scripted model {model_name}", docs_url=None, redoc_url=None)
+    return _make_app(_Engine(policy, model_name, latency, seed, replica_id))
+
+
+def _make_app(engine: _Engine) -> FastAPI:
+    app = FastAPI(title=f"scripted model {engine.model_name}", docs_url=None, redoc_url=None)
     started = int(time.time())
 
     @app.exception_handler(Exception)
@@ -186,7 +278,7 @@ def make_openai_app(
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": started, "owned_by": "swarm"}]}
+            {"id": engine.model_name, "object": "model", "created": started, "owned_by": "swarm"}]}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
@@ -194,58 +286,46 @@ def make_openai_app(
             body = json.loads(await request.body())
         except ValueError as e:
             return _error(400, f"The request body is not valid JSON: {e}", code="invalid_json")
-        if not isinstance(body, dict):
-            return _error(400, "The request body must be a JSON object.", code="invalid_json")
-        try:
-            req = _ChatRequest.model_validate(body)
-        except ValidationError as e:
-            return _validation_error(e)
-        if req.model != model_name:
-            return _error(404, f"The model '{req.model}' does not exist; this server serves "
-                          f"'{model_name}'.", param="model", code="model_not_found")
-        # The policy reads the raw dicts: validation above only guarantees their shape.
-        messages, tools = body["messages"], body.get("tools") or []
-        agent = request.headers.get("x-swarm-agent", "")
-        try:
-            reply = policy.decide(messages, tools, agent)
-        except PolicyDecisionError as e:
-            return _error(422, str(e), code="policy_error")
-        usage = reply_usage(messages, tools, reply)
-        prompt, completion = usage.input_tokens, usage.output_tokens
-        key = f"{request.headers.get('x-session-id', '')}:{agent}:{len(messages)}"
-        total_s = simulated_latency_s(latency, prompt, completion, key, seed)
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": model_name, "system_fingerprint": None}
-        headers = {"x-scripted-rule": reply.rule.encode("ascii", "replace").decode()}
-        if req.stream:
-            first_s = simulated_latency_s(latency, prompt, 0, key, seed)
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            events = _stream({**base, "object": "chat.completion.chunk"}, reply,
-                             _usage(prompt, completion), include, first_s, total_s - first_s)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        if total_s > 0:
-            await asyncio.sleep(total_s)
-        return JSONResponse({
-            **base, "object": "chat.completion",
-            "choices": [{"index": 0, "message": _message(reply), "logprobs": None,
-                         "finish_reason": reply.finish_reason}],
-            "usage": _usage(prompt, completion),
-        }, headers=headers)
+        p = engine.prepare(body, request.headers.get("x-swarm-agent", ""),
+                           request.headers.get("x-session-id", ""))
+        if isinstance(p, JSONResponse):
+            return p
+        if p.stream:
+            return StreamingResponse(engine.stream(p), media_type="text/event-stream",
+                                     headers=p.headers)
+        return JSONResponse(await engine.completion(p), headers=p.headers)
 
     return app
 
 
 class _ScriptedServer:
-    """Replica state for the Serve deployment; the app is built on the replica itself."""
+    """Replica state for the Serve deployment; the app is built on the replica itself.
+
+    Besides the HTTP app, `chat` answers a chat-completions body through a deployment handle
+    (no HTTP), for comparing the two paths (scripts/bench_models.py).
+    """
 
     def __init__(self, policy_spec: dict[str, Any], model_name: str,
                  latency: dict[str, Any] | None) -> None:
-        self._app = make_openai_app(
+        from ray import serve
+
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self._engine = _Engine(
             Policy.from_spec(policy_spec), model_name,
-            LatencyConfig.model_validate(latency) if latency is not None else None)
+            LatencyConfig.model_validate(latency) if latency is not None else None, 0,
+            replica_id)
+        self._app = _make_app(self._engine)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
+
+    async def chat(self, body: dict[str, Any], agent: str = "",
+                   session_id: str = "") -> dict[str, Any]:
+        """A non-streamed completion (or an OpenAI error body with its `status`)."""
+        p = self._engine.prepare(body, agent, session_id)
+        if isinstance(p, JSONResponse):
+            return {**json.loads(bytes(p.body)), "status": p.status_code}
+        return await self._engine.completion(p)
 
 
 def build_scripted_app(
@@ -256,17 +336,31 @@ def build_scripted_app(
     replicas: int = 1,
     max_ongoing_requests: int = 1000,
     num_cpus: float = 0.0,
+    router: str = "session",
 ) -> Application:
-    """A Ray Serve application serving the scripted policy as an OpenAI-compatible model."""
+    """A Ray Serve application serving the scripted policy as an OpenAI-compatible model.
+
+    Every handler is async (the latency model awaits), so one replica holds up to
+    `max_ongoing_requests` calls at once. `router="session"` routes with Serve's
+    ConsistentHashRouter on the session id, which the proxy takes from the `x-session-id`
+    header (and a handle from `.options(session_id=...)`): a session's calls stay on one
+    replica, as they would on the replica holding a vLLM prefix cache.
+    """
     from ray import serve
 
     Policy.from_spec(policy_spec)  # fail here, in the caller, rather than in every replica
+    options: dict[str, Any] = {}
+    if router == "session":
+        options["request_router_config"] = {"request_router_class": SESSION_ROUTER}
+    elif router != "default":
+        raise ValueError(f"router must be 'session' or 'default', not {router!r}")
     deployment = serve.deployment(
         serve.ingress()(_ScriptedServer),
         name="ScriptedOpenAI",
         num_replicas=replicas,
         max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": num_cpus},
+        **options,
     )
     return deployment.bind(
         policy_spec, model_name, latency.model_dump() if latency is not None else None)

@@ -1,0 +1,189 @@
+"""The scripted engine on Ray Serve: HTTP path against a deployment-handle call, and session
+affinity with two replicas.
+
+Starts a private local Ray (its own temp dir; it never joins a running cluster), deploys the
+scripted engine with the latency model at zero, and prints:
+
+- requests/s (concurrent clients) and p50/p99 latency (one client, sequential) through the
+  Serve HTTP proxy on loopback and through a deployment-handle call (target: HTTP adds at most
+  3 ms at p50);
+- the session-affinity hit rate with 2 replicas and 100 concurrent sessions under the session
+  router (consistent hashing on x-session-id), and under Serve's default router for contrast
+  (target: at least 99% of a session's calls on one replica). The replica that answered is
+  read from each answer's `system_fingerprint`.
+
+    python scripts/bench_models.py [--requests 400] [--sessions 100] [--calls 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from swarm.config import LatencyConfig  # noqa: E402
+from swarm.runtime.deploy import RAY_SYSTEM_CONFIG  # noqa: E402
+
+MODEL = "scripted-bench"
+TOOLS = [{"type": "function", "function": {
+    "name": "transfer_to_researcher", "description": "Hand off to the researcher.",
+    "parameters": {"type": "object", "properties": {"message": {"type": "string"}},
+                   "required": ["message"]}}}]
+
+
+def body(i: int) -> dict[str, Any]:
+    return {"model": MODEL, "tools": TOOLS, "messages": [
+        {"role": "system", "content": "You are the planner."},
+        {"role": "user", "content": f"What is prefix caching? ({i})"}]}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def timed(n: int, concurrency: int, call: Any) -> tuple[list[float], float]:
+    """Run `call(i)` n times with `concurrency` workers; per-call seconds and the wall time."""
+    lat: list[float] = []
+    nxt = iter(range(n))
+
+    async def worker() -> None:
+        for i in nxt:
+            t = time.perf_counter()
+            await call(i)
+            lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat, time.perf_counter() - t0
+
+
+async def paths(url: str, handle: Any, n: int, concurrency: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as c:
+        async def http(i: int) -> None:
+            r = await c.post(url, json=body(i), headers={"x-swarm-agent": "planner"})
+            r.raise_for_status()
+
+        async def direct(i: int) -> None:
+            answer = await handle.chat.remote(body(i), "planner", "")
+            assert answer["object"] == "chat.completion", answer
+
+        for name, call in (("http", http), ("handle", direct)):
+            await timed(min(50, n), 4, call)  # warm connections and the handle's router
+            seq, _ = await timed(n, 1, call)
+            _, wall = await timed(n, concurrency, call)
+            out[name] = {"p50_ms": pct(seq, 0.5) * 1e3, "p99_ms": pct(seq, 0.99) * 1e3,
+                         "rps": n / wall}
+    out["http_overhead_p50_ms"] = out["http"]["p50_ms"] - out["handle"]["p50_ms"]
+    return out
+
+
+async def affinity(url: str, sessions: int, calls: int) -> dict[str, Any]:
+    """Each session makes `calls` calls in turn, all sessions at once; per session, the share
+    of its calls on its most used replica."""
+    seen: dict[str, list[str]] = {}
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as c:
+        async def session(s: int) -> None:
+            sid = f"session-{s}"
+            for i in range(calls):
+                r = await c.post(url, json=body(i), headers={
+                    "x-session-id": sid, "x-swarm-agent": "planner"})
+                r.raise_for_status()
+                seen.setdefault(sid, []).append(r.json()["system_fingerprint"])
+
+        await asyncio.gather(*(session(s) for s in range(sessions)))
+    on_one = sum(Counter(r).most_common(1)[0][1] for r in seen.values())
+    total = sum(len(r) for r in seen.values())
+    per_replica = Counter(Counter(r).most_common(1)[0][0] for r in seen.values())
+    return {"hit_rate": on_one / total, "calls": total,
+            "sessions_whole_on_one_replica": sum(len(set(r)) == 1 for r in seen.values()),
+            "sessions_per_replica": sorted(per_replica.values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=400, help="calls per path and measurement")
+    ap.add_argument("--concurrency", type=int, default=32, help="clients for requests/s")
+    ap.add_argument("--sessions", type=int, default=100)
+    ap.add_argument("--calls", type=int, default=10, help="calls per session")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+    for flag in ("requests", "concurrency", "sessions", "calls"):
+        if not 1 <= getattr(args, flag) <= 100_000:
+            ap.error(f"--{flag} must be between 1 and 100000")
+
+    import ray
+    from ray import serve
+
+    from swarm.models.scripted.serve import build_scripted_app
+
+    spec = yaml.safe_load((ROOT / "configs" / "policies" / "research.yaml").read_text())
+    port = free_port()
+    ray.init(address="local", _temp_dir=tempfile.mkdtemp(prefix="swbm", dir="/tmp"),
+             include_dashboard=False, log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG)
+    results: dict[str, Any] = {}
+    try:
+        # Per-request access logs are file writes on the proxy and replica: off, as in a
+        # production deployment that logs through metrics instead.
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    logging_config={"enable_access_log": False})
+        zero = LatencyConfig()
+        serve.run(build_scripted_app(spec, model_name=MODEL, latency=zero, replicas=1,
+                                     router="default"), name="one", route_prefix="/one")
+        handle = serve.get_app_handle("one")
+        results["paths"] = asyncio.run(paths(
+            f"http://127.0.0.1:{port}/one/v1/chat/completions", handle, args.requests,
+            args.concurrency))
+        serve.delete("one")
+        for router in ("session", "default"):
+            serve.run(build_scripted_app(spec, model_name=MODEL, latency=zero, replicas=2,
+                                         router=router), name=router, route_prefix=f"/{router}")
+            results[f"affinity_{router}_router"] = asyncio.run(affinity(
+                f"http://127.0.0.1:{port}/{router}/v1/chat/completions", args.sessions,
+                args.calls))
+            serve.delete(router)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    p = results["paths"]
+    print(f"scripted engine, latency model at zero, 1 replica; {args.requests} calls a figure")
+    print(f"{'path':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}   (p50/p99: one client; "
+          f"req/s: {args.concurrency} clients)")
+    for name in ("http", "handle"):
+        r = p[name]
+        print(f"{name:8} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['rps']:8.0f}")
+    print(f"HTTP adds {p['http_overhead_p50_ms']:.2f} ms at p50 (target: <= 3 ms)")
+    for router in ("session", "default"):
+        a = results[f"affinity_{router}_router"]
+        print(f"affinity, 2 replicas, {args.sessions} sessions x {args.calls} calls, {router} "
+              f"router: {a['hit_rate']:.2%} of calls on the session's replica; "
+              f"{a['sessions_whole_on_one_replica']}/{args.sessions} sessions entirely on one; "
+              f"sessions per replica {a['sessions_per_replica']}")
+    print("target: >= 99% with the session router")
+
+
+if __name__ == "__main__":
+    main()
