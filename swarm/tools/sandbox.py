@@ -3,8 +3,9 @@
 Each run gets a fresh sandbox: `bwrap --unshare-all` (its own network namespace with no route
 out, its own PID, IPC and UTS namespaces), only the interpreter's directories bound read-only, a
 private tmpfs at `/work` as the working directory (and `$HOME` and `$TMPDIR`), and a read-only
-root. Running as root, the process first drops to an unprivileged uid with `setpriv`, because a
-user namespace alone maps the sandbox's uid back to root for files like `/etc/shadow`.
+root and `/dev` (`/dev/shm` is a small tmpfs of its own). Running as root, the process first
+drops to an unprivileged uid with `setpriv`, because a user namespace alone maps the sandbox's
+uid back to root for files like `/etc/shadow`.
 
 Limits: CPU seconds, address space, file size and process count are set with `setrlimit` by a
 small bootstrap inside the sandbox (after bwrap has made its user namespace, so the process count
@@ -238,9 +239,13 @@ class Sandbox:
                 cmd += ["--ro-bind", extra, extra]
             for extra in self.ro_binds:
                 cmd += ["--ro-bind", extra, extra]
-            cmd += ["--dev", "/dev", "--proc", "/proc",
-                    "--size", str(lim.tmpfs_mb << 20), "--tmpfs", "/work",
-                    "--remount-ro", "/", "--chdir", "/work",
+            # /dev is a tmpfs with no size limit: it goes read-only (its device nodes are
+            # mounts of their own and stay usable), and /dev/shm, which multiprocessing
+            # needs, is a tmpfs bounded like /work.
+            size = str(lim.tmpfs_mb << 20)
+            cmd += ["--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm",
+                    "--proc", "/proc", "--size", size, "--tmpfs", "/work",
+                    "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/work",
                     "--setenv", "HOME", "/work", "--setenv", "TMPDIR", "/work",
                     "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
                     "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",

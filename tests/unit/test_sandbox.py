@@ -128,7 +128,7 @@ async def test_etc_shadow_is_unreadable_even_when_bound_in(sandbox: Sandbox) -> 
 async def test_writes_outside_the_working_directory_fail(sandbox: Sandbox, tmp_path: Path) -> None:
     name = f"swarm-sandbox-{uuid.uuid4().hex}"
     targets = [f"/{name}", f"/usr/{name}", f"/tmp/{name}", f"/etc/{name}", str(tmp_path / name),
-               f"/work/../{name}", f"/proc/{name}"]
+               f"/work/../{name}", f"/proc/{name}", f"/dev/{name}"]
     code = "import sys\nok = []\n"
     for t in targets:
         code += (f"try:\n    open({t!r}, 'w').write('x')\n    ok.append({t!r})\n"
