@@ -10,7 +10,7 @@ read here. The client speaks the wire format directly:
   calls assembled from their deltas, time to first token measured at the first chunk;
 - retries with exponential backoff and full jitter on 408, 429 (honouring `Retry-After`), 5xx,
   connection errors and timeouts; a per-call timeout (`timeout_s`) and a per-step timeout
-  (`step_timeout_s`, across retries, and never past the step's own deadline);
+  (`step_timeout_s`, across retries); no retry starts past the turn's deadline;
 - the session id in `x-session-id`, so a session-affine router keeps a session's calls on the
   replica that holds its prefix cache; the agent name in `x-swarm-agent`.
 
@@ -211,8 +211,10 @@ class OpenAIModel(Model):
         content = self._body(request)
         headers = {**self._headers, "x-session-id": request.session_id,
                    "x-swarm-agent": request.agent}
-        now = time.time()
-        end = None if self.step_timeout_s is None else now + self.step_timeout_s
+        # step_timeout_s bounds every attempt; the turn's deadline (a wall-clock budget) only
+        # stops further attempts, so a call in flight finishes and the budget's wrap-up runs.
+        hard = None if self.step_timeout_s is None else time.time() + self.step_timeout_s
+        end = hard
         if request.deadline is not None and (end is None or request.deadline < end):
             end = request.deadline
         client = self._client()
@@ -220,10 +222,10 @@ class OpenAIModel(Model):
         while True:
             attempt += 1
             call_timeout = self.timeout_s
-            if end is not None:
-                call_timeout = min(call_timeout, end - time.time())
-                if call_timeout <= 0:
-                    raise self._out_of_time(attempt - 1, end, None)
+            if end is not None and end - time.time() <= 0:
+                raise self._out_of_time(attempt - 1, end, None)
+            if hard is not None:
+                call_timeout = min(call_timeout, hard - time.time())
             try:
                 async with asyncio.timeout(call_timeout):
                     return await self._attempt(client, content, headers)

@@ -272,13 +272,19 @@ async def test_step_timeout_bounds_all_retries(server: FakeServer) -> None:
         await m.complete(req())
     await m.aclose()
     assert 1 <= info.value.attempts <= 3 and len(server.requests) <= 3
-    # The turn's deadline bounds the call the same way.
+    # The turn's deadline stops retries (the attempt in flight may finish, for the wrap-up).
     server.requests.clear()
     m = model(server, timeout_s=0.2, max_retries=50)
     with pytest.raises(ModelCallError, match="out of time"):
         await m.complete(req(deadline=time.time() + 0.3))
     await m.aclose()
     assert len(server.requests) <= 2
+    server.requests.clear()
+    server.script("m1", slow(0.3))
+    m = model(server, timeout_s=5, max_retries=50)
+    resp = await m.complete(req(deadline=time.time() + 0.1))
+    await m.aclose()
+    assert resp.content == "late" and len(server.requests) == 1
 
 
 async def test_unreachable_server_is_a_transient_model_error() -> None:
