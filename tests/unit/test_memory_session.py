@@ -195,3 +195,46 @@ def test_bad_memory_config_is_named() -> None:
     with pytest.raises(ConfigError, match=r"tools\.memory.*built-in"):
         parse_config({**base, "agents": {"a": {"model": "m"}},
                       "tools": {"memory": {"python": ["swarm.examples.tools:echo"]}}})
+
+
+def test_cli_forget_deletes_a_users_sessions(tmp_path: Path, redis_server: EmbeddedRedis) -> None:
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from swarm.cli import app
+
+    prefix = "swarm"  # the prefix a redis:// state store uses
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"rules": ECHO}))
+    (tmp_path / "swarm.yaml").write_text(yaml.safe_dump({
+        "name": "clitest", "models": {"m": {"provider": "scripted", "policy": "policy.yaml"}},
+        "agents": {"chat": {"model": "m", "memory": {"session": {"policy": "last_n"}}}},
+        "supervisor": {"entry": "chat"},
+        "state": {"store": redis_server.url, "run_dir": str(tmp_path / "runs")}}))
+
+    async def seed() -> None:
+        s = SessionStore(redis_server.url, prefix=prefix)
+        await s.append("clitest", "gone", "c1", "q", "a")
+        await s.append("clitest", "gone", "c2", "q", "a")
+        await s.append("clitest", "kept", "c1", "q", "a")
+        await s.aclose()
+
+    async def left(user: str) -> int:
+        s = SessionStore(redis_server.url, prefix=prefix)
+        try:
+            n = 0
+            for c in ("c1", "c2"):
+                n += len((await s.history("clitest", user, c)).exchanges)
+            return n
+        finally:
+            await s.aclose()
+
+    asyncio.run(seed())
+    res = CliRunner().invoke(app, ["memory", "forget", str(tmp_path / "swarm.yaml"),
+                                   "--user", "gone"])
+    assert res.exit_code == 0, res.output
+    assert "forgot user 'gone': 2 session(s)" in res.output
+    assert asyncio.run(left("gone")) == 0 and asyncio.run(left("kept")) == 1
+    bad = CliRunner().invoke(app, ["memory", "prune", str(tmp_path / "swarm.yaml"),
+                                   "--older-than", "soon"])
+    assert bad.exit_code == 2 and "expected a number and a unit" in bad.output
