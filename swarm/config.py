@@ -323,21 +323,60 @@ class MCPHttpConfig(_Strict):
         return v
 
 
+class PythonExecConfig(_Strict):
+    """The built-in python_exec sandbox server (swarm.tools.python_exec_server), per run."""
+
+    cpu_s: int = Field(5, ge=1, description="CPU seconds")
+    wall_s: float = Field(10.0, gt=0, description="wall-clock seconds")
+    memory_mb: int = Field(512, ge=32, description="address space per process")
+    file_size_mb: int = Field(16, ge=1, description="largest file it may write")
+    max_procs: int = Field(32, ge=1, description="processes")
+    output_bytes: int = Field(64_000, ge=1, description="stdout and stderr kept (each)")
+    tmpfs_mb: int = Field(64, ge=1, description="size of the working directory")
+    max_concurrent: int = Field(2, ge=1, description="runs at once per server; more wait")
+    python: str | None = Field(None, description="interpreter inside the sandbox")
+    uid: int = Field(65534, ge=1, description="unprivileged uid to run as when started as root")
+    ro_binds: list[Annotated[str, Field(pattern=r"^/")]] = Field(
+        default_factory=list, description="host paths visible read-only (absolute)")
+    allow_unsandboxed: bool = Field(
+        False, description="run code without isolation where bubblewrap can't run")
+
+
 class ToolServerConfig(_Strict):
-    """A named source of tools: an MCP server or a list of Python functions."""
+    """A named source of tools: an MCP server, a list of Python functions, or the built-in
+    python_exec sandbox (`python_exec:`, run as a stdio MCP server)."""
 
     mcp: MCPStdioConfig | MCPHttpConfig | None = None
     python: list[Annotated[str, Field(pattern=_IMPORT_PATH)]] | None = Field(
         None, description="functions by import path, package.module:function"
     )
+    python_exec: PythonExecConfig | None = Field(
+        None, description="the sandboxed python_exec tool (README 'Sandboxed code execution')")
     timeout_s: float = Field(30.0, gt=0, description="per-call timeout")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _python_exec_server(cls, data: Any) -> Any:
+        # `python_exec:` is the stdio MCP server with these options: filled in as `mcp`, so
+        # everything downstream sees an MCP server.
+        if isinstance(data, dict) and isinstance(data.get("python_exec"), dict):
+            from swarm.tools.sandbox import server_args
+
+            mcp = {"command": "python", "args": server_args(data["python_exec"])}
+            if data.get("mcp") not in (None, mcp):
+                raise ValueError("give exactly one of 'mcp', 'python' or 'python_exec'")
+            data = {**data, "mcp": mcp}
+        return data
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ToolServerConfig:
         if (self.mcp is None) == (self.python is None):
-            raise ValueError("give exactly one of 'mcp' or 'python'")
+            raise ValueError("give exactly one of 'mcp', 'python' or 'python_exec'")
         if self.python is not None and not self.python:
             raise ValueError("'python' needs at least one function")
+        if self.python_exec is not None and self.timeout_s <= self.python_exec.wall_s:
+            raise ValueError(f"timeout_s ({self.timeout_s:g}) must be more than "
+                             f"python_exec.wall_s ({self.python_exec.wall_s:g})")
         return self
 
 

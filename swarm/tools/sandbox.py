@@ -397,3 +397,21 @@ def default_python(root: bool | None = None) -> str:
         if os.path.exists(cand):
             return cand
     return base
+
+
+# Options of swarm.tools.python_exec_server, by config field name (swarm.config.PythonExecConfig).
+_OPTIONS = ("cpu_s", "wall_s", "memory_mb", "file_size_mb", "max_procs", "output_bytes",
+            "tmpfs_mb", "max_concurrent", "python", "uid")
+
+
+def server_args(options: dict[str, Any]) -> list[str]:
+    """Command-line arguments of the python_exec server for config options (those given)."""
+    args = ["-m", "swarm.tools.python_exec_server"]
+    for name in _OPTIONS:
+        if options.get(name) is not None:
+            args += ["--" + name.replace("_", "-"), str(options[name])]
+    for path in options.get("ro_binds") or ():
+        args += ["--ro-bind", str(path)]
+    if options.get("allow_unsandboxed"):
+        args.append("--allow-unsandboxed")
+    return args

@@ -320,3 +320,47 @@ async def test_the_code_desk_example(sandbox: Sandbox) -> None:
             "The program exited with status 0 and printed: 3.875")
         answer = await sw.answer("run: " + FORK_BOMB, timeout=120)
         assert answer.startswith("The program was stopped by the processes limit"), answer
+
+
+def _tool_cfg(tmp_path: Path, tool: dict[str, object]) -> object:
+    from swarm.config import parse_config
+
+    (tmp_path / "p.yaml").write_text("rules: []\n")
+    return parse_config({
+        "name": "t", "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
+        "tools": {"code": tool}, "agents": {"a": {"model": "m", "tools": ["code"]}},
+        "supervisor": {"entry": "a"}}, base_dir=tmp_path)
+
+
+def test_python_exec_config_is_the_stdio_server(tmp_path: Path) -> None:
+    cfg = _tool_cfg(tmp_path, {"python_exec": {"cpu_s": 2, "wall_s": 4, "ro_binds": ["/srv"],
+                                               "allow_unsandboxed": True}, "timeout_s": 9})
+    mcp = cfg.tools["code"].mcp  # type: ignore[attr-defined]
+    assert mcp.command == "python"
+    assert mcp.args == ["-m", "swarm.tools.python_exec_server", "--cpu-s", "2", "--wall-s", "4",
+                        "--ro-bind", "/srv", "--allow-unsandboxed"]
+    assert _tool_cfg(tmp_path, {"python_exec": {}}).tools["code"].mcp.args == [  # type: ignore
+        "-m", "swarm.tools.python_exec_server"]
+
+
+@pytest.mark.parametrize(
+    ("tool", "where", "needle"),
+    [
+        ({"python_exec": {"cpu_s": 0}}, "tools.code.python_exec.cpu_s", "greater than or equal"),
+        ({"python_exec": {"memory_mb": 8}}, "tools.code.python_exec.memory_mb", "32"),
+        ({"python_exec": {"ro_binds": ["etc"]}}, "tools.code.python_exec.ro_binds.0", "pattern"),
+        ({"python_exec": {"wall_s": 60}}, "tools.code",
+         "timeout_s (30) must be more than python_exec.wall_s (60)"),
+        ({"python_exec": {}, "mcp": {"command": "x"}}, "tools.code", "exactly one of"),
+        ({"python_exec": {}, "python": ["swarm.examples.tools:echo"]}, "tools.code",
+         "exactly one of"),
+        ({"python_exec": {"cpus": 1}}, "tools.code.python_exec.cpus", "unknown field"),
+    ],
+)
+def test_bad_python_exec_config(tmp_path: Path, tool: dict[str, object], where: str,
+                                needle: str) -> None:
+    from swarm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _tool_cfg(tmp_path, tool)
+    assert any(p == where and needle in m for p, m in err.value.problems), err.value.problems
