@@ -182,15 +182,20 @@ class Sandbox:
         if self._root and not _world_readable(str(self.python)):
             return (f"the interpreter {self.python} is not readable by uid {self.uid} "
                     "(pass one that is, e.g. /usr/bin/python3)")
-        argv = self._command(sandboxed=True, workdir=None)
+        argv = self._command(sandboxed=True)
         argv[argv.index(_BOOT)] = "pass"
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True)
-            _, err = await asyncio.wait_for(proc.communicate(), 30)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
             return f"bwrap did not start: {exc}"
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        except TimeoutError:
+            _killpg(proc.pid)
+            await proc.wait()
+            return "a trial run of bwrap did not finish within 30 s"
         if proc.returncode != 0:
             text = err.decode(errors="replace").strip()[-500:]
             return f"bwrap failed (exit {proc.returncode}): {text or 'no message'}"
@@ -218,7 +223,7 @@ class Sandbox:
                 os.chown(workdir, self.uid, self.uid)
             return await self._run(data, sandboxed=False, workdir=workdir)
 
-    def _command(self, *, sandboxed: bool, workdir: str | None) -> list[str]:
+    def _command(self, *, sandboxed: bool) -> list[str]:
         lim = self.limits
         python = str(self.python)
         cmd: list[str] = []
@@ -269,7 +274,7 @@ class Sandbox:
 
     async def _run(self, data: bytes, *, sandboxed: bool, workdir: str | None) -> ExecResult:
         lim = self.limits
-        argv = self._command(sandboxed=sandboxed, workdir=workdir)
+        argv = self._command(sandboxed=sandboxed)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
         if workdir is not None:
             env.update(HOME=workdir, TMPDIR=workdir)
