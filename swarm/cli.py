@@ -576,6 +576,41 @@ def usage(
     out.print(view)
 
 
+memory_app = typer.Typer(no_args_is_help=True, help="Session and long-term memory (swarm.memory).")
+app.add_typer(memory_app, name="memory")
+
+
+@memory_app.command("forget")
+def memory_forget(
+    config: ConfigArg,
+    user: Annotated[str, typer.Option("--user", help="the user whose memory goes")],
+) -> None:
+    """Delete everything kept about a user: sessions (Redis) and long-term memories."""
+    from swarm.memory.admin import forget_user
+
+    try:
+        done = forget_user(_load(config), user)
+    except (UserError, ImportError, OSError) as e:
+        _die(str(e))
+    out.print(f"forgot user {user!r}: {done['sessions']} session(s), "
+              f"{done['memories']} long-term memories")
+
+
+@memory_app.command("prune")
+def memory_prune(
+    config: ConfigArg,
+    older_than: Annotated[str, typer.Option("--older-than", help="age: 12h, 30d, 2w")],
+) -> None:
+    """Delete long-term memories not updated for longer than an age."""
+    from swarm.memory.admin import parse_age, prune
+
+    try:
+        n = prune(_load(config), parse_age(older_than))
+    except (UserError, ImportError, OSError) as e:
+        _die(str(e))
+    out.print(f"deleted {n} long-term memories older than {older_than}")
+
+
 def _quiet_ray() -> None:
     # Ray and Serve log start-up chatter to stderr; the CLI's own output is what users read.
     # Serve sets its logger's level when it is imported, so import it first, then override.

@@ -97,6 +97,9 @@ def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
         prefix = f"/{deployment}/{name}"
         serve.run(app, name=_app_name(deployment, name), route_prefix=prefix)
         endpoints[name] = f"http://127.0.0.1:{port}{prefix}/v1"
+    from swarm.memory.serve import deploy_embedder
+
+    endpoints.update(deploy_embedder(cfg, deployment))  # memory's embedding model, if used
     from swarm.models.vllm import deploy_vllm_models, vllm_models
 
     if vllm_models(cfg):
@@ -203,6 +206,9 @@ def start_swarm(
     from swarm.observability.usage import pin_location
 
     cfg = pin_location(cfg)  # every actor writes the usage ledger to the same place
+    from swarm.memory.service import pin_memory_location
+
+    cfg = pin_memory_location(cfg)  # and opens the same long-term memory
     store_spec, server = resolve_store(cfg)
     if server is not None and server.started_here:
         _STARTED_HERE[deployment] = server
