@@ -200,13 +200,18 @@ def use_recorder(recorder: Recorder | None) -> Recorder | None:
 
 
 def active_recorder() -> Recorder | None:
-    """The installed recorder, else Ray's if Ray is initialised in this process, else None."""
+    """The installed recorder, else Ray's in a Ray actor, else None.
+
+    A driver (`swarm run`, a test, a notebook with `LocalSwarm`) records nothing even with Ray
+    initialised: the swarm's metrics come from its actors.
+    """
     global _ray_recorder
     if _installed is not None:
         return _installed
     # Only a process that imported Ray can have it initialised: don't import it to ask.
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if ray is not None and ray.is_initialized() and \
+            ray.get_runtime_context().get_actor_id() is not None:
         if _ray_recorder is None:
             _ray_recorder = RayRecorder()
         return _ray_recorder
