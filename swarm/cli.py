@@ -227,6 +227,9 @@ def submit(
     name: NameArg,
     text: Annotated[str, typer.Argument(help="task text")],
     user: Annotated[str, typer.Option()] = "cli",
+    context: Annotated[str | None, typer.Option(
+        help="conversation (A2A context) id: tasks of one user with the same context share "
+        "session memory")] = None,
     wait: Annotated[bool, typer.Option(help="stream progress until the task ends")] = True,
     timeout: Annotated[float, typer.Option()] = 600.0,
     address: AddressOpt = None,
@@ -237,7 +240,7 @@ def submit(
 
     _quiet_ray()
     try:
-        handle = connect(name, address=address).submit(text, user=user)
+        handle = connect(name, address=address).submit(text, user=user, context_id=context)
     except SwarmError as e:
         _die(str(e))
     out.print(f"task {handle.id}")
