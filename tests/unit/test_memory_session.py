@@ -197,8 +197,13 @@ def test_bad_memory_config_is_named() -> None:
                       "tools": {"memory": {"python": ["swarm.examples.tools:echo"]}}})
 
 
-def test_cli_forget_deletes_a_users_sessions(tmp_path: Path, redis_server: EmbeddedRedis) -> None:
+def test_cli_forget_deletes_a_users_sessions(tmp_path: Path, redis_server: EmbeddedRedis,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
+
+    # The CLI finds the store as a deployed swarm does: SWARM_STATE_STORE would override the
+    # config (the integration tests' session sets it).
+    monkeypatch.delenv("SWARM_STATE_STORE", raising=False)
 
     from typer.testing import CliRunner
 
