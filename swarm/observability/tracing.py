@@ -455,6 +455,8 @@ class TracingMiddleware(Middleware):
         self.resource = provider.resource
         self.scope = InstrumentationScope("swarm")
         self.sink = tracer.tracing.sink
+        self.mcp_servers = frozenset(name for name, tcfg in cfg.tools.items()
+                                     if getattr(tcfg, "mcp", None) is not None)
 
     def _finish(self, name: str, kind: SpanKind, parent: SpanContext, span_id: int, t0: int,
                 attrs: dict[str, Any], status: tuple[StatusCode, str | None] = _OK) -> None:
@@ -476,9 +478,7 @@ class TracingMiddleware(Middleware):
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """One `chat {model}` span with usage, finish reasons and cost."""
         session = call.session
-        parent = get_current_span().get_span_context()
-        trace_id = parent.trace_id if parent.is_valid else _random_bits(128)
-        parent = parent if parent.is_valid else SpanContext(trace_id, 0, False)
+        parent = _parent_of(session)
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": "chat", "gen_ai.provider.name": self.provider,
             "gen_ai.request.model": call.model, "gen_ai.agent.name": call.agent,
@@ -521,9 +521,8 @@ class TracingMiddleware(Middleware):
         """One `execute_tool {tool}` span, current while the tool runs; its traceparent goes to
         the tool (MCP `_meta`), and spans the tool's client opens nest under it."""
         session = inv.session
-        parent = get_current_span().get_span_context()
-        trace_id = parent.trace_id if parent.is_valid else _random_bits(128)
-        parent = parent if parent.is_valid else SpanContext(trace_id, 0, False)
+        parent = _parent_of(session)
+        trace_id = parent.trace_id
         span_id = _random_bits(64)
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": inv.call.name,
@@ -533,10 +532,14 @@ class TracingMiddleware(Middleware):
             "swarm.step": inv.step}
         if self.capture:
             attrs["gen_ai.tool.call.arguments"] = self.t.content(inv.args)
-        inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
+        token = None
+        if inv.entry.source.name in self.mcp_servers:
+            # For the MCP server (`_meta`) and the MCP SDK's own spans, which nest under this
+            # one; a Python function tool has no use for either.
+            inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
+            token = attach(set_span_in_context(
+                NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
         name, t0 = "execute_tool " + inv.call.name, time_ns()
-        token = attach(set_span_in_context(
-            NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
         try:
             result = await nxt(inv)
         except StopTurn as stop:
@@ -548,7 +551,8 @@ class TracingMiddleware(Middleware):
             self._finish(name, _INTERNAL, parent, span_id, t0, attrs, status)
             raise
         finally:
-            detach(token)
+            if token is not None:
+                detach(token)
         status = _OK
         if self.capture:
             attrs["gen_ai.tool.call.result"] = self.t.content(result.content)
@@ -556,6 +560,20 @@ class TracingMiddleware(Middleware):
             status = self._error("tool", result.content, attrs)
         self._finish(name, _INTERNAL, parent, span_id, t0, attrs, status)
         return result
+
+
+def _parent_of(session: Any) -> SpanContext:
+    """The span a step's spans hang under: the turn's `invoke_agent` span (kept in the session
+    by the agent host), else the current span, else a new trace."""
+    parent = session.scratch.get("span")
+    if parent is not None:
+        return parent
+    parent = get_current_span().get_span_context()
+    if parent.is_valid:
+        return parent
+    parent = SpanContext(_random_bits(128), 0, False)
+    session.scratch["span"] = parent
+    return parent
 
 
 def _stopped(span: Any, stop: StopTurn, redact: Redactor) -> None:
