@@ -437,23 +437,19 @@ class TracingMiddleware(Middleware):
     """`chat` spans around model calls and `execute_tool` spans around tool calls.
 
     These two run on every step, so they skip the SDK's `Span` (its attribute checks and
-    locking cost more than the rest of a step): the layer times the call, builds the finished
-    `ReadableSpan` itself, under the current `invoke_agent` span, and hands it to the
-    processors, which queue it for their export thread. What is exported is the same.
+    locking cost more than the rest of a step): the layer times the call and hands a plain
+    record, under the turn's `invoke_agent` span, to the `StepSpanSink`, whose thread writes
+    it to the trace store and to exporters. What is exported is the same.
     """
 
     def __init__(self, tracer: SwarmTracer, role: str) -> None:
         self.t = tracer
-        self.tracer = tracer.tracer
         cfg = tracer.cfg
         self.model_key = cfg.agents[role].model
         mcfg = cfg.models[self.model_key]
         self.provider = mcfg.provider
         self.price = mcfg.price
         self.capture = tracer.capture
-        provider = tracer.tracing.provider
-        self.resource = provider.resource
-        self.scope = InstrumentationScope("swarm")
         self.sink = tracer.tracing.sink
         self.mcp_servers = frozenset(name for name, tcfg in cfg.tools.items()
                                      if getattr(tcfg, "mcp", None) is not None)
@@ -468,12 +464,18 @@ class TracingMiddleware(Middleware):
         attrs["error.type"] = error_class or "error"
         return StatusCode.ERROR, self.t.redact(error or error_class or "error")[:500]
 
-    def _stopped(self, stop: StopTurn, attrs: dict[str, Any]) -> tuple[StatusCode, str | None]:
-        outcome = stop.outcome
-        attrs["swarm.stopped"] = outcome.kind
-        if outcome.kind == "failed":
-            return self._error(outcome.error_class, outcome.error, attrs)
-        return _OK
+    def _raised(self, exc: BaseException, error_class: str,
+                attrs: dict[str, Any]) -> tuple[StatusCode, str | None]:
+        """The status of a call that raised: a layer below stopped the turn (a budget, an
+        approval gate, stuck detection), or the call failed."""
+        if isinstance(exc, StopTurn):
+            outcome = exc.outcome
+            attrs["swarm.stopped"] = outcome.kind
+            if outcome.kind == "failed":
+                return self._error(outcome.error_class, outcome.error, attrs)
+            return _OK
+        return self._error(getattr(exc, "error_class", None) or error_class,
+                           f"{type(exc).__name__}: {exc}", attrs)
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """One `chat {model}` span with usage, finish reasons and cost."""
@@ -491,13 +493,9 @@ class TracingMiddleware(Middleware):
         name, span_id, t0 = "chat " + call.model, _random_bits(64), time_ns()
         try:
             resp = await nxt(call)
-        except StopTurn as stop:
-            self._finish(name, _CLIENT, parent, span_id, t0, attrs, self._stopped(stop, attrs))
-            raise
         except BaseException as exc:
-            status = self._error(getattr(exc, "error_class", None) or "model",
-                                 f"{type(exc).__name__}: {exc}", attrs)
-            self._finish(name, _CLIENT, parent, span_id, t0, attrs, status)
+            self._finish(name, _CLIENT, parent, span_id, t0, attrs,
+                         self._raised(exc, "model", attrs))
             raise
         usage = resp.usage
         attrs["gen_ai.response.model"] = resp.model or call.model
@@ -542,13 +540,9 @@ class TracingMiddleware(Middleware):
         name, t0 = "execute_tool " + inv.call.name, time_ns()
         try:
             result = await nxt(inv)
-        except StopTurn as stop:
-            self._finish(name, _INTERNAL, parent, span_id, t0, attrs, self._stopped(stop, attrs))
-            raise
         except BaseException as exc:
-            status = self._error(getattr(exc, "error_class", None) or "tool",
-                                 f"{type(exc).__name__}: {exc}", attrs)
-            self._finish(name, _INTERNAL, parent, span_id, t0, attrs, status)
+            self._finish(name, _INTERNAL, parent, span_id, t0, attrs,
+                         self._raised(exc, "tool", attrs))
             raise
         finally:
             if token is not None:
@@ -574,15 +568,6 @@ def _parent_of(session: Any) -> SpanContext:
     parent = SpanContext(_random_bits(128), 0, False)
     session.scratch["span"] = parent
     return parent
-
-
-def _stopped(span: Any, stop: StopTurn, redact: Redactor) -> None:
-    """A layer below stopped the turn (a budget, an approval gate, stuck detection)."""
-    outcome = stop.outcome
-    span.set_attribute("swarm.stopped", outcome.kind)
-    if outcome.kind == "failed":
-        _set_error(span, outcome.error_class, outcome.error, redact)
-    span.end()
 
 
 def _new_input(call: ModelCall) -> list[dict[str, Any]]:
