@@ -28,7 +28,7 @@ from swarm.models.interface import Model, ModelRequest
 from swarm.protocol import a2a
 from swarm.runtime.agent import AgentHost, TurnRequest, TurnResult
 from swarm.state.interface import Checkpointer, TaskRow
-from swarm.state.replay import restore
+from swarm.state.replay import TaskState, restore
 
 log = logging.getLogger(__name__)
 
@@ -583,29 +583,13 @@ class Supervisor:
                 log.warning("task %s: %s", rec.id, problem)
             rec.handoffs, rec.turns = state.handoffs, state.turns
             turn = state.open_turn
-            if turn is not None:
-                rec.transcript = state.transcript[: turn.start]
-                rec.steps = turn.step_offset
-                for k, v in turn.base.items():
-                    setattr(rec, k, v)
-                text = state.transcript[turn.start].get("content") or ""
-                return await self._chain(rec, turn.agent, text, rec.transcript, resume=True)
-            rec.transcript = state.transcript
-            rec.steps = state.step
-            for k, v in state.totals().items():
+            # The task's counters as of the open turn's start, or of the log's end.
+            rec.steps = turn.step_offset if turn is not None else state.step
+            for k, v in (turn.base if turn is not None else state.totals()).items():
                 setattr(rec, k, v)
-            done = state.last_outcome
-            if done is not None:
-                outcome = done.get("outcome")
-                if outcome == "handoff" and done.get("target"):
-                    return await self._chain(rec, done["target"], done.get("text") or "",
-                                             rec.transcript)
-                if outcome in ("final", "failed"):
-                    return TurnResult(
-                        task_id=rec.id, agent=done.get("agent", ""), kind=outcome,
-                        message=a2a.dumps(a2a.text_message(done.get("text") or "", role="agent")),
-                        text=done.get("text") or "", error_class=done.get("error_class"),
-                        error=done.get("error"))
+            result = await self._from_log(rec, state, rec.transcript, rec.id)
+            if result is not None:
+                return result
         if strategy == "router":
             return await self._route(rec, rec.text)
         return await self._chain(rec, self.cfg.supervisor.entry or "", rec.text, rec.transcript)
@@ -874,6 +858,16 @@ class Supervisor:
         state, problems = await restore(self.store, log_id)
         for problem in problems:
             log.warning("task %s, branch %s: %s", rec.id, log_id, problem)
+        result = await self._from_log(rec, state, transcript, log_id)
+        if result is not None:
+            return result
+        return await self._chain(rec, agent, text, transcript, log_id=log_id)
+
+    async def _from_log(self, rec: TaskRecord, state: TaskState,
+                        transcript: list[dict[str, Any]], log_id: str) -> TurnResult | None:
+        """Carry on a chain of turns from its restored log: resume the open turn, follow a
+        logged handoff, or return a logged final answer or failure without running anything.
+        None if the log holds no turn to carry on from (the chain starts afresh)."""
         turn = state.open_turn
         if turn is not None:
             transcript[:] = state.transcript[: turn.start]
@@ -882,13 +876,16 @@ class Supervisor:
                                      log_id=log_id)
         done = state.last_outcome
         if done is None:
-            return await self._chain(rec, agent, text, transcript, log_id=log_id)
+            return None
         transcript[:] = state.transcript
-        if done.get("outcome") == "handoff" and done.get("target"):
+        outcome = done.get("outcome")
+        if outcome == "handoff" and done.get("target"):
             return await self._chain(rec, done["target"], done.get("text") or "", transcript,
                                      log_id=log_id)
+        if outcome not in ("final", "failed"):
+            return None  # no other outcome is logged (a canceled turn writes no turn_end)
         return TurnResult(
-            task_id=rec.id, agent=done.get("agent", ""), kind=done.get("outcome", "failed"),
+            task_id=rec.id, agent=done.get("agent", ""), kind=outcome,
             message=a2a.dumps(a2a.text_message(done.get("text") or "", role="agent")),
             text=done.get("text") or "", error_class=done.get("error_class"),
             error=done.get("error"))
