@@ -30,24 +30,14 @@ RULES = [
 
 
 def make_cfg(tmp_path: Path, **approvals: Any) -> Any:
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": RULES}))
-    return parse_config({
-        "name": "gated",
-        "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
-        "tools": {"t": {"python": ["tests.unit.durable_tools:pay",
-                                   "tests.unit.durable_tools:lookup"]}},
-        "agents": {"a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
-                   "b": {"model": "m"}},
-        "supervisor": {"entry": "a"},
-        "approvals": approvals or {"require": "destructive", "exempt": ["lookup"]},
-    }, base_dir=tmp_path)
+    return dt.swarm_config(
+        tmp_path, RULES, name="gated",
+        approvals=approvals or {"require": "destructive", "exempt": ["lookup"]})
 
 
 @pytest.fixture(autouse=True)
 def _reset() -> None:
-    dt.RUNS.clear()
-    dt.HOLD.clear()
-    dt.ENTERED.clear()
+    dt.reset()
 
 
 async def _gate(sw: LocalSwarm, task_id: str) -> dict[str, Any]:

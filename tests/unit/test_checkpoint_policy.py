@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from swarm.config import parse_config
 from swarm.errors import ConfigError
 from swarm.models.interface import ToolCall, Usage
 from swarm.runtime.journal import Journal
@@ -63,24 +61,13 @@ class CountingCheckpointer(MemoryCheckpointer):
 
 
 def make_cfg(tmp_path: Path, rules: list[dict[str, Any]], **state: Any) -> Any:
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": rules}))
-    return parse_config({
-        "name": "ckpt",
-        "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
-        "tools": {"t": {"python": ["tests.unit.durable_tools:pay",
-                                   "tests.unit.durable_tools:lookup"]}},
-        "agents": {"a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
-                   "b": {"model": "m"}},
-        "supervisor": {"entry": "a"},
-        "state": {"snapshot_every": 0, **state},
-    }, base_dir=tmp_path)
+    return dt.swarm_config(tmp_path, rules, name="ckpt",
+                           state={"snapshot_every": 0, **state})
 
 
 @pytest.fixture(autouse=True)
 def _reset() -> None:
-    dt.RUNS.clear()
-    dt.HOLD.clear()
-    dt.ENTERED.clear()
+    dt.reset()
 
 
 async def _crash_while(cfg: Any, store: MemoryCheckpointer, text: str, key: str,

@@ -8,10 +8,8 @@ from typing import Any
 
 import msgspec
 import pytest
-import yaml
 from a2a.types import TaskState, TaskStatus
 
-from swarm.config import parse_config
 from swarm.protocol import a2a
 from swarm.state.interface import TaskRow
 from swarm.state.memory import MemoryCheckpointer
@@ -31,24 +29,12 @@ RULES = [
 
 
 def make_cfg(tmp_path: Path) -> Any:
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": RULES}))
-    return parse_config({
-        "name": "dur",
-        "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
-        "tools": {"t": {"python": ["tests.unit.durable_tools:pay",
-                                   "tests.unit.durable_tools:lookup"]}},
-        "agents": {"a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
-                   "b": {"model": "m"}},
-        "supervisor": {"entry": "a"},
-        "state": {"snapshot_every": 2},
-    }, base_dir=tmp_path)
+    return dt.swarm_config(tmp_path, RULES, name="dur", state={"snapshot_every": 2})
 
 
 @pytest.fixture(autouse=True)
 def _reset() -> None:
-    dt.RUNS.clear()
-    dt.HOLD.clear()
-    dt.ENTERED.clear()
+    dt.reset()
 
 
 async def _crash_during(cfg: Any, store: MemoryCheckpointer, text: str, key: str) -> str:
@@ -298,16 +284,11 @@ PARALLEL_RULES = [
 
 async def test_parallel_branches_resume_after_a_crash_without_rerunning_ended_ones(
         tmp_path: Path) -> None:
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": PARALLEL_RULES}))
-    cfg = parse_config({
-        "name": "par",
-        "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
-        "tools": {"t": {"python": ["tests.unit.durable_tools:pay",
-                                   "tests.unit.durable_tools:lookup"]}},
-        "agents": {"x": {"model": "m", "tools": ["t"]}, "y": {"model": "m", "tools": ["t"]},
-                   "j": {"model": "m"}},
-        "supervisor": {"strategy": "parallel", "agents": ["x", "y"], "join": "j"},
-    }, base_dir=tmp_path)
+    cfg = dt.swarm_config(
+        tmp_path, PARALLEL_RULES, name="par",
+        agents={"x": {"model": "m", "tools": ["t"]}, "y": {"model": "m", "tools": ["t"]},
+                "j": {"model": "m"}},
+        supervisor={"strategy": "parallel", "agents": ["x", "y"], "join": "j"})
     store = MemoryCheckpointer()
     dt.HOLD["p-y"], dt.ENTERED["p-y"] = asyncio.Event(), asyncio.Event()
     async with LocalSwarm(cfg, store=store) as sw:
