@@ -28,7 +28,7 @@ from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
 from swarm.state import codec
 from swarm.state.interface import Checkpointer, Fenced, Snapshot
-from swarm.state.replay import TaskState, restore
+from swarm.state.replay import TaskState, fold, latest_snapshot
 from swarm.tools.access import function_tool_names, granted_servers
 from swarm.tools.interface import ToolSource
 
@@ -386,18 +386,22 @@ class AgentHost:
         fence = await self.store.claim(log_id)
         if req.resume:
             t0 = time.perf_counter()
-            hot = await self._hot_snapshot(req, log_id)
-            state, problems = await restore(self.store, log_id, snapshot=hot)
+            # The hot snapshot if the supervisor holds one, else the store's newest.
+            snapshot = await self._hot_snapshot(req, log_id)
+            source, problems = "hot", []
+            if snapshot is None:
+                snapshot, problems = await latest_snapshot(self.store, log_id)
+                source = "durable" if snapshot is not None else "log"
             for problem in problems:
                 log.warning("agent %s: %s", self.role, problem)
+            entries = await self.store.read(log_id, after=snapshot.seq if snapshot else -1)
+            state = fold(snapshot, entries)
             turn = state.open_turn
             if turn is not None and turn.agent == self.role:
-                source = "hot" if hot is not None else \
-                    ("durable" if state.seq >= 0 and await self.store.snapshots(log_id) else "log")
                 self.buffer.emit(TurnResumed(
                     task_id=req.task_id, ts=time.time(), agent=self.role, step=state.step,
                     source=source, restore_ms=(time.perf_counter() - t0) * 1e3,
-                    entries_replayed=state.seq - (hot.seq if hot is not None else -1)))
+                    entries_replayed=len(entries)))
                 session.messages = [self._system, *state.transcript]
                 session.step = state.step
                 self._own_counters(session, state, turn.base)

@@ -131,24 +131,26 @@ def to_snapshot(task_id: str, state: TaskState, ts: float) -> Snapshot:
                     data=msgspec.to_builtins(state), ts=ts)
 
 
-async def restore(store: Any, task_id: str, upto: int | None = None, *,
-                  snapshot: Snapshot | None = None) -> tuple[TaskState, list[str]]:
+async def restore(store: Any, task_id: str, upto: int | None = None
+                  ) -> tuple[TaskState, list[str]]:
     """Load a task's state from a `Checkpointer`: the newest usable snapshot plus later entries.
-
-    With `snapshot` (a copy already at hand, such as the hot one in the Ray object store), the
-    store's snapshots aren't read: only the entries after it.
 
     A corrupt or unknown-version snapshot is reported and the previous one is used instead; a
     corrupt log entry raises `CorruptRecord`, since skipping it would silently drop a step.
     Returns the state and the problems met on the way.
     """
+    snapshot, problems = await latest_snapshot(store, task_id, upto)
+    entries = await store.read(task_id, after=snapshot.seq if snapshot else -1, upto=upto)
+    return fold(snapshot, entries), problems
+
+
+async def latest_snapshot(store: Any, task_id: str, upto: int | None = None
+                          ) -> tuple[Snapshot | None, list[str]]:
+    """The newest usable stored snapshot (at or before `upto`), falling back past corrupt ones;
+    and the problems met on the way."""
     from swarm.state.interface import CorruptRecord
 
     problems: list[str] = []
-    if snapshot is not None and snapshot.task_id == task_id and \
-            (upto is None or snapshot.seq <= upto):
-        entries = await store.read(task_id, after=snapshot.seq, upto=upto)
-        return fold(snapshot, entries), problems
     seqs = await store.snapshots(task_id)
     if upto is not None:
         seqs = [s for s in seqs if s <= upto]
@@ -161,5 +163,4 @@ async def restore(store: Any, task_id: str, upto: int | None = None, *,
             continue
         if snapshot is not None:
             break
-    entries = await store.read(task_id, after=snapshot.seq if snapshot else -1, upto=upto)
-    return fold(snapshot, entries), problems
+    return snapshot, problems
