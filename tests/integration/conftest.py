@@ -46,8 +46,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_cluster(redis_url: str) -> Iterator[dict]:
-    """A private local Ray (never an already running cluster); yields `ray.init`'s context info."""
+    """A private local Ray (never an already running cluster); yields `ray.init`'s context info.
+
+    Two test sessions on one machine would fight over Ray's fixed default ports (the dashboard
+    agent's among them), so a session holds a machine-wide lock while its cluster runs.
+    """
+    import fcntl
+
     import ray
+
+    lock = open(os.path.join(tempfile.gettempdir(), "swarm-ray-tests.lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
 
     # A short path: Ray's socket paths under the temp dir must stay under the Unix limit.
     temp_dir = tempfile.mkdtemp(prefix="swarm-ray-", dir="/tmp")
@@ -71,6 +80,7 @@ def ray_cluster(redis_url: str) -> Iterator[dict]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        lock.close()
 
 
 @pytest.fixture(scope="session")
