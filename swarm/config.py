@@ -527,7 +527,7 @@ class StuckConfig(_Strict):
 
 
 # When a session's log is made durable (see StateConfig.checkpoint and swarm.runtime.journal).
-CheckpointPolicy = Literal["every_step", "every_n", "phase"]
+CheckpointPolicy = Literal["every_step", "every_call", "every_n", "phase"]
 
 
 class StateConfig(_Strict):
@@ -545,10 +545,12 @@ class StateConfig(_Strict):
     )
     checkpoint: CheckpointPolicy = Field(
         "every_step",
-        description="when the log is made durable: every_step (each model answer and tool "
-        "result at once), every_n (every `checkpoint_every` steps) or phase (at turn start, turn "
-        "end or handoff, and input_required only). Under every_n and phase a crash loses the "
-        "steps since the last checkpoint: the resumed session replays from the last durable "
+        description="when the log is made durable: every_step (one atomic write per step, when "
+        "its tool calls are done), every_call (each model answer and tool result at once), "
+        "every_n (every `checkpoint_every` steps) or phase (at turn start, turn end or handoff, "
+        "and input_required only). Under every_step a crash loses at most the step in flight, "
+        "under every_n and phase the steps since the last checkpoint: the resumed session "
+        "replays from the last durable "
         "entry and runs those steps again, calling the model again. Side effects are never "
         "repeated: before a tool that is not read-only or idempotent runs, everything so far "
         "is made durable, and its result is written at once. A due snapshot is a checkpoint too",

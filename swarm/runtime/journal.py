@@ -4,7 +4,9 @@ Per step it logs (a) the model's answer with its tool calls, plus a `started` le
 tool call, before any tool runs, and (b) each tool's result, plus its `finished` ledger record,
 as it completes. When they become durable is the checkpoint policy (`state.checkpoint`):
 
-- `every_step`: each of them is one atomic append at once.
+- `every_step`: a step's model answer and tool results are one atomic append when the step
+  ends: one write per tool-call cycle.
+- `every_call`: each of them is one atomic append at once (two or more writes per step).
 - `every_n`: they are buffered and written in one atomic append every `checkpoint_every` steps.
 - `phase`: they are buffered until the turn ends (or hands off, or needs input).
 
@@ -65,7 +67,8 @@ class Journal:
         self.on_append: Any = None
         self.entries_written = 0
         self.policy = checkpoint
-        self.checkpoint_every = checkpoint_every or 1
+        # every_step is every_n with N = 1: the step's writes go as one append at its end.
+        self.checkpoint_every = 1 if checkpoint == "every_step" else checkpoint_every or 1
         # Written but not yet durable, in order; ledger records by key, so a call's `finished`
         # record replaces its `started` one. `self.seq` stays the last durable entry's seq.
         self._entries: list[LogEntry] = []
@@ -82,7 +85,7 @@ class Journal:
         self._entries.extend(entries)
         for rec in ledger or ():
             self._ledger[rec.key] = rec
-        if now or self.policy == "every_step":
+        if now or self.policy == "every_call":
             await self.checkpoint()
 
     async def checkpoint(self) -> None:
@@ -109,7 +112,7 @@ class Journal:
         if not self._entries and not self._ledger:
             self._steps = 0  # everything up to here is durable already
             return
-        if self.policy == "every_n" and self._steps >= self.checkpoint_every:
+        if self.policy in ("every_step", "every_n") and self._steps >= self.checkpoint_every:
             await self.checkpoint()
         elif self.snapshot_every > 0 and step % self.snapshot_every == 0:
             # A snapshot may only hold durable state, so the step it is taken at is durable.

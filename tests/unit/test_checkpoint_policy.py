@@ -92,7 +92,7 @@ async def _wait_state(rec: Any, state: str) -> None:
 
 async def test_every_n_writes_fewer_appends_for_the_same_answer(tmp_path: Path) -> None:
     each = CountingCheckpointer()
-    async with LocalSwarm(make_cfg(tmp_path, LONG), store=each) as sw:
+    async with LocalSwarm(make_cfg(tmp_path, LONG, checkpoint="every_call"), store=each) as sw:
         row_each = await sw.run("x")
     batched = CountingCheckpointer()
     async with LocalSwarm(make_cfg(tmp_path, LONG, checkpoint="every_n", checkpoint_every=3),
@@ -100,7 +100,7 @@ async def test_every_n_writes_fewer_appends_for_the_same_answer(tmp_path: Path) 
         row_batched = await sw.run("x")
     assert row_each["answer"] == row_batched["answer"] == "done: paid x-pay"
     assert row_each["steps"] == row_batched["steps"] == 8
-    # every_step: the turn's start and end, and per step a model answer and a tool result.
+    # every_call: the turn's start and end, and per step a model answer and a tool result.
     assert len(each.appends) == 2 + 8 + 7
     assert [kinds for kinds, _ in batched.appends] == [
         ["turn_start"],
@@ -121,6 +121,25 @@ async def test_every_n_writes_fewer_appends_for_the_same_answer(tmp_path: Path) 
         [(e.seq, e.kind, e.step) for e in log_batched]
     ledger = await batched.ledger(tid_batched)
     assert len(ledger) == 7 and {r.state for r in ledger.values()} == {"finished"}
+
+
+async def test_every_step_writes_one_append_per_tool_call_cycle(tmp_path: Path) -> None:
+    store = CountingCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path, LONG), store=store) as sw:
+        row = await sw.run("x")
+    assert row["state"] == "completed" and row["answer"] == "done: paid x-pay"
+    assert [kinds for kinds, _ in store.appends] == [
+        ["turn_start"],
+        ["model", "tool"], ["model", "tool"], ["model", "tool"], ["model", "tool"],  # 1-4
+        ["model"],  # step 5's answer, durable before `pay` runs
+        ["tool"],  # pay's result, at once
+        ["model", "tool"], ["model", "tool"],  # steps 6-7
+        ["model"],  # step 8: the final answer
+        ["turn_end"],
+    ]
+    # A read-only call's started and finished ledger records collapse into one write.
+    assert store.appends[1][1] == [("lookup", "finished")]
+    assert store.appends[5][1] == [("pay", "started")]
 
 
 async def test_phase_writes_at_turn_boundaries_only(tmp_path: Path) -> None:
