@@ -383,10 +383,52 @@ class ToolServerConfig(_Strict):
 # ---- agents, supervisor, budgets ----------------------------------------------------------------
 
 
-class AgentConfig(_Strict):
-    """One agent role: its model, instructions, tools and peers."""
+class A2AMemberConfig(_Strict):
+    """A remote A2A agent as a member of the swarm (`agents.X.a2a`, swarm.protocol.a2a_member):
+    agents hand off to it like to any agent, and its turn is one A2A message."""
 
-    model: str
+    url: str = Field(description="the agent's base URL; its card is at "
+                     "<url>/.well-known/agent-card.json")
+    card_path: str = Field("/.well-known/agent-card.json", pattern=r"^/",
+                           description="where the agent card is, relative to url")
+    check: Literal["startup", "lazy"] = Field(
+        "startup", description="startup: the card is fetched and checked when the swarm starts "
+        "(a bad one stops it); lazy: at the first turn that needs it (a bad one fails that turn)")
+    timeout_s: float = Field(300.0, gt=0, description="one attempt of a remote turn, from "
+                             "sending the message to the remote's final answer")
+    connect_timeout_s: float = Field(10.0, gt=0, description="opening a connection")
+    retries: int = Field(2, ge=0, le=10, description="attempts after the first when the remote "
+                         "can't be reached, drops the connection or answers 408/429/5xx")
+    backoff_s: float = Field(0.5, ge=0, description="wait before the first retry; doubles")
+    streaming: bool = Field(True, description="stream the remote's status updates (when its "
+                            "card says it streams)")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="HTTP headers sent with every request, e.g. "
+        "Authorization: \"Bearer ${TOKEN}\" (values are secrets)")
+    transcript: int = Field(0, ge=0, le=100, description="how many of the task's latest "
+                            "user/assistant messages go along with the turn's text as context")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
+# AgentConfig fields that only an agent run here has; a remote (a2a) member may not set them.
+_LOCAL_ONLY = ("tools", "deny_tools", "handoffs", "replicas", "num_cpus", "max_steps_per_turn",
+               "fallback_models", "max_context_tokens", "context_strategy", "summarize_model",
+               "memory")
+
+
+class AgentConfig(_Strict):
+    """One agent role: its model, instructions, tools and peers; or a remote A2A agent (`a2a`)."""
+
+    model: str | None = Field(None, description="the model it runs on (every agent run here)")
+    a2a: A2AMemberConfig | None = Field(
+        None, description="a remote A2A agent instead of a model (no tools or handoffs of its "
+        "own); `instructions` then only describe it to a router")
     instructions: str = ""
     tools: list[str] = Field(
         default_factory=list, description="tools it may call: server, server.tool, or globs "
@@ -674,6 +716,18 @@ class LimitsConfig(_Strict):
     max_tasks: int = Field(100_000, ge=1, description="tasks kept in the supervisor's table")
 
 
+class ProcessConfig(_Strict):
+    """Settings of the agent and supervisor processes (swarm.runtime.tuning)."""
+
+    gc_threshold: int | None = Field(
+        50_000, ge=100, description="net container allocations between young-generation "
+        "garbage collections in agent and supervisor actors (Python's default is 700, which "
+        "costs a busy replica about a quarter of its CPU); null keeps Python's default")
+    gc_freeze: bool = Field(
+        True, description="move objects that exist when an actor has started out of the "
+        "garbage collector's view (gc.freeze)")
+
+
 class MetricsConfig(_Strict):
     """Metrics for the Ray dashboard (swarm.observability.metrics)."""
 
@@ -820,6 +874,7 @@ class SwarmConfig(_Strict):
     stuck: StuckConfig = StuckConfig()
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
+    process: ProcessConfig = ProcessConfig()
     metrics: MetricsConfig = MetricsConfig()
     usage: UsageConfig = UsageConfig()
     tracing: TracingConfig = TracingConfig()
@@ -842,7 +897,13 @@ class SwarmConfig(_Strict):
         if not self.agents:
             problems.append(("agents", "a swarm needs at least one agent"))
         for name, agent in self.agents.items():
-            if agent.model not in self.models:
+            if agent.a2a is not None:
+                problems.extend(_remote_member_problems(name, agent))
+                continue
+            if agent.model is None:
+                problems.append((f"agents.{name}", "give a model (an agent run here) or "
+                                 "a2a: {url: ...} (a remote A2A agent)"))
+            elif agent.model not in self.models:
                 problems.append(
                     (
                         f"agents.{name}.model",
@@ -893,6 +954,10 @@ class SwarmConfig(_Strict):
             # turns the "path: message" lines back into field paths.
             raise ValueError("\n".join(f"{p}: {m}" for p, m in problems))
         return self
+
+    def remote_agents(self) -> list[str]:
+        """Agents that are remote A2A members (`a2a`), not run here."""
+        return [name for name, agent in self.agents.items() if agent.a2a is not None]
 
     def agent_budget(self, agent: str) -> AgentBudget:
         """An agent's limits per task: budgets.agent with the fields its own `budget` gives."""
@@ -961,6 +1026,18 @@ class SwarmConfig(_Strict):
         if self.supervisor.strategy == "handoff":
             return [self.supervisor.entry] if self.supervisor.entry else []
         return list(self.supervisor.agents)
+
+
+def _remote_member_problems(name: str, agent: AgentConfig) -> list[tuple[str, str]]:
+    problems = []
+    if agent.model is not None:
+        problems.append((f"agents.{name}", "give either model (an agent run here) or a2a (a "
+                         "remote A2A agent), not both"))
+    for key in _LOCAL_ONLY:
+        if key in agent.model_fields_set:
+            problems.append((f"agents.{name}.{key}", "a remote A2A agent (a2a) runs elsewhere "
+                             f"and has no {key} here"))
+    return problems
 
 
 # ---- loading ------------------------------------------------------------------------------------

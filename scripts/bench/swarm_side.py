@@ -253,6 +253,7 @@ def local_concurrency(sessions: int, state: dict[str, Any] | None = None) -> dic
 
 
 async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dict[str, Any]:
+    from swarm.runtime.tuning import tune_process
     from swarm.testing import LocalSwarm
 
     async with redis_store() as (store, server, run_dir):
@@ -261,6 +262,8 @@ async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dic
         procs = Procs([p for p in [server.pid()] if p])
         with observability(cfg, server.url, run_dir):
             sw = LocalSwarm(cfg, store=store)
+            # This process stands for a deployed replica: the same process settings.
+            tune_process(cfg)
             sw.hosts["bench"].model = EchoModel(TOOL_STEPS + 1, MODEL_LATENCY_S)
             async with sw:
                 row = await sw.run("warm", timeout=60)

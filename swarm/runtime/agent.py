@@ -506,6 +506,7 @@ class AgentActor:
         from swarm.models.agent import build_agent_model
         from swarm.observability.tracing import configure
         from swarm.runtime.supervisor_actor import open_store
+        from swarm.runtime.tuning import tune_process
 
         # This actor's process traces into the swarm's trace store (and exporter).
         configure(cfg, store_spec, {"swarm.process": f"agent {role}.{replica}"})
@@ -520,6 +521,7 @@ class AgentActor:
             self.host.publish_snapshot = self._publish_snapshot
         self._flusher: asyncio.Task[None] | None = None
         self._started: asyncio.Task[None] | None = None
+        tune_process(cfg)  # last: what the constructor built is long-lived
 
     async def _ensure(self) -> None:
         if self._started is None:

@@ -48,6 +48,7 @@ class SupervisorActor:
         from swarm.models import build_model
         from swarm.observability.tracing import configure
         from swarm.runtime.agent import AgentActor
+        from swarm.runtime.tuning import tune_process
 
         configure(cfg, store_spec, {"swarm.process": "supervisor"})
         self.deployment = deployment
@@ -76,6 +77,7 @@ class SupervisorActor:
         # Rebuild the table and resume unfinished tasks now, not at the first client call: after
         # a crash, nobody may call for a long time. The call runs once the constructor returns.
         me.warm.remote()
+        tune_process(cfg)
 
     async def warm(self) -> int:
         """Load the task table (once); returns how many tasks are in it."""
@@ -117,11 +119,11 @@ class SupervisorActor:
 
     async def submit(self, text: str, user: str = "anonymous",
                      metadata: dict[str, Any] | None = None, context_id: str | None = None,
-                     task_id: str | None = None) -> str:
+                     task_id: str | None = None, message_id: str | None = None) -> str:
         """Create a task (or return it, if this id was submitted already); see `Supervisor`."""
         await self._ensure()
         return await self.sup.submit(text, user=user, metadata=metadata, context_id=context_id,
-                                     task_id=task_id)
+                                     task_id=task_id, message_id=message_id)
 
     async def respond(self, task_id: str, text: str) -> dict[str, Any]:
         """Answer a task waiting for input."""
@@ -182,10 +184,20 @@ class SupervisorActor:
         await self.sup.forget(task_id)
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
-        """A task's summary plus its A2A `Task` as wire bytes under `a2a`."""
+        """A task's summary plus its A2A `Task` as wire bytes under `a2a`, and under `events`
+        how many events it has so far (where to start following them)."""
         await self._ensure()
         rec = self.sup.get(task_id)
-        return {**rec.summary(), "a2a": a2a.dumps(rec.task)}
+        return {**rec.summary(), "a2a": a2a.dumps(rec.task), "events": len(rec.events)}
+
+    async def list_a2a(self, query: Any) -> tuple[list[bytes], int, bool]:
+        """One page of A2A ListTasks (a `swarm.protocol.a2a_server.listing.TaskQuery`): the
+        tasks as wire bytes, how many match, and whether more follow."""
+        from swarm.protocol.a2a_server.listing import page
+
+        await self._ensure()
+        tasks, total, more = page((r.task for r in self.sup.tasks.values()), query)
+        return [a2a.dumps(t) for t in tasks], total, more
 
     async def list_tasks(self, state: str | None = None, user: str | None = None
                          ) -> list[dict[str, Any]]:
