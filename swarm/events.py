@@ -59,6 +59,18 @@ class ToolCalled(Event, tag="tool_call"):
     detail: str = ""
 
 
+class ToolProgress(Event, tag="tool_progress"):
+    """A running tool reported progress (an MCP progress notification): `progress` so far, of
+    `total` if the tool knows it, with its message."""
+
+    step: int
+    tool: str
+    call_id: str
+    progress: float
+    total: float | None = None
+    message: str = ""
+
+
 class Handoff(Event, tag="handoff"):
     """Control passed from one agent to another."""
 
@@ -109,6 +121,7 @@ AnyEvent = (
     | StepStarted
     | ModelCalled
     | ToolCalled
+    | ToolProgress
     | Handoff
     | StepFinished
     | TaskFinished

@@ -490,7 +490,7 @@ class StepLoop:
                     call_id=call.id, step=step, traceparent=session.traceparent,
                     idempotency_key=ledger_key(session.log_id or session.task_id, self.agent,
                                                step, index),
-                    user=session.user,
+                    user=session.user, emit=self.emit,
                 )
                 try:
                     if self._tool_fn is None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from swarm.events import Event, ToolProgress
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,18 @@ class ToolContext:
     idempotency_key: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     user: str = ""  # who submitted the task (memory namespaces, per-user limits)
+    # The task's event stream (the step loop's emitter), for progress a tool reports while it runs.
+    emit: Callable[[Event], None] | None = None
+
+    def report_progress(self, tool: str, progress: float, total: float | None = None,
+                        message: str | None = None) -> None:
+        """Publish a running tool's progress as a `ToolProgress` step event (a no-op outside a
+        task's step loop)."""
+        if self.emit is not None:
+            self.emit(ToolProgress(
+                task_id=self.task_id, ts=time.time(), agent=self.agent or None, step=self.step,
+                tool=tool, call_id=self.call_id, progress=progress, total=total,
+                message=message or ""))
 
 
 class ToolSource(ABC):
@@ -81,6 +97,10 @@ class ToolSource(ABC):
     @abstractmethod
     async def call(self, tool: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolResult:
         """Run one tool with already-parsed arguments."""
+
+    def on_tools_changed(self, callback: Callable[[], None]) -> None:  # noqa: B027
+        """Have `callback` called whenever `list_tools` would answer differently (an MCP server
+        announced a new tool list); the default never calls it: the tools are fixed."""
 
     async def aclose(self) -> None:  # noqa: B027 - documented no-op hook
         """Stop subprocesses and close connections; the default does nothing."""
