@@ -116,6 +116,15 @@ class TurnResumed(Event, tag="turn_resumed"):
     restore_ms: float = 0.0
 
 
+class RemoteUpdate(Event, tag="remote_update"):
+    """A remote A2A member reported progress: its task's `state` (submitted, working,
+    completed, ...; `retrying` when swarm sends the message again) and the status text."""
+
+    state: str
+    text: str = ""
+    remote_task_id: str = ""
+
+
 AnyEvent = (
     TaskStateChanged
     | StepStarted
@@ -127,6 +136,7 @@ AnyEvent = (
     | TaskFinished
     | Alert
     | TurnResumed
+    | RemoteUpdate
 )
 
 _encoder = msgspec.json.Encoder()

@@ -14,6 +14,7 @@ from swarm.errors import TaskFailed
 from swarm.events import Event
 from swarm.models import build_model
 from swarm.models.agent import build_agent_model
+from swarm.protocol.a2a_member import RemoteMemberPool
 from swarm.runtime.agent import AgentHost, EventBuffer, build_sources
 from swarm.runtime.supervisor import LocalAgentPool, Supervisor
 from swarm.state.interface import Checkpointer
@@ -39,6 +40,8 @@ class LocalSwarm:
         self.store = store
         self.hosts: dict[str, AgentHost] = {}
         for role, acfg in self.cfg.agents.items():
+            if acfg.a2a is not None:
+                continue  # a remote A2A member: the pool below reaches it
             model = build_agent_model(self.cfg, role)
             sources = build_sources(self.cfg, granted_servers(acfg.tools, self.cfg.tools))
             self.hosts[role] = AgentHost(self.cfg, role, model, sources, store=store)
@@ -46,12 +49,19 @@ class LocalSwarm:
         if self.cfg.supervisor.router_model is not None:
             name = self.cfg.supervisor.router_model
             router = build_model(name, self.cfg.models[name])
-        self.supervisor = Supervisor(self.cfg, LocalAgentPool(self.hosts), router, store=store)
+        self.pool = RemoteMemberPool.around(self.cfg, LocalAgentPool(self.hosts), store=store)
+        self.supervisor = Supervisor(self.cfg, self.pool, router, store=store)
         for host in self.hosts.values():
             # In one process, events reach the supervisor as they happen.
             host.buffer = EventBuffer(forward=self.supervisor.push_events)
 
     async def __aenter__(self) -> LocalSwarm:
+        if isinstance(self.pool, RemoteMemberPool):
+            try:
+                await self.pool.start()  # a remote member's bad card is a ConfigError here
+            except BaseException:
+                await self.pool.aclose()
+                raise
         await asyncio.gather(*(h.start() for h in self.hosts.values()))
         return self
 
@@ -60,6 +70,8 @@ class LocalSwarm:
             if rec.driver is not None and not rec.driver.done():
                 rec.driver.cancel()
         await asyncio.gather(*(h.aclose() for h in self.hosts.values()))
+        if isinstance(self.pool, RemoteMemberPool):
+            await self.pool.aclose()
 
     async def run(self, text: str, *, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
         """Submit a task, wait for it to end, and return its summary."""

@@ -203,6 +203,12 @@ def start_swarm(
             f"`python -m swarm down {deployment}` first"
         )
     preflight(cfg)
+    if cfg.remote_agents():
+        import asyncio
+
+        from swarm.protocol.a2a_member import check_cards
+
+        asyncio.run(check_cards(cfg))  # a remote member's bad card stops it here: ConfigError
     from swarm.observability.usage import pin_location
 
     cfg = pin_location(cfg)  # every actor writes the usage ledger to the same place

@@ -13,6 +13,7 @@ import logging
 import time
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,11 @@ class AgentPool(ABC):
     @abstractmethod
     async def cancel(self, role: str, key: str, task_id: str) -> None:
         """Cancel a task's running turn on that replica."""
+
+    def bind(self, emit: Callable[[list[Event]], None]) -> None:
+        """Called by the supervisor with where live events go (agents that run elsewhere send
+        theirs by other means); a no-op by default."""
+        return None
 
 
 def replica_for(key: str, replicas: int) -> int:
@@ -252,6 +258,7 @@ class Supervisor:
     ) -> None:
         self.cfg = cfg
         self.pool = pool
+        pool.bind(self.push_events)
         self.router_model = router_model
         self.clock = clock
         self.store = store
@@ -725,11 +732,11 @@ class Supervisor:
     def _account(self, rec: TaskRecord, agent: str, result: TurnResult, started: float) -> None:
         """Count a turn's usage for the task, the agent and the swarm; alert on a stop."""
         cfg = self.cfg
-        price = cfg.models[cfg.agents[agent].model].price
+        model = cfg.agents[agent].model  # None for a remote A2A member: it reports no usage
+        cost = 0.0 if model is None else cfg.models[model].price.cost(
+            result.input_tokens, result.output_tokens, result.cached_tokens)
         used = Usage(result.steps, result.model_calls, result.tool_calls, result.input_tokens,
-                     result.output_tokens, price.cost(result.input_tokens, result.output_tokens,
-                                                      result.cached_tokens),
-                     self.clock() - started)
+                     result.output_tokens, cost, self.clock() - started)
         rec.cost_usd += used.cost_usd
         rec.by_agent[agent].add(used)
         self.swarm_usage.add(used)

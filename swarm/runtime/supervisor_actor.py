@@ -66,13 +66,18 @@ class SupervisorActor:
                 for i in range(acfg.replicas)
             ]
             for role, acfg in cfg.agents.items()
+            if acfg.a2a is None  # a remote A2A member runs in this actor's pool, below
         }
         router = None
         if cfg.supervisor.router_model is not None:
             name = cfg.supervisor.router_model
             router = build_model(name, cfg.models[name], endpoints)
-        self.sup = Supervisor(cfg, RayAgentPool(self.handles), router,
-                              store=open_store(store_spec), swarm_id=deployment)
+        from swarm.protocol.a2a_member import RemoteMemberPool
+
+        store = open_store(store_spec)
+        self.pool = RemoteMemberPool.around(cfg, RayAgentPool(self.handles), store=store,
+                                            swarm_id=deployment)
+        self.sup = Supervisor(cfg, self.pool, router, store=store, swarm_id=deployment)
         self._loaded: asyncio.Task[int] | None = None
         # Rebuild the table and resume unfinished tasks now, not at the first client call: after
         # a crash, nobody may call for a long time. The call runs once the constructor returns.
@@ -98,8 +103,13 @@ class SupervisorActor:
     async def ready(self) -> list[dict[str, Any]]:
         """Wait for every agent replica to start; report their tools and start-up problems."""
         await self._ensure()
-        return list(await asyncio.gather(
+        reports = list(await asyncio.gather(
             *(h.ready.remote() for hs in self.handles.values() for h in hs)))
+        from swarm.protocol.a2a_member import RemoteMemberPool
+
+        if isinstance(self.pool, RemoteMemberPool):  # remote A2A members, and their cards
+            reports += await self.pool.start(strict=False)
+        return reports
 
     async def info(self) -> dict[str, Any]:
         """Name, agents and replicas, models and their endpoints, and task counts."""
@@ -248,5 +258,9 @@ class SupervisorActor:
                 rec.driver.cancel()
         await asyncio.gather(*(h.shutdown.remote() for hs in self.handles.values() for h in hs),
                              return_exceptions=True)
+        from swarm.protocol.a2a_member import RemoteMemberPool
+
+        if isinstance(self.pool, RemoteMemberPool):
+            await self.pool.aclose()
         if self.sup.store is not None:
             await self.sup.store.close()

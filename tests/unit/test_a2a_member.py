@@ -1,0 +1,252 @@
+"""Remote A2A members (`agents.X.a2a`) against a real A2A server on 127.0.0.1 (tests.a2a_peer):
+handoffs, streaming, context ids and trace context, timeouts, retries, garbage, cards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from swarm.config import parse_config
+from swarm.errors import ConfigError
+from swarm.events import Handoff, RemoteUpdate
+from swarm.protocol import a2a
+from swarm.protocol.a2a_member import check_cards, context_id_for
+from swarm.state.memory import MemoryCheckpointer
+from swarm.testing import LocalSwarm
+from tests.a2a_peer import STREAM_UPDATES, A2APeer, free_port
+from tests.unit.test_runtime_local import make_cfg
+from tests.unit.test_tracing import Traced, traced  # noqa: F401  (the fixture)
+
+REMOTES = ("echo", "stream", "slow", "drop", "garbage", "flaky", "fail", "ask")
+# The desk hands a task "<mode>: text" to the remote member of that mode.
+RULES = [
+    {"when": {"agent": "desk", "task_matches": f"^{mode}:"},
+     "tool_calls": [{"name": f"transfer_to_{mode}", "arguments": {"message": "{{ task }}"}}]}
+    for mode in (*REMOTES, "lazy")
+]
+
+
+@pytest.fixture(scope="module")
+def peer() -> Iterator[A2APeer]:
+    p = A2APeer().start()
+    yield p
+    p.stop()
+
+
+def remote(peer: A2APeer, mode: str, **kw: Any) -> dict[str, Any]:
+    return {"a2a": {"url": peer.url(mode), "timeout_s": 20, "backoff_s": 0.01, **kw}}
+
+
+def desk_cfg(tmp_path: Path, peer: A2APeer, **overrides: Any) -> Any:
+    agents: dict[str, Any] = {"desk": {"model": "m", "handoffs": [*REMOTES]}}
+    agents.update({mode: remote(peer, mode) for mode in REMOTES})
+    agents.update(overrides)
+    agents["desk"]["handoffs"] = [a for a in agents if a != "desk"]
+    return make_cfg(tmp_path, RULES, agents)
+
+
+def remote_updates(sw: LocalSwarm, task_id: str) -> list[RemoteUpdate]:
+    return [e for e in sw.events(task_id) if isinstance(e, RemoteUpdate)]
+
+
+async def test_handoff_to_a_remote_member_ends_with_its_answer(tmp_path: Path,
+                                                               peer: A2APeer) -> None:
+    async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
+        row = await sw.run("echo: what is the rate?")
+        assert row["state"] == "completed", row
+        assert row["answer"] == "echo: echo: what is the rate?"
+        assert row["agent"] == "echo"
+        (h,) = [e for e in sw.events(row["task_id"]) if isinstance(e, Handoff)]
+        assert (h.agent, h.to_agent) == ("desk", "echo")
+        # A card without streaming: one SendMessage, whose final task is reported.
+        assert [u.state for u in remote_updates(sw, row["task_id"])] == ["completed"]
+        sent = peer.received["echo"][-1]
+        assert sent.context_id == context_id_for("t", row["task_id"])
+        assert sent.metadata["swarm_task_id"] == row["task_id"]
+        task = sw.supervisor.get(row["task_id"]).task
+        assert a2a.message_text(task.history[-1]) == row["answer"]
+
+
+async def test_streamed_status_updates_become_task_events(tmp_path: Path,
+                                                          peer: A2APeer) -> None:
+    async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
+        row = await sw.run("stream: explain it")
+        assert row["state"] == "completed", row
+        assert row["answer"] == "echo: stream: explain it"
+        updates = remote_updates(sw, row["task_id"])
+        assert [u.state for u in updates] == ["submitted", "working", "working", "working",
+                                              "working", "completed"]
+        assert [u.text for u in updates if u.text] == [
+            f"{i}/3: {what}" for i, what in enumerate(STREAM_UPDATES, 1)]
+        assert len({u.remote_task_id for u in updates}) == 1 and updates[0].remote_task_id
+        assert all(u.agent == "stream" for u in updates)
+
+
+async def test_one_context_per_swarm_task_and_the_trace_rides_along(
+        tmp_path: Path, peer: A2APeer, traced: Traced) -> None:  # noqa: F811
+    # Two members at the same remote agent, both in one task (parallel): one A2A context.
+    cfg = make_cfg(tmp_path, RULES, {"r1": remote(peer, "echo"), "r2": remote(peer, "echo")},
+                   supervisor={"strategy": "parallel", "agents": ["r1", "r2"]})
+    async with LocalSwarm(cfg) as sw:
+        first = await sw.run("same context")
+        second = await sw.run("another task")
+    assert first["state"] == "completed", first
+    assert first["answer"] == "[r1] echo: same context\n\n[r2] echo: same context"
+    mine = [m for m in peer.received["echo"]
+            if m.metadata["swarm_task_id"] in (first["task_id"], second["task_id"])]
+    contexts = [m.context_id for m in mine]
+    assert contexts[0] == contexts[1] != contexts[2] == contexts[3]
+    # Each message carries the traceparent of the supervisor's SendMessage span for it.
+    sends = {s.context.span_id: s for s in traced.spans() if s.name.startswith("SendMessage r")}
+    for m in mine:
+        ctx = TraceContextTextMapPropagator().extract({"traceparent": m.metadata["traceparent"]})
+        span_id = next(iter(ctx.values())).get_span_context().span_id
+        assert span_id in sends
+        assert sends[span_id].attributes["swarm.task.id"] == m.metadata["swarm_task_id"]
+
+
+async def test_a_slow_remote_times_out_and_the_swarm_serves_on(tmp_path: Path,
+                                                               peer: A2APeer) -> None:
+    cfg = desk_cfg(tmp_path, peer, slow=remote(peer, "slow", timeout_s=0.5))
+    async with LocalSwarm(cfg) as sw:
+        slow, ok = await asyncio.gather(sw.run("slow: take your time"),
+                                        sw.run("echo: quick one"))
+        await sw.pool.members["slow"].aclose()  # waits for the remote cancel it sent
+    assert ok["state"] == "completed" and ok["answer"] == "echo: echo: quick one"
+    assert slow["state"] == "failed" and slow["error_class"] == "tool"
+    assert f"remote agent slow ({peer.url('slow')}) did not answer within 0.5 s" in slow["error"]
+    assert peer.canceled["slow"] >= 1  # the remote task it gave up on was canceled
+
+
+async def test_dropped_connections_are_retried_then_fail_the_turn(tmp_path: Path,
+                                                                  peer: A2APeer) -> None:
+    before = peer.calls["drop"]
+    async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
+        row = await sw.run("drop: anything")
+        other = await sw.run("echo: still here")
+    assert row["state"] == "failed" and row["error_class"] == "tool", row
+    assert "remote agent drop" in row["error"] and "connection failed" in row["error"]
+    assert "(3 attempts)" in row["error"]
+    assert peer.calls["drop"] - before == 3  # the first try and a2a.retries (2)
+    assert other["state"] == "completed"
+
+
+async def test_garbage_fails_at_once_and_5xx_is_retried(tmp_path: Path, peer: A2APeer) -> None:
+    async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
+        garbage = await sw.run("garbage: anything")
+        flaky = await sw.run("flaky: are you there?")
+        retries = [u for u in remote_updates(sw, flaky["task_id"]) if u.state == "retrying"]
+    assert garbage["state"] == "failed" and garbage["error_class"] == "tool", garbage
+    assert "remote agent garbage" in garbage["error"]
+    assert "sent an invalid response" in garbage["error"]
+    assert peer.calls["garbage"] == 1  # not valid A2A: no retry
+    # 503 twice, then an answer.
+    assert flaky["state"] == "completed", flaky
+    assert flaky["answer"] == "echo: flaky: are you there?"
+    assert [u.text.split(";")[0] for u in retries] == ["attempt 1 answered HTTP 503",
+                                                      "attempt 2 answered HTTP 503"]
+
+
+async def test_a_remote_failure_or_question_fails_the_task(tmp_path: Path,
+                                                           peer: A2APeer) -> None:
+    async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
+        failed = await sw.run("fail: book it")
+        asked = await sw.run("ask: convert it")
+    assert failed["state"] == "failed" and failed["error_class"] == "orchestration"
+    assert "remote agent fail" in failed["error"]
+    assert failed["error"].endswith("failed: the remote database is down")
+    assert asked["state"] == "failed" and asked["error_class"] == "orchestration"
+    assert "asked for input (which currency?)" in asked["error"]
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("badcard", "Failed to validate agent card structure"),
+    ("emptycard", "is not valid A2A: name (field is required)"),
+    ("unreachable", "Network communication error"),
+])
+async def test_a_bad_card_stops_start_up_naming_the_agent(tmp_path: Path, peer: A2APeer,
+                                                          mode: str, expected: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}/x" if mode == "unreachable" else peer.url(mode)
+    cfg = make_cfg(tmp_path, RULES, {"desk": {"model": "m", "handoffs": ["billing"]},
+                                     "billing": {"a2a": {"url": url, "connect_timeout_s": 2}}})
+    with pytest.raises(ConfigError) as err:
+        await check_cards(cfg)
+    with pytest.raises(ConfigError) as local:
+        async with LocalSwarm(cfg):
+            pass
+    for e in (err.value, local.value):
+        ((path, msg),) = e.problems
+        assert path == "agents.billing.a2a"
+        assert msg.startswith(f"remote A2A agent billing at {url} can't be used: ")
+        assert expected in msg
+
+
+async def test_a_lazy_bad_card_fails_only_the_turns_that_need_it(tmp_path: Path,
+                                                                 peer: A2APeer) -> None:
+    cfg = desk_cfg(tmp_path, peer, lazy=remote(peer, "badcard", check="lazy"))
+    async with LocalSwarm(cfg) as sw:
+        bad = await sw.run("lazy: hello")
+        good = await sw.run("echo: hello")
+    assert bad["state"] == "failed" and bad["error_class"] == "tool"
+    assert bad["error"].startswith(f"remote agent lazy ({peer.url('badcard')}) can't be used: ")
+    assert good["state"] == "completed"
+
+
+async def test_cancel_stops_a_remote_turn(tmp_path: Path, peer: A2APeer) -> None:
+    cancels = peer.canceled["slow"]
+    async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
+        task_id = await sw.supervisor.submit("slow: forever")
+        cursor, working = 0, False
+        while not working:  # until the remote says it works on it
+            events, _ = await sw.supervisor.events(task_id, cursor, 10.0)
+            cursor += len(events)
+            working = any(isinstance(e, RemoteUpdate) and e.state == "working" for e in events)
+        row = await sw.supervisor.cancel(task_id)
+        await sw.pool.members["slow"].aclose()
+    assert row["state"] == "canceled"
+    assert peer.canceled["slow"] == cancels + 1
+
+
+async def test_remote_turns_are_in_the_task_log(tmp_path: Path, peer: A2APeer) -> None:
+    store = MemoryCheckpointer()
+    async with LocalSwarm(desk_cfg(tmp_path, peer), store=store) as sw:
+        row = await sw.run("echo: log me")
+        history = await sw.supervisor.history(row["task_id"])
+    assert row["state"] == "completed"
+    assert [(h["kind"], h["agent"]) for h in history if h["kind"].startswith("turn")] == [
+        ("turn_start", "desk"), ("turn_end", "desk"), ("turn_start", "echo"),
+        ("turn_end", "echo")]
+    assert history[-1]["summary"] == "turn 1 ends: final"
+
+
+def test_config_has_a_model_or_a2a_not_both(tmp_path: Path) -> None:
+    base: dict[str, Any] = {"desk": {"model": "m", "handoffs": ["r"]}}
+    cases = [
+        ({"r": {"instructions": "x"}}, [("agents.r", "give a model (an agent run here) or "
+                                                     "a2a: {url: ...} (a remote A2A agent)")]),
+        ({"r": {"model": "m", "a2a": {"url": "http://h"}}},
+         [("agents.r", "give either model (an agent run here) or a2a (a remote A2A agent), "
+                       "not both")]),
+        ({"r": {"a2a": {"url": "http://h"}, "tools": ["fn"]}},
+         [("agents.r.tools", "a remote A2A agent (a2a) runs elsewhere and has no tools here")]),
+        ({"r": {"a2a": {"url": "ftp://h"}}},
+         [("agents.r.a2a.url", "must be an http:// or https:// URL")]),
+        ({"r": {"a2a": {"url": "http://h", "timeout": 3}}},
+         [("agents.r.a2a.timeout", "unknown field")]),
+    ]
+    for agents, problems in cases:
+        with pytest.raises(ConfigError) as err:
+            make_cfg(tmp_path, RULES, {**base, **agents})
+        assert err.value.problems == problems, agents
+    cfg = parse_config({"name": "t", "models": {}, "agents": {
+        "r": {"a2a": {"url": "http://h", "headers": {"Authorization": "Bearer ${TOKEN}"}}}},
+        "supervisor": {"entry": "r"}}, env={"TOKEN": "s3cret"})
+    assert cfg.remote_agents() == ["r"]
+    headers = cfg.agents["r"].a2a.headers  # type: ignore[union-attr]
+    assert headers["Authorization"].get_secret_value() == "Bearer s3cret"
+    assert "s3cret" not in repr(cfg)
