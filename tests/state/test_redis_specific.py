@@ -75,7 +75,7 @@ async def test_an_append_whose_reply_was_lost_is_not_duplicated(
     store: RedisCheckpointer, monkeypatch: pytest.MonkeyPatch, alerts
 ) -> None:
     """The connection drops after Redis applied the script: the retry returns the same seqs."""
-    real = redis_mod._exchange
+    real = redis_mod._exchange_each  # how appends go out (group commit)
     lost = []
 
     async def drop_first_reply(conn, commands):
@@ -86,7 +86,7 @@ async def test_an_append_whose_reply_was_lost_is_not_duplicated(
         return replies
 
     await store.append("t", [entry(0)])
-    monkeypatch.setattr(redis_mod, "_exchange", drop_first_reply)
+    monkeypatch.setattr(redis_mod, "_exchange_each", drop_first_reply)
     batch = [entry(1), entry(2)]
     assert await store.append("t", batch, [record("t:a:1:0")]) == 2
     assert lost and [e.seq for e in batch] == [1, 2]
@@ -94,6 +94,39 @@ async def test_an_append_whose_reply_was_lost_is_not_duplicated(
     assert list(await store.ledger("t")) == ["t:a:1:0"]
     down, back = alerts
     assert down.event.is_set() and back.event.is_set()  # one alert, and its all-clear
+
+
+async def test_concurrent_appends_share_round_trips_and_keep_their_order(
+    store: RedisCheckpointer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: appends made while a batch is in flight go out as one write."""
+    real = redis_mod._exchange_each
+    batches: list[int] = []
+
+    async def counting(conn, commands):
+        batches.append(len(commands))
+        return await real(conn, commands)
+
+    monkeypatch.setattr(redis_mod, "_exchange_each", counting)
+    tasks = [f"g{i}" for i in range(50)]
+    seqs = await asyncio.gather(*(store.append(t, [entry(0), entry(1)]) for t in tasks),
+                                *(store.append("same", [entry(i)]) for i in range(20)))
+    assert seqs[:50] == [1] * 50  # each task's own log: seqs 0 and 1
+    assert sorted(seqs[50:]) == list(range(20))  # one log, twenty appends, no seq twice
+    assert sum(batches) == 70 and len(batches) < 70
+    assert [e.step for e in await store.read("g7")] == [0, 1]
+
+
+async def test_a_cancelled_append_does_not_fail_the_others_in_its_batch(
+    store: RedisCheckpointer,
+) -> None:
+    calls = [asyncio.ensure_future(store.append(f"c{i}", [entry(i)])) for i in range(10)]
+    await asyncio.sleep(0)  # every append is queued or in flight
+    calls[0].cancel()
+    done = await asyncio.gather(*calls[1:])
+    assert done == [0] * 9
+    for i in range(1, 10):
+        assert [e.step for e in await store.read(f"c{i}")] == [i]
 
 
 async def test_unreachable_redis_is_a_quick_clear_error() -> None:
