@@ -363,10 +363,15 @@ class RedisCheckpointer(Checkpointer):
         writes. Every command carries its own retry token, so resending a whole batch after a
         dropped connection applies each command once."""
         _, sha = _SCRIPTS[script]
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._drain_task is not None and self._drain_task.get_loop() is not loop:
+            # Left behind by an event loop that is gone (the store outlived an asyncio.run):
+            # its callers are gone with it.
+            self._drain_task, self._group = None, []
+        fut: asyncio.Future[Any] = loop.create_future()
         self._group.append((("EVALSHA", sha, len(keys), *keys, *args), fut))
         if self._drain_task is None:
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain(script))
+            self._drain_task = loop.create_task(self._drain(script))
         return await fut
 
     async def _drain(self, script: str) -> None:
