@@ -266,8 +266,8 @@ class RedisCheckpointer(Checkpointer):
         self._waiters: deque[asyncio.Future[AbstractConnection]] = deque()
         self._outage_since: float | None = None
         # Group commit: appends made while one batch is in flight wait here and go out as the
-        # next batch, one write and one read for all of them (see `_grouped`).
-        self._group: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # next batch, one write and one read for all of them (see `_eval`).
+        self._group: list[tuple[tuple[Any, ...], str, asyncio.Future[Any]]] = []
         self._drain_task: asyncio.Task[None] | None = None
 
     def _refused(self, exc: BaseException) -> StoreUnavailable:
@@ -345,20 +345,9 @@ class RedisCheckpointer(Checkpointer):
             return result
 
     async def _eval(self, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        src, sha = _SCRIPTS[script]
-
-        async def op(conn: AbstractConnection) -> Any:
-            try:
-                return (await _exchange(conn, [("EVALSHA", sha, len(keys), *keys, *args)]))[0]
-            except NoScriptError:  # a restarted server has an empty script cache
-                await _exchange(conn, [("SCRIPT", "LOAD", src)])
-                return (await _exchange(conn, [("EVALSHA", sha, len(keys), *keys, *args)]))[0]
-
-        return await self._run(op)
-
-    async def _grouped(self, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """`_eval`, group-committed: calls made while a batch is in flight go out together as
-        the next batch, so N concurrent appends cost one round trip instead of N. Batches are
+        """Run one of the Lua scripts, group-committed: calls made while a batch is in flight
+        go out together as the next batch, so N concurrent appends cost one round trip
+        instead of N. Batches are
         sent by a task of their own, so a caller that is cancelled never cuts short the others'
         writes. Every command carries its own retry token, so resending a whole batch after a
         dropped connection applies each command once."""
@@ -369,47 +358,50 @@ class RedisCheckpointer(Checkpointer):
             # its callers are gone with it.
             self._drain_task, self._group = None, []
         fut: asyncio.Future[Any] = loop.create_future()
-        self._group.append((("EVALSHA", sha, len(keys), *keys, *args), fut))
+        self._group.append((("EVALSHA", sha, len(keys), *keys, *args), script, fut))
         if self._drain_task is None:
-            self._drain_task = loop.create_task(self._drain(script))
+            self._drain_task = loop.create_task(self._drain())
         return await fut
 
-    async def _drain(self, script: str) -> None:
+    async def _drain(self) -> None:
         try:
             while self._group:
-                await self._send_group(script)
+                await self._send_group()
         finally:
             self._drain_task = None
 
-    async def _send_group(self, script: str) -> None:
+    async def _send_group(self) -> None:
         batch, self._group = self._group[:_MAX_GROUP], self._group[_MAX_GROUP:]
-        src, _ = _SCRIPTS[script]
-        commands = [cmd for cmd, _ in batch]
+        commands = [cmd for cmd, _, _ in batch]
 
         async def op(conn: AbstractConnection) -> list[Any]:
             replies = await _exchange_each(conn, commands)
-            if any(isinstance(r, NoScriptError) for r in replies):
-                # A restarted server has an empty script cache; the commands that failed
-                # weren't run, and those that ran recognise their tokens.
-                await _exchange(conn, [("SCRIPT", "LOAD", src)])
-                replies = await _exchange_each(conn, commands)
+            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if missing:
+                # A restarted server has an empty script cache: load what failed and send
+                # those commands again (they didn't run).
+                scripts = {batch[i][1] for i in missing}
+                await _exchange(conn, [("SCRIPT", "LOAD", _SCRIPTS[n][0]) for n in scripts])
+                again = await _exchange_each(conn, [commands[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
             return replies
 
         try:
             replies = await self._run(op)
         except BaseException as exc:
-            for _, fut in batch:
+            for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc if isinstance(exc, Exception) else
                                       CheckpointError(f"append interrupted: {exc!r}"))
             if not isinstance(exc, Exception):
-                for _, fut in self._group:  # the loop is going away: nothing more is sent
+                for _, _, fut in self._group:  # the loop is going away: nothing more is sent
                     if not fut.done():
                         fut.set_exception(CheckpointError(f"append interrupted: {exc!r}"))
                 self._group = []
                 raise
             return
-        for (_, fut), reply in zip(batch, replies, strict=True):
+        for (_, _, fut), reply in zip(batch, replies, strict=True):
             if fut.done():
                 continue
             if isinstance(reply, ResponseError):
@@ -459,7 +451,7 @@ class RedisCheckpointer(Checkpointer):
             args += (rec.key, codec.encode(rec))
         keys = (self._k(task_id, "log"), self._k(task_id, "ledger"), self._k(task_id, "tok"),
                 self._k(task_id, "fence"), self._k(task_id, "arch"))
-        length = int(await self._grouped("append", keys, args))
+        length = int(await self._eval("append", keys, args))
         if length < 0:
             raise Fenced(task_id, fence or 0, -1 - length)
         first = length - len(entries)
