@@ -129,6 +129,18 @@ async def test_a_cancelled_append_does_not_fail_the_others_in_its_batch(
         assert [e.step for e in await store.read(f"c{i}")] == [i]
 
 
+async def test_scripts_are_loaded_again_after_the_server_forgot_them(
+    store: RedisCheckpointer,
+) -> None:
+    """A restarted server has an empty script cache; a batch of mixed calls still goes through."""
+    await store.append("f", [entry(0)])
+    await store._cmd("SCRIPT", "FLUSH")
+    seqs = await asyncio.gather(*(store.append("f", [entry(i)]) for i in range(1, 6)),
+                                store.bounds("f"))
+    assert sorted(seqs[:5]) == [1, 2, 3, 4, 5]
+    assert [e.step for e in await store.read("f")] == [0, 1, 2, 3, 4, 5]
+
+
 async def test_unreachable_redis_is_a_quick_clear_error() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
