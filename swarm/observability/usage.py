@@ -210,27 +210,40 @@ class UsageLedger:
             import redis.asyncio as aredis
 
             self._redis = aredis.Redis.from_url(url)
-        sums: dict[str, dict[str, float]] = {}
-        members: dict[str, set[str]] = {}
+        # Sum per (swarm, role, user, model) first, one dict lookup a row; then spread the few
+        # combinations over the four dimensions.
+        combos: dict[tuple[Any, ...], list[float]] = {}
         for r in rows:
-            (_, _, user, swarm, role, kind, model, _, _, tin, tout, tcached, cost, _, outcome,
-             _) = r
-            add = {"input_tokens": tin, "output_tokens": tout, "cached_tokens": tcached,
-                   "cost_usd": cost, "model_calls": kind == "model", "tool_calls": kind == "tool",
-                   "errors": outcome == "error"}
+            key = (r[3], r[4], r[2], r[6])
+            acc = combos.get(key)
+            if acc is None:
+                acc = combos[key] = [0.0] * len(_TOTALS)
+            acc[0] += r[9]
+            acc[1] += r[10]
+            acc[2] += r[11]
+            acc[3] += r[12]
+            if r[5] == "model":
+                acc[4] += 1
+            elif r[5] == "tool":
+                acc[5] += 1
+            if r[14] == "error":
+                acc[6] += 1
+        sums: dict[str, list[float]] = {}
+        members: dict[str, set[str]] = {}
+        for (swarm, role, user, model), acc in combos.items():
             for dim, value in (("swarm", swarm), ("role", role), ("user", user), ("model", model)):
                 if value is None:
                     continue
-                key = f"{prefix}:usage:{swarm}:{dim}:{value}"
                 members.setdefault(f"{prefix}:usage:{swarm}:{dim}", set()).add(value)
-                acc = sums.setdefault(key, {})
-                for name, v in add.items():
-                    if v:
-                        acc[name] = acc.get(name, 0.0) + float(v)
+                total = sums.setdefault(f"{prefix}:usage:{swarm}:{dim}:{value}",
+                                        [0.0] * len(_TOTALS))
+                for i, v in enumerate(acc):
+                    total[i] += v
         async with self._redis.pipeline(transaction=False) as pipe:
-            for key, acc in sums.items():
-                for name, v in acc.items():
-                    pipe.hincrbyfloat(key, name, v)
+            for key, total in sums.items():
+                for name, v in zip(_TOTALS, total, strict=True):
+                    if v:
+                        pipe.hincrbyfloat(key, name, v)
             for key, values in members.items():
                 pipe.sadd(key, *values)
             await pipe.execute()
@@ -250,6 +263,11 @@ class UsageLedger:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+
+
+# The running totals kept in Redis per dimension value, in this order in `_add_totals`.
+_TOTALS = ("input_tokens", "output_tokens", "cached_tokens", "cost_usd", "model_calls",
+           "tool_calls", "errors")
 
 
 def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
