@@ -14,6 +14,7 @@ from swarm.events import (
     AnyEvent,
     Handoff,
     ModelCalled,
+    RemoteUpdate,
     StepFinished,
     StepStarted,
     TaskFinished,
@@ -91,6 +92,9 @@ class ProgressPrinter:
                 break
         elif isinstance(ev, StepFinished):
             self.steps.setdefault(ev.step, _StepRow(ev.agent or "-")).duration_ms = ev.duration_ms
+        elif isinstance(ev, RemoteUpdate):
+            text = f": {escape(ev.text)}" if ev.text else ""
+            c.print(f"[dim]{t}[/] {who} [blue]remote {escape(ev.state)}[/]{text}")
         elif isinstance(ev, TaskFinished):
             self.finished = ev
 

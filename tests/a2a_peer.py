@@ -5,9 +5,12 @@ Modes:
 - `echo`: answers "echo: <text>" in an artifact (a card without streaming: SendMessage).
 - `stream`: streams three WORKING status updates, then the answer (SendStreamingMessage).
 - `slow`: starts working and never answers (until the peer stops).
+- `hold`: starts working and answers like `echo` once the test calls `release_hold()`.
 - `drop`: serves a good card, then cuts the connection in the middle of every message call.
 - `garbage`: serves a good card, then answers every message call with bytes that aren't JSON.
 - `flaky`: answers 503 to the first two message calls, then behaves like `echo`.
+- `cut`: streams like `stream`, but the first call's connection is cut after the first event;
+  the remote task goes on once the client subscribes to it again (the third call).
 - `fail`: the remote task ends FAILED with a reason.
 - `ask`: the remote task asks for input (INPUT_REQUIRED).
 - `badcard`: its card is JSON but not an agent card (a2a-sdk refuses to parse it).
@@ -48,8 +51,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-MODES = ("echo", "stream", "slow", "drop", "garbage", "flaky", "fail", "ask", "badcard",
-         "emptycard")
+MODES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
+         "badcard", "emptycard")
 STREAM_UPDATES = ("reading the question", "looking it up", "writing the answer")
 
 
@@ -72,13 +75,18 @@ class PeerExecutor(AgentExecutor):
             await event_queue.enqueue_event(new_task(task_id, context_id,
                                                      TaskState.TASK_STATE_SUBMITTED, history=[msg]))
         await updater.start_work()
-        if self.mode == "stream":
+        if self.mode == "cut":
+            # Until the client has picked the task up again (GetTask, then SubscribeToTask).
+            await self.peer.resubscribed.wait()
+        if self.mode in ("stream", "cut"):
             for i, what in enumerate(STREAM_UPDATES, 1):
                 await updater.update_status(TaskState.TASK_STATE_WORKING, _agent_msg(
                     f"{i}/{len(STREAM_UPDATES)}: {what}", task_id, context_id))
         elif self.mode == "slow":
             await self.peer.released.wait()
             return
+        elif self.mode == "hold":
+            await self.peer.hold.wait()
         elif self.mode == "fail":
             await updater.failed(_agent_msg("the remote database is down", task_id, context_id))
             return
@@ -132,6 +140,10 @@ class _Misbehave:
         self.peer.calls[self.mode] += 1
         if self.mode == "flaky" and self.peer.calls[self.mode] > 2:
             return await self.good(scope, receive, send)
+        if self.mode == "cut":
+            if self.peer.calls[self.mode] == 3:
+                self.peer.resubscribed.set()
+            return await self._cut(scope, receive, send)
         request = Request(scope, receive)
         await request.body()
         if self.mode == "flaky":
@@ -146,6 +158,20 @@ class _Misbehave:
         await send({"type": "http.response.body", "body": b'{"jsonrpc": "2.0", "re',
                     "more_body": True})
         raise ConnectionAbortedError("the test peer drops the connection")
+
+    async def _cut(self, scope: Scope, receive: Receive, send: Send) -> None:
+        first = self.peer.calls[self.mode] == 1
+        sent = 0
+
+        async def cutting(message: Any) -> None:
+            nonlocal sent
+            if first and message["type"] == "http.response.body" and message.get("body"):
+                if sent == 1:
+                    raise ConnectionAbortedError("the test peer cuts the stream")
+                sent += 1
+            await send(message)
+
+        await self.good(scope, receive, cutting)
 
 
 class A2APeer:
@@ -164,6 +190,8 @@ class A2APeer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.released: asyncio.Event  # made in the server's loop
+        self.resubscribed: asyncio.Event
+        self.hold: asyncio.Event
 
     def url(self, mode: str) -> str:
         """The base URL of a mode's agent (its card is under /.well-known/agent-card.json)."""
@@ -187,9 +215,9 @@ class A2APeer:
                     agent_card=c)
                 routes = [*create_agent_card_routes(c), *create_jsonrpc_routes(handler, "/")]
             inner = Starlette(routes=routes)
-            app: Any = _Misbehave(self, mode, inner) if mode in ("drop", "garbage", "flaky") \
-                else inner
-            if mode in ("drop", "garbage", "flaky"):
+            app: Any = inner
+            if mode in ("drop", "garbage", "flaky", "cut"):
+                app = _Misbehave(self, mode, inner)
                 # The card stays good: only message calls misbehave.
                 app = Starlette(routes=[*create_agent_card_routes(c), Mount("/", app=app)])
             mounts.append(Mount(f"/{mode}", app=app))
@@ -207,6 +235,8 @@ class A2APeer:
             asyncio.set_event_loop(loop)
             self._loop = loop
             self.released = asyncio.Event()
+            self.resubscribed = asyncio.Event()
+            self.hold = asyncio.Event()
             ready.set()
             assert self._server is not None
             loop.run_until_complete(self._server.serve(sockets=[self._sock]))
@@ -222,6 +252,11 @@ class A2APeer:
         if not ready.wait(10):
             raise RuntimeError("the A2A test peer did not start")
         return self
+
+    def release_hold(self) -> None:
+        """Let the `hold` agent's waiting tasks answer."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.hold.set)
 
     def stop(self) -> None:
         """Release slow calls, stop serving and join the thread."""

@@ -31,15 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from a2a.client import (
-    A2ACardResolver,
-    A2AClientError,
-    A2AClientTimeoutError,
-    AgentCardResolutionError,
-    Client,
-    ClientConfig,
-    ClientFactory,
-)
+from a2a.client import A2AClientError, A2AClientTimeoutError, Client, ClientConfig, ClientFactory
 from a2a.types import (
     AgentCard,
     CancelTaskRequest,
@@ -53,17 +45,19 @@ from a2a.types import (
     Task,
     TaskState,
 )
-from a2a.utils.errors import A2AError
-from a2a.utils.proto_utils import validate_proto_required_fields
+from a2a.utils.errors import A2AError, UnsupportedOperationError
 from google.protobuf.json_format import MessageToDict
 
 from swarm.config import A2AMemberConfig, SwarmConfig
 from swarm.errors import ConfigError
 from swarm.events import Event, RemoteUpdate
 from swarm.protocol import a2a
+from swarm.protocol.a2a_cards import card_problem, check_cards, fetch_card, http_client
 from swarm.runtime.agent import TurnRequest, TurnResult
 from swarm.runtime.supervisor import AgentPool
 from swarm.state.interface import Checkpointer, LogEntry
+
+__all__ = ["RemoteMember", "RemoteMemberPool", "check_cards", "context_id_for", "state_name"]
 
 log = logging.getLogger(__name__)
 
@@ -135,61 +129,6 @@ def _text(parts: Any) -> str:
     return "\n".join(t for t in out if t)
 
 
-async def fetch_card(cfg: A2AMemberConfig, http: httpx.AsyncClient) -> AgentCard:
-    """Fetch a member's agent card and check it with a2a-sdk (parse, the spec's required
-    fields, a JSON-RPC interface); raise `ValueError` saying what is wrong."""
-    where = cfg.url.rstrip("/") + cfg.card_path
-    try:
-        card = await A2ACardResolver(http, cfg.url, cfg.card_path).get_agent_card()
-    except AgentCardResolutionError as exc:
-        raise ValueError(str(exc)) from None
-    try:
-        validate_proto_required_fields(card)
-    except A2AError as exc:
-        missing = [f"{e['field']} ({e['message'].rstrip('.').lower()})"
-                   for e in (getattr(exc, "data", None) or {}).get("errors", [])]
-        raise ValueError(f"agent card at {where} is not valid A2A: "
-                         f"{', '.join(missing) or exc}") from None
-    if not any(i.protocol_binding == "JSONRPC" for i in card.supported_interfaces):
-        offered = sorted({i.protocol_binding for i in card.supported_interfaces})
-        raise ValueError(f"agent card at {where} offers no JSONRPC interface (only {offered})")
-    return card
-
-
-def _http(cfg: A2AMemberConfig, max_connections: int = 100) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
-        headers={k: v.get_secret_value() for k, v in cfg.headers.items()},
-        limits=httpx.Limits(max_connections=max_connections),
-    )
-
-
-async def check_cards(cfg: SwarmConfig, *, lazy_too: bool = False) -> dict[str, AgentCard]:
-    """Fetch and check the cards of the remote members checked at start-up (every remote
-    member with `lazy_too`); raise `ConfigError` naming each member and URL that failed."""
-    roles = [r for r in cfg.remote_agents()
-             if lazy_too or cfg.agents[r].a2a.check == "startup"]  # type: ignore[union-attr]
-
-    async def one(role: str) -> AgentCard:
-        mcfg = cfg.agents[role].a2a
-        assert mcfg is not None
-        async with _http(mcfg) as http:
-            return await fetch_card(mcfg, http)
-
-    results = await asyncio.gather(*(one(r) for r in roles), return_exceptions=True)
-    problems, cards = [], {}
-    for role, res in zip(roles, results, strict=True):
-        if isinstance(res, BaseException):
-            url = cfg.agents[role].a2a.url  # type: ignore[union-attr]
-            problems.append((f"agents.{role}.a2a",
-                             f"remote A2A agent {role} at {url} can't be used: {res}"))
-        else:
-            cards[role] = res
-    if problems:
-        raise ConfigError(problems)
-    return cards
-
-
 @dataclass
 class _Progress:
     """What one remote turn has seen so far."""
@@ -241,7 +180,7 @@ class RemoteMember:
             if self._client is not None:
                 return self._client
             if self._http is None:
-                self._http = _http(self.cfg, self._max_calls)
+                self._http = http_client(self.cfg, self._max_calls)
             try:
                 card = await fetch_card(self.cfg, self._http)
             except ValueError as exc:
@@ -348,8 +287,10 @@ class RemoteMember:
                                   + "\n".join(lines[-self.cfg.transcript:])))
         parts.append(Part(text=text))
         msg = Message(
-            # The same id on every attempt and after a restart: the remote can spot a repeat.
-            message_id=uuid.uuid5(_CONTEXT_NS, f"{req.log_id}/{req.turn_id}").hex,
+            # The same id on every attempt and after a restart (where the turn starts in the
+            # log is all that identifies it then): the remote can spot a repeat.
+            message_id=uuid.uuid5(_CONTEXT_NS, f"{req.log_id or req.task_id}/{req.step_offset}/"
+                                  f"{len(req.transcript)}").hex,
             role=Role.ROLE_USER, parts=parts,
             context_id=context_id_for(self.swarm, req.task_id))
         meta: dict[str, Any] = {"swarm_task_id": req.task_id}
@@ -427,9 +368,13 @@ class RemoteMember:
             return
         if self.cfg.streaming and self.card is not None and self.card.capabilities.streaming:
             stream = client.subscribe(SubscribeToTaskRequest(id=task_id))
-            async with contextlib.aclosing(stream) as responses:
-                async for resp in responses:
-                    yield resp
+            try:
+                async with contextlib.aclosing(stream) as responses:
+                    async for resp in responses:
+                        yield resp
+            except UnsupportedOperationError:
+                # It ended between the two calls: its final state is there to get.
+                yield StreamResponse(task=await client.get_task(GetTaskRequest(id=task_id)))
             return
         wait = 0.2
         while True:
@@ -569,8 +514,7 @@ class RemoteMemberPool(AgentPool):
             return role, None
 
         results = await asyncio.gather(*(one(r, m) for r, m in self.members.items()))
-        problems = [(f"agents.{role}.a2a", f"remote A2A agent {role} at "
-                     f"{self.members[role].cfg.url} can't be used: {exc}")
+        problems = [card_problem(role, self.members[role].cfg.url, exc)
                     for role, exc in results if exc is not None]
         if problems and strict:
             raise ConfigError(problems)

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from a2a.types import TaskState, TaskStatus
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from swarm.config import parse_config
@@ -22,7 +24,7 @@ from tests.a2a_peer import STREAM_UPDATES, A2APeer, free_port
 from tests.unit.test_runtime_local import make_cfg
 from tests.unit.test_tracing import Traced, traced  # noqa: F401  (the fixture)
 
-REMOTES = ("echo", "stream", "slow", "drop", "garbage", "flaky", "fail", "ask")
+REMOTES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut")
 # The desk hands a task "<mode>: text" to the remote member of that mode.
 RULES = [
     {"when": {"agent": "desk", "task_matches": f"^{mode}:"},
@@ -52,6 +54,16 @@ def desk_cfg(tmp_path: Path, peer: A2APeer, **overrides: Any) -> Any:
 
 def remote_updates(sw: LocalSwarm, task_id: str) -> list[RemoteUpdate]:
     return [e for e in sw.events(task_id) if isinstance(e, RemoteUpdate)]
+
+
+async def until_remote(sw: LocalSwarm, task_id: str, state: str) -> None:
+    """Wait (on the task's events) until its remote member reports `state`."""
+    cursor = 0
+    while True:
+        events, _ = await sw.supervisor.events(task_id, cursor, 10.0)
+        cursor += len(events)
+        if any(isinstance(e, RemoteUpdate) and e.state == state for e in events):
+            return
 
 
 async def test_handoff_to_a_remote_member_ends_with_its_answer(tmp_path: Path,
@@ -152,16 +164,31 @@ async def test_garbage_fails_at_once_and_5xx_is_retried(tmp_path: Path, peer: A2
                                                       "attempt 2 answered HTTP 503"]
 
 
+async def test_a_cut_stream_is_picked_up_without_sending_twice(tmp_path: Path,
+                                                                peer: A2APeer) -> None:
+    async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
+        row = await sw.run("cut: long story")
+        updates = remote_updates(sw, row["task_id"])
+    assert row["state"] == "completed", row
+    assert row["answer"] == "echo: cut: long story"
+    assert len(peer.received["cut"]) == 1  # the message went once; the task was followed
+    assert [u.state for u in updates][:2] == ["submitted", "retrying"]
+    assert updates[-1].state == "completed"
+    assert len({u.remote_task_id for u in updates}) == 1
+
+
 async def test_a_remote_failure_or_question_fails_the_task(tmp_path: Path,
                                                            peer: A2APeer) -> None:
     async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
         failed = await sw.run("fail: book it")
         asked = await sw.run("ask: convert it")
+        await sw.pool.members["ask"].aclose()  # waits for the remote cancel it sent
     assert failed["state"] == "failed" and failed["error_class"] == "orchestration"
     assert "remote agent fail" in failed["error"]
     assert failed["error"].endswith("failed: the remote database is down")
     assert asked["state"] == "failed" and asked["error_class"] == "orchestration"
     assert "asked for input (which currency?)" in asked["error"]
+    assert peer.canceled["ask"] == 1  # the question was withdrawn at the remote
 
 
 @pytest.mark.parametrize(("mode", "expected"), [
@@ -201,11 +228,7 @@ async def test_cancel_stops_a_remote_turn(tmp_path: Path, peer: A2APeer) -> None
     cancels = peer.canceled["slow"]
     async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
         task_id = await sw.supervisor.submit("slow: forever")
-        cursor, working = 0, False
-        while not working:  # until the remote says it works on it
-            events, _ = await sw.supervisor.events(task_id, cursor, 10.0)
-            cursor += len(events)
-            working = any(isinstance(e, RemoteUpdate) and e.state == "working" for e in events)
+        await asyncio.wait_for(until_remote(sw, task_id, "working"), 10)
         row = await sw.supervisor.cancel(task_id)
         await sw.pool.members["slow"].aclose()
     assert row["state"] == "canceled"
@@ -250,3 +273,43 @@ def test_config_has_a_model_or_a2a_not_both(tmp_path: Path) -> None:
     headers = cfg.agents["r"].a2a.headers  # type: ignore[union-attr]
     assert headers["Authorization"].get_secret_value() == "Bearer s3cret"
     assert "s3cret" not in repr(cfg)
+
+
+async def test_a_restart_resends_an_open_remote_turn_with_the_same_ids(tmp_path: Path,
+                                                                       peer: A2APeer) -> None:
+    store = MemoryCheckpointer()
+    cfg = desk_cfg(tmp_path, peer)
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("hold: survive a crash")
+        await asyncio.wait_for(until_remote(sw, task_id, "working"), 10)
+        await sw.crash()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        await asyncio.wait_for(until_remote(sw2, task_id, "working"), 10)
+        peer.release_hold()
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed" and row["answer"] == "echo: hold: survive a crash"
+    first, again = [m for m in peer.received["hold"] if m.metadata["swarm_task_id"] == task_id]
+    assert (again.message_id, again.context_id) == (first.message_id, first.context_id)
+
+
+async def test_a_restart_does_not_resend_a_finished_remote_turn(tmp_path: Path,
+                                                                peer: A2APeer) -> None:
+    store = MemoryCheckpointer()
+    cfg = desk_cfg(tmp_path, peer)
+    async with LocalSwarm(cfg, store=store) as sw:
+        row = await sw.run("echo: only once")
+    # The store as a crash right after the remote turn ended would leave it: task working.
+    task_id, sent = row["task_id"], len(peer.received["echo"])
+    persisted = await store.get_task(task_id)
+    assert persisted is not None
+    task = a2a.loads_task(persisted.data["a2a"])
+    task.status.CopyFrom(TaskStatus(state=TaskState.TASK_STATE_WORKING))
+    del task.artifacts[:]
+    await store.put_task(msgspec.structs.replace(
+        persisted, state="working", data={**persisted.data, "a2a": a2a.dumps(task)}))
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        again = await sw2.supervisor.wait(task_id, 10)
+    assert again["state"] == "completed" and again["answer"] == row["answer"]
+    assert len(peer.received["echo"]) == sent  # the log said the remote had answered
