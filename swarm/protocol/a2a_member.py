@@ -202,6 +202,10 @@ class RemoteMember:
             if me is not None and me.cancelling():
                 raise  # the caller went away: the turn goes with it
             return self._result(req, "canceled", "", None, "canceled")
+        except Exception as exc:  # a bug here must fail this turn only
+            log.exception("%s: turn of task %s crashed", self.where, req.task_id)
+            return self._result(req, "failed", "", "orchestration",
+                                f"{self.where}: {type(exc).__name__}: {exc}")
         finally:
             if self._running.get(req.task_id) is inner:
                 del self._running[req.task_id]
@@ -329,9 +333,10 @@ class RemoteMember:
                 return self._outcome(progress)
             except TimeoutError:
                 self._cancel_remote(progress)
+                limit = f"agents.{self.role}.a2a.timeout_s" if budget >= self.cfg.timeout_s \
+                    else "the task's max_wall_s"
                 raise _Failed("tool", f"{self.where} did not answer within {budget:g} s "
-                              f"(agents.{self.role}.a2a.timeout_s or the task's deadline)"
-                              ) from None
+                              f"({limit})") from None
             except asyncio.CancelledError:
                 self._cancel_remote(progress)
                 raise
@@ -409,8 +414,11 @@ class RemoteMember:
             if progress.task is None:
                 progress.task = Task(id=up.task_id, context_id=up.context_id)
             for art in progress.task.artifacts:
-                if art.artifact_id == up.artifact.artifact_id and up.append:
-                    art.parts.extend(up.artifact.parts)
+                if art.artifact_id == up.artifact.artifact_id:
+                    if up.append:
+                        art.parts.extend(up.artifact.parts)
+                    else:
+                        art.CopyFrom(up.artifact)
                     break
             else:
                 progress.task.artifacts.append(up.artifact)
