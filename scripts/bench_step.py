@@ -330,6 +330,9 @@ def main() -> None:
                     help="with --layers: run the base and each layer set this many times, "
                     "alternating, and compare the best CPU µs/step of each (a shared machine "
                     "is noisy)")
+    ap.add_argument("--python-gc", action="store_true",
+                    help="keep Python's garbage-collector settings; by default this process "
+                    "gets an agent actor's (process.gc_threshold, gc_freeze)")
     ap.add_argument("--paired", type=int, default=0, metavar="BLOCKS",
                     help="with --layers: also compare in BLOCKS alternating blocks at the last "
                     "--levels value (robust on a busy machine)")
@@ -344,7 +347,15 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     from swarm.models.scripted.model import ScriptedModel
 
-    print(f"python {sys.version.split()[0]}; in-process scripted model, zero latency")
+    gc_note = "Python's GC settings"
+    if not args.python_gc:
+        from swarm.config import ProcessConfig
+        from swarm.runtime.tuning import apply_process_settings
+
+        apply_process_settings(ProcessConfig())
+        gc_note = "an agent actor's GC settings"
+    print(f"python {sys.version.split()[0]}; in-process scripted model, zero latency; "
+          f"{gc_note}")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
     tried: dict[tuple[str, ...], list[dict[int, float]]] = {(): [], **{run: [] for run in runs}}
