@@ -342,6 +342,10 @@ class PythonExecConfig(_Strict):
         False, description="run code without isolation where bubblewrap can't run")
 
 
+# ToolServerConfig fields that only an MCP server has.
+_MCP_ONLY = ("pool_size", "retries", "retry_backoff_s", "breaker_failures", "breaker_cooldown_s")
+
+
 class ToolServerConfig(_Strict):
     """A named source of tools: an MCP server, a list of Python functions, or the built-in
     python_exec sandbox (`python_exec:`, run as a stdio MCP server)."""
@@ -353,6 +357,25 @@ class ToolServerConfig(_Strict):
     python_exec: PythonExecConfig | None = Field(
         None, description="the sandboxed python_exec tool (README 'Sandboxed code execution')")
     timeout_s: float = Field(30.0, gt=0, description="per-call timeout")
+    max_result_chars: int = Field(
+        65536, ge=256, description="longest result text the model gets; the rest is cut, with "
+        "a note saying how much")
+    # MCP servers only (README "MCP servers"):
+    pool_size: int = Field(
+        1, ge=1, le=32, description="connections (stdio: server processes) per agent replica, "
+        "shared by its sessions; another opens only when all are busy")
+    retries: int = Field(
+        2, ge=0, le=10, description="attempts after the first when a call times out or loses "
+        "its connection, for tools the server marks read-only or idempotent (any tool when the "
+        "request never went out)")
+    retry_backoff_s: float = Field(
+        0.2, ge=0, le=60, description="wait before the first retry; doubles, with full jitter")
+    breaker_failures: int = Field(
+        5, ge=0, description="consecutive failed calls (timeouts, lost connections, invalid "
+        "answers) that open the server's circuit; 0: never")
+    breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="how long an open circuit fails calls at once before letting "
+        "one trial call through")
 
     @model_validator(mode="before")
     @classmethod
@@ -374,6 +397,11 @@ class ToolServerConfig(_Strict):
             raise ValueError("give exactly one of 'mcp', 'python' or 'python_exec'")
         if self.python is not None and not self.python:
             raise ValueError("'python' needs at least one function")
+        # Compared with the defaults, not `model_fields_set`: a dumped config loads again.
+        fields = type(self).model_fields
+        mcp_only = [f for f in _MCP_ONLY if getattr(self, f) != fields[f].default]
+        if self.python is not None and mcp_only:
+            raise ValueError(f"{', '.join(mcp_only)}: only for MCP servers")
         if self.python_exec is not None and self.timeout_s <= self.python_exec.wall_s:
             raise ValueError(f"timeout_s ({self.timeout_s:g}) must be more than "
                              f"python_exec.wall_s ({self.python_exec.wall_s:g})")

@@ -134,7 +134,7 @@ def build_sources(cfg: SwarmConfig, names: set[str]) -> dict[str, ToolSource]:
         if tcfg.python is not None:
             from swarm.tools.function import FunctionToolSource
 
-            sources[name] = FunctionToolSource(name, tcfg.python, timeout_s=tcfg.timeout_s)
+            sources[name] = FunctionToolSource.from_config(name, tcfg)
         else:
             from swarm.tools.mcp import MCPToolSource
 
@@ -144,7 +144,7 @@ def build_sources(cfg: SwarmConfig, names: set[str]) -> dict[str, ToolSource]:
                 # `python` in a config means the interpreter running swarm, so a server from
                 # the same venv starts whether or not the venv is on PATH.
                 mcp_cfg = mcp_cfg.model_copy(update={"command": sys.executable})
-            sources[name] = MCPToolSource(name, mcp_cfg, timeout_s=tcfg.timeout_s)
+            sources[name] = MCPToolSource.from_config(name, tcfg, server=mcp_cfg)
     return sources
 
 

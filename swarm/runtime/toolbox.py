@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 from swarm.errors import ConfigError
 from swarm.tools.access import Grant, parse_grant
 from swarm.tools.interface import ToolSource, ToolSpec
+
+log = logging.getLogger(__name__)
 
 HANDOFF_PREFIX = "transfer_to_"
 
@@ -61,6 +65,10 @@ class Toolbox:
         self._handoffs = {handoff_tool_name(a): a for a in handoffs}
         self.schemas: list[dict[str, Any]] = [e.spec.openai_schema() for e in entries.values()]
         self.schemas.extend(_handoff_schema(a) for a in handoffs)
+        # Set by `build`: what to resolve again when a source's tool list changes.
+        self._rules: _Rules | None = None
+        self._stale = False
+        self._refresher: asyncio.Task[None] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -111,20 +119,81 @@ class Toolbox:
         contributes none (its calls fail as tool errors, the agent's signal), except a tool
         granted by its exact name, which is kept so calls reach the source once it is back. A
         glob that matches nothing is a warning in `problems`; an exact name that the server
-        doesn't have is a `ConfigError`.
+        doesn't have is a `ConfigError`. When a source's tool list changes later (an MCP
+        server announced it), the toolbox resolves the grants again by itself.
         """
-        allow = [parse_grant(g) for g in grants]
-        denied = [parse_grant(d) for d in deny]
-        listed: dict[str, list[ToolSpec] | None] = {}
-        for server, source in sources.items():
-            try:
-                listed[server] = await source.list_tools()
-            except Exception:
-                listed[server] = None
+        rules = _Rules(agent, [parse_grant(g) for g in grants], [parse_grant(d) for d in deny],
+                       sources, others or {})
+        entries, forbidden, problems = rules.resolve(await _list_all(sources), strict=True)
+        box = cls(entries, handoffs, agent=agent, forbidden=forbidden)
+        box.problems = problems
+        box._rules = rules
+        for source in sources.values():
+            source.on_tools_changed(box._tools_changed)
+        return box
+
+    def _tools_changed(self) -> None:
+        # Called by a source (in its connection's task): re-resolve in a task of our own, once
+        # for a burst of changes.
+        self._stale = True
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def refreshed(self) -> None:
+        """Wait until the re-resolution a tool-list change started (if any) has finished."""
+        while self._refresher is not None and not self._refresher.done():
+            await asyncio.shield(self._refresher)
+
+    async def _refresh(self) -> None:
+        rules = self._rules
+        assert rules is not None
+        while self._stale:
+            self._stale = False
+            entries, forbidden, problems = rules.resolve(await _list_all(rules.sources),
+                                                         strict=False)
+            for problem in problems:
+                log.warning("agent %s: %s", self.agent, problem)
+            # Swapped whole: a step that is running keeps the lists it read.
+            self._entries, self._forbidden = entries, forbidden
+            self.schemas = [e.spec.openai_schema() for e in entries.values()]
+            self.schemas.extend(_handoff_schema(a) for a in self._handoffs.values())
+            log.info("agent %s: tools now %s", self.agent, sorted(entries))
+
+
+async def _list_all(sources: dict[str, ToolSource]) -> dict[str, list[ToolSpec] | None]:
+    listed: dict[str, list[ToolSpec] | None] = {}
+    for server, source in sources.items():
+        try:
+            listed[server] = await source.list_tools()
+        except Exception:
+            listed[server] = None
+    return listed
+
+
+@dataclass(slots=True)
+class _Rules:
+    """An agent's grants and denials over its sources, resolved against tool listings."""
+
+    agent: str
+    allow: list[Grant]
+    denied: list[Grant]
+    sources: dict[str, ToolSource]
+    others: dict[str, str]
+
+    def resolve(self, listed: dict[str, list[ToolSpec] | None], *, strict: bool
+                ) -> tuple[dict[str, ToolEntry], dict[str, str], list[str]]:
+        """Entries, forbidden names and warnings; `strict` raises `ConfigError` for a clash
+        or a missing exact name, else (a later re-listing) it is a warning."""
+        sources, denied = self.sources, self.denied
         entries: dict[str, ToolEntry] = {}
         forbidden: dict[str, str] = {}
         problems: list[str] = []
-        where = f"agents.{agent}.tools"
+        where = f"agents.{self.agent}.tools"
+
+        def fail(message: str) -> None:
+            if strict:
+                raise ConfigError([(where, message)])
+            problems.append(f"{where}: {message}")
 
         def deny_rule(server: str, tool: str) -> Grant | None:
             return next((d for d in denied if d.matches(server, tool)), None)
@@ -137,15 +206,14 @@ class Toolbox:
             source = sources[server]
             other = entries.get(spec.name)
             if other is not None and other.source is not source:
-                raise ConfigError([(where, f"tool name {spec.name!r} is served by both "
-                                    f"{other.source.name!r} and {server!r}; grant one as "
-                                    "server.tool")])
+                return fail(f"tool name {spec.name!r} is served by both {other.source.name!r} "
+                            f"and {server!r}; grant one as server.tool")
             if spec.name.startswith(HANDOFF_PREFIX):
-                raise ConfigError([(where, f"tool {spec.name!r} of {server!r} clashes with "
-                                    "the handoff tool prefix")])
+                return fail(f"tool {spec.name!r} of {server!r} clashes with the handoff tool "
+                            "prefix")
             entries[spec.name] = ToolEntry(spec, source)
 
-        for grant in allow:
+        for grant in self.allow:
             matched = False
             for server in (s for s in sources if grant.matches_server(s)):
                 specs = listed[server]
@@ -164,8 +232,9 @@ class Toolbox:
                         matched = True
                         add(server, spec)
                 if grant.exact_tool and not matched:
-                    raise ConfigError([(where, f"server {server!r} has no tool {grant.tool!r}; "
-                                        f"it has {sorted(s.name for s in specs)}")])
+                    fail(f"server {server!r} has no tool {grant.tool!r}; it has "
+                         f"{sorted(s.name for s in specs)}")
+                    matched = True  # reported once
             if not matched and grant.tool is not None:
                 down = [s for s in sources if grant.matches_server(s) and listed[s] is None]
                 problems.append(
@@ -174,15 +243,13 @@ class Toolbox:
         for rule in denied:
             if not any(rule.matches(server, spec.name) for server, specs in listed.items()
                        for spec in specs or ()):
-                problems.append(f"agents.{agent}.deny_tools: {rule.text!r} matches no tool "
-                                "this agent's servers list")
+                problems.append(f"agents.{self.agent}.deny_tools: {rule.text!r} matches no "
+                                "tool this agent's servers list")
         for server, specs in listed.items():
             for spec in specs or ():
                 if spec.name not in entries:
                     forbidden.setdefault(spec.name, f"server {server!r} does not grant it")
-        for name, server in (others or {}).items():
+        for name, server in self.others.items():
             if name not in entries:
                 forbidden.setdefault(name, f"it belongs to server {server!r}")
-        box = cls(entries, handoffs, agent=agent, forbidden=forbidden)
-        box.problems = problems
-        return box
+        return entries, forbidden, problems

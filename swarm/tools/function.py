@@ -16,6 +16,7 @@ from pydantic_core import ArgsKwargs, to_jsonable_python
 
 from swarm.errors import ConfigError, ToolError
 from swarm.tools.interface import ToolContext, ToolResult, ToolSource, ToolSpec
+from swarm.tools.resilience import cap_result
 
 if typing.TYPE_CHECKING:
     from swarm.config import ToolServerConfig
@@ -72,10 +73,12 @@ class FunctionToolSource(ToolSource):
         functions: Sequence[str | Callable[..., Any]],
         *,
         timeout_s: float = 30.0,
+        max_result_chars: int = 65536,
     ) -> None:
         """Take functions or `package.module:function` import paths; problems raise ConfigError."""
         self.name = name
         self.timeout_s = timeout_s
+        self.max_result_chars = max_result_chars
         self._tools: dict[str, _FunctionTool] = {}
         problems: list[tuple[str, str]] = []
         for i, item in enumerate(functions):
@@ -102,7 +105,8 @@ class FunctionToolSource(ToolSource):
         """Build the source for a `ToolServerConfig` that has `python:` set."""
         if config.python is None:
             raise ConfigError([(f"tools.{name}.python", "not a python tool server")])
-        return cls(name, config.python, timeout_s=config.timeout_s)
+        return cls(name, config.python, timeout_s=config.timeout_s,
+                   max_result_chars=config.max_result_chars)
 
     async def list_tools(self) -> list[ToolSpec]:
         """The functions' specs, in the order given."""
@@ -139,7 +143,7 @@ class FunctionToolSource(ToolSource):
             ) from None
         except Exception as e:
             return ToolResult(f"{type(e).__name__}: {e}", is_error=True)
-        return _encode(value)
+        return cap_result(_encode(value), self.max_result_chars)
 
 
 def import_function(path: str) -> Callable[..., Any]:

@@ -1,47 +1,70 @@
 """MCP servers as tool sources, over stdio, streamable HTTP or (for tests) in process.
 
-Each source keeps one MCP client connection that every caller shares; MCP sessions correlate
-responses by request id, so concurrent calls are safe. When the connection breaks, the call in
-flight raises `ToolError` and the next call reconnects (respawning a stdio server).
+Each source keeps a small pool of MCP client connections (one by default) that every session of
+the agent replica shares; MCP sessions correlate responses by request id, so concurrent calls on
+one connection are safe. Around each call: a timeout, retries with back-off for tools the server
+marks read-only or idempotent, a circuit breaker for the server, and a cap on the result's size.
+When a connection breaks, the next attempt reconnects (respawning a stdio server). The tool list
+is cached and re-listed when the server announces a change; progress the server reports while a
+tool runs becomes `ToolProgress` events of the task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
+import logging
+import random
 import shlex
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-import httpx2
 import mcp.types as mcp_types
 from mcp import Client, MCPError, StdioServerParameters
-from mcp.client.streamable_http import streamable_http_client
+from mcp.client.session import MessageHandlerFnT
 from pydantic import ValidationError
 
 from swarm.config import MCPHttpConfig, MCPStdioConfig, ToolServerConfig
 from swarm.errors import ConfigError, ToolError
+from swarm.tools._mcp_connection import Connection, http_transport
 from swarm.tools.interface import ToolContext, ToolResult, ToolSource, ToolSpec
+from swarm.tools.resilience import CircuitBreaker, backoff_delays, cap_result
+
+log = logging.getLogger(__name__)
 
 # An outer bound in case a request can't even be written (a server that stopped reading stdin);
 # the MCP read timeout normally fires first and sends the server a cancellation.
 _TIMEOUT_GRACE_S = 2.0
-# stdio shutdown closes stdin, then waits 2 s before SIGTERM and 2 s more before SIGKILL.
-_CLOSE_TIMEOUT_S = 10.0
-_MAX_LIST_PAGES = 100
+# Progress events of one call are at least this far apart (the first and the last always go).
+_PROGRESS_INTERVAL_S = 0.1
+
+
+class _Failed(Exception):
+    """One attempt of a call failed in a way that says the server is unwell (for the breaker).
+
+    `kind` says whether another attempt is safe: `connect` (the request never went out: always),
+    `lost` and `timeout` (it may have run: only for idempotent tools), `garbage` (never: the
+    server answered, just not in MCP).
+    """
+
+    def __init__(self, kind: Literal["connect", "lost", "timeout", "garbage"], message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
 
 
 class MCPToolSource(ToolSource):
-    """The tools of one MCP server, over a shared connection that reconnects after failures.
+    """The tools of one MCP server, over shared connections that reconnect after failures.
 
     `server` is an `MCPStdioConfig`, an `MCPHttpConfig`, or an in-process `MCPServer` / low-level
     `Server` (in-memory transport, for tests). Nothing connects until `start()` or the first call,
     so a source whose server is down can be built; its calls raise `ToolError` until it is back.
     `target` names the server for messages ("stdio: cmd args", "http: url"), without secrets.
+    Up to `pool_size` connections are opened, a new one only when every open one is busy. The
+    other knobs are `ToolServerConfig`'s (README "MCP servers").
     """
 
     def __init__(
@@ -51,122 +74,230 @@ class MCPToolSource(ToolSource):
         *,
         timeout_s: float = 30.0,
         connect_timeout_s: float = 30.0,
+        pool_size: int = 1,
+        retries: int = 2,
+        retry_backoff_s: float = 0.2,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 30.0,
+        max_result_chars: int = 65536,
+        breaker: CircuitBreaker | None = None,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self.name = name
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
+        self.max_result_chars = max_result_chars
+        self.breaker = breaker or CircuitBreaker(breaker_failures, breaker_cooldown_s)
+        self._rng = rng
         self._server = server
         self.target = _describe(server)
-        self._conn: _Connection | None = None
+        self._slots: list[Connection | None] = [None] * max(1, pool_size)
         self._lock = asyncio.Lock()
         self._specs: list[ToolSpec] | None = None
+        self._watchers: list[Callable[[], None]] = []
         self._closed = False
 
     @classmethod
     def from_config(
-        cls, name: str, config: ToolServerConfig, *, connect_timeout_s: float = 30.0
+        cls, name: str, config: ToolServerConfig, *, server: MCPStdioConfig | MCPHttpConfig |
+        None = None, connect_timeout_s: float = 30.0,
     ) -> MCPToolSource:
-        """Build the source for a `ToolServerConfig` that has `mcp:` set."""
+        """Build the source for a `ToolServerConfig` that has `mcp:` set (`server` replaces it,
+        e.g. with the command resolved)."""
         if config.mcp is None:
             raise ConfigError([(f"tools.{name}.mcp", "not an MCP tool server")])
         return cls(
-            name, config.mcp, timeout_s=config.timeout_s, connect_timeout_s=connect_timeout_s
+            name, server or config.mcp, timeout_s=config.timeout_s,
+            connect_timeout_s=connect_timeout_s, pool_size=config.pool_size,
+            retries=config.retries, retry_backoff_s=config.retry_backoff_s,
+            breaker_failures=config.breaker_failures,
+            breaker_cooldown_s=config.breaker_cooldown_s,
+            max_result_chars=config.max_result_chars,
         )
 
     @property
     def connected(self) -> bool:
         """Whether a live connection exists right now."""
-        conn = self._conn
-        return conn is not None and conn.client is not None and not conn.dead
+        return self.connections > 0
+
+    @property
+    def connections(self) -> int:
+        """How many connections are live right now."""
+        return sum(1 for c in self._slots if c is not None and c.client is not None and not c.dead)
 
     async def start(self) -> None:
         """Connect and cache the tool list; raise `ToolError` if the server can't be reached."""
-        await self._connection()
+        try:
+            conn = await self._acquire()
+        except _Failed as f:
+            raise ToolError(f.message) from None
+        conn.in_flight -= 1
 
     async def list_tools(self) -> list[ToolSpec]:
-        """The tools from the latest successful connection (connecting first if there was none)."""
+        """The cached tool list (connecting first if there was none), as last announced."""
         if self._specs is None:
-            await self._connection()
+            await self.start()
         return list(self._specs or [])
 
+    def on_tools_changed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after the cached tool list changed."""
+        self._watchers.append(callback)
+
     async def call(self, tool: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolResult:
-        """Call one tool under the per-call timeout; a broken connection raises `ToolError`."""
-        conn = await self._connection()
-        client = conn.client
-        if client is None:
-            raise ToolError(self._lost(tool, "the connection closed"))
-        meta: dict[str, Any] = {}
-        if ctx.traceparent:
-            meta["traceparent"] = ctx.traceparent
-        if ctx.idempotency_key:
-            # Lets a server deduplicate a call that a resumed task sends again.
-            meta["swarm/idempotency_key"] = ctx.idempotency_key
-        try:
-            with anyio.fail_after(self.timeout_s + _TIMEOUT_GRACE_S):
-                result = await client.call_tool(
-                    tool, arguments, read_timeout_seconds=self.timeout_s, meta=meta or None
-                )
-        except MCPError as e:
-            if e.code == mcp_types.REQUEST_TIMEOUT:
-                raise ToolError(self._timed_out(tool)) from None
-            if conn.dead or e.code == mcp_types.CONNECTION_CLOSED or _session_gone(e):
-                conn.kill()
-                raise ToolError(self._lost(tool, e.message)) from None
-            # The server answered with a protocol error; the model may fix its call.
-            return ToolResult(f"MCP error {e.code}: {e.message}", is_error=True)
-        except TimeoutError:
-            raise ToolError(self._timed_out(tool)) from None
-        except (RuntimeError, ValidationError) as e:
-            if conn.dead:
-                raise ToolError(self._lost(tool, _reason(e))) from None
-            # The client rejected the answer (e.g. structured content against the output schema).
-            raise ToolError(
-                f"MCP server {self.name!r} returned an invalid result for {tool!r}: {e}"
-            ) from None
-        except Exception as e:
-            conn.kill()
-            raise ToolError(self._lost(tool, _reason(e))) from None
-        return _to_result(result)
+        """Call one tool with timeout, retries and the breaker; raise `ToolError` when the server
+        can't give an answer (the tool's own errors are results)."""
+        delays = backoff_delays(self.retries, self.retry_backoff_s, rng=self._rng)
+        attempts = 0
+        while True:
+            if not self.breaker.allow():
+                raise ToolError(self.breaker.refusal(self.name))
+            attempts += 1
+            try:
+                result = await self._attempt(tool, arguments, ctx)
+            except _Failed as f:
+                self.breaker.failure(f.message)
+                retry = f.kind == "connect" or (
+                    f.kind in ("lost", "timeout") and self._idempotent(tool))
+                delay = next(delays, None) if retry and not self._closed else None
+                if delay is None:
+                    tries = f"; gave up after {attempts} attempts" if attempts > 1 else ""
+                    raise ToolError(f.message + tries) from None
+                log.info("MCP server %s: %s; retrying in %.2fs", self.name, f.message, delay)
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                self.breaker.abandon()
+                raise
+            self.breaker.success()
+            return cap_result(result, self.max_result_chars)
 
     async def aclose(self) -> None:
-        """Close the connection and stop the server process; later calls raise `ToolError`."""
+        """Close the connections and stop the server processes; later calls raise `ToolError`."""
         self._closed = True
         async with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+            conns, self._slots = self._slots, [None] * len(self._slots)
+        for conn in conns:
+            if conn is not None:
+                await conn.close()
 
-    # ---- connection management -------------------------------------------------------------
+    # ---- one attempt ---------------------------------------------------------------------------
 
-    async def _connection(self) -> _Connection:
+    async def _attempt(self, tool: str, arguments: dict[str, Any],
+                       ctx: ToolContext) -> ToolResult:
+        conn = await self._acquire()
+        try:
+            client = conn.client
+            if client is None:
+                raise _Failed("lost", self._lost(tool, "the connection closed"))
+            meta: dict[str, Any] = {}
+            if ctx.traceparent:
+                meta["traceparent"] = ctx.traceparent
+            if ctx.idempotency_key:
+                # Lets a server deduplicate a call that a resumed task sends again.
+                meta["swarm/idempotency_key"] = ctx.idempotency_key
+            progress = _Progress(ctx, tool) if ctx.emit is not None else None
+            try:
+                with anyio.fail_after(self.timeout_s + _TIMEOUT_GRACE_S):
+                    result = await client.call_tool(
+                        tool, arguments, read_timeout_seconds=self.timeout_s,
+                        progress_callback=progress, meta=meta or None,
+                    )
+            except MCPError as e:
+                if conn.dead or e.code == mcp_types.CONNECTION_CLOSED or _session_gone(e):
+                    conn.kill()
+                    raise _Failed("lost", self._lost(tool, e.message)) from None
+                if e.code == mcp_types.REQUEST_TIMEOUT:
+                    raise _Failed("timeout", self._timed_out(tool)) from None
+                # The server answered with a protocol error; the model may fix its call.
+                return ToolResult(f"MCP error {e.code}: {e.message}", is_error=True)
+            except TimeoutError:
+                # Even the MCP timeout didn't fire: the connection is wedged.
+                conn.kill()
+                raise _Failed("timeout", self._timed_out(tool)) from None
+            except (RuntimeError, ValidationError) as e:
+                if conn.dead:
+                    raise _Failed("lost", self._lost(tool, _reason(e))) from None
+                # The client rejected the answer (not a CallToolResult, or structured content
+                # against the output schema).
+                raise _Failed("garbage", f"MCP server {self.name!r} returned an invalid result "
+                              f"for {tool!r}: {_reason(e)[:500]}") from None
+            except Exception as e:
+                conn.kill()
+                raise _Failed("lost", self._lost(tool, _reason(e))) from None
+            return _to_result(result)
+        finally:
+            conn.in_flight -= 1
+
+    def _idempotent(self, tool: str) -> bool:
+        spec = next((s for s in self._specs or () if s.name == tool), None)
+        return spec is not None and spec.idempotent
+
+    # ---- connection pool -----------------------------------------------------------------------
+
+    def _pick(self) -> int:
+        """An idle live connection, else an unopened (or broken) slot, else the least busy."""
+        free: int | None = None
+        best, best_load = 0, -1
+        for i, conn in enumerate(self._slots):
+            if conn is None or conn.dead:
+                if free is None:
+                    free = i
+            elif conn.in_flight == 0:
+                return i
+            elif best_load < 0 or conn.in_flight < best_load:
+                best, best_load = i, conn.in_flight
+        return free if free is not None else best
+
+    async def _acquire(self) -> Connection:
+        """A settled, live connection with this caller counted in its load."""
         self._check_open()
-        conn = self._conn
+        index = self._pick()
+        conn = self._slots[index]
         if conn is None or conn.dead:
             async with self._lock:
                 self._check_open()
-                conn = self._conn
+                conn = self._slots[index]
                 if conn is None or conn.dead:
                     if conn is not None:
                         await conn.close()
-                    conn = self._conn = _Connection(
-                        self._open, self.name, self.connect_timeout_s
-                    )
-        await conn.settled.wait()
-        self._check_open()
-        if conn.client is None:
-            http = isinstance(self._server, MCPHttpConfig)
-            verb = "failed to connect" if http else "failed to start"
-            raise ToolError(
-                f"MCP server {self.name!r} ({self.target}) {verb}: {_reason(conn.error)}"
-            )
-        self._specs = conn.specs
+                    conn = self._slots[index] = Connection(
+                        self._open, self.name, self.connect_timeout_s, self.timeout_s,
+                        self._listed)
+        conn.in_flight += 1
+        try:
+            await conn.settled.wait()
+            self._check_open()
+            if conn.client is None:
+                http = isinstance(self._server, MCPHttpConfig)
+                verb = "failed to connect" if http else "failed to start"
+                raise _Failed("connect", f"MCP server {self.name!r} ({self.target}) {verb}: "
+                              f"{_reason(conn.error)}")
+        except BaseException:
+            conn.in_flight -= 1
+            raise
         return conn
+
+    def _listed(self, tools: list[mcp_types.Tool]) -> None:
+        """A connection listed the tools (connecting, or told they changed)."""
+        specs = [_to_spec(t, self.name) for t in tools]
+        changed = self._specs is not None and specs != self._specs
+        self._specs = specs
+        if changed:
+            log.info("MCP server %s: tool list changed (%d tools)", self.name, len(specs))
+            for callback in list(self._watchers):
+                try:
+                    callback()
+                except Exception:
+                    log.warning("MCP server %s: a tools-changed callback failed", self.name,
+                                exc_info=True)
 
     def _check_open(self) -> None:
         if self._closed:
             raise ToolError(f"MCP server {self.name!r} ({self.target}): the source is closed")
 
-    def _open(self) -> Client:
+    def _open(self, on_message: MessageHandlerFnT) -> Client:
         """A new, unentered client; secrets are decrypted only here, at connect time."""
         server = self._server
         target: Any
@@ -179,11 +310,12 @@ class MCPToolSource(ToolSource):
             )
         elif isinstance(server, MCPHttpConfig):
             headers = {k: v.get_secret_value() for k, v in server.headers.items()}
-            target = _http_transport(server.url, headers)
+            target = http_transport(server.url, headers)
         else:
             target = server
-        # The response cache is off: the tool list is cached here and refreshed per connection.
-        return Client(target, read_timeout_seconds=self.timeout_s, cache=None)
+        # The response cache is off: the tool list is cached here and refreshed on change.
+        return Client(target, read_timeout_seconds=self.timeout_s, cache=None,
+                      message_handler=on_message)
 
     def _timed_out(self, tool: str) -> str:
         return f"MCP tool {tool!r} on server {self.name!r} timed out after {self.timeout_s:g}s"
@@ -195,83 +327,24 @@ class MCPToolSource(ToolSource):
         )
 
 
-class _Connection:
-    """A connected `Client` whose context one background task enters and exits.
+class _Progress:
+    """Relays one call's MCP progress notifications to the task's events, thinned to one per
+    `_PROGRESS_INTERVAL_S` (a chatty server must not flood the event stream)."""
 
-    MCP clients hold anyio task groups, which must be exited by the task that entered them, so
-    neither `start()` nor `aclose()` (possibly different tasks) may own the context themselves.
-    Requests, though, may be sent on the session from any task.
-    """
+    __slots__ = ("_ctx", "_last", "_tool")
 
-    def __init__(self, open_client: Callable[[], Client], source: str, timeout_s: float) -> None:
-        self.client: Client | None = None
-        self.specs: list[ToolSpec] = []
-        self.error: BaseException | None = None
-        self.dead = False
-        self.settled = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._scope: anyio.CancelScope | None = None
-        self._task = asyncio.create_task(
-            self._run(open_client, source, timeout_s), name=f"mcp-connection-{source}"
-        )
+    def __init__(self, ctx: ToolContext, tool: str) -> None:
+        self._ctx = ctx
+        self._tool = tool
+        self._last: float | None = None
 
-    async def _run(self, open_client: Callable[[], Client], source: str, timeout_s: float) -> None:
-        try:
-            if self._stop.is_set():
-                return
-            with anyio.CancelScope(deadline=anyio.current_time() + timeout_s) as scope:
-                self._scope = scope
-                async with open_client() as client:
-                    tools = await _list_all_tools(client)
-                    scope.deadline = math.inf
-                    self.specs = [_to_spec(t, source) for t in tools]
-                    self.client = client
-                    self.settled.set()
-                    await self._stop.wait()
-            if scope.cancelled_caught and self.client is None and not self._stop.is_set():
-                self.error = TimeoutError(f"no answer within {timeout_s:g}s")
-        except BaseException as e:  # the owner task reports its failure, it never raises
-            self.error = e
-        finally:
-            self.dead = True
-            self.client = None
-            self.settled.set()
-
-    def kill(self) -> None:
-        """Mark the connection broken and let its task tear it down (and reap the process)."""
-        self.dead = True
-        self._stop.set()
-
-    async def close(self) -> None:
-        """Tear the connection down and wait, bounded, until its task has finished."""
-        self.kill()
-        if self.client is None and self._scope is not None:
-            self._scope.cancel()  # still connecting
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), _CLOSE_TIMEOUT_S)
-        except TimeoutError:
-            self._task.cancel()
-
-
-@asynccontextmanager
-async def _http_transport(url: str, headers: dict[str, str]) -> AsyncIterator[Any]:
-    # The SDK builds its own HTTP client only for a bare URL; headers need one of ours.
-    timeout = httpx2.Timeout(30.0, read=300.0)
-    async with httpx2.AsyncClient(headers=headers, timeout=timeout) as http:
-        async with streamable_http_client(url, http_client=http) as streams:
-            yield streams
-
-
-async def _list_all_tools(client: Client) -> list[mcp_types.Tool]:
-    tools: list[mcp_types.Tool] = []
-    cursor: str | None = None
-    for _ in range(_MAX_LIST_PAGES):
-        page = await client.list_tools(cursor=cursor)
-        tools.extend(page.tools)
-        cursor = page.next_cursor
-        if cursor is None:
-            break
-    return tools
+    async def __call__(self, progress: float, total: float | None, message: str | None) -> None:
+        now = time.monotonic()
+        final = total is not None and progress >= total
+        if self._last is not None and not final and now - self._last < _PROGRESS_INTERVAL_S:
+            return
+        self._last = now
+        self._ctx.report_progress(self._tool, progress, total, message)
 
 
 def _to_spec(tool: mcp_types.Tool, source: str) -> ToolSpec:
@@ -319,8 +392,19 @@ def _to_result(result: mcp_types.CallToolResult) -> ToolResult:
 
 
 def _session_gone(e: MCPError) -> bool:
-    # Streamable HTTP reports a session the server no longer knows (it restarted) this way.
-    return e.code == mcp_types.INVALID_REQUEST and e.message == "Session terminated"
+    """Whether an HTTP server no longer knows this client's session (it restarted).
+
+    The SDK reports a 404 as "Session terminated" and another error status without a JSON-RPC
+    body as the message below; servers that send a JSON-RPC body word it themselves (the
+    TypeScript SDK: "Session not found", "Bad Request: No valid session ID provided").
+    """
+    if e.code == mcp_types.INVALID_REQUEST and e.message == "Session terminated":
+        return True
+    if e.code == mcp_types.INTERNAL_ERROR and e.message == "Server returned an error response":
+        return True
+    text = e.message.lower()
+    return "session" in text and any(
+        word in text for word in ("not found", "no valid", "unknown", "expired", "terminated"))
 
 
 def _reason(e: BaseException | None) -> str:

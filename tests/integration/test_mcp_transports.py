@@ -145,20 +145,35 @@ async def test_stdio_serves_concurrent_calls_on_one_connection(stdio_source):
     assert stdio_server_pid() == pid
 
 
-async def test_stdio_server_crash_fails_one_call_then_respawns(stdio_source):
-    await stdio_source.start()
+def kill_stdio_server() -> int:
     pid = stdio_server_pid()
     proc = psutil.Process(pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
+    return pid
 
+
+async def test_stdio_server_crash_fails_one_call_then_respawns(stdio_source, tmp_path):
+    await stdio_source.start()
+    pid = kill_stdio_server()
+
+    # save_note may have run before the crash: it is not retried, the call fails.
     with pytest.raises(ToolError) as info:
-        await stdio_source.call("search", {"query": "ray actors"}, CTX)
+        await stdio_source.call("save_note", {"title": "t", "text": "x"}, CTX)
     message = str(info.value)
     assert "MCP server 'research' (stdio: " in message and MODULE in message
-    assert "connection lost while calling 'search'" in message
+    assert "connection lost while calling 'save_note'" in message
     assert not stdio_source.connected
 
+    saved = await stdio_source.call("save_note", {"title": "t", "text": "x"}, CTX)
+    assert saved.structured["note_id"] in (tmp_path / "notes.jsonl").read_text()
+    assert stdio_server_pid() != pid
+
+
+async def test_read_only_call_rides_over_a_crash_by_retrying(stdio_source):
+    await stdio_source.start()
+    pid = kill_stdio_server()
+    # search is read-only: the lost attempt is retried on a respawned server.
     result = await stdio_source.call("search", {"query": "ray actors"}, CTX)
     assert _top_id(result) == "ray-actors"
     assert stdio_server_pid() != pid
@@ -217,7 +232,7 @@ async def test_http_roundtrip_with_headers_and_concurrency(http_server):
 
 async def test_http_server_restart_fails_one_call_then_reconnects(http_server, tmp_path):
     url, port, proc = http_server
-    src = MCPToolSource("research", MCPHttpConfig(url=url), timeout_s=10)
+    src = MCPToolSource("research", MCPHttpConfig(url=url), timeout_s=10, retries=0)
     try:
         await src.start()
         stop(proc)
