@@ -33,3 +33,21 @@ fi
 spec="."
 if [ "$#" -gt 0 ]; then spec=".[$(IFS=,; echo "$*")]"; fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"
+# The test suite runs third-party MCP servers from npm (pinned in tests/npm/package-lock.json).
+case " $* " in
+  *" test "*)
+    if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+      # npm ci starts from scratch each time: run it only when the lock file changed.
+      if ! cmp -s tests/npm/package-lock.json tests/npm/node_modules/.swarm-installed-lock; then
+        echo "setup: installing the npm MCP servers the tests use (tests/npm)" >&2
+        if npm ci --prefix tests/npm --no-audit --no-fund --loglevel=error </dev/null; then
+          cp tests/npm/package-lock.json tests/npm/node_modules/.swarm-installed-lock
+        else
+          echo "setup: npm ci failed; the tests against npm MCP servers will be skipped" >&2
+        fi
+      fi
+    else
+      echo "setup: node/npm not found; the tests against npm MCP servers will be skipped" >&2
+    fi
+    ;;
+esac
