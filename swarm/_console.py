@@ -20,6 +20,7 @@ from swarm.events import (
     TaskFinished,
     TaskStateChanged,
     ToolCalled,
+    ToolProgress,
 )
 
 
@@ -82,6 +83,11 @@ class ProgressPrinter:
                 f"[dim]{t}[/] {who} step {ev.step:>3} tool {escape(ev.tool)} "
                 f"{ev.duration_ms:.1f} ms {status}"
             )
+        elif isinstance(ev, ToolProgress):
+            of = f"/{ev.total:g}" if ev.total is not None else ""
+            text = f": {escape(ev.message)}" if ev.message else ""
+            c.print(f"[dim]{t}[/] {who} step {ev.step:>3} tool {escape(ev.tool)} "
+                    f"[dim]progress {ev.progress:g}{of}[/]{text}")
         elif isinstance(ev, Handoff):
             c.print(
                 f"[dim]{t}[/] {who} [magenta]handoff → {escape(ev.to_agent)}[/]: "
