@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import statistics
 import time
 from collections.abc import Iterable
@@ -16,6 +17,26 @@ import psutil
 # The echo argument and the final answer: with the JSON around them each message is ~200-300
 # bytes, as the issue asks ("about 200 bytes each").
 PAYLOAD = "x" * 190
+_WORDS = ("the agent asked for a tool call and got back its result with some numbers and names "
+          "from records of an order shipped to a customer in another city on a date next week "
+          "while the model keeps track of what it has seen so far before it writes the answer "
+          "about prices totals items delivery status account balance refund invoice address "
+          "support ticket priority team queue").split()
+_PAYLOADS: list[str] = []
+
+
+def payload(step: int) -> str:
+    """The echo argument of tool call `step`: 190 characters of words that differ from step to
+    step (deterministic), so a transcript compresses about as prose does, not as one repeated
+    string would."""
+    while len(_PAYLOADS) <= step:
+        rnd = random.Random(len(_PAYLOADS))
+        text = f"{len(_PAYLOADS)}:"
+        while len(text) < 190:
+            text += " " + rnd.choice(_WORDS)
+        _PAYLOADS.append(text[:190])
+    return _PAYLOADS[step]
+
 ANSWER = "done " + "y" * 190
 MODEL_LATENCY_S = 0.2  # the concurrency workload's simulated model latency
 TOOL_STEPS = 10  # the concurrency workload: 10 tool steps plus a final answer per task

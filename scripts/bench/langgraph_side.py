@@ -24,13 +24,13 @@ from langgraph.prebuilt import ToolNode, tools_condition
 from scripts.bench.common import (
     ANSWER,
     MODEL_LATENCY_S,
-    PAYLOAD,
     TOOL_STEPS,
     PeakRss,
     Procs,
     concurrency_row,
     cpu_delta,
     openai_messages_bytes,
+    payload,
     pct,
     step_gaps_us,
     wants_tool,
@@ -64,7 +64,7 @@ class EchoChatModel(BaseChatModel):
         results = (len(messages) - 1) // 2
         if wants_tool(results, self.steps):
             msg = AIMessage(content="", tool_calls=[{
-                "name": "echo", "args": {"text": PAYLOAD}, "id": f"call_{results:05d}",
+                "name": "echo", "args": {"text": payload(results)}, "id": f"call_{results:05d}",
                 "type": "tool_call"}])
         else:
             msg = AIMessage(content=ANSWER)

@@ -27,6 +27,7 @@ from scripts.bench.common import (
     concurrency_row,
     cpu_delta,
     openai_messages_bytes,
+    payload,
     pct,
     step_gaps_us,
     wants_tool,
@@ -36,7 +37,14 @@ from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall,
 from swarm.protocol import a2a
 from swarm.runtime.agent import AgentHost, EventBuffer, TurnRequest, build_sources
 
-_ARGS = json.dumps({"text": PAYLOAD})
+_ARGS: list[str] = []
+
+
+def _args(step: int) -> str:
+    """The echo call's JSON arguments for tool call `step` (made once, then looked up)."""
+    while len(_ARGS) <= step:
+        _ARGS.append(json.dumps({"text": payload(len(_ARGS))}))
+    return _ARGS[step]
 
 
 class EchoModel(Model):
@@ -62,7 +70,8 @@ class EchoModel(Model):
             await asyncio.sleep(self.latency_s)
         usage = Usage(input_tokens=60 + 70 * results, output_tokens=60)
         if wants_tool(results, self.steps):
-            call = ToolCall(id=f"call_{results:05d}", name="echo", arguments=_ARGS)
+            call = ToolCall(id=f"call_{results:05d}", name="echo",
+                            arguments=_args(results))
             return ModelResponse(content=None, tool_calls=[call], usage=usage,
                                  finish_reason="tool_calls", model="bench")
         return ModelResponse(content=ANSWER, tool_calls=[], usage=usage, model="bench")

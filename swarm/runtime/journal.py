@@ -39,6 +39,11 @@ def args_hash(arguments: str) -> str:
     return hashlib.blake2b(arguments.encode(), digest_size=8).hexdigest()
 
 
+# Snapshots kept per task: the newest, and one to fall back on should it be unreadable (each
+# holds the whole transcript, so more would make storage grow with the square of the length).
+SNAPSHOTS_KEPT = 2
+
+
 class Journal:
     """Logs one session's turn of one task; created per turn by the agent host."""
 
@@ -186,7 +191,7 @@ class Journal:
 
     async def _put_snapshot(self, snap: Any) -> None:
         try:
-            await self.store.put_snapshot(snap)
+            await self.store.put_snapshot(snap, keep=SNAPSHOTS_KEPT)
         except Exception:
             # A snapshot is an optimisation: restore falls back to older ones plus the log.
             log.warning("snapshot of %s at seq %s failed", self.log_id, snap.seq, exc_info=True)
@@ -204,7 +209,7 @@ class Journal:
             await asyncio.gather(self._snapshotting, return_exceptions=True)
 
 
-_PREVIEW_CHARS = 256
+_PREVIEW_CHARS = 64
 
 
 def _preview(content: Any) -> str | None:
