@@ -131,11 +131,23 @@ def up(
     config: ConfigArg,
     address: AddressOpt = None,
     name: Annotated[str | None, typer.Option(help="deployment name (default: config name)")] = None,
+    a2a: Annotated[bool, typer.Option(
+        "--a2a", help="serve the swarm as an A2A agent too (as the config's a2a.serve does)",
+    )] = False,
+    a2a_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="the port of Ray Serve's HTTP proxy, which serves the A2A app "
+        "(used if this command starts Serve; default 8000 or SWARM_SERVE_PORT)")] = None,
 ) -> None:
     """Deploy the swarm as long-lived named actors on a running Ray cluster."""
+    import os
+
     from swarm.runtime.deploy import ensure_ray, start_swarm
 
     cfg = _load(config)
+    if a2a or a2a_port is not None:
+        cfg = cfg.model_copy(update={"a2a": cfg.a2a.model_copy(update={"serve": True})})
+    if a2a_port is not None:
+        os.environ["SWARM_SERVE_PORT"] = str(a2a_port)
     _quiet_ray()
     try:
         ensure_ray(address, local_ok=False)
@@ -152,6 +164,14 @@ def up(
         f"[green]swarm {deployed!r} is up[/]. Drive it with "
         f"swarm.connect({deployed!r}) or `python -m swarm submit {deployed} TEXT`."
     )
+    if cfg.a2a.serve:
+        from swarm.protocol.a2a_server.app import card_url
+
+        url = card_url(cfg, deployed)
+        out.print(f"A2A agent card: {url}", markup=False, soft_wrap=True)
+        if a2a_port is not None and f":{a2a_port}/" not in url and not cfg.a2a.public_url:
+            err.print(f"[yellow]note:[/] Serve was already listening on another port; the A2A "
+                      f"app is at {url}")
 
 
 @app.command()

@@ -888,6 +888,33 @@ class AuditConfig(_Strict):
                                     description="how often buffered entries are written")
 
 
+class A2AServerConfig(_Strict):
+    """The swarm as an A2A agent: an HTTP app on Ray Serve with the agent card, the JSON-RPC
+    and the REST binding (swarm.protocol.a2a_server)."""
+
+    serve: bool = Field(False, description="deploy the A2A app with the swarm (swarm up, "
+                        "swarm run, start_swarm); `swarm up --a2a` turns it on too")
+    route_prefix: str | None = Field(None, pattern=r"^/[A-Za-z0-9_./-]*$",
+                                     description="where Serve mounts the app; default "
+                                     "/<deployment>/a2a")
+    public_url: str | None = Field(None, pattern=r"^https?://",
+                                   description="the app's base URL as clients reach it (behind "
+                                   "a proxy or ingress), for the card; default http://<Serve "
+                                   "host>:<port><route_prefix>")
+    max_body_bytes: int | None = Field(None, ge=1024, description="largest request body; "
+                                       "default 6 x limits.max_task_chars + 16 KiB (at least "
+                                       "64 KiB), which fits any message within the limit")
+    replicas: int = Field(1, ge=1, le=64)
+    max_ongoing_requests: int = Field(1000, ge=1, description="per replica; a streaming or "
+                                      "blocking request is ongoing until its task ends")
+
+    def body_limit(self, max_task_chars: int) -> int:
+        """The request body limit in bytes."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return max(65_536, 6 * max_task_chars + 16_384)
+
+
 class SwarmConfig(_Strict):
     """A whole swarm: models, tools, agents and how tasks move between them."""
 
@@ -910,6 +937,8 @@ class SwarmConfig(_Strict):
     rate_limits: list[RateLimitConfig] = []
     audit: AuditConfig = AuditConfig()
     memory: MemoryConfig = MemoryConfig()
+    a2a: A2AServerConfig = Field(A2AServerConfig(), description="serve the swarm as an A2A "
+                                 "agent")
 
     @field_validator("models", "tools", "agents")
     @classmethod

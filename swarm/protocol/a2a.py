@@ -63,6 +63,13 @@ def text_message(
     return msg
 
 
+def data_part(value: dict[str, Any]) -> Part:
+    """A structured (JSON) message part."""
+    part = Part()
+    part.data.struct_value.update(value)
+    return part
+
+
 def message_text(msg: Message) -> str:
     """The text parts of a message, joined by newlines."""
     return "\n".join(p.text for p in msg.parts if p.HasField("text"))

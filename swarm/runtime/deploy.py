@@ -244,11 +244,31 @@ def start_swarm(
             f"swarm {deployment!r} did not start within {ready_timeout} s: "
             f"{type(cause).__name__}: {cause}"
         ) from None
+    if cfg.a2a.serve:
+        _start_a2a(cfg, deployment)
     return sup, reports
 
 
+def _start_a2a(cfg: SwarmConfig, deployment: str) -> None:
+    """Run the swarm's A2A app (swarm.protocol.a2a_server); a failure takes the swarm down."""
+    from swarm.errors import SwarmError
+    from swarm.protocol.a2a_server.app import deploy_a2a
+
+    try:
+        deploy_a2a(cfg, deployment)
+    except Exception as exc:
+        try:
+            stop_swarm(deployment, timeout=10)
+        except Exception:
+            log.debug("cleanup of %s failed", deployment, exc_info=True)
+        if isinstance(exc, SwarmError):
+            raise
+        raise OrchestrationError(f"the A2A app of swarm {deployment!r} did not start: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+
 def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
-    """Take a deployed swarm down: agents, supervisor and model apps."""
+    """Take a deployed swarm down: agents, supervisor, model apps and its A2A app."""
     import ray
     from ray import serve
 
@@ -272,4 +292,7 @@ def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
     ray.kill(sup)
     for model in info["endpoints"]:
         serve.delete(_app_name(deployment, model))
+    from swarm.protocol.a2a_server.app import undeploy_a2a
+
+    undeploy_a2a(deployment)
     return info

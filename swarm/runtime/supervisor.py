@@ -299,8 +299,10 @@ class Supervisor:
         metadata: dict[str, Any] | None = None,
         context_id: str | None = None,
         task_id: str | None = None,
+        message_id: str | None = None,
     ) -> str:
-        """Create a task and start driving it; returns its id at once."""
+        """Create a task and start driving it; returns its id at once. `message_id` names the
+        task's first message (an A2A client's own id for the message it sent)."""
         if not isinstance(text, str) or not text.strip():
             raise UserError("task text must be a non-empty string")
         limit = self.cfg.limits.max_task_chars
@@ -328,6 +330,8 @@ class Supervisor:
         first = a2a.text_message(
             text, role="user", task_id=task_id, context_id=context_id, metadata={"user": user}
         )
+        if message_id:
+            first.message_id = message_id
         meta.setdefault("user", user)
         rec = TaskRecord(
             task=a2a.new_task(task_id, context_id, first, meta), user=user, created=self.clock()
@@ -976,6 +980,10 @@ class Supervisor:
         if state == "input_required":
             message = a2a.text_message(detail, role="agent", task_id=rec.id,
                                        context_id=rec.task.context_id)
+            # The same question for programs: the open gates, or the answers it accepts.
+            wanted = {"gates": list(rec.gates.values())} if rec.gates else \
+                {"choices": list(rec.choices)}
+            message.parts.append(a2a.data_part(wanted))
         a2a.set_state(rec.task, state, message)
         rec.updated = self.clock()
         await self._persist(rec)

@@ -1,0 +1,223 @@
+"""The A2A HTTP app (Starlette, from a2a-sdk's routes) and its Ray Serve deployment.
+
+`build_app` is a plain ASGI app over any `SwarmLink`, testable in one process. `deploy_a2a`
+runs it as a Serve application next to a deployed swarm: each replica finds the supervisor actor
+by the swarm's name, so the app holds no task state and any replica answers for any task.
+
+Paths under the app's base URL: `/.well-known/agent-card.json` (the card), `/` (JSON-RPC,
+POST) and `/rest/...` (the HTTP+JSON binding: `/rest/message:send`, `/rest/tasks/{id}`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from a2a.server.request_handlers import build_error_response
+from a2a.server.routes import (
+    create_agent_card_routes,
+    create_jsonrpc_routes,
+    create_rest_routes,
+)
+from a2a.types import AgentCard
+from a2a.utils.error_handlers import build_error_details
+from a2a.utils.errors import InvalidRequestError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from swarm.protocol.a2a_server.bridge import RayLink, SwarmLink
+from swarm.protocol.a2a_server.card import JSONRPC_PATH, REST_PATH, build_agent_card
+from swarm.protocol.a2a_server.executor import SwarmAgentExecutor, SwarmRequestContextBuilder
+from swarm.protocol.a2a_server.store import SupervisorTaskStore, SwarmRequestHandler
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+    from swarm.config import SwarmConfig
+
+CARD_PATH = "/.well-known/agent-card.json"
+PARKED_S = 30.0
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` before a2a-sdk parses them: the JSON-RPC
+    endpoint with JSON-RPC error -32600 (as a2a-sdk answers a body Starlette finds too large),
+    the REST binding with HTTP 413 in its error format. A body within the limit is read here
+    and handed on whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, rpc_path: str = JSONRPC_PATH) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.rpc_path = rpc_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send, int(declared))
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, send, size)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # streaming responses listen for the disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
+        text = (f"Payload too large: the request body is {size} bytes; this agent accepts at "
+                f"most {self.max_bytes} (a2a.max_body_bytes)")
+        error = InvalidRequestError(message=text)
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if (path or "/") == self.rpc_path:
+            response = JSONResponse(build_error_response(None, error))
+        else:
+            response = JSONResponse(
+                {"error": {"code": 413, "status": "INVALID_ARGUMENT", "message": text,
+                           "details": build_error_details(error)}}, status_code=413)
+        await response(scope, _nothing, send)
+
+
+async def _nothing() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def build_app(link: SwarmLink, card: AgentCard, *, max_task_chars: int,
+              max_body_bytes: int) -> Starlette:
+    """The A2A app of one swarm: a2a-sdk's card, JSON-RPC and REST routes over its handler,
+    with the swarm's task table as the task store."""
+    store = SupervisorTaskStore(link)
+    handler = SwarmRequestHandler(
+        link=link, agent_executor=SwarmAgentExecutor(link, store), task_store=store,
+        agent_card=card,
+        request_context_builder=SwarmRequestContextBuilder(link, max_task_chars),
+        # A task waiting for input may be answered elsewhere (the CLI, another replica): its
+        # idle ActiveTask here is let go, and a follow-up makes a new one from the table.
+        interrupted_task_timeout=PARKED_S)
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        await handler.aclose()
+
+    return Starlette(
+        routes=[*create_agent_card_routes(card, card_url=CARD_PATH),
+                *create_jsonrpc_routes(handler, rpc_url=JSONRPC_PATH),
+                *create_rest_routes(handler, path_prefix=REST_PATH)],
+        middleware=[Middleware(BodyLimit, max_bytes=max_body_bytes)],
+        lifespan=lifespan,
+    )
+
+
+# ---- Ray Serve ----------------------------------------------------------------------------------
+
+
+class _A2AServer:
+    """Replica state: the app, built on the replica around a link to the swarm's supervisor."""
+
+    def __init__(self, deployment: str, card: bytes, max_task_chars: int,
+                 max_body_bytes: int) -> None:
+        # The card travels as wire bytes: protobuf values don't pickle.
+        self._app = build_app(RayLink(deployment), AgentCard.FromString(card),
+                              max_task_chars=max_task_chars, max_body_bytes=max_body_bytes)
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        return self._app
+
+
+def app_name(deployment: str) -> str:
+    """The Serve application name of a swarm's A2A app (a dot: no model app can have it)."""
+    return f"{deployment}.a2a"
+
+
+def route_prefix(cfg: SwarmConfig, deployment: str) -> str:
+    """Where Serve mounts the swarm's A2A app."""
+    return cfg.a2a.route_prefix or f"/{deployment}/a2a"
+
+
+def base_url(cfg: SwarmConfig, deployment: str) -> str:
+    """The A2A app's base URL as the card gives it (starts Serve's proxy if it isn't up)."""
+    if cfg.a2a.public_url:
+        return cfg.a2a.public_url.rstrip("/")
+    from swarm.runtime.deploy import serve_port
+
+    port = serve_port()
+    host = os.environ.get("SWARM_SERVE_HOST", "127.0.0.1")
+    if host in ("0.0.0.0", "::", ""):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    prefix = route_prefix(cfg, deployment).rstrip("/")
+    return f"http://{host}:{port}{prefix}"
+
+
+def card_url(cfg: SwarmConfig, deployment: str) -> str:
+    """Where the swarm's agent card is served."""
+    return base_url(cfg, deployment) + CARD_PATH
+
+
+def build_a2a_app(cfg: SwarmConfig, deployment: str) -> Application:
+    """The Serve application of a deployed swarm's A2A app (its card is built and checked
+    here, in the caller)."""
+    from ray import serve
+
+    card = build_agent_card(cfg, name=deployment, base_url=base_url(cfg, deployment))
+    server = serve.deployment(
+        serve.ingress()(_A2AServer), name="A2A", num_replicas=cfg.a2a.replicas,
+        max_ongoing_requests=cfg.a2a.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0})
+    return server.bind(deployment, card.SerializeToString(), cfg.limits.max_task_chars,
+                       cfg.a2a.body_limit(cfg.limits.max_task_chars))
+
+
+def deploy_a2a(cfg: SwarmConfig, deployment: str) -> str:
+    """Run the swarm's A2A app on Serve (next to its supervisor); returns the card's URL."""
+    from ray import serve
+
+    from swarm.errors import UserError
+
+    prefix = route_prefix(cfg, deployment)
+    taken = {f"/{deployment}/{m}" for m in cfg.models}
+    if prefix.rstrip("/") in taken:
+        raise UserError(f"route {prefix} is a model app's; set a2a.route_prefix")
+    serve.run(build_a2a_app(cfg, deployment), name=app_name(deployment), route_prefix=prefix)
+    return card_url(cfg, deployment)
+
+
+def undeploy_a2a(deployment: str) -> bool:
+    """Delete the swarm's A2A app if it runs; whether it did."""
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception:  # Serve isn't running: nothing to delete
+        return False
+    if app_name(deployment) not in apps:
+        return False
+    serve.delete(app_name(deployment))
+    return True
+
