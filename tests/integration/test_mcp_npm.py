@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from pydantic import SecretStr
@@ -258,3 +259,15 @@ async def test_scripted_agent_uses_npm_servers_end_to_end(node, tmp_path):
             ("clerk", op.tool, op.call_id, op.step)}
         assert (progress[-1].progress, progress[-1].total) == (4, 4)
         assert events.index(progress[-1]) < events.index(op)  # while it ran, not after
+
+        # Concurrent tasks (sessions) share the replica's connection: one process per server.
+        servers = node_children()
+        assert len(servers) == 2
+        rows = await asyncio.gather(*(sw.run(f"task {i}", timeout=60) for i in range(3)))
+        assert [r["state"] for r in rows] == ["completed"] * 3
+        assert node_children() == servers
+
+
+def node_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.name() == "node" or "node" in (p.cmdline()[:1] or [""])[0]}
