@@ -49,6 +49,7 @@ class Connection:
         self._list_timeout_s = list_timeout_s
         self._stop = False
         self._changed = False
+        self._garbage = 0
         self._wake = asyncio.Event()
         self._scope: anyio.CancelScope | None = None
         self._task = asyncio.create_task(
@@ -124,8 +125,11 @@ class Connection:
             self._tools_changed()
         elif isinstance(message, Exception):
             # A frame that isn't JSON-RPC: nothing to answer; the call it belonged to times out.
-            log.warning("MCP server %s sent an unreadable message: %s", self._source,
-                        str(message).splitlines()[0] if str(message) else type(message).__name__)
+            # Warned about once per connection, so a server spewing garbage can't flood the log.
+            self._garbage += 1
+            log.log(logging.WARNING if self._garbage == 1 else logging.DEBUG,
+                    "MCP server %s sent an unreadable message: %s", self._source,
+                    str(message).splitlines()[0] if str(message) else type(message).__name__)
 
     def _tools_changed(self) -> None:
         self._changed = True
