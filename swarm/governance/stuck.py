@@ -33,6 +33,7 @@ the question, until an operator answers `continue` (detectors count afresh from 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -259,12 +260,17 @@ class WaitGraph:
                and task in self.running]
         for replica, queue in self.slots.items():
             cap = self.capacity[replica]
-            if task in queue[cap:]:
+            if len(queue) > cap and task in itertools.islice(queue, cap, None):
                 out.extend(queue[:cap])
         return out
 
     def cycle(self, start: str) -> list[str] | None:
         """A wait-for cycle through `start`, as the tasks on it, or None."""
+        if not self.parent:
+            # A turn holding a slot runs on unless its task waits for a sub-task, so every
+            # cycle has a sub-task edge: with none, there is none (and no search, which with
+            # thousands of queued tasks would cost a scan of every queue per hop).
+            return None
         path: list[str] = []
         seen: set[str] = set()
 
