@@ -212,22 +212,6 @@ def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
     return b"".join(out)
 
 
-async def _exchange(conn: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
-    """Send commands in one write and read every reply; raise the first error reply."""
-    await conn.send_packed_command(_pack(commands), check_health=False)
-    replies: list[Any] = []
-    error: ResponseError | None = None
-    for _ in commands:
-        try:
-            replies.append(await conn.read_response())
-        except ResponseError as exc:  # the reply was read; keep reading the others
-            error = error or exc
-            replies.append(exc)
-    if error is not None:
-        raise error
-    return replies
-
-
 async def _exchange_each(conn: AbstractConnection, commands: Sequence[Sequence[Any]]
                          ) -> list[Any]:
     """Send commands in one write and read every reply; an error reply is returned in its place
@@ -237,8 +221,17 @@ async def _exchange_each(conn: AbstractConnection, commands: Sequence[Sequence[A
     for _ in commands:
         try:
             replies.append(await conn.read_response())
-        except ResponseError as exc:
+        except ResponseError as exc:  # the reply was read; keep reading the others
             replies.append(exc)
+    return replies
+
+
+async def _exchange(conn: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send commands in one write and read every reply; raise the first error reply."""
+    replies = await _exchange_each(conn, commands)
+    error = next((r for r in replies if isinstance(r, ResponseError)), None)
+    if error is not None:
+        raise error
     return replies
 
 
