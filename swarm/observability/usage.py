@@ -217,15 +217,17 @@ class UsageLedger:
             key = (r[3], r[4], r[2], r[6])
             acc = combos.get(key)
             if acc is None:
-                acc = combos[key] = [0.0] * len(_TOTALS)
-            acc[0] += r[9]
-            acc[1] += r[10]
-            acc[2] += r[11]
-            acc[3] += r[12]
+                acc = combos[key] = [0.0] * len(SUMS)
+            # In SUMS order: model_calls, tool_calls, input, output and cached tokens, cost,
+            # errors.
             if r[5] == "model":
-                acc[4] += 1
+                acc[0] += 1
             elif r[5] == "tool":
-                acc[5] += 1
+                acc[1] += 1
+            acc[2] += r[9]
+            acc[3] += r[10]
+            acc[4] += r[11]
+            acc[5] += r[12]
             if r[14] == "error":
                 acc[6] += 1
         sums: dict[str, list[float]] = {}
@@ -236,12 +238,12 @@ class UsageLedger:
                     continue
                 members.setdefault(f"{prefix}:usage:{swarm}:{dim}", set()).add(value)
                 total = sums.setdefault(f"{prefix}:usage:{swarm}:{dim}:{value}",
-                                        [0.0] * len(_TOTALS))
+                                        [0.0] * len(SUMS))
                 for i, v in enumerate(acc):
                     total[i] += v
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, total in sums.items():
-                for name, v in zip(_TOTALS, total, strict=True):
+                for name, v in zip(SUMS, total, strict=True):
                     if v:
                         pipe.hincrbyfloat(key, name, v)
             for key, values in members.items():
@@ -263,11 +265,6 @@ class UsageLedger:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-
-
-# The running totals kept in Redis per dimension value, in this order in `_add_totals`.
-_TOTALS = ("input_tokens", "output_tokens", "cached_tokens", "cost_usd", "model_calls",
-           "tool_calls", "errors")
 
 
 def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
