@@ -350,9 +350,9 @@ def main() -> None:
     gc_note = "Python's GC settings"
     if not args.python_gc:
         from swarm.config import ProcessConfig
-        from swarm.runtime.tuning import apply_process_settings
+        from swarm.runtime.tuning import tune_process
 
-        apply_process_settings(ProcessConfig())
+        tune_process(ProcessConfig())
         gc_note = "an agent actor's GC settings"
     print(f"python {sys.version.split()[0]}; in-process scripted model, zero latency; "
           f"{gc_note}")

@@ -272,7 +272,7 @@ async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dic
         with observability(cfg, server.url, run_dir):
             sw = LocalSwarm(cfg, store=store)
             # This process stands for a deployed replica: the same process settings.
-            tune_process(cfg)
+            tune_process(cfg.process)
             sw.hosts["bench"].model = EchoModel(TOOL_STEPS + 1, MODEL_LATENCY_S)
             async with sw:
                 row = await sw.run("warm", timeout=60)

@@ -521,7 +521,7 @@ class AgentActor:
             self.host.publish_snapshot = self._publish_snapshot
         self._flusher: asyncio.Task[None] | None = None
         self._started: asyncio.Task[None] | None = None
-        tune_process(cfg)  # last: what the constructor built is long-lived
+        tune_process(cfg.process)  # last: what the constructor built is long-lived
 
     async def _ensure(self) -> None:
         if self._started is None:

@@ -82,7 +82,7 @@ class SupervisorActor:
         # Rebuild the table and resume unfinished tasks now, not at the first client call: after
         # a crash, nobody may call for a long time. The call runs once the constructor returns.
         me.warm.remote()
-        tune_process(cfg)
+        tune_process(cfg.process)
 
     async def warm(self) -> int:
         """Load the task table (once); returns how many tasks are in it."""

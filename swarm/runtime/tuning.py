@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import gc
 
-from swarm.config import ProcessConfig, SwarmConfig
+from swarm.config import ProcessConfig
 
 
-def tune_process(cfg: SwarmConfig) -> None:
-    """Apply the config's `process` settings to this process (an agent or supervisor actor)."""
-    apply_process_settings(cfg.process)
-
-
-def apply_process_settings(proc: ProcessConfig) -> None:
-    """Apply `process` settings to this process."""
+def tune_process(proc: ProcessConfig) -> None:
+    """Apply a config's `process` settings to this process (an agent or supervisor actor)."""
     if proc.gc_freeze:
         # Everything allocated so far (modules, config, clients) is long-lived: full
         # collections needn't walk it again.

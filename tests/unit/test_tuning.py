@@ -27,7 +27,7 @@ def restore_gc() -> Iterator[None]:
 def test_gc_threshold_and_freeze_apply_to_the_process(restore_gc: None) -> None:
     cfg = parse_config(BASE | {"process": {"gc_threshold": 12_345}})
     older = gc.get_threshold()[1:]
-    tune_process(cfg)
+    tune_process(cfg.process)
     assert gc.get_threshold() == (12_345, *older)
     assert gc.get_freeze_count() > 0
 
@@ -35,7 +35,7 @@ def test_gc_threshold_and_freeze_apply_to_the_process(restore_gc: None) -> None:
 def test_null_keeps_pythons_collector_settings(restore_gc: None) -> None:
     cfg = parse_config(BASE | {"process": {"gc_threshold": None, "gc_freeze": False}})
     before = gc.get_threshold()
-    tune_process(cfg)
+    tune_process(cfg.process)
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
