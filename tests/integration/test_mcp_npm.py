@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from swarm.events import ToolCalled, ToolProgress
 from swarm.testing import LocalSwarm
 from swarm.tools.interface import ToolContext
 from swarm.tools.mcp import MCPToolSource
-from tests.integration.conftest import REPO_ROOT, free_port
+from tests.integration.conftest import REPO_ROOT, free_port, wait_until_listening
 
 PACKAGES = REPO_ROOT / "tests" / "npm" / "node_modules" / "@modelcontextprotocol"
 EVERYTHING = PACKAGES / "server-everything" / "dist" / "index.js"
@@ -89,18 +88,7 @@ class HttpEverything:
     async def start(self) -> None:
         await asyncio.to_thread(self.spawn)
         assert self.proc is not None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-        raise AssertionError(f"nothing listened on 127.0.0.1:{self.port}")
+        await wait_until_listening(self.port, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -210,7 +210,7 @@ def http_server(ray_cluster, desk: SwarmClient) -> Iterator[tuple[int, subproces
 
 
 async def test_streamable_http_transport(http_server: tuple[int, subprocess.Popen]) -> None:
-    from tests.integration.test_mcp_transports import wait_until_listening
+    from tests.integration.conftest import wait_until_listening
 
     port, proc = http_server
     await wait_until_listening(port, proc, timeout=60)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from swarm.config import MCPHttpConfig, MCPStdioConfig, ToolServerConfig
 from swarm.errors import ToolError
 from swarm.tools.interface import ToolContext
 from swarm.tools.mcp import MCPToolSource
+from tests.integration.conftest import free_port, wait_until_listening
 
 REPO = Path(swarm.__file__).resolve().parents[1]
 MODULE = "swarm.examples.research_server"
@@ -49,28 +49,6 @@ def stdio_server_pid() -> int:
     ]
     assert len(found) == 1, found
     return found[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """Poll until the port accepts a TCP connection, bounded by `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise AssertionError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
 def spawn_http_server(port: int, notes_dir: Path) -> subprocess.Popen:
