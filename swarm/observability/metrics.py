@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -261,12 +262,14 @@ class Meter:
     to an attribute; gauges can also be computed at flush time by `samplers`.
     """
 
-    __slots__ = ("_series", "recorder", "samplers")
+    __slots__ = ("_series", "lock", "recorder", "samplers")
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
         self._series: dict[tuple[str, tuple[str, ...]], Series] = {}
         self.samplers: list[Callable[[Meter], None]] = []
+        # Held by `flush` and by writers on other threads (a metering layer's drain).
+        self.lock = threading.Lock()
 
     def series(self, spec: MetricSpec, *tags: str) -> Series:
         """The series of `spec` with these label values (created once)."""
@@ -297,17 +300,27 @@ class Meter:
                 log.debug("metrics sampler failed", exc_info=True)
         rec = self.recorder
         try:
-            for s in list(self._series.values()):
+            with self.lock:
+                taken = []
+                for s in list(self._series.values()):
+                    kind = s.spec.kind
+                    if kind == "counter":
+                        v, s.value = s.value, 0.0
+                        taken.append((s, v))
+                    elif kind == "gauge":
+                        taken.append((s, s.value))
+                    elif s.samples:
+                        vs, s.samples = s.samples, []
+                        taken.append((s, vs))
+            for s, v in taken:
                 kind = s.spec.kind
                 if kind == "counter":
-                    v, s.value = s.value, 0.0
                     if v > 0:  # Ray counters take positive steps only
                         rec.inc(s.spec, s.tags, v)
                 elif kind == "gauge":
-                    rec.set(s.spec, s.tags, s.value)
-                elif s.samples:
-                    vs, s.samples = s.samples, []
-                    rec.observe(s.spec, s.tags, vs)
+                    rec.set(s.spec, s.tags, v)
+                else:
+                    rec.observe(s.spec, s.tags, v)
         except Exception:
             log.warning("pushing metrics failed", exc_info=True)
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 TASK_ATTR = "swarm.task.id"
 _MAX_ROWS = 100_000  # per task read
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_any = msgspec.json.Decoder().decode
 _KINDS = {0: "internal", 1: "server", 2: "client", 3: "producer", 4: "consumer"}
 
 
@@ -61,6 +61,72 @@ def span_row(span: ReadableSpan) -> dict[str, Any]:
         "error": status.description,
         "attrs": attrs if type(attrs) is dict else dict(attrs or {}),  # tuples encode as lists
     }
+
+
+# The per-step spans (`chat`, `execute_tool`, one or more a step) are stored as compact JSON
+# arrays, written at a fraction of the cost of a full row and expanded to one when read. Fields:
+#  0 "c" (chat) | "t" (execute_tool)   1 trace id   2 span id   3 parent span id   4 start ns
+#  5 end ns   6 status   7 error   8 task id   9 conversation id   10 step   11 agent
+#  12 stopped (a StopTurn's kind)   13 error.type   14 captured input   15 captured output
+# chat:          16 provider  17 request model  18 ran (bool)  19 response model
+#                20 finish reason  21 input  22 output  23 cached tokens  24 cost  25 tool calls
+#                26 wrap-up
+# execute_tool:  16 tool  17 call id  18 server
+
+
+def step_row(c: list[Any]) -> dict[str, Any]:
+    """The full row (as `span_row` makes it) of a compact per-step span."""
+    if c[0] == "c":
+        name, kind = "chat " + c[17], "client"
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": c[16],
+            "gen_ai.request.model": c[17], "gen_ai.agent.name": c[11],
+            "gen_ai.conversation.id": c[9], TASK_ATTR: c[8], "swarm.step": c[10]}
+        if c[26]:
+            attrs["swarm.wrap_up"] = True
+        if c[14] is not None:
+            attrs["gen_ai.input.messages"] = c[14]
+        if c[18]:
+            attrs["gen_ai.response.model"] = c[19]
+            attrs["gen_ai.response.finish_reasons"] = [c[20]]
+            attrs["gen_ai.usage.input_tokens"] = c[21]
+            attrs["gen_ai.usage.output_tokens"] = c[22]
+            attrs["gen_ai.usage.cache_read.input_tokens"] = c[23]
+            attrs["swarm.cost_usd"] = c[24]
+            attrs["swarm.tool_calls"] = c[25]
+            if c[15] is not None:
+                attrs["gen_ai.output.messages"] = c[15]
+    else:
+        name, kind = "execute_tool " + c[16], "internal"
+        attrs = {
+            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": c[16],
+            "gen_ai.tool.call.id": c[17], "gen_ai.tool.type": "function",
+            "gen_ai.agent.name": c[11], "gen_ai.conversation.id": c[9],
+            "swarm.tool.server": c[18], TASK_ATTR: c[8], "swarm.step": c[10]}
+        if c[14] is not None:
+            attrs["gen_ai.tool.call.arguments"] = c[14]
+        if c[15] is not None:
+            attrs["gen_ai.tool.call.result"] = c[15]
+    if c[12] is not None:
+        attrs["swarm.stopped"] = c[12]
+    if c[13] is not None:
+        attrs["error.type"] = c[13]
+    return {"name": name, "trace": c[1], "span": c[2], "parent": c[3], "kind": kind,
+            "start": c[4] / 1e9, "end": c[5] / 1e9, "status": c[6], "error": c[7],
+            "attrs": attrs}
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    """A stored row: a full one, or a compact per-step span expanded."""
+    row = _decode_any(data)
+    if type(row) is dict:
+        return row
+    if type(row) is list and row and row[0] in ("c", "t"):
+        try:
+            return step_row(row)
+        except (IndexError, TypeError) as exc:
+            raise msgspec.DecodeError(f"a malformed step span: {exc}") from None
+    raise msgspec.DecodeError("not a span row")
 
 
 class TraceStore(ABC):

@@ -15,17 +15,18 @@ A process has at most one installed `Tracing` (its provider, processors and trac
 actors call `configure` once; tests `install` one built on a private `TracerProvider`, since
 the global OpenTelemetry provider can be set only once per process. `SwarmTracer` binds it to
 one swarm config and is what the supervisor, agent hosts and the middleware layer call; with
-tracing off, they hold None and pay nothing.
+tracing off, they hold None and pay nothing. The per-step `chat` and `execute_tool` spans are
+recorded by the metering layer (swarm.observability.metering) and written by `StepSpanSink`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context, attach, detach
@@ -33,13 +34,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
-    NonRecordingSpan,
     SpanContext,
     SpanKind,
     Status,
     StatusCode,
     TraceFlags,
-    get_current_span,
     set_span_in_context,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -51,23 +50,17 @@ from swarm.observability._export import (
     build_exporter,
     config_secrets,
 )
-from swarm.observability.store import TASK_ATTR, TraceStore, open_trace_store
+from swarm.observability.store import TASK_ATTR, TraceStore, open_trace_store, step_row
 from swarm.observability.store import _encode as _encode_row
-from swarm.runtime.middleware import Middleware, ModelCall, NextModel, NextTool, StopTurn
 
 if TYPE_CHECKING:
     from swarm.config import SwarmConfig
-    from swarm.models.interface import ModelResponse
-    from swarm.tools.interface import ToolResult
 
 log = logging.getLogger("swarm.observability")
 
 _propagator = TraceContextTextMapPropagator()
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
-_OK: tuple[StatusCode, str | None] = (StatusCode.UNSET, None)  # a span that didn't fail
-_CLIENT, _INTERNAL = SpanKind.CLIENT, SpanKind.INTERNAL
-_random_bits = random.getrandbits
 _STORE_QUEUE = 8192
 _ROOT = Context()
 # A2A task state a turn leaves the task in, by the turn's outcome.
@@ -153,20 +146,22 @@ class Tracing:
 
 
 class StepSpanSink:
-    """Where the per-step spans (`chat`, `execute_tool`) go: a list the step path appends a
-    plain tuple to, drained by one thread every `flush_interval_s`.
-
-    The thread writes the trace store's rows directly, and builds SDK `ReadableSpan`s only for
-    the provider's other processors (a configured exporter, a test's), which is where the cost
-    of an OpenTelemetry span is paid: never on the step path, and not at all when the store is
-    the only destination (the default).
+    """Where the per-step spans (`chat`, `execute_tool`) go: one thread, every
+    `flush_interval_s`, pulls the calls the metering layers recorded (their `drain`, registered
+    in `sources`), writes the trace store's rows directly, and builds SDK `ReadableSpan`s only
+    for the provider's other processors (a configured exporter, a test's), which is where the
+    cost of an OpenTelemetry span is paid: never on the step path, and not at all when the store
+    is the only destination (the default).
     """
 
     def __init__(self, tracing: Tracing, *, max_queue: int, flush_interval_s: float) -> None:
         self.tracing = tracing
         self.max_queue = max_queue
         self.interval = flush_interval_s
-        self.pending: list[tuple[Any, ...]] = []
+        self.sources: list[Callable[[], None]] = []
+        # (task id, compact span) of each span (`swarm.observability.store.step_row`), put
+        # here by the sources' drains.
+        self.pending: deque[tuple[Any, ...]] = deque()
         self.ended = self.exported = self.failed = self.dropped = 0
         self._lock = threading.Lock()  # one flush at a time
         self._wake = threading.Event()
@@ -174,20 +169,17 @@ class StepSpanSink:
         self._closed = False
         self.scope = InstrumentationScope("swarm")
 
-    def add(self, record: tuple[Any, ...]) -> None:
-        """Queue one finished span (called on the step path: an append)."""
-        pending = self.pending
-        if len(pending) >= self.max_queue:
-            self.dropped += 1
-            return
-        pending.append(record)
-        self.ended += 1
-        if self._thread is None:
-            self._start()
+    def put(self, spans: list[tuple[Any, ...]]) -> None:
+        """Queue finished spans (from any thread)."""
+        self.pending.extend(spans)
+        self.ended += len(spans)
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the writer thread, once."""
+        if self._thread is not None or self._closed:
+            return
         with self._lock:
-            if self._thread is None and not self._closed:
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="swarm-step-spans",
                                                 daemon=True)
                 self._thread.start()
@@ -202,17 +194,23 @@ class StepSpanSink:
                 log.warning("tracing: writing step spans failed", exc_info=True)
 
     def flush(self) -> None:
-        """Write what is queued: rows to the trace store, spans to the other processors."""
+        """Write what is recorded: rows to the trace store, spans to the other processors."""
         with self._lock:
-            batch, self.pending = self.pending, []
+            for drain in list(self.sources):
+                drain()
+            pending = self.pending
+            batch = [pending.popleft() for _ in range(len(pending))]
             if not batch:
                 return
             tracing = self.tracing
             store_proc = tracing.processors.get("store")
             if tracing.store is not None:
                 rows: dict[str, list[bytes]] = {}
-                for rec in batch:
-                    rows.setdefault(rec[10], []).append(_encode_row(_step_row(rec)))
+                for task, span in batch:
+                    part = rows.get(task)
+                    if part is None:
+                        part = rows[task] = []
+                    part.append(_encode_row(span))
                 try:
                     tracing.store.append(rows)
                     self.exported += len(batch)
@@ -225,10 +223,10 @@ class StepSpanSink:
                       if p is not store_proc and not isinstance(p, TaskIdProcessor)]
             if others:
                 resource = tracing.provider.resource
-                for rec in batch:
-                    span = _readable(rec, resource, self.scope)
+                for _task, span in batch:
+                    readable = _readable(span, resource, self.scope)
                     for proc in others:
-                        proc.on_end(span)
+                        proc.on_end(readable)
 
     def stats(self) -> dict[str, int]:
         """Per-step spans ended, written to the store, failed and dropped, and queued."""
@@ -242,28 +240,23 @@ class StepSpanSink:
         self.flush()
 
 
-_STATUS_NAMES = {StatusCode.ERROR: "error", StatusCode.OK: "ok", StatusCode.UNSET: "unset"}
-_KIND_NAMES = {SpanKind.INTERNAL: "internal", SpanKind.CLIENT: "client"}
+_KINDS = {"client": SpanKind.CLIENT, "internal": SpanKind.INTERNAL}
 
 
-def _step_row(rec: tuple[Any, ...]) -> dict[str, Any]:
-    """The trace store's row (as `span_row` makes it) of a per-step span record."""
-    name, kind, trace_id, span_id, parent_id, t0, t1, code, error, attrs, _task = rec
-    return {"name": name, "trace": format(trace_id, "032x"), "span": format(span_id, "016x"),
-            "parent": format(parent_id, "016x") if parent_id else None,
-            "kind": _KIND_NAMES.get(kind, "internal"), "start": t0 / 1e9, "end": t1 / 1e9,
-            "status": _STATUS_NAMES.get(code, "unset"), "error": error, "attrs": attrs}
-
-
-def _readable(rec: tuple[Any, ...], resource: Any, scope: Any) -> ReadableSpan:
-    """An SDK span of a per-step span record, for exporters."""
-    name, kind, trace_id, span_id, parent_id, t0, t1, code, error, attrs, _task = rec
+def _readable(span: tuple[Any, ...], resource: Any, scope: Any) -> ReadableSpan:
+    """An SDK span of a compact per-step span, for exporters."""
+    row = step_row(list(span))
+    trace_id = int(row["trace"], 16)
+    parent = row["parent"]
+    attrs = row["attrs"]
+    if "gen_ai.response.finish_reasons" in attrs:  # a sequence attribute: a tuple in the SDK
+        attrs["gen_ai.response.finish_reasons"] = tuple(attrs["gen_ai.response.finish_reasons"])
     return ReadableSpan(
-        name=name, context=SpanContext(trace_id, span_id, False, _SAMPLED),
-        parent=SpanContext(trace_id, parent_id, False, _SAMPLED) if parent_id else None,
-        resource=resource, attributes=attrs, kind=kind,
-        status=_UNSET if code is StatusCode.UNSET else Status(code, error),
-        start_time=t0, end_time=t1, instrumentation_scope=scope)
+        name=row["name"], context=SpanContext(trace_id, int(row["span"], 16), False, _SAMPLED),
+        parent=SpanContext(trace_id, int(parent, 16), False, _SAMPLED) if parent else None,
+        resource=resource, attributes=attrs, kind=_KINDS[row["kind"]],
+        status=Status(StatusCode.ERROR, row["error"]) if row["status"] == "error" else _UNSET,
+        start_time=span[4], end_time=span[5], instrumentation_scope=scope)
 
 
 def _store_exporter(store: TraceStore) -> Any:
@@ -423,157 +416,7 @@ class SwarmTracer:
             _set_error(span, error_class, error, self.redact)
         span.end()
 
-    def middleware(self, role: str) -> TracingMiddleware:
-        """The layer that traces a role's model and tool calls."""
-        return TracingMiddleware(self, role)
-
     def content(self, value: Any) -> str:
         """A captured value: JSON, redacted, cut to `max_content_chars`."""
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         return self.redact(text[: self.max_chars * 2])[: self.max_chars]
-
-
-class TracingMiddleware(Middleware):
-    """`chat` spans around model calls and `execute_tool` spans around tool calls.
-
-    These two run on every step, so they skip the SDK's `Span` (its attribute checks and
-    locking cost more than the rest of a step): the layer times the call and hands a plain
-    record, under the turn's `invoke_agent` span, to the `StepSpanSink`, whose thread writes
-    it to the trace store and to exporters. What is exported is the same.
-    """
-
-    def __init__(self, tracer: SwarmTracer, role: str) -> None:
-        self.t = tracer
-        cfg = tracer.cfg
-        self.model_key = cfg.agents[role].model
-        mcfg = cfg.models[self.model_key]
-        self.provider = mcfg.provider
-        self.price = mcfg.price
-        self.capture = tracer.capture
-        self.sink = tracer.tracing.sink
-        self.mcp_servers = frozenset(name for name, tcfg in cfg.tools.items()
-                                     if getattr(tcfg, "mcp", None) is not None)
-
-    def _finish(self, name: str, kind: SpanKind, parent: SpanContext, span_id: int, t0: int,
-                attrs: dict[str, Any], status: tuple[StatusCode, str | None] = _OK) -> None:
-        self.sink.add((name, kind, parent.trace_id, span_id, parent.span_id, t0, time_ns(),
-                       status[0], status[1], attrs, attrs[TASK_ATTR]))
-
-    def _error(self, error_class: str | None, error: str | None,
-               attrs: dict[str, Any]) -> tuple[StatusCode, str | None]:
-        attrs["error.type"] = error_class or "error"
-        return StatusCode.ERROR, self.t.redact(error or error_class or "error")[:500]
-
-    def _raised(self, exc: BaseException, error_class: str,
-                attrs: dict[str, Any]) -> tuple[StatusCode, str | None]:
-        """The status of a call that raised: a layer below stopped the turn (a budget, an
-        approval gate, stuck detection), or the call failed."""
-        if isinstance(exc, StopTurn):
-            outcome = exc.outcome
-            attrs["swarm.stopped"] = outcome.kind
-            if outcome.kind == "failed":
-                return self._error(outcome.error_class, outcome.error, attrs)
-            return _OK
-        return self._error(getattr(exc, "error_class", None) or error_class,
-                           f"{type(exc).__name__}: {exc}", attrs)
-
-    async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
-        """One `chat {model}` span with usage, finish reasons and cost."""
-        session = call.session
-        parent = _parent_of(session)
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat", "gen_ai.provider.name": self.provider,
-            "gen_ai.request.model": call.model, "gen_ai.agent.name": call.agent,
-            "gen_ai.conversation.id": session.session_id, TASK_ATTR: session.task_id,
-            "swarm.step": call.step}
-        if call.final:
-            attrs["swarm.wrap_up"] = True
-        if self.capture:
-            attrs["gen_ai.input.messages"] = self.t.content(_new_input(call))
-        name, span_id, t0 = "chat " + call.model, _random_bits(64), time_ns()
-        try:
-            resp = await nxt(call)
-        except BaseException as exc:
-            self._finish(name, _CLIENT, parent, span_id, t0, attrs,
-                         self._raised(exc, "model", attrs))
-            raise
-        usage = resp.usage
-        attrs["gen_ai.response.model"] = resp.model or call.model
-        attrs["gen_ai.response.finish_reasons"] = (resp.finish_reason,)
-        attrs["gen_ai.usage.input_tokens"] = usage.input_tokens
-        attrs["gen_ai.usage.output_tokens"] = usage.output_tokens
-        attrs["gen_ai.usage.cache_read.input_tokens"] = usage.cached_input_tokens
-        attrs["swarm.cost_usd"] = self.price.cost(usage.input_tokens, usage.output_tokens,
-                                                  usage.cached_input_tokens)
-        attrs["swarm.tool_calls"] = len(resp.tool_calls)
-        if self.capture:
-            out: dict[str, Any] = {"role": "assistant", "content": resp.content}
-            if resp.tool_calls:
-                out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
-                                     for c in resp.tool_calls]
-            attrs["gen_ai.output.messages"] = self.t.content([out])
-        self._finish(name, _CLIENT, parent, span_id, t0, attrs)
-        return resp
-
-    async def on_tool(self, inv: Any, nxt: NextTool) -> ToolResult:
-        """One `execute_tool {tool}` span, current while the tool runs; its traceparent goes to
-        the tool (MCP `_meta`), and spans the tool's client opens nest under it."""
-        session = inv.session
-        parent = _parent_of(session)
-        trace_id = parent.trace_id
-        span_id = _random_bits(64)
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": inv.call.name,
-            "gen_ai.tool.call.id": inv.call.id, "gen_ai.tool.type": "function",
-            "gen_ai.agent.name": inv.agent, "gen_ai.conversation.id": session.session_id,
-            "swarm.tool.server": inv.entry.source.name, TASK_ATTR: session.task_id,
-            "swarm.step": inv.step}
-        if self.capture:
-            attrs["gen_ai.tool.call.arguments"] = self.t.content(inv.args)
-        token = None
-        if inv.entry.source.name in self.mcp_servers:
-            # For the MCP server (`_meta`) and the MCP SDK's own spans, which nest under this
-            # one; a Python function tool has no use for either.
-            inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
-            token = attach(set_span_in_context(
-                NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
-        name, t0 = "execute_tool " + inv.call.name, time_ns()
-        try:
-            result = await nxt(inv)
-        except BaseException as exc:
-            self._finish(name, _INTERNAL, parent, span_id, t0, attrs,
-                         self._raised(exc, "tool", attrs))
-            raise
-        finally:
-            if token is not None:
-                detach(token)
-        status = _OK
-        if self.capture:
-            attrs["gen_ai.tool.call.result"] = self.t.content(result.content)
-        if result.is_error:
-            status = self._error("tool", result.content, attrs)
-        self._finish(name, _INTERNAL, parent, span_id, t0, attrs, status)
-        return result
-
-
-def _parent_of(session: Any) -> SpanContext:
-    """The span a step's spans hang under: the turn's `invoke_agent` span (kept in the session
-    by the agent host), else the current span, else a new trace."""
-    parent = session.scratch.get("span")
-    if parent is not None:
-        return parent
-    parent = get_current_span().get_span_context()
-    if parent.is_valid:
-        return parent
-    parent = SpanContext(_random_bits(128), 0, False)
-    session.scratch["span"] = parent
-    return parent
-
-
-def _new_input(call: ModelCall) -> list[dict[str, Any]]:
-    """The messages since the model's last answer: what this call adds to the conversation."""
-    messages = call.request.messages
-    i = len(messages)
-    while i > 0 and messages[i - 1].get("role") != "assistant":
-        i -= 1
-    return messages[i:] if i else messages

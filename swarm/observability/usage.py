@@ -1,7 +1,7 @@
 """The usage and cost ledger: one row per model call and per tool call, as Parquet.
 
-The agent's metering layer (swarm.observability.metering) appends a row (a tuple in `COLUMNS`
-order) to a `UsageLedger` per call; a background task writes them in batches, every
+The agent's metering layer (swarm.observability.metering) records each call; a `UsageLedger`
+pulls them as rows (tuples in `COLUMNS` order) and a background task writes them in batches, every
 `usage.flush_interval_s`, soon after a turn ends and at shutdown, never on the step path. A batch
 becomes one Parquet file per day, `<usage.dir>/day=YYYY-MM-DD/part-*.parquet` (hive
 partitioning), on the local disk or any pyarrow filesystem URI (`s3://bucket/usage`). With a Redis
@@ -19,8 +19,10 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +110,9 @@ class UsageLedger:
         # Flushes asked for by turn ends coalesce: at most one per this many seconds.
         self.min_gap_s = min(1.0, flush_interval_s)
         self.rows: list[tuple[Any, ...]] = []
+        self._rows_lock = threading.Lock()  # rows come from the event loop and drain threads
+        # Called before each flush to pull rows recorded elsewhere (the metering layers').
+        self.sources: list[Callable[[], None]] = []
         self.files_written = 0
         self.rows_written = 0
         self.rows_dropped = 0
@@ -122,16 +127,23 @@ class UsageLedger:
 
     def add(self, row: tuple[Any, ...]) -> None:
         """Buffer one row (an append; the writer task starts on the first one)."""
-        rows = self.rows
-        rows.append(row)
+        with self._rows_lock:
+            self.rows.append(row)
+            full = len(self.rows) >= self.max_buffered_rows
         if self._task is None or self._task.done():
             self._start()
-        if len(rows) >= self.max_buffered_rows:
+        if full:
             self.kick()
+
+    def extend(self, rows: list[tuple[Any, ...]]) -> None:
+        """Buffer rows, from any thread (a source's drain); the writer takes them at its next
+        flush."""
+        with self._rows_lock:
+            self.rows.extend(rows)
 
     def kick(self) -> None:
         """Ask the writer to flush soon (at a turn's end), without waiting for it."""
-        if self._wake is not None and self.rows:
+        if self._wake is not None and (self.rows or self.sources):
             self._wake.set()
 
     # -- background ------------------------------------------------------------------------
@@ -160,7 +172,10 @@ class UsageLedger:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            rows, self.rows = self.rows, []
+            for drain in list(self.sources):
+                drain()
+            with self._rows_lock:
+                rows, self.rows = self.rows, []
             if not rows:
                 return 0
             try:
@@ -170,7 +185,8 @@ class UsageLedger:
                             len(rows), self.location, exc_info=True)
                 keep = rows[-self.max_buffered_rows:]
                 self.rows_dropped += len(rows) - len(keep)
-                self.rows[:0] = keep
+                with self._rows_lock:
+                    self.rows[:0] = keep
                 return 0
             self.files_written += files
             self.rows_written += len(rows)

@@ -131,19 +131,20 @@ def build_middleware(cfg: Any, role: str, *, store: Any = None,
                      host: Any = None) -> list[Middleware]:
     """The layers an agent role runs with, outermost first, from the swarm config.
 
-    Order matters: tracing sees every call, including ones a later layer stops; usage is
-    recorded for calls that ran; limits are checked closest to the call, so a stopped call
-    costs nothing. Each feature adds its layer here when the config asks for it.
+    Order matters: tracing sees every call, including ones a later layer stops, and usage is
+    recorded for calls that ran (both in the metering layer); limits are checked closest to the
+    call, so a stopped call costs nothing. Each feature adds its layer here when the config
+    asks for it.
     """
     layers: list[Middleware] = []
+    from swarm.observability.metering import metering_layer
     from swarm.observability.tracing import swarm_tracer
 
-    if (tracer := swarm_tracer(cfg)) is not None:
-        layers.append(tracer.middleware(role))  # outermost: sees every call, even stopped ones
-    from swarm.observability.metering import metering_layer
-
-    if (meter := metering_layer(cfg, role, store=store, host=host)) is not None:
-        layers.append(meter)  # metrics and usage rows of the calls that ran
+    # Outermost: spans of every call, even ones a later layer stops; metrics and ledger rows of
+    # the calls that ran.
+    meter = metering_layer(cfg, role, store=store, host=host, tracer=swarm_tracer(cfg))
+    if meter is not None:
+        layers.append(meter)
     from swarm.governance.budget import BudgetLayer
     from swarm.governance.ratelimit import build_rate_limit_layer
     from swarm.governance.stuck import StuckLayer
