@@ -71,14 +71,14 @@ _SAMPLED = 1
 _MODEL, _TOOL = 0, 1
 
 # A call's record, one flat tuple (fields by index):
-#  0 kind (_MODEL | _TOOL)   1 task id      2 conversation id   3 user     4 step
-#  5 trace id               6 parent span  7 span id           8 start ns 9 end ns
-# 10 outcome: ok | error | canceled | stopped   11 error class   12 span error text
-# 13 stopped: the StopTurn outcome's kind       14 captured content (input or arguments)
-# 15 captured content (output or result)
-# model calls:  16 request model  17 response model  18 finish reason  19 tool calls
-#               20 input tokens   21 output tokens   22 cached tokens   23 wrap-up
-# tool calls:   16 tool name      17 call id         18 server name
+#  0 kind (_MODEL | _TOOL)   1 task id   2 conversation id   3 user   4 step
+#  5 the parent span's context (None without tracing)   6 span id (0: drawn when drained)
+#  7 start ns   8 end ns   9 outcome: ok | error | canceled | stopped   10 error class
+# 11 span error text   12 stopped: the StopTurn outcome's kind
+# 13 captured content (input or arguments)   14 captured content (output or result)
+# model calls:  15 request model  16 response model  17 finish reason  18 tool calls
+#               19 input tokens   20 output tokens   21 cached tokens   22 wrap-up
+# tool calls:   15 tool name      16 call id         17 server name
 
 
 class MeteringLayer(Middleware):
@@ -105,6 +105,7 @@ class MeteringLayer(Middleware):
         self.pending: deque[tuple[Any, ...]] = deque()
         self.max_pending = self.sink.max_queue if self.sink is not None else 1_000_000
         self._lock = threading.Lock()  # one drain at a time
+        self._idle = True  # the background tasks aren't started
         self.periodic = Periodic(flush_interval_s, meter.flush) if meter is not None else None
         if meter is not None:
             # Series bound once; `drain` adds to them.
@@ -133,30 +134,43 @@ class MeteringLayer(Middleware):
 
     # -- the layer -------------------------------------------------------------------------
 
-    def _record(self, rec: tuple[Any, ...]) -> None:
-        pending = self.pending
-        if len(pending) >= self.max_pending:  # nobody drains (a stuck store): bounded
-            if self.sink is not None:
-                self.sink.dropped += 1
-            return
-        pending.append(rec)
+    def _background(self) -> None:
+        """Start the metrics push and the ledger writer (from the event loop: the first call
+        after start or after `aclose`)."""
         if self.periodic is not None:
             self.periodic.ensure()
         ledger = self.ledger
         if ledger is not None and (ledger._task is None or ledger._task.done()):
             ledger._start()
+        self._idle = False
+
+    def _record(self, rec: tuple[Any, ...]) -> None:
+        pending = self.pending
+        if len(pending) < self.max_pending:
+            pending.append(rec)
+            if self._idle:
+                self._background()
+        elif self.sink is not None:  # nobody drains (a stuck store): bounded, and counted
+            self.sink.dropped += 1
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """Time the call and record it."""
         session = call.session
-        parent = _parent_of(session) if self.sink is not None else None
+        parent = None
+        if self.sink is not None:
+            parent = session.scratch.get("span") or _parent_of(session)
         captured = self.tracer.content(_new_input(call)) if self.capture else None
-        span_id, t0 = _random_bits(64), time_ns()
+        t0 = time_ns()
         try:
             resp = await nxt(call)
         except BaseException as exc:
-            self._model_raised(call, parent, span_id, t0, captured, exc)
+            outcome, error_class, text, stopped = self._raised(exc, "model")
+            self._record((
+                _MODEL, session.task_id, session.session_id, session.user, call.step, parent,
+                0, t0, time_ns(), outcome, error_class, text, stopped, captured, None,
+                call.model, None, None, 0, 0, 0, 0, call.final))
             raise
+        t1 = time_ns()
         usage = resp.usage
         out = None
         if captured is not None:
@@ -165,25 +179,16 @@ class MeteringLayer(Middleware):
                 msg["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                                      for c in resp.tool_calls]
             out = self.tracer.content([msg])  # type: ignore[union-attr]
-        self._record((
-            _MODEL, session.task_id, session.session_id, session.user, call.step,
-            parent.trace_id if parent is not None else 0,
-            parent.span_id if parent is not None else 0, span_id, t0, time_ns(), "ok", None,
-            None, None, captured, out, call.model, resp.model or call.model,
-            resp.finish_reason, len(resp.tool_calls), usage.input_tokens, usage.output_tokens,
-            usage.cached_input_tokens, call.final))
+        rec = (_MODEL, session.task_id, session.session_id, session.user, call.step, parent, 0,
+               t0, t1, "ok", None, None, None, captured, out, call.model,
+               resp.model or call.model, resp.finish_reason, len(resp.tool_calls),
+               usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, call.final)
+        pending = self.pending
+        if len(pending) < self.max_pending and not self._idle:
+            pending.append(rec)
+        else:
+            self._record(rec)
         return resp
-
-    def _model_raised(self, call: ModelCall, parent: SpanContext | None, span_id: int, t0: int,
-                      captured: str | None, exc: BaseException) -> None:
-        outcome, error_class, text, stopped = self._raised(exc, "model")
-        s = call.session
-        self._record((
-            _MODEL, s.task_id, s.session_id, s.user, call.step,
-            parent.trace_id if parent is not None else 0,
-            parent.span_id if parent is not None else 0, span_id, t0, time_ns(), outcome,
-            error_class, text, stopped, captured, None, call.model, None, None, 0, 0, 0, 0,
-            call.final))
 
     def _raised(self, exc: BaseException, default_class: str
                 ) -> tuple[str, str | None, str | None, str | None]:
@@ -210,46 +215,47 @@ class MeteringLayer(Middleware):
         """Time the call and record it; its span is current while the tool runs, and its
         traceparent goes to an MCP tool (`_meta`), whose client spans nest under it."""
         session = inv.session
-        parent = _parent_of(session) if self.sink is not None else None
-        span_id = _random_bits(64)
+        call = inv.call
         server = inv.entry.source.name
-        token = None
-        if parent is not None and server in self.mcp_servers:
-            trace_id = parent.trace_id
-            inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
-            token = attach(set_span_in_context(
-                NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
+        parent = None
+        span_id = token = 0
+        if self.sink is not None:
+            parent = session.scratch.get("span") or _parent_of(session)
+            if server in self.mcp_servers:
+                span_id = _random_bits(64)
+                trace_id = parent.trace_id
+                inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
+                token = attach(set_span_in_context(
+                    NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
         captured = self.tracer.content(inv.args) if self.capture else None  # type: ignore
         t0 = time_ns()
         try:
             result = await nxt(inv)
         except BaseException as exc:
             outcome, error_class, text, stopped = self._raised(exc, "tool")
-            self._record_tool(inv, parent, span_id, t0, outcome, error_class, text, stopped,
-                              captured, None)
+            self._record((_TOOL, session.task_id, session.session_id, session.user, inv.step,
+                          parent, span_id, t0, time_ns(), outcome, error_class, text, stopped,
+                          captured, None, call.name, call.id, server))
             raise
         finally:
-            if token is not None:
+            if token:
                 detach(token)
+        t1 = time_ns()
         out = self.tracer.content(result.content) if self.capture else None  # type: ignore
         if result.is_error:
-            self._record_tool(inv, parent, span_id, t0, "error", "tool",
-                              self._redact(result.content), None, captured, out)
+            rec = (_TOOL, session.task_id, session.session_id, session.user, inv.step, parent,
+                   span_id, t0, t1, "error", "tool", self._redact(result.content), None,
+                   captured, out, call.name, call.id, server)
         else:
-            self._record_tool(inv, parent, span_id, t0, "ok", None, None, None, captured, out)
+            rec = (_TOOL, session.task_id, session.session_id, session.user, inv.step, parent,
+                   span_id, t0, t1, "ok", None, None, None, captured, out, call.name, call.id,
+                   server)
+        pending = self.pending
+        if len(pending) < self.max_pending and not self._idle:
+            pending.append(rec)
+        else:
+            self._record(rec)
         return result
-
-    def _record_tool(self, inv: ToolInvocation, parent: SpanContext | None, span_id: int,
-                     t0: int, outcome: str, error_class: str | None, text: str | None,
-                     stopped: str | None, captured: str | None, out: str | None) -> None:
-        s = inv.session
-        call = inv.call
-        self._record((
-            _TOOL, s.task_id, s.session_id, s.user, inv.step,
-            parent.trace_id if parent is not None else 0,
-            parent.span_id if parent is not None else 0, span_id, t0, time_ns(), outcome,
-            error_class, text, stopped, captured, out, call.name, call.id,
-            inv.entry.source.name))
 
     def on_turn_end(self, session: Session) -> None:
         """Ask the ledger to write this turn's rows soon (coalesced, in the background)."""
@@ -267,6 +273,7 @@ class MeteringLayer(Middleware):
             self.meter.flush()
         if self.ledger is not None:
             await self.ledger.aclose()
+        self._idle = True
 
     # -- off the step path -----------------------------------------------------------------
 
@@ -298,27 +305,29 @@ class MeteringLayer(Middleware):
         role, provider, cost = self.role, self.provider, self.price.cost
         hexes: dict[int, str] = {}  # a batch has few traces and parents
         for r in batch:
-            trace = hexes.get(r[5])
+            ctx = r[5]
+            trace = hexes.get(ctx.trace_id)
             if trace is None:
-                trace = hexes[r[5]] = format(r[5], "032x")
+                trace = hexes[ctx.trace_id] = format(ctx.trace_id, "032x")
             parent = None
-            if r[6]:
-                parent = hexes.get(r[6])
+            if ctx.span_id:
+                parent = hexes.get(ctx.span_id)
                 if parent is None:
-                    parent = hexes[r[6]] = format(r[6], "016x")
-            failed = r[12] is not None
+                    parent = hexes[ctx.span_id] = format(ctx.span_id, "016x")
+            span_id = format(r[6] or _random_bits(64), "016x")
+            failed = r[11] is not None
             if r[0] == _MODEL:
-                ran = r[10] == "ok"
-                span = ("c", trace, format(r[7], "016x"), parent, r[8], r[9],
-                        "error" if failed else "unset", r[12], r[1], r[2], r[4], role, r[13],
-                        (r[11] or "error") if failed else None, r[14], r[15], provider, r[16],
-                        ran, r[17], r[18], r[20], r[21], r[22],
-                        cost(r[20], r[21], r[22]) if ran else 0.0, r[19], r[23])
+                ran = r[9] == "ok"
+                span = ("c", trace, span_id, parent, r[7], r[8],
+                        "error" if failed else "unset", r[11], r[1], r[2], r[4], role, r[12],
+                        (r[10] or "error") if failed else None, r[13], r[14], provider, r[15],
+                        ran, r[16], r[17], r[19], r[20], r[21],
+                        cost(r[19], r[20], r[21]) if ran else 0.0, r[18], r[22])
             else:
-                span = ("t", trace, format(r[7], "016x"), parent, r[8], r[9],
-                        "error" if failed else "unset", r[12], r[1], r[2], r[4], role, r[13],
-                        (r[11] or "error") if failed else None, r[14], r[15], r[16], r[17],
-                        r[18])
+                span = ("t", trace, span_id, parent, r[7], r[8],
+                        "error" if failed else "unset", r[11], r[1], r[2], r[4], role, r[12],
+                        (r[10] or "error") if failed else None, r[13], r[14], r[15], r[16],
+                        r[17])
             out.append((r[1], span))
         return out
 
@@ -327,19 +336,19 @@ class MeteringLayer(Middleware):
         out = []
         swarm, role, model, cost = self.swarm, self.role, self.model, self.price.cost
         for r in batch:
-            outcome = r[10]
+            outcome = r[9]
             if outcome == "stopped":
                 continue
-            ms = (r[9] - r[8]) / 1e6
+            ms = (r[8] - r[7]) / 1e6
             if r[0] == _MODEL:
-                tin, tout, tc = r[20], r[21], r[22]
-                out.append((r[9] / 1e9, r[1], r[3] or None, swarm, role, "model", model, None,
+                tin, tout, tc = r[19], r[20], r[21]
+                out.append((r[8] / 1e9, r[1], r[3] or None, swarm, role, "model", model, None,
                             r[4], tin, tout, tc, cost(tin, tout, tc) if tin or tout else 0.0,
-                            ms, outcome, r[11] if outcome == "error" else None))
+                            ms, outcome, r[10] if outcome == "error" else None))
             else:
-                out.append((r[9] / 1e9, r[1], r[3] or None, swarm, role, "tool", None, r[16],
+                out.append((r[8] / 1e9, r[1], r[3] or None, swarm, role, "tool", None, r[15],
                             r[4], 0, 0, 0, 0.0, ms, outcome,
-                            r[11] if outcome == "error" else None))
+                            r[10] if outcome == "error" else None))
         return out
 
     def _sums(self, batch: list[tuple[Any, ...]]) -> None:
@@ -352,26 +361,26 @@ class MeteringLayer(Middleware):
         tools: dict[tuple[str, str], int] = {}
         errors: dict[tuple[str, str], int] = {}
         for r in batch:
-            outcome = r[10]
+            outcome = r[9]
             if outcome == "stopped":
                 continue
             if r[0] == _MODEL:
                 steps += 1
-                latencies.append((r[9] - r[8]) / 1e6)
+                latencies.append((r[8] - r[7]) / 1e6)
                 if outcome == "ok":
                     ok += 1
-                    tin += r[20]
-                    tout += r[21]
-                    tc += r[22]
-                    if r[20] or r[21]:
-                        cost += self.price.cost(r[20], r[21], r[22])
+                    tin += r[19]
+                    tout += r[20]
+                    tc += r[21]
+                    if r[19] or r[20]:
+                        cost += self.price.cost(r[19], r[20], r[21])
                 else:
                     failed += 1
             else:
-                key = (r[16], outcome)
+                key = (r[15], outcome)
                 tools[key] = tools.get(key, 0) + 1
-            if outcome == "error" and r[11] is not None:
-                ekey = ("model" if r[0] == _MODEL else "tool", r[11])
+            if outcome == "error" and r[10] is not None:
+                ekey = ("model" if r[0] == _MODEL else "tool", r[10])
                 errors[ekey] = errors.get(ekey, 0) + 1
         with meter.lock:
             self._steps.value += steps
