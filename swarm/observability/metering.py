@@ -33,6 +33,7 @@ from opentelemetry.context import attach, detach
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
+    TraceFlags,
     get_current_span,
     set_span_in_context,
 )
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from swarm.tools.interface import ToolResult
 
 _random_bits = random.getrandbits
-_SAMPLED = 1
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _MODEL, _TOOL = 0, 1
 
 # A call's record, one flat tuple (fields by index):

@@ -63,8 +63,11 @@ def span_row(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
-# The per-step spans (`chat`, `execute_tool`, one or more a step) are stored as compact JSON
-# arrays, written at a fraction of the cost of a full row and expanded to one when read. Fields:
+# The spans the swarm records itself are stored as compact JSON arrays, written at a fraction of
+# the cost of a full row and expanded to one when read. A per-task or per-turn span
+# (`invoke_workflow`, `SendMessage`, `invoke_agent`) is ["s", trace id, span id, parent span id,
+# start ns, end ns, status, error, name, kind, attributes]. The per-step spans (`chat`,
+# `execute_tool`, one or more a step) leave out the attributes every such span has. Fields:
 #  0 "c" (chat) | "t" (execute_tool)   1 trace id   2 span id   3 parent span id   4 start ns
 #  5 end ns   6 status   7 error   8 task id   9 conversation id   10 step   11 agent
 #  12 stopped (a StopTurn's kind)   13 error.type   14 captured input   15 captured output
@@ -75,7 +78,11 @@ def span_row(span: ReadableSpan) -> dict[str, Any]:
 
 
 def step_row(c: list[Any]) -> dict[str, Any]:
-    """The full row (as `span_row` makes it) of a compact per-step span."""
+    """The full row (as `span_row` makes it) of a compact span."""
+    if c[0] == "s":
+        return {"name": c[8], "trace": c[1], "span": c[2], "parent": c[3], "kind": c[9],
+                "start": c[4] / 1e9, "end": c[5] / 1e9, "status": c[6], "error": c[7],
+                "attrs": c[10]}
     if c[0] == "c":
         name, kind = "chat " + c[17], "client"
         attrs: dict[str, Any] = {
@@ -121,7 +128,7 @@ def _decode(data: bytes) -> dict[str, Any]:
     row = _decode_any(data)
     if type(row) is dict:
         return row
-    if type(row) is list and row and row[0] in ("c", "t"):
+    if type(row) is list and row and row[0] in ("c", "t", "s"):
         try:
             return step_row(row)
         except (IndexError, TypeError) as exc:

@@ -23,22 +23,26 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.context import Context, attach, detach
+from opentelemetry.context import attach, detach
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    NonRecordingSpan,
     SpanContext,
     SpanKind,
     Status,
     StatusCode,
     TraceFlags,
+    get_current_span,
     set_span_in_context,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -61,8 +65,8 @@ log = logging.getLogger("swarm.observability")
 _propagator = TraceContextTextMapPropagator()
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
+_random_bits = random.getrandbits
 _STORE_QUEUE = 8192
-_ROOT = Context()
 # A2A task state a turn leaves the task in, by the turn's outcome.
 _A2A_STATE = {"final": "completed", "handoff": "working", "failed": "failed",
               "canceled": "canceled", "input_required": "input_required"}
@@ -325,6 +329,46 @@ def _set_error(span: Any, error_class: str | None, error: str | None, redact: Re
     span.set_status(Status(StatusCode.ERROR, redact(error or error_class or "error")[:500]))
 
 
+class LightSpan:
+    """A span the swarm opens itself per task and per turn (`invoke_workflow`, `SendMessage`,
+    `invoke_agent`), recorded straight to the `StepSpanSink` when it ends, like the per-step
+    spans: no SDK `Span` on the hot path. Code that needs a current span (the MCP SDK's own
+    spans) sees a `NonRecordingSpan` with this span's context."""
+
+    __slots__ = ("attrs", "ctx", "error", "kind", "name", "parent_id", "sink", "status", "t0")
+
+    def __init__(self, sink: StepSpanSink, name: str, kind: str, ctx: SpanContext,
+                 parent_id: int, attrs: dict[str, Any]) -> None:
+        self.sink, self.name, self.kind, self.ctx = sink, name, kind, ctx
+        self.parent_id, self.attrs = parent_id, attrs
+        self.status, self.error = "unset", None
+        self.t0 = time_ns()
+
+    def get_span_context(self) -> SpanContext:
+        return self.ctx
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attrs[key] = value
+
+    def set_attributes(self, attrs: dict[str, Any]) -> None:
+        self.attrs.update(attrs)
+
+    def set_status(self, status: Status) -> None:
+        code = status.status_code
+        self.status = "error" if code is StatusCode.ERROR else \
+            ("ok" if code is StatusCode.OK else "unset")
+        self.error = status.description
+
+    def end(self) -> None:
+        """Queue the span's row (`swarm.observability.store.step_row`'s "s" layout)."""
+        ctx = self.ctx
+        self.sink.put([(self.attrs.get(TASK_ATTR, ""), (
+            "s", format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"),
+            format(self.parent_id, "016x") if self.parent_id else None, self.t0, time_ns(),
+            self.status, self.error, self.name, self.kind, self.attrs))])
+        self.sink.start()
+
+
 class SwarmTracer:
     """Spans for one swarm: the supervisor's workflow and A2A spans, agent turns, and the
     middleware layer for model and tool calls."""
@@ -340,14 +384,22 @@ class SwarmTracer:
 
     # ---- supervisor ---------------------------------------------------------------------------
 
+    def _open(self, name: str, kind: str, parent: SpanContext | None,
+              attrs: dict[str, Any]) -> LightSpan:
+        trace_id = parent.trace_id if parent is not None and parent.is_valid else \
+            _random_bits(128)
+        ctx = SpanContext(trace_id, _random_bits(64), False, _SAMPLED)
+        return LightSpan(self.tracing.sink, name, kind, ctx,
+                         parent.span_id if parent is not None and parent.is_valid else 0, attrs)
+
     def start_workflow(self, task_id: str, context_id: str, user: str, resumed: bool
                        ) -> tuple[Any, Any]:
         """Open a task's `invoke_workflow` span (a new trace) and make it current."""
-        span = self.tracer.start_span(f"invoke_workflow {self.swarm}", context=_ROOT, attributes={
+        span = self._open(f"invoke_workflow {self.swarm}", "internal", None, {
             "gen_ai.operation.name": "invoke_workflow", "swarm.name": self.swarm,
             "gen_ai.conversation.id": context_id, TASK_ATTR: task_id, "swarm.user": user,
             "swarm.resumed": resumed})
-        return span, attach(set_span_in_context(span))
+        return span, attach(set_span_in_context(NonRecordingSpan(span.ctx)))
 
     def end_workflow(self, handle: tuple[Any, Any], rec: Any) -> None:
         """Close the workflow span with the task's final state and totals."""
@@ -364,12 +416,11 @@ class SwarmTracer:
 
     def start_send(self, task_id: str, context_id: str, agent: str) -> tuple[Any, str]:
         """Open the A2A client span of a message to `agent`; returns it and its traceparent."""
-        span = self.tracer.start_span(f"SendMessage {agent}", kind=SpanKind.CLIENT, attributes={
-            "a2a.method.name": "SendMessage", "a2a.task.id": task_id,
-            "gen_ai.conversation.id": context_id, "gen_ai.agent.name": agent, TASK_ATTR: task_id})
-        carrier: dict[str, str] = {}
-        _propagator.inject(carrier, context=set_span_in_context(span))
-        return span, carrier["traceparent"]
+        span = self._open(f"SendMessage {agent}", "client", get_current_span().get_span_context(),
+                          {"a2a.method.name": "SendMessage", "a2a.task.id": task_id,
+                           "gen_ai.conversation.id": context_id, "gen_ai.agent.name": agent,
+                           TASK_ATTR: task_id})
+        return span, traceparent_of(span)
 
     def end_send(self, span: Any, result: Any = None, exc: BaseException | None = None) -> None:
         """Close an A2A span with the state the turn left the task in."""
@@ -389,15 +440,16 @@ class SwarmTracer:
     # ---- agents -------------------------------------------------------------------------------
 
     def start_agent(self, req: Any, role: str, model: str) -> tuple[Any, Any]:
-        """Open an agent turn's `invoke_agent` span under the request's traceparent."""
-        parent = _propagator.extract({"traceparent": req.traceparent}) if req.traceparent \
-            else _ROOT
-        span = self.tracer.start_span(f"invoke_agent {role}", context=parent, attributes={
+        """Open an agent turn's `invoke_agent` span under the request's traceparent and make
+        it current (MCP client spans nest under the turn's tool spans through it)."""
+        parent = get_current_span(_propagator.extract({"traceparent": req.traceparent})
+                                  ).get_span_context() if req.traceparent else None
+        span = self._open(f"invoke_agent {role}", "internal", parent, {
             "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": role,
             "gen_ai.agent.id": f"{self.swarm}.{role}", "gen_ai.conversation.id": req.context_id,
             "gen_ai.request.model": model, TASK_ATTR: req.task_id, "swarm.turn": req.turn_id,
             "swarm.resume": req.resume})
-        return span, attach(set_span_in_context(span))
+        return span, attach(set_span_in_context(NonRecordingSpan(span.ctx)))
 
     def end_agent(self, handle: tuple[Any, Any], kind: str, error_class: str | None,
                   error: str | None, session: Any, target: str | None, steps: int) -> None:

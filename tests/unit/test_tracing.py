@@ -404,3 +404,51 @@ async def test_redis_trace_store_from_config_as_actors_use_it(tmp_path: Path) ->
         agent_side.shutdown()
     finally:
         server.stop()
+
+
+async def test_a_library_span_inside_an_mcp_tool_call_is_a_sampled_child(
+        tmp_path: Path, traced: Traced) -> None:
+    """What the MCP SDK does under a tool call: start an SDK span from the current context. It
+    must nest under the `execute_tool` span and be sampled (a parent-based sampler reads the
+    parent's trace flags)."""
+    from opentelemetry.trace import get_current_span
+
+    from swarm.models.interface import ToolCall
+    from swarm.observability.metering import metering_layer
+    from swarm.observability.tracing import swarm_tracer
+    from swarm.runtime.middleware import ToolInvocation
+    from swarm.runtime.step import Session
+    from swarm.tools.interface import ToolContext, ToolResult
+
+    cfg = make_cfg(tmp_path, [{"when": {}, "content": "x"}],
+                   {"a": {"model": "m", "tools": ["probe"]}},
+                   tools={"probe": {"mcp": {"command": "unused"}}})
+    layer = metering_layer(cfg, "a", tracer=swarm_tracer(cfg))
+    assert layer is not None
+
+    class Source:
+        name = "probe"
+
+    class Entry:
+        source = Source()
+
+    seen: dict[str, Any] = {}
+
+    async def tool(inv: ToolInvocation) -> ToolResult:
+        seen["current"] = get_current_span().get_span_context()
+        with traced.tracing.provider.get_tracer("lib").start_as_current_span("lib call") as s:
+            seen["lib"] = s
+        return ToolResult(content="ok")
+
+    session = Session(task_id="t1", agent="a", session_id="c1", messages=[])
+    inv = ToolInvocation(session=session, step=1, index=0, agent="a",
+                         call=ToolCall(id="k1", name="trace", arguments="{}"), entry=Entry(),
+                         args={}, ctx=ToolContext(task_id="t1", agent="a", call_id="k1", step=1))
+    await layer.on_tool(inv, tool)
+    await layer.aclose()
+    (span,) = [s for s in traced.spans() if s.name == "execute_tool trace"]
+    (lib,) = [s for s in traced.spans() if s.name == "lib call"]
+    assert seen["current"].trace_flags.sampled
+    assert lib.parent is not None and lib.parent.span_id == span.context.span_id
+    assert lib.context.trace_id == span.context.trace_id
+    assert inv.ctx.traceparent == traceparent_of(span)
