@@ -243,6 +243,28 @@ class SwarmClient:
         task_id = _call(self._sup, "submit", text, user, metadata, context_id, uuid.uuid4().hex)
         return TaskHandle(self, task_id)
 
+    def submit_many(self, texts: list[str], *, user: str = "anonymous") -> list[TaskHandle]:
+        """Submit several tasks in one call to the supervisor (for batches of thousands: one
+        Ray call instead of one per task); returns their handles in order."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("submit_many takes a list of task texts (strings)")
+        ids = [uuid.uuid4().hex for _ in texts]  # chosen here: a repeated call can't duplicate
+        got = _call(self._sup, "submit_many", list(texts), user, ids)
+        return [TaskHandle(self, task_id) for task_id in got]
+
+    def wait_all(self, tasks: list[TaskHandle] | list[str], timeout: float | None = None
+                 ) -> list[TaskInfo]:
+        """Wait for several tasks to end, up to `timeout` seconds, with one pending call to
+        the supervisor (not one per task); their rows in order (some maybe unfinished)."""
+        ids = [t.id if isinstance(t, TaskHandle) else t for t in tasks]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
+            infos = [TaskInfo.from_summary(r) for r in _call(self._sup, "wait_many", ids, wait)]
+            if all(i.done for i in infos) or (deadline is not None
+                                               and time.monotonic() >= deadline):
+                return infos
+
     def task(self, task_id: str) -> TaskHandle:
         """A handle on an existing task (raises `TaskNotFound` if there is none)."""
         handle = TaskHandle(self, task_id)

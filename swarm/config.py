@@ -754,6 +754,11 @@ class ProcessConfig(_Strict):
     gc_freeze: bool = Field(
         True, description="move objects that exist when an actor has started out of the "
         "garbage collector's view (gc.freeze)")
+    ray_task_events: bool = Field(
+        False, description="let Ray record a task event for every call to the supervisor and "
+        "agent actors (the dashboard's task list). Off: a step already has its trace spans, "
+        "and at thousands of calls a second the events cost the actors and the GCS CPU and "
+        "memory; actors, jobs and metrics stay on the dashboard either way")
 
 
 class MetricsConfig(_Strict):

@@ -228,6 +228,7 @@ def start_swarm(
             max_restarts=-1,
             max_concurrency=10_000,
             num_cpus=0,
+            enable_task_events=cfg.process.ray_task_events,
         )
         .remote(cfg, endpoints, deployment, NAMESPACE, detached, store_spec)
     )

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from swarm.config import SwarmConfig
+from swarm.errors import UserError
 from swarm.events import Event
 from swarm.protocol import a2a
 from swarm.runtime.supervisor import RayAgentPool, Supervisor
@@ -61,7 +62,7 @@ class SupervisorActor:
                     name=agent_actor_name(deployment, role, i), namespace=namespace,
                     lifetime="detached" if detached else None, get_if_exists=True,
                     max_restarts=-1, max_concurrency=acfg.max_sessions + 64,
-                    num_cpus=acfg.num_cpus,
+                    num_cpus=acfg.num_cpus, enable_task_events=cfg.process.ray_task_events,
                 ).remote(cfg, role, endpoints, me, i, store_spec)
                 for i in range(acfg.replicas)
             ]
@@ -134,6 +135,24 @@ class SupervisorActor:
         await self._ensure()
         return await self.sup.submit(text, user=user, metadata=metadata, context_id=context_id,
                                      task_id=task_id, message_id=message_id)
+
+    async def submit_many(self, texts: list[str], user: str = "anonymous",
+                          task_ids: list[str] | None = None) -> list[str]:
+        """Create several tasks in one call (one Ray call instead of one per task)."""
+        await self._ensure()
+        if task_ids is not None and len(task_ids) != len(texts):
+            raise UserError(f"submit_many: {len(texts)} texts but {len(task_ids)} task ids")
+        # Every text checked first: a bad one rejects the batch before any task is created.
+        limit = self.sup.cfg.limits.max_task_chars
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"submit_many: text {i} is not a non-empty string")
+            if len(text) > limit:
+                raise UserError(f"submit_many: text {i} is {len(text)} characters; this swarm "
+                                f"accepts at most {limit} (limits.max_task_chars)")
+        ids = task_ids or [None] * len(texts)
+        return [await self.sup.submit(text, user=user, task_id=tid)
+                for text, tid in zip(texts, ids, strict=True)]
 
     async def respond(self, task_id: str, text: str) -> dict[str, Any]:
         """Answer a task waiting for input."""
@@ -224,6 +243,14 @@ class SupervisorActor:
         """Wait for a task to end (bounded by `timeout`)."""
         await self._ensure()
         return await self.sup.wait(task_id, timeout)
+
+    async def wait_many(self, task_ids: list[str], timeout: float | None = None
+                        ) -> list[dict[str, Any]]:
+        """Wait for several tasks to end, in one call; their rows in the order given. A
+        caller waiting on thousands of tasks holds one pending call here instead of one each
+        (Ray keeps state per pending call on both sides)."""
+        await self._ensure()
+        return list(await asyncio.gather(*(self.sup.wait(t, timeout) for t in task_ids)))
 
     async def events(self, task_id: str, cursor: int = 0, timeout: float = 10.0
                      ) -> tuple[list[Event], bool]:

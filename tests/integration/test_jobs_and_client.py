@@ -112,6 +112,19 @@ def test_up_client_and_down(ray_cluster, serve_port) -> None:
         with pytest.raises(UserError):
             client.submit("")
 
+        # A batch: one call submits, one call waits for all of them.
+        batch = client.submit_many([f"item {i}" for i in range(5)], user="bo")
+        rows = client.wait_all(batch, timeout=60)
+        assert [r.task_id for r in rows] == [h.id for h in batch]
+        assert [(r.state, r.user, r.answer) for r in rows] == \
+            [("completed", "bo", f"done: item {i}") for i in range(5)]
+        with pytest.raises(TaskNotFound):
+            client.wait_all([batch[0].id, "nope"], timeout=5)
+        before = len(client.tasks())
+        with pytest.raises(UserError, match="text 1 is not a non-empty string"):
+            client.submit_many(["fine", ""])
+        assert len(client.tasks()) == before  # nothing of a rejected batch was created
+
         listed = _cli("tasks", name)
         assert listed.returncode == 0 and "canceled" in listed.stdout
         again = _cli("up", str(ECHO), "--name", name)
