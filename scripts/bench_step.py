@@ -98,13 +98,17 @@ class Collector:
                 self.runtime_ms.append(ev.duration_ms - model)
 
 
-async def run_level(host: AgentHost, concurrency: int, steps: int) -> tuple[float, int]:
-    """Run `concurrency` tasks of `steps` steps at once; return (wall seconds, steps done)."""
+async def run_level(host: AgentHost, concurrency: int, steps: int,
+                    tag: str = "") -> tuple[float, int]:
+    """Run `concurrency` tasks of `steps` steps at once; return (wall seconds, steps done).
+    Task ids are `t{tag}{concurrency}-{i}`: a host with a durable store needs a fresh `tag`
+    per call (the same id again would be a resume)."""
     msg = a2a.dumps(a2a.text_message("bench"))
 
     async def one(i: int) -> int:
         req = TurnRequest(
-            task_id=f"t{concurrency}-{i}",
+            task_id=f"t{tag}{concurrency}-{i}", log_id=f"t{tag}{concurrency}-{i}",
+            turn_id=f"t{tag}{concurrency}-{i}-turn",
             context_id=f"c{i}",
             message=msg,
             transcript=[],
@@ -128,15 +132,20 @@ def pct(values: list[float], q: float) -> float:
     )
 
 
+# The Redis URL of `--paired-store redis`: tracing then writes to the Redis trace store, as a
+# swarm deployed with a Redis state store does.
+_STORE_URL: str | None = None
+
+
 def _tracing(cfg: Any) -> Any:
-    """Tracing as deployed with no Redis: spans to the trace store (JSONL under a run dir)."""
+    """Tracing as deployed: spans to the trace store (JSONL under a run dir with no Redis)."""
     import tempfile
 
     from opentelemetry.sdk.trace import TracerProvider
 
     from swarm.observability.tracing import Tracing, install
 
-    tracing = Tracing.from_config(cfg, None, provider=TracerProvider(),
+    tracing = Tracing.from_config(cfg, _STORE_URL, provider=TracerProvider(),
                                   run_dir=Path(tempfile.mkdtemp(prefix="swarm-bench-")))
     install(tracing)
 
@@ -275,7 +284,26 @@ async def _flush_layers(host: AgentHost, ran_s: float) -> None:
                     ledger._bench_due = ran_s + ledger.min_gap_s  # type: ignore[attr-defined]
 
 
-async def paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: int) -> None:
+async def paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: int,
+                 store: str = "none") -> None:
+    """See `_paired`; with `store="redis"`, every host checkpoints each step to a private
+    redis-server (the embedded default store of a deployed swarm)."""
+    global _STORE_URL
+    if store != "redis":
+        await _paired(runs, steps, level, blocks, None)
+        return
+    from scripts.bench.swarm_side import redis_store
+
+    async with redis_store() as (st, server, _run_dir):
+        _STORE_URL = server.url
+        try:
+            await _paired(runs, steps, level, blocks, st)
+        finally:
+            _STORE_URL = None
+
+
+async def _paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: int,
+                  store: Any) -> None:
     """A/B in alternating blocks: one host per layer set (and one with none), each block runs
     `level` tasks on every host in turn and then the host's layer flushes (their background
     work), and the overhead is the median over blocks of each host's CPU µs/step against the
@@ -300,24 +328,25 @@ async def paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: in
                 cfg, got = got
             teardowns.append(got)
         host = AgentHost(cfg, "bench", CountingModel(steps), build_sources(cfg, {"fn"}),
-                         EventBuffer(Collector()))
+                         EventBuffer(Collector()), store=store)
         await host.start()  # the layers are bound here
         tracing.install(saved[0])
         metrics.use_recorder(saved[1])
-        await run_level(host, 4, steps)  # warm up
+        await run_level(host, 4, steps, f"w{len(hosts)}-")  # warm up
         await _flush_layers(host, 0.0)
         hosts.append(host)
     cpu: list[list[float]] = [[] for _ in sets]
     ran = [0.0 for _ in sets]
-    for _ in range(blocks):
+    for block in range(blocks):
         for i, host in enumerate(hosts):
             c0 = time.process_time()
-            wall, n = await run_level(host, level, steps)
+            wall, n = await run_level(host, level, steps, f"{i}-{block}-")
             ran[i] += wall
             await _flush_layers(host, ran[i])
             cpu[i].append((time.process_time() - c0) / n * 1e6)
+    where = "no state store" if store is None else "a Redis checkpoint every step"
     print(f"\n== paired blocks: {blocks} x {level} tasks x {steps} steps per layer set, "
-          "constant-cost model, layers flushed in each block")
+          f"constant-cost model, {where}, layers flushed in each block")
     print("(median CPU µs/step; added: median over blocks of the difference to no layers; "
           "overhead: median of per-block ratios, and from the total CPU of all blocks)")
     print(f"{'layers':<28} {'µs/step':>8} {'added µs':>9} {'overhead':>9} {'total':>8}")
@@ -399,6 +428,9 @@ def main() -> None:
     ap.add_argument("--python-gc", action="store_true",
                     help="keep Python's garbage-collector settings; by default this process "
                     "gets an agent actor's (process.gc_threshold, gc_freeze)")
+    ap.add_argument("--paired-store", choices=("none", "redis"), default="none",
+                    help="with --paired: the hosts' state store (redis: a private "
+                    "redis-server, a durable checkpoint every step, as deployed)")
     ap.add_argument("--paired", type=int, default=0, metavar="BLOCKS",
                     help="with --layers: also compare in BLOCKS alternating blocks at the last "
                     "--levels value (robust on a busy machine)")
@@ -441,7 +473,7 @@ def main() -> None:
     if args.paired:
         if not runs:
             ap.error("--paired needs --layers")
-        asyncio.run(paired(runs, args.steps, levels[-1], args.paired))
+        asyncio.run(paired(runs, args.steps, levels[-1], args.paired, args.paired_store))
     if args.profile:
         profile_inprocess(args.steps)
     if not args.no_http:
