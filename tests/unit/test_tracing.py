@@ -452,3 +452,29 @@ async def test_a_library_span_inside_an_mcp_tool_call_is_a_sampled_child(
     assert lib.parent is not None and lib.parent.span_id == span.context.span_id
     assert lib.context.trace_id == span.context.trace_id
     assert inv.ctx.traceparent == traceparent_of(span)
+
+
+def test_redis_trace_store_reports_an_error_reply_and_keeps_working(tmp_path: Path) -> None:
+    """A key of the wrong type fails that write with Redis's error; the connection is still in
+    step for the next one."""
+    from redis.exceptions import ResponseError
+
+    from swarm.observability.store import RedisTraceStore
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    try:
+        store = RedisTraceStore(server.url, ttl_s=60)
+        store._redis.set(store.key("bad"), "a string, not a list")
+        row = b'{"name":"x","trace":"1","span":"2","parent":null,"kind":"internal",' \
+              b'"start":1.0,"end":2.0,"status":"unset","error":null,"attrs":{}}'
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            store.append({"ok1": [row], "bad": [row], "ok2": [row, row]})
+        assert [r["name"] for r in store.read("ok2")] == ["x", "x"]  # the rest was written
+        store.append({"ok3": [row]})
+        assert len(store.read("ok3")) == 1
+        assert 0 < store._redis.ttl(store.key("ok3")) <= 60
+        store.close()
+    finally:
+        server.stop()
