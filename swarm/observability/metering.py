@@ -300,36 +300,28 @@ class MeteringLayer(Middleware):
                 self._sums(batch)
 
     def _spans(self, batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[Any, ...]]]:
-        """(task id, compact span) of each call, for `StepSpanSink` (the layout is
+        """(task id, compact span) of each call, for `StepSpanSink`: a few ids and the cost in
+        front of the record's own fields from its start time on (the layout is
         `swarm.observability.store.step_row`'s)."""
         out = []
         role, provider, cost = self.role, self.provider, self.price.cost
-        hexes: dict[int, str] = {}  # a batch has few traces and parents
+        # The turn's span context is one object for all its calls (and alive while the batch
+        # holds them): its ids are formatted once.
+        ids: dict[int, tuple[str, str | None]] = {}
         for r in batch:
             ctx = r[5]
-            trace = hexes.get(ctx.trace_id)
-            if trace is None:
-                trace = hexes[ctx.trace_id] = format(ctx.trace_id, "032x")
-            parent = None
-            if ctx.span_id:
-                parent = hexes.get(ctx.span_id)
-                if parent is None:
-                    parent = hexes[ctx.span_id] = format(ctx.span_id, "016x")
+            got = ids.get(id(ctx))
+            if got is None:
+                got = ids[id(ctx)] = (format(ctx.trace_id, "032x"),
+                                      format(ctx.span_id, "016x") if ctx.span_id else None)
+            trace, parent = got
             span_id = format(r[6] or _random_bits(64), "016x")
-            failed = r[11] is not None
             if r[0] == _MODEL:
-                ran = r[9] == "ok"
-                span = ("c", trace, span_id, parent, r[7], r[8],
-                        "error" if failed else "unset", r[11], r[1], r[2], r[4], role, r[12],
-                        (r[10] or "error") if failed else None, r[13], r[14], provider, r[15],
-                        ran, r[16], r[17], r[19], r[20], r[21],
-                        cost(r[19], r[20], r[21]) if ran else 0.0, r[18], r[22])
+                head = ("c", trace, span_id, parent, r[1], r[2], r[4], role, provider,
+                        cost(r[19], r[20], r[21]) if r[9] == "ok" else 0.0)
             else:
-                span = ("t", trace, span_id, parent, r[7], r[8],
-                        "error" if failed else "unset", r[11], r[1], r[2], r[4], role, r[12],
-                        (r[10] or "error") if failed else None, r[13], r[14], r[15], r[16],
-                        r[17])
-            out.append((r[1], span))
+                head = ("t", trace, span_id, parent, r[1], r[2], r[4], role, None, None)
+            out.append((r[1], head + r[7:]))
         return out
 
     def _rows(self, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

@@ -68,14 +68,15 @@ def span_row(span: ReadableSpan) -> dict[str, Any]:
 # the cost of a full row and expanded to one when read. A per-task or per-turn span
 # (`invoke_workflow`, `SendMessage`, `invoke_agent`) is ["s", trace id, span id, parent span id,
 # start ns, end ns, status, error, name, kind, attributes]. The per-step spans (`chat`,
-# `execute_tool`, one or more a step) leave out the attributes every such span has. Fields:
-#  0 "c" (chat) | "t" (execute_tool)   1 trace id   2 span id   3 parent span id   4 start ns
-#  5 end ns   6 status   7 error   8 task id   9 conversation id   10 step   11 agent
-#  12 stopped (a StopTurn's kind)   13 error.type   14 captured input   15 captured output
-# chat:          16 provider  17 request model  18 ran (bool)  19 response model
-#                20 finish reason  21 input  22 output  23 cached tokens  24 cost  25 tool calls
-#                26 wrap-up
-# execute_tool:  16 tool  17 call id  18 server
+# `execute_tool`, one or more a step) are the metering layer's call records behind a few ids,
+# and leave out the attributes every such span has. Fields:
+#  0 "c" (chat) | "t" (execute_tool)   1 trace id   2 span id   3 parent span id   4 task id
+#  5 conversation id   6 step   7 agent   8 provider (chat)   9 cost (chat)   10 start ns
+#  11 end ns   12 outcome: ok | error | canceled | stopped   13 error class   14 error (status
+#  "error" when set)   15 stopped (a StopTurn's kind)   16 captured input   17 captured output
+# chat:          18 request model  19 response model  20 finish reason  21 tool calls
+#                22 input  23 output  24 cached tokens  25 wrap-up
+# execute_tool:  18 tool  19 call id  20 server
 
 
 def step_row(c: list[Any]) -> dict[str, Any]:
@@ -85,43 +86,44 @@ def step_row(c: list[Any]) -> dict[str, Any]:
                 "start": c[4] / 1e9, "end": c[5] / 1e9, "status": c[6], "error": c[7],
                 "attrs": c[10]}
     if c[0] == "c":
-        name, kind = "chat " + c[17], "client"
+        name, kind = "chat " + c[18], "client"
         attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat", "gen_ai.provider.name": c[16],
-            "gen_ai.request.model": c[17], "gen_ai.agent.name": c[11],
-            "gen_ai.conversation.id": c[9], TASK_ATTR: c[8], "swarm.step": c[10]}
-        if c[26]:
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": c[8],
+            "gen_ai.request.model": c[18], "gen_ai.agent.name": c[7],
+            "gen_ai.conversation.id": c[5], TASK_ATTR: c[4], "swarm.step": c[6]}
+        if c[25]:
             attrs["swarm.wrap_up"] = True
-        if c[14] is not None:
-            attrs["gen_ai.input.messages"] = c[14]
-        if c[18]:
+        if c[16] is not None:
+            attrs["gen_ai.input.messages"] = c[16]
+        if c[12] == "ok":
             attrs["gen_ai.response.model"] = c[19]
             attrs["gen_ai.response.finish_reasons"] = [c[20]]
-            attrs["gen_ai.usage.input_tokens"] = c[21]
-            attrs["gen_ai.usage.output_tokens"] = c[22]
-            attrs["gen_ai.usage.cache_read.input_tokens"] = c[23]
-            attrs["swarm.cost_usd"] = c[24]
-            attrs["swarm.tool_calls"] = c[25]
-            if c[15] is not None:
-                attrs["gen_ai.output.messages"] = c[15]
+            attrs["gen_ai.usage.input_tokens"] = c[22]
+            attrs["gen_ai.usage.output_tokens"] = c[23]
+            attrs["gen_ai.usage.cache_read.input_tokens"] = c[24]
+            attrs["swarm.cost_usd"] = c[9]
+            attrs["swarm.tool_calls"] = c[21]
+            if c[17] is not None:
+                attrs["gen_ai.output.messages"] = c[17]
     else:
-        name, kind = "execute_tool " + c[16], "internal"
+        name, kind = "execute_tool " + c[18], "internal"
         attrs = {
-            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": c[16],
-            "gen_ai.tool.call.id": c[17], "gen_ai.tool.type": "function",
-            "gen_ai.agent.name": c[11], "gen_ai.conversation.id": c[9],
-            "swarm.tool.server": c[18], TASK_ATTR: c[8], "swarm.step": c[10]}
-        if c[14] is not None:
-            attrs["gen_ai.tool.call.arguments"] = c[14]
-        if c[15] is not None:
-            attrs["gen_ai.tool.call.result"] = c[15]
-    if c[12] is not None:
-        attrs["swarm.stopped"] = c[12]
-    if c[13] is not None:
-        attrs["error.type"] = c[13]
+            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": c[18],
+            "gen_ai.tool.call.id": c[19], "gen_ai.tool.type": "function",
+            "gen_ai.agent.name": c[7], "gen_ai.conversation.id": c[5],
+            "swarm.tool.server": c[20], TASK_ATTR: c[4], "swarm.step": c[6]}
+        if c[16] is not None:
+            attrs["gen_ai.tool.call.arguments"] = c[16]
+        if c[17] is not None:
+            attrs["gen_ai.tool.call.result"] = c[17]
+    if c[15] is not None:
+        attrs["swarm.stopped"] = c[15]
+    failed = c[14] is not None
+    if failed:
+        attrs["error.type"] = c[13] or "error"
     return {"name": name, "trace": c[1], "span": c[2], "parent": c[3], "kind": kind,
-            "start": c[4] / 1e9, "end": c[5] / 1e9, "status": c[6], "error": c[7],
-            "attrs": attrs}
+            "start": c[10] / 1e9, "end": c[11] / 1e9, "status": "error" if failed else "unset",
+            "error": c[14], "attrs": attrs}
 
 
 def _decode(data: bytes) -> dict[str, Any]:

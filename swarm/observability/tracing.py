@@ -260,7 +260,8 @@ def _readable(span: tuple[Any, ...], resource: Any, scope: Any) -> ReadableSpan:
         parent=SpanContext(trace_id, int(parent, 16), False, _SAMPLED) if parent else None,
         resource=resource, attributes=attrs, kind=_KINDS[row["kind"]],
         status=Status(StatusCode.ERROR, row["error"]) if row["status"] == "error" else _UNSET,
-        start_time=span[4], end_time=span[5], instrumentation_scope=scope)
+        start_time=span[4] if span[0] == "s" else span[10],
+        end_time=span[5] if span[0] == "s" else span[11], instrumentation_scope=scope)
 
 
 def _store_exporter(store: TraceStore) -> Any:
