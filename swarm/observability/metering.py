@@ -292,23 +292,27 @@ class MeteringLayer(Middleware):
             if not n:
                 return
             batch = [pending.popleft() for _ in range(n)]
+            cost = self.price.cost  # each model call's cost, once for the three outputs
+            costs = [cost(r[19], r[20], r[21]) if r[0] == _MODEL and r[9] == "ok"
+                     and (r[19] or r[20]) else 0.0 for r in batch]
             if self.sink is not None:
-                self.sink.put(self._spans(batch))
+                self.sink.put(self._spans(batch, costs))
             if self.ledger is not None:
-                self.ledger.extend(self._rows(batch))
+                self.ledger.extend(self._rows(batch, costs))
             if self.meter is not None:
-                self._sums(batch)
+                self._sums(batch, costs)
 
-    def _spans(self, batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[Any, ...]]]:
+    def _spans(self, batch: list[tuple[Any, ...]], costs: list[float]
+               ) -> list[tuple[str, tuple[Any, ...]]]:
         """(task id, compact span) of each call, for `StepSpanSink`: a few ids and the cost in
         front of the record's own fields from its start time on (the layout is
         `swarm.observability.store.step_row`'s)."""
         out = []
-        role, provider, cost = self.role, self.provider, self.price.cost
+        role, provider = self.role, self.provider
         # The turn's span context is one object for all its calls (and alive while the batch
         # holds them): its ids are formatted once.
         ids: dict[int, tuple[str, str | None]] = {}
-        for r in batch:
+        for r, cost in zip(batch, costs, strict=True):
             ctx = r[5]
             got = ids.get(id(ctx))
             if got is None:
@@ -317,39 +321,37 @@ class MeteringLayer(Middleware):
             trace, parent = got
             span_id = format(r[6] or _random_bits(64), "016x")
             if r[0] == _MODEL:
-                head = ("c", trace, span_id, parent, r[1], r[2], r[4], role, provider,
-                        cost(r[19], r[20], r[21]) if r[9] == "ok" else 0.0)
+                head = ("c", trace, span_id, parent, r[1], r[2], r[4], role, provider, cost)
             else:
                 head = ("t", trace, span_id, parent, r[1], r[2], r[4], role, None, None)
             out.append((r[1], head + r[7:]))
         return out
 
-    def _rows(self, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    def _rows(self, batch: list[tuple[Any, ...]], costs: list[float]) -> list[tuple[Any, ...]]:
         """Ledger rows (`usage.COLUMNS` order) of the calls that ran."""
         out = []
-        swarm, role, model, cost = self.swarm, self.role, self.model, self.price.cost
-        for r in batch:
+        swarm, role, model = self.swarm, self.role, self.model
+        for r, cost in zip(batch, costs, strict=True):
             outcome = r[9]
             if outcome == "stopped":
                 continue
             ms = (r[8] - r[7]) / 1e6
             if r[0] == _MODEL:
-                tin, tout, tc = r[19], r[20], r[21]
                 out.append((r[8] / 1e9, r[1], r[3] or None, swarm, role, "model", model, None,
-                            r[4], tin, tout, tc, cost(tin, tout, tc) if tin or tout else 0.0,
-                            ms, outcome, r[10] if outcome == "error" else None))
+                            r[4], r[19], r[20], r[21], cost, ms, outcome,
+                            r[10] if outcome == "error" else None))
             else:
                 out.append((r[8] / 1e9, r[1], r[3] or None, swarm, role, "tool", None, r[15],
                             r[4], 0, 0, 0, 0.0, ms, outcome,
                             r[10] if outcome == "error" else None))
         return out
 
-    def _sums(self, batch: list[tuple[Any, ...]]) -> None:
+    def _sums(self, batch: list[tuple[Any, ...]], costs: list[float]) -> None:
         """Add the calls that ran to the metric series."""
         meter = self.meter
         assert meter is not None
         steps = ok = failed = tin = tout = tc = 0
-        cost = 0.0
+        cost = sum(costs)
         latencies = []
         tools: dict[tuple[str, str], int] = {}
         errors: dict[tuple[str, str], int] = {}
@@ -365,8 +367,6 @@ class MeteringLayer(Middleware):
                     tin += r[19]
                     tout += r[20]
                     tc += r[21]
-                    if r[19] or r[20]:
-                        cost += self.price.cost(r[19], r[20], r[21])
                 else:
                     failed += 1
             else:
