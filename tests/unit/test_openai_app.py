@@ -1,4 +1,4 @@
-"""The scripted engine's OpenAI-compatible FastAPI app (no Ray), and OpenAIModel against it."""
+"""The scripted engine's OpenAI-compatible ASGI app (no Ray), and OpenAIModel against it."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from swarm.models.interface import ModelRequest
 from swarm.models.openai import OpenAIModel
 from swarm.models.scripted.model import ScriptedModel
 from swarm.models.scripted.policy import Policy
-from swarm.models.scripted.serve import make_openai_app
+from swarm.models.scripted.serve import OpenAIApp, make_openai_app
 
 POLICIES = Path(__file__).resolve().parents[2] / "configs" / "policies"
 MODEL = "scripted-test"
@@ -38,12 +38,12 @@ def body(agent_msg: str = "hello", **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def app() -> FastAPI:
+def app() -> OpenAIApp:
     return make_openai_app(load_testing_policy(), MODEL)
 
 
 @pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+async def client(app: OpenAIApp) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://scripted") as c:
         yield c
@@ -184,6 +184,91 @@ async def test_unknown_model_is_404_and_an_unanswerable_policy_is_422() -> None:
         assert r.headers["x-should-retry"] == "false"
 
 
+async def test_bodies_the_fast_decoder_rejects_are_decoded_and_validated_as_before(
+    client: httpx.AsyncClient,
+) -> None:
+    # msgspec rejects NaN and 1e400; the standard library decodes them, and validation then
+    # names the bad field exactly as it would for any other out-of-range value.
+    for literal in (b"NaN", b"1e400"):
+        payload = (b'{"model": "%s", "temperature": %s, "messages": [{"role": "user", '
+                   b'"content": "x"}]}' % (MODEL.encode(), literal))
+        r = await client.post("/v1/chat/completions", content=payload,
+                              headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "temperature" and error["code"] == "invalid_value"
+        assert "Invalid value for 'temperature'" in error["message"]
+    # A body in UTF-16 (which JSON allows and msgspec does not read) is answered normally.
+    r = await client.post("/v1/chat/completions", content=json.dumps(body("hi")).encode("utf-16"),
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+async def test_unknown_paths_and_methods_get_openai_errors(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/completions", json=body())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    assert "/v1/completions" in r.json()["error"]["message"]
+    r = await client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = await client.delete("/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    r = await client.head("/v1/models")
+    assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
+    r = await client.get("/v1/models/")  # a trailing slash is the same route
+    assert r.status_code == 200
+
+
+async def test_routes_below_a_root_path(app: OpenAIApp) -> None:
+    # Behind Serve the route prefix arrives as the ASGI root_path, with the full path.
+    transport = httpx.ASGITransport(app=app, root_path="/scripted")
+    async with httpx.AsyncClient(transport=transport, base_url="http://s") as c:
+        r = await c.post("/scripted/v1/chat/completions", json=body())
+        assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+        assert r.headers["content-type"] == "application/json"
+        assert int(r.headers["content-length"]) == len(r.content)
+
+
+async def test_an_unexpected_error_is_a_500_server_error(app: OpenAIApp) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("boom")
+
+    app.engine.policy.decide = broken  # type: ignore[method-assign]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://s") as c:
+        r = await c.post("/v1/chat/completions", json=body())
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "RuntimeError: boom" in error["message"]
+    assert "x-should-retry" not in r.headers  # a server error may pass on a retry
+
+
+async def test_a_stream_stops_when_the_client_disconnects(app: OpenAIApp) -> None:
+    # Drive the ASGI app by hand: the client goes away after the first event.
+    produced: list[bytes] = []
+    gone = asyncio.Event()
+    request = json.dumps(body("a long message " * 20, stream=True)).encode()
+    inbox: list[dict[str, Any]] = [{"type": "http.request", "body": request}]
+
+    async def receive() -> dict[str, Any]:
+        if inbox:
+            return inbox.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            produced.append(message["body"])
+            gone.set()
+            await asyncio.sleep(0)  # the disconnect is seen before the next event
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "root_path": "", "headers": [(b"content-type", b"application/json")]}
+    await app(scope, receive, send)
+    events = b"".join(produced).decode()
+    assert events.startswith("data: ") and "[DONE]" not in events
+
+
 async def test_simulated_latency_overlaps_across_requests() -> None:
     app = make_openai_app(load_testing_policy(), MODEL, LatencyConfig(fixed_ms=100))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
@@ -199,7 +284,9 @@ async def test_simulated_latency_overlaps_across_requests() -> None:
 # ---- OpenAIModel --------------------------------------------------------------------------------
 
 
-async def test_openai_model_maps_the_response_and_sends_agent_and_session(app: FastAPI) -> None:
+async def test_openai_model_maps_the_response_and_sends_agent_and_session(
+    app: OpenAIApp,
+) -> None:
     seen: list[dict[str, str]] = []
 
     async def spy(scope: Any, receive: Any, send: Any) -> None:
@@ -223,7 +310,7 @@ async def test_openai_model_maps_the_response_and_sends_agent_and_session(app: F
     assert seen[0]["x-swarm-agent"] == "looper" and seen[0]["x-session-id"] == "sess-9"
 
 
-async def test_openai_model_answers_like_the_in_process_model(app: FastAPI) -> None:
+async def test_openai_model_answers_like_the_in_process_model(app: OpenAIApp) -> None:
     policy = load_testing_policy()
     remote, local = asgi_model(app), ScriptedModel(policy)
     messages: list[dict[str, Any]] = [{"role": "user", "content": "loop"}]

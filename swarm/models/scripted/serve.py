@@ -1,7 +1,10 @@
-"""The scripted engine behind an OpenAI-compatible HTTP API, as a FastAPI app and a Serve app.
+"""The scripted engine behind an OpenAI-compatible HTTP API, as an ASGI app and a Serve app.
 
-`make_openai_app` builds a plain FastAPI app (testable without Ray through an ASGI transport);
-`build_scripted_app` wraps it in a Ray Serve deployment. Endpoints: `POST /v1/chat/completions`
+`make_openai_app` builds a plain ASGI app (testable without Ray through an ASGI transport);
+`build_scripted_app` wraps it in a Ray Serve deployment. The app is written against ASGI
+directly rather than FastAPI: it has two routes, and on the Serve HTTP path FastAPI's
+middleware stack and request/response objects cost about as much replica time as the engine
+itself. Request validation is still the pydantic model below. Endpoints: `POST /v1/chat/completions`
 (JSON, or SSE chunks with `stream: true`) and `GET /v1/models`. The agent name comes from the
 `x-swarm-agent` header. Answers name the replica that served them (`system_fingerprint` and
 the `x-replica-id` header) so session affinity can be measured. Sampling parameters
@@ -14,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+import msgspec
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from swarm.config import LatencyConfig
@@ -31,7 +34,14 @@ from swarm.models.scripted.policy import Policy, PolicyDecisionError, ScriptedRe
 if TYPE_CHECKING:
     from ray.serve import Application
 
-__all__ = ["SESSION_ROUTER", "build_scripted_app", "make_openai_app"]
+__all__ = ["SESSION_ROUTER", "OpenAIApp", "build_scripted_app", "make_openai_app"]
+
+_log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 _CHUNK_CHARS = 16  # characters per streamed content or arguments delta
 # Serve's session-affinity router (experimental in Ray 2.60): consistent hashing on the
@@ -98,12 +108,20 @@ class _ChatRequest(_Open):
 # ---- responses ----------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Failure:
+    """An OpenAI-style error answer: status, body and headers."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 def _error(status: int, message: str, *, param: str | None = None, code: str | None = None,
-           type_: str = "invalid_request_error") -> JSONResponse:
+           type_: str = "invalid_request_error") -> _Failure:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     # Errors that are the same on every attempt tell the openai client not to retry.
-    headers = {"x-should-retry": "false"} if status < 500 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _Failure(status, body, {"x-should-retry": "false"} if status < 500 else {})
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -113,7 +131,7 @@ def _param(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _validation_error(e: ValidationError) -> JSONResponse:
+def _validation_error(e: ValidationError) -> _Failure:
     err = e.errors()[0]
     param = _param(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
@@ -152,7 +170,7 @@ async def _stream(
                                       "finish_reason": finish}]}
         if include_usage:
             chunk["usage"] = None
-        return f"data: {json.dumps(chunk)}\n\n"
+        return f"data: {_dumps(chunk).decode()}\n\n"
 
     deltas: list[dict[str, Any]] = [{"content": p} for p in _pieces(reply.content or "")]
     for i, c in enumerate(reply.tool_calls):
@@ -170,7 +188,7 @@ async def _stream(
         yield event(delta)
     yield event({}, reply.finish_reason)
     if include_usage:
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+        yield f"data: {_dumps({**base, 'choices': [], 'usage': usage}).decode()}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -202,7 +220,7 @@ class _Engine:
         self.seed = seed
         self.replica_id = replica_id
 
-    def prepare(self, body: Any, agent: str, session_id: str) -> _Prepared | JSONResponse:
+    def prepare(self, body: Any, agent: str, session_id: str) -> _Prepared | _Failure:
         """Validate `body` and decide the reply; an error answer for a bad request."""
         if not isinstance(body, dict):
             return _error(400, "The request body must be a JSON object.", code="invalid_json")
@@ -258,44 +276,168 @@ class _Engine:
                        self.delay_s(p) - first_s)
 
 
+def _loads(raw: bytes) -> Any:
+    """Decode a JSON body. msgspec is the fast path; whatever it rejects is decoded again by
+    the standard library, so the accepted inputs (NaN, 1e400, UTF-16) and the error messages
+    are the standard library's."""
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return json.loads(raw)
+
+
+_dumps = msgspec.json.encode
+
+
+def _raw_headers(content_type: bytes, headers: dict[str, str],
+                 length: int | None = None) -> list[tuple[bytes, bytes]]:
+    raw = [(b"content-type", content_type)]
+    if length is not None:
+        raw.append((b"content-length", str(length).encode()))
+    raw.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
+    return raw
+
+
+async def _send_json(send: Send, status: int, body: Any, headers: dict[str, str],
+                     *, head: bool = False) -> None:
+    data = _dumps(body)
+    await send({"type": "http.response.start", "status": status,
+                "headers": _raw_headers(b"application/json", headers, len(data))})
+    await send({"type": "http.response.body", "body": b"" if head else data})
+
+
+async def _send_failure(send: Send, f: _Failure) -> None:
+    await _send_json(send, f.status, f.body, f.headers)
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_stream(receive: Receive, send: Send, events: AsyncIterator[str],
+                       headers: dict[str, str]) -> None:
+    """Send SSE events as they come; stop producing them if the client goes away."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": _raw_headers(b"text/event-stream; charset=utf-8", headers)})
+
+    async def pump() -> None:
+        async for event in events:
+            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    pumping = asyncio.ensure_future(pump())
+    watching = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not pumping.done():  # the client left (or this request was cancelled)
+            pumping.cancel()
+            await asyncio.gather(pumping, return_exceptions=True)
+    if not pumping.cancelled():
+        pumping.result()  # an error while streaming propagates: the server aborts the response
+
+
+class OpenAIApp:
+    """The ASGI app: `POST /v1/chat/completions` and `GET /v1/models`, nothing else.
+
+    Unknown paths answer 404 and wrong methods 405, both with OpenAI-style error bodies; an
+    unexpected error before the response has started answers 500 (and is logged).
+    """
+
+    def __init__(self, engine: _Engine) -> None:
+        self.engine = engine
+        self.started = int(time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            started = False
+
+            async def tracked(message: Message) -> None:
+                nonlocal started
+                started = True
+                await send(message)
+
+            try:
+                await self._http(scope, receive, tracked)
+            except Exception as exc:
+                if started:
+                    raise
+                _log.exception("scripted engine: unexpected error")
+                await _send_failure(send, _error(
+                    500, f"internal error in the scripted engine: {type(exc).__name__}: {exc}",
+                    type_="server_error"))
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # behind Serve, the route prefix is the root path
+            path = path[len(root):]
+        path = path.rstrip("/")
+        method = scope["method"]
+        if path == "/v1/chat/completions":
+            if method == "POST":
+                return await self._chat(scope, receive, send)
+            allow = "POST"
+        elif path == "/v1/models":
+            if method in ("GET", "HEAD"):
+                return await _send_json(send, 200, {"object": "list", "data": [
+                    {"id": self.engine.model_name, "object": "model", "created": self.started,
+                     "owned_by": "swarm"}]}, {}, head=method == "HEAD")
+            allow = "GET, HEAD"
+        else:
+            return await _send_failure(send, _error(
+                404, f"Invalid URL ({method} {path}).", code="unknown_url"))
+        f = _error(405, f"Method {method} is not allowed on {path}; use {allow}.",
+                   code="method_not_allowed")
+        f.headers["allow"] = allow
+        await _send_failure(send, f)
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            body = _loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except ValueError as e:
+            return await _send_failure(send, _error(
+                400, f"The request body is not valid JSON: {e}", code="invalid_json"))
+        agent = session_id = ""
+        for key, value in scope["headers"]:
+            if key == b"x-swarm-agent":
+                agent = value.decode("latin-1")
+            elif key == b"x-session-id":
+                session_id = value.decode("latin-1")
+        p = self.engine.prepare(body, agent, session_id)
+        if isinstance(p, _Failure):
+            return await _send_failure(send, p)
+        if p.stream:
+            return await _send_stream(receive, send, self.engine.stream(p), p.headers)
+        await _send_json(send, 200, await self.engine.completion(p), p.headers)
+
+
 def make_openai_app(
     policy: Policy, model_name: str, latency: LatencyConfig | None = None, *, seed: int = 0,
     replica_id: str = "",
-) -> FastAPI:
-    """A FastAPI app serving `policy` as the OpenAI chat-completions model `model_name`."""
-    return _make_app(_Engine(policy, model_name, latency, seed, replica_id))
-
-
-def _make_app(engine: _Engine) -> FastAPI:
-    app = FastAPI(title=f"scripted model {engine.model_name}", docs_url=None, redoc_url=None)
-    started = int(time.time())
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return _error(500, f"internal error in the scripted engine: {type(exc).__name__}: {exc}",
-                      type_="server_error")
-
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": engine.model_name, "object": "model", "created": started, "owned_by": "swarm"}]}
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        try:
-            body = json.loads(await request.body())
-        except ValueError as e:
-            return _error(400, f"The request body is not valid JSON: {e}", code="invalid_json")
-        p = engine.prepare(body, request.headers.get("x-swarm-agent", ""),
-                           request.headers.get("x-session-id", ""))
-        if isinstance(p, JSONResponse):
-            return p
-        if p.stream:
-            return StreamingResponse(engine.stream(p), media_type="text/event-stream",
-                                     headers=p.headers)
-        return JSONResponse(await engine.completion(p), headers=p.headers)
-
-    return app
+) -> OpenAIApp:
+    """An ASGI app serving `policy` as the OpenAI chat-completions model `model_name`."""
+    return OpenAIApp(_Engine(policy, model_name, latency, seed, replica_id))
 
 
 class _ScriptedServer:
@@ -314,17 +456,17 @@ class _ScriptedServer:
             Policy.from_spec(policy_spec), model_name,
             LatencyConfig.model_validate(latency) if latency is not None else None, 0,
             replica_id)
-        self._app = _make_app(self._engine)
+        self._app = OpenAIApp(self._engine)
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
+    def __serve_build_asgi_app__(self) -> OpenAIApp:
         return self._app
 
     async def chat(self, body: dict[str, Any], agent: str = "",
                    session_id: str = "") -> dict[str, Any]:
         """A non-streamed completion (or an OpenAI error body with its `status`)."""
         p = self._engine.prepare(body, agent, session_id)
-        if isinstance(p, JSONResponse):
-            return {**json.loads(bytes(p.body)), "status": p.status_code}
+        if isinstance(p, _Failure):
+            return {**p.body, "status": p.status}
         return await self._engine.completion(p)
 
 
