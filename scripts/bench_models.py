@@ -6,13 +6,25 @@ scripted engine with the latency model at zero, and prints:
 
 - requests/s (concurrent clients) and p50/p99 latency (one client, sequential) through the
   Serve HTTP proxy on loopback and through a deployment-handle call (target: HTTP adds at most
-  3 ms at p50);
+  3 ms at p50). Both paths run the same engine code on the replica (validation, the policy,
+  the answer); HTTP adds the proxy, JSON on the wire and the ASGI layer. The client is httpx,
+  as in swarm's own OpenAIModel, sending the same body and agent header.
+
+  To be fair on a shared machine, the two paths are measured in interleaved rounds (`--rounds`,
+  the order alternating), after 300 warm-up calls each: a path's p50 is the median of its
+  round p50s, "HTTP adds" the median of the per-round differences (so a load change between
+  rounds moves both paths), and p99 is over all calls of all rounds. Each figure comes with
+  the CPU time per call of the client (this process), the Serve proxy and the replica, summed
+  over their threads (Ray's I/O threads included), read with psutil during the sequential
+  rounds: an account of where the HTTP path's time goes (less sensitive to other jobs than
+  wall time, though contention inflates it too, e.g. pollers spinning longer);
 - the session-affinity hit rate with 2 replicas and 100 concurrent sessions under the session
   router (consistent hashing on x-session-id), and under Serve's default router for contrast
   (target: at least 99% of a session's calls on one replica). The replica that answered is
   read from each answer's `system_fingerprint`.
 
-    python scripts/bench_models.py [--requests 400] [--sessions 100] [--calls 10] [--json]
+    python scripts/bench_models.py [--requests 800] [--rounds 8] [--sessions 100] [--calls 10]
+                                   [--json]
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -77,7 +91,36 @@ async def timed(n: int, concurrency: int, call: Any) -> tuple[list[float], float
     return lat, time.perf_counter() - t0
 
 
-async def paths(url: str, handle: Any, n: int, concurrency: int) -> dict[str, Any]:
+def serve_pids(app: str) -> dict[str, int]:
+    """Process ids of the Serve proxy and of `app`'s (single) replica, by their actor names."""
+    import ray
+
+    pids = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        role = ("proxy" if name.startswith("SERVE_PROXY_ACTOR") else
+                "replica" if name.startswith(f"SERVE_REPLICA::{app}#") else None)
+        if role:
+            handle = ray.get_actor(name, namespace=actor["namespace"])
+            pids[role] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+    return pids
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds so far of each process (all threads); {} without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    out = {}
+    for role, pid in {"client": os.getpid(), **pids}.items():
+        t = psutil.Process(pid).cpu_times()
+        out[role] = t.user + t.system
+    return out
+
+
+async def paths(url: str, handle: Any, n: int, rounds: int, concurrency: int,
+                pids: dict[str, int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as c:
         async def http(i: int) -> None:
@@ -88,13 +131,31 @@ async def paths(url: str, handle: Any, n: int, concurrency: int) -> dict[str, An
             answer = await handle.chat.remote(body(i), "planner", "")
             assert answer["object"] == "chat.completion", answer
 
-        for name, call in (("http", http), ("handle", direct)):
-            await timed(min(50, n), 4, call)  # warm connections and the handle's router
-            seq, _ = await timed(n, 1, call)
-            _, wall = await timed(n, concurrency, call)
-            out[name] = {"p50_ms": pct(seq, 0.5) * 1e3, "p99_ms": pct(seq, 0.99) * 1e3,
-                         "rps": n / wall}
-    out["http_overhead_p50_ms"] = out["http"]["p50_ms"] - out["handle"]["p50_ms"]
+        calls = {"http": http, "handle": direct}
+        for call in calls.values():  # warm connections, the handle's router, both code paths
+            await timed(200, 4, call)
+            await timed(100, 1, call)
+        per_round = max(1, n // rounds)
+        lat: dict[str, list[float]] = {name: [] for name in calls}
+        p50s: dict[str, list[float]] = {name: [] for name in calls}
+        cpu: dict[str, dict[str, float]] = {name: {} for name in calls}
+        for r in range(rounds):
+            for name in ("http", "handle") if r % 2 == 0 else ("handle", "http"):
+                before = cpu_seconds(pids)
+                got, _ = await timed(per_round, 1, calls[name])
+                for role, secs in cpu_seconds(pids).items():
+                    cpu[name][role] = cpu[name].get(role, 0.0) + secs - before[role]
+                lat[name] += got
+                p50s[name].append(pct(got, 0.5))
+        for name in calls:
+            _, wall = await timed(n, concurrency, calls[name])
+            out[name] = {"p50_ms": statistics.median(p50s[name]) * 1e3,
+                         "p99_ms": pct(lat[name], 0.99) * 1e3, "rps": n / wall,
+                         "round_p50s_ms": [x * 1e3 for x in p50s[name]],
+                         "cpu_ms_per_call": {role: secs * 1e3 / len(lat[name])
+                                             for role, secs in cpu[name].items()}}
+    out["http_overhead_p50_ms"] = statistics.median(
+        (h - d) * 1e3 for h, d in zip(p50s["http"], p50s["handle"], strict=True))
     return out
 
 
@@ -122,13 +183,15 @@ async def affinity(url: str, sessions: int, calls: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=400, help="calls per path and measurement")
+    ap.add_argument("--requests", type=int, default=800,
+                    help="calls per path: latency (over all rounds), and again for requests/s")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved latency rounds")
     ap.add_argument("--concurrency", type=int, default=32, help="clients for requests/s")
     ap.add_argument("--sessions", type=int, default=100)
     ap.add_argument("--calls", type=int, default=10, help="calls per session")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
-    for flag in ("requests", "concurrency", "sessions", "calls"):
+    for flag in ("requests", "rounds", "concurrency", "sessions", "calls"):
         if not 1 <= getattr(args, flag) <= 100_000:
             ap.error(f"--{flag} must be between 1 and 100000")
 
@@ -153,7 +216,7 @@ def main() -> None:
         handle = serve.get_app_handle("one")
         results["paths"] = asyncio.run(paths(
             f"http://127.0.0.1:{port}/one/v1/chat/completions", handle, args.requests,
-            args.concurrency))
+            args.rounds, args.concurrency, serve_pids("one")))
         serve.delete("one")
         for router in ("session", "default"):
             serve.run(build_scripted_app(spec, model_name=MODEL, latency=zero, replicas=2,
@@ -169,13 +232,16 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
     p = results["paths"]
-    print(f"scripted engine, latency model at zero, 1 replica; {args.requests} calls a figure")
+    print(f"scripted engine, latency model at zero, 1 replica; {args.requests} calls a figure, "
+          f"latency in {args.rounds} interleaved rounds")
     print(f"{'path':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}   (p50/p99: one client; "
-          f"req/s: {args.concurrency} clients)")
+          f"req/s: {args.concurrency} clients)   CPU ms per call (one client)")
     for name in ("http", "handle"):
         r = p[name]
-        print(f"{name:8} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['rps']:8.0f}")
-    print(f"HTTP adds {p['http_overhead_p50_ms']:.2f} ms at p50 (target: <= 3 ms)")
+        cpu = "  ".join(f"{role} {ms:.2f}" for role, ms in r["cpu_ms_per_call"].items())
+        print(f"{name:8} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['rps']:8.0f}   {cpu}")
+    print(f"HTTP adds {p['http_overhead_p50_ms']:.2f} ms at p50 (median of the rounds' "
+          f"differences; target: <= 3 ms)")
     for router in ("session", "default"):
         a = results[f"affinity_{router}_router"]
         print(f"affinity, 2 replicas, {args.sessions} sessions x {args.calls} calls, {router} "
