@@ -4,8 +4,10 @@
 `build_scripted_app` wraps it in a Ray Serve deployment. The app is written against ASGI
 directly rather than FastAPI: it has two routes, and on the Serve HTTP path FastAPI's
 middleware stack and request/response objects cost about as much replica time as the engine
-itself. Request validation is still the pydantic model below. Endpoints: `POST /v1/chat/completions`
-(JSON, or SSE chunks with `stream: true`) and `GET /v1/models`. The agent name comes from the
+itself. Request validation is still the pydantic model below.
+
+Endpoints: `POST /v1/chat/completions` (JSON, or SSE chunks with `stream: true`) and
+`GET /v1/models`. The agent name comes from the
 `x-swarm-agent` header. Answers name the replica that served them (`system_fingerprint` and
 the `x-replica-id` header) so session affinity can be measured. Sampling parameters
 (temperature, max_tokens, ...) are accepted and ignored. Bad bodies answer 400 with an
