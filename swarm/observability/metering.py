@@ -23,7 +23,6 @@ its `RunError` class or `tool`, a tool's own error result is `tool`. A call a la
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections import deque
 from time import time_ns
@@ -33,7 +32,6 @@ from opentelemetry.context import attach, detach
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
-    TraceFlags,
     get_current_span,
     set_span_in_context,
 )
@@ -57,6 +55,7 @@ from swarm.observability.metrics import (
     active_recorder,
     actor_identity,
 )
+from swarm.observability.tracing import _SAMPLED, _random_bits
 from swarm.observability.usage import UsageLedger, _redis_url
 from swarm.runtime.middleware import Middleware, ModelCall, NextModel, NextTool, StopTurn
 
@@ -67,8 +66,6 @@ if TYPE_CHECKING:
     from swarm.runtime.step import Session
     from swarm.tools.interface import ToolResult
 
-_random_bits = random.getrandbits
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _MODEL, _TOOL = 0, 1
 
 # A call's record, one flat tuple (fields by index):
@@ -184,11 +181,7 @@ class MeteringLayer(Middleware):
                t0, t1, "ok", None, None, None, captured, out, call.model,
                resp.model or call.model, resp.finish_reason, len(resp.tool_calls),
                usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, call.final)
-        pending = self.pending
-        if len(pending) < self.max_pending and not self._idle:
-            pending.append(rec)
-        else:
-            self._record(rec)
+        self._record(rec)
         return resp
 
     def _raised(self, exc: BaseException, default_class: str
@@ -251,11 +244,7 @@ class MeteringLayer(Middleware):
             rec = (_TOOL, session.task_id, session.session_id, session.user, inv.step, parent,
                    span_id, t0, t1, "ok", None, None, None, captured, out, call.name, call.id,
                    server)
-        pending = self.pending
-        if len(pending) < self.max_pending and not self._idle:
-            pending.append(rec)
-        else:
-            self._record(rec)
+        self._record(rec)
         return result
 
     def on_turn_end(self, session: Session) -> None:

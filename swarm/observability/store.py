@@ -32,6 +32,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 from redis.exceptions import ResponseError
 
+from swarm.state.redis import _pack
+
 log = logging.getLogger(__name__)
 
 TASK_ATTR = "swarm.task.id"
@@ -194,8 +196,6 @@ class RedisTraceStore(TraceStore):
     def append(self, rows: dict[str, list[bytes]]) -> None:
         """One round trip: RPUSH and EXPIRE per task, packed by `swarm.state.redis._pack` (a
         few times cheaper than redis-py's pipeline, on the thread that writes every span)."""
-        from swarm.state.redis import _pack
-
         commands: list[tuple[Any, ...]] = []
         for task_id, batch in rows.items():
             key = self.key(task_id)
