@@ -291,6 +291,17 @@ class Supervisor:
 
     # ---- API -------------------------------------------------------------------------------
 
+    def check_text(self, text: Any) -> None:
+        """Raise `UserError` unless `text` is a task text this swarm accepts."""
+        if not isinstance(text, str) or not text.strip():
+            raise UserError("task text must be a non-empty string")
+        limit = self.cfg.limits.max_task_chars
+        if len(text) > limit:
+            raise UserError(
+                f"task text is {len(text)} characters; this swarm accepts at most "
+                f"{limit} (limits.max_task_chars)"
+            )
+
     async def submit(
         self,
         text: str,
@@ -303,14 +314,7 @@ class Supervisor:
     ) -> str:
         """Create a task and start driving it; returns its id at once. `message_id` names the
         task's first message (an A2A client's own id for the message it sent)."""
-        if not isinstance(text, str) or not text.strip():
-            raise UserError("task text must be a non-empty string")
-        limit = self.cfg.limits.max_task_chars
-        if len(text) > limit:
-            raise UserError(
-                f"task text is {len(text)} characters; this swarm accepts at most "
-                f"{limit} (limits.max_task_chars)"
-            )
+        self.check_text(text)
         if not isinstance(user, str) or not user:
             raise UserError("user must be a non-empty string")
         meta = dict(metadata or {})

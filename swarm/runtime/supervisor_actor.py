@@ -143,13 +143,11 @@ class SupervisorActor:
         if task_ids is not None and len(task_ids) != len(texts):
             raise UserError(f"submit_many: {len(texts)} texts but {len(task_ids)} task ids")
         # Every text checked first: a bad one rejects the batch before any task is created.
-        limit = self.sup.cfg.limits.max_task_chars
         for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"submit_many: text {i} is not a non-empty string")
-            if len(text) > limit:
-                raise UserError(f"submit_many: text {i} is {len(text)} characters; this swarm "
-                                f"accepts at most {limit} (limits.max_task_chars)")
+            try:
+                self.sup.check_text(text)
+            except UserError as exc:
+                raise UserError(f"submit_many: text {i}: {exc}") from None
         ids = task_ids or [None] * len(texts)
         return [await self.sup.submit(text, user=user, task_id=tid)
                 for text, tid in zip(texts, ids, strict=True)]

@@ -121,7 +121,7 @@ def test_up_client_and_down(ray_cluster, serve_port) -> None:
         with pytest.raises(TaskNotFound):
             client.wait_all([batch[0].id, "nope"], timeout=5)
         before = len(client.tasks())
-        with pytest.raises(UserError, match="text 1 is not a non-empty string"):
+        with pytest.raises(UserError, match="text 1: task text must be a non-empty string"):
             client.submit_many(["fine", ""])
         assert len(client.tasks()) == before  # nothing of a rejected batch was created
 
