@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -75,6 +75,18 @@ def _get(ref: Any, timeout: float | None = None) -> Any:
 _RESTART_WAIT_S = 120.0
 
 
+def _wait_until_done(timeout: float | None, poll: Callable[[float], list[TaskInfo]]
+                     ) -> list[TaskInfo]:
+    """Call `poll(seconds)` (a supervisor wait, at most 30 s a call, so no call outlives a
+    restart for long) until every row it returns is done or `timeout` has passed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
+        infos = poll(wait)
+        if all(i.done for i in infos) or (deadline is not None and time.monotonic() >= deadline):
+            return infos
+
+
 def _call(actor: Any, method: str, *args: Any, timeout: float | None = None) -> Any:
     """Call a supervisor method, riding out a restart of the supervisor.
 
@@ -139,13 +151,8 @@ class TaskHandle:
 
     def wait(self, timeout: float | None = None) -> TaskInfo:
         """Wait for the task to end, up to `timeout` seconds; return its row (maybe unfinished)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
-            row = _call(self.client._sup, "wait", self.id, wait)
-            info = TaskInfo.from_summary(row)
-            if info.done or (deadline is not None and time.monotonic() >= deadline):
-                return info
+        return _wait_until_done(timeout, lambda wait: [TaskInfo.from_summary(
+            _call(self.client._sup, "wait", self.id, wait))])[0]
 
     def result(self, timeout: float | None = None) -> str:
         """The final answer; raises `TaskFailed` if the task failed, `TimeoutError` on timeout."""
@@ -257,13 +264,8 @@ class SwarmClient:
         """Wait for several tasks to end, up to `timeout` seconds, with one pending call to
         the supervisor (not one per task); their rows in order (some maybe unfinished)."""
         ids = [t.id if isinstance(t, TaskHandle) else t for t in tasks]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
-            infos = [TaskInfo.from_summary(r) for r in _call(self._sup, "wait_many", ids, wait)]
-            if all(i.done for i in infos) or (deadline is not None
-                                               and time.monotonic() >= deadline):
-                return infos
+        return _wait_until_done(timeout, lambda wait: [
+            TaskInfo.from_summary(r) for r in _call(self._sup, "wait_many", ids, wait)])
 
     def task(self, task_id: str) -> TaskHandle:
         """A handle on an existing task (raises `TaskNotFound` if there is none)."""
