@@ -168,6 +168,7 @@ class StepSpanSink:
         self.pending: deque[tuple[Any, ...]] = deque()
         self.ended = self.exported = self.failed = self.dropped = 0
         self._lock = threading.Lock()  # one flush at a time
+        self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -176,7 +177,8 @@ class StepSpanSink:
     def put(self, spans: list[tuple[Any, ...]]) -> None:
         """Queue finished spans (from any thread)."""
         self.pending.extend(spans)
-        self.ended += len(spans)
+        with self._count_lock:  # drains on several threads put at once
+            self.ended += len(spans)
 
     def start(self) -> None:
         """Start the writer thread, once."""
