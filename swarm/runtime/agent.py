@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from swarm.config import MCPStdioConfig, SwarmConfig
 from swarm.errors import classify
+from swarm import events
 from swarm.events import Event, TurnResumed
 from swarm.governance.stuck import StuckError
 from swarm.models.interface import Model
@@ -496,9 +499,15 @@ class AgentHost:
 class AgentActor:
     """Ray actor wrapper of `AgentHost`; created with `ray.remote(AgentActor).options(...)`.
 
-    After a crash Ray restarts it and the constructor runs again with nothing in memory; the
-    supervisor then re-sends the interrupted turns with `resume=True`, and the host rebuilds
-    each session from the durable log.
+    The supervisor posts turns (`post_turns` returns at once) and each turn's result comes back
+    in a call of this replica's own (`SupervisorActor.turns_done`), so a running turn holds no
+    Ray call open (Ray keeps tens of KB for each call in flight); one long-lived `watch` call
+    tells the supervisor when this replica dies. Posts and reports are batched: while one is in
+    flight, the next ones gather.
+
+    After a crash Ray restarts it and the constructor runs again with nothing in memory (and a
+    new `incarnation`); the supervisor then re-sends the interrupted turns with `resume=True`,
+    and the host rebuilds each session from the durable log.
     """
 
     def __init__(self, cfg: SwarmConfig, role: str, endpoints: dict[str, str], supervisor: Any,
@@ -521,6 +530,13 @@ class AgentActor:
             self.host.publish_snapshot = self._publish_snapshot
         self._flusher: asyncio.Task[None] | None = None
         self._started: asyncio.Task[None] | None = None
+        # This instance: a restarted replica has another, so the supervisor can tell which
+        # posted turns died with the previous one.
+        self.incarnation = uuid.uuid4().hex
+        self._outbox: list[tuple[str, TurnResult | str]] = []
+        self._reporting = False
+        self._reporter: asyncio.Task[None] | None = None
+        self._closing: asyncio.Event | None = None
         tune_process(cfg.process)  # last: what the constructor built is long-lived
 
     async def _ensure(self) -> None:
@@ -553,6 +569,55 @@ class AgentActor:
         await self._ensure()
         return await self.host.run_turn(req)
 
+    async def post_turns(self, posts: list[tuple[str, TurnRequest]]) -> str:
+        """Start turns and return this instance's incarnation at once; each turn's result goes
+        to the supervisor's `turns_done` under its post id when the turn ends."""
+        await self._ensure()
+        for post_id, req in posts:
+            turn = asyncio.ensure_future(self.host.run_turn(req))
+            turn.add_done_callback(functools.partial(self._turn_done, post_id, req.task_id))
+        return self.incarnation
+
+    def _turn_done(self, post_id: str, task_id: str, turn: asyncio.Future[TurnResult]) -> None:
+        if turn.cancelled():
+            outcome: TurnResult | str = f"turn of task {task_id} was cancelled on {self.host.role}"
+        elif turn.exception() is not None:
+            exc = turn.exception()
+            # As text: the exception may not pickle, and the supervisor only reports it.
+            outcome = f"agent {self.host.role}: {type(exc).__name__}: {exc}"
+        else:
+            outcome = turn.result()
+        self._outbox.append((post_id, outcome))
+        if not self._reporting:
+            self._reporting = True
+            self._reporter = asyncio.get_running_loop().create_task(self._report())
+
+    async def _report(self) -> None:
+        # One report in flight at a time; results that end meanwhile go in the next one.
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    await self.supervisor.turns_done.remote(batch)
+                except Exception as exc:
+                    # A supervisor that is restarting rebuilds these from the durable log (a
+                    # turn whose end is logged is reported as it was when it is resumed).
+                    log.warning("agent %s: %d turn results not delivered: %s", self.host.role,
+                                len(batch), exc)
+        finally:
+            self._reporting = False
+
+    async def watch(self, incarnation: str) -> str | None:
+        """Returns at once with this instance's incarnation if it isn't `incarnation` (the
+        replica restarted); otherwise stays open while this instance lives (the supervisor
+        learns of its death from this call failing), and returns None when it shuts down."""
+        if incarnation != self.incarnation:
+            return self.incarnation
+        if self._closing is None:
+            self._closing = asyncio.Event()
+        await self._closing.wait()
+        return None
+
     async def cancel(self, task_id: str) -> bool:
         """Cancel a task's running turn."""
         return self.host.cancel(task_id)
@@ -563,6 +628,8 @@ class AgentActor:
 
     async def shutdown(self) -> None:
         """Close connections before the actor is killed."""
+        if self._closing is not None:
+            self._closing.set()
         if self._flusher is not None:
             self._flusher.cancel()
         await self.host.aclose()
@@ -577,6 +644,6 @@ class AgentActor:
             batch = self.host.buffer.drain()
             if batch and self.supervisor is not None:
                 try:
-                    self.supervisor.push_events.remote(batch)
+                    self.supervisor.push_events.remote(events.pack(batch))
                 except Exception:
                     log.debug("event flush failed", exc_info=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -77,34 +78,153 @@ class LocalAgentPool(AgentPool):
         self.hosts[role].cancel(task_id)
 
 
+@dataclass(slots=True)
+class _Post:
+    """A turn posted to an agent replica, until its result comes back."""
+
+    replica: _Replica
+    future: asyncio.Future[TurnResult]
+    incarnation: str | None = None  # the replica instance that took it (from the post's ack)
+
+
+@dataclass(slots=True)
+class _Replica:
+    """One agent replica as the pool sees it: posts waiting to be sent (while one post call is
+    in flight, the next ones gather) and the instance its `watch` call follows."""
+
+    role: str
+    handle: Any
+    outbox: list[tuple[str, TurnRequest]] = field(default_factory=list)
+    posting: bool = False
+    poster: asyncio.Task[None] | None = None
+    watched: str | None = None
+    watcher: asyncio.Task[None] | None = None
+
+
 class RayAgentPool(AgentPool):
-    """Agent roles as Ray actor replicas."""
+    """Agent roles as Ray actor replicas.
+
+    A turn is posted (`AgentActor.post_turns`, batched per replica) and its result delivered
+    by the replica (`deliver`, from `SupervisorActor.turns_done`), so no Ray call stays open
+    for the length of a turn; a replica's death reaches the turns it was running through one
+    long-lived `watch` call per replica, as an orchestration error (`_ActorLost`) that the
+    supervisor retries on the next replica.
+    """
 
     def __init__(self, handles: dict[str, list[Any]]) -> None:
         self.handles = handles
         self._where: dict[str, Any] = {}  # task id -> the replica running its turn now
+        self._replicas: dict[int, _Replica] = {}  # by id() of the handle
+        self._posts: dict[str, _Post] = {}  # by post id
+        self._ids = itertools.count()
 
     def _pick(self, role: str, key: str, attempt: int = 0) -> Any:
         replicas = self.handles[role]
         return replicas[(replica_for(key, len(replicas)) + attempt) % len(replicas)]
 
     async def turn(self, role: str, key: str, req: TurnRequest, attempt: int = 0) -> TurnResult:
-        """Call `run_turn` on the sticky replica (the next one on a retry); a dead actor is an
-        orchestration error."""
-        import ray
-
-        replica = self._pick(role, key, attempt)
-        self._where[req.task_id] = replica
+        """Post the turn to the sticky replica (the next one on a retry) and wait for its
+        result; a replica that dies meanwhile is an orchestration error."""
+        handle = self._pick(role, key, attempt)
+        self._where[req.task_id] = handle
+        post_id = f"p{next(self._ids)}"
         try:
             if attempt:
-                await self._until_alive(role, replica)
-            result: TurnResult = await replica.run_turn.remote(req)
-        except ray.exceptions.RayActorError as exc:
-            raise _ActorLost(f"agent {role} replica died during the turn: {exc}") from None
+                await self._until_alive(role, handle)
+            rep = self._replicas.get(id(handle))
+            if rep is None:
+                rep = self._replicas[id(handle)] = _Replica(role, handle)
+            post = self._posts[post_id] = _Post(rep, asyncio.get_running_loop().create_future())
+            rep.outbox.append((post_id, req))
+            if not rep.posting:
+                rep.posting = True
+                rep.poster = asyncio.create_task(self._send_posts(rep))
+            return await post.future
         finally:
-            if self._where.get(req.task_id) is replica:
+            self._posts.pop(post_id, None)
+            if self._where.get(req.task_id) is handle:
                 del self._where[req.task_id]
-        return result
+
+    def deliver(self, batch: list[tuple[str, TurnResult | str]]) -> None:
+        """Results of posted turns, from the replica that ran them; a result nobody waits for
+        any more (the turn was given up on, or posted before a supervisor restart) is
+        dropped."""
+        for post_id, outcome in batch:
+            post = self._posts.get(post_id)
+            if post is None or post.future.done():
+                continue
+            if isinstance(outcome, str):  # the turn raised in the replica
+                post.future.set_exception(RunError(outcome))
+            else:
+                post.future.set_result(outcome)
+
+    def _fail(self, posts: list[_Post], error: str) -> None:
+        for post in posts:
+            if not post.future.done():
+                post.future.set_exception(_ActorLost(error))
+
+    async def _send_posts(self, rep: _Replica) -> None:
+        import ray
+
+        try:
+            while rep.outbox:
+                batch, rep.outbox = rep.outbox, []
+                try:
+                    incarnation = await rep.handle.post_turns.remote(batch)
+                except ray.exceptions.RayActorError as exc:
+                    self._fail([p for p, _ in ((self._posts.get(i), r) for i, r in batch)
+                                if p is not None],
+                               f"agent {rep.role} replica died during the turn: {exc}")
+                    continue
+                except Exception as exc:
+                    for post_id, _ in batch:
+                        post = self._posts.get(post_id)
+                        if post is not None and not post.future.done():
+                            post.future.set_exception(RunError(
+                                f"posting a turn to agent {rep.role} failed: {exc}"))
+                    continue
+                for post_id, _ in batch:
+                    post = self._posts.get(post_id)
+                    if post is not None:
+                        post.incarnation = incarnation
+                if rep.watcher is None or rep.watcher.done():
+                    rep.watched = incarnation
+                    rep.watcher = asyncio.create_task(self._watch(rep))
+        finally:
+            rep.posting = False
+
+    async def _watch(self, rep: _Replica) -> None:
+        # Follows one replica while turns posted to it run: its `watch` call failing (the
+        # actor died) or returning another incarnation (it restarted) fails the turns the
+        # lost instance took.
+        import ray
+
+        delay = 0.02
+        while True:
+            lost = rep.watched
+            posts = [p for p in self._posts.values() if p.replica is rep and p.incarnation]
+            if not posts:
+                return
+            try:
+                now = await rep.handle.watch.remote(lost)
+            except ray.exceptions.RayActorError as exc:
+                self._fail([p for p in posts if p.incarnation == lost],
+                           f"agent {rep.role} replica died during the turn: {exc}")
+                await asyncio.sleep(delay)  # it may be restarting: ask again, backing off
+                delay = min(delay * 2, 1.0)
+                continue
+            except Exception:
+                log.warning("watching agent %s failed", rep.role, exc_info=True)
+                await asyncio.sleep(1.0)
+                continue
+            delay = 0.02
+            why = "restarted" if now is not None else "shut down"
+            self._fail([p for p in self._posts.values()
+                        if p.replica is rep and p.incarnation == lost],
+                       f"agent {rep.role} replica {why} during the turn")
+            if now is None:
+                return
+            rep.watched = now
 
     async def _until_alive(self, role: str, replica: Any) -> None:
         # A replica that is restarting refuses calls at once; wait (bounded) until it answers,
@@ -538,10 +658,18 @@ class Supervisor:
 
     def push_events(self, batch: list[Event]) -> None:
         """Events flushed by agents during their turns."""
+        last: TaskRecord | None = None
         for ev in batch:
-            rec = self.tasks.get(ev.task_id)
+            rec = last if last is not None and last.id == ev.task_id else \
+                self.tasks.get(ev.task_id)
             if rec is not None:
-                self._emit(rec, ev)
+                # A task's watchers are woken once for its run of events, not once for each.
+                if last is not None and rec is not last:
+                    self._wake(last)
+                self._emit(rec, ev, wake=False)
+                last = rec
+        if last is not None:
+            self._wake(last)
 
     # ---- driving -----------------------------------------------------------------------------
 
@@ -955,7 +1083,12 @@ class Supervisor:
 
     # ---- table bookkeeping -------------------------------------------------------------------
 
-    def _emit(self, rec: TaskRecord, ev: Event) -> None:
+    @staticmethod
+    def _wake(rec: TaskRecord) -> None:
+        rec.changed.set()
+        rec.changed = asyncio.Event()
+
+    def _emit(self, rec: TaskRecord, ev: Event, wake: bool = True) -> None:
         events = rec.events
         if len(events) >= _MAX_EVENTS_PER_TASK and not isinstance(ev, TaskFinished):
             return
@@ -966,8 +1099,8 @@ class Supervisor:
             events.append(msgspec.structs.replace(last, seq=len(events)))
         else:
             events.append(msgspec.structs.replace(ev, seq=len(events)))
-        rec.changed.set()
-        rec.changed = asyncio.Event()
+        if wake:
+            self._wake(rec)
         kind = type(ev)
         if (kind is ToolCalled or kind is ModelCalled) and ev.error_class:  # type: ignore[attr-defined]
             cls = ev.error_class  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from typing import Any
 
 from swarm.config import SwarmConfig
 from swarm.errors import UserError
-from swarm.events import Event
+from swarm.events import Event, unpack
 from swarm.protocol import a2a
 from swarm.runtime.supervisor import RayAgentPool, Supervisor
 
@@ -76,8 +76,8 @@ class SupervisorActor:
         from swarm.protocol.a2a_member import RemoteMemberPool
 
         store = open_store(store_spec)
-        self.pool = RemoteMemberPool.around(cfg, RayAgentPool(self.handles), store=store,
-                                            swarm_id=deployment)
+        self.agents = RayAgentPool(self.handles)
+        self.pool = RemoteMemberPool.around(cfg, self.agents, store=store, swarm_id=deployment)
         self.sup = Supervisor(cfg, self.pool, router, store=store, swarm_id=deployment)
         self._loaded: asyncio.Task[int] | None = None
         # Rebuild the table and resume unfinished tasks now, not at the first client call: after
@@ -272,9 +272,13 @@ class SupervisorActor:
         """The seq of the snapshot held for each log id."""
         return {log_id: seq for log_id, (seq, _) in self.sup.hot.items()}
 
-    async def push_events(self, batch: list[Event]) -> None:
-        """Receive a batch of live events from an agent replica."""
-        self.sup.push_events(batch)
+    async def turns_done(self, batch: list[tuple[str, Any]]) -> None:
+        """Results of turns an agent replica was posted (see `RayAgentPool`)."""
+        self.agents.deliver(batch)
+
+    async def push_events(self, batch: list[Event] | bytes) -> None:
+        """Receive a batch of live events from an agent replica (`swarm.events.pack`ed)."""
+        self.sup.push_events(unpack(batch) if isinstance(batch, bytes) else batch)
 
     async def shutdown(self) -> None:
         """Cancel running tasks and close the agents' connections."""

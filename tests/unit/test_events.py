@@ -1,0 +1,44 @@
+"""Event batches as agents send them to the supervisor: msgpack, every kind kept exactly."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from swarm import events as ev
+
+
+def _all_kinds() -> list[ev.Event]:
+    return [
+        ev.TaskStateChanged(task_id="t1", ts=1.5, state="working", detail="d"),
+        ev.StepStarted(task_id="t1", ts=2.0, agent="a", step=1),
+        ev.ModelCalled(task_id="t1", ts=2.1, agent="a", step=1, model="m", input_tokens=7,
+                       output_tokens=3, cached_tokens=2, latency_ms=1.25, ttft_ms=None,
+                       finish_reason="tool_calls", tool_calls=1),
+        ev.ToolCalled(task_id="t1", ts=2.2, agent="a", step=1, tool="echo", call_id="c1",
+                      duration_ms=0.5, outcome="error", error_class="tool", detail="boom"),
+        ev.ToolProgress(task_id="t1", ts=2.3, step=1, tool="echo", call_id="c1",
+                        progress=0.5, total=None, message="half"),
+        ev.Handoff(task_id="t1", ts=2.4, agent="a", to_agent="b", message="over"),
+        ev.StepFinished(task_id="t1", ts=2.5, agent="a", step=1, duration_ms=3.0),
+        ev.TaskFinished(task_id="t1", ts=3.0, state="completed", answer="42", steps=1),
+        ev.Alert(task_id="t2", ts=3.1, alert="stuck.same_call", action="stop", detail="x"),
+        ev.TurnResumed(task_id="t2", ts=3.2, agent="a", step=4, source="hot",
+                       entries_replayed=2, restore_ms=1.5),
+        ev.RemoteUpdate(task_id="t2", ts=3.3, state="working", text="…", remote_task_id="r"),
+    ]
+
+
+def test_a_packed_batch_unpacks_to_the_same_events_of_every_kind():
+    batch = _all_kinds()
+    kinds = {type(e) for e in batch}
+    assert len(kinds) == len(ev.AnyEvent.__args__)  # every kind is in the batch
+    out = ev.unpack(ev.pack(batch))
+    assert out == batch
+    assert [type(e) for e in out] == [type(e) for e in batch]
+
+
+def test_an_empty_batch_and_a_corrupt_one():
+    assert ev.unpack(ev.pack([])) == []
+    with pytest.raises(msgspec.DecodeError):
+        ev.unpack(b"\x91\x81\xa4kind\xa4nope")
