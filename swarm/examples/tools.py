@@ -9,13 +9,13 @@ from swarm.tools.function import tool
 MAX_SLOW_S = 30.0
 
 
-@tool(read_only=True, idempotent=True)
+@tool(read_only=True, idempotent=True, inline=True)
 def echo(text: str) -> str:
     """Return the text unchanged."""
     return text
 
 
-@tool(read_only=True, idempotent=True)
+@tool(read_only=True, idempotent=True, inline=True)
 def word_count(text: str) -> int:
     """Count the whitespace-separated words in a text."""
     return len(text.split())

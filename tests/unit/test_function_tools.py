@@ -156,6 +156,27 @@ async def test_sync_function_runs_in_a_thread_and_times_out():
     assert ran_in != threading.current_thread().name
 
 
+async def test_an_inline_sync_function_runs_on_the_event_loop_thread():
+    @tool(read_only=True, inline=True)
+    def inline_thread() -> str:
+        """Name the thread the tool ran in."""
+        return threading.current_thread().name
+
+    @tool(inline=True)
+    def inline_fails(n: int) -> str:
+        """Fail."""
+        raise ValueError(f"bad n {n}")
+
+    src = source(inline_thread, inline_fails, thread_name)
+    assert (await src.call("inline_thread", {}, CTX)).content == \
+        threading.current_thread().name
+    assert (await src.call("thread_name", {}, CTX)).content != threading.current_thread().name
+    failed = await src.call("inline_fails", {"n": "7"}, CTX)
+    assert failed.is_error and failed.content == "ValueError: bad n 7"
+    invalid = await src.call("inline_fails", {"n": "x"}, CTX)
+    assert invalid.is_error and "n" in invalid.content
+
+
 async def test_ctx_is_injected_and_not_a_parameter():
     src = source(whoami, lookup)
     assert (await src.call("whoami", {}, CTX)).content == "researcher/s-42/c1"
