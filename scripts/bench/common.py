@@ -115,10 +115,13 @@ class Procs:
                 pass
         return out
 
-    def rss(self) -> int:
-        """Resident bytes of all the processes."""
+    def rss(self, only: Iterable[int] | None = None) -> int:
+        """Resident bytes of all the processes (or of those among them with a pid in `only`)."""
+        keep = None if only is None else set(only)
         total = 0
         for p in self.processes():
+            if keep is not None and p.pid not in keep:
+                continue
             try:
                 total += p.memory_info().rss
             except psutil.Error:
@@ -133,19 +136,28 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
 
 
 class PeakRss:
-    """Samples `Procs.rss` every `every_s` from a thread; keeps the peak."""
+    """Samples `Procs.rss` every `every_s` from a thread; keeps the peak, and the store's part
+    of the total at that peak (`store`: the pids of the durable store's processes)."""
 
-    def __init__(self, procs: Procs, every_s: float = 0.1) -> None:
+    def __init__(self, procs: Procs, every_s: float = 0.1, store: Iterable[int] = ()) -> None:
         import threading
 
         self.procs, self.every = procs, every_s
+        self.store_pids = list(store)
         self.peak = 0
+        self.store_at_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-rss")
 
+    def _sample(self) -> None:
+        total = self.procs.rss()
+        if total > self.peak:
+            self.peak = total
+            self.store_at_peak = self.procs.rss(self.store_pids) if self.store_pids else 0
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.procs.rss())
+            self._sample()
             self._stop.wait(self.every)
 
     def __enter__(self) -> PeakRss:
@@ -155,7 +167,7 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.procs.rss())
+        self._sample()
 
 
 def now() -> float:
@@ -164,12 +176,19 @@ def now() -> float:
 
 
 def concurrency_row(impl: str, sessions: int, wall_s: float, steps: int, cpu_s: float,
-                    rss_delta: int, **extra: Any) -> dict[str, Any]:
-    """Figures of one concurrency run, against the ideal of C x 10 / 2.2 steps/s."""
+                    rss_delta: int, store_delta: int | None = None, **extra: Any
+                    ) -> dict[str, Any]:
+    """Figures of one concurrency run, against the ideal of C x 10 / 2.2 steps/s.
+    `store_delta` is the durable store's own part of `rss_delta` (redis-server holds every
+    checkpoint in memory), reported apart as well."""
     ideal_wall = (TOOL_STEPS + 1) * MODEL_LATENCY_S
     ideal = sessions * TOOL_STEPS / ideal_wall
     achieved = steps / wall_s
     return {"impl": impl, "sessions": sessions, "wall_s": wall_s, "steps": steps,
             "steps_per_s": achieved, "ideal_steps_per_s": ideal,
             "of_ideal": achieved / ideal, "cpu_us_per_step": cpu_s / steps * 1e6,
-            "cpu_s": cpu_s, "mem_per_session_kb": rss_delta / sessions / 1024, **extra}
+            "cpu_s": cpu_s, "mem_per_session_kb": rss_delta / sessions / 1024,
+            **({} if store_delta is None else {
+                "store_kb_per_session": store_delta / sessions / 1024,
+                "orchestration_kb_per_session": (rss_delta - store_delta) / sessions / 1024}),
+            **extra}

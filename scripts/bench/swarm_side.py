@@ -277,9 +277,11 @@ async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dic
             async with sw:
                 row = await sw.run("warm", timeout=60)
                 assert row["state"] == "completed", row
+                store_pids = [server.pid()] if server.pid() else []
                 base = procs.freeze().rss()
+                base_store = procs.rss(store_pids)
                 cpu0 = procs.cpu()
-                with PeakRss(procs) as peak:
+                with PeakRss(procs, store=store_pids) as peak:
                     t0 = time.perf_counter()
                     ids = await asyncio.gather(*(sw.supervisor.submit(f"task {i}")
                                                  for i in range(sessions)))
@@ -290,7 +292,8 @@ async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dic
             assert not bad, bad[0]
     label = "".join(f" ({k}={v})" for k, v in (state or {}).items())
     return concurrency_row(f"swarm+redis, one process (LocalSwarm){label}", sessions, wall,
-                           sessions * TOOL_STEPS, cpu, peak.peak - base, processes=2)
+                           sessions * TOOL_STEPS, cpu, peak.peak - base,
+                           peak.store_at_peak - base_store, processes=2)
 
 
 def ray_concurrency(levels: list[int], replicas: int = 2) -> list[dict[str, Any]]:
@@ -337,10 +340,12 @@ def ray_concurrency(levels: list[int], replicas: int = 2) -> list[dict[str, Any]
         }))
         cfg = load_config(cfg_path)
         sup, _ = start_swarm(cfg, deployment="bench")
-        procs = Procs([p for p in [server.pid()] if p])
-        asyncio.run(_ray_level(sup, 4, procs))  # warm up
+        store_pids = [p for p in [server.pid()] if p]
+        procs = Procs(store_pids)
+        asyncio.run(_ray_level(sup, 4, procs, store_pids))  # warm up
         for level in levels:
-            out.append(asyncio.run(_ray_level(sup, level, procs)) | {"replicas": replicas})
+            out.append(asyncio.run(_ray_level(sup, level, procs, store_pids))
+                       | {"replicas": replicas})
     finally:
         ray.shutdown()
         server.stop()
@@ -349,10 +354,12 @@ def ray_concurrency(levels: list[int], replicas: int = 2) -> list[dict[str, Any]
     return out
 
 
-async def _ray_level(sup: Any, sessions: int, procs: Procs) -> dict[str, Any]:
+async def _ray_level(sup: Any, sessions: int, procs: Procs, store_pids: list[int]
+                     ) -> dict[str, Any]:
     base = procs.freeze().rss()
+    base_store = procs.rss(store_pids)
     cpu0 = procs.cpu()
-    with PeakRss(procs, every_s=0.2) as peak:
+    with PeakRss(procs, every_s=0.2, store=store_pids) as peak:
         t0 = time.perf_counter()
         # As `SwarmClient.submit_many` and `wait_all` do: one call each for the whole batch.
         # (A call per task costs Ray state per pending call in the driver and the supervisor:
@@ -366,5 +373,6 @@ async def _ray_level(sup: Any, sessions: int, procs: Procs) -> dict[str, Any]:
     steps = {r.get("steps") for r in rows}
     return concurrency_row("swarm+redis, Ray (supervisor + agent replicas)", sessions, wall,
                            sessions * TOOL_STEPS, cpu, peak.peak - base,
+                           peak.store_at_peak - base_store,
                            processes=len(procs.processes()), steps_per_task=sorted(
                                s for s in steps if s is not None))

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.bench import report, swarm_side
+from scripts.bench import common, report, swarm_side
 from scripts.bench.common import ANSWER, openai_messages_bytes, wants_tool
 
 
@@ -63,8 +63,17 @@ def test_table_and_verdicts() -> None:
         "growth": [{"impl": "swarm+redis", "rows": [
             {"step": 10, "stored_bytes": 9000, "message_bytes": 6000},
             {"step": 100, "stored_bytes": 150000, "message_bytes": 60000}]}],
+        "concurrency": [
+            common.concurrency_row("swarm+redis, Ray", 2000, 4.0, 20000, 10.0,
+                                   100 * 2000 * 1024, 40 * 2000 * 1024),
+            common.concurrency_row("langgraph", 2000, 30.0, 20000, 10.0, 50 * 2000 * 1024),
+        ],
     }
     text = report.table(res)
+    assert "target >= 90% of ideal at 2,000 (swarm+redis, Ray): 55.0%: MISSED" in text
+    assert ("target <= 64 KB of orchestration memory per session at 2,000 (swarm+redis, Ray): "
+            "60.0 KB (with redis-server's 40.0 KB of stored checkpoints: 100.0 KB): met") in text
+    assert "langgraph" in text and "of it store" in text
     assert "met" in text and "8.0x" in text and "5.0x" in text
     assert "stored <= 2x message bytes (swarm+redis, step 100): 2.50x: MISSED" in text
     assert ANSWER  # the shared answer the workloads check
