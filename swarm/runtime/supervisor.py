@@ -23,6 +23,8 @@ import msgspec
 from swarm.config import SwarmConfig
 from swarm.errors import RunError, TaskNotFound, UserError
 from swarm.events import Alert, Event, ModelCalled, TaskFinished, TaskStateChanged, ToolCalled
+from swarm.events import pack as pack_events
+from swarm.events import unpack as unpack_events
 from swarm.governance import stuck
 from swarm.governance.budget import SwarmUsage, Usage, swarm_exhausted, task_usage, turn_allowance
 from swarm.governance.stuck import StuckError, WaitGraph, bounces
@@ -265,7 +267,10 @@ class TaskRecord:
     user: str
     created: float
     transcript: list[dict[str, Any]] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    # The task's events; once it has finished, kept packed (`compact`) until read.
+    _events: list[Event] = field(default_factory=list)
+    _packed: bytes | None = None
+    event_count: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     driver: asyncio.Task[None] | None = None
@@ -302,6 +307,29 @@ class TaskRecord:
     @property
     def id(self) -> str:
         return str(self.task.id)
+
+    @property
+    def events(self) -> list[Event]:
+        """The task's events in order (a packed record's are decoded for the caller)."""
+        if self._packed is not None:
+            return list(unpack_events(zlib.decompress(self._packed)))
+        return self._events
+
+    def _writable_events(self) -> list[Event]:
+        if self._packed is not None:
+            self._events, self._packed = self.events, None
+        return self._events
+
+    def compact(self, durable: bool) -> None:
+        """Once the task has finished: keep its events as one compressed msgpack blob (a
+        finished task's events are read rarely, and as objects they cost several KB a task);
+        with a durable store, let go of the transcript too: it only drives turns, and the
+        store has the task's history."""
+        if self._events:
+            self._packed = zlib.compress(pack_events(self._events), 1)
+            self._events = []
+        if durable:
+            self.transcript = []
 
     @property
     def state(self) -> str:
@@ -648,12 +676,14 @@ class Supervisor:
     async def events(self, task_id: str, cursor: int, timeout: float) -> tuple[list[Event], bool]:
         """Events from `cursor` on, waiting up to `timeout` s for new ones; and whether it ended."""
         rec = self.get(task_id)
-        if cursor >= len(rec.events) and not rec.done.is_set():
+        if cursor >= rec.event_count and not rec.done.is_set():
             waiter = rec.changed
             try:
                 await asyncio.wait_for(waiter.wait(), timeout)
             except TimeoutError:
                 pass
+        if cursor >= rec.event_count:
+            return [], rec.done.is_set()
         return rec.events[cursor:], rec.done.is_set()
 
     def push_events(self, batch: list[Event]) -> None:
@@ -1089,7 +1119,7 @@ class Supervisor:
         rec.changed = asyncio.Event()
 
     def _emit(self, rec: TaskRecord, ev: Event, wake: bool = True) -> None:
-        events = rec.events
+        events = rec._writable_events()
         if len(events) >= _MAX_EVENTS_PER_TASK and not isinstance(ev, TaskFinished):
             return
         if rec.done.is_set() and events and isinstance(events[-1], TaskFinished):
@@ -1099,6 +1129,7 @@ class Supervisor:
             events.append(msgspec.structs.replace(last, seq=len(events)))
         else:
             events.append(msgspec.structs.replace(ev, seq=len(events)))
+        rec.event_count = len(events)
         if wake:
             self._wake(rec)
         kind = type(ev)
@@ -1167,6 +1198,7 @@ class Supervisor:
             # Before `done`: the user's next task in this session starts with this exchange.
             await self.session_memory.record_exchange(rec.user, rec.task.context_id, rec.text,
                                                       answer, rec.id)
+        rec.compact(durable=self.store is not None)
         rec.done.set()
 
     def _evict(self) -> None:

@@ -73,6 +73,29 @@ async def test_step_loop_runs_tools_and_answers(tmp_path: Path) -> None:
         assert [type(e) for e in first] == [StepStarted, ModelCalled, ToolCalled, StepFinished]
 
 
+async def test_a_finished_tasks_events_are_kept_packed_and_read_back_whole(tmp_path: Path
+                                                                          ) -> None:
+    cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("hello")
+        tid = row["task_id"]
+        rec = sw.supervisor.get(tid)
+        assert rec._packed is not None and rec._events == []  # compacted at the finish
+        evs, done = await sw.supervisor.events(tid, 0, 0.0)
+        assert done and len(evs) == rec.event_count > 10
+        assert [e.seq for e in evs] == list(range(len(evs)))
+        assert isinstance(evs[-1], TaskFinished)
+        tail, _ = await sw.supervisor.events(tid, rec.event_count - 2, 0.0)
+        assert tail == evs[-2:]
+        assert (await sw.supervisor.events(tid, rec.event_count, 0.0))[0] == []
+        # A late batch from an agent still lands before TaskFinished.
+        sw.supervisor.push_events([StepStarted(task_id=tid, ts=1.0, agent="looper", step=99)])
+        after, _ = await sw.supervisor.events(tid, 0, 0.0)
+        assert after[:-2] == evs[:-1] and isinstance(after[-1], TaskFinished)
+        assert isinstance(after[-2], StepStarted) and after[-2].step == 99
+        assert [e.seq for e in after] == list(range(len(after)))
+
+
 @pytest.mark.parametrize(
     ("call", "error_class", "needle"),
     [
