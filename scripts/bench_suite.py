@@ -137,6 +137,9 @@ def run_concurrency(quick: bool) -> list[dict[str, Any]]:
         rows.append(measure("lg_concurrency", c, False) | {"sessions": c})
     for r in rows:
         r.setdefault("impl", "?")
+    from scripts.bench.common import marginal_kb
+
+    marginal_kb(rows)
     return rows
 
 

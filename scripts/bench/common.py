@@ -176,11 +176,12 @@ def now() -> float:
 
 
 def concurrency_row(impl: str, sessions: int, wall_s: float, steps: int, cpu_s: float,
-                    rss_delta: int, store_delta: int | None = None, **extra: Any
-                    ) -> dict[str, Any]:
+                    rss_delta: int, store_delta: int | None = None,
+                    peak: PeakRss | None = None, **extra: Any) -> dict[str, Any]:
     """Figures of one concurrency run, against the ideal of C x 10 / 2.2 steps/s.
     `store_delta` is the durable store's own part of `rss_delta` (redis-server holds every
-    checkpoint in memory), reported apart as well."""
+    checkpoint in memory), reported apart as well. With `peak`, the absolute peak (and the
+    store's part of it) is kept too, for the slope between levels (`marginal_kb`)."""
     ideal_wall = (TOOL_STEPS + 1) * MODEL_LATENCY_S
     ideal = sessions * TOOL_STEPS / ideal_wall
     achieved = steps / wall_s
@@ -191,4 +192,21 @@ def concurrency_row(impl: str, sessions: int, wall_s: float, steps: int, cpu_s: 
             **({} if store_delta is None else {
                 "store_kb_per_session": store_delta / sessions / 1024,
                 "orchestration_kb_per_session": (rss_delta - store_delta) / sessions / 1024}),
+            **({} if peak is None else {"peak_kb": peak.peak / 1024,
+                                        "store_peak_kb": peak.store_at_peak / 1024}),
             **extra}
+
+
+def marginal_kb(rows: list[dict[str, Any]]) -> None:
+    """Add `marginal_kb_per_session` to each row after the first of its runtime: the slope of
+    peak resident memory (without the store's) between its level and the one before, that
+    is the memory each further session costs, without what a process allocates once."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if "peak_kb" not in r:
+            continue
+        prev = last.get(r["impl"])
+        if prev is not None and r["sessions"] > prev["sessions"]:
+            grew = (r["peak_kb"] - r["store_peak_kb"]) - (prev["peak_kb"] - prev["store_peak_kb"])
+            r["marginal_kb_per_session"] = grew / (r["sessions"] - prev["sessions"])
+        last[r["impl"]] = r

@@ -228,4 +228,4 @@ async def _concurrency(sessions: int, durable: bool) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     impl = "langgraph+sqlite" if durable else "langgraph (no checkpointer)"
     return concurrency_row(impl, sessions, wall, sum(done), cpu, peak.peak - base_rss,
-                           processes=1, pid=os.getpid())
+                           peak=peak, processes=1, pid=os.getpid())

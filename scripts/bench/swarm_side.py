@@ -293,7 +293,7 @@ async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dic
     label = "".join(f" ({k}={v})" for k, v in (state or {}).items())
     return concurrency_row(f"swarm+redis, one process (LocalSwarm){label}", sessions, wall,
                            sessions * TOOL_STEPS, cpu, peak.peak - base,
-                           peak.store_at_peak - base_store, processes=2)
+                           peak.store_at_peak - base_store, peak, processes=2)
 
 
 def ray_concurrency(levels: list[int], replicas: int = 2) -> list[dict[str, Any]]:
@@ -373,6 +373,6 @@ async def _ray_level(sup: Any, sessions: int, procs: Procs, store_pids: list[int
     steps = {r.get("steps") for r in rows}
     return concurrency_row("swarm+redis, Ray (supervisor + agent replicas)", sessions, wall,
                            sessions * TOOL_STEPS, cpu, peak.peak - base,
-                           peak.store_at_peak - base_store,
+                           peak.store_at_peak - base_store, peak,
                            processes=len(procs.processes()), steps_per_task=sorted(
                                s for s in steps if s is not None))

@@ -51,6 +51,13 @@ def test_langgraph_step_workload_matches() -> None:
     assert model.invoke([("user", "x")]).tool_calls[0]["name"] == "echo"
 
 
+def peak(total_mb: float, store_mb: float) -> common.PeakRss:
+    """A finished `PeakRss` with these figures (no sampling)."""
+    p = common.PeakRss(common.Procs())
+    p.peak, p.store_at_peak = int(total_mb * 2**20), int(store_mb * 2**20)
+    return p
+
+
 def test_table_and_verdicts() -> None:
     res = {
         "step_overhead": [
@@ -64,15 +71,20 @@ def test_table_and_verdicts() -> None:
             {"step": 10, "stored_bytes": 9000, "message_bytes": 6000},
             {"step": 100, "stored_bytes": 150000, "message_bytes": 60000}]}],
         "concurrency": [
+            common.concurrency_row("swarm+redis, Ray", 1000, 3.0, 10000, 5.0,
+                                   150 * 1000 * 1024, 30 * 1000 * 1024, peak=peak(400, 60)),
             common.concurrency_row("swarm+redis, Ray", 2000, 4.0, 20000, 10.0,
-                                   100 * 2000 * 1024, 40 * 2000 * 1024),
+                                   100 * 2000 * 1024, 40 * 2000 * 1024, peak=peak(480, 80)),
             common.concurrency_row("langgraph", 2000, 30.0, 20000, 10.0, 50 * 2000 * 1024),
         ],
     }
+    common.marginal_kb(res["concurrency"])
     text = report.table(res)
     assert "target >= 90% of ideal at 2,000 (swarm+redis, Ray): 55.0%: MISSED" in text
+    # 480 - 80 MB at 2,000 against 400 - 60 at 1,000: 60 MB more for 1,000 more sessions.
     assert ("target <= 64 KB of orchestration memory per session at 2,000 (swarm+redis, Ray): "
-            "60.0 KB (with redis-server's 40.0 KB of stored checkpoints: 100.0 KB): met") in text
+            "61.4 KB each further session (slope from the level before); the level's own "
+            "growth: 60.0 KB, 100.0 KB with redis-server's copy of the checkpoints: met") in text
     assert "langgraph" in text and "of it store" in text
     assert "met" in text and "8.0x" in text and "5.0x" in text
     assert "stored <= 2x message bytes (swarm+redis, step 100): 2.50x: MISSED" in text
