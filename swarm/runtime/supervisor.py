@@ -160,6 +160,10 @@ class RayAgentPool(AgentPool):
             else:
                 post.future.set_result(outcome)
 
+    def _taken_by(self, rep: _Replica, incarnation: str | None) -> list[_Post]:
+        return [p for p in self._posts.values()
+                if p.replica is rep and p.incarnation == incarnation]
+
     def _fail(self, posts: list[_Post], error: str) -> None:
         for post in posts:
             if not post.future.done():
@@ -204,13 +208,14 @@ class RayAgentPool(AgentPool):
         delay = 0.02
         while True:
             lost = rep.watched
-            posts = [p for p in self._posts.values() if p.replica is rep and p.incarnation]
-            if not posts:
+            if not any(p.replica is rep and p.incarnation for p in self._posts.values()):
                 return
             try:
                 now = await rep.handle.watch.remote(lost)
             except ray.exceptions.RayActorError as exc:
-                self._fail([p for p in posts if p.incarnation == lost],
+                # Every turn the lost instance took, including those posted while this call
+                # was open.
+                self._fail(self._taken_by(rep, lost),
                            f"agent {rep.role} replica died during the turn: {exc}")
                 await asyncio.sleep(delay)  # it may be restarting: ask again, backing off
                 delay = min(delay * 2, 1.0)
@@ -221,9 +226,7 @@ class RayAgentPool(AgentPool):
                 continue
             delay = 0.02
             why = "restarted" if now is not None else "shut down"
-            self._fail([p for p in self._posts.values()
-                        if p.replica is rep and p.incarnation == lost],
-                       f"agent {rep.role} replica {why} during the turn")
+            self._fail(self._taken_by(rep, lost), f"agent {rep.role} replica {why} during the turn")
             if now is None:
                 return
             rep.watched = now
