@@ -7,6 +7,7 @@ without vLLM; tests that need vLLM itself are skipped where it is absent.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +312,11 @@ def test_kuberay_manifests_share_one_cluster_spec() -> None:
         assert limits["nvidia.com/gpu"] == "8"
     head = cluster["spec"]["headGroupSpec"]
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert '"timeout_ms_task_wait_for_death_info":100' in head["rayStartParams"]["system-config"]
+    # The cluster starts with the Ray settings recovery relies on (what local clusters get).
+    from swarm.runtime.deploy import RAY_SYSTEM_CONFIG
+
+    started = json.loads(head["rayStartParams"]["system-config"])
+    assert started.items() >= RAY_SYSTEM_CONFIG.items()
     assert job["spec"]["entrypoint"].startswith("python -m swarm run configs/")
     assert (REPO / job["spec"]["entrypoint"].split()[-1]).is_file()
 
@@ -328,7 +333,11 @@ def test_launcher_config_validates_against_rays_schema() -> None:
     types = launcher["available_node_types"]
     assert types["gpu-h100"]["node_config"]["InstanceType"] == "p5.48xlarge"
     assert types["gpu-h200"]["node_config"]["InstanceType"].startswith("p5e")
-    assert "timeout_ms_task_wait_for_death_info" in " ".join(launcher["head_start_ray_commands"])
+    from swarm.runtime.deploy import RAY_SYSTEM_CONFIG
+
+    start = " ".join(launcher["head_start_ray_commands"])
+    flag = start.split("--system-config='", 1)[1].split("'", 1)[0]
+    assert json.loads(flag).items() >= RAY_SYSTEM_CONFIG.items()
     assert any("[gpu]" in c for c in launcher["setup_commands"])
     types["head"]["node_config_typo"] = {}
     with pytest.raises(jsonschema.ValidationError):
