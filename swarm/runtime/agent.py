@@ -38,6 +38,7 @@ from swarm.tools.interface import ToolSource
 log = logging.getLogger(__name__)
 
 _FLUSH_INTERVAL_S = 0.05
+_REPORT_RETRY_S = 60.0  # how long turn results are re-sent to a supervisor that is unreachable
 _HOT_TIMEOUT_S = 2.0
 
 
@@ -597,15 +598,33 @@ class AgentActor:
         try:
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                try:
-                    await self.supervisor.turns_done.remote(batch)
-                except Exception as exc:
-                    # A supervisor that is restarting rebuilds these from the durable log (a
-                    # turn whose end is logged is reported as it was when it is resumed).
-                    log.warning("agent %s: %d turn results not delivered: %s", self.host.role,
-                                len(batch), exc)
+                await self._deliver(batch)
         finally:
             self._reporting = False
+
+    async def _deliver(self, batch: list[tuple[str, TurnResult | str]]) -> None:
+        import ray
+
+        delay, deadline = 0.1, time.monotonic() + _REPORT_RETRY_S
+        while True:
+            try:
+                await self.supervisor.turns_done.remote(batch)
+                return
+            except ray.exceptions.ActorUnavailableError as exc:
+                # Unreachable for now (a network blip, or restarting): the turns' callers
+                # wait for these results, so try again for a while.
+                if time.monotonic() > deadline:
+                    log.warning("agent %s: %d turn results not delivered in %g s: %s",
+                                self.host.role, len(batch), _REPORT_RETRY_S, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:
+                # A supervisor that died rebuilds these from the durable log when it restarts
+                # (a turn whose end is logged is reported as it was when it is resumed).
+                log.warning("agent %s: %d turn results not delivered: %s", self.host.role,
+                            len(batch), exc)
+                return
 
     async def watch(self, incarnation: str) -> str | None:
         """Returns at once with this instance's incarnation if it isn't `incarnation` (the
