@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from swarm import events
 from swarm.config import MCPStdioConfig, SwarmConfig
 from swarm.errors import classify
-from swarm import events
 from swarm.events import Event, TurnResumed
 from swarm.governance.stuck import StuckError
 from swarm.models.interface import Model
