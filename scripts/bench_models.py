@@ -203,7 +203,7 @@ def main() -> None:
     spec = yaml.safe_load((ROOT / "configs" / "policies" / "research.yaml").read_text())
     port = free_port()
     ray.init(address="local", _temp_dir=tempfile.mkdtemp(prefix="swbm", dir="/tmp"),
-             include_dashboard=False, log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG)
+             include_dashboard=False, log_to_driver=False, _system_config=dict(RAY_SYSTEM_CONFIG))
     results: dict[str, Any] = {}
     try:
         # Per-request access logs are file writes on the proxy and replica: off, as in a

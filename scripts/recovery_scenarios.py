@@ -387,7 +387,7 @@ def actor_kill(report: Report) -> None:
         url = private_redis(stack)
         temp_dir = short_tmp(stack, "rs-ak-")
         ctx = ray.init(address="local", num_cpus=2, namespace=NAMESPACE, _temp_dir=temp_dir,
-                       _system_config=RAY_SYSTEM_CONFIG,
+                       _system_config=dict(RAY_SYSTEM_CONFIG),
                        include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=free_port(), log_to_driver=False,
                        runtime_env={"env_vars": worker_env(url)})
@@ -484,7 +484,8 @@ def node_loss(report: Report) -> None:
         cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
             "num_cpus": 0, "temp_dir": temp_dir, "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-            "dashboard_agent_listen_port": free_port(), "_system_config": FAST_HEALTH_CHECKS})
+            "dashboard_agent_listen_port": free_port(),
+            "_system_config": dict(FAST_HEALTH_CHECKS)})
         stack.callback(stop_and_wait, cluster.shutdown)
         workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False,

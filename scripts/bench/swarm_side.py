@@ -319,7 +319,7 @@ def ray_concurrency(levels: list[int], replicas: int = 2) -> list[dict[str, Any]
     try:
         ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False,
                  log_to_driver=False, _temp_dir=str(run_dir / "ray"),
-                 _system_config=RAY_SYSTEM_CONFIG,
+                 _system_config=dict(RAY_SYSTEM_CONFIG),
                  runtime_env={"env_vars": {"SWARM_STATE_STORE": server.url}})
         from swarm.config import load_config
 

@@ -26,7 +26,7 @@ DEFAULT_SERVE_PORT = 8000
 # looks at the calls waiting so only on its internal heartbeat (`core_worker_internal_
 # heartbeat_ms`, 1 s by default). 100 ms each: the actor-kill recovery went from about 1 s to
 # about 0.4 s (BENCHMARKS.md). A long-lived cluster gets them from `ray start --system-config`
-# (README).
+# (README). `ray.init` adds its own keys to the dict it is given: pass it a copy.
 RAY_SYSTEM_CONFIG: dict[str, int] = {"timeout_ms_task_wait_for_death_info": 100,
                                      "core_worker_internal_heartbeat_ms": 100}
 
@@ -50,7 +50,7 @@ def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
         else:
             ray.init(
                 address="local", namespace=NAMESPACE, log_to_driver=False,
-                include_dashboard=False, _system_config=RAY_SYSTEM_CONFIG,
+                include_dashboard=False, _system_config=dict(RAY_SYSTEM_CONFIG),
             )
     except ConnectionError as exc:
         raise UserError(

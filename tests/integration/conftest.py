@@ -89,7 +89,7 @@ def ray_cluster(redis_url: str) -> Iterator[dict]:
         dashboard_host="127.0.0.1",
         dashboard_port=free_port(),
         _temp_dir=temp_dir,
-        _system_config=RAY_SYSTEM_CONFIG,
+        _system_config=dict(RAY_SYSTEM_CONFIG),
         # Workers import swarm from this checkout, whatever their working directory.
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
                                   "SWARM_PAYMENTS_REDIS": redis_url}},
