@@ -201,30 +201,14 @@ def _why(exc: BaseException) -> str:
     return str(exc).rstrip(".") or type(exc).__name__
 
 
-def _pack_py(args: Sequence[Any]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-try:  # hiredis's C packer, where installed (a dependency; the fallback keeps swarm importable)
-    from hiredis import pack_command as _pack_c
-except ImportError:  # pragma: no cover
-    _pack_c = None
-
-
 def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
-    """RESP encoding of commands whose arguments are bytes, str, int or float."""
-    if _pack_c is None:  # pragma: no cover
-        return b"".join([_pack_py(args) for args in commands])
+    """RESP encoding of commands whose arguments are bytes, str or int."""
     out = []
     for args in commands:
-        try:
-            out.append(_pack_c(args if isinstance(args, tuple) else tuple(args)))
-        except TypeError:  # an argument hiredis doesn't take (None, bool): as text
-            out.append(_pack_py(args))
+        out.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
 

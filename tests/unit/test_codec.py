@@ -38,17 +38,3 @@ def test_a_damaged_compressed_snapshot_is_a_corrupt_record() -> None:
         codec.decode(Snapshot, data[:-40], task_id="t", what="snapshot")
     with pytest.raises(CorruptRecord, match="snapshot"):
         codec.decode(Snapshot, data[:12], task_id="t", what="snapshot")
-
-
-@pytest.mark.parametrize("value", [
-    b"\x00bytes\r\n", "text", "é ✓", 0, -5, 2**70, 2.5, 0.1 + 0.2, 1e20, 1e-7,
-    1795754224.303123, float("inf"), None, True,
-])
-def test_the_resp_packer_matches_the_protocol_text_of_every_argument_type(value: object) -> None:
-    from swarm.state.redis import _pack, _pack_py
-
-    commands = [("SET", "k", value), ["RPUSH", b"list", value, 7]]
-    packed = _pack(commands)
-    assert packed == b"".join(_pack_py(c) for c in commands)
-    text = value if isinstance(value, bytes) else str(value).encode()
-    assert packed.startswith(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n%b\r\n" % (len(text), text))
