@@ -174,12 +174,15 @@ class RayAgentPool(AgentPool):
 
         try:
             while rep.outbox:
-                batch, rep.outbox = rep.outbox, []
+                # Turns given up on while they waited here (a cancelled task) are not sent.
+                batch = [(i, r) for i, r in rep.outbox if i in self._posts]
+                rep.outbox = []
+                if not batch:
+                    continue
                 try:
                     incarnation = await rep.handle.post_turns.remote(batch)
                 except ray.exceptions.RayActorError as exc:
-                    self._fail([p for p, _ in ((self._posts.get(i), r) for i, r in batch)
-                                if p is not None],
+                    self._fail([p for i, _ in batch if (p := self._posts.get(i)) is not None],
                                f"agent {rep.role} replica died during the turn: {exc}")
                     continue
                 except Exception as exc:
