@@ -535,8 +535,7 @@ class AgentActor:
         # posted turns died with the previous one.
         self.incarnation = uuid.uuid4().hex
         self._outbox: list[tuple[str, TurnResult | str]] = []
-        self._reporting = False
-        self._reporter: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None  # sends the outbox while it isn't empty
         self._closing: asyncio.Event | None = None
         tune_process(cfg.process)  # last: what the constructor built is long-lived
 
@@ -565,11 +564,6 @@ class AgentActor:
             "problems": self.host.start_problems,
         }
 
-    async def run_turn(self, req: TurnRequest) -> TurnResult:
-        """Run one turn (see `AgentHost.run_turn`)."""
-        await self._ensure()
-        return await self.host.run_turn(req)
-
     async def post_turns(self, posts: list[tuple[str, TurnRequest]]) -> str:
         """Start turns and return this instance's incarnation at once; each turn's result goes
         to the supervisor's `turns_done` under its post id when the turn ends."""
@@ -589,18 +583,14 @@ class AgentActor:
         else:
             outcome = turn.result()
         self._outbox.append((post_id, outcome))
-        if not self._reporting:
-            self._reporting = True
+        if self._reporter is None or self._reporter.done():
             self._reporter = asyncio.get_running_loop().create_task(self._report())
 
     async def _report(self) -> None:
         # One report in flight at a time; results that end meanwhile go in the next one.
-        try:
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                await self._deliver(batch)
-        finally:
-            self._reporting = False
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            await self._deliver(batch)
 
     async def _deliver(self, batch: list[tuple[str, TurnResult | str]]) -> None:
         import ray

@@ -97,8 +97,7 @@ class _Replica:
     role: str
     handle: Any
     outbox: list[tuple[str, TurnRequest]] = field(default_factory=list)
-    posting: bool = False
-    poster: asyncio.Task[None] | None = None
+    poster: asyncio.Task[None] | None = None  # sends the outbox while it isn't empty
     watched: str | None = None
     watcher: asyncio.Task[None] | None = None
 
@@ -116,7 +115,7 @@ class RayAgentPool(AgentPool):
     def __init__(self, handles: dict[str, list[Any]]) -> None:
         self.handles = handles
         self._where: dict[str, Any] = {}  # task id -> the replica running its turn now
-        self._replicas: dict[int, _Replica] = {}  # by id() of the handle
+        self._replicas = {id(h): _Replica(role, h) for role, hs in handles.items() for h in hs}
         self._posts: dict[str, _Post] = {}  # by post id
         self._ids = itertools.count()
 
@@ -133,13 +132,10 @@ class RayAgentPool(AgentPool):
         try:
             if attempt:
                 await self._until_alive(role, handle)
-            rep = self._replicas.get(id(handle))
-            if rep is None:
-                rep = self._replicas[id(handle)] = _Replica(role, handle)
+            rep = self._replicas[id(handle)]
             post = self._posts[post_id] = _Post(rep, asyncio.get_running_loop().create_future())
             rep.outbox.append((post_id, req))
-            if not rep.posting:
-                rep.posting = True
+            if rep.poster is None or rep.poster.done():
                 rep.poster = asyncio.create_task(self._send_posts(rep))
             return await post.future
         finally:
@@ -164,43 +160,40 @@ class RayAgentPool(AgentPool):
         return [p for p in self._posts.values()
                 if p.replica is rep and p.incarnation == incarnation]
 
-    def _fail(self, posts: list[_Post], error: str) -> None:
+    def _fail(self, posts: list[_Post], error: str, kind: type[RunError] | None = None
+              ) -> None:
         for post in posts:
             if not post.future.done():
-                post.future.set_exception(_ActorLost(error))
+                post.future.set_exception((kind or _ActorLost)(error))
 
     async def _send_posts(self, rep: _Replica) -> None:
         import ray
 
-        try:
-            while rep.outbox:
-                # Turns given up on while they waited here (a cancelled task) are not sent.
-                batch = [(i, r) for i, r in rep.outbox if i in self._posts]
-                rep.outbox = []
-                if not batch:
-                    continue
-                try:
-                    incarnation = await rep.handle.post_turns.remote(batch)
-                except ray.exceptions.RayActorError as exc:
-                    self._fail([p for i, _ in batch if (p := self._posts.get(i)) is not None],
-                               f"agent {rep.role} replica died during the turn: {exc}")
-                    continue
-                except Exception as exc:
-                    for post_id, _ in batch:
-                        post = self._posts.get(post_id)
-                        if post is not None and not post.future.done():
-                            post.future.set_exception(RunError(
-                                f"posting a turn to agent {rep.role} failed: {exc}"))
-                    continue
-                for post_id, _ in batch:
-                    post = self._posts.get(post_id)
-                    if post is not None:
-                        post.incarnation = incarnation
-                if rep.watcher is None or rep.watcher.done():
-                    rep.watched = incarnation
-                    rep.watcher = asyncio.create_task(self._watch(rep))
-        finally:
-            rep.posting = False
+        while rep.outbox:
+            # Turns given up on while they waited here (a cancelled task) are not sent.
+            batch = [(i, r) for i, r in rep.outbox if i in self._posts]
+            rep.outbox = []
+            if not batch:
+                continue
+            try:
+                incarnation = await rep.handle.post_turns.remote(batch)
+            except ray.exceptions.RayActorError as exc:
+                self._fail(self._waiting(batch),
+                           f"agent {rep.role} replica died during the turn: {exc}")
+                continue
+            except Exception as exc:
+                self._fail(self._waiting(batch),
+                           f"posting a turn to agent {rep.role} failed: {exc}", RunError)
+                continue
+            for post in self._waiting(batch):
+                post.incarnation = incarnation
+            if rep.watcher is None or rep.watcher.done():
+                rep.watched = incarnation
+                rep.watcher = asyncio.create_task(self._watch(rep))
+
+    def _waiting(self, batch: list[tuple[str, TurnRequest]]) -> list[_Post]:
+        """The posts of a batch that are still waited for."""
+        return [p for i, _ in batch if (p := self._posts.get(i)) is not None]
 
     async def _watch(self, rep: _Replica) -> None:
         # Follows one replica while turns posted to it run: its `watch` call failing (the
@@ -318,7 +311,7 @@ class TaskRecord:
     def events(self) -> list[Event]:
         """The task's events in order (a packed record's are decoded for the caller)."""
         if self._packed is not None:
-            return list(unpack_events(zlib.decompress(self._packed)))
+            return unpack_events(zlib.decompress(self._packed))  # type: ignore[return-value]
         return self._events
 
     def _writable_events(self) -> list[Event]:

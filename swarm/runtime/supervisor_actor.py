@@ -276,9 +276,9 @@ class SupervisorActor:
         """Results of turns an agent replica was posted (see `RayAgentPool`)."""
         self.agents.deliver(batch)
 
-    async def push_events(self, batch: list[Event] | bytes) -> None:
+    async def push_events(self, batch: bytes) -> None:
         """Receive a batch of live events from an agent replica (`swarm.events.pack`ed)."""
-        self.sup.push_events(unpack(batch) if isinstance(batch, bytes) else batch)
+        self.sup.push_events(unpack(batch))
 
     async def shutdown(self) -> None:
         """Cancel running tasks and close the agents' connections."""
