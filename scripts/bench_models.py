@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from swarm.config import LatencyConfig  # noqa: E402
+from swarm.models.ingress import DIRECT_INGRESS_ENV  # noqa: E402
 from swarm.runtime.deploy import RAY_SYSTEM_CONFIG  # noqa: E402
 
 MODEL = "scripted-bench"
@@ -119,28 +120,44 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-async def paths(url: str, handle: Any, n: int, rounds: int, concurrency: int,
+async def paths(proxy_url: str, handle: Any, n: int, rounds: int, concurrency: int,
                 pids: dict[str, int]) -> dict[str, Any]:
+    from swarm.models.ingress import ReplicaDirectory
+
+    directory = ReplicaDirectory(proxy_url.removesuffix("/chat/completions"))
     out: dict[str, Any] = {}
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as c:
-        async def http(i: int) -> None:
-            r = await c.post(url, json=body(i), headers={"x-swarm-agent": "planner"})
+        async def proxy(i: int) -> None:
+            r = await c.post(proxy_url, json=body(i), headers={"x-swarm-agent": "planner"})
             r.raise_for_status()
 
         async def direct(i: int) -> None:
+            # As OpenAIModel with serve_direct: the replica picked per call, by session.
+            base = await directory.base_url("bench")
+            r = await c.post(f"{base}/chat/completions", json=body(i),
+                             headers={"x-swarm-agent": "planner", "x-session-id": "bench"})
+            r.raise_for_status()
+
+        async def via_handle(i: int) -> None:
             answer = await handle.chat.remote(body(i), "planner", "")
             assert answer["object"] == "chat.completion", answer
 
-        calls = {"http": http, "handle": direct}
-        for call in calls.values():  # warm connections, the handle's router, both code paths
+        await directory.refresh()
+        if not directory.replicas:
+            raise SystemExit("Serve listed no direct-ingress replica for the app: is "
+                             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 reaching Ray's processes?")
+        out["direct_url"] = directory.replicas[0].base_url
+        calls = {"proxy": proxy, "direct": direct, "handle": via_handle}
+        for call in calls.values():  # warm connections, the handle's router, all code paths
             await timed(200, 4, call)
             await timed(100, 1, call)
         per_round = max(1, n // rounds)
         lat: dict[str, list[float]] = {name: [] for name in calls}
         p50s: dict[str, list[float]] = {name: [] for name in calls}
         cpu: dict[str, dict[str, float]] = {name: {} for name in calls}
+        order = list(calls)
         for r in range(rounds):
-            for name in ("http", "handle") if r % 2 == 0 else ("handle", "http"):
+            for name in order[r % 3:] + order[:r % 3]:  # each path first in turn
                 before = cpu_seconds(pids)
                 got, _ = await timed(per_round, 1, calls[name])
                 for role, secs in cpu_seconds(pids).items():
@@ -154,9 +171,37 @@ async def paths(url: str, handle: Any, n: int, rounds: int, concurrency: int,
                          "round_p50s_ms": [x * 1e3 for x in p50s[name]],
                          "cpu_ms_per_call": {role: secs * 1e3 / len(lat[name])
                                              for role, secs in cpu[name].items()}}
-    out["http_overhead_p50_ms"] = statistics.median(
-        (h - d) * 1e3 for h, d in zip(p50s["http"], p50s["handle"], strict=True))
+    for name in ("proxy", "direct"):
+        out[f"{name}_overhead_p50_ms"] = statistics.median(
+            (h - d) * 1e3 for h, d in zip(p50s[name], p50s["handle"], strict=True))
     return out
+
+
+async def direct_affinity(proxy_url: str, sessions: int, calls: int) -> dict[str, Any]:
+    """As `affinity`, through `OpenAIModel` with `serve_direct` (the replica chosen by the
+    client, hashing the session id over the replicas Serve lists)."""
+    from swarm.models.interface import ModelRequest
+    from swarm.models.openai import OpenAIModel, close_pool
+
+    seen: dict[str, list[str]] = {}
+
+    async def record(response: httpx.Response) -> None:
+        seen.setdefault(response.request.headers["x-session-id"], []).append(
+            response.headers["x-replica-id"])
+
+    async with httpx.AsyncClient(timeout=60, event_hooks={"response": [record]},
+                                 limits=httpx.Limits(max_connections=256)) as c:
+        model = OpenAIModel(proxy_url.removesuffix("/chat/completions"), MODEL, http_client=c,
+                            serve_direct=True)
+
+        async def session(s: int) -> None:
+            for i in range(calls):
+                await model.complete(ModelRequest(messages=body(i)["messages"], tools=TOOLS,
+                                                  agent="planner", session_id=f"session-{s}"))
+
+        await asyncio.gather(*(session(s) for s in range(sessions)))
+        await close_pool()
+    return _hits(seen)
 
 
 async def affinity(url: str, sessions: int, calls: int) -> dict[str, Any]:
@@ -173,6 +218,10 @@ async def affinity(url: str, sessions: int, calls: int) -> dict[str, Any]:
                 seen.setdefault(sid, []).append(r.json()["system_fingerprint"])
 
         await asyncio.gather(*(session(s) for s in range(sessions)))
+    return _hits(seen)
+
+
+def _hits(seen: dict[str, list[str]]) -> dict[str, Any]:
     on_one = sum(Counter(r).most_common(1)[0][1] for r in seen.values())
     total = sum(len(r) for r in seen.values())
     per_replica = Counter(Counter(r).most_common(1)[0][0] for r in seen.values())
@@ -202,6 +251,9 @@ def main() -> None:
 
     spec = yaml.safe_load((ROOT / "configs" / "policies" / "research.yaml").read_text())
     port = free_port()
+    # As a local cluster swarm starts: Serve direct ingress on (each ingress replica serves
+    # HTTP on a port of its own), the proxy still there. Serve reads it in its own processes.
+    os.environ.update(DIRECT_INGRESS_ENV)
     ray.init(address="local", _temp_dir=tempfile.mkdtemp(prefix="swbm", dir="/tmp"),
              include_dashboard=False, log_to_driver=False, _system_config=dict(RAY_SYSTEM_CONFIG))
     results: dict[str, Any] = {}
@@ -221,9 +273,12 @@ def main() -> None:
         for router in ("session", "default"):
             serve.run(build_scripted_app(spec, model_name=MODEL, latency=zero, replicas=2,
                                          router=router), name=router, route_prefix=f"/{router}")
+            url = f"http://127.0.0.1:{port}/{router}/v1/chat/completions"
             results[f"affinity_{router}_router"] = asyncio.run(affinity(
-                f"http://127.0.0.1:{port}/{router}/v1/chat/completions", args.sessions,
-                args.calls))
+                url, args.sessions, args.calls))
+            if router == "default":
+                results["affinity_direct"] = asyncio.run(direct_affinity(
+                    url, args.sessions, args.calls))
             serve.delete(router)
     finally:
         serve.shutdown()
@@ -236,19 +291,25 @@ def main() -> None:
           f"latency in {args.rounds} interleaved rounds")
     print(f"{'path':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}   (p50/p99: one client; "
           f"req/s: {args.concurrency} clients)   CPU ms per call (one client)")
-    for name in ("http", "handle"):
+    for name in ("direct", "proxy", "handle"):
         r = p[name]
         cpu = "  ".join(f"{role} {ms:.2f}" for role, ms in r["cpu_ms_per_call"].items())
         print(f"{name:8} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['rps']:8.0f}   {cpu}")
-    print(f"HTTP adds {p['http_overhead_p50_ms']:.2f} ms at p50 (median of the rounds' "
+    print("direct: HTTP to the replica's own port (Serve direct ingress; `ingress: direct`); "
+          "proxy: through Serve's HTTP proxy; handle: a deployment-handle call, no HTTP")
+    print(f"HTTP adds {p['direct_overhead_p50_ms']:.2f} ms at p50 on the direct path, "
+          f"{p['proxy_overhead_p50_ms']:.2f} ms through the proxy (median of the rounds' "
           f"differences; target: <= 3 ms)")
-    for router in ("session", "default"):
-        a = results[f"affinity_{router}_router"]
-        print(f"affinity, 2 replicas, {args.sessions} sessions x {args.calls} calls, {router} "
-              f"router: {a['hit_rate']:.2%} of calls on the session's replica; "
+    rows = [("session", "session router, through the proxy"),
+            ("default", "Serve's default router, through the proxy"),
+            ("direct", "direct, the client hashing x-session-id (default router app)")]
+    for key, label in rows:
+        a = results["affinity_direct" if key == "direct" else f"affinity_{key}_router"]
+        print(f"affinity, 2 replicas, {args.sessions} sessions x {args.calls} calls, {label}: "
+              f"{a['hit_rate']:.2%} of calls on the session's replica; "
               f"{a['sessions_whole_on_one_replica']}/{args.sessions} sessions entirely on one; "
               f"sessions per replica {a['sessions_per_replica']}")
-    print("target: >= 99% with the session router")
+    print("target: >= 99% with the session router and on the direct path")
 
 
 if __name__ == "__main__":

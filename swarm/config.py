@@ -84,6 +84,10 @@ class ScriptedModelConfig(_Strict):
     router: Literal["default", "session"] = Field(
         "session", description="session: a session's calls go to one replica (consistent "
         "hashing on x-session-id); default: Serve's power-of-two choices")
+    ingress: Literal["proxy", "direct"] = Field(
+        "proxy", description="direct: agents call the app's replicas straight, skipping Serve's "
+        "HTTP proxy (Serve direct ingress; RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where the cluster "
+        "starts, set by swarm for local clusters); a session's calls go to one replica")
     max_context_tokens: int | None = Field(None, ge=1, description="the context window")
     price: Price = Field(Price(), description="for cost accounting; scripted is free by default")
     # Filled by the loader: the parsed policy, so the config carries it to every process.
@@ -110,6 +114,9 @@ class OpenAIModelConfig(_Strict):
     backoff_max_s: float = Field(20.0, gt=0, description="cap of one retry's wait")
     max_context_tokens: int | None = Field(
         None, ge=1, description="the model's context window (agents may set a smaller one)")
+    serve_direct: bool = Field(
+        False, description="base_url is a Ray Serve route of this cluster: call the app's "
+        "replicas straight (Serve direct ingress), a session on one replica")
 
     @field_validator("base_url")
     @classmethod
@@ -192,6 +199,10 @@ class VLLMModelConfig(_Strict):
     )
     router_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="request_router_kwargs for the router")
+    ingress: Literal["proxy", "direct"] = Field(
+        "proxy", description="direct: agents call the app's replicas straight, skipping Serve's "
+        "HTTP proxy (Serve direct ingress; RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where the cluster "
+        "starts, set by swarm for local clusters); a session's calls go to one replica")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="more vLLM engine arguments, passed through")
     runtime_env: dict[str, Any] | None = None
@@ -267,6 +278,8 @@ class VLLMModelConfig(_Strict):
         for key in ("provider", "base_url", "model"):
             if key in v:
                 raise ValueError(f"{key} is set by the deployment, not in client")
+        if "serve_direct" in v:
+            raise ValueError("serve_direct is set by models.<name>.ingress, not in client")
         try:
             OpenAIModelConfig(provider="openai", base_url="http://x", model="x", **v)
         except ValidationError as e:
@@ -289,7 +302,8 @@ class VLLMModelConfig(_Strict):
     def openai_config(self, base_url: str) -> OpenAIModelConfig:
         """The `provider: openai` entry agents use to reach this model at `base_url`."""
         return OpenAIModelConfig(provider="openai", base_url=base_url,
-                                 model=self.served_model_id, price=self.price, **self.client)
+                                 model=self.served_model_id, price=self.price,
+                                 serve_direct=self.ingress == "direct", **self.client)
 
 
 ModelConfig = Annotated[

@@ -36,4 +36,5 @@ def build_model(name: str, cfg: ModelConfig, endpoints: dict[str, str] | None = 
     base_url = (endpoints or {}).get(name)
     if base_url is None:
         raise ValueError(f"model {name!r} has no deployed endpoint")
-    return OpenAIModel(base_url=base_url, model=name, name=name, stream=cfg.stream)
+    return OpenAIModel(base_url=base_url, model=name, name=name, stream=cfg.stream,
+                       serve_direct=cfg.ingress == "direct")

@@ -33,6 +33,7 @@ import httpx
 import msgspec
 
 from swarm.errors import ContextLimitError, ModelCallError, ModelError
+from swarm.models.ingress import ReplicaDirectory
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall, Usage
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class OpenAIModel(Model):
         step_timeout_s: float | None = None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 20.0,
+        serve_direct: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -166,6 +168,8 @@ class OpenAIModel(Model):
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._rng = random.Random()
+        # A Ray Serve route in this cluster: calls go straight to the app's replicas.
+        self._directory = ReplicaDirectory(self.base_url) if serve_direct else None
 
     @classmethod
     def from_config(cls, cfg: OpenAIModelConfig, *, name: str | None = None) -> OpenAIModel:
@@ -183,12 +187,23 @@ class OpenAIModel(Model):
             step_timeout_s=cfg.step_timeout_s,
             backoff_base_s=cfg.backoff_base_s,
             backoff_max_s=cfg.backoff_max_s,
+            serve_direct=cfg.serve_direct,
         )
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self, origin: str | None = None) -> httpx.AsyncClient:
         if self._own_client is not None:
             return self._own_client
-        return _pooled_client(self._origin, id(self))
+        return _pooled_client(origin or self._origin, id(self))
+
+    async def _route(self, session: str) -> tuple[str, httpx.AsyncClient]:
+        """The completions URL for this call and the client for its server."""
+        if self._directory is None:
+            return self._url, self._client()
+        base = await self._directory.base_url(session)
+        if base == self.base_url:
+            return self._url, self._client()
+        parts = urlsplit(base)
+        return f"{base}/chat/completions", self._client(f"{parts.scheme}://{parts.netloc}")
 
     def _body(self, request: ModelRequest) -> bytes:
         body: dict[str, Any] = {"model": self.model, "messages": request.messages}
@@ -217,10 +232,10 @@ class OpenAIModel(Model):
         end = hard
         if request.deadline is not None and (end is None or request.deadline < end):
             end = request.deadline
-        client = self._client()
         attempt = 0
         while True:
             attempt += 1
+            url, client = await self._route(request.session_id)
             call_timeout = self.timeout_s
             if end is not None and end - time.time() <= 0:
                 raise self._out_of_time(attempt - 1, end, None)
@@ -228,13 +243,15 @@ class OpenAIModel(Model):
                 call_timeout = min(call_timeout, hard - time.time())
             try:
                 async with asyncio.timeout(call_timeout):
-                    return await self._attempt(client, content, headers)
+                    return await self._attempt(client, url, content, headers)
             except _Retryable as e:
                 failure = e
             except TimeoutError:
                 failure = _Retryable(f"timed out after {call_timeout:.3g}s")
             except httpx.TransportError as e:
                 failure = _Retryable(f"can't reach the server: {type(e).__name__}: {e}")
+                if self._directory is not None and isinstance(e, httpx.ConnectError):
+                    self._directory.forget(url[: -len("/chat/completions")])
             if attempt > self.max_retries:
                 raise self._failed(failure, attempt)
             delay = self._backoff(attempt, failure.retry_after)
@@ -272,15 +289,15 @@ class OpenAIModel(Model):
             f"{max(0.0, end - time.time()):.3g}s left; {why})",
             status=last.status if last else None, attempts=attempts, transient=True)
 
-    async def _attempt(self, client: httpx.AsyncClient, content: bytes,
+    async def _attempt(self, client: httpx.AsyncClient, url: str, content: bytes,
                        headers: dict[str, str]) -> ModelResponse:
         t0 = time.perf_counter()
         if not self.stream:
-            r = await client.post(self._url, content=content, headers=headers)
+            r = await client.post(url, content=content, headers=headers)
             if r.status_code != 200:
                 self._status_error(r.status_code, r.content, r.headers)
             return self._from_json(r.content)
-        async with client.stream("POST", self._url, content=content, headers=headers) as r:
+        async with client.stream("POST", url, content=content, headers=headers) as r:
             if r.status_code != 200:
                 self._status_error(r.status_code, await r.aread(), r.headers)
             if not r.headers.get("content-type", "").startswith("text/event-stream"):

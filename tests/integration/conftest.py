@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from swarm.models.ingress import DIRECT_INGRESS_ENV
 from swarm.runtime.deploy import RAY_SYSTEM_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +81,10 @@ def ray_cluster(redis_url: str) -> Iterator[dict]:
 
     # A short path: Ray's socket paths under the temp dir must stay under the Unix limit.
     temp_dir = tempfile.mkdtemp(prefix="swarm-ray-", dir="/tmp")
+    # As a local cluster started by swarm has it: Serve direct ingress available to models with
+    # `ingress: direct` (the Serve proxy keeps working for the others).
+    for key, value in DIRECT_INGRESS_ENV.items():
+        os.environ.setdefault(key, value)
     ctx = ray.init(
         address="local",
         # Logical CPUs: agents and model replicas reserve none, so this only bounds tasks.

@@ -54,3 +54,65 @@ async def test_a_sessions_calls_stay_on_one_of_two_replicas(serve_port: int) -> 
     assert all(len(set(r)) == 1 for r in served.values()), served
     # Both replicas took sessions: the affinity is not just everything on one replica.
     assert len({r[0] for r in served.values()}) == 2
+
+
+async def test_direct_ingress_calls_go_to_the_replicas_and_survive_one_being_killed(
+        serve_port: int) -> None:
+    """`serve_direct`: calls skip the proxy (Serve direct ingress, on in the test cluster as in
+    a local cluster swarm starts), a session stays on one replica under Serve's default router,
+    and when a replica dies its sessions carry on elsewhere."""
+    import ray
+    from ray import serve
+
+    app = "direct-it"
+    spec = yaml.safe_load((POLICIES / "research.yaml").read_text())
+    serve.run(build_scripted_app(spec, model_name=MODEL, replicas=2, router="default"),
+              name=app, route_prefix=f"/{app}")
+    served: dict[str, list[tuple[int, str]]] = defaultdict(list)
+
+    async def record(response: httpx.Response) -> None:
+        served[response.request.headers["x-session-id"]].append(
+            (response.request.url.port, response.headers["x-replica-id"]))
+
+    http = httpx.AsyncClient(event_hooks={"response": [record]})
+    model = OpenAIModel(f"http://127.0.0.1:{serve_port}/{app}/v1", MODEL, http_client=http,
+                        serve_direct=True, backoff_base_s=0.05)
+
+    async def call(i: int, step: int) -> None:
+        resp = await model.complete(ModelRequest(
+            messages=[{"role": "system", "content": "You are the planner."},
+                      {"role": "user", "content": f"task {i} step {step}"}],
+            agent="planner", session_id=f"s-{i}"))
+        assert resp.usage.input_tokens > 0
+
+    try:
+        directory = model._directory
+        assert directory is not None
+        # Calls never wait for the replica list; until it is read they go through the proxy.
+        # Read it first so that every call below goes direct.
+        await directory.refresh()
+        for step in range(3):
+            await asyncio.gather(*(call(i, step) for i in range(30)))
+        assert len(directory.replicas) == 2, directory.replicas
+        assert all(r.base_url.startswith("http://127.0.0.1:") for r in directory.replicas)
+        before = {s: calls[0] for s, calls in served.items()}
+        assert len(before) == 30
+        # Every call went to a replica's own port, none through the proxy, and a session's
+        # calls all to one replica; both replicas took sessions.
+        assert all(port != serve_port for calls in served.values() for port, _ in calls)
+        assert all(len(set(calls)) == 1 for calls in served.values()), served
+        assert len({rid for _, rid in before.values()}) == 2
+
+        victim = before["s-0"][1]
+        names = [r.name for r in directory.replicas if r.name.endswith(victim)]
+        assert len(names) == 1, (names, directory.replicas)
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        served.clear()
+        await asyncio.gather(*(call(i, 3) for i in range(30)))
+        after = {s: calls[-1] for s, calls in served.items()}
+        assert len(after) == 30
+        # Every call succeeded (asserted in `call`), the dead replica's sessions elsewhere.
+        assert all(after[s][1] != victim for s in after)
+    finally:
+        await http.aclose()
+        serve.delete(app)
