@@ -193,6 +193,8 @@ async def direct_affinity(proxy_url: str, sessions: int, calls: int) -> dict[str
                                  limits=httpx.Limits(max_connections=256)) as c:
         model = OpenAIModel(proxy_url.removesuffix("/chat/completions"), MODEL, http_client=c,
                             serve_direct=True)
+        # As an agent host does when it starts (before that, calls go through the proxy).
+        await model.prepare()
 
         async def session(s: int) -> None:
             for i in range(calls):

@@ -231,6 +231,12 @@ class ContextWindow(Model):
                                     f"{self.summarizer.name!r} returned an empty summary")
         return resp.content or "", resp.usage
 
+    async def prepare(self) -> None:
+        """Prepare the model (and the summarizer)."""
+        await self.inner.prepare()
+        if self.summarizer is not None:
+            await self.summarizer.prepare()
+
     async def aclose(self) -> None:
         """Close the wrapped model and the summariser."""
         await self.inner.aclose()

@@ -58,6 +58,10 @@ class FallbackModel(Model):
         raise ModelError(f"every model in the fallback chain failed: {'; '.join(failures)}"
                          ) from last
 
+    async def prepare(self) -> None:
+        """Prepare every model of the chain."""
+        await asyncio.gather(*(model.prepare() for model in self.models))
+
     async def aclose(self) -> None:
         """Close every model of the chain."""
         for model in self.models:

@@ -63,5 +63,9 @@ class Model(ABC):
     async def complete(self, request: ModelRequest) -> ModelResponse:
         """Run one chat completion."""
 
+    async def prepare(self) -> None:  # noqa: B027 - documented no-op hook
+        """Get ready for calls (an agent host runs it in the background when it starts, so
+        the first calls needn't pay for it); the default does nothing."""
+
     async def aclose(self) -> None:  # noqa: B027 - documented no-op hook
         """Release clients and connections; the default does nothing."""

@@ -190,6 +190,12 @@ class OpenAIModel(Model):
             serve_direct=cfg.serve_direct,
         )
 
+    async def prepare(self) -> None:
+        """With `serve_direct`: read the app's replica list, so that calls go direct from the
+        first one on (until it is read they go through the proxy)."""
+        if self._directory is not None and not self._directory.replicas:
+            await self._directory.refresh()
+
     def _client(self, origin: str | None = None) -> httpx.AsyncClient:
         if self._own_client is not None:
             return self._own_client

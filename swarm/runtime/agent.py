@@ -185,6 +185,7 @@ class AgentHost:
         self._turns: dict[str, asyncio.Future[TurnResult]] = {}
         self._loop: StepLoop | None = None
         self._start_lock = asyncio.Lock()
+        self._preparing: asyncio.Future[None] | None = None
         self.start_problems: list[str] = []
         # Called with each durable snapshot (the actor publishes it to the object store).
         self.publish_snapshot: Callable[[Snapshot], None] | None = None
@@ -218,6 +219,8 @@ class AgentHost:
             from swarm.observability.tracing import swarm_tracer
 
             self._tracer = swarm_tracer(self.cfg)
+            # In the background: a turn may start before it is done (the model copes).
+            self._preparing = asyncio.ensure_future(self.model.prepare())
             self._loop = StepLoop(
                 agent=self.role,
                 model=self.model,
@@ -483,6 +486,8 @@ class AgentHost:
 
     async def aclose(self) -> None:
         """Flush the middleware layers; close the model client and tool connections."""
+        if self._preparing is not None and not self._preparing.done():
+            self._preparing.cancel()
         for layer in self._loop.middleware if self._loop is not None else ():
             try:
                 await layer.aclose()

@@ -72,6 +72,6 @@ def test_ingress_in_the_config_reaches_the_client() -> None:
     assert vllm.openai_config("http://127.0.0.1:8000/dep/v/v1").serve_direct is True
     with pytest.raises(ValidationError, match="ingress"):
         ScriptedModelConfig(provider="scripted", policy="p.yaml", ingress="sideways")
-    with pytest.raises(ValidationError, match="serve_direct is set by models.<name>.ingress"):
+    with pytest.raises(ValidationError, match=r"serve_direct is set by models\.<name>\.ingress"):
         VLLMModelConfig(provider="vllm", model_source="org/model",
                         client={"serve_direct": True})
