@@ -256,8 +256,14 @@ class OpenAIModel(Model):
                 failure = _Retryable(f"timed out after {call_timeout:.3g}s")
             except httpx.TransportError as e:
                 failure = _Retryable(f"can't reach the server: {type(e).__name__}: {e}")
-                if self._directory is not None and isinstance(e, httpx.ConnectError):
+                if self._directory is not None and isinstance(e, httpx.ConnectError) \
+                        and url != self._url:
+                    # A replica that is gone (or not reachable from here): left out, and the
+                    # call goes at once to the next one (or the proxy), not counted as a retry.
+                    # Each time one replica fewer is left, so this ends.
                     self._directory.forget(url[: -len("/chat/completions")])
+                    attempt -= 1
+                    continue
             if attempt > self.max_retries:
                 raise self._failed(failure, attempt)
             delay = self._backoff(attempt, failure.retry_after)

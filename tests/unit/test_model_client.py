@@ -522,3 +522,34 @@ def test_importing_the_client_does_not_import_the_openai_sdk() -> None:
          "print('openai' in sys.modules)"], capture_output=True, text=True, check=True,
         cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
+
+
+async def test_a_direct_replica_refusing_connections_is_skipped_at_once(
+        server: FakeServer) -> None:
+    """`serve_direct`: replicas that refuse connections are left out and the call goes on to
+    the next (here: the base URL, as the proxy), without using up a retry."""
+    import time as _time
+
+    from swarm.models.ingress import Replica
+
+    server.script("m1", completion("via the proxy"))
+    socks = [socket.socket() for _ in range(2)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        m = model(server, max_retries=0, serve_direct=True)
+        directory = m._directory
+        assert directory is not None
+        dead = tuple(Replica(f"SERVE_REPLICA::app#d#r{i}",
+                             f"http://127.0.0.1:{s.getsockname()[1]}/v1")
+                     for i, s in enumerate(socks))
+        directory.replicas = dead
+        directory._read_at = _time.monotonic()  # as if just read
+        resp = await m.complete(req())
+        await m.aclose()
+    finally:
+        for s in socks:
+            s.close()
+    assert resp.content == "via the proxy"
+    assert directory.replicas == () and set(directory._down) == {r.base_url for r in dead}
+    assert len(server.bodies("m1")) == 1
