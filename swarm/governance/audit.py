@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from swarm.governance._redis import FastRedis, RedisDown, store_redis_url
 from swarm.runtime.middleware import Middleware, NextTool, StopTurn, ToolInvocation
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from swarm.tools.interface import ToolResult
 
 log = logging.getLogger(__name__)
+_encode = msgspec.json.Encoder().encode  # compact JSON bytes, several times json.dumps' speed
 
 FIELDS = ("ts", "kind", "swarm", "task_id", "user", "agent", "tool", "args_hash", "outcome",
           "gate", "by", "error_class", "detail")
@@ -157,8 +160,8 @@ class RedisAuditLog(AuditLog):
             batch, self._buffer = self._buffer, []
             if not batch:
                 return
-            cmds = [("XADD", self.key, "MAXLEN", "~", self.max_len, "*", "e",
-                     json.dumps(e, separators=(",", ":"))) for e in batch]
+            cmds = [("XADD", self.key, "MAXLEN", "~", self.max_len, "*", "e", _encode(e))
+                    for e in batch]
             try:
                 await self.redis.execute(cmds)
             except RedisDown as exc:

@@ -104,7 +104,9 @@ class UsageLedger:
                  max_buffered_rows: int = 50_000, redis: tuple[str, str] | None = None) -> None:
         self.location = location
         self.fs, self.root = _filesystem(location)
-        import pyarrow.parquet  # noqa: F401  (now, at start-up: not in the first flush)
+        # Now, at start-up, rather than in the first flush (under the GIL, beside the steps).
+        import pyarrow.compute
+        import pyarrow.parquet  # noqa: F401
         self.flush_interval_s = flush_interval_s
         self.max_buffered_rows = max_buffered_rows
         # Flushes asked for by turn ends coalesce: at most one per this many seconds.
