@@ -34,6 +34,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode  # compact JSON bytes, several times json.dumps' speed
 
+
+def _entry(e: dict[str, Any]) -> bytes | str:
+    """An entry as JSON; what msgspec refuses (a lone surrogate in a detail, an odd value)
+    goes through json.dumps, which escapes or stringifies it."""
+    try:
+        return _encode(e)
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+        return json.dumps(e, separators=(",", ":"), default=str)
+
 FIELDS = ("ts", "kind", "swarm", "task_id", "user", "agent", "tool", "args_hash", "outcome",
           "gate", "by", "error_class", "detail")
 _DETAIL_CHARS = 300
@@ -160,9 +169,9 @@ class RedisAuditLog(AuditLog):
             batch, self._buffer = self._buffer, []
             if not batch:
                 return
-            cmds = [("XADD", self.key, "MAXLEN", "~", self.max_len, "*", "e", _encode(e))
-                    for e in batch]
             try:
+                cmds = [("XADD", self.key, "MAXLEN", "~", self.max_len, "*", "e", _entry(e))
+                        for e in batch]
                 await self.redis.execute(cmds)
             except RedisDown as exc:
                 # The audit log must not stop the swarm: keep the batch for the next flush,

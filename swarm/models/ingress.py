@@ -76,12 +76,12 @@ class ReplicaDirectory:
         self.refresh_s = refresh_s
         self.replicas: tuple[Replica, ...] = ()
         self._read_at = float("-inf")
-        self._reading: asyncio.Future[None] | None = None
-        self._reader: asyncio.Future[None] | None = None  # held: a task must not be collected
+        self._reading: asyncio.Task[None] | None = None  # the read in flight
+        self._stale = False  # a replica failed while a read was in flight: read again
         self._node_ip: str | None = None
         self._controller: Any = None
         self._down: dict[str, float] = {}  # base URL -> until when it is left out
-        self._warned = False
+        self._warned_unlisted = self._warned_failed = False
 
     async def base_url(self, session: str) -> str:
         """Where this session's next call goes: its replica, or the proxy's base URL.
@@ -91,7 +91,7 @@ class ReplicaDirectory:
         up, which costs about half a second the first time in a process).
         """
         if self._reading is None and time.monotonic() - self._read_at >= self.refresh_s:
-            self._reader = asyncio.ensure_future(self.refresh())
+            self._start()
         if not self.replicas:
             return self.fallback
         return pick(self.replicas, session).base_url
@@ -103,27 +103,37 @@ class ReplicaDirectory:
         self._down[base_url] = time.monotonic() + DOWN_S
         self.replicas = tuple(r for r in self.replicas if r.base_url != base_url)
         self._read_at = float("-inf")
+        self._stale = self._reading is not None
 
     async def refresh(self) -> None:
-        """Read the app's replicas from the controller (one read at a time per directory)."""
+        """Read the app's replicas from the controller now (joining a read in flight)."""
+        await asyncio.shield(self._start())
+
+    def close(self) -> None:
+        """Stop a read in flight."""
         if self._reading is not None:
-            await asyncio.shield(self._reading)
-            return
-        self._reading = asyncio.get_running_loop().create_future()
+            self._reading.cancel()
+
+    def _start(self) -> asyncio.Task[None]:
+        if self._reading is None:
+            self._reading = asyncio.get_running_loop().create_task(self._refresh())
+        return self._reading
+
+    async def _refresh(self) -> None:
         try:
             listed = await asyncio.wait_for(self._read(), _READ_TIMEOUT_S)
             now = time.monotonic()
             self._down = {url: t for url, t in self._down.items() if t > now}
             self.replicas = tuple(r for r in listed if r.base_url not in self._down)
         except Exception as e:  # no controller, an old Ray, ...: the proxy serves
-            if not self._warned:
+            if not self._warned_failed:
                 log.warning("can't list the replicas behind %s (%s: %s); calling through the "
                             "Serve proxy", self.fallback, type(e).__name__, e)
-                self._warned = True
+                self._warned_failed = True
             self.replicas = ()
         finally:
-            self._read_at = time.monotonic()
-            self._reading.set_result(None)
+            self._read_at = float("-inf") if self._stale else time.monotonic()
+            self._stale = False
             self._reading = None
 
     async def _read(self) -> tuple[Replica, ...]:
@@ -139,36 +149,50 @@ class ReplicaDirectory:
         try:
             # Flattened in the controller: unpickling Serve's own objects here would import
             # ray.serve (~0.8 s) in every agent process on its first model call.
-            groups = await self._controller.__ray_call__.remote(_http_targets())
+            bind_host, groups = await self._controller.__ray_call__.remote(_http_targets())
         except ray.exceptions.RayActorError:
             self._controller = None  # a restarted controller: look it up again next time
             raise
-        found = []
-        for route_prefix, targets in groups:
-            if route_prefix.rstrip("/") != self.route_prefix.rstrip("/"):
-                continue
-            for name, ip, port in targets:
-                # Without direct ingress the targets are the proxies: the base URL is one.
-                if not name.startswith("SERVE_REPLICA::"):
-                    continue
-                # A replica on this node is reached on loopback (Serve binds its replica
-                # servers to the proxy's host, 127.0.0.1 unless SWARM_SERVE_HOST says otherwise).
-                host = "127.0.0.1" if ip == self._node_ip else ip
-                found.append(Replica(name, f"http://{host}:{port}{self.route_prefix}"
-                                           f"{self.suffix}"))
-        if not found and not self._warned:
+        found = replicas_of(groups, self.route_prefix, self.suffix, self._node_ip or "",
+                            bind_host)
+        if not found and not self._warned_unlisted:
             log.info("no direct-ingress replicas listed for %s; calling through the Serve proxy "
                      "(is RAY_SERVE_ENABLE_DIRECT_INGRESS=1 set where the cluster started?)",
                      self.fallback)
-            self._warned = True
-        return tuple(sorted(found, key=lambda r: r.name))
+            self._warned_unlisted = True
+        return found
 
+
+_LOOPBACK_OR_ANY = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""})
+
+
+def replicas_of(groups: list[tuple[str, list[tuple[str, str, int]]]], route_prefix: str,
+                suffix: str, node_ip: str, bind_host: str) -> tuple[Replica, ...]:
+    """The replicas of the app at `route_prefix` in the controller's HTTP target groups
+    ((route prefix, [(name, ip, port)]), as `_http_targets` returns them).
+
+    Serve binds replica servers to its HTTP host (`bind_host`); a replica on this node is
+    called on loopback when that host is loopback or the wildcard, else on its address."""
+    found = []
+    for prefix, targets in groups:
+        if prefix.rstrip("/") != route_prefix.rstrip("/"):
+            continue
+        for name, ip, port in targets:
+            # Without direct ingress the targets are the proxies: the base URL is one.
+            if not name.startswith("SERVE_REPLICA::"):
+                continue
+            host = "127.0.0.1" if ip == node_ip and bind_host in _LOOPBACK_OR_ANY else ip
+            if ":" in host:  # IPv6
+                host = f"[{host}]"
+            found.append(Replica(name, f"http://{host}:{port}{route_prefix}{suffix}"))
+    return tuple(sorted(found, key=lambda r: r.name))
 
 
 def _http_targets() -> Any:
-    """A function to run inside the Serve controller that returns its HTTP target groups as
-    plain tuples: (route prefix, [(target name, ip, port)]). Made here so cloudpickle sends it by
-    value: the controller's process may not have swarm on its path."""
+    """A function to run inside the Serve controller that returns Serve's HTTP host and its HTTP
+    target groups as plain tuples: (host, [(route prefix, [(target name, ip, port)])]). Made
+    here so cloudpickle sends it by value: the controller's process may not have swarm on its
+    path."""
 
     def targets(controller):  # type: ignore[no-untyped-def]
         out = []
@@ -176,6 +200,6 @@ def _http_targets() -> Any:
             if getattr(group.protocol, "value", group.protocol) == "HTTP":
                 out.append((group.route_prefix or "",
                             [(t.name, t.ip, int(t.port)) for t in group.targets]))
-        return out
+        return str(getattr(controller.get_http_config(), "host", "") or ""), out
 
     return targets

@@ -46,6 +46,8 @@ _decode = msgspec.json.decode
 # Statuses another attempt may fix. 4xx other than these are the request's own fault.
 _RETRY_STATUS = frozenset({408, 429})
 _MAX_RETRY_AFTER_S = 60.0
+# Calls straight to a Serve replica (`serve_direct`): no bound but on connecting.
+_DIRECT_TIMEOUT = httpx.Timeout(None, connect=2.0)
 # How servers word a prompt that doesn't fit (OpenAI's code, vLLM's and others' messages).
 _CONTEXT_RE = re.compile(
     r"context[_ ]length|maximum context|context window|max_model_len|prompt is too long|"
@@ -256,8 +258,8 @@ class OpenAIModel(Model):
                 failure = _Retryable(f"timed out after {call_timeout:.3g}s")
             except httpx.TransportError as e:
                 failure = _Retryable(f"can't reach the server: {type(e).__name__}: {e}")
-                if self._directory is not None and isinstance(e, httpx.ConnectError) \
-                        and url != self._url:
+                if self._directory is not None and url != self._url and \
+                        isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
                     # A replica that is gone (or not reachable from here): left out, and the
                     # call goes at once to the next one (or the proxy), not counted as a retry.
                     # Each time one replica fewer is left, so this ends.
@@ -304,12 +306,16 @@ class OpenAIModel(Model):
     async def _attempt(self, client: httpx.AsyncClient, url: str, content: bytes,
                        headers: dict[str, str]) -> ModelResponse:
         t0 = time.perf_counter()
+        # A replica called directly gets a short connect timeout: one on a node that is gone
+        # answers nothing, and the call should move on to the next.
+        timeout = _DIRECT_TIMEOUT if url != self._url else httpx.USE_CLIENT_DEFAULT
         if not self.stream:
-            r = await client.post(url, content=content, headers=headers)
+            r = await client.post(url, content=content, headers=headers, timeout=timeout)
             if r.status_code != 200:
                 self._status_error(r.status_code, r.content, r.headers)
             return self._from_json(r.content)
-        async with client.stream("POST", url, content=content, headers=headers) as r:
+        async with client.stream("POST", url, content=content, headers=headers,
+                                 timeout=timeout) as r:
             if r.status_code != 200:
                 self._status_error(r.status_code, await r.aread(), r.headers)
             if not r.headers.get("content-type", "").startswith("text/event-stream"):
@@ -407,6 +413,8 @@ class OpenAIModel(Model):
 
     async def aclose(self) -> None:
         """Give up this model's share of the pooled client (closed with its last user)."""
+        if self._directory is not None:
+            self._directory.close()
         if self._own_client is None:
             await _release(id(self))
 

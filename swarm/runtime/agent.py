@@ -221,6 +221,7 @@ class AgentHost:
             self._tracer = swarm_tracer(self.cfg)
             # In the background: a turn may start before it is done (the model copes).
             self._preparing = asyncio.ensure_future(self.model.prepare())
+            self._preparing.add_done_callback(self._prepared)
             self._loop = StepLoop(
                 agent=self.role,
                 model=self.model,
@@ -230,6 +231,10 @@ class AgentHost:
                 middleware=build_middleware(self.cfg, self.role, store=self.store,
                                             emit=self.buffer.emit, host=self),
             )
+
+    def _prepared(self, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.warning("agent %s: preparing the model failed: %s", self.role, fut.exception())
 
     @property
     def toolbox(self) -> Toolbox:

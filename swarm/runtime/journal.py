@@ -21,7 +21,6 @@ written every `snapshot_every` steps, off the step's path, of durable state only
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import time
@@ -35,11 +34,8 @@ from swarm.state.replay import OpenTurn, TaskState, to_snapshot
 log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=4096)
 def args_hash(arguments: str) -> str:
-    """A short stable hash of a tool call's raw arguments (the ledger stores no arguments).
-    Cached: a step hashes its call's arguments three times (the call and the result in the
-    journal, the audit log)."""
+    """A short stable hash of a tool call's raw arguments (the ledger stores no arguments)."""
     return hashlib.blake2b(arguments.encode(), digest_size=8).hexdigest()
 
 

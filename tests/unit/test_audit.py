@@ -149,3 +149,17 @@ def test_since_accepts_ages_and_iso_times() -> None:
     assert parse_since("2h", now=10_000.0) == 10_000.0 - 7200
     assert parse_since("30m", now=10_000.0) == 10_000.0 - 1800
     assert parse_since("2026-01-01T00:00:00+00:00") == 1767225600.0
+
+
+def test_an_entry_msgspec_refuses_is_still_written_as_json() -> None:
+    """Entries are encoded with msgspec; a lone surrogate (undecodable bytes carried in an error
+    text) or an odd value goes through json.dumps instead of losing the batch."""
+    import json
+
+    from swarm.governance.audit import _entry
+
+    plain = {"ts": 1.5, "kind": "tool", "detail": "ok"}
+    assert json.loads(_entry(plain)) == plain
+    odd = {"ts": 1.5, "kind": "tool", "detail": "bad \udcff byte", "extra": object()}
+    back = json.loads(_entry(odd))
+    assert back["detail"] == "bad \udcff byte" and back["extra"].startswith("<object")

@@ -4,8 +4,9 @@ the fallback to the proxy's URL where no replica is listed."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
-from swarm.models.ingress import Replica, ReplicaDirectory, pick
+from swarm.models.ingress import Replica, ReplicaDirectory, _http_targets, pick, replicas_of
 
 
 def _replicas(n: int) -> tuple[Replica, ...]:
@@ -75,3 +76,64 @@ def test_ingress_in_the_config_reaches_the_client() -> None:
     with pytest.raises(ValidationError, match=r"serve_direct is set by models\.<name>\.ingress"):
         VLLMModelConfig(provider="vllm", model_source="org/model",
                         client={"serve_direct": True})
+
+
+def test_the_controllers_targets_become_replica_urls() -> None:
+    groups = [
+        ("/dep/m", [("SERVE_REPLICA::dep-m#D#b", "10.0.0.5", 30001),
+                    ("SERVE_REPLICA::dep-m#D#a", "10.0.0.9", 30000),
+                    ("SERVE_PROXY_ACTOR-node", "10.0.0.5", 8000)]),
+        ("/dep/other", [("SERVE_REPLICA::dep-other#D#c", "10.0.0.5", 30002)]),
+    ]
+    got = replicas_of(groups, "/dep/m", "/v1", "10.0.0.5", "127.0.0.1")
+    # Sorted by name; the proxy and the other app are left out; this node's replica is called
+    # on loopback (Serve bound it there), the other node's on its address.
+    assert got == (Replica("SERVE_REPLICA::dep-m#D#a", "http://10.0.0.9:30000/dep/m/v1"),
+                   Replica("SERVE_REPLICA::dep-m#D#b", "http://127.0.0.1:30001/dep/m/v1"))
+    # Bound to a specific address: called there, even on this node.
+    assert replicas_of(groups, "/dep/m", "/v1", "10.0.0.5", "10.0.0.5")[1].base_url == \
+        "http://10.0.0.5:30001/dep/m/v1"
+    # IPv6 addresses are bracketed; an app at "/" (route prefix "") matches the controller's "/".
+    v6 = [("/", [("SERVE_REPLICA::root#D#x", "fd00::2", 30003)])]
+    assert replicas_of(v6, "", "/v1", "fd00::1", "::") == (
+        Replica("SERVE_REPLICA::root#D#x", "http://[fd00::2]:30003/v1"),)
+    # Without direct ingress only proxies are listed: no replica, calls use the proxy URL.
+    proxies = [("/dep/m", [("SERVE_PROXY_ACTOR-node", "10.0.0.5", 8000)])]
+    assert replicas_of(proxies, "/dep/m", "/v1", "10.0.0.5", "127.0.0.1") == ()
+
+
+def test_the_function_run_in_the_controller_flattens_its_groups() -> None:
+    http, grpc = SimpleNamespace(value="HTTP"), SimpleNamespace(value="gRPC")
+    target = SimpleNamespace(name="SERVE_REPLICA::a#D#r", ip="10.0.0.5", port="30000")
+    controller = SimpleNamespace(
+        get_target_groups=lambda: [SimpleNamespace(protocol=http, route_prefix="/a",
+                                                   targets=[target]),
+                                   SimpleNamespace(protocol=grpc, route_prefix="/a",
+                                                   targets=[target]),
+                                   SimpleNamespace(protocol=http, route_prefix=None,
+                                                   targets=[])],
+        get_http_config=lambda: SimpleNamespace(host="0.0.0.0"))
+    assert _http_targets()(controller) == (
+        "0.0.0.0", [("/a", [("SERVE_REPLICA::a#D#r", "10.0.0.5", 30000)]), ("", [])])
+
+
+def test_many_calls_at_once_start_one_read() -> None:
+    d = ReplicaDirectory("http://127.0.0.1:8000/app/v1")
+    reads = 0
+    real = d._read
+
+    async def counted() -> tuple[Replica, ...]:
+        nonlocal reads
+        reads += 1
+        return await real()
+
+    d._read = counted  # type: ignore[method-assign]
+
+    async def many() -> int:
+        await asyncio.gather(*(d.base_url(f"s-{i}") for i in range(30)))
+        tasks = len(asyncio.all_tasks())  # this one and the read
+        await d.refresh()  # joins the read the calls started
+        return tasks
+
+    assert asyncio.run(many()) == 2
+    assert reads == 1
