@@ -34,10 +34,17 @@ def test_only_a_lost_replicas_sessions_move() -> None:
         assert now in two
 
 
-def test_the_route_prefix_and_the_proxy_fallback_without_ray() -> None:
+async def _nothing_listed() -> tuple[Replica, ...]:
+    return ()
+
+
+def test_the_route_prefix_and_the_proxy_fallback_when_nothing_is_listed() -> None:
     d = ReplicaDirectory("http://127.0.0.1:8000/dep/model/v1/")
     assert d.route_prefix == "/dep/model" and d.suffix == "/v1"
-    # No Ray here: no replica list, every call goes to the given URL.
+    # The controller lists no replica for the app (no direct ingress, none up yet; `_read`
+    # is the Ray boundary): every call goes to the given URL.
+    d._read = _nothing_listed  # type: ignore[method-assign]
+
     async def twice() -> list[str]:
         first = await d.base_url("s-1")
         await d.refresh()  # what the first call started in the background
@@ -120,20 +127,20 @@ def test_the_function_run_in_the_controller_flattens_its_groups() -> None:
 def test_many_calls_at_once_start_one_read() -> None:
     d = ReplicaDirectory("http://127.0.0.1:8000/app/v1")
     reads = 0
-    real = d._read
 
     async def counted() -> tuple[Replica, ...]:
         nonlocal reads
         reads += 1
-        return await real()
+        return _replicas(2)
 
     d._read = counted  # type: ignore[method-assign]
 
     async def many() -> int:
         await asyncio.gather(*(d.base_url(f"s-{i}") for i in range(30)))
-        tasks = len(asyncio.all_tasks())  # this one and the read
+        readers = [t for t in asyncio.all_tasks()
+                   if t.get_coro().__qualname__.endswith("._refresh")]
         await d.refresh()  # joins the read the calls started
-        return tasks
+        return len(readers)
 
-    assert asyncio.run(many()) == 2
-    assert reads == 1
+    assert asyncio.run(many()) == 1
+    assert reads == 1 and d.replicas == _replicas(2)

@@ -545,6 +545,11 @@ async def test_a_direct_replica_refusing_connections_is_skipped_at_once(
                      for i, s in enumerate(socks))
         directory.replicas = dead
         directory._read_at = _time.monotonic()  # as if just read
+
+        async def listed_again() -> tuple[Replica, ...]:  # the controller, still listing them
+            return dead
+
+        directory._read = listed_again  # type: ignore[method-assign]
         resp = await m.complete(req())
         await m.aclose()
     finally:
