@@ -68,6 +68,13 @@ class Price(_Strict):
                 + output_tokens * self.output_per_mtok) / 1e6
 
 
+# How agents reach a model that swarm deploys as a Serve app (swarm.models.ingress).
+Ingress = Annotated[Literal["proxy", "direct"], Field(
+    description="direct: agents call the app's replicas straight, skipping Serve's HTTP proxy "
+    "(Serve direct ingress; RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where the cluster starts, set by "
+    "swarm for local clusters); a session's calls go to one replica")]
+
+
 class ScriptedModelConfig(_Strict):
     """The deterministic scripted engine, deployed as a Ray Serve OpenAI-compatible app."""
 
@@ -84,10 +91,7 @@ class ScriptedModelConfig(_Strict):
     router: Literal["default", "session"] = Field(
         "session", description="session: a session's calls go to one replica (consistent "
         "hashing on x-session-id); default: Serve's power-of-two choices")
-    ingress: Literal["proxy", "direct"] = Field(
-        "proxy", description="direct: agents call the app's replicas straight, skipping Serve's "
-        "HTTP proxy (Serve direct ingress; RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where the cluster "
-        "starts, set by swarm for local clusters); a session's calls go to one replica")
+    ingress: Ingress = "proxy"
     max_context_tokens: int | None = Field(None, ge=1, description="the context window")
     price: Price = Field(Price(), description="for cost accounting; scripted is free by default")
     # Filled by the loader: the parsed policy, so the config carries it to every process.
@@ -165,6 +169,11 @@ _VLLM_ENGINE_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "max_mo
                        "enable_prefix_caching", "quantization")
 
 
+# The fields of a vLLM model's `client` entry that its deployment sets: where each comes from.
+_SET_BY_THE_DEPLOYMENT = {"provider": "the deployment", "base_url": "the deployment",
+                          "model": "the deployment", "serve_direct": "models.<name>.ingress"}
+
+
 class VLLMModelConfig(_Strict):
     """A self-hosted model served by vLLM through Ray Serve LLM (`swarm serve`, swarm.models.vllm).
 
@@ -199,10 +208,7 @@ class VLLMModelConfig(_Strict):
     )
     router_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="request_router_kwargs for the router")
-    ingress: Literal["proxy", "direct"] = Field(
-        "proxy", description="direct: agents call the app's replicas straight, skipping Serve's "
-        "HTTP proxy (Serve direct ingress; RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where the cluster "
-        "starts, set by swarm for local clusters); a session's calls go to one replica")
+    ingress: Ingress = "proxy"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="more vLLM engine arguments, passed through")
     runtime_env: dict[str, Any] | None = None
@@ -275,11 +281,9 @@ class VLLMModelConfig(_Strict):
     @field_validator("client")
     @classmethod
     def _client(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in ("provider", "base_url", "model"):
+        for key, where in _SET_BY_THE_DEPLOYMENT.items():
             if key in v:
-                raise ValueError(f"{key} is set by the deployment, not in client")
-        if "serve_direct" in v:
-            raise ValueError("serve_direct is set by models.<name>.ingress, not in client")
+                raise ValueError(f"{key} is set by {where}, not in client")
         try:
             OpenAIModelConfig(provider="openai", base_url="http://x", model="x", **v)
         except ValidationError as e:
