@@ -1,14 +1,15 @@
 """The supervisor as a Ray actor: creates the agent replicas and serves the client API.
 
 The actor restarts after a crash (`max_restarts=-1`); its constructor runs again with nothing
-in memory, so it calls itself at once to rebuild the task table from the durable store and
-resume every unfinished task (`Supervisor.load`); every client call waits for that. Clients
+in memory, so it starts at once to rebuild the task table from the durable store and resume
+every unfinished task (`Supervisor.load`); every client call waits for that. Clients
 keep their handles: a named actor's handle stays valid across restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from swarm.config import SwarmConfig
@@ -16,6 +17,10 @@ from swarm.errors import UserError
 from swarm.events import Event, unpack
 from swarm.protocol import a2a
 from swarm.runtime.supervisor import RayAgentPool, Supervisor
+
+log = logging.getLogger(__name__)
+
+_WARM_MAX_DELAY_S = 10.0
 
 
 def supervisor_actor_name(deployment: str) -> str:
@@ -81,18 +86,41 @@ class SupervisorActor:
         self.sup = Supervisor(cfg, self.pool, router, store=store, swarm_id=deployment)
         self._loaded: asyncio.Task[int] | None = None
         # Rebuild the table and resume unfinished tasks now, not at the first client call: after
-        # a crash, nobody may call for a long time. The call runs once the constructor returns.
-        me.warm.remote()
+        # a crash, nobody may call for a long time. Ray runs an async actor's constructor on
+        # its event loop, so the load is a task there that runs once the constructor returns.
+        # (Not a call to itself: after a restart such a call can fail at once, "the actor is
+        # restarting", and the tasks would wait for a client.)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a Ray that runs constructors off the loop: call, with retries
+            self._warming = None
+            me.warm.options(max_task_retries=-1).remote()
+        else:
+            self._warming = loop.create_task(self.warm())
         tune_process(cfg.process)
 
     async def warm(self) -> int:
-        """Load the task table (once); returns how many tasks are in it."""
-        await self._ensure()
-        return len(self.sup.tasks)
+        """Load the task table (once); returns how many tasks are in it.
+
+        Called by the actor itself when it starts: a load that fails (the store unreachable
+        for a while) is tried again, backing off up to `_WARM_MAX_DELAY_S`, until it works,
+        so unfinished tasks resume without anyone calling."""
+        delay = 0.5
+        while True:
+            try:
+                await self._ensure()
+                return len(self.sup.tasks)
+            except Exception as exc:
+                log.warning("swarm %s: loading the task table failed (%s); trying again in "
+                            "%g s", self.deployment, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _WARM_MAX_DELAY_S)
 
     async def _ensure(self) -> None:
         # Every call waits for the table to be rebuilt, so nothing sees a half-loaded table.
-        if self._loaded is None:
+        # A load that failed is started again by the next call, not kept as the answer.
+        done = self._loaded
+        if done is None or (done.done() and (done.cancelled() or done.exception() is not None)):
             self._loaded = asyncio.create_task(self._load())
         await asyncio.shield(self._loaded)
 

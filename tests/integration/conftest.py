@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from swarm.models.ingress import DIRECT_INGRESS_ENV
-from swarm.runtime.deploy import RAY_SYSTEM_CONFIG
+from swarm.runtime.deploy import NAMESPACE, RAY_SYSTEM_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +42,30 @@ async def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float
         await writer.wait_closed()
         return
     raise AssertionError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+
+
+def swarm_diagnostics(ray_temp_dir: str, deployment: str, lines: int = 30) -> str:
+    """What a failed recovery test needs to be read from CI output alone: every Ray actor of
+    a deployed swarm (name, state, pid, why it died) and the last lines each wrote to
+    stderr, where swarm's warnings go."""
+    from ray.util.state import list_actors
+
+    logs = Path(ray_temp_dir) / "session_latest" / "logs"
+    out = []
+    try:
+        actors = list_actors(filters=[("ray_namespace", "=", NAMESPACE)], limit=10_000,
+                             detail=True, raise_on_missing_output=False)
+    except Exception as exc:  # the state API itself failing is worth knowing too
+        return f"(listing actors failed: {exc})"
+    for a in sorted(actors, key=lambda a: (a.name or "", a.pid or 0)):
+        if not (a.name or "").startswith(deployment + "."):
+            continue
+        died = (a.death_cause or {}).get("actor_died_error_context", {}).get("error_message", "")
+        out.append(f"--- {a.name} {a.state} pid={a.pid} {died[:200]}")
+        for f in sorted(logs.glob(f"worker-*-{a.pid}.err")) if a.pid else []:
+            tail = [ln for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+            out.extend("    " + ln[:300] for ln in tail[-lines:])
+    return "\n".join(out) or f"(no actors of {deployment})"
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +128,8 @@ def ray_cluster(redis_url: str) -> Iterator[dict]:
                "temp_dir": temp_dir}
     finally:
         ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if not os.environ.get("SWARM_KEEP_RAY_TMP"):  # set it to read Ray's logs afterwards
+            shutil.rmtree(temp_dir, ignore_errors=True)
         lock.close()
 
 
