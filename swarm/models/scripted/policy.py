@@ -279,7 +279,13 @@ class _Conv:
 
     def repeats(self, signature: tuple[str, ...]) -> int:
         """Assistant messages in this turn whose tool calls are exactly `signature`."""
-        return sum(1 for m in self.turn if _signature(m) == signature)
+        n, size = 0, len(signature)
+        for m in self.turn:
+            calls = m.get("tool_calls") or ()
+            # Only a message with as many calls can match: most are rejected by length alone.
+            if len(calls) == size and _signature(m) == signature:
+                n += 1
+        return n
 
     def calls(self, tool: str, limit: int) -> int:
         """Calls of `tool` so far, counted from the end and stopping once `limit` is reached."""
@@ -287,7 +293,13 @@ class _Conv:
         for m in reversed(self.messages):
             if n >= limit:
                 break
-            n += sum(1 for c in m.get("tool_calls") or () if _call_name(c) == tool)
+            calls = m.get("tool_calls")
+            if calls:
+                for c in calls:
+                    fn = c.get("function")
+                    # As `_call_name`, inline: this runs for every message of every call.
+                    if fn is not None and fn.get("name") == tool:
+                        n += 1
         return min(n, limit)
 
     def latest_result(self, tool: str | None) -> Any:
@@ -336,9 +348,9 @@ class _Conv:
         return {"tool_results": tool_results, "assistant_steps": assistant,
                 "turn_steps": len(self.turn), "agent_steps": agent_steps, "called": called}
 
-    def context(self, needs: frozenset[str], times: int) -> dict[str, Any]:
-        """Template variables, only those the templates use."""
-        extra = {"step": lambda: len(self.turn) + 1, "times": lambda: times,
+    def context(self, needs: frozenset[str], times: Callable[[], int]) -> dict[str, Any]:
+        """Template variables, only those the templates use (`times` counted only if used)."""
+        extra = {"step": lambda: len(self.turn) + 1, "times": times,
                  "tools": lambda: sorted(self.tool_names)}
         return {n: extra[n]() if n in extra else getattr(self, n) for n in needs}
 
@@ -479,8 +491,12 @@ class _Reply:
         self.signature = tuple(c.name for c in spec.tool_calls)
         self.needs = frozenset(comp.needs)
 
-    def render(self, conv: _Conv, times: int) -> ScriptedReply:
-        ctx = conv.context(self.needs, times) if self.needs else {}
+    def render(self, conv: _Conv, *, is_default: bool = False) -> ScriptedReply:
+        if self.needs:
+            sig = None if is_default else self.signature  # `times` is 0 in the default reply
+            ctx = conv.context(self.needs, lambda: conv.repeats(sig) if sig else 0)
+        else:
+            ctx = {}
         try:
             content = self.content if self.render_content is None else self.render_content(ctx)
             calls = [
@@ -586,10 +602,9 @@ class Policy:
         conv = _Conv(messages, tools or [], agent)
         for rule in self._rules_for(agent):
             if rule.matches(conv):
-                sig = rule.reply.signature
-                return rule.reply.render(conv, conv.repeats(sig) if sig else 0)
+                return rule.reply.render(conv)
         if self._default is not None:
-            return self._default.render(conv, 0)
+            return self._default.render(conv, is_default=True)
         raise PolicyDecisionError(
             f"no rule of scripted policy {self.name!r} matched agent {agent!r} "
             f"(last message role {conv.last_role!r}, last tool {conv.last_tool!r})")
