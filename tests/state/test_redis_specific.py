@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conformance import entry, record
@@ -69,6 +71,26 @@ async def test_the_same_append_token_applies_once(store: RedisCheckpointer) -> N
     assert await store._eval("append", keys, args) == 2  # a retry: nothing appended again
     assert await store._eval("append", keys, [b"token-2", *args[1:]]) == 4
     assert await store._cmd("LRANGE", keys[0], 0, -1) == [b"e0", b"e1", b"e0", b"e1"]
+
+
+async def test_commands_of_every_size_reach_redis_intact(store: RedisCheckpointer) -> None:
+    """The hand-made RESP packer against the server itself: bytes around its header table's
+    edge (4,095 / 4,096 bytes), text, integers, and a command of more than 64 arguments."""
+    values: list[Any] = [b"", b"x", os.urandom(4095), os.urandom(4096), os.urandom(9000),
+                         "sträng, ünicode", 12345678901234, -7]
+    keys = [store._k("pack", str(i)) for i in range(len(values))]
+    many = store._k("pack", "list")
+    items = [os.urandom(i % 50) for i in range(70)]
+
+    async def op(conn: Any) -> list[Any]:
+        return await redis_mod._exchange(conn, [
+            *(("SET", k, v) for k, v in zip(keys, values, strict=True)),
+            ("MGET", *keys), ("RPUSH", many, *items), ("LRANGE", many, 0, -1)])
+
+    replies = await store._run(op)
+    expected = [v if isinstance(v, bytes) else str(v).encode() for v in values]
+    assert replies[len(values)] == expected
+    assert replies[-2] == len(items) and replies[-1] == items
 
 
 async def test_an_append_whose_reply_was_lost_is_not_duplicated(
