@@ -663,6 +663,44 @@ def memory_prune(
     out.print(f"deleted {n} long-term memories older than {older_than}")
 
 
+store_app = typer.Typer(
+    no_args_is_help=True,
+    help="The embedded redis-server (state.store: embedded) of a run directory.")
+app.add_typer(store_app, name="store")
+RunDirOpt = Annotated[str, typer.Option(
+    "--run-dir", help="the run directory (state.run_dir) whose server it is")]
+
+
+@store_app.command("status")
+def store_status(run_dir: RunDirOpt = "runs") -> None:
+    """Whether the run directory's embedded redis-server is running, and its URL."""
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis.for_run_dir(run_dir)
+    if server.running():
+        out.print(f"running: {server.url} (pid {server.pid()}, data under {server.dir})")
+    else:
+        out.print(f"not running (data, if any, under {server.dir})")
+
+
+@store_app.command("stop")
+def store_stop(run_dir: RunDirOpt = "runs") -> None:
+    """Stop the run directory's embedded redis-server; its data stays on disk, and the next
+    swarm that uses the run directory starts it again. `swarm up` leaves it running after
+    `swarm down`, so that `swarm audit --store` and the next deployment can read it."""
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis.for_run_dir(run_dir)
+    if not server.dir.is_dir():
+        _die(f"no embedded store under {server.dir}: check --run-dir (state.run_dir)")
+    if not server.running():
+        out.print(f"not running (data under {server.dir})")
+        return
+    url = server.url
+    server.stop()
+    out.print(f"stopped {url}; its data stays under {server.dir}")
+
+
 def _quiet_ray() -> None:
     # Ray and Serve log start-up chatter to stderr; the CLI's own output is what users read.
     # Serve sets its logger's level when it is imported, so import it first, then override.

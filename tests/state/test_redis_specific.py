@@ -238,6 +238,40 @@ def test_embedded_server_is_reused_by_later_instances_and_processes(tmp_path: Pa
     first.stop()  # stopping a stopped server is fine
 
 
+def test_cli_store_status_and_stop(tmp_path: Path) -> None:
+    """`swarm store status|stop --run-dir`: the server after `swarm up` / `swarm down` can be
+    stopped by hand, and its data comes back with the next start."""
+    import redis as redis_py
+    from typer.testing import CliRunner
+
+    from swarm.cli import app
+
+    runner = CliRunner()
+    run_dir = str(tmp_path)
+    missing = runner.invoke(app, ["store", "stop", "--run-dir", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no embedded store under" in missing.output
+    server = EmbeddedRedis.for_run_dir(tmp_path)
+    server.start()
+    try:
+        client = redis_py.Redis.from_url(server.url)
+        client.set("kept", b"1")
+        client.close()
+        status = runner.invoke(app, ["store", "status", "--run-dir", run_dir])
+        assert status.exit_code == 0 and f"running: {server.url}" in status.output
+        stopped = runner.invoke(app, ["store", "stop", "--run-dir", run_dir])
+        assert stopped.exit_code == 0 and f"stopped {server.url}" in stopped.output
+        assert not server.running()
+        status = runner.invoke(app, ["store", "status", "--run-dir", run_dir])
+        assert status.exit_code == 0 and "not running" in status.output
+        again = EmbeddedRedis.for_run_dir(tmp_path)
+        again.start()
+        client = redis_py.Redis.from_url(again.url)
+        assert client.get("kept") == b"1"
+        client.close()
+    finally:
+        EmbeddedRedis.for_run_dir(tmp_path).stop()
+
+
 async def test_embedded_data_survives_stop_and_start(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path)
     server.start()
