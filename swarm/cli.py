@@ -685,9 +685,10 @@ def store_status(run_dir: RunDirOpt = "runs") -> None:
 
 @store_app.command("stop")
 def store_stop(run_dir: RunDirOpt = "runs") -> None:
-    """Stop the run directory's embedded redis-server; its data stays on disk, and the next
-    swarm that uses the run directory starts it again. `swarm up` leaves it running after
-    `swarm down`, so that `swarm audit --store` and the next deployment can read it."""
+    """Stop the run directory's embedded redis-server once no swarm uses it (take them down
+    first); its data stays on disk, and the next swarm that uses the run directory starts it
+    again. `swarm up` leaves it running after `swarm down`, so that `swarm audit --store` and
+    the next deployment can read it."""
     from swarm.state.embedded import EmbeddedRedis
 
     server = EmbeddedRedis.for_run_dir(run_dir)
