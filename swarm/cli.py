@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import uuid
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -671,16 +671,26 @@ RunDirOpt = Annotated[str, typer.Option(
     "--run-dir", help="the run directory (state.run_dir) whose server it is")]
 
 
-@store_app.command("status")
-def store_status(run_dir: RunDirOpt = "runs") -> None:
-    """Whether the run directory's embedded redis-server is running, and its URL."""
+def _embedded_store(run_dir: str) -> Any:
     from swarm.state.embedded import EmbeddedRedis
 
     server = EmbeddedRedis.for_run_dir(run_dir)
+    if not server.dir.is_dir():
+        _die(f"no embedded store under {server.dir}: check --run-dir (state.run_dir)")
+    return server
+
+
+@store_app.command("status")
+def store_status(run_dir: RunDirOpt = "runs") -> None:
+    """Whether the run directory's embedded redis-server is running, and its URL."""
+    server = _embedded_store(run_dir)
     if server.running():
-        out.print(f"running: {server.url} (pid {server.pid()}, data under {server.dir})")
+        line = f"running: {server.url} (pid {server.pid()}, data under {server.dir})"
+    elif server.process_alive():
+        line = f"started but not answering (pid {server.pid()}, data under {server.dir})"
     else:
-        out.print(f"not running (data, if any, under {server.dir})")
+        line = f"not running (data under {server.dir})"
+    out.print(line, markup=False, soft_wrap=True)
 
 
 @store_app.command("stop")
@@ -689,17 +699,14 @@ def store_stop(run_dir: RunDirOpt = "runs") -> None:
     first); its data stays on disk, and the next swarm that uses the run directory starts it
     again. `swarm up` leaves it running after `swarm down`, so that `swarm audit --store` and
     the next deployment can read it."""
-    from swarm.state.embedded import EmbeddedRedis
-
-    server = EmbeddedRedis.for_run_dir(run_dir)
-    if not server.dir.is_dir():
-        _die(f"no embedded store under {server.dir}: check --run-dir (state.run_dir)")
-    if not server.running():
-        out.print(f"not running (data under {server.dir})")
+    server = _embedded_store(run_dir)
+    if not server.running() and not server.process_alive():
+        out.print(f"not running (data under {server.dir})", markup=False, soft_wrap=True)
         return
-    url = server.url
+    what = server.url if server.running() else f"pid {server.pid()}"
     server.stop()
-    out.print(f"stopped {url}; its data stays under {server.dir}")
+    out.print(f"stopped {what}; its data stays under {server.dir}", markup=False,
+              soft_wrap=True)
 
 
 def _quiet_ray() -> None:

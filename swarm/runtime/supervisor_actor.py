@@ -310,6 +310,8 @@ class SupervisorActor:
 
     async def shutdown(self) -> None:
         """Cancel running tasks and close the agents' connections."""
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()  # a load still being retried must not reopen the store
         for rec in self.sup.tasks.values():
             if rec.driver is not None and not rec.driver.done():
                 rec.driver.cancel()

@@ -160,6 +160,12 @@ class EmbeddedRedis:
             client.close()
         return Path(found).resolve() == self.dir
 
+    def process_alive(self) -> bool:
+        """Whether the process its pidfile names is a live redis-server (answering or not:
+        loading a large append-only file, say)."""
+        pid = self.pid()
+        return pid is not None and _alive(pid) and _is_redis(pid)
+
     def running(self) -> bool:
         """Whether this run directory's server is up and answering."""
         port = self.port or self._recorded_port()

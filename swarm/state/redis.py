@@ -219,7 +219,12 @@ def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
         put(_ARRAY[n] if n < 64 else b"*%d\r\n" % n)
         for arg in args:
             kind = type(arg)
-            data = arg if kind is bytes else arg.encode() if kind is str else str(arg).encode()
+            if kind is bytes:
+                data = arg
+            elif kind is str:
+                data = arg.encode()
+            else:  # a bytes subclass stays as it is; anything else is sent as its text
+                data = arg if isinstance(arg, bytes) else str(arg).encode()
             size = len(data)
             put(_BULK[size] if size < 4096 else b"$%d\r\n" % size)
             put(data)

@@ -73,6 +73,13 @@ async def test_the_same_append_token_applies_once(store: RedisCheckpointer) -> N
     assert await store._cmd("LRANGE", keys[0], 0, -1) == [b"e0", b"e1", b"e0", b"e1"]
 
 
+def test_the_packer_sends_a_bytes_subclass_as_its_bytes() -> None:
+    class Raw(bytes):
+        pass
+
+    assert redis_mod._pack([("SET", Raw(b"k"), 7)]) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n7\r\n"
+
+
 async def test_commands_of_every_size_reach_redis_intact(store: RedisCheckpointer) -> None:
     """The hand-made RESP packer against the server itself: bytes around its header table's
     edge (4,095 / 4,096 bytes), text, integers, and a command of more than 64 arguments."""
@@ -248,8 +255,9 @@ def test_cli_store_status_and_stop(tmp_path: Path) -> None:
 
     runner = CliRunner()
     run_dir = str(tmp_path)
-    missing = runner.invoke(app, ["store", "stop", "--run-dir", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 2 and "no embedded store under" in missing.output
+    for command in ("stop", "status"):
+        missing = runner.invoke(app, ["store", command, "--run-dir", str(tmp_path / "nowhere")])
+        assert missing.exit_code == 2 and "no embedded store under" in missing.output
     server = EmbeddedRedis.for_run_dir(tmp_path)
     server.start()
     try:

@@ -296,9 +296,11 @@ class _Conv:
             calls = m.get("tool_calls")
             if calls:
                 for c in calls:
+                    # `_call_name(c) == tool`, with the common case (a dict with a str name)
+                    # inline: this runs for every message of every call.
                     fn = c.get("function")
-                    # As `_call_name`, inline: this runs for every message of every call.
-                    if fn is not None and fn.get("name") == tool:
+                    name = fn.get("name") if type(fn) is dict else None
+                    if name == tool if type(name) is str and name else _call_name(c) == tool:
                         n += 1
         return min(n, limit)
 
