@@ -133,7 +133,7 @@ async def paths(proxy_url: str, handle: Any, n: int, rounds: int, concurrency: i
 
         async def direct(i: int) -> None:
             # As OpenAIModel with serve_direct: the replica picked per call, by session.
-            base = await directory.base_url("bench")
+            base = directory.base_url("bench")
             r = await c.post(f"{base}/chat/completions", json=body(i),
                              headers={"x-swarm-agent": "planner", "x-session-id": "bench"})
             r.raise_for_status()

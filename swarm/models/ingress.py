@@ -83,8 +83,9 @@ class ReplicaDirectory:
         self._down: dict[str, float] = {}  # base URL -> until when it is left out
         self._warned_unlisted = self._warned_failed = False
 
-    async def base_url(self, session: str) -> str:
-        """Where this session's next call goes: its replica, or the proxy's base URL.
+    def base_url(self, session: str) -> str:
+        """Where this session's next call goes: its replica, or the proxy's base URL. Called
+        from the event loop (a re-read is started there as a task).
 
         Never waits on the controller: a stale list is re-read in the background, and until
         the first read is in, calls go through the proxy (the first read looks the controller

@@ -203,11 +203,11 @@ class OpenAIModel(Model):
             return self._own_client
         return _pooled_client(origin or self._origin, id(self))
 
-    async def _route(self, session: str) -> tuple[str, httpx.AsyncClient]:
+    def _route(self, session: str) -> tuple[str, httpx.AsyncClient]:
         """The completions URL for this call and the client for its server."""
         if self._directory is None:
             return self._url, self._client()
-        base = await self._directory.base_url(session)
+        base = self._directory.base_url(session)
         if base == self.base_url:
             return self._url, self._client()
         parts = urlsplit(base)
@@ -243,7 +243,7 @@ class OpenAIModel(Model):
         attempt = 0
         while True:
             attempt += 1
-            url, client = await self._route(request.session_id)
+            url, client = self._route(request.session_id)
             call_timeout = self.timeout_s
             if end is not None and end - time.time() <= 0:
                 raise self._out_of_time(attempt - 1, end, None)
