@@ -700,10 +700,11 @@ def store_stop(run_dir: RunDirOpt = "runs") -> None:
     again. `swarm up` leaves it running after `swarm down`, so that `swarm audit --store` and
     the next deployment can read it."""
     server = _embedded_store(run_dir)
-    if not server.running() and not server.process_alive():
+    answering = server.running()
+    if not answering and not server.process_alive():
         out.print(f"not running (data under {server.dir})", markup=False, soft_wrap=True)
         return
-    what = server.url if server.running() else f"pid {server.pid()}"
+    what = server.url if answering else f"pid {server.pid()}"
     server.stop()
     out.print(f"stopped {what}; its data stays under {server.dir}", markup=False,
               soft_wrap=True)

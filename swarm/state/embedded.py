@@ -106,6 +106,11 @@ def _is_redis(pid: int) -> bool:
         return True  # no procfs: trust the pidfile
 
 
+def _live_redis(pid: int) -> bool:
+    """Whether `pid` is a live redis-server (a stale pidfile may name another process now)."""
+    return _alive(pid) and _is_redis(pid)
+
+
 class EmbeddedRedis:
     """A redis-server process owned by a run directory; its state lives in files there."""
 
@@ -164,7 +169,7 @@ class EmbeddedRedis:
         """Whether the process its pidfile names is a live redis-server (answering or not:
         loading a large append-only file, say)."""
         pid = self.pid()
-        return pid is not None and _alive(pid) and _is_redis(pid)
+        return pid is not None and _live_redis(pid)
 
     def running(self) -> bool:
         """Whether this run directory's server is up and answering."""
@@ -185,7 +190,7 @@ class EmbeddedRedis:
             self.port = recorded
             return
         pid = self.pid()
-        if pid is not None and _alive(pid) and _is_redis(pid) and recorded is not None:
+        if pid is not None and _live_redis(pid) and recorded is not None:
             # Ours but not answering yet (loading its append-only file, say): wait for it.
             self._wait_until_answering(recorded, self._log_size())
             self.port = recorded
@@ -263,7 +268,7 @@ class EmbeddedRedis:
         The port file stays, so the next `start` takes the same port if it is still free.
         """
         pid = self.pid()
-        if pid is not None and not (_alive(pid) and _is_redis(pid)):
+        if pid is not None and not _live_redis(pid):
             pid = None  # a stale pidfile: never signal whatever has that pid now
         port = self.port or self._recorded_port()
         if port is not None and self._answers(port):
