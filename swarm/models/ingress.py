@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,13 @@ log = logging.getLogger(__name__)
 # first refused connection, so local clusters keep it short.
 DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def default_direct_ingress_env() -> None:
+    """Put `DIRECT_INGRESS_ENV` in this process's environment where it isn't set, before it
+    starts a local cluster (whose processes inherit it)."""
+    for key, value in DIRECT_INGRESS_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 _READ_TIMEOUT_S = 5.0

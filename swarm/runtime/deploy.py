@@ -9,7 +9,7 @@ from typing import Any
 
 from swarm.config import ScriptedModelConfig, SwarmConfig
 from swarm.errors import OrchestrationError, SwarmNotFound, UserError
-from swarm.models.ingress import DIRECT_INGRESS_ENV
+from swarm.models.ingress import default_direct_ingress_env
 from swarm.runtime.supervisor_actor import (
     SupervisorActor,
     agent_actor_name,
@@ -51,8 +51,7 @@ def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
         else:
             # Serve reads these when its processes start: models with `ingress: direct` are
             # then called on their replicas' own ports (swarm.models.ingress).
-            for key, value in DIRECT_INGRESS_ENV.items():
-                os.environ.setdefault(key, value)
+            default_direct_ingress_env()
             ray.init(
                 address="local", namespace=NAMESPACE, log_to_driver=False,
                 include_dashboard=False, _system_config=dict(RAY_SYSTEM_CONFIG),

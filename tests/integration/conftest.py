@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.models.ingress import DIRECT_INGRESS_ENV
+from swarm.models.ingress import default_direct_ingress_env
 from swarm.runtime.deploy import NAMESPACE, RAY_SYSTEM_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,8 +107,7 @@ def ray_cluster(redis_url: str) -> Iterator[dict]:
     temp_dir = tempfile.mkdtemp(prefix="swarm-ray-", dir="/tmp")
     # As a local cluster started by swarm has it: Serve direct ingress available to models with
     # `ingress: direct` (the Serve proxy keeps working for the others).
-    for key, value in DIRECT_INGRESS_ENV.items():
-        os.environ.setdefault(key, value)
+    default_direct_ingress_env()
     ctx = ray.init(
         address="local",
         # Logical CPUs: agents and model replicas reserve none, so this only bounds tasks.
