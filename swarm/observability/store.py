@@ -12,7 +12,8 @@ own spans; the supervisor reads a task's spans back with one lookup:
 - `MemoryTraceStore`: in this process, for tests and `LocalSwarm`.
 
 A stored span is a compact row: name, trace/span/parent ids (hex), kind, start/end (epoch
-seconds), status, error and attributes.
+seconds), status, error and attributes. The per-step spans (`chat`, `execute_tool`) are stored
+more compactly still, one element per task and flush (`CHUNK`), and expanded when read.
 """
 
 from __future__ import annotations
@@ -128,17 +129,39 @@ def step_row(c: list[Any]) -> dict[str, Any]:
             "error": c[14], "attrs": attrs}
 
 
-def _decode(data: bytes) -> dict[str, Any]:
-    """A stored row: a full one, or a compact per-step span expanded."""
+# The per-step spans a process writes for one task in one flush are stored as one element, a
+# chunk: [CHUNK, compact span, compact span, ...] (one encode and one list element for the lot).
+CHUNK = "b"
+
+
+def _decode(data: bytes) -> list[dict[str, Any]]:
+    """The rows of a stored element: a full row, a compact span expanded, or a chunk's spans
+    expanded."""
     row = _decode_any(data)
     if type(row) is dict:
-        return row
-    if type(row) is list and row and row[0] in ("c", "t", "s"):
+        return [row]
+    if type(row) is list and row:
         try:
-            return step_row(row)
-        except (IndexError, TypeError) as exc:
+            if row[0] == CHUNK:
+                return [step_row(c) for c in row[1:]]
+            if row[0] in ("c", "t", "s"):
+                return [step_row(row)]
+        except (IndexError, TypeError, KeyError) as exc:
             raise msgspec.DecodeError(f"a malformed step span: {exc}") from None
     raise msgspec.DecodeError("not a span row")
+
+
+def _rows(elements: Sequence[bytes], *, skip_bad: bool = False) -> list[dict[str, Any]]:
+    """The rows of stored elements in order, the newest `_MAX_ROWS` at most; with `skip_bad`,
+    an element that doesn't decode (a torn last line) is left out."""
+    out: list[dict[str, Any]] = []
+    for data in elements:
+        try:
+            out += _decode(data)
+        except msgspec.DecodeError:
+            if not skip_bad:
+                raise
+    return out[-_MAX_ROWS:]
 
 
 class TraceStore(ABC):
@@ -173,7 +196,7 @@ class MemoryTraceStore(TraceStore):
     def read(self, task_id: str) -> list[dict[str, Any]]:
         """A task's rows."""
         with self._lock:
-            return [_decode(r) for r in self._rows.get(task_id, ())]
+            return _rows(self._rows.get(task_id, ()))
 
 
 class RedisTraceStore(TraceStore):
@@ -221,7 +244,7 @@ class RedisTraceStore(TraceStore):
 
     def read(self, task_id: str) -> list[dict[str, Any]]:
         """A task's rows (the newest `_MAX_ROWS` at most)."""
-        return [_decode(r) for r in self._redis.lrange(self.key(task_id), -_MAX_ROWS, -1)]
+        return _rows(self._redis.lrange(self.key(task_id), -_MAX_ROWS, -1))
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -259,13 +282,7 @@ class JsonlTraceStore(TraceStore):
             data = self.path(task_id).read_bytes()
         except FileNotFoundError:
             return []
-        out = []
-        for line in data.splitlines()[-_MAX_ROWS:]:
-            try:
-                out.append(_decode(line))
-            except msgspec.DecodeError:
-                continue
-        return out
+        return _rows(data.splitlines()[-_MAX_ROWS:], skip_bad=True)
 
 
 def open_trace_store(spec: str | None, run_dir: Path, *, ttl_s: float) -> TraceStore:

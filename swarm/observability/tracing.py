@@ -54,7 +54,13 @@ from swarm.observability._export import (
     build_exporter,
     config_secrets,
 )
-from swarm.observability.store import TASK_ATTR, TraceStore, open_trace_store, step_row
+from swarm.observability.store import (
+    CHUNK,
+    TASK_ATTR,
+    TraceStore,
+    open_trace_store,
+    step_row,
+)
 from swarm.observability.store import _encode as _encode_row
 
 if TYPE_CHECKING:
@@ -211,12 +217,15 @@ class StepSpanSink:
             tracing = self.tracing
             store_proc = tracing.processors.get("store")
             if tracing.store is not None:
-                rows: dict[str, list[bytes]] = {}
+                # One stored element per task and flush: a chunk of its compact spans, encoded
+                # in one call (`swarm.observability.store.CHUNK`).
+                by_task: dict[str, list[Any]] = {}
                 for task, span in batch:
-                    part = rows.get(task)
+                    part = by_task.get(task)
                     if part is None:
-                        part = rows[task] = []
-                    part.append(_encode_row(span))
+                        part = by_task[task] = [CHUNK]
+                    part.append(span)
+                rows = {task: [_encode_row(part)] for task, part in by_task.items()}
                 try:
                     tracing.store.append(rows)
                     self.exported += len(batch)

@@ -478,3 +478,53 @@ def test_redis_trace_store_reports_an_error_reply_and_keeps_working(tmp_path: Pa
         store.close()
     finally:
         server.stop()
+
+
+def _compact(kind: str, span: str, step: int) -> list[Any]:
+    """A compact per-step span in the layout `swarm.observability.store.step_row` reads."""
+    head = [kind, "a" * 32, span, "p" * 16, "task-1", "conv", step, "agent"]
+    if kind == "c":
+        return [*head, "openai", 0.25, 1_000, 2_000, "ok", None, None, None, None, None,
+                "m", "m", "stop", 0, 10, 5, 0, False]
+    return [*head, None, None, 3_000, 4_000, "error", "tool", "boom", None, None, None,
+            "echo", "call-1", "fn"]
+
+
+def test_every_trace_store_reads_chunks_of_step_spans_in_order(tmp_path: Path) -> None:
+    """The sink stores a task's per-step spans of one flush as one chunk element; a reader
+    expands it among full rows and single compact rows, in the order written, and a malformed
+    chunk is a clear decode error (a torn JSONL line is skipped)."""
+    import msgspec
+
+    from swarm.observability.store import CHUNK, RedisTraceStore
+    from swarm.state.embedded import EmbeddedRedis
+
+    enc = msgspec.json.encode
+    full = enc({"name": "invoke_agent a", "trace": "a" * 32, "span": "s0", "parent": None,
+                "kind": "internal", "start": 0.5, "end": 5.0, "status": "unset",
+                "error": None, "attrs": {}})
+    chunk = enc([CHUNK, _compact("c", "s1", 1), _compact("t", "s2", 1)])
+    single = enc(_compact("c", "s3", 2))
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    try:
+        stores = [MemoryTraceStore(), JsonlTraceStore(tmp_path / "traces"),
+                  RedisTraceStore(server.url, ttl_s=60)]
+        for store in stores:
+            store.append({"task-1": [full, chunk]})
+            store.append({"task-1": [single]})
+            rows = store.read("task-1")
+            assert [r["span"] for r in rows] == ["s0", "s1", "s2", "s3"], type(store)
+            assert [r["name"] for r in rows] == ["invoke_agent a", "chat m",
+                                                 "execute_tool echo", "chat m"]
+            assert rows[1]["attrs"]["swarm.cost_usd"] == 0.25
+            assert rows[2]["status"] == "error" and rows[2]["attrs"]["error.type"] == "tool"
+            store.append({"task-2": [enc([CHUNK, ["c", "too short"]])]})
+            if isinstance(store, JsonlTraceStore):
+                assert store.read("task-2") == []  # skipped like a torn line
+            else:
+                with pytest.raises(msgspec.DecodeError, match="malformed step span"):
+                    store.read("task-2")
+        stores[2].close()
+    finally:
+        server.stop()
