@@ -181,7 +181,7 @@ class UsageLedger:
             if not rows:
                 return 0
             try:
-                files = await asyncio.to_thread(self._write, rows)
+                files, combos = await asyncio.to_thread(self._write, rows)
             except Exception:
                 log.warning("usage ledger: writing %d rows under %s failed; will retry",
                             len(rows), self.location, exc_info=True)
@@ -192,15 +192,19 @@ class UsageLedger:
                 return 0
             self.files_written += files
             self.rows_written += len(rows)
-            if self._redis_spec is not None:
+            if combos:
                 try:
-                    await self._add_totals(rows)
+                    await self._add_totals(combos)
                 except Exception:
                     log.warning("usage ledger: Redis totals for %d rows failed", len(rows),
                                 exc_info=True)
             return len(rows)
 
-    def _write(self, rows: list[tuple[Any, ...]]) -> int:
+    def _write(self, rows: list[tuple[Any, ...]]
+               ) -> tuple[int, dict[tuple[Any, ...], list[float]]]:
+        """Write the rows (one Parquet file per day); return the files written and, with Redis
+        totals on, the rows' sums per (swarm, role, user, model) in `SUMS` order, made by
+        pyarrow from the same tables (on this thread, not the event loop)."""
         import pyarrow.parquet as pq
 
         # Group by UTC day number (cheap integer division), name each day once.
@@ -213,43 +217,32 @@ class UsageLedger:
             else:
                 part.append(r)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        combos: dict[tuple[Any, ...], list[float]] = {}
         for day, part in by_day.items():
             folder = f"{self.root}/day={time.strftime('%Y-%m-%d', time.gmtime(day * 86400))}"
             self.fs.create_dir(folder, recursive=True)
             self._seq += 1
             name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{self._seq}.parquet"
+            table = to_table(part)
             # Statistics only where readers filter (time, swarm): a little less to encode.
-            pq.write_table(to_table(part), f"{folder}/{name}", filesystem=self.fs,
+            pq.write_table(table, f"{folder}/{name}", filesystem=self.fs,
                            write_statistics=["ts", "swarm"])
-        return len(by_day)
+            if self._redis_spec is not None:
+                for key, acc in _combos(table).items():
+                    total = combos.setdefault(key, [0.0] * len(SUMS))
+                    for i, v in enumerate(acc):
+                        total[i] += v
+        return len(by_day), combos
 
-    async def _add_totals(self, rows: list[tuple[Any, ...]]) -> None:
+    async def _add_totals(self, combos: dict[tuple[Any, ...], list[float]]) -> None:
+        """Add sums per (swarm, role, user, model) to the running totals: each combination
+        spread over the four dimensions, one pipeline of HINCRBYFLOAT."""
         assert self._redis_spec is not None
         url, prefix = self._redis_spec
         if self._redis is None:
             import redis.asyncio as aredis
 
             self._redis = aredis.Redis.from_url(url)
-        # Sum per (swarm, role, user, model) first, one dict lookup a row; then spread the few
-        # combinations over the four dimensions.
-        combos: dict[tuple[Any, ...], list[float]] = {}
-        for r in rows:
-            key = (r[3], r[4], r[2], r[6])
-            acc = combos.get(key)
-            if acc is None:
-                acc = combos[key] = [0.0] * len(SUMS)
-            # In SUMS order: model_calls, tool_calls, input, output and cached tokens, cost,
-            # errors.
-            if r[5] == "model":
-                acc[0] += 1
-            elif r[5] == "tool":
-                acc[1] += 1
-            acc[2] += r[9]
-            acc[3] += r[10]
-            acc[4] += r[11]
-            acc[5] += r[12]
-            if r[14] == "error":
-                acc[6] += 1
         sums: dict[str, list[float]] = {}
         members: dict[str, set[str]] = {}
         for (swarm, role, user, model), acc in combos.items():
@@ -298,6 +291,28 @@ def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
     arrays = [micros.cast(pa.int64(), safe=False).cast(sch.field(0).type)]
     arrays += [pa.array(c, sch.field(i + 1).type) for i, c in enumerate(cols[1:])]
     return pa.Table.from_arrays(arrays, schema=sch)
+
+
+def _combos(table: pa.Table) -> dict[tuple[Any, ...], list[float]]:
+    """A ledger table's sums per (swarm, role, user, model), in `SUMS` order: model calls,
+    tool calls, input, output and cached tokens, cost, errors (a group-by in pyarrow: the
+    rows are never Python objects again)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def count(column: str, value: str) -> pa.Array:
+        return pc.cast(pc.equal(table[column], value), pa.int64())
+
+    keys = ["swarm", "role", "user", "model"]
+    parts = {k: table[k] for k in keys} | {
+        "m": count("kind", "model"), "t": count("kind", "tool"),
+        "i": table["input_tokens"], "o": table["output_tokens"], "c": table["cached_tokens"],
+        "usd": table["cost_usd"], "e": count("outcome", "error")}
+    sums = ("m", "t", "i", "o", "c", "usd", "e")
+    grouped = pa.table(parts).group_by(keys, use_threads=False).aggregate(
+        [(name, "sum") for name in sums]).to_pydict()
+    return {key: [float(grouped[f"{name}_sum"][n] or 0) for name in sums]
+            for n, key in enumerate(zip(*(grouped[k] for k in keys), strict=True))}
 
 
 # ---- reading ------------------------------------------------------------------------------------
