@@ -23,6 +23,7 @@ its `RunError` class or `tool`, a tool's own error result is `tool`. A call a la
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import deque
 from time import time_ns
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from swarm.tools.interface import ToolResult
 
 _MODEL, _TOOL = 0, 1
+_INVALID_SPAN = "0" * 16
 
 # A call's record, one flat tuple (fields by index):
 #  0 kind (_MODEL | _TOOL)   1 task id   2 conversation id   3 user   4 step
@@ -301,14 +303,22 @@ class MeteringLayer(Middleware):
         # The turn's span context is one object for all its calls (and alive while the batch
         # holds them): its ids are formatted once.
         ids: dict[int, tuple[str, str | None]] = {}
-        for r, cost in zip(batch, costs, strict=True):
+        # The span ids of the calls that have none yet: one draw of random bytes for the batch,
+        # sliced (a third of the time of drawing and formatting each).
+        fresh = os.urandom(8 * len(batch)).hex()
+        for j, (r, cost) in enumerate(zip(batch, costs, strict=True)):
             ctx = r[5]
             got = ids.get(id(ctx))
             if got is None:
                 got = ids[id(ctx)] = (format(ctx.trace_id, "032x"),
                                       format(ctx.span_id, "016x") if ctx.span_id else None)
             trace, parent = got
-            span_id = format(r[6] or _random_bits(64), "016x")
+            if r[6]:
+                span_id = format(r[6], "016x")
+            else:
+                span_id = fresh[16 * j:16 * j + 16]
+                if span_id == _INVALID_SPAN:  # all zeros is no span id (odds 2**-64)
+                    span_id = "0000000000000001"
             if r[0] == _MODEL:
                 head = ("c", trace, span_id, parent, r[1], r[2], r[4], role, provider, cost)
             else:
