@@ -123,6 +123,7 @@ class UsageLedger:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
+        self._closing = False  # the writer stops at its next turn round
         self._seq = 0
 
     # -- hot path --------------------------------------------------------------------------
@@ -153,14 +154,18 @@ class UsageLedger:
     def _start(self) -> None:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._closing = False
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         wake = self._wake
         assert wake is not None
-        while True:
+        while not self._closing:
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns normally when
+            # the wake-up and a cancel land together, and the cancel (from `aclose`) is lost.
             try:
-                await asyncio.wait_for(wake.wait(), self.flush_interval_s)
+                async with asyncio.timeout(self.flush_interval_s):
+                    await wake.wait()
             except TimeoutError:
                 pass
             wake.clear()
@@ -268,12 +273,15 @@ class UsageLedger:
         if self._lock is None:
             self._lock = asyncio.Lock()
         # Under the lock a flush in progress finishes first (cancelling it could lose its
-        # batch); the writer is then waiting, and safe to cancel.
+        # batch); the writer is then waiting, and safe to cancel. It is awaited with the lock
+        # released: should it flush once more all the same, it can, and then it stops.
+        self._closing = True
         async with self._lock:
             task, self._task = self._task, None
             if task is not None and not task.done():
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
         await self.flush()
         if self._redis is not None:
             await self._redis.aclose()

@@ -3,6 +3,8 @@ Parquet ledger and its queries, Redis totals, and one error class everywhere."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -166,6 +168,23 @@ async def test_files_are_partitioned_by_day_and_filtered_by_since(tmp_path: Path
     assert tasks("13h") == ["new1", "new2", "old"]
     assert tasks("1d") == ["new1", "new2", "old"]
     assert tasks("30m") == []
+
+
+async def test_closing_the_ledger_as_a_turn_end_wakes_its_writer_does_not_hang(
+        tmp_path: Path) -> None:
+    """A turn's end wakes the writer (`kick`) in the same moment the host closes the ledger:
+    the writer's wait and the close's cancel land together, which Python 3.11's
+    `asyncio.wait_for` turned into a lost cancel and a close that waited forever for the
+    writer. The close must return, with the rows written once."""
+    for attempt in range(3):
+        ledger = UsageLedger(str(tmp_path / f"usage-{attempt}"), flush_interval_s=30)
+        ledger.add(_row(time.time()))  # starts the writer
+        await asyncio.sleep(0)  # it is waiting for a wake-up now
+        ledger.add(_row(time.time(), step=2))
+        ledger.kick()
+        await asyncio.wait_for(ledger.aclose(), 10)
+        assert ledger.rows_written == 2 and ledger.rows == []
+        assert read_usage(str(tmp_path / f"usage-{attempt}")).num_rows == 2
 
 
 def test_since_values_that_mean_nothing_are_errors() -> None:
