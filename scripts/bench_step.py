@@ -367,6 +367,150 @@ async def _paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: i
         teardown()
 
 
+async def parts(steps: int, level: int, blocks: int) -> None:
+    """Where the layers' CPU goes, part by part, on a host with a Redis checkpoint every step.
+
+    Each block runs `level` tasks on a bare host and on one with tracing, metrics and the
+    ledger; the second host's background work is then done here, one part at a time, each
+    timed with the process's CPU clock: the metering layer's drain (calls into span rows,
+    ledger rows and metric sums), the trace store write, the metrics push, and (once a second
+    of the host's running time, as its writer does) the ledger's Parquet file and Redis
+    totals. The layer's own cost on the step path (timing each call and keeping one tuple) is
+    timed apart, around an instant model and tool call. Each part is summed over all blocks
+    and divided by all steps. Unlike `--paired`, this doesn't rest on the difference of two
+    noisy totals; it leaves out what the layers cost indirectly (memory, caches, the
+    collector)."""
+    from scripts.bench.swarm_side import redis_store
+    from swarm.observability import metrics, tracing
+    from swarm.observability.metering import MeteringLayer
+
+    global _STORE_URL
+    async with redis_store() as (store, server, _run_dir):
+        _STORE_URL = server.url
+        saved = tracing.active(), metrics.use_recorder(None)
+        metrics.use_recorder(saved[1])
+        cfg = config(steps)
+        teardowns = []
+        for name in ("tracing", "metrics", "ledger"):
+            got = LAYERS[name](cfg)
+            if isinstance(got, tuple):
+                cfg, got = got
+            teardowns.append(got)
+        full = AgentHost(cfg, "bench", CountingModel(steps), build_sources(cfg, {"fn"}),
+                         EventBuffer(Collector()), store=store)
+        await full.start()
+        tracing.install(saved[0])
+        metrics.use_recorder(saved[1])
+        bare_cfg = config(steps)
+        bare = AgentHost(bare_cfg, "bench", CountingModel(steps),
+                         build_sources(bare_cfg, {"fn"}), EventBuffer(Collector()), store=store)
+        await bare.start()
+        assert full._loop is not None
+        layer = next(x for x in full._loop.middleware if isinstance(x, MeteringLayer))
+        sink, ledger, meter = layer.sink, layer.ledger, layer.meter
+        assert sink is not None and ledger is not None and meter is not None
+        # The background work is done below, part by part: nothing drains on its own.
+        sink.sources.remove(layer.drain)
+        ledger.sources.remove(layer.drain)
+        meter.samplers.clear()
+        for i, host in enumerate((bare, full)):
+            await run_level(host, 4, steps, f"w{i}-")  # task ids unique in the shared store
+        layer.drain()
+        sink.flush()
+        await ledger.flush()
+        cpu = dict.fromkeys(("bare", "steps", "drain", "trace store", "metrics push",
+                             "ledger file + totals"), 0.0)
+        n_all, ran, due = 0, 0.0, 1.0
+        clock = time.process_time
+        for block in range(blocks):
+            # The two hosts take turns at going first.
+            for which in (("bare", "steps") if block % 2 else ("steps", "bare")):
+                c0 = clock()
+                wall, n = await run_level(bare if which == "bare" else full, level, steps,
+                                          f"{which}{block}-")
+                cpu[which] += clock() - c0
+                if which == "steps":
+                    n_all, ran = n_all + n, ran + wall
+            c0 = clock()
+            layer.drain()
+            cpu["drain"] += clock() - c0
+            c0 = clock()
+            sink.flush()
+            cpu["trace store"] += clock() - c0
+            c0 = clock()
+            meter.flush()
+            cpu["metrics push"] += clock() - c0
+            if ran >= due or block == blocks - 1:
+                due = ran + ledger.min_gap_s
+                c0 = clock()
+                await ledger.flush()  # Parquet in a worker thread: the process clock counts it
+                cpu["ledger file + totals"] += clock() - c0
+        on_path = await _layer_on_path(layer)
+        sink.sources.append(layer.drain)
+        for host in (bare, full):
+            await host.aclose()
+        for teardown in teardowns:
+            teardown()
+        _STORE_URL = None
+    per = {k: v / n_all * 1e6 for k, v in cpu.items()}
+    base = per.pop("bare")
+    stepping = per.pop("steps")
+    per = {"on the step path (timed apart)": on_path, **per}
+    total = sum(per.values())
+    print(f"\n== layer parts: {blocks} blocks x {level} tasks x {steps} steps, a Redis "
+          "checkpoint every step; CPU µs per step, summed over all blocks")
+    print(f"{'bare host (no layers)':<34} {base:>7.1f}")
+    print(f"{'host with the layers, steps only':<34} {stepping:>7.1f}   "
+          f"({stepping - base:+.1f} against bare: the step path, with this machine's noise)")
+    for name, v in per.items():
+        print(f"  {name:<32} {v:>7.1f}   {v / base * 100:5.1f}%")
+    print(f"{'the layers, all parts':<34} {total:>7.1f}   {total / base * 100:5.1f}% of the "
+          "bare step")
+
+
+async def _layer_on_path(layer: Any, calls: int = 20_000) -> float:
+    """µs per step the metering layer adds around an instant model call and an instant tool
+    call (the rest of the chain left out): the best of 5 rounds, its records dropped."""
+    from types import SimpleNamespace
+
+    from swarm.runtime.middleware import ModelCall, ToolInvocation, compose_model, compose_tool
+    from swarm.runtime.step import Session
+    from swarm.tools.interface import ToolContext, ToolResult
+
+    resp = ModelResponse(content=None, tool_calls=[ToolCall(id="c", name="echo",
+                                                            arguments=_ECHO_ARGS)],
+                         usage=Usage(input_tokens=100, output_tokens=20),
+                         finish_reason="tool_calls", model="bench")
+    result = ToolResult("x" * 190)
+
+    async def model(call: Any) -> ModelResponse:
+        return resp
+
+    async def tool(inv: Any) -> ToolResult:
+        return result
+
+    session = Session("t", "bench", "s", [])
+    req = ModelRequest(messages=[], tools=[], session_id="s", agent="bench")
+    call = ToolCall(id="c", name="echo", arguments=_ECHO_ARGS)
+    entry: Any = SimpleNamespace(source=SimpleNamespace(name="fn"))
+    ctx = ToolContext(task_id="t", agent="bench", session_id="s", call_id="c", step=1)
+    with_model, with_tool = compose_model([layer], model), compose_tool([layer], tool)
+    best = float("inf")
+    for _ in range(5):
+        c0 = time.process_time()
+        for i in range(calls):
+            await model(ModelCall(session, i, "bench", "m", req))
+            await tool(ToolInvocation(session, i, 0, "bench", call, entry, {}, ctx))
+        bare = time.process_time() - c0
+        c0 = time.process_time()
+        for i in range(calls):
+            await with_model(ModelCall(session, i, "bench", "m", req))
+            await with_tool(ToolInvocation(session, i, 0, "bench", call, entry, {}, ctx))
+        best = min(best, (time.process_time() - c0 - bare) / calls * 1e6)
+        layer.pending.clear()
+    return best
+
+
 def profile_inprocess(steps: int) -> None:
     cfg = config(steps)
     from swarm.models.scripted.model import ScriptedModel
@@ -439,6 +583,10 @@ def main() -> None:
     ap.add_argument("--paired", type=int, default=0, metavar="BLOCKS",
                     help="with --layers: also compare in BLOCKS alternating blocks at the last "
                     "--levels value (robust on a busy machine)")
+    ap.add_argument("--parts", type=int, default=0, metavar="BLOCKS",
+                    help="time each part of the tracing, metrics and ledger work apart, over "
+                    "BLOCKS blocks at the last --levels value, with a Redis checkpoint every "
+                    "step (see `parts`)")
     args = ap.parse_args()
     runs = [tuple(x.split("+")) for x in args.layers.split(",") if x]
     for run in runs:
@@ -479,6 +627,8 @@ def main() -> None:
         if not runs:
             ap.error("--paired needs --layers")
         asyncio.run(paired(runs, args.steps, levels[-1], args.paired, args.paired_store))
+    if args.parts:
+        asyncio.run(parts(args.steps, levels[-1], args.parts))
     if args.profile:
         profile_inprocess(args.steps)
     if not args.no_http:

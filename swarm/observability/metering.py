@@ -72,7 +72,8 @@ _INVALID_SPAN = "0" * 16
 
 # A call's record, one flat tuple (fields by index):
 #  0 kind (_MODEL | _TOOL)   1 task id   2 conversation id   3 user   4 step
-#  5 the parent span's context (None without tracing)   6 span id (0: drawn when drained)
+#  5 the parent span's (trace id, span id) in hex (None without tracing)
+#  6 span id (0: drawn when drained)
 #  7 start ns   8 end ns   9 outcome: ok | error | canceled | stopped   10 error class
 # 11 span error text   12 stopped: the StopTurn outcome's kind
 # 13 captured content (input or arguments)   14 captured content (output or result)
@@ -158,7 +159,7 @@ class MeteringLayer(Middleware):
         session = call.session
         parent = None
         if self.sink is not None:
-            parent = session.scratch.get("span") or _parent_of(session)
+            parent = _parent_ids(session)
         captured = self.tracer.content(_new_input(call)) if self.capture else None
         t0 = time_ns()
         try:
@@ -216,10 +217,10 @@ class MeteringLayer(Middleware):
         parent = None
         span_id = token = 0
         if self.sink is not None:
-            parent = session.scratch.get("span") or _parent_of(session)
+            parent = _parent_ids(session)
             if server in self.mcp_servers:
                 span_id = _random_bits(64)
-                trace_id = parent.trace_id
+                trace_id = _parent_of(session).trace_id
                 inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
                 token = attach(set_span_in_context(
                     NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
@@ -300,19 +301,11 @@ class MeteringLayer(Middleware):
         `swarm.observability.store.step_row`'s)."""
         out = []
         role, provider = self.role, self.provider
-        # The turn's span context is one object for all its calls (and alive while the batch
-        # holds them): its ids are formatted once.
-        ids: dict[int, tuple[str, str | None]] = {}
         # The span ids of the calls that have none yet: one draw of random bytes for the batch,
         # sliced (a third of the time of drawing and formatting each).
         fresh = os.urandom(8 * len(batch)).hex()
         for j, (r, cost) in enumerate(zip(batch, costs, strict=True)):
-            ctx = r[5]
-            got = ids.get(id(ctx))
-            if got is None:
-                got = ids[id(ctx)] = (format(ctx.trace_id, "032x"),
-                                      format(ctx.span_id, "016x") if ctx.span_id else None)
-            trace, parent = got
+            trace, parent = r[5]
             if r[6]:
                 span_id = format(r[6], "016x")
             else:
@@ -405,6 +398,18 @@ def _parent_of(session: Any) -> SpanContext:
     parent = SpanContext(_random_bits(128), 0, False)
     session.scratch["span"] = parent
     return parent
+
+
+def _parent_ids(session: Any) -> tuple[str, str | None]:
+    """The (trace id, span id) in hex of the span a step's spans hang under (`_parent_of`),
+    formatted once a turn. Records keep these strings rather than the span context, so a
+    record holds no object the garbage collector must keep watching."""
+    ctx = _parent_of(session)
+    got = session.scratch.get("span_ids")
+    if got is None or got[0] is not ctx:
+        got = session.scratch["span_ids"] = (ctx, (
+            format(ctx.trace_id, "032x"), format(ctx.span_id, "016x") if ctx.span_id else None))
+    return got[1]  # type: ignore[no-any-return]
 
 
 def _new_input(call: ModelCall) -> list[dict[str, Any]]:
