@@ -129,7 +129,8 @@ def step_row(c: list[Any]) -> dict[str, Any]:
             "error": c[14], "attrs": attrs}
 
 
-# The per-step spans a process writes for one task in one flush are stored as one element, a
+# The compact spans a process writes for one task in one flush (its steps' `chat` and
+# `execute_tool` spans, and any `invoke_agent` span that ended) are stored as one element, a
 # chunk: [CHUNK, compact span, compact span, ...] (one encode and one list element for the lot).
 CHUNK = "b"
 
@@ -143,7 +144,10 @@ def _decode(data: bytes) -> list[dict[str, Any]]:
     if type(row) is list and row:
         try:
             if row[0] == CHUNK:
-                return [step_row(c) for c in row[1:]]
+                spans = row[1:]
+                if not all(type(c) is list and c and c[0] in ("c", "t", "s") for c in spans):
+                    raise TypeError("a chunk holds compact spans only")
+                return [step_row(c) for c in spans]
             if row[0] in ("c", "t", "s"):
                 return [step_row(row)]
         except (IndexError, TypeError, KeyError) as exc:
@@ -152,15 +156,23 @@ def _decode(data: bytes) -> list[dict[str, Any]]:
 
 
 def _rows(elements: Sequence[bytes], *, skip_bad: bool = False) -> list[dict[str, Any]]:
-    """The rows of stored elements in order, the newest `_MAX_ROWS` at most; with `skip_bad`,
-    an element that doesn't decode (a torn last line) is left out."""
-    out: list[dict[str, Any]] = []
-    for data in elements:
+    """The rows of stored elements in order, the newest `_MAX_ROWS` at most (elements are
+    decoded newest first, and no further than that); with `skip_bad`, an element that doesn't
+    decode (a torn last line) is left out."""
+    parts: list[list[dict[str, Any]]] = []
+    n = 0
+    for data in reversed(elements):
         try:
-            out += _decode(data)
+            rows = _decode(data)
         except msgspec.DecodeError:
             if not skip_bad:
                 raise
+            continue
+        parts.append(rows)
+        n += len(rows)
+        if n >= _MAX_ROWS:
+            break
+    out = [row for rows in reversed(parts) for row in rows]
     return out[-_MAX_ROWS:]
 
 
@@ -170,7 +182,8 @@ class TraceStore(ABC):
 
     @abstractmethod
     def append(self, rows: dict[str, list[bytes]]) -> None:
-        """Add encoded rows, grouped by task id."""
+        """Add encoded elements (a row, or a chunk of a flush's step spans), grouped by task
+        id."""
 
     @abstractmethod
     def read(self, task_id: str) -> list[dict[str, Any]]:
@@ -194,7 +207,7 @@ class MemoryTraceStore(TraceStore):
                 self._rows.setdefault(task_id, []).extend(batch)
 
     def read(self, task_id: str) -> list[dict[str, Any]]:
-        """A task's rows."""
+        """A task's rows (the newest `_MAX_ROWS` at most)."""
         with self._lock:
             return _rows(self._rows.get(task_id, ()))
 
@@ -277,7 +290,8 @@ class JsonlTraceStore(TraceStore):
                     f.write(b"\n".join(batch) + b"\n")
 
     def read(self, task_id: str) -> list[dict[str, Any]]:
-        """A task's rows; a torn last line (a writer that died mid-write) is skipped."""
+        """A task's rows; a torn last line (a writer that died mid-write: one span, or one
+        flush's chunk of step spans) is skipped."""
         try:
             data = self.path(task_id).read_bytes()
         except FileNotFoundError:

@@ -123,7 +123,6 @@ class UsageLedger:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
-        self._closing = False  # the writer stops at its next turn round
         self._seq = 0
 
     # -- hot path --------------------------------------------------------------------------
@@ -153,14 +152,15 @@ class UsageLedger:
 
     def _start(self) -> None:
         self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._closing = False
+        if self._lock is None:  # one lock for the ledger's life: flushes never overlap
+            self._lock = asyncio.Lock()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         wake = self._wake
         assert wake is not None
-        while not self._closing:
+        # Until `aclose` lets go of this writer (or a restart replaces it).
+        while self._task is asyncio.current_task():
             # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns normally when
             # the wake-up and a cancel land together, and the cancel (from `aclose`) is lost.
             try:
@@ -233,7 +233,13 @@ class UsageLedger:
             pq.write_table(table, f"{folder}/{name}", filesystem=self.fs,
                            write_statistics=["ts", "swarm"])
             if self._redis_spec is not None:
-                for key, acc in _combos(table).items():
+                try:
+                    sums = _combos(table)
+                except Exception:  # the file is written: a retry would write its rows twice
+                    log.warning("usage ledger: summing %d rows for the Redis totals failed",
+                                len(part), exc_info=True)
+                    continue
+                for key, acc in sums.items():
                     total = combos.setdefault(key, [0.0] * len(SUMS))
                     for i, v in enumerate(acc):
                         total[i] += v
@@ -275,7 +281,6 @@ class UsageLedger:
         # Under the lock a flush in progress finishes first (cancelling it could lose its
         # batch); the writer is then waiting, and safe to cancel. It is awaited with the lock
         # released: should it flush once more all the same, it can, and then it stops.
-        self._closing = True
         async with self._lock:
             task, self._task = self._task, None
             if task is not None and not task.done():

@@ -313,3 +313,15 @@ async def test_a_restart_does_not_resend_a_finished_remote_turn(tmp_path: Path,
         again = await sw2.supervisor.wait(task_id, 10)
     assert again["state"] == "completed" and again["answer"] == row["answer"]
     assert len(peer.received["echo"]) == sent  # the log said the remote had answered
+
+
+def test_new_ids_are_random_version_4_uuids_in_hex() -> None:
+    import uuid
+
+    from swarm.protocol.a2a import new_id
+
+    ids = {new_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for i in ids:
+        u = uuid.UUID(hex=i)
+        assert (u.hex, u.version, u.variant) == (i, 4, uuid.RFC_4122)

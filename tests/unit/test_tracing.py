@@ -519,12 +519,32 @@ def test_every_trace_store_reads_chunks_of_step_spans_in_order(tmp_path: Path) -
                                                  "execute_tool echo", "chat m"]
             assert rows[1]["attrs"]["swarm.cost_usd"] == 0.25
             assert rows[2]["status"] == "error" and rows[2]["attrs"]["error.type"] == "tool"
-            store.append({"task-2": [enc([CHUNK, ["c", "too short"]])]})
-            if isinstance(store, JsonlTraceStore):
-                assert store.read("task-2") == []  # skipped like a torn line
-            else:
-                with pytest.raises(msgspec.DecodeError, match="malformed step span"):
-                    store.read("task-2")
+            for n, bad in enumerate(([CHUNK, ["c", "too short"]],
+                                     [CHUNK, _compact("c", "s4", 3), [CHUNK]],
+                                     [CHUNK, ["x", *_compact("t", "s5", 3)[1:]]])):
+                store.append({f"bad-{n}": [enc(bad)]})
+                if isinstance(store, JsonlTraceStore):
+                    assert store.read(f"bad-{n}") == []  # skipped like a torn line
+                else:
+                    with pytest.raises(msgspec.DecodeError, match="malformed step span"):
+                        store.read(f"bad-{n}")
         stores[2].close()
     finally:
         server.stop()
+
+
+def test_a_read_keeps_the_newest_rows_and_expands_no_further(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the per-read cap, a read returns the newest rows in order, the oldest chunk cut
+    in the middle, and doesn't decode the elements before it."""
+    import msgspec
+
+    from swarm.observability import store as trace_store
+
+    monkeypatch.setattr(trace_store, "_MAX_ROWS", 5)
+    enc = msgspec.json.encode
+    store = MemoryTraceStore()
+    store.append({"t": [b"not json: never read", enc([trace_store.CHUNK, *(
+        _compact("t", f"a{i}", 1) for i in range(3))])]})
+    store.append({"t": [enc([trace_store.CHUNK, *(_compact("t", f"b{i}", 2) for i in range(3))])]})
+    assert [r["span"] for r in store.read("t")] == ["a1", "a2", "b0", "b1", "b2"]
