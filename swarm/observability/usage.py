@@ -210,25 +210,28 @@ class UsageLedger:
         """Write the rows (one Parquet file per day); return the files written and, with Redis
         totals on, the rows' sums per (swarm, role, user, model) in `SUMS` order, made by
         pyarrow from the same tables (on this thread, not the event loop)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        # Group by UTC day number (cheap integer division), name each day once.
-        by_day: dict[int, list[tuple[Any, ...]]] = {}
-        for r in rows:
-            day = int(r[0] // 86400)
-            part = by_day.get(day)
-            if part is None:
-                by_day[day] = [r]
-            else:
-                part.append(r)
+        # One table, split by UTC day only when the batch spans midnight (in pyarrow: the
+        # rows are never looped over in Python).
+        whole = to_table(rows)
+        days = pc.divide(pc.cast(whole["ts"], pa.int64()), 86_400_000_000)  # µs to days
+        first, last = (int(v.as_py()) for v in pc.min_max(days).values())
+        tables = {first: whole} if first == last else {
+            day: whole.filter(pc.equal(days, day)) for day in range(first, last + 1)}
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         combos: dict[tuple[Any, ...], list[float]] = {}
-        for day, part in by_day.items():
+        written = 0
+        for day, table in tables.items():
+            if not table.num_rows:
+                continue
             folder = f"{self.root}/day={time.strftime('%Y-%m-%d', time.gmtime(day * 86400))}"
             self.fs.create_dir(folder, recursive=True)
             self._seq += 1
             name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{self._seq}.parquet"
-            table = to_table(part)
+            written += 1
             # Statistics only where readers filter (time, swarm): a little less to encode.
             pq.write_table(table, f"{folder}/{name}", filesystem=self.fs,
                            write_statistics=["ts", "swarm"])
@@ -237,13 +240,13 @@ class UsageLedger:
                     sums = _combos(table)
                 except Exception:  # the file is written: a retry would write its rows twice
                     log.warning("usage ledger: summing %d rows for the Redis totals failed",
-                                len(part), exc_info=True)
+                                table.num_rows, exc_info=True)
                     continue
                 for key, acc in sums.items():
                     total = combos.setdefault(key, [0.0] * len(SUMS))
                     for i, v in enumerate(acc):
                         total[i] += v
-        return len(by_day), combos
+        return written, combos
 
     async def _add_totals(self, combos: dict[tuple[Any, ...], list[float]]) -> None:
         """Add sums per (swarm, role, user, model) to the running totals: each combination
