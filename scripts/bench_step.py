@@ -284,6 +284,29 @@ async def _flush_layers(host: AgentHost, ran_s: float) -> None:
                     ledger._bench_due = ran_s + ledger.min_gap_s  # type: ignore[attr-defined]
 
 
+async def _layered_host(layers: tuple[str, ...], steps: int, store: Any,
+                        teardowns: list[Any]) -> AgentHost:
+    """A started host with only the named layers (the process-wide tracing and metrics
+    recorder are restored once it has bound them), on `CountingModel`: a constant cost per
+    call, so its base is the runtime's own per-step cost. Layer teardowns go to `teardowns`."""
+    from swarm.observability import metrics, tracing
+
+    saved = tracing.active(), metrics.use_recorder(None)
+    metrics.use_recorder(saved[1])
+    cfg = config(steps)
+    for name in layers:
+        got = LAYERS[name](cfg)
+        if isinstance(got, tuple):
+            cfg, got = got
+        teardowns.append(got)
+    host = AgentHost(cfg, "bench", CountingModel(steps), build_sources(cfg, {"fn"}),
+                     EventBuffer(Collector()), store=store)
+    await host.start()  # the layers are bound here
+    tracing.install(saved[0])
+    metrics.use_recorder(saved[1])
+    return host
+
+
 async def paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: int,
                  store: str = "none") -> None:
     """See `_paired`; with `store="redis"`, every host checkpoints each step to a private
@@ -315,24 +338,12 @@ async def _paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: i
     so the base is the runtime's own per-step cost rather than mostly the scripted policy's.
     The overhead is also given from the total CPU over all blocks, which counts the ledger's
     once-a-second Parquet files in full (a median of blocks would skip them)."""
-    from swarm.observability import metrics, tracing
 
     sets: list[tuple[str, ...]] = [(), *runs]
-    hosts, teardowns = [], []
+    hosts: list[AgentHost] = []
+    teardowns: list[Any] = []
     for layers in sets:
-        saved = tracing.active(), metrics.use_recorder(None)
-        metrics.use_recorder(saved[1])
-        cfg = config(steps)
-        for name in layers:
-            got = LAYERS[name](cfg)
-            if isinstance(got, tuple):
-                cfg, got = got
-            teardowns.append(got)
-        host = AgentHost(cfg, "bench", CountingModel(steps), build_sources(cfg, {"fn"}),
-                         EventBuffer(Collector()), store=store)
-        await host.start()  # the layers are bound here
-        tracing.install(saved[0])
-        metrics.use_recorder(saved[1])
+        host = await _layered_host(layers, steps, store, teardowns)
         await run_level(host, 4, steps, f"w{len(hosts)}-")  # warm up
         await _flush_layers(host, 0.0)
         hosts.append(host)
@@ -381,30 +392,14 @@ async def parts(steps: int, level: int, blocks: int) -> None:
     noisy totals; it leaves out what the layers cost indirectly (memory, caches, the
     collector)."""
     from scripts.bench.swarm_side import redis_store
-    from swarm.observability import metrics, tracing
     from swarm.observability.metering import MeteringLayer
 
     global _STORE_URL
     async with redis_store() as (store, server, _run_dir):
         _STORE_URL = server.url
-        saved = tracing.active(), metrics.use_recorder(None)
-        metrics.use_recorder(saved[1])
-        cfg = config(steps)
-        teardowns = []
-        for name in ("tracing", "metrics", "ledger"):
-            got = LAYERS[name](cfg)
-            if isinstance(got, tuple):
-                cfg, got = got
-            teardowns.append(got)
-        full = AgentHost(cfg, "bench", CountingModel(steps), build_sources(cfg, {"fn"}),
-                         EventBuffer(Collector()), store=store)
-        await full.start()
-        tracing.install(saved[0])
-        metrics.use_recorder(saved[1])
-        bare_cfg = config(steps)
-        bare = AgentHost(bare_cfg, "bench", CountingModel(steps),
-                         build_sources(bare_cfg, {"fn"}), EventBuffer(Collector()), store=store)
-        await bare.start()
+        teardowns: list[Any] = []
+        full = await _layered_host(("tracing", "metrics", "ledger"), steps, store, teardowns)
+        bare = await _layered_host((), steps, store, teardowns)
         assert full._loop is not None
         layer = next(x for x in full._loop.middleware if isinstance(x, MeteringLayer))
         sink, ledger, meter = layer.sink, layer.ledger, layer.meter
