@@ -372,7 +372,10 @@ class AgentHost:
                 yield
             return
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for loses a cancel that lands
+            # as the slot is granted, and a cancelled turn would run anyway.
+            async with asyncio.timeout(timeout):
+                await self._slots.acquire()
         except TimeoutError:
             raise StuckError("queue_timeout", (
                 f"waited {timeout:g} s (stuck.queue_timeout_s) for a session slot on agent "
