@@ -15,6 +15,8 @@ server would.
     python scripts/bench_step.py --no-http --layers tracing   # each layer set off vs on
     python scripts/bench_step.py --no-http --layers metrics+ledger,tracing+metrics+ledger \
         --levels 10 --rounds 1 --paired 40      # A/B in 40 alternating blocks
+    python scripts/bench_step.py --no-http --levels 10 --rounds 1 --parts 100
+                                                # the layers' CPU, each part timed apart
 
 `--layers` names optional layers (see LAYERS; comma-separated, `+` joins layers into one
 run): the in-process rows are printed without them, then with each, and a summary compares
