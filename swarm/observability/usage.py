@@ -311,24 +311,32 @@ def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
 
 def _combos(table: pa.Table) -> dict[tuple[Any, ...], list[float]]:
     """A ledger table's sums per (swarm, role, user, model), in `SUMS` order: model calls,
-    tool calls, input, output and cached tokens, cost, errors (a group-by in pyarrow: the
-    rows are never Python objects again)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    def count(column: str, value: str) -> pa.Array:
-        return pc.cast(pc.equal(table[column], value), pa.int64())
-
-    keys = ["swarm", "role", "user", "model"]
-    parts = {k: table[k] for k in keys} | {
-        "m": count("kind", "model"), "t": count("kind", "tool"),
-        "i": table["input_tokens"], "o": table["output_tokens"], "c": table["cached_tokens"],
-        "usd": table["cost_usd"], "e": count("outcome", "error")}
-    sums = ("m", "t", "i", "o", "c", "usd", "e")
-    grouped = pa.table(parts).group_by(keys, use_threads=False).aggregate(
-        [(name, "sum") for name in sums]).to_pydict()
-    return {key: [float(grouped[f"{name}_sum"][n] or 0) for name in sums]
-            for n, key in enumerate(zip(*(grouped[k] for k in keys), strict=True))}
+    tool calls, input, output and cached tokens, cost, errors. One group-by in pyarrow, by
+    those four and the kind and outcome, so that calls and errors are the groups' counts; the
+    few groups are then folded in Python."""
+    keys = ["swarm", "role", "user", "model", "kind", "outcome"]
+    grouped = table.group_by(keys, use_threads=False).aggregate([
+        ("input_tokens", "sum"), ("output_tokens", "sum"), ("cached_tokens", "sum"),
+        ("cost_usd", "sum"), ([], "count_all")]).to_pydict()
+    out: dict[tuple[Any, ...], list[float]] = {}
+    columns = [grouped[k] for k in keys] + [grouped[f"{c}_sum"] for c in (
+        "input_tokens", "output_tokens", "cached_tokens", "cost_usd")] + [grouped["count_all"]]
+    for swarm, role, user, model, kind, outcome, tin, tout, tc, usd, n in zip(
+            *columns, strict=True):
+        acc = out.get((swarm, role, user, model))
+        if acc is None:
+            acc = out[(swarm, role, user, model)] = [0.0] * len(SUMS)
+        if kind == "model":
+            acc[0] += n
+        elif kind == "tool":
+            acc[1] += n
+        acc[2] += tin or 0
+        acc[3] += tout or 0
+        acc[4] += tc or 0
+        acc[5] += usd or 0.0
+        if outcome == "error":
+            acc[6] += n
+    return out
 
 
 # ---- reading ------------------------------------------------------------------------------------
