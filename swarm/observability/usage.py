@@ -305,8 +305,21 @@ def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in COLUMNS]
     micros = pc.multiply(pa.array(cols[0], pa.float64()), 1e6)
     arrays = [micros.cast(pa.int64(), safe=False).cast(sch.field(0).type)]
-    arrays += [pa.array(c, sch.field(i + 1).type) for i, c in enumerate(cols[1:])]
+    for i, c in enumerate(cols[1:], 1):
+        kind = sch.field(i).type
+        if i in _OFTEN_ONE_VALUE and c and c.count(c[0]) == len(c):
+            # One value all the way down (a replica's swarm and role; no user; all ok): made
+            # from the value, not converted row by row.
+            arrays.append(pa.nulls(len(c), kind) if c[0] is None else
+                          pa.repeat(pa.scalar(c[0], kind), len(c)))
+        else:
+            arrays.append(pa.array(c, kind))
     return pa.Table.from_arrays(arrays, schema=sch)
+
+
+# Columns (by index) that usually hold one value in a whole batch.
+_OFTEN_ONE_VALUE = frozenset(COLUMNS.index(c) for c in (
+    "user", "swarm", "role", "outcome", "error_class"))
 
 
 def _combos(table: pa.Table) -> dict[tuple[Any, ...], list[float]]:
