@@ -209,7 +209,7 @@ class UsageLedger:
                ) -> tuple[int, dict[tuple[Any, ...], list[float]]]:
         """Write the rows (one Parquet file per day); return the files written and, with Redis
         totals on, the rows' sums per (swarm, role, user, model) in `SUMS` order, made by
-        pyarrow from the same tables (on this thread, not the event loop)."""
+        pyarrow from the same table (on this thread, not the event loop)."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -222,7 +222,6 @@ class UsageLedger:
         tables = {first: whole} if first == last else {
             day: whole.filter(pc.equal(days, day)) for day in range(first, last + 1)}
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        combos: dict[tuple[Any, ...], list[float]] = {}
         written = 0
         for day, table in tables.items():
             if not table.num_rows:
@@ -235,17 +234,13 @@ class UsageLedger:
             # Statistics only where readers filter (time, swarm): a little less to encode.
             pq.write_table(table, f"{folder}/{name}", filesystem=self.fs,
                            write_statistics=["ts", "swarm"])
-            if self._redis_spec is not None:
-                try:
-                    sums = _combos(table)
-                except Exception:  # the file is written: a retry would write its rows twice
-                    log.warning("usage ledger: summing %d rows for the Redis totals failed",
-                                table.num_rows, exc_info=True)
-                    continue
-                for key, acc in sums.items():
-                    total = combos.setdefault(key, [0.0] * len(SUMS))
-                    for i, v in enumerate(acc):
-                        total[i] += v
+        combos: dict[tuple[Any, ...], list[float]] = {}
+        if self._redis_spec is not None:
+            try:
+                combos = _combos(whole)
+            except Exception:  # the files are written: a retry would write the rows twice
+                log.warning("usage ledger: summing %d rows for the Redis totals failed",
+                            whole.num_rows, exc_info=True)
         return written, combos
 
     async def _add_totals(self, combos: dict[tuple[Any, ...], list[float]]) -> None:
