@@ -605,6 +605,8 @@ def main() -> None:
                 ap.error(f"--layers: unknown layer {name!r}; known: {', '.join(LAYERS)}")
     if args.steps < 2:
         ap.error("--steps must be at least 2")
+    if args.paired < 0 or args.parts < 0:
+        ap.error("--paired and --parts take a number of blocks, at least 1 (0: off)")
     levels = [int(x) for x in args.levels.split(",")]
     from swarm.models.scripted.model import ScriptedModel
 
