@@ -1,13 +1,15 @@
 """The usage and cost ledger: one row per model call and per tool call, as Parquet.
 
 The agent's metering layer (swarm.observability.metering) records each call; a `UsageLedger`
-pulls them as rows (tuples in `COLUMNS` order) and a background task writes them in batches, every
-`usage.flush_interval_s`, soon after a turn ends and at shutdown, never on the step path. A batch
-becomes one Parquet file per day, `<usage.dir>/day=YYYY-MM-DD/part-*.parquet` (hive
-partitioning), on the local disk or any pyarrow filesystem URI (`s3://bucket/usage`). With a Redis
-state store the same batch adds to running totals in Redis, one pipeline of HINCRBYFLOAT per
-batch: hash `<prefix>:usage:<swarm>:<dim>:<value>` (dim: swarm, role, user, model) with fields
-cost_usd, input_tokens, output_tokens, cached_tokens, model_calls, tool_calls, errors.
+pulls the records (`extend_calls`: the layer turns them into Arrow columns itself, at write time)
+or takes rows (`add`: tuples in `COLUMNS` order, the memory service's embedding calls), and a
+background task writes them in batches, every `usage.flush_interval_s`, soon after a turn ends
+and at shutdown, never on the step path. A batch becomes one Parquet file per day,
+`<usage.dir>/day=YYYY-MM-DD/part-*.parquet` (hive partitioning), on the local disk or any
+pyarrow filesystem URI (`s3://bucket/usage`). With a Redis state store the same batch adds to
+running totals in Redis, one pipeline of HINCRBYFLOAT per batch: hash
+`<prefix>:usage:<swarm>:<dim>:<value>` (dim: swarm, role, user, model) with fields cost_usd,
+input_tokens, output_tokens, cached_tokens, model_calls, tool_calls, errors.
 
 `usage_table` reads the dataset back with pyarrow.dataset, the day and time filters pushed down to
 the files, and sums it by role, user, swarm or model (`swarm usage`, `SwarmClient.usage`).
@@ -22,10 +24,10 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from swarm.errors import UserError
 
@@ -112,6 +114,9 @@ class UsageLedger:
         # Flushes asked for by turn ends coalesce: at most one per this many seconds.
         self.min_gap_s = min(1.0, flush_interval_s)
         self.rows: list[tuple[Any, ...]] = []
+        # (source, records, costs) from `extend_calls`: converted by the source when written.
+        self.calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]] = []
+        self._buffered = 0  # rows plus records
         self._rows_lock = threading.Lock()  # rows come from the event loop and drain threads
         # Called before each flush to pull rows recorded elsewhere (the metering layers').
         self.sources: list[Callable[[], None]] = []
@@ -131,7 +136,8 @@ class UsageLedger:
         """Buffer one row (an append; the writer task starts on the first one)."""
         with self._rows_lock:
             self.rows.append(row)
-            full = len(self.rows) >= self.max_buffered_rows
+            self._buffered += 1
+            full = self._buffered >= self.max_buffered_rows
         if self._task is None or self._task.done():
             self._start()
         if full:
@@ -142,10 +148,20 @@ class UsageLedger:
         flush."""
         with self._rows_lock:
             self.rows.extend(rows)
+            self._buffered += len(rows)
+
+    def extend_calls(self, source: CallSource, records: list[tuple[Any, ...]],
+                     costs: list[float]) -> None:
+        """Buffer a source's call records as they are, from any thread; when they are written,
+        `source.ledger_table(records, costs)` makes their rows as Arrow columns (a source's
+        batches written together are converted in one call)."""
+        with self._rows_lock:
+            self.calls.append((source, records, costs))
+            self._buffered += len(records)
 
     def kick(self) -> None:
         """Ask the writer to flush soon (at a turn's end), without waiting for it."""
-        if self._wake is not None and (self.rows or self.sources):
+        if self._wake is not None and (self.rows or self.calls or self.sources):
             self._wake.set()
 
     # -- background ------------------------------------------------------------------------
@@ -183,40 +199,79 @@ class UsageLedger:
                 drain()
             with self._rows_lock:
                 rows, self.rows = self.rows, []
-            if not rows:
+                calls, self.calls = self.calls, []
+                self._buffered = 0
+            if not rows and not calls:
                 return 0
             try:
-                files, combos = await asyncio.to_thread(self._write, rows)
+                n, files, combos = await asyncio.to_thread(self._write, rows, calls)
             except Exception:
                 log.warning("usage ledger: writing %d rows under %s failed; will retry",
-                            len(rows), self.location, exc_info=True)
-                keep = rows[-self.max_buffered_rows:]
-                self.rows_dropped += len(rows) - len(keep)
-                with self._rows_lock:
-                    self.rows[:0] = keep
+                            len(rows) + sum(len(c[1]) for c in calls), self.location,
+                            exc_info=True)
+                self._keep(rows, calls)
                 return 0
             self.files_written += files
-            self.rows_written += len(rows)
+            self.rows_written += n
             if combos:
                 try:
                     await self._add_totals(combos)
                 except Exception:
-                    log.warning("usage ledger: Redis totals for %d rows failed", len(rows),
+                    log.warning("usage ledger: Redis totals for %d rows failed", n,
                                 exc_info=True)
-            return len(rows)
+            return n
 
-    def _write(self, rows: list[tuple[Any, ...]]
-               ) -> tuple[int, dict[tuple[Any, ...], list[float]]]:
-        """Write the rows (one Parquet file per day); return the files written and, with Redis
-        totals on, the rows' sums per (swarm, role, user, model) in `SUMS` order, made by
-        pyarrow from the same table (on this thread, not the event loop)."""
+    def _keep(self, rows: list[tuple[Any, ...]],
+              calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]]) -> None:
+        """Put a batch that failed back in front of what came since, keeping the newest
+        `max_buffered_rows` rows and records (whole batches of records); the rest are dropped
+        and counted."""
+        room = self.max_buffered_rows
+        kept_calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]] = []
+        for call in reversed(calls):
+            if len(call[1]) > room:
+                break
+            kept_calls.append(call)
+            room -= len(call[1])
+        kept_calls.reverse()
+        keep = rows[len(rows) - room:] if room < len(rows) else rows
+        dropped = len(rows) - len(keep) + sum(len(c[1]) for c in calls) - \
+            sum(len(c[1]) for c in kept_calls)
+        self.rows_dropped += dropped
+        with self._rows_lock:
+            self.rows[:0] = keep
+            self.calls[:0] = kept_calls
+            self._buffered += len(keep) + sum(len(c[1]) for c in kept_calls)
+
+    def _write(self, rows: list[tuple[Any, ...]],
+               calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]] | None = None
+               ) -> tuple[int, int, dict[tuple[Any, ...], list[float]]]:
+        """Write the rows and call records (one Parquet file per day); return the rows and
+        files written and, with Redis totals on, the rows' sums per (swarm, role, user, model)
+        in `SUMS` order, made by pyarrow from the same table (on this thread, not the event
+        loop)."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         # One table, split by UTC day only when the batch spans midnight (in pyarrow: the
-        # rows are never looped over in Python).
-        whole = to_table(rows)
+        # rows are never looped over in Python). Each source's records become columns in one
+        # call; the file holds them source by source.
+        parts = [to_table(rows)] if rows else []
+        by_source: dict[int, list[Any]] = {}
+        for call in calls or ():
+            by_source.setdefault(id(call[0]), []).append(call)
+        for batches in by_source.values():
+            if len(batches) == 1:
+                source, records, costs = batches[0]
+            else:  # new lists: the batches stay as they are, should the write fail
+                source = batches[0][0]
+                records = [r for b in batches for r in b[1]]
+                costs = [c for b in batches for c in b[2]]
+            parts.append(source.ledger_table(records, costs))
+        whole = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        if not whole.num_rows:
+            return 0, 0, {}
         days = pc.divide(pc.cast(whole["ts"], pa.int64()), 86_400_000_000)  # µs to days
         first, last = (int(v.as_py()) for v in pc.min_max(days).values())
         tables = {first: whole} if first == last else {
@@ -231,9 +286,11 @@ class UsageLedger:
             self._seq += 1
             name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{self._seq}.parquet"
             written += 1
-            # Statistics only where readers filter (time, swarm): a little less to encode.
+            # Statistics only where readers filter (time, swarm), dictionaries only for the
+            # columns of few values, LZ4: a third less CPU than the defaults, smaller files.
             pq.write_table(table, f"{folder}/{name}", filesystem=self.fs,
-                           write_statistics=["ts", "swarm"])
+                           write_statistics=["ts", "swarm"], use_dictionary=_DICTIONARY,
+                           compression="lz4")
         combos: dict[tuple[Any, ...], list[float]] = {}
         if self._redis_spec is not None:
             try:
@@ -241,7 +298,7 @@ class UsageLedger:
             except Exception:  # the files are written: a retry would write the rows twice
                 log.warning("usage ledger: summing %d rows for the Redis totals failed",
                             whole.num_rows, exc_info=True)
-        return written, combos
+        return whole.num_rows, written, combos
 
     async def _add_totals(self, combos: dict[tuple[Any, ...], list[float]]) -> None:
         """Add sums per (swarm, role, user, model) to the running totals: each combination
@@ -291,6 +348,31 @@ class UsageLedger:
             self._redis = None
 
 
+class CallSource(Protocol):
+    """What buffers call records in a ledger (`UsageLedger.extend_calls`): the metering
+    layer."""
+
+    def ledger_table(self, records: list[tuple[Any, ...]], costs: list[float]) -> pa.Table:
+        """The ledger rows of these records (the calls that ran), as a table with
+        `schema()`."""
+
+
+# The columns Parquet dictionary-encodes (few distinct values in a file).
+_DICTIONARY = ["task_id", "user", "swarm", "role", "kind", "model", "tool", "outcome",
+               "error_class"]
+
+
+def column(values: Sequence[Any], kind: pa.DataType) -> pa.Array:
+    """An Arrow column of Python values; one value all the way down (a replica's swarm and
+    role; no user; all ok) is made from the value, not converted one by one."""
+    import pyarrow as pa
+
+    if values and values.count(values[0]) == len(values):
+        return pa.nulls(len(values), kind) if values[0] is None else \
+            pa.repeat(pa.scalar(values[0], kind), len(values))
+    return pa.array(values, kind)
+
+
 def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
     """Ledger rows (tuples in `COLUMNS` order) as an Arrow table with `schema()`."""
     import pyarrow as pa
@@ -302,13 +384,7 @@ def to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
     arrays = [micros.cast(pa.int64(), safe=False).cast(sch.field(0).type)]
     for i, c in enumerate(cols[1:], 1):
         kind = sch.field(i).type
-        if i in _OFTEN_ONE_VALUE and c and c.count(c[0]) == len(c):
-            # One value all the way down (a replica's swarm and role; no user; all ok): made
-            # from the value, not converted row by row.
-            arrays.append(pa.nulls(len(c), kind) if c[0] is None else
-                          pa.repeat(pa.scalar(c[0], kind), len(c)))
-        else:
-            arrays.append(pa.array(c, kind))
+        arrays.append(column(list(c), kind) if i in _OFTEN_ONE_VALUE else pa.array(c, kind))
     return pa.Table.from_arrays(arrays, schema=sch)
 
 

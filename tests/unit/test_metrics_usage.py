@@ -18,16 +18,19 @@ from typer.testing import CliRunner
 from swarm.errors import ConfigError, UserError
 from swarm.events import ModelCalled, ToolCalled
 from swarm.observability.metrics import MemoryRecorder, use_recorder
+from swarm.observability.tracing import install
 from swarm.observability.usage import (
     UsageLedger,
     parse_since,
     read_usage,
     redis_totals,
+    to_table,
     usage_table,
 )
 from swarm.state.memory import MemoryCheckpointer
 from swarm.testing import LocalSwarm
 from tests.unit.test_runtime_local import FAILED_TOOL, LOOP_RULES, make_cfg
+from tests.unit.test_tracing import Traced
 
 PRICE = {"input_per_mtok": 3.0, "output_per_mtok": 15.0, "cached_input_per_mtok": 0.3}
 
@@ -185,6 +188,97 @@ async def test_closing_the_ledger_as_a_turn_end_wakes_its_writer_does_not_hang(
         await asyncio.wait_for(ledger.aclose(), 10)
         assert ledger.rows_written == 2 and ledger.rows == []
         assert read_usage(str(tmp_path / f"usage-{attempt}")).num_rows == 2
+
+
+class _Rows:
+    """A call source whose records are ledger rows already (`UsageLedger.extend_calls`)."""
+
+    def ledger_table(self, records: list[tuple[Any, ...]], costs: list[float]) -> Any:
+        return to_table(records)
+
+
+async def test_a_failed_write_keeps_its_rows_and_calls_for_the_next(tmp_path: Path) -> None:
+    loc = tmp_path / "usage"
+    loc.write_text("a file where the ledger's folder goes")  # every write fails
+    ledger = UsageLedger(str(loc))
+    src = _Rows()
+    now = time.time()
+    ledger.extend_calls(src, [_row(now, task_id="c1"), _row(now, task_id="c2")], [0.5, 0.5])
+    ledger.add(_row(now, task_id="r1"))
+    ledger.extend_calls(src, [_row(now, task_id="c3")], [0.5])
+    assert await ledger.flush() == 0
+    assert ledger.rows_dropped == 0
+    ledger.add(_row(now, task_id="r2"))  # arrives while the failed batch waits
+    loc.unlink()
+    assert await ledger.flush() == 5
+    await ledger.aclose()
+    # Written once each: the failed batch and what came after it, the source's two batches
+    # converted together.
+    assert sorted(read_usage(str(loc))["task_id"].to_pylist()) == ["c1", "c2", "c3", "r1", "r2"]
+    assert ledger.files_written == 1 and ledger.rows_written == 5
+
+
+async def test_a_ledger_that_cannot_write_keeps_at_most_its_bound(tmp_path: Path) -> None:
+    loc = tmp_path / "usage"
+    loc.write_text("blocked")
+    ledger = UsageLedger(str(loc), max_buffered_rows=3)
+    now = time.time()
+    ledger.extend_calls(_Rows(), [_row(now, task_id=f"old{i}") for i in range(3)], [0.0] * 3)
+    ledger.add(_row(now, task_id="r1"))
+    ledger.extend_calls(_Rows(), [_row(now, task_id=f"new{i}") for i in range(2)], [0.0] * 2)
+    assert await ledger.flush() == 0
+    # The newest three are kept (batches of records whole): the rows and the newer batch.
+    assert ledger.rows_dropped == 3
+    loc.unlink()
+    await ledger.aclose()  # (the full buffer also woke the writer: either may write them)
+    assert ledger.rows_written == 3 and ledger.rows_dropped == 3
+    assert sorted(read_usage(str(loc))["task_id"].to_pylist()) == ["new0", "new1", "r1"]
+
+
+async def test_the_ledger_has_the_calls_that_ran_not_the_one_a_budget_stopped(
+        tmp_path: Path) -> None:
+    # Each task runs five tool steps; its sixth model call is stopped by the budget before it
+    # runs (a span marked stopped, no ledger row). Two users in one file.
+    loop = {"name": "loop", "when": {}, "tool_calls": [
+        {"name": "echo", "arguments": {"text": "n{{ messages | length }}"}}]}
+    cfg = priced_cfg(tmp_path, [loop], {"a": {"model": "m", "tools": ["fn"]}},
+                     budgets={"task": {"max_tool_calls": 5}, "on_exhausted": "fail"},
+                     stuck={"same_call": None, "no_progress": None})
+    traced = Traced()
+    previous = install(traced.tracing)
+    try:
+        async with LocalSwarm(cfg) as sw:
+            rows = await asyncio.gather(sw.run("go", user="ana"), sw.run("go", user="bo"))
+            events = {r["task_id"]: sw.events(r["task_id"]) for r in rows}
+        chats = [s for s in traced.spans() if s.name == "chat m"]
+    finally:
+        install(previous)
+        traced.tracing.shutdown()
+    assert [r["error_class"] for r in rows] == ["budget", "budget"]
+    # Six model calls a task were made, the last stopped before it ran.
+    assert len(chats) == 12
+    assert sorted(s.attributes.get("swarm.stopped", "") for s in chats) == \
+        [""] * 10 + ["failed"] * 2
+    table = read_usage(str(tmp_path / "usage"))
+    price = cfg.models["m"].price
+    for row, user in zip(rows, ("ana", "bo"), strict=True):
+        got = [r for r in table.to_pylist() if r["task_id"] == row["task_id"]]
+        models = sorted((e for e in events[row["task_id"]] if isinstance(e, ModelCalled)),
+                        key=lambda e: e.step)
+        assert len(models) == 5
+        assert sorted((r["kind"], r["step"]) for r in got) == sorted(
+            [("model", e.step) for e in models] + [("tool", e.step) for e in models])
+        for r in got:
+            assert (r["user"], r["swarm"], r["role"], r["outcome"], r["error_class"]) == \
+                (user, "t", "a", "ok", None)
+            assert (r["model"], r["tool"]) == (("m", None) if r["kind"] == "model"
+                                               else (None, "echo"))
+        for e, r in zip(models, sorted((r for r in got if r["kind"] == "model"),
+                                       key=lambda r: r["step"]), strict=True):
+            assert (r["input_tokens"], r["output_tokens"], r["cached_tokens"]) == \
+                (e.input_tokens, e.output_tokens, e.cached_tokens)
+            assert r["cost_usd"] == price.cost(e.input_tokens, e.output_tokens,
+                                               e.cached_tokens) > 0
 
 
 def test_since_values_that_mean_nothing_are_errors() -> None:
