@@ -302,10 +302,15 @@ class MeteringLayer(Middleware):
         inp, out, cached = self._rates
         if not (inp or out or cached):
             return [0.0] * len(batch)
-        # r[21] cached tokens, at most r[19] input tokens (part of them); r[20] output.
-        return [((r[19] - c) * inp + c * cached + r[20] * out) / 1e6
-                if r[0] == _MODEL and r[9] == "ok" and (r[19] or r[20])
-                and (c := min(max(r[21], 0), r[19])) >= 0 else 0.0 for r in batch]
+        costs = []
+        for r in batch:
+            if r[0] == _MODEL and r[9] == "ok" and (r[19] or r[20]):
+                # r[19] input tokens, r[21] cached (part of the input), r[20] output
+                c = min(max(r[21], 0), r[19])
+                costs.append(((r[19] - c) * inp + c * cached + r[20] * out) / 1e6)
+            else:
+                costs.append(0.0)
+        return costs
 
     def _spans(self, batch: list[tuple[Any, ...]], costs: list[float]
                ) -> list[tuple[str, tuple[Any, ...]]]:

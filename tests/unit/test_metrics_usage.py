@@ -281,6 +281,26 @@ async def test_the_ledger_has_the_calls_that_ran_not_the_one_a_budget_stopped(
                                                e.cached_tokens) > 0
 
 
+def test_each_calls_cost_is_the_price_tables(tmp_path: Path) -> None:
+    from swarm.observability.metering import MeteringLayer
+
+    cfg = priced_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    layer = MeteringLayer(cfg, "looper", swarm="t")
+    price = cfg.models["m"].price
+
+    def model(outcome: str, tin: int, tout: int, cached: int) -> tuple[Any, ...]:
+        return (0, "t1", "t1", "", 1, None, 0, 0, 1, outcome, None, None, None, None, None,
+                "m", "m", "stop", 0, tin, tout, cached, False)
+
+    tool = (1, "t1", "t1", "", 1, None, 0, 0, 1, "ok", None, None, None, None, None, "echo",
+            "c1", "fn")
+    batch = [model("ok", 1000, 200, 300), model("ok", 100, 5, 500), model("ok", 7, 0, -3),
+             model("error", 50, 0, 0), model("ok", 0, 0, 0), tool]
+    assert layer._costs(batch) == [price.cost(1000, 200, 300), price.cost(100, 5, 500),
+                                   price.cost(7, 0, -3), 0.0, 0.0, 0.0]
+    assert layer._costs(batch)[1] == pytest.approx((100 * 0.3 + 5 * 15.0) / 1e6)  # all cached
+
+
 def test_since_values_that_mean_nothing_are_errors() -> None:
     for bad in ("yesterday", "24", "-3h", "2026-13-01", ""):
         with pytest.raises(UserError, match="--since"):
