@@ -3,13 +3,15 @@ calls, in one middleware layer.
 
 On the step path a call is timed and leaves one flat tuple of plain values (ids, times, token
 counts, outcome): no span object, no attribute dict, no ledger row, no metric update. `drain`
-turns the tuples into the three outputs, off the step path: whichever needs them first pulls
+hands the tuples to the three outputs, off the step path: whichever needs them first pulls
 them (the trace store's writer thread, the ledger's writer task, the metrics push), and each
 tuple feeds all three at once:
 
-- a `chat {model}` or `execute_tool {tool}` span row for the trace store (and SDK spans for a
-  configured exporter), under the turn's `invoke_agent` span (swarm.observability.tracing);
-- a ledger row (swarm.observability.usage);
+- a `chat {model}` or `execute_tool {tool}` span under the turn's `invoke_agent` span: the
+  tracing sink stores the tuples as they are, by task (swarm.observability.store `CALLS`), and
+  makes SDK spans of them only for a configured exporter (swarm.observability.tracing);
+- a ledger row: the ledger's writer has this layer make Arrow columns of the tuples
+  (`ledger_table`, swarm.observability.usage);
 - the metric sums: steps, model calls, tokens, cost, latency, tool calls, errors by class
   (swarm.observability.metrics).
 
@@ -23,7 +25,6 @@ its `RunError` class or `tool`, a tool's own error result is `tool`. A call a la
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections import deque
 from time import time_ns
@@ -70,7 +71,6 @@ if TYPE_CHECKING:
     from swarm.tools.interface import ToolResult
 
 _MODEL, _TOOL = 0, 1
-_INVALID_SPAN = "0" * 16
 
 # A call's record, one flat tuple (fields by index):
 #  0 kind (_MODEL | _TOOL)   1 task id   2 conversation id   3 user   4 step
@@ -279,8 +279,8 @@ class MeteringLayer(Middleware):
         self._checkpoint.samples.append(seconds * 1e3)
 
     def drain(self) -> None:
-        """Turn the recorded calls into span rows (to the tracing sink), ledger rows and metric
-        sums. Thread-safe: called from the sink's thread, the ledger's writer and the metrics
+        """Hand the recorded calls to the tracing sink and the ledger, and add them to the
+        metric sums. Thread-safe: called from the sink's thread, the ledger's writer and the metrics
         push, whichever comes first."""
         with self._lock:
             pending = self.pending
@@ -290,7 +290,7 @@ class MeteringLayer(Middleware):
             batch = [pending.popleft() for _ in range(n)]
             costs = self._costs(batch)  # once for the three outputs
             if self.sink is not None:
-                self.sink.put(self._spans(batch, costs))
+                self.sink.put_calls(self.role, self.provider, batch, costs)
             if self.ledger is not None:
                 self.ledger.extend_calls(self, batch, costs)
             if self.meter is not None:
@@ -311,31 +311,6 @@ class MeteringLayer(Middleware):
             else:
                 costs.append(0.0)
         return costs
-
-    def _spans(self, batch: list[tuple[Any, ...]], costs: list[float]
-               ) -> list[tuple[str, tuple[Any, ...]]]:
-        """(task id, compact span) of each call, for `StepSpanSink`: a few ids and the cost in
-        front of the record's own fields from its start time on (the layout is
-        `swarm.observability.store.step_row`'s)."""
-        out = []
-        role, provider = self.role, self.provider
-        # The span ids of the calls that have none yet: one draw of random bytes for the batch,
-        # sliced (a third of the time of drawing and formatting each).
-        fresh = os.urandom(8 * len(batch)).hex()
-        for j, (r, cost) in enumerate(zip(batch, costs, strict=True)):
-            trace, parent = r[5]
-            if r[6]:
-                span_id = format(r[6], "016x")
-            else:
-                span_id = fresh[16 * j:16 * j + 16]
-                if span_id == _INVALID_SPAN:  # all zeros is no span id (odds 2**-64)
-                    span_id = "0000000000000001"
-            if r[0] == _MODEL:
-                head = ("c", trace, span_id, parent, r[1], r[2], r[4], role, provider, cost)
-            else:
-                head = ("t", trace, span_id, parent, r[1], r[2], r[4], role, None, None)
-            out.append((r[1], head + r[7:]))
-        return out
 
     def ledger_table(self, records: list[tuple[Any, ...]], costs: list[float]) -> pa.Table:
         """The ledger rows (`swarm.observability.usage.schema`) of the calls that ran, made

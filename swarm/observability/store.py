@@ -13,13 +13,15 @@ own spans; the supervisor reads a task's spans back with one lookup:
 
 A stored span is a compact row: name, trace/span/parent ids (hex), kind, start/end (epoch
 seconds), status, error and attributes. The per-step spans (`chat`, `execute_tool`) are stored
-more compactly still, one element per task and flush (`CHUNK`), and expanded when read.
+more compactly still: the metering layer's call records as they are, one element per task, agent
+and flush (`CALLS`), expanded into rows when read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -129,10 +131,53 @@ def step_row(c: list[Any]) -> dict[str, Any]:
             "error": c[14], "attrs": attrs}
 
 
-# The compact spans a process writes for one task in one flush (its steps' `chat` and
-# `execute_tool` spans, and any `invoke_agent` span that ended) are stored as one element, a
-# chunk: [CHUNK, compact span, compact span, ...] (one encode and one list element for the lot).
+# The compact spans a process writes for one task in one flush, other than call records (the
+# `invoke_agent` spans that ended; the per-step spans too, in elements stored before `CALLS`),
+# are stored as one element, a chunk: [CHUNK, compact span, compact span, ...].
 CHUNK = "b"
+
+
+# One agent's calls of one task, from one flush: the metering layer's call records as it keeps
+# them (`swarm.observability.metering`, fields 0 kind (0 model, 1 tool), 1 task, 2 conversation,
+# 4 step, 5 [trace id, parent span id], 6 span id (0: none yet), then from 7 on the compact
+# span's fields from 10 on) and each call's cost:
+#   [CALLS, agent, provider, base span id (16 hex digits), [record, ...], [cost, ...]]
+# Written with no work per call beyond grouping by task. A record with no span id of its own
+# gets the one `_nth_span_id` derives from the chunk's random base and its place in the chunk.
+CALLS = "k"
+_SPAN_IDS = 2**64 - 1  # span ids are 1 .. 2**64 - 1 (all zeros is no span id)
+
+
+def _nth_span_id(base: int, i: int) -> str:
+    return format((base + i) % _SPAN_IDS + 1, "016x")
+
+
+def call_chunk(agent: str, provider: str, records: list[Any], costs: list[float]
+               ) -> list[Any]:
+    """The stored element (`CALLS`) of one agent's calls of one task, with a new base span
+    id."""
+    return [CALLS, agent, provider, os.urandom(8).hex(), records, costs]
+
+
+def call_spans(chunk: list[Any]) -> list[list[Any]]:
+    """The compact spans (`step_row`'s layout) of a `CALLS` chunk."""
+    _, agent, provider, base, records, costs = chunk
+    if not (type(base) is str and len(base) == 16 and type(records) is list
+            and type(costs) is list and len(records) == len(costs)):
+        raise TypeError("a chunk of calls needs a base span id and a cost per record")
+    b = int(base, 16)
+    out = []
+    for i, (r, cost) in enumerate(zip(records, costs, strict=True)):
+        trace, parent = r[5]
+        span = format(r[6], "016x") if r[6] else _nth_span_id(b, i)
+        if r[0] == 0:
+            head = ["c", trace, span, parent, r[1], r[2], r[4], agent, provider, cost]
+        elif r[0] == 1:
+            head = ["t", trace, span, parent, r[1], r[2], r[4], agent, None, None]
+        else:
+            raise TypeError(f"a call record of unknown kind {r[0]!r}")
+        out.append(head + list(r[7:]))
+    return out
 
 
 def _decode(data: bytes) -> list[dict[str, Any]]:
@@ -143,6 +188,8 @@ def _decode(data: bytes) -> list[dict[str, Any]]:
         return [row]
     if type(row) is list and row:
         try:
+            if row[0] == CALLS:
+                return [step_row(c) for c in call_spans(row)]
             if row[0] == CHUNK:
                 spans = row[1:]
                 if not all(type(c) is list and c and c[0] in ("c", "t", "s") for c in spans):
@@ -150,7 +197,7 @@ def _decode(data: bytes) -> list[dict[str, Any]]:
                 return [step_row(c) for c in spans]
             if row[0] in ("c", "t", "s"):
                 return [step_row(row)]
-        except (IndexError, TypeError, KeyError) as exc:
+        except (IndexError, TypeError, KeyError, ValueError) as exc:
             raise msgspec.DecodeError(f"a malformed step span: {exc}") from None
     raise msgspec.DecodeError("not a span row")
 

@@ -58,6 +58,8 @@ from swarm.observability.store import (
     CHUNK,
     TASK_ATTR,
     TraceStore,
+    call_chunk,
+    call_spans,
     open_trace_store,
     step_row,
 )
@@ -170,8 +172,10 @@ class StepSpanSink:
         self.interval = flush_interval_s
         self.sources: list[Callable[[], None]] = []
         # (task id, compact span) of each span (`swarm.observability.store.step_row`), put
-        # here by the sources' drains.
+        # here by the `invoke_agent` spans; (agent, provider, call records, costs) of the calls
+        # the sources' drains took (`put_calls`).
         self.pending: deque[tuple[Any, ...]] = deque()
+        self.calls: deque[tuple[str, str, list[tuple[Any, ...]], list[float]]] = deque()
         self.ended = self.exported = self.failed = self.dropped = 0
         self._lock = threading.Lock()  # one flush at a time
         self._count_lock = threading.Lock()
@@ -185,6 +189,14 @@ class StepSpanSink:
         self.pending.extend(spans)
         with self._count_lock:  # drains on several threads put at once
             self.ended += len(spans)
+
+    def put_calls(self, agent: str, provider: str, records: list[tuple[Any, ...]],
+                  costs: list[float]) -> None:
+        """Queue an agent's finished calls: the metering layer's records as they are, and
+        each call's cost (from any thread); each becomes a `chat` or `execute_tool` span."""
+        self.calls.append((agent, provider, records, costs))
+        with self._count_lock:
+            self.ended += len(records)
 
     def start(self) -> None:
         """Start the writer thread, once."""
@@ -210,35 +222,56 @@ class StepSpanSink:
         with self._lock:
             for drain in list(self.sources):
                 drain()
-            pending = self.pending
+            pending, calls = self.pending, self.calls
             batch = [pending.popleft() for _ in range(len(pending))]
-            if not batch:
+            call_batches = [calls.popleft() for _ in range(len(calls))]
+            if not batch and not call_batches:
                 return
+            # Each batch of calls split by task: one chunk of records per task and agent
+            # (`swarm.observability.store.CALLS`), with its own base span id.
+            chunks: list[tuple[str, list[Any]]] = []
+            n = len(batch)
+            for agent, provider, records, costs in call_batches:
+                n += len(records)
+                groups: dict[str, tuple[list[Any], list[float]]] = {}
+                for r, cost in zip(records, costs, strict=True):
+                    group = groups.get(r[1])
+                    if group is None:
+                        group = groups[r[1]] = ([], [])
+                    group[0].append(r)
+                    group[1].append(cost)
+                chunks += [(task, call_chunk(agent, provider, recs, cs))
+                           for task, (recs, cs) in groups.items()]
             tracing = self.tracing
             store_proc = tracing.processors.get("store")
             if tracing.store is not None:
-                # One stored element per task and flush: a chunk of its compact spans, encoded
-                # in one call (`swarm.observability.store.CHUNK`).
+                # One stored element per task and flush for its calls of each agent, and one
+                # for the task's other spans (`swarm.observability.store.CHUNK`).
+                rows: dict[str, list[bytes]] = {}
+                for task, chunk in chunks:
+                    rows.setdefault(task, []).append(_encode_row(chunk))
                 by_task: dict[str, list[Any]] = {}
                 for task, span in batch:
                     part = by_task.get(task)
                     if part is None:
                         part = by_task[task] = [CHUNK]
                     part.append(span)
-                rows = {task: [_encode_row(part)] for task, part in by_task.items()}
+                for task, part in by_task.items():
+                    rows.setdefault(task, []).append(_encode_row(part))
                 try:
                     tracing.store.append(rows)
-                    self.exported += len(batch)
+                    self.exported += n
                 except Exception:
-                    self.failed += len(batch)
-                    log.warning("tracing: the trace store refused %d span(s)", len(batch),
+                    self.failed += n
+                    log.warning("tracing: the trace store refused %d span(s)", n,
                                 exc_info=True)
             multi = tracing.provider._active_span_processor  # the SDK's; pinned with the SDK
             others = [p for p in getattr(multi, "_span_processors", ())
                       if p is not store_proc and not isinstance(p, TaskIdProcessor)]
             if others:
                 resource = tracing.provider.resource
-                for _task, span in batch:
+                spans = [span for _task, chunk in chunks for span in call_spans(chunk)]
+                for span in [*spans, *(span for _task, span in batch)]:
                     readable = _readable(span, resource, self.scope)
                     for proc in others:
                         proc.on_end(readable)
@@ -246,7 +279,8 @@ class StepSpanSink:
     def stats(self) -> dict[str, int]:
         """Per-step spans ended, written to the store, failed and dropped, and queued."""
         return {"ended": self.ended, "exported": self.exported, "failed": self.failed,
-                "dropped": self.dropped, "queued": len(self.pending)}
+                "dropped": self.dropped,
+                "queued": len(self.pending) + sum(len(c[2]) for c in list(self.calls))}
 
     def close(self) -> None:
         """Write what is left and stop the thread."""

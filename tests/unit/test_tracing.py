@@ -533,6 +533,77 @@ def test_every_trace_store_reads_chunks_of_step_spans_in_order(tmp_path: Path) -
         server.stop()
 
 
+def _record(kind: int, step: int, span_id: int = 0) -> list[Any]:
+    """A metering layer's call record (`swarm.observability.metering`), as JSON keeps it."""
+    head = [kind, "task-1", "conv", "ana", step, ["a" * 32, "p" * 16], span_id]
+    if kind == 0:
+        return [*head, 1_000, 2_000, "ok", None, None, None, None, None, "m", "m", "stop", 0,
+                10, 5, 0, False]
+    return [*head, 3_000, 4_000, "ok", None, None, None, None, None, "echo", "call-1", "fn"]
+
+
+def test_every_trace_store_reads_chunks_of_call_records(tmp_path: Path) -> None:
+    """An agent's calls of one task are stored as its records, one chunk per flush: a reader
+    expands them into the `chat` and `execute_tool` rows, with span ids from the chunk's base
+    (the same on every read) unless a record has its own (an MCP tool call's, which its server's
+    spans hang under); a malformed chunk is a clear decode error."""
+    import msgspec
+
+    from swarm.observability.store import RedisTraceStore, call_chunk
+    from swarm.state.embedded import EmbeddedRedis
+
+    enc = msgspec.json.encode
+    chunk = call_chunk("writer", "openai", [_record(0, 1), _record(1, 1, 0xABC), _record(0, 2)],
+                       [0.25, 0.0, 0.5])
+    base = int(chunk[3], 16)
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    try:
+        stores = [MemoryTraceStore(), JsonlTraceStore(tmp_path / "traces"),
+                  RedisTraceStore(server.url, ttl_s=60)]
+        for store in stores:
+            store.append({"task-1": [enc(chunk)]})
+            rows = store.read("task-1")
+            assert rows == store.read("task-1"), type(store)
+            assert [r["name"] for r in rows] == ["chat m", "execute_tool echo", "chat m"]
+            assert [r["span"] for r in rows] == [
+                format(base % (2**64 - 1) + 1, "016x"), "0000000000000abc",
+                format((base + 2) % (2**64 - 1) + 1, "016x")]
+            assert {(r["trace"], r["parent"]) for r in rows} == {("a" * 32, "p" * 16)}
+            chat = rows[0]["attrs"]
+            assert (chat["gen_ai.agent.name"], chat["gen_ai.provider.name"],
+                    chat["swarm.cost_usd"], chat["gen_ai.usage.input_tokens"],
+                    chat["swarm.task.id"], chat["swarm.step"]) == \
+                ("writer", "openai", 0.25, 10, "task-1", 1)
+            assert rows[1]["attrs"]["gen_ai.tool.name"] == "echo"
+            assert "gen_ai.provider.name" not in rows[1]["attrs"]
+            assert (rows[2]["start"], rows[2]["end"]) == (1e-6, 2e-6)
+            for n, bad in enumerate((
+                    [*chunk[:3], "abc", chunk[4], chunk[5]],  # no base span id
+                    [*chunk[:5], [0.25]],  # a cost short
+                    [*chunk[:4], [[7, *_record(0, 1)[1:]]], [0.0]],  # unknown kind
+                    [*chunk[:4], [_record(0, 1)[:9]], [0.0]],  # a record cut short
+                    chunk[:5])):  # no costs
+                store.append({f"bad-{n}": [enc(bad)]})
+                if isinstance(store, JsonlTraceStore):
+                    assert store.read(f"bad-{n}") == []  # skipped like a torn line
+                else:
+                    with pytest.raises(msgspec.DecodeError, match="malformed step span"):
+                        store.read(f"bad-{n}")
+        stores[2].close()
+    finally:
+        server.stop()
+
+
+async def test_stored_and_exported_step_spans_have_the_same_ids(tmp_path: Path,
+                                                                traced: Traced) -> None:
+    async with LocalSwarm(cfg3(tmp_path)) as sw:
+        row = await sw.run("the facts")
+    exported = {format(s.context.span_id, "016x"): s.name for s in traced.spans()}
+    stored = {r["span"]: r["name"] for r in traced.store.read(row["task_id"])}
+    assert len(stored) == 12 and stored == exported
+
+
 def test_a_read_keeps_the_newest_rows_and_expands_no_further(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the per-read cap, a read returns the newest rows in order, the oldest chunk cut
