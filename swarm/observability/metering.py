@@ -326,8 +326,9 @@ class MeteringLayer(Middleware):
         string, int64 = pa.string(), pa.int64()
         if not n:
             return sch.empty_table()
-        # One list comprehension per column (the records' fields differ by kind), then one
-        # conversion; Arrow does the rest. (Transposing with zip(*records) costs more.)
+        # One list comprehension per column, then one conversion each; Arrow does the rest.
+        # (Transposing with zip(*records) costs more.) Token counts from the model calls'
+        # records alone, put in place among the tool calls' zeros by Arrow.
         ends = pa.array([r[8] for r in records], int64)
         kinds = pa.array([r[0] for r in records], pa.int8())  # _MODEL 0, _TOOL 1
         is_model = pc.equal(kinds, _MODEL)
@@ -337,6 +338,12 @@ class MeteringLayer(Middleware):
             errors = pa.nulls(n, string)
         else:
             errors = pa.array([r[10] if r[9] == "error" else None for r in records], string)
+        models = [r for r in records if r[0] == _MODEL]
+        counts = [pa.array([r[k] for r in models], int64) for k in (19, 20, 21)]
+        if len(models) < n:
+            zeros = pa.repeat(pa.scalar(0, int64), n)
+            counts = [pc.replace_with_mask(zeros, is_model, c) for c in counts]
+        null = pa.scalar(None, string)
         table = pa.Table.from_arrays([
             pc.divide(ends, 1000).cast(sch.field("ts").type),  # ns to µs
             pa.array([r[1] for r in records], string),
@@ -344,12 +351,11 @@ class MeteringLayer(Middleware):
             pa.repeat(pa.scalar(self.swarm, string), n),
             pa.repeat(pa.scalar(self.role, string), n),
             pa.DictionaryArray.from_arrays(kinds, pa.array(["model", "tool"])).cast(string),
-            pc.if_else(is_model, pa.scalar(self.model, string), pa.scalar(None, string)),
-            pa.array([None if r[0] == _MODEL else r[15] for r in records], string),
+            pc.if_else(is_model, pa.scalar(self.model, string), null),
+            # 15: a tool call's tool (a model call's requested model, left out)
+            pc.if_else(is_model, null, pa.array([r[15] for r in records], string)),
             pa.array([r[4] for r in records], pa.int32()),
-            pa.array([r[19] if r[0] == _MODEL else 0 for r in records], int64),
-            pa.array([r[20] if r[0] == _MODEL else 0 for r in records], int64),
-            pa.array([r[21] if r[0] == _MODEL else 0 for r in records], int64),
+            *counts,
             pa.array(costs, pa.float64()),
             pc.divide(pc.subtract(ends, pa.array([r[7] for r in records], int64))
                       .cast(pa.float64()), 1e6),  # ns to ms

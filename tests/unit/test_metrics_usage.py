@@ -301,6 +301,45 @@ def test_each_calls_cost_is_the_price_tables(tmp_path: Path) -> None:
     assert layer._costs(batch)[1] == pytest.approx((100 * 0.3 + 5 * 15.0) / 1e6)  # all cached
 
 
+def test_ledger_rows_of_call_records_of_every_kind_and_outcome(tmp_path: Path) -> None:
+    from swarm.observability.metering import MeteringLayer
+
+    cfg = priced_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    layer = MeteringLayer(cfg, "looper", swarm="s1")
+    t0 = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z in ns
+
+    def model(step: int, outcome: str = "ok", error: str | None = None,
+              user: str = "ana") -> tuple[Any, ...]:
+        return (0, "t1", "t1", user, step, None, 0, t0, t0 + 2_500_000, outcome, error, None,
+                None, None, None, "m", "m", "stop", 0, 100 * step, 10 * step, step, False)
+
+    def tool(step: int, outcome: str = "ok", error: str | None = None) -> tuple[Any, ...]:
+        return (1, "t1", "t1", "", step, None, 0, t0, t0 + 1_000_000, outcome, error, None,
+                None, None, None, "echo", "c1", "fn")
+
+    def rows(records: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        got = layer.ledger_table(records, [0.5 if r[0] == 0 else 0.0 for r in records])
+        return [(r["kind"], r["model"], r["tool"], r["step"], r["user"], r["input_tokens"],
+                 r["output_tokens"], r["cached_tokens"], r["cost_usd"], r["latency_ms"],
+                 r["outcome"], r["error_class"], r["swarm"], r["role"], r["ts"].timestamp())
+                for r in got.to_pylist()]
+
+    ok1 = ("model", "m", None, 1, "ana", 100, 10, 1, 0.5, 2.5, "ok", None, "s1", "looper",
+           1_767_225_600.0025)
+    ok2 = ("model", "m", None, 2, "ana", 200, 20, 2, 0.5, 2.5, "ok", None, "s1", "looper",
+           1_767_225_600.0025)
+    echo = ("tool", None, "echo", 1, None, 0, 0, 0, 0.0, 1.0, "ok", None, "s1", "looper",
+            1_767_225_600.001)
+    assert rows([model(1), model(2)]) == [ok1, ok2]  # model calls only
+    assert rows([tool(1)]) == [echo]  # tool calls only
+    failed = ("tool", None, "echo", 1, None, 0, 0, 0, 0.0, 1.0, "error", "tool", "s1",
+              "looper", 1_767_225_600.001)
+    # Mixed, with a failed tool call, a stopped model call (not a row), and a second user.
+    assert rows([model(1), tool(1, "error", "tool"), model(3, "stopped", "budget"),
+                 model(2, user="bo")]) == [ok1, failed, (*ok2[:4], "bo", *ok2[5:])]
+    assert rows([]) == []
+
+
 def test_since_values_that_mean_nothing_are_errors() -> None:
     for bad in ("yesterday", "24", "-3h", "2026-13-01", ""):
         with pytest.raises(UserError, match="--since"):
