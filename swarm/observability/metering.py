@@ -163,7 +163,7 @@ class MeteringLayer(Middleware):
         session = call.session
         parent = None
         if self.sink is not None:
-            parent = _parent_ids(session)
+            parent = session.scratch.get("span_ids") or _parent_ids(session)
         captured = self.tracer.content(_new_input(call)) if self.capture else None
         t0 = time_ns()
         try:
@@ -188,7 +188,10 @@ class MeteringLayer(Middleware):
                t0, t1, "ok", None, None, None, captured, out, call.model,
                resp.model or call.model, resp.finish_reason, len(resp.tool_calls),
                usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, call.final)
-        self._record(rec)
+        if len(self.pending) < self.max_pending and not self._idle:  # `_record`, inlined
+            self.pending.append(rec)
+        else:
+            self._record(rec)
         return resp
 
     def _raised(self, exc: BaseException, default_class: str
@@ -221,7 +224,7 @@ class MeteringLayer(Middleware):
         parent = None
         span_id = token = 0
         if self.sink is not None:
-            parent = _parent_ids(session)
+            parent = session.scratch.get("span_ids") or _parent_ids(session)
             if server in self.mcp_servers:
                 span_id = _random_bits(64)
                 trace_id = _parent_of(session).trace_id
@@ -251,7 +254,10 @@ class MeteringLayer(Middleware):
             rec = (_TOOL, session.task_id, session.session_id, session.user, inv.step, parent,
                    span_id, t0, t1, "ok", None, None, None, captured, out, call.name, call.id,
                    server)
-        self._record(rec)
+        if len(self.pending) < self.max_pending and not self._idle:  # `_record`, inlined
+            self.pending.append(rec)
+        else:
+            self._record(rec)
         return result
 
     def on_turn_end(self, session: Session) -> None:
@@ -427,15 +433,16 @@ def _parent_of(session: Any) -> SpanContext:
 
 
 def _parent_ids(session: Any) -> tuple[str, str | None]:
-    """The (trace id, span id) in hex of the span a step's spans hang under (`_parent_of`),
-    formatted once a turn. Records keep these strings rather than the span context, so a
-    record holds no object the garbage collector must keep watching."""
+    """The (trace id, span id) in hex of the span a step's spans hang under (`_parent_of`).
+    Records keep these strings rather than the span context, so a record holds no object the
+    garbage collector must keep watching. When that span is the session's own (`scratch`
+    "span", set once a turn by the agent host), the strings are kept in `scratch` "span_ids"
+    and the calls after the first read them from there."""
     ctx = _parent_of(session)
-    got = session.scratch.get("span_ids")
-    if got is None or got[0] is not ctx:
-        got = session.scratch["span_ids"] = (ctx, (
-            format(ctx.trace_id, "032x"), format(ctx.span_id, "016x") if ctx.span_id else None))
-    return got[1]  # type: ignore[no-any-return]
+    ids = (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x") if ctx.span_id else None)
+    if session.scratch.get("span") is ctx:
+        session.scratch["span_ids"] = ids
+    return ids
 
 
 def _new_input(call: ModelCall) -> list[dict[str, Any]]:
