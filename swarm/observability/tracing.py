@@ -75,6 +75,8 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
 _random_bits = random.getrandbits
 _STORE_QUEUE = 8192
+# The per-step spans the sink holds while its writer can't write: this many flushes' worth.
+_QUEUED_FLUSHES = 8
 # A2A task state a turn leaves the task in, by the turn's outcome.
 _A2A_STATE = {"final": "completed", "handoff": "working", "failed": "failed",
               "canceled": "canceled", "input_required": "input_required"}
@@ -176,6 +178,7 @@ class StepSpanSink:
         # the sources' drains took (`put_calls`).
         self.pending: deque[tuple[Any, ...]] = deque()
         self.calls: deque[tuple[str, str, list[tuple[Any, ...]], list[float]]] = deque()
+        self._queued_calls = 0  # records in `calls`
         self.ended = self.exported = self.failed = self.dropped = 0
         self._lock = threading.Lock()  # one flush at a time
         self._count_lock = threading.Lock()
@@ -193,10 +196,16 @@ class StepSpanSink:
     def put_calls(self, agent: str, provider: str, records: list[tuple[Any, ...]],
                   costs: list[float]) -> None:
         """Queue an agent's finished calls: the metering layer's records as they are, and
-        each call's cost (from any thread); each becomes a `chat` or `execute_tool` span."""
-        self.calls.append((agent, provider, records, costs))
+        each call's cost (from any thread); each becomes a `chat` or `execute_tool` span.
+        While the writer is stuck (a trace store that doesn't answer), at most
+        `_QUEUED_FLUSHES` x `max_queue` calls wait; the rest are dropped and counted."""
         with self._count_lock:
             self.ended += len(records)
+            if self._queued_calls + len(records) > _QUEUED_FLUSHES * self.max_queue:
+                self.dropped += len(records)
+                return
+            self._queued_calls += len(records)
+        self.calls.append((agent, provider, records, costs))
 
     def start(self) -> None:
         """Start the writer thread, once."""
@@ -227,6 +236,8 @@ class StepSpanSink:
             call_batches = [calls.popleft() for _ in range(len(calls))]
             if not batch and not call_batches:
                 return
+            with self._count_lock:
+                self._queued_calls -= sum(len(c[2]) for c in call_batches)
             # Each batch of calls split by task: one chunk of records per task and agent
             # (`swarm.observability.store.CALLS`), with its own base span id.
             chunks: list[tuple[str, list[Any]]] = []
@@ -279,8 +290,7 @@ class StepSpanSink:
     def stats(self) -> dict[str, int]:
         """Per-step spans ended, written to the store, failed and dropped, and queued."""
         return {"ended": self.ended, "exported": self.exported, "failed": self.failed,
-                "dropped": self.dropped,
-                "queued": len(self.pending) + sum(len(c[2]) for c in list(self.calls))}
+                "dropped": self.dropped, "queued": len(self.pending) + self._queued_calls}
 
     def close(self) -> None:
         """Write what is left and stop the thread."""

@@ -535,7 +535,7 @@ def test_every_trace_store_reads_chunks_of_step_spans_in_order(tmp_path: Path) -
 
 def _record(kind: int, step: int, span_id: int = 0) -> list[Any]:
     """A metering layer's call record (`swarm.observability.metering`), as JSON keeps it."""
-    head = [kind, "task-1", "conv", "ana", step, ["a" * 32, "p" * 16], span_id]
+    head = [kind, "task-1", "conv", "ana", step, ["a" * 32, "b" * 16], span_id]
     if kind == 0:
         return [*head, 1_000, 2_000, "ok", None, None, None, None, None, "m", "m", "stop", 0,
                 10, 5, 0, False]
@@ -569,7 +569,7 @@ def test_every_trace_store_reads_chunks_of_call_records(tmp_path: Path) -> None:
             assert [r["span"] for r in rows] == [
                 format(base % (2**64 - 1) + 1, "016x"), "0000000000000abc",
                 format((base + 2) % (2**64 - 1) + 1, "016x")]
-            assert {(r["trace"], r["parent"]) for r in rows} == {("a" * 32, "p" * 16)}
+            assert {(r["trace"], r["parent"]) for r in rows} == {("a" * 32, "b" * 16)}
             chat = rows[0]["attrs"]
             assert (chat["gen_ai.agent.name"], chat["gen_ai.provider.name"],
                     chat["swarm.cost_usd"], chat["gen_ai.usage.input_tokens"],
@@ -593,6 +593,29 @@ def test_every_trace_store_reads_chunks_of_call_records(tmp_path: Path) -> None:
         stores[2].close()
     finally:
         server.stop()
+
+
+def test_calls_waiting_for_a_stuck_writer_are_bounded_and_counted(traced: Traced) -> None:
+    """While nothing is written (a trace store that doesn't answer holds the writer), the
+    sink keeps a bounded number of calls waiting and counts the rest as dropped; once a flush
+    gets through, it takes calls again."""
+    from swarm.observability import tracing as tracing_mod
+
+    sink = traced.tracing.sink
+    bound = tracing_mod._QUEUED_FLUSHES * sink.max_queue
+    records = [tuple(_record(1, 1)) for _ in range(1000)]
+    puts = bound // 1000 + 2
+    for _ in range(puts):  # no flush in between: the writer is held up
+        sink.put_calls("writer", "openai", records, [0.0] * 1000)
+    stats = sink.stats()
+    assert stats["queued"] == bound // 1000 * 1000 <= bound
+    assert stats["dropped"] == puts * 1000 - stats["queued"] > 0
+    assert stats["ended"] == puts * 1000
+    sink.flush()
+    assert sink.stats()["queued"] == 0 and sink.stats()["exported"] == bound // 1000 * 1000
+    assert len(traced.store.read("task-1")) == bound // 1000 * 1000
+    sink.put_calls("writer", "openai", records, [0.0] * 1000)
+    assert sink.stats()["queued"] == 1000
 
 
 async def test_stored_and_exported_step_spans_have_the_same_ids(tmp_path: Path,
