@@ -156,7 +156,7 @@ class MeteringLayer(Middleware):
             if self._idle:
                 self._background()
         elif self.sink is not None:  # nobody drains (a stuck store): bounded, and counted
-            self.sink.dropped += 1
+            self.sink.drop(1)
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """Time the call and record it."""
@@ -356,7 +356,7 @@ class MeteringLayer(Middleware):
             column([r[3] or None for r in records], string),
             pa.repeat(pa.scalar(self.swarm, string), n),
             pa.repeat(pa.scalar(self.role, string), n),
-            pa.DictionaryArray.from_arrays(kinds, pa.array(["model", "tool"])).cast(string),
+            pc.if_else(is_model, pa.scalar("model", string), pa.scalar("tool", string)),
             pc.if_else(is_model, pa.scalar(self.model, string), null),
             # 15: a tool call's tool (a model call's requested model, left out)
             pc.if_else(is_model, null, pa.array([r[15] for r in records], string)),

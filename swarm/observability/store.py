@@ -13,8 +13,8 @@ own spans; the supervisor reads a task's spans back with one lookup:
 
 A stored span is a compact row: name, trace/span/parent ids (hex), kind, start/end (epoch
 seconds), status, error and attributes. The per-step spans (`chat`, `execute_tool`) are stored
-more compactly still: the metering layer's call records as they are, one element per task, agent
-and flush (`CALLS`), expanded into rows when read.
+more compactly still: the metering layer's call records as they are, one element per task and
+drained batch of an agent's calls (`CALLS`), expanded into rows when read.
 """
 
 from __future__ import annotations
@@ -137,10 +137,10 @@ def step_row(c: list[Any]) -> dict[str, Any]:
 CHUNK = "b"
 
 
-# One agent's calls of one task, from one flush: the metering layer's call records as it keeps
-# them (`swarm.observability.metering`, fields 0 kind (0 model, 1 tool), 1 task, 2 conversation,
-# 4 step, 5 [trace id, parent span id], 6 span id (0: none yet), then from 7 on the compact
-# span's fields from 10 on) and each call's cost:
+# One agent's calls of one task, from one drained batch: the metering layer's call records as
+# it keeps them (`swarm.observability.metering`, fields 0 kind (0 model, 1 tool), 1 task,
+# 2 conversation, 3 user, 4 step, 5 [trace id, parent span id], 6 span id (0: none yet), then
+# from 7 on the compact span's fields from 10 on) and each call's cost:
 #   [CALLS, agent, provider, base span id (16 hex digits), [record, ...], [cost, ...]]
 # Written with no work per call beyond grouping by task. A record with no span id of its own
 # gets the one `_nth_span_id` derives from the chunk's random base and its place in the chunk.

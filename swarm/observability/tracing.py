@@ -193,6 +193,12 @@ class StepSpanSink:
         with self._count_lock:  # drains on several threads put at once
             self.ended += len(spans)
 
+    def drop(self, n: int) -> None:
+        """Count spans that ended but were dropped before reaching the sink."""
+        with self._count_lock:
+            self.ended += n
+            self.dropped += n
+
     def put_calls(self, agent: str, provider: str, records: list[tuple[Any, ...]],
                   costs: list[float]) -> None:
         """Queue an agent's finished calls: the metering layer's records as they are, and
@@ -256,8 +262,9 @@ class StepSpanSink:
             tracing = self.tracing
             store_proc = tracing.processors.get("store")
             if tracing.store is not None:
-                # One stored element per task and flush for its calls of each agent, and one
-                # for the task's other spans (`swarm.observability.store.CHUNK`).
+                # One stored element per task for each drained batch of an agent's calls
+                # (usually one a flush), and one for the task's other spans
+                # (`swarm.observability.store.CHUNK`).
                 rows: dict[str, list[bytes]] = {}
                 for task, chunk in chunks:
                     rows.setdefault(task, []).append(_encode_row(chunk))

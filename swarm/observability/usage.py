@@ -223,18 +223,19 @@ class UsageLedger:
 
     def _keep(self, rows: list[tuple[Any, ...]],
               calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]]) -> None:
-        """Put a batch that failed back in front of what came since, keeping the newest
-        `max_buffered_rows` rows and records (whole batches of records); the rest are dropped
-        and counted."""
+        """Put a batch that failed back in front of what came since, keeping at most
+        `max_buffered_rows` rows and call records: the newest rows (few: the memory service's)
+        first, then the newest whole batches of records that fit; the rest are dropped and
+        counted (as records: a stopped call's would not have become a row)."""
         room = self.max_buffered_rows
+        keep = rows[len(rows) - room:] if room < len(rows) else rows
+        room -= len(keep)
         kept_calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]] = []
         for call in reversed(calls):
-            if len(call[1]) > room:
-                break
-            kept_calls.append(call)
-            room -= len(call[1])
+            if len(call[1]) <= room:
+                kept_calls.append(call)
+                room -= len(call[1])
         kept_calls.reverse()
-        keep = rows[len(rows) - room:] if room < len(rows) else rows
         dropped = len(rows) - len(keep) + sum(len(c[1]) for c in calls) - \
             sum(len(c[1]) for c in kept_calls)
         self.rows_dropped += dropped
@@ -257,7 +258,17 @@ class UsageLedger:
         # One table, split by UTC day only when the batch spans midnight (in pyarrow: the
         # rows are never looped over in Python). Each source's records become columns in one
         # call; the file holds them source by source.
-        parts = [to_table(rows)] if rows else []
+        # Rows that can't be converted would fail every retry too: they are dropped and
+        # counted, and the rest is written.
+        parts: list[pa.Table] = []
+        bad = 0
+        if rows:
+            try:
+                parts.append(to_table(rows))
+            except Exception:
+                log.error("usage ledger: %d rows are not ledger rows; dropped", len(rows),
+                          exc_info=True)
+                bad += len(rows)
         by_source: dict[int, list[Any]] = {}
         for call in calls or ():
             by_source.setdefault(id(call[0]), []).append(call)
@@ -268,9 +279,15 @@ class UsageLedger:
                 source = batches[0][0]
                 records = [r for b in batches for r in b[1]]
                 costs = [c for b in batches for c in b[2]]
-            parts.append(source.ledger_table(records, costs))
-        whole = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-        if not whole.num_rows:
+            try:
+                parts.append(source.ledger_table(records, costs))
+            except Exception:
+                log.error("usage ledger: %d call records of %r could not be converted; "
+                          "dropped", len(records), source, exc_info=True)
+                bad += len(records)
+        self.rows_dropped += bad
+        whole = parts[0] if len(parts) == 1 else pa.concat_tables(parts) if parts else None
+        if whole is None or not whole.num_rows:
             return 0, 0, {}
         days = pc.divide(pc.cast(whole["ts"], pa.int64()), 86_400_000_000)  # µs to days
         first, last = (int(v.as_py()) for v in pc.min_max(days).values())

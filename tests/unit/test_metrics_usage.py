@@ -299,6 +299,9 @@ def test_each_calls_cost_is_the_price_tables(tmp_path: Path) -> None:
     assert layer._costs(batch) == [price.cost(1000, 200, 300), price.cost(100, 5, 500),
                                    price.cost(7, 0, -3), 0.0, 0.0, 0.0]
     assert layer._costs(batch)[1] == pytest.approx((100 * 0.3 + 5 * 15.0) / 1e6)  # all cached
+    free = MeteringLayer(make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m"}}), "looper",
+                         swarm="t")
+    assert free._costs(batch) == [0.0] * 6  # no price table: nothing costs anything
 
 
 def test_ledger_rows_of_call_records_of_every_kind_and_outcome(tmp_path: Path) -> None:
@@ -334,10 +337,26 @@ def test_ledger_rows_of_call_records_of_every_kind_and_outcome(tmp_path: Path) -
     assert rows([tool(1)]) == [echo]  # tool calls only
     failed = ("tool", None, "echo", 1, None, 0, 0, 0, 0.0, 1.0, "error", "tool", "s1",
               "looper", 1_767_225_600.001)
-    # Mixed, with a failed tool call, a stopped model call (not a row), and a second user.
+    # Mixed, with a failed tool call, a stopped model call (not a row), a cancelled one (no
+    # error class: it didn't fail), and a second user.
+    canceled = ("model", "m", None, 4, "ana", 400, 40, 4, 0.5, 2.5, "canceled", None, "s1",
+                "looper", 1_767_225_600.0025)
     assert rows([model(1), tool(1, "error", "tool"), model(3, "stopped", "budget"),
-                 model(2, user="bo")]) == [ok1, failed, (*ok2[:4], "bo", *ok2[5:])]
+                 model(4, "canceled", "model"), model(2, user="bo")]) == \
+        [ok1, failed, canceled, (*ok2[:4], "bo", *ok2[5:])]
     assert rows([]) == []
+
+
+async def test_records_that_cannot_be_converted_are_dropped_not_retried(tmp_path: Path) -> None:
+    ledger = UsageLedger(str(tmp_path / "usage"))
+    now = time.time()
+    ledger.extend_calls(_Rows(), [("not", "a", "ledger", "row")], [0.0])
+    ledger.add(_row(now, task_id="good"))
+    assert await ledger.flush() == 1
+    assert ledger.rows_dropped == 1 and ledger.rows == [] and ledger.calls == []
+    assert await ledger.flush() == 0  # nothing kept for a retry that would fail again
+    await ledger.aclose()
+    assert read_usage(str(tmp_path / "usage"))["task_id"].to_pylist() == ["good"]
 
 
 def test_since_values_that_mean_nothing_are_errors() -> None:

@@ -618,6 +618,44 @@ def test_calls_waiting_for_a_stuck_writer_are_bounded_and_counted(traced: Traced
     assert sink.stats()["queued"] == 1000
 
 
+def test_calls_dropped_before_the_sink_are_counted_as_ended_and_dropped(
+        tmp_path: Path, traced: Traced) -> None:
+    from swarm.observability.metering import MeteringLayer
+    from swarm.observability.tracing import SwarmTracer
+
+    cfg = cfg3(tmp_path)
+    layer = MeteringLayer(cfg, "a", swarm="t", tracer=SwarmTracer(traced.tracing, cfg))
+    sink = traced.tracing.sink
+    sink.sources.remove(layer.drain)  # drained here only, not by the sink's thread
+    layer.max_pending = 2
+    for step in range(3):  # nothing drains in between: the third is one too many
+        layer._record(tuple(_record(1, step)))
+    assert sink.stats()["ended"] == 1 and sink.stats()["dropped"] == 1
+    layer.drain()
+    sink.flush()
+    stats = sink.stats()
+    assert stats["ended"] == 3 and stats["exported"] == 2 and stats["queued"] == 0
+    assert stats["ended"] == stats["exported"] + stats["failed"] + stats["dropped"]
+
+
+def test_a_calls_parent_ids_are_kept_only_for_the_turns_own_span() -> None:
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, use_span
+
+    from swarm.observability.metering import _parent_ids
+    from swarm.runtime.step import Session
+
+    own = SpanContext(0xA, 0xB, False)
+    turn = Session("t", "a", "s", [])
+    turn.scratch["span"] = own
+    assert _parent_ids(turn) == (f"{0xA:032x}", f"{0xB:016x}")
+    assert turn.scratch["span_ids"] == _parent_ids(turn)  # read from here by later calls
+    # No span of the turn's own, a current one: looked up on each call, never kept.
+    other = Session("t", "a", "s", [])
+    with use_span(NonRecordingSpan(SpanContext(0xC, 0xD, False))):
+        assert _parent_ids(other) == (f"{0xC:032x}", f"{0xD:016x}")
+    assert "span_ids" not in other.scratch and "span" not in other.scratch
+
+
 async def test_stored_and_exported_step_spans_have_the_same_ids(tmp_path: Path,
                                                                 traced: Traced) -> None:
     async with LocalSwarm(cfg3(tmp_path)) as sw:
