@@ -380,9 +380,18 @@ class TaskRecord:
                 "handoffs": self.handoffs, "turns": self.turns}
 
     def to_row(self, swarm: str) -> TaskRow:
-        """The durable row of this task."""
-        data = {k: v for k, v in self.summary().items() if k not in ("task_id", "state")}
-        data.update(a2a=a2a.dumps(self.task), text=self.text, **self.totals())
+        """The durable row of this task: the A2A task (its ids, state, messages, answer and
+        metadata) and the record's own fields (what `from_row` restores, and the open gates).
+        Written three times a task, so built directly: not from `summary`, whose metadata
+        conversion from the protobuf alone costs more than the rest of the row."""
+        data = {
+            "a2a": a2a.dumps(self.task), "user": self.user, "agent": self.agent,
+            "text": self.text, "created": self.created, "updated": self.updated,
+            "answer": self.answer, "error_class": self.error_class, "error": self.error,
+            "question": self.question, "cost_usd": self.cost_usd,
+            "budget_exhausted": self.budget_exhausted, "stuck": self.stuck,
+            "errors": dict(self.errors), "gates": list(self.gates.values()),
+            "steps": self.steps, **self.totals()}
         return TaskRow(task_id=self.id, swarm=swarm, state=self.state, data=data,
                        updated=self.updated)
 

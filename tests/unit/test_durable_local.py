@@ -331,3 +331,28 @@ async def test_a_task_waiting_for_an_operator_waits_again_after_a_restart(
         row = await sw3.supervisor.wait(task_id, 10)
     assert row["state"] == "completed"
     assert dt.RUNS == {"q-1": 1, "q-2": 1}
+
+
+def test_a_task_row_restores_every_field_a_listing_shows() -> None:
+    from swarm.runtime.supervisor import TaskRecord
+
+    first = a2a.text_message("hi", role="user", task_id="task-0001", context_id="ctx-1",
+                             metadata={"user": "ana"})
+    rec = TaskRecord(task=a2a.new_task("task-0001", "ctx-1", first, {"user": "ana", "k": [1]}),
+                     user="ana", created=100.0)
+    rec.text, rec.agent, rec.updated = "hi", "writer", 105.0
+    rec.steps, rec.input_tokens, rec.output_tokens, rec.model_calls = 3, 30, 12, 3
+    rec.tool_calls, rec.turns, rec.handoffs, rec.cost_usd = 2, 1, 1, 0.125
+    rec.errors, rec.stuck, rec.question = {"tool": 1}, "same_call", "go on?"
+    rec.budget_exhausted = "task max_steps (3)"
+    rec.task.metadata["budget_exhausted"] = rec.budget_exhausted
+    a2a.set_state(rec.task, "working", None)
+    a2a.set_state(rec.task, "input_required", None)
+    row = rec.to_row("s1")
+    assert (row.task_id, row.swarm, row.state, row.updated) == \
+        ("task-0001", "s1", "input_required", 105.0)
+    back = TaskRecord.from_row(row)
+    assert back.summary() == rec.summary()
+    assert back.summary()["metadata"] == {"user": "ana", "k": [1],
+                                          "budget_exhausted": "task max_steps (3)"}
+    assert back.totals() == rec.totals() and back.text == "hi"
