@@ -383,16 +383,19 @@ async def _paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: i
 async def parts(steps: int, level: int, blocks: int) -> None:
     """Where the layers' CPU goes, part by part, on a host with a Redis checkpoint every step.
 
-    Each block runs `level` tasks on a bare host and on one with tracing, metrics and the
-    ledger; the second host's background work is then done here, one part at a time, each
-    timed with the process's CPU clock: the metering layer's drain (calls into span rows,
-    ledger rows and metric sums), the trace store write, the metrics push, and (once a second
-    of the host's running time, as its writer does) the ledger's Parquet file and Redis
-    totals. The layer's own cost on the step path (timing each call and keeping one tuple) is
-    timed apart, around an instant model and tool call. Each part is summed over all blocks
-    and divided by all steps. Unlike `--paired`, this doesn't rest on the difference of two
-    noisy totals; it leaves out what the layers cost indirectly (memory, caches, the
-    collector)."""
+    Each block runs `level` tasks on two bare hosts and on one with tracing, metrics and the
+    ledger, in turn (each block starting with the next host); the layered host's background
+    work is then done here, one part at a time, each timed with the process's CPU clock: the
+    metering layer's drain (calls handed to the trace sink and the ledger, metric sums), the
+    trace store write, the metrics push, and (once a second of the host's running time, as its
+    writer does) the ledger's Parquet file and Redis totals. The layer's own cost on the step
+    path (timing each call and keeping one tuple) is timed apart, around an instant model and
+    tool call. Each part is summed over all blocks and divided by all steps. Unlike `--paired`,
+    this doesn't rest on the difference of two noisy totals, but it leaves out what the layers
+    cost the steps indirectly (memory, caches, the collector). That is in the layered host's
+    steps against the bare hosts', printed too, with the two bare hosts' own difference as a
+    measure of that comparison's noise, and counted in the last line instead of the timed-apart
+    step-path part."""
     from scripts.bench.swarm_side import redis_store
     from swarm.observability.metering import MeteringLayer
 
@@ -400,13 +403,17 @@ async def parts(steps: int, level: int, blocks: int) -> None:
     async with redis_store() as (store, server, _run_dir):
         _STORE_URL = server.url
         teardowns: list[Any] = []
-        full = await _layered_host(("tracing", "metrics", "ledger"), steps, store, teardowns)
+        # Made in this order, the layered host between the two bare ones: a host made earlier
+        # measured a few µs a step dearer than an identical one made later.
         bare = await _layered_host((), steps, store, teardowns)
+        full = await _layered_host(("tracing", "metrics", "ledger"), steps, store, teardowns)
+        bare2 = await _layered_host((), steps, store, teardowns)
         assert full._loop is not None
         layer = next(x for x in full._loop.middleware if isinstance(x, MeteringLayer))
         sink, ledger, meter = layer.sink, layer.ledger, layer.meter
         assert sink is not None and ledger is not None and meter is not None
-        for i, host in enumerate((bare, full)):
+        hosts = {"bare": bare, "bare2": bare2, "steps": full}
+        for i, host in enumerate(hosts.values()):
             await run_level(host, 4, steps, f"w{i}-")  # task ids unique in the shared store
         # From here the background work is done below, part by part, and nothing else does
         # it: no drains on their own, the ledger's writer and the metrics push stopped, the
@@ -425,16 +432,16 @@ async def parts(steps: int, level: int, blocks: int) -> None:
         layer.drain()
         sink.flush()
         await ledger.flush()
-        cpu = dict.fromkeys(("bare", "steps", "drain", "trace store", "metrics push",
+        cpu = dict.fromkeys(("bare", "bare2", "steps", "drain", "trace store", "metrics push",
                              "ledger file + totals"), 0.0)
         n_all, ran, due = 0, 0.0, 1.0
         clock = time.process_time
+        order = list(hosts)
         for block in range(blocks):
-            # The two hosts take turns at going first.
-            for which in (("bare", "steps") if block % 2 else ("steps", "bare")):
+            k = block % len(order)  # the hosts take turns at going first
+            for which in order[k:] + order[:k]:
                 c0 = clock()
-                wall, n = await run_level(bare if which == "bare" else full, level, steps,
-                                          f"{which}{block}-")
+                wall, n = await run_level(hosts[which], level, steps, f"{which}{block}-")
                 cpu[which] += clock() - c0
                 if which == "steps":
                     n_all, ran = n_all + n, ran + wall
@@ -454,25 +461,32 @@ async def parts(steps: int, level: int, blocks: int) -> None:
                 cpu["ledger file + totals"] += clock() - c0
         on_path = await _layer_on_path(layer)
         sink.sources.append(layer.drain)
-        for host in (bare, full):
+        for host in hosts.values():
             await host.aclose()
         for teardown in teardowns:
             teardown()
         _STORE_URL = None
     per = {k: v / n_all * 1e6 for k, v in cpu.items()}
-    base = per.pop("bare")
+    one, two = per.pop("bare"), per.pop("bare2")
+    base = (one + two) / 2
     stepping = per.pop("steps")
+    background = sum(per.values())
     per = {"on the step path (timed apart)": on_path, **per}
     total = sum(per.values())
     print(f"\n== layer parts: {blocks} blocks x {level} tasks x {steps} steps, a Redis "
           "checkpoint every step; CPU µs per step, summed over all blocks")
-    print(f"{'bare host (no layers)':<34} {base:>7.1f}")
+    print(f"{'bare hosts (no layers), mean':<34} {base:>7.1f}   "
+          f"({one:.1f} and {two:.1f}: {two - one:+.1f} between two identical hosts)")
     print(f"{'host with the layers, steps only':<34} {stepping:>7.1f}   "
-          f"({stepping - base:+.1f} against bare: the step path, with this machine's noise)")
+          f"({stepping - base:+.1f} against the bare hosts: the step path, direct and "
+          "indirect)")
     for name, v in per.items():
         print(f"  {name:<32} {v:>7.1f}   {v / base * 100:5.1f}%")
     print(f"{'the layers, all parts':<34} {total:>7.1f}   {total / base * 100:5.1f}% of the "
           "bare step")
+    whole = stepping - base + background
+    print(f"{'the layers, with the steps':<34} {whole:>7.1f}   {whole / base * 100:5.1f}% "
+          "(the steps against the bare hosts, and the background parts)")
 
 
 async def _layer_on_path(layer: Any, calls: int = 20_000) -> float:
