@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -490,14 +491,44 @@ def _compact(kind: str, span: str, step: int) -> list[Any]:
             "echo", "call-1", "fn"]
 
 
+@contextmanager
+def _every_store(tmp_path: Path) -> Iterator[list[Any]]:
+    """The memory, JSONL and Redis trace stores (Redis: a real redis-server of its own)."""
+    from swarm.observability.store import RedisTraceStore
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    try:
+        stores = [MemoryTraceStore(), JsonlTraceStore(tmp_path / "traces"),
+                  RedisTraceStore(server.url, ttl_s=60)]
+        yield stores
+        stores[2].close()
+    finally:
+        server.stop()
+
+
+def _refuses(store: Any, elements: list[Any]) -> None:
+    """Each malformed stored element is a clear decode error on reading (the JSONL store
+    skips it, like a torn last line)."""
+    import msgspec
+
+    for n, element in enumerate(elements):
+        store.append({f"bad-{n}": [msgspec.json.encode(element)]})
+        if isinstance(store, JsonlTraceStore):
+            assert store.read(f"bad-{n}") == []
+        else:
+            with pytest.raises(msgspec.DecodeError, match="malformed step span"):
+                store.read(f"bad-{n}")
+
+
 def test_every_trace_store_reads_chunks_of_step_spans_in_order(tmp_path: Path) -> None:
     """The sink stores a task's per-step spans of one flush as one chunk element; a reader
     expands it among full rows and single compact rows, in the order written, and a malformed
     chunk is a clear decode error (a torn JSONL line is skipped)."""
     import msgspec
 
-    from swarm.observability.store import CHUNK, RedisTraceStore
-    from swarm.state.embedded import EmbeddedRedis
+    from swarm.observability.store import CHUNK
 
     enc = msgspec.json.encode
     full = enc({"name": "invoke_agent a", "trace": "a" * 32, "span": "s0", "parent": None,
@@ -505,11 +536,7 @@ def test_every_trace_store_reads_chunks_of_step_spans_in_order(tmp_path: Path) -
                 "error": None, "attrs": {}})
     chunk = enc([CHUNK, _compact("c", "s1", 1), _compact("t", "s2", 1)])
     single = enc(_compact("c", "s3", 2))
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
-    try:
-        stores = [MemoryTraceStore(), JsonlTraceStore(tmp_path / "traces"),
-                  RedisTraceStore(server.url, ttl_s=60)]
+    with _every_store(tmp_path) as stores:
         for store in stores:
             store.append({"task-1": [full, chunk]})
             store.append({"task-1": [single]})
@@ -519,18 +546,9 @@ def test_every_trace_store_reads_chunks_of_step_spans_in_order(tmp_path: Path) -
                                                  "execute_tool echo", "chat m"]
             assert rows[1]["attrs"]["swarm.cost_usd"] == 0.25
             assert rows[2]["status"] == "error" and rows[2]["attrs"]["error.type"] == "tool"
-            for n, bad in enumerate(([CHUNK, ["c", "too short"]],
-                                     [CHUNK, _compact("c", "s4", 3), [CHUNK]],
-                                     [CHUNK, ["x", *_compact("t", "s5", 3)[1:]]])):
-                store.append({f"bad-{n}": [enc(bad)]})
-                if isinstance(store, JsonlTraceStore):
-                    assert store.read(f"bad-{n}") == []  # skipped like a torn line
-                else:
-                    with pytest.raises(msgspec.DecodeError, match="malformed step span"):
-                        store.read(f"bad-{n}")
-        stores[2].close()
-    finally:
-        server.stop()
+            _refuses(store, [[CHUNK, ["c", "too short"]],
+                             [CHUNK, _compact("c", "s4", 3), [CHUNK]],
+                             [CHUNK, ["x", *_compact("t", "s5", 3)[1:]]]])
 
 
 def _record(kind: int, step: int, span_id: int = 0) -> list[Any]:
@@ -549,18 +567,13 @@ def test_every_trace_store_reads_chunks_of_call_records(tmp_path: Path) -> None:
     spans hang under); a malformed chunk is a clear decode error."""
     import msgspec
 
-    from swarm.observability.store import RedisTraceStore, call_chunk
-    from swarm.state.embedded import EmbeddedRedis
+    from swarm.observability.store import call_chunk
 
     enc = msgspec.json.encode
     chunk = call_chunk("writer", "openai", [_record(0, 1), _record(1, 1, 0xABC), _record(0, 2)],
                        [0.25, 0.0, 0.5])
     base = int(chunk[3], 16)
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
-    try:
-        stores = [MemoryTraceStore(), JsonlTraceStore(tmp_path / "traces"),
-                  RedisTraceStore(server.url, ttl_s=60)]
+    with _every_store(tmp_path) as stores:
         for store in stores:
             store.append({"task-1": [enc(chunk)]})
             rows = store.read("task-1")
@@ -578,21 +591,11 @@ def test_every_trace_store_reads_chunks_of_call_records(tmp_path: Path) -> None:
             assert rows[1]["attrs"]["gen_ai.tool.name"] == "echo"
             assert "gen_ai.provider.name" not in rows[1]["attrs"]
             assert (rows[2]["start"], rows[2]["end"]) == (1e-6, 2e-6)
-            for n, bad in enumerate((
-                    [*chunk[:3], "abc", chunk[4], chunk[5]],  # no base span id
-                    [*chunk[:5], [0.25]],  # a cost short
-                    [*chunk[:4], [[7, *_record(0, 1)[1:]]], [0.0]],  # unknown kind
-                    [*chunk[:4], [_record(0, 1)[:9]], [0.0]],  # a record cut short
-                    chunk[:5])):  # no costs
-                store.append({f"bad-{n}": [enc(bad)]})
-                if isinstance(store, JsonlTraceStore):
-                    assert store.read(f"bad-{n}") == []  # skipped like a torn line
-                else:
-                    with pytest.raises(msgspec.DecodeError, match="malformed step span"):
-                        store.read(f"bad-{n}")
-        stores[2].close()
-    finally:
-        server.stop()
+            _refuses(store, [[*chunk[:3], "abc", chunk[4], chunk[5]],  # no base span id
+                             [*chunk[:5], [0.25]],  # a cost short
+                             [*chunk[:4], [[7, *_record(0, 1)[1:]]], [0.0]],  # unknown kind
+                             [*chunk[:4], [_record(0, 1)[:9]], [0.0]],  # a record cut short
+                             chunk[:5]])  # no costs
 
 
 def test_calls_waiting_for_a_stuck_writer_are_bounded_and_counted(traced: Traced) -> None:
