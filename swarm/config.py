@@ -59,13 +59,18 @@ class Price(_Strict):
         None, ge=0, description="USD per 1M cached prompt tokens; default: the input price"
     )
 
+    def rates(self) -> tuple[float, float, float]:
+        """USD per 1M input, output and cached input tokens (cached: the input price unless
+        set)."""
+        return (self.input_per_mtok, self.output_per_mtok, self.input_per_mtok
+                if self.cached_input_per_mtok is None else self.cached_input_per_mtok)
+
     def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
         """USD for one call's usage (cached tokens are part of `input_tokens`)."""
         cached = min(max(cached_tokens, 0), input_tokens)
-        cached_rate = self.input_per_mtok if self.cached_input_per_mtok is None \
-            else self.cached_input_per_mtok
-        return ((input_tokens - cached) * self.input_per_mtok + cached * cached_rate
-                + output_tokens * self.output_per_mtok) / 1e6
+        input_rate, output_rate, cached_rate = self.rates()
+        return ((input_tokens - cached) * input_rate + cached * cached_rate
+                + output_tokens * output_rate) / 1e6
 
 
 # How agents reach a model that swarm deploys as a Serve app (swarm.models.ingress).

@@ -101,9 +101,8 @@ class MeteringLayer(Middleware):
         self.model = model
         mcfg = cfg.models[model]
         self.provider = mcfg.provider
-        self.price = price = mcfg.price
-        self._rates = (price.input_per_mtok, price.output_per_mtok, price.input_per_mtok
-                       if price.cached_input_per_mtok is None else price.cached_input_per_mtok)
+        self.price = mcfg.price
+        self._rates = mcfg.price.rates()  # read once: `_costs` runs per drained call
         self.capture = tracer is not None and tracer.capture
         self.mcp_servers = frozenset(name for name, tcfg in cfg.tools.items()
                                      if getattr(tcfg, "mcp", None) is not None)
@@ -227,7 +226,7 @@ class MeteringLayer(Middleware):
             parent = session.scratch.get("span_ids") or _parent_ids(session)
             if server in self.mcp_servers:
                 span_id = _random_bits(64)
-                trace_id = _parent_of(session).trace_id
+                trace_id = int(parent[0], 16)
                 inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
                 token = attach(set_span_in_context(
                     NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))

@@ -143,13 +143,6 @@ class UsageLedger:
         if full:
             self.kick()
 
-    def extend(self, rows: list[tuple[Any, ...]]) -> None:
-        """Buffer rows, from any thread (a source's drain); the writer takes them at its next
-        flush."""
-        with self._rows_lock:
-            self.rows.extend(rows)
-            self._buffered += len(rows)
-
     def extend_calls(self, source: CallSource, records: list[tuple[Any, ...]],
                      costs: list[float]) -> None:
         """Buffer a source's call records as they are, from any thread; when they are written,
@@ -236,16 +229,15 @@ class UsageLedger:
                 kept_calls.append(call)
                 room -= len(call[1])
         kept_calls.reverse()
-        dropped = len(rows) - len(keep) + sum(len(c[1]) for c in calls) - \
-            sum(len(c[1]) for c in kept_calls)
-        self.rows_dropped += dropped
+        kept = self.max_buffered_rows - room
+        self.rows_dropped += len(rows) + sum(len(c[1]) for c in calls) - kept
         with self._rows_lock:
             self.rows[:0] = keep
             self.calls[:0] = kept_calls
-            self._buffered += len(keep) + sum(len(c[1]) for c in kept_calls)
+            self._buffered += kept
 
     def _write(self, rows: list[tuple[Any, ...]],
-               calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]] | None = None
+               calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]]
                ) -> tuple[int, int, dict[tuple[Any, ...], list[float]]]:
         """Write the rows and call records (one Parquet file per day); return the rows and
         files written and, with Redis totals on, the rows' sums per (swarm, role, user, model)
@@ -270,7 +262,7 @@ class UsageLedger:
                           exc_info=True)
                 bad += len(rows)
         by_source: dict[int, list[Any]] = {}
-        for call in calls or ():
+        for call in calls:
             by_source.setdefault(id(call[0]), []).append(call)
         for batches in by_source.values():
             if len(batches) == 1:
