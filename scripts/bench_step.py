@@ -491,11 +491,13 @@ async def parts(steps: int, level: int, blocks: int) -> None:
 
 async def _layer_on_path(layer: Any, calls: int = 20_000) -> float:
     """µs per step the metering layer adds around an instant model call and an instant tool
-    call (the rest of the chain left out): the best of 5 rounds, its records dropped."""
+    call (the rest of the chain left out): the step loop's record of each call, as the loop
+    makes it, and the layer's own wrapping where it wraps (content capture, MCP tools); the
+    best of 5 rounds, its records dropped."""
     from types import SimpleNamespace
 
     from swarm.runtime.middleware import ModelCall, ToolInvocation, compose_model, compose_tool
-    from swarm.runtime.step import Session
+    from swarm.runtime.step import Session, _model_ok, _tool_record
     from swarm.tools.interface import ToolContext, ToolResult
 
     resp = ModelResponse(content=None, tool_calls=[ToolCall(id="c", name="echo",
@@ -516,6 +518,8 @@ async def _layer_on_path(layer: Any, calls: int = 20_000) -> float:
     entry: Any = SimpleNamespace(source=SimpleNamespace(name="fn"))
     ctx = ToolContext(task_id="t", agent="bench", session_id="s", call_id="c", step=1)
     with_model, with_tool = compose_model([layer], model), compose_tool([layer], tool)
+    record = layer.records
+    assert record is not None
     # Every record kept (cleared after each round), as a drained layer keeps them.
     cap, layer.max_pending = layer.max_pending, 2 * calls + 1
     best = float("inf")
@@ -527,8 +531,13 @@ async def _layer_on_path(layer: Any, calls: int = 20_000) -> float:
         bare = time.process_time() - c0
         c0 = time.process_time()
         for i in range(calls):
-            await with_model(ModelCall(session, i, "bench", "m", req))
-            await with_tool(ToolInvocation(session, i, 0, "bench", call, entry, {}, ctx))
+            mc = ModelCall(session, i, "bench", "m", req)
+            n0 = time.time_ns()
+            record(_model_ok(session, mc, n0, await with_model(mc)))
+            inv = ToolInvocation(session, i, 0, "bench", call, entry, {}, ctx)
+            n0 = time.time_ns()
+            await with_tool(inv)
+            record(_tool_record(inv, n0, "ok", None, None))
         best = min(best, (time.process_time() - c0 - bare) / calls * 1e6)
         layer.pending.clear()
     layer.max_pending = cap

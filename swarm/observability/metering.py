@@ -1,11 +1,14 @@
 """The metering layer: tracing, metrics and usage-ledger rows of one agent role's model and tool
 calls, in one middleware layer.
 
-On the step path a call is timed and leaves one flat tuple of plain values (ids, times, token
-counts, outcome): no span object, no attribute dict, no ledger row, no metric update. `drain`
-hands the tuples to the three outputs, off the step path: whichever needs them first pulls
-them (the trace store's writer thread, the ledger's writer task, the metrics push), and each
-tuple feeds all three at once:
+On the step path each call leaves one flat tuple of plain values (ids, times, token counts,
+outcome), which the step loop builds from the fields it reads for its own events
+(swarm.runtime.step, `MODEL`: the layout) and hands to `records`: no span object, no attribute
+dict, no ledger row, no metric update, and no layer around the call. The layer wraps a call
+only to act before it runs: to capture its content (`tracing.capture_content`) and to give an
+MCP tool call its span's traceparent (`_meta`). `drain` hands the tuples to the three outputs,
+off the step path: whichever needs them first pulls them (the trace store's writer thread, the
+ledger's writer task, the metrics push), and each tuple feeds all three at once:
 
 - a `chat {model}` or `execute_tool {tool}` span under the turn's `invoke_agent` span: the
   tracing sink stores the tuples as they are, by task (swarm.observability.store `CALLS`), and
@@ -15,19 +18,17 @@ tuple feeds all three at once:
 - the metric sums: steps, model calls, tokens, cost, latency, tool calls, errors by class
   (swarm.observability.metrics).
 
-Error classes are decided exactly as the step loop decides the class it reports (see
-swarm.runtime.step): a model call's exception is its `RunError` class or `model`, a tool call's is
-its `RunError` class or `tool`, a tool's own error result is `tool`. A call a later layer stopped
-(`StopTurn`: a budget, an approval, a rate limit) didn't run: it has a span (marked
-`swarm.stopped`) but is neither counted nor billed.
+Error classes are the step loop's own (see swarm.runtime.step): a model call's exception is its
+`RunError` class or `model`, a tool call's is its `RunError` class or `tool`, a tool's own error
+result and a timed-out tool call are `tool`. A call a later layer stopped (`StopTurn`: a
+budget, an approval, a rate limit) didn't run: it has a span (marked `swarm.stopped`) but is
+neither counted nor billed. Error texts are redacted when drained.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import deque
-from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import attach, detach
@@ -38,7 +39,6 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from swarm.errors import RunError, classify
 from swarm.observability.metrics import (
     CHECKPOINT_LATENCY,
     COST,
@@ -59,7 +59,8 @@ from swarm.observability.metrics import (
 )
 from swarm.observability.tracing import _SAMPLED, _random_bits
 from swarm.observability.usage import UsageLedger, _redis_url
-from swarm.runtime.middleware import Middleware, ModelCall, NextModel, NextTool, StopTurn
+from swarm.runtime.middleware import Middleware, ModelCall, NextModel, NextTool
+from swarm.runtime.step import MODEL as _MODEL
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -69,20 +70,6 @@ if TYPE_CHECKING:
     from swarm.runtime.middleware import ToolInvocation
     from swarm.runtime.step import Session
     from swarm.tools.interface import ToolResult
-
-_MODEL, _TOOL = 0, 1
-
-# A call's record, one flat tuple (fields by index):
-#  0 kind (_MODEL | _TOOL)   1 task id   2 conversation id   3 user   4 step
-#  5 the parent span's (trace id, span id) in hex (None without tracing)
-#  6 span id (0: drawn when drained)
-#  7 start ns   8 end ns   9 outcome: ok | error | canceled | stopped   10 error class
-# 11 span error text   12 stopped: the StopTurn outcome's kind
-# 13 captured content (input or arguments)   14 captured content (output or result)
-# model calls:  15 request model  16 response model  17 finish reason  18 tool calls
-#               19 input tokens   20 output tokens   21 cached tokens   22 wrap-up
-# tool calls:   15 tool name      16 call id         17 server name
-
 
 class MeteringLayer(Middleware):
     """Tracing (when `tracer` is given), metrics (into a `Meter`) and ledger rows (into a
@@ -106,6 +93,10 @@ class MeteringLayer(Middleware):
         self.capture = tracer is not None and tracer.capture
         self.mcp_servers = frozenset(name for name, tcfg in cfg.tools.items()
                                      if getattr(tcfg, "mcp", None) is not None)
+        # The step loop makes the records; the layer wraps only calls it acts on first.
+        self.records = self._record
+        self.wraps_model = self.capture
+        self.wraps_tool = self.capture or (self.sink is not None and bool(self.mcp_servers))
         self.pending: deque[tuple[Any, ...]] = deque()
         self.max_pending = self.sink.max_queue if self.sink is not None else 1_000_000
         self._lock = threading.Lock()  # one drain at a time
@@ -158,105 +149,43 @@ class MeteringLayer(Middleware):
             self.sink.drop(1)
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
-        """Time the call and record it."""
-        session = call.session
-        parent = None
-        if self.sink is not None:
-            parent = session.scratch.get("span_ids") or _parent_ids(session)
-        captured = self.tracer.content(_new_input(call)) if self.capture else None
-        t0 = time_ns()
-        try:
-            resp = await nxt(call)
-        except BaseException as exc:
-            outcome, error_class, text, stopped = self._raised(exc, "model")
-            self._record((
-                _MODEL, session.task_id, session.session_id, session.user, call.step, parent,
-                0, t0, time_ns(), outcome, error_class, text, stopped, captured, None,
-                call.model, None, None, 0, 0, 0, 0, call.final))
-            raise
-        t1 = time_ns()
-        usage = resp.usage
-        out = None
-        if captured is not None:
-            msg: dict[str, Any] = {"role": "assistant", "content": resp.content}
-            if resp.tool_calls:
-                msg["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
-                                     for c in resp.tool_calls]
-            out = self.tracer.content([msg])  # type: ignore[union-attr]
-        rec = (_MODEL, session.task_id, session.session_id, session.user, call.step, parent, 0,
-               t0, t1, "ok", None, None, None, captured, out, call.model,
-               resp.model or call.model, resp.finish_reason, len(resp.tool_calls),
-               usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, call.final)
-        if len(self.pending) < self.max_pending and not self._idle:  # `_record`, inlined
-            self.pending.append(rec)
-        else:
-            self._record(rec)
+        """Capture what the call adds to the conversation and its answer, for its record
+        (in the call's `extra` "meter": the step loop puts them in the record)."""
+        captured = self.tracer.content(_new_input(call))  # type: ignore[union-attr]
+        call.extra["meter"] = (captured, None)
+        resp = await nxt(call)
+        msg: dict[str, Any] = {"role": "assistant", "content": resp.content}
+        if resp.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                 for c in resp.tool_calls]
+        call.extra["meter"] = (captured, self.tracer.content([msg]))  # type: ignore[union-attr]
         return resp
 
-    def _raised(self, exc: BaseException, default_class: str
-                ) -> tuple[str, str | None, str | None, str | None]:
-        """(outcome, error class, span error text, stopped kind) of a call that raised: a
-        layer below stopped the turn (a budget, an approval gate, stuck detection), it was
-        cancelled, or it failed."""
-        if isinstance(exc, StopTurn):
-            o = exc.outcome
-            if o.kind == "failed":
-                return "stopped", o.error_class, self._redact(o.error or o.error_class), o.kind
-            return "stopped", None, None, o.kind
-        text = self._redact(f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, asyncio.CancelledError):
-            return "canceled", getattr(exc, "error_class", None) or default_class, text, None
-        cls = classify(exc) if isinstance(exc, RunError) else default_class
-        return "error", cls, text, None
-
-    def _redact(self, text: str | None) -> str | None:
-        if self.tracer is None:
-            return None
-        return self.tracer.redact(text or "error")[:500]
-
     async def on_tool(self, inv: ToolInvocation, nxt: NextTool) -> ToolResult:
-        """Time the call and record it; its span is current while the tool runs, and its
-        traceparent goes to an MCP tool (`_meta`), whose client spans nest under it."""
+        """Give an MCP tool call its span now: the span is current while the tool runs, and
+        its traceparent goes to the tool (`_meta`), whose client spans nest under it; capture
+        the arguments and the result. Both for the call's record (`extra` "meter")."""
         session = inv.session
-        call = inv.call
-        server = inv.entry.source.name
-        parent = None
         span_id = token = 0
-        if self.sink is not None:
+        if self.sink is not None and inv.entry.source.name in self.mcp_servers:
             parent = session.scratch.get("span_ids") or _parent_ids(session)
-            if server in self.mcp_servers:
-                span_id = _random_bits(64)
-                trace_id = int(parent[0], 16)
-                inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
-                token = attach(set_span_in_context(
-                    NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
+            # The loop's record reads the parent from here too.
+            session.scratch.setdefault("span_ids", parent)
+            span_id = _random_bits(64)
+            trace_id = int(parent[0], 16)
+            inv.ctx.traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
+            token = attach(set_span_in_context(
+                NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED))))
         captured = self.tracer.content(inv.args) if self.capture else None  # type: ignore
-        t0 = time_ns()
+        inv.extra["meter"] = (span_id, captured, None)
         try:
             result = await nxt(inv)
-        except BaseException as exc:
-            outcome, error_class, text, stopped = self._raised(exc, "tool")
-            self._record((_TOOL, session.task_id, session.session_id, session.user, inv.step,
-                          parent, span_id, t0, time_ns(), outcome, error_class, text, stopped,
-                          captured, None, call.name, call.id, server))
-            raise
         finally:
             if token:
                 detach(token)
-        t1 = time_ns()
-        out = self.tracer.content(result.content) if self.capture else None  # type: ignore
-        if result.is_error:
-            rec = (_TOOL, session.task_id, session.session_id, session.user, inv.step, parent,
-                   span_id, t0, t1, "error", "tool", self._redact(result.content), None,
-                   captured, out, call.name, call.id, server)
-        else:
-            rec = (_TOOL, session.task_id, session.session_id, session.user, inv.step, parent,
-                   span_id, t0, t1, "ok", None, None, None, captured, out, call.name, call.id,
-                   server)
-        if len(self.pending) < self.max_pending and not self._idle:  # `_record`, inlined
-            self.pending.append(rec)
-        else:
-            self._record(rec)
+        if self.capture:
+            inv.extra["meter"] = (span_id, captured,
+                                  self.tracer.content(result.content))  # type: ignore
         return result
 
     def on_turn_end(self, session: Session) -> None:
@@ -293,6 +222,8 @@ class MeteringLayer(Middleware):
             if not n:
                 return
             batch = [pending.popleft() for _ in range(n)]
+            if self.sink is not None:
+                self._for_spans(batch)
             costs = self._costs(batch)  # once for the three outputs
             if self.sink is not None:
                 self.sink.put_calls(self.role, self.provider, batch, costs)
@@ -300,6 +231,27 @@ class MeteringLayer(Middleware):
                 self.ledger.extend_calls(self, batch, costs)
             if self.meter is not None:
                 self._sums(batch, costs)
+
+    def _for_spans(self, batch: list[tuple[Any, ...]]) -> None:
+        """Redact the error texts, and give a call with no parent span (a step loop run
+        without an agent host's turn span) one: a new trace per task."""
+        traces: dict[str, tuple[str, None]] = {}
+        for i, r in enumerate(batch):
+            if r[11] is None and r[5] is not None:  # nearly always
+                continue
+            parent = r[5]
+            if parent is None:
+                parent = traces.get(r[1])
+                if parent is None:
+                    parent = traces[r[1]] = (format(_random_bits(128), "032x"), None)
+            text = r[11]
+            batch[i] = (*r[:5], parent, *r[6:11], None if text is None else self._redact(text),
+                        *r[12:])
+
+    def _redact(self, text: str) -> str | None:
+        if self.tracer is None:
+            return None
+        return self.tracer.redact(text or "error")[:500]
 
     def _costs(self, batch: list[tuple[Any, ...]]) -> list[float]:
         """Each call's cost in USD: `Price.cost` of a model call that ran, 0 otherwise (the

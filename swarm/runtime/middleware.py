@@ -76,7 +76,18 @@ class StopTurn(Exception):
 
 
 class Middleware:
-    """A layer around model and tool calls; the defaults pass calls straight through."""
+    """A layer around model and tool calls; the defaults pass calls straight through.
+
+    A layer that keeps a record of every call (swarm.observability.metering) needn't wrap the
+    calls for it: it sets `records`, and the step loop hands it one call record per call that
+    went through the layers, made from the fields the loop reads for its own events (see
+    swarm.runtime.step, `MODEL`). It then wraps only the calls it must act on before they run
+    (`wraps_model`, `wraps_tool` False: its `on_model` / `on_tool` is left out of the chain).
+    """
+
+    records: Callable[[tuple[Any, ...]], None] | None = None
+    wraps_model = True
+    wraps_tool = True
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """Wrap one model call; must call `nxt(call)` at most once, or raise."""
@@ -97,7 +108,7 @@ def compose_model(layers: list[Middleware], inner: NextModel) -> NextModel:
     """The model call through every layer whose `on_model` is overridden, outermost first."""
     fn = inner
     for layer in reversed(layers):
-        if type(layer).on_model is Middleware.on_model:
+        if type(layer).on_model is Middleware.on_model or not layer.wraps_model:
             continue
         fn = _bind_model(layer, fn)
     return fn
@@ -107,7 +118,7 @@ def compose_tool(layers: list[Middleware], inner: NextTool) -> NextTool:
     """The tool call through every layer whose `on_tool` is overridden, outermost first."""
     fn = inner
     for layer in reversed(layers):
-        if type(layer).on_tool is Middleware.on_tool:
+        if type(layer).on_tool is Middleware.on_tool or not layer.wraps_tool:
             continue
         fn = _bind_tool(layer, fn)
     return fn

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import time_ns
 from typing import TYPE_CHECKING, Any, Literal
 
 from swarm.errors import ModelError, RunError, classify
@@ -33,6 +34,23 @@ if TYPE_CHECKING:
     from swarm.runtime.journal import Journal
 
 Emit = Callable[[Event], None]
+Record = Callable[[tuple[Any, ...]], None]
+
+# A call record: what a metering layer (swarm.observability.metering) keeps of each model and
+# tool call that went through the middleware, one flat tuple of plain values built here, from
+# the fields the loop reads for its own events anyway (fields by index):
+#  0 kind (MODEL | TOOL)   1 task id   2 conversation id   3 user   4 step
+#  5 the parent span's (trace id, span id) in hex: `Session.scratch` "span_ids", or None
+#  6 span id (0: drawn when drained)
+#  7 start ns   8 end ns   9 outcome: ok | error | canceled | stopped   10 error class
+# 11 error text (raw: redacted when drained)   12 stopped: the StopTurn outcome's kind
+# 13 captured content (input or arguments)   14 captured content (output or result)
+# model calls:  15 request model  16 response model  17 finish reason  18 tool calls
+#               19 input tokens   20 output tokens   21 cached tokens   22 wrap-up
+# tool calls:   15 tool name      16 call id         17 server name
+# A layer that wraps the calls too (to capture content, or to pass an MCP call its span) leaves
+# (13, 14) of a model call, or (6, 13, 14) of a tool call, in the call's `extra` "meter".
+MODEL, TOOL = 0, 1
 
 # Tool errors reach the model as tool messages starting with this marker, so policies (and
 # people reading transcripts) can tell them from results.
@@ -124,6 +142,8 @@ class StepLoop:
     clock: _Clock = field(default_factory=_Clock)
     # Layers around every model and tool call (swarm.runtime.middleware), outermost first.
     middleware: list[Middleware] = field(default_factory=list)
+    # Where a call record of each call through the layers goes (a layer's `records`).
+    record: Record | None = field(default=None, init=False, repr=False)
     _model_fn: Any = field(default=None, init=False, repr=False)
     _tool_fn: Any = field(default=None, init=False, repr=False)
 
@@ -135,6 +155,7 @@ class StepLoop:
         self.middleware = list(layers)
         self._model_fn = compose_model(self.middleware, self._complete) if layers else None
         self._tool_fn = compose_tool(self.middleware, _invoke_tool) if layers else None
+        self.record = next((x.records for x in layers if x.records is not None), None)
 
     async def _complete(self, call: ModelCall) -> ModelResponse:
         return await self.model.complete(call.request)
@@ -207,15 +228,20 @@ class StepLoop:
         session.messages.append({"role": "user", "content": stop.wrap_up})
         request = ModelRequest(messages=session.messages, tools=[],
                                session_id=session.session_id, agent=agent)
+        record = self.record
+        call = None
+        n0 = time_ns()
         try:
             if self._model_fn is None:
                 resp = await self.model.complete(request)
             else:
-                resp = await self._model_fn(
-                    ModelCall(session, step, agent, self.model_name, request, final=True))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+                call = ModelCall(session, step, agent, self.model_name, request, final=True)
+                resp = await self._model_fn(call)
+        except BaseException as exc:
+            if record is not None and call is not None:
+                record(_model_failed(session, call, n0, exc))
+            if not isinstance(exc, Exception):
+                raise
             session.step = step
             self.emit(ModelCalled(task_id=session.task_id, ts=now(), agent=agent, step=step,
                                   model=self.model_name, latency_ms=(perf() - t0) * 1e3,
@@ -229,6 +255,8 @@ class StepLoop:
         session.input_tokens += usage.input_tokens
         session.output_tokens += usage.output_tokens
         session.cached_tokens += usage.cached_input_tokens
+        if record is not None and call is not None:
+            record(_model_ok(session, call, n0, resp))
         self.emit(ModelCalled(
             task_id=session.task_id, ts=now(), agent=agent, step=step,
             model=resp.model or self.model_name, input_tokens=usage.input_tokens,
@@ -261,13 +289,22 @@ class StepLoop:
             agent=agent,
             deadline=limits.deadline,  # the client's retries stop at the turn's deadline
         )
+        record = self.record
         try:
             if self._model_fn is None:
                 resp = await self.model.complete(request)
             else:
-                resp = await self._model_fn(
-                    ModelCall(session, step, agent, self.model_name, request)
-                )
+                call = ModelCall(session, step, agent, self.model_name, request)
+                if record is None:
+                    resp = await self._model_fn(call)
+                else:
+                    n0 = time_ns()
+                    try:
+                        resp = await self._model_fn(call)
+                    except BaseException as exc:
+                        record(_model_failed(session, call, n0, exc))
+                        raise
+                    record(_model_ok(session, call, n0, resp))
         except (asyncio.CancelledError, StopTurn):
             raise
         except Exception as exc:
@@ -492,20 +529,28 @@ class StepLoop:
                                                step, index),
                     user=session.user, emit=self.emit,
                 )
+                inv = None
+                n0 = time_ns()
                 try:
                     if self._tool_fn is None:
                         coro = entry.source.call(entry.spec.name, args, ctx)
                     else:
-                        coro = self._tool_fn(ToolInvocation(
-                            session, step, index, self.agent, call, entry, args, ctx))
+                        inv = ToolInvocation(
+                            session, step, index, self.agent, call, entry, args, ctx)
+                        coro = self._tool_fn(inv)
                     if limits.tool_timeout_s is not None:
                         result = await asyncio.wait_for(coro, limits.tool_timeout_s)
                     else:
                         result = await coro
-                except asyncio.CancelledError:
+                except asyncio.CancelledError as exc:
+                    if inv is not None and self.record is not None:
+                        self.record(_tool_record(inv, n0, "canceled", getattr(
+                            exc, "error_class", None) or "tool", _text(exc)))
                     raise
-                except StopTurn:
+                except StopTurn as exc:
                     session.tool_calls -= 1  # stopped before it ran: not a call
+                    if inv is not None and self.record is not None:
+                        self.record(_tool_record(inv, n0, "stopped", *_stopped(exc)))
                     raise
                 except TimeoutError:
                     error_class = "tool"
@@ -514,14 +559,22 @@ class StepLoop:
                         f"{limits.tool_timeout_s} s",
                         is_error=True,
                     )
+                    if inv is not None and self.record is not None:
+                        self.record(_tool_record(inv, n0, "error", "tool", result.content))
                 except Exception as exc:
                     error_class = classify(exc) if isinstance(exc, RunError) else "tool"
                     result = ToolResult(f"{ERROR_PREFIX}{exc}", is_error=True)
+                    if inv is not None and self.record is not None:
+                        self.record(_tool_record(inv, n0, "error", error_class, _text(exc)))
                 else:
                     if result.is_error:
                         error_class = "tool"
                         if not result.content.startswith(ERROR_PREFIX):
                             result.content = ERROR_PREFIX + result.content
+                    if inv is not None and self.record is not None:
+                        self.record(_tool_record(inv, n0, "error", "tool", result.content)
+                                    if result.is_error else
+                                    _tool_record(inv, n0, "ok", None, None))
         self.emit(
             ToolCalled(
                 task_id=session.task_id,
@@ -537,6 +590,63 @@ class StepLoop:
             )
         )
         return result
+
+
+_NO_CONTENT = (None, None)
+_NO_TOOL_CONTENT = (0, None, None)
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _stopped(exc: StopTurn) -> tuple[str | None, str | None, str]:
+    """(error class, error text, kind) of a call a layer stopped before it ran."""
+    o = exc.outcome
+    if o.kind == "failed":
+        return o.error_class, o.error or o.error_class, o.kind
+    return None, None, o.kind
+
+
+def _model_failed(session: Session, call: ModelCall, n0: int,
+                  exc: BaseException) -> tuple[Any, ...]:
+    """The record of a model call that raised: a layer stopped the turn (a budget, an approval
+    gate, stuck detection), it was cancelled, or it failed."""
+    stopped = None
+    if isinstance(exc, StopTurn):
+        outcome = "stopped"
+        error_class, text, stopped = _stopped(exc)
+    elif isinstance(exc, asyncio.CancelledError):
+        outcome, error_class, text = (
+            "canceled", getattr(exc, "error_class", None) or "model", _text(exc))
+    else:
+        outcome, error_class, text = (
+            "error", classify(exc) if isinstance(exc, RunError) else "model", _text(exc))
+    return (MODEL, session.task_id, session.session_id, session.user, call.step,
+            session.scratch.get("span_ids"), 0, n0, time_ns(), outcome, error_class, text,
+            stopped, *(call.extra.get("meter") or _NO_CONTENT), call.model, None, None, 0, 0,
+            0, 0, call.final)
+
+
+def _model_ok(session: Session, call: ModelCall, n0: int, resp: ModelResponse
+              ) -> tuple[Any, ...]:
+    """The record of a model call that answered (the fields the step's event reads too)."""
+    usage = resp.usage
+    return (MODEL, session.task_id, session.session_id, session.user, call.step,
+            session.scratch.get("span_ids"), 0, n0, time_ns(), "ok", None, None, None,
+            *(call.extra.get("meter") or _NO_CONTENT), call.model, resp.model or call.model,
+            resp.finish_reason, len(resp.tool_calls), usage.input_tokens, usage.output_tokens,
+            usage.cached_input_tokens, call.final)
+
+
+def _tool_record(inv: ToolInvocation, n0: int, outcome: str, error_class: str | None,
+                 text: str | None, stopped: str | None = None) -> tuple[Any, ...]:
+    """The record of a tool call that went through the layers."""
+    session = inv.session
+    x = inv.extra.get("meter") or _NO_TOOL_CONTENT
+    return (TOOL, session.task_id, session.session_id, session.user, inv.step,
+            session.scratch.get("span_ids"), x[0], n0, time_ns(), outcome, error_class, text,
+            stopped, x[1], x[2], inv.call.name, inv.call.id, inv.entry.source.name)
 
 
 async def _invoke_tool(inv: ToolInvocation) -> ToolResult:

@@ -4,6 +4,7 @@ the trace store and `swarm trace` rendering, and the traceparent reaching an MCP
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -418,7 +419,7 @@ async def test_a_library_span_inside_an_mcp_tool_call_is_a_sampled_child(
     from swarm.observability.metering import metering_layer
     from swarm.observability.tracing import swarm_tracer
     from swarm.runtime.middleware import ToolInvocation
-    from swarm.runtime.step import Session
+    from swarm.runtime.step import Session, _tool_record
     from swarm.tools.interface import ToolContext, ToolResult
 
     cfg = make_cfg(tmp_path, [{"when": {}, "content": "x"}],
@@ -445,7 +446,10 @@ async def test_a_library_span_inside_an_mcp_tool_call_is_a_sampled_child(
     inv = ToolInvocation(session=session, step=1, index=0, agent="a",
                          call=ToolCall(id="k1", name="trace", arguments="{}"), entry=Entry(),
                          args={}, ctx=ToolContext(task_id="t1", agent="a", call_id="k1", step=1))
+    n0 = time.time_ns()
     await layer.on_tool(inv, tool)
+    assert layer.records is not None
+    layer.records(_tool_record(inv, n0, "ok", None, None))  # as the step loop does
     await layer.aclose()
     (span,) = [s for s in traced.spans() if s.name == "execute_tool trace"]
     (lib,) = [s for s in traced.spans() if s.name == "lib call"]
