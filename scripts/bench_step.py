@@ -491,9 +491,10 @@ async def parts(steps: int, level: int, blocks: int) -> None:
 
 async def _layer_on_path(layer: Any, calls: int = 20_000) -> float:
     """µs per step the metering layer adds around an instant model call and an instant tool
-    call (the rest of the chain left out): the step loop's record of each call, as the loop
-    makes it, and the layer's own wrapping where it wraps (content capture, MCP tools); the
-    best of 5 rounds, its records dropped."""
+    call (the rest of the chain left out): the step loop's record of each call, made by the
+    functions the loop uses for them (it inlines the common case: a frame less, so this is a
+    little more), and the layer's own wrapping where it wraps (content capture, MCP tools);
+    the best of 5 rounds, its records dropped."""
     from types import SimpleNamespace
 
     from swarm.runtime.middleware import ModelCall, ToolInvocation, compose_model, compose_tool

@@ -93,11 +93,13 @@ class MeteringLayer(Middleware):
         self.capture = tracer is not None and tracer.capture
         self.mcp_servers = frozenset(name for name, tcfg in cfg.tools.items()
                                      if getattr(tcfg, "mcp", None) is not None)
-        # The step loop makes the records; the layer wraps only calls it acts on first.
-        self.records = self._record
+        self.pending: deque[tuple[Any, ...]] = deque()
+        # The step loop makes the records and appends them here (a bound builtin: no frame of
+        # ours per call; the bound on `pending` is kept at turn ends); the layer wraps only
+        # calls it acts on first.
+        self.records = self.pending.append
         self.wraps_model = self.capture
         self.wraps_tool = self.capture or (self.sink is not None and bool(self.mcp_servers))
-        self.pending: deque[tuple[Any, ...]] = deque()
         self.max_pending = self.sink.max_queue if self.sink is not None else 1_000_000
         self._lock = threading.Lock()  # one drain at a time
         self._idle = True  # the background tasks aren't started
@@ -117,7 +119,11 @@ class MeteringLayer(Middleware):
             meter.samplers.append(lambda _: self.drain())
         self._tools: dict[tuple[str, str], Series] = {}
         if host is not None and meter is not None:
-            host.on_checkpoint = self.checkpointed
+            # Seconds per journal append, kept as they come (a bound builtin: no frame of ours
+            # per checkpoint) and moved into the histogram (in ms) at each metrics push.
+            self._checkpoint_s: list[float] = []
+            host.on_checkpoint = self._checkpoint_s.append
+            meter.samplers.append(lambda _: self._checkpoints())
             queue = meter.series(QUEUE_DEPTH, swarm, role, replica)
             sessions = meter.series(SESSIONS, swarm, role, replica)
             meter.samplers.append(lambda _: _sample_host(host, queue, sessions))
@@ -139,14 +145,15 @@ class MeteringLayer(Middleware):
             ledger._start()
         self._idle = False
 
-    def _record(self, rec: tuple[Any, ...]) -> None:
-        pending = self.pending
-        if len(pending) < self.max_pending:
-            pending.append(rec)
-            if self._idle:
-                self._background()
-        elif self.sink is not None:  # nobody drains (a stuck store): bounded, and counted
-            self.sink.drop(1)
+    def _bound(self) -> None:
+        """Keep at most `max_pending` records (a trace store, ledger and metrics push that all
+        stopped draining): the newest beyond it are dropped, and counted."""
+        with self._lock:  # not while a drain takes them
+            over = len(self.pending) - self.max_pending
+            for _ in range(over):
+                self.pending.pop()
+        if over > 0 and self.sink is not None:
+            self.sink.drop(over)
 
     async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
         """Capture what the call adds to the conversation and its answer, for its record
@@ -189,7 +196,12 @@ class MeteringLayer(Middleware):
         return result
 
     def on_turn_end(self, session: Session) -> None:
-        """Ask the ledger to write this turn's rows soon (coalesced, in the background)."""
+        """Keep the records bounded, start the background work after a start or `aclose`,
+        and ask the ledger to write this turn's rows soon (coalesced, in the background)."""
+        if len(self.pending) > self.max_pending:
+            self._bound()
+        if self._idle:
+            self._background()
         if self.ledger is not None:
             self.ledger.kick()
 
@@ -208,9 +220,13 @@ class MeteringLayer(Middleware):
 
     # -- off the step path -----------------------------------------------------------------
 
-    def checkpointed(self, seconds: float) -> None:
-        """A journal append took `seconds` (the agent host's hook on every checkpoint)."""
-        self._checkpoint.samples.append(seconds * 1e3)
+    def _checkpoints(self) -> None:
+        """Move the journal appends' seconds into the checkpoint latency histogram (ms)."""
+        kept = self._checkpoint_s  # the journals hold its `append`: emptied in place
+        n = len(kept)
+        if n:
+            self._checkpoint.samples.extend([s * 1e3 for s in kept[:n]])
+            del kept[:n]
 
     def drain(self) -> None:
         """Hand the recorded calls to the tracing sink and the ledger, and add them to the

@@ -304,7 +304,15 @@ class StepLoop:
                     except BaseException as exc:
                         record(_model_failed(session, call, n0, exc))
                         raise
-                    record(_model_ok(session, call, n0, resp))
+                    if call.extra:  # what a layer left for the record (captured content)
+                        record(_model_ok(session, call, n0, resp))
+                    else:  # `_model_ok` inlined, the common case: one frame less a call
+                        usage = resp.usage
+                        record((MODEL, task_id, session.session_id, session.user, step,
+                                session.scratch.get("span_ids"), 0, n0, time_ns(), "ok", None,
+                                None, None, None, None, call.model, resp.model or call.model,
+                                resp.finish_reason, len(resp.tool_calls), usage.input_tokens,
+                                usage.output_tokens, usage.cached_input_tokens, False))
         except (asyncio.CancelledError, StopTurn):
             raise
         except Exception as exc:
@@ -552,29 +560,35 @@ class StepLoop:
                     if inv is not None and self.record is not None:
                         self.record(_tool_record(inv, n0, "stopped", *_stopped(exc)))
                     raise
-                except TimeoutError:
-                    error_class = "tool"
-                    result = ToolResult(
-                        f"{ERROR_PREFIX}tool {call.name!r} timed out after "
-                        f"{limits.tool_timeout_s} s",
-                        is_error=True,
-                    )
-                    if inv is not None and self.record is not None:
-                        self.record(_tool_record(inv, n0, "error", "tool", result.content))
                 except Exception as exc:
-                    error_class = classify(exc) if isinstance(exc, RunError) else "tool"
-                    result = ToolResult(f"{ERROR_PREFIX}{exc}", is_error=True)
+                    if isinstance(exc, TimeoutError) and limits.tool_timeout_s is not None:
+                        error_class = "tool"
+                        result = ToolResult(
+                            f"{ERROR_PREFIX}tool {call.name!r} timed out after "
+                            f"{limits.tool_timeout_s} s",
+                            is_error=True,
+                        )
+                        text = result.content
+                    else:  # a tool's own TimeoutError without a limit is its error
+                        error_class = classify(exc) if isinstance(exc, RunError) else "tool"
+                        result = ToolResult(f"{ERROR_PREFIX}{exc}", is_error=True)
+                        text = _text(exc)
                     if inv is not None and self.record is not None:
-                        self.record(_tool_record(inv, n0, "error", error_class, _text(exc)))
+                        self.record(_tool_record(inv, n0, "error", error_class, text))
                 else:
                     if result.is_error:
                         error_class = "tool"
                         if not result.content.startswith(ERROR_PREFIX):
                             result.content = ERROR_PREFIX + result.content
-                    if inv is not None and self.record is not None:
-                        self.record(_tool_record(inv, n0, "error", "tool", result.content)
-                                    if result.is_error else
-                                    _tool_record(inv, n0, "ok", None, None))
+                    if inv is None or (record := self.record) is None:
+                        pass
+                    elif result.is_error or inv.extra:
+                        record(_tool_record(inv, n0, "error", "tool", result.content)
+                               if result.is_error else _tool_record(inv, n0, "ok", None, None))
+                    else:  # `_tool_record` inlined, the common case: one frame less a call
+                        record((TOOL, session.task_id, session.session_id, session.user, step,
+                                session.scratch.get("span_ids"), 0, n0, time_ns(), "ok", None,
+                                None, None, None, None, call.name, call.id, entry.source.name))
         self.emit(
             ToolCalled(
                 task_id=session.task_id,

@@ -629,14 +629,17 @@ def test_calls_dropped_before_the_sink_are_counted_as_ended_and_dropped(
         tmp_path: Path, traced: Traced) -> None:
     from swarm.observability.metering import MeteringLayer
     from swarm.observability.tracing import SwarmTracer
+    from swarm.runtime.step import Session
 
     cfg = cfg3(tmp_path)
     layer = MeteringLayer(cfg, "a", swarm="t", tracer=SwarmTracer(traced.tracing, cfg))
     sink = traced.tracing.sink
     sink.sources.remove(layer.drain)  # drained here only, not by the sink's thread
     layer.max_pending = 2
+    assert layer.records is not None
     for step in range(3):  # nothing drains in between: the third is one too many
-        layer._record(tuple(_record(1, step)))
+        layer.records(tuple(_record(1, step)))
+    layer.on_turn_end(Session("t", "a", "s", []))  # where the bound is kept
     assert sink.stats()["ended"] == 1 and sink.stats()["dropped"] == 1
     layer.drain()
     sink.flush()
