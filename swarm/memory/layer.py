@@ -52,6 +52,8 @@ class MemoryLayer(Middleware):
         if _FLAG not in scratch:
             scratch[_FLAG] = True
             await self.prime(call.session)
+            # The call's record (swarm.runtime.step) times the call from here, not the priming.
+            call.extra["start_ns"] = time.time_ns()
         return await nxt(call)
 
     async def prime(self, session: Session) -> None:

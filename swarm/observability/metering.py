@@ -5,10 +5,11 @@ On the step path each call leaves one flat tuple of plain values (ids, times, to
 outcome), which the step loop builds from the fields it reads for its own events
 (swarm.runtime.step, `MODEL`: the layout) and hands to `records`: no span object, no attribute
 dict, no ledger row, no metric update, and no layer around the call. The layer wraps a call
-only to act before it runs: to capture its content (`tracing.capture_content`) and to give an
-MCP tool call its span's traceparent (`_meta`). `drain` hands the tuples to the three outputs,
-off the step path: whichever needs them first pulls them (the trace store's writer thread, the
-ledger's writer task, the metrics push), and each tuple feeds all three at once:
+only where it must act on the call itself: to capture its content and answer
+(`tracing.capture_content`) and to give an MCP tool call its span's traceparent (`_meta`).
+`drain` hands the tuples to the three outputs, off the step path: whichever needs them first
+pulls them (the trace store's writer thread, the ledger's writer task, the metrics push), and
+each tuple feeds all three at once:
 
 - a `chat {model}` or `execute_tool {tool}` span under the turn's `invoke_agent` span: the
   tracing sink stores the tuples as they are, by task (swarm.observability.store `CALLS`), and
@@ -71,6 +72,9 @@ if TYPE_CHECKING:
     from swarm.runtime.step import Session
     from swarm.tools.interface import ToolResult
 
+_TRACES = 1024
+
+
 class MeteringLayer(Middleware):
     """Tracing (when `tracer` is given), metrics (into a `Meter`) and ledger rows (into a
     `UsageLedger`) of one role's calls; any of the three may be off."""
@@ -102,6 +106,7 @@ class MeteringLayer(Middleware):
         self.wraps_tool = self.capture or (self.sink is not None and bool(self.mcp_servers))
         self.max_pending = self.sink.max_queue if self.sink is not None else 1_000_000
         self._lock = threading.Lock()  # one drain at a time
+        self._traces: dict[str, tuple[str, None]] = {}  # see `_for_spans`
         self._idle = True  # the background tasks aren't started
         self.periodic = Periodic(flush_interval_s, meter.flush) if meter is not None else None
         if meter is not None:
@@ -136,8 +141,8 @@ class MeteringLayer(Middleware):
     # -- the layer -------------------------------------------------------------------------
 
     def _background(self) -> None:
-        """Start the metrics push and the ledger writer (from the event loop: the first call
-        after start or after `aclose`)."""
+        """Start the metrics push and the ledger writer (from the event loop: the first turn
+        that starts or ends after start or after `aclose`)."""
         if self.periodic is not None:
             self.periodic.ensure()
         ledger = self.ledger
@@ -195,6 +200,14 @@ class MeteringLayer(Middleware):
                                   self.tracer.content(result.content))  # type: ignore
         return result
 
+    def on_turn_start(self, session: Session) -> None:
+        """Start the background work (after a start or `aclose`), and make sure the turn's
+        calls have a parent span (the agent host gives them its `invoke_agent` span)."""
+        if self._idle:
+            self._background()
+        if self.sink is not None and "span_ids" not in session.scratch:
+            session.scratch["span_ids"] = _parent_ids(session)
+
     def on_turn_end(self, session: Session) -> None:
         """Keep the records bounded, start the background work after a start or `aclose`,
         and ask the ledger to write this turn's rows soon (coalesced, in the background)."""
@@ -250,8 +263,9 @@ class MeteringLayer(Middleware):
 
     def _for_spans(self, batch: list[tuple[Any, ...]]) -> None:
         """Redact the error texts, and give a call with no parent span (a step loop run
-        without an agent host's turn span) one: a new trace per task."""
-        traces: dict[str, tuple[str, None]] = {}
+        without an agent host's turns) one: a new trace per task, the same for later batches
+        (the last `_TRACES` tasks')."""
+        traces = self._traces
         for i, r in enumerate(batch):
             if r[11] is None and r[5] is not None:  # nearly always
                 continue
@@ -259,6 +273,8 @@ class MeteringLayer(Middleware):
             if parent is None:
                 parent = traces.get(r[1])
                 if parent is None:
+                    if len(traces) >= _TRACES:
+                        del traces[next(iter(traces))]
                     parent = traces[r[1]] = (format(_random_bits(128), "032x"), None)
             text = r[11]
             batch[i] = (*r[:5], parent, *r[6:11], None if text is None else self._redact(text),
@@ -402,9 +418,9 @@ def _parent_of(session: Any) -> SpanContext:
 def _parent_ids(session: Any) -> tuple[str, str | None]:
     """The (trace id, span id) in hex of the span a step's spans hang under (`_parent_of`).
     Records keep these strings rather than the span context, so a record holds no object the
-    garbage collector must keep watching. When that span is the session's own (`scratch`
-    "span", set once a turn by the agent host), the strings are kept in `scratch` "span_ids"
-    and the calls after the first read them from there."""
+    garbage collector must keep watching. The agent host puts its turn span's in `scratch`
+    "span_ids" itself; otherwise, when the span found is the session's own (`scratch` "span"),
+    they are kept there for the calls after this one."""
     ctx = _parent_of(session)
     ids = (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x") if ctx.span_id else None)
     if session.scratch.get("span") is ctx:

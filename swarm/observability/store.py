@@ -137,10 +137,10 @@ def step_row(c: list[Any]) -> dict[str, Any]:
 CHUNK = "b"
 
 
-# One agent's calls of one task, from one drained batch: the metering layer's call records as
-# it keeps them (`swarm.observability.metering`, fields 0 kind (0 model, 1 tool), 1 task,
-# 2 conversation, 3 user, 4 step, 5 [trace id, parent span id], 6 span id (0: none yet), then
-# from 7 on the compact span's fields from 10 on) and each call's cost:
+# One agent's calls of one task, from one drained batch: the call records as the metering layer
+# keeps them (the layout is in `swarm.runtime.step`, above `MODEL`: fields 0 kind (0 model,
+# 1 tool), 1 task, 2 conversation, 3 user, 4 step, 5 [trace id, parent span id], 6 span id
+# (0: none yet), then from 7 on the compact span's fields from 10 on) and each call's cost:
 #   [CALLS, agent, provider, base span id (16 hex digits), [record, ...], [cost, ...]]
 # Written with no work per call beyond grouping by task. A record with no span id of its own
 # gets the one `_nth_span_id` derives from the chunk's random base and its place in the chunk.

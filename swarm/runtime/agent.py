@@ -291,6 +291,8 @@ class AgentHost:
                 ctx = session.scratch["span"] = trace[0].get_span_context()
                 session.scratch["span_ids"] = (format(ctx.trace_id, "032x"),
                                                format(ctx.span_id, "016x"))
+            for layer in loop.middleware:
+                layer.on_turn_start(session)
             first = 1 + len(req.transcript)  # index of this turn's first message
             limits = TurnLimits(max_steps=req.max_steps, deadline=req.deadline)
             session.scratch["deadline"] = req.deadline  # rate limits wait no longer than this

@@ -97,6 +97,9 @@ class Middleware:
         """Wrap one tool call; must call `nxt(inv)` at most once, or raise."""
         return await nxt(inv)
 
+    def on_turn_start(self, session: Session) -> None:
+        """Called by the agent host before each turn of a session; must be cheap (no I/O)."""
+
     def on_turn_end(self, session: Session) -> None:
         """Called by the agent host after each turn of a session; must be cheap (no I/O)."""
 
@@ -140,17 +143,17 @@ def build_middleware(cfg: Any, role: str, *, store: Any = None,
                      host: Any = None) -> list[Middleware]:
     """The layers an agent role runs with, outermost first, from the swarm config.
 
-    Order matters: tracing sees every call, including ones a later layer stops, and usage is
-    recorded for calls that ran (both in the metering layer); limits are checked closest to the
-    call, so a stopped call costs nothing. Each feature adds its layer here when the config
-    asks for it.
+    Order matters: limits are checked closest to the call, so a stopped call costs nothing.
+    Tracing, metrics and usage (the metering layer) don't depend on the order: the step loop
+    records every call that went through the layers, a stopped one too (a span, no usage), and
+    the metering layer wraps calls only where it must act first. Each feature adds its layer
+    here when the config asks for it.
     """
     layers: list[Middleware] = []
     from swarm.observability.metering import metering_layer
     from swarm.observability.tracing import swarm_tracer
 
-    # Outermost: spans of every call, even ones a later layer stops; metrics and ledger rows of
-    # the calls that ran.
+    # Outermost of the layers it wraps (content capture, MCP calls' spans) around the others.
     meter = metering_layer(cfg, role, store=store, host=host, tracer=swarm_tracer(cfg))
     if meter is not None:
         layers.append(meter)

@@ -49,7 +49,9 @@ Record = Callable[[tuple[Any, ...]], None]
 #               19 input tokens   20 output tokens   21 cached tokens   22 wrap-up
 # tool calls:   15 tool name      16 call id         17 server name
 # A layer that wraps the calls too (to capture content, or to pass an MCP call its span) leaves
-# (13, 14) of a model call, or (6, 13, 14) of a tool call, in the call's `extra` "meter".
+# (13, 14) of a model call, or (6, 13, 14) of a tool call, in the call's `extra` "meter"; one
+# that spends time of its own before a model call (memory priming) leaves the time the call
+# starts from, in ns, in `extra` "start_ns".
 MODEL, TOOL = 0, 1
 
 # Tool errors reach the model as tool messages starting with this marker, so policies (and
@@ -304,7 +306,7 @@ class StepLoop:
                     except BaseException as exc:
                         record(_model_failed(session, call, n0, exc))
                         raise
-                    if call.extra:  # what a layer left for the record (captured content)
+                    if call.extra:  # what a layer left for the record (content, start)
                         record(_model_ok(session, call, n0, resp))
                     else:  # `_model_ok` inlined, the common case: one frame less a call
                         usage = resp.usage
@@ -618,7 +620,7 @@ def _stopped(exc: StopTurn) -> tuple[str | None, str | None, str]:
     """(error class, error text, kind) of a call a layer stopped before it ran."""
     o = exc.outcome
     if o.kind == "failed":
-        return o.error_class, o.error or o.error_class, o.kind
+        return o.error_class, o.error or o.error_class or "error", o.kind
     return None, None, o.kind
 
 
@@ -636,19 +638,21 @@ def _model_failed(session: Session, call: ModelCall, n0: int,
     else:
         outcome, error_class, text = (
             "error", classify(exc) if isinstance(exc, RunError) else "model", _text(exc))
+    x = call.extra
     return (MODEL, session.task_id, session.session_id, session.user, call.step,
-            session.scratch.get("span_ids"), 0, n0, time_ns(), outcome, error_class, text,
-            stopped, *(call.extra.get("meter") or _NO_CONTENT), call.model, None, None, 0, 0,
-            0, 0, call.final)
+            session.scratch.get("span_ids"), 0, x.get("start_ns", n0), time_ns(), outcome,
+            error_class, text, stopped, *(x.get("meter") or _NO_CONTENT), call.model, None,
+            None, 0, 0, 0, 0, call.final)
 
 
 def _model_ok(session: Session, call: ModelCall, n0: int, resp: ModelResponse
               ) -> tuple[Any, ...]:
     """The record of a model call that answered (the fields the step's event reads too)."""
     usage = resp.usage
+    x = call.extra
     return (MODEL, session.task_id, session.session_id, session.user, call.step,
-            session.scratch.get("span_ids"), 0, n0, time_ns(), "ok", None, None, None,
-            *(call.extra.get("meter") or _NO_CONTENT), call.model, resp.model or call.model,
+            session.scratch.get("span_ids"), 0, x.get("start_ns", n0), time_ns(), "ok", None,
+            None, None, *(x.get("meter") or _NO_CONTENT), call.model, resp.model or call.model,
             resp.finish_reason, len(resp.tool_calls), usage.input_tokens, usage.output_tokens,
             usage.cached_input_tokens, call.final)
 

@@ -3,6 +3,7 @@ the trace store and `swarm trace` rendering, and the traceparent reaching an MCP
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -690,3 +691,57 @@ def test_a_read_keeps_the_newest_rows_and_expands_no_further(
         _compact("t", f"a{i}", 1) for i in range(3))])]})
     store.append({"t": [enc([trace_store.CHUNK, *(_compact("t", f"b{i}", 2) for i in range(3))])]})
     assert [r["span"] for r in store.read("t")] == ["a1", "a2", "b0", "b1", "b2"]
+
+
+def test_calls_without_a_turn_span_keep_one_trace_per_task_and_redacted_errors(
+        tmp_path: Path, traced: Traced) -> None:
+    """Records a step loop made without an agent host's turn span (no parent ids) get a trace
+    of their own per task, the same in later drains; error texts are redacted when drained."""
+    from swarm.observability.metering import MeteringLayer
+    from swarm.observability.tracing import SwarmTracer
+
+    cfg = cfg3(tmp_path)
+    layer = MeteringLayer(cfg, "a", swarm="t", tracer=SwarmTracer(traced.tracing, cfg))
+    assert layer.records is not None
+    secret = "sk-" + "a1" * 20  # looks like an API key
+    for step in (1, 2):
+        rec = _record(1, step)
+        rec[5] = None
+        if step == 2:
+            rec[9:12] = ["error", "tool", f"token {secret} refused"]
+        layer.records(tuple(rec))
+        layer.drain()  # one drained batch each
+    traced.tracing.sink.flush()
+    rows = [r for r in traced.store.read("task-1") if r["name"].startswith("execute_tool")]
+    assert len(rows) == 2 and rows[0]["trace"] == rows[1]["trace"] != "a" * 32
+    assert rows[0]["parent"] is None and rows[1]["parent"] is None
+    text = json.dumps(rows[1])
+    assert secret not in text and "refused" in text
+
+
+async def test_a_model_call_is_timed_from_where_a_layer_says_it_starts(tmp_path: Path) -> None:
+    """A layer that spends time of its own before the call (memory priming) leaves the start
+    in `extra` "start_ns"; the call's record starts there."""
+    from swarm.models.interface import ModelResponse
+    from swarm.runtime.middleware import Middleware, ModelCall, NextModel
+    from swarm.runtime.step import MODEL
+    from tests.unit.test_middleware import Keeper, _use
+    from tests.unit.test_runtime_local import make_cfg
+
+    starts: list[int] = []
+
+    class Primer(Middleware):
+        async def on_model(self, call: ModelCall, nxt: NextModel) -> ModelResponse:
+            starts.append(time.time_ns())
+            call.extra["start_ns"] = starts[-1]
+            return await nxt(call)
+
+    cfg = make_cfg(tmp_path, [{"when": {}, "content": "done"}], {"a": {"model": "m"}})
+    keeper = Keeper()
+    async with LocalSwarm(cfg) as sw:
+        await sw.hosts["a"].start()
+        _use(sw, [keeper, Primer()])
+        row = await sw.run("go")
+    assert row["state"] == "completed"
+    (rec,) = [r for r in keeper.kept if r[0] == MODEL]
+    assert rec[7] == starts[0] and rec[7] <= rec[8]
