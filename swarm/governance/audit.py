@@ -8,10 +8,12 @@ the hash of edited arguments).
 
 With Redis (the swarm's state store, when it is Redis) the log is a stream per swarm,
 `swarm:audit:<swarm>`, capped with `XADD MAXLEN ~ audit.max_len`. `record` only appends to a
-buffer; a flush scheduled `audit.flush_interval_s` later writes the batch in one pipelined round
-trip, so the step path never waits on it. `archive` moves what the stream holds to a Parquet
-file under `<run_dir>/<audit.archive_dir>/<swarm>/` and trims the stream up to it; `read` reads
-both. Without Redis the log lives in the process (`MemoryAuditLog`), archived the same way.
+buffer; a flush scheduled `audit.flush_interval_s` later writes the batch in one round trip (a
+script that XADDs up to `_PER_SCRIPT` entries a call: one reply to read per call rather than
+one per entry), so the step path never waits on it. `archive` moves what the stream holds to
+a Parquet file under `<run_dir>/<audit.archive_dir>/<swarm>/` and trims the stream up to it;
+`read` reads both. Without Redis the log lives in the process (`MemoryAuditLog`), archived the
+same way.
 """
 
 from __future__ import annotations
@@ -24,14 +26,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from redis.exceptions import NoScriptError
 
-from swarm.governance._redis import FastRedis, RedisDown, store_redis_url
+from swarm.governance._redis import FastRedis, RedisDown, Script, store_redis_url
 from swarm.runtime.middleware import Middleware, NextTool, StopTurn, ToolInvocation
 
 if TYPE_CHECKING:
     from swarm.tools.interface import ToolResult
 
 log = logging.getLogger(__name__)
+
+# XADD of each entry (ARGV[2:]) to the stream KEYS[1], then one trim to ~ARGV[1] entries (the
+# same cap as `XADD MAXLEN ~` on each, for less work); how many were added.
+_XADD_EACH = Script("""
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'e', ARGV[i])
+end
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[1])
+return #ARGV - 1
+""")
+_PER_SCRIPT = 500  # entries per script call: a call blocks the server while it runs
 _encode = msgspec.json.Encoder().encode  # compact JSON bytes, several times json.dumps' speed
 
 
@@ -162,17 +176,22 @@ class RedisAuditLog(AuditLog):
         self._flushing = asyncio.ensure_future(self.flush())
 
     async def flush(self) -> None:
-        """Write the buffer as one pipelined batch of XADDs."""
+        """Write the buffer in one round trip: a script call per `_PER_SCRIPT` entries."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             batch, self._buffer = self._buffer, []
             if not batch:
                 return
+            entries = [_entry(e) for e in batch]
+            cmds = [("EVALSHA", _XADD_EACH.sha, 1, self.key, self.max_len,
+                     *entries[i:i + _PER_SCRIPT]) for i in range(0, len(entries), _PER_SCRIPT)]
             try:
-                cmds = [("XADD", self.key, "MAXLEN", "~", self.max_len, "*", "e", _entry(e))
-                        for e in batch]
-                await self.redis.execute(cmds)
+                try:
+                    await self.redis.execute(cmds)
+                except NoScriptError:  # a new or restarted server: none of the calls ran
+                    await self.redis.execute([("SCRIPT", "LOAD", _XADD_EACH.source)])
+                    await self.redis.execute(cmds)
             except RedisDown as exc:
                 # The audit log must not stop the swarm: keep the batch for the next flush,
                 # bounded, and say so once.

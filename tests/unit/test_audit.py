@@ -114,6 +114,27 @@ async def test_the_stream_batches_caps_archives_and_trims(redis_url: str, tmp_pa
         raw.close()
 
 
+async def test_a_large_batch_is_written_whole_and_in_order_after_a_script_flush(
+        redis_url: str, tmp_path: Path) -> None:
+    """More entries than one script call takes, to a server that has forgotten its scripts (as
+    a restarted one has): every entry once, in order."""
+    from swarm.governance.audit import _PER_SCRIPT
+
+    log = RedisAuditLog(redis_url, "big", tmp_path, max_len=10_000)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        raw.script_flush()
+        n = 2 * _PER_SCRIPT + 34
+        for i in range(n):
+            log.record("tool", task_id="big", tool="x", outcome="ok", detail=str(i))
+        await log.flush()
+        assert raw.xlen(log.key) == n
+        assert [r["detail"] for r in await log.read(task_id="big")] == [str(i) for i in range(n)]
+    finally:
+        await log.aclose()
+        raw.close()
+
+
 def test_swarm_audit_prints_the_log(redis_url: str, tmp_path: Path) -> None:
     from swarm.cli import app
 
