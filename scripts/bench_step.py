@@ -15,7 +15,7 @@ server would.
     python scripts/bench_step.py --no-http --layers tracing   # each layer set off vs on
     python scripts/bench_step.py --no-http --layers metrics+ledger,tracing+metrics+ledger \
         --levels 10 --rounds 1 --paired 40      # A/B in 40 alternating blocks
-    python scripts/bench_step.py --no-http --levels 10 --rounds 1 --parts 100
+    python scripts/bench_step.py --no-http --levels 10 --rounds 1 --parts 100 [--repeat 5]
                                                 # the layers' CPU, each part timed apart
 
 `--layers` names optional layers (see LAYERS; comma-separated, `+` joins layers into one
@@ -380,7 +380,7 @@ async def _paired(runs: list[tuple[str, ...]], steps: int, level: int, blocks: i
         teardown()
 
 
-async def parts(steps: int, level: int, blocks: int) -> None:
+async def parts(steps: int, level: int, blocks: int) -> float:
     """Where the layers' CPU goes, part by part, on a host with a Redis checkpoint every step.
 
     Each block runs `level` tasks on two bare hosts and on one with tracing, metrics and the
@@ -487,6 +487,7 @@ async def parts(steps: int, level: int, blocks: int) -> None:
     whole = stepping - base + background
     print(f"{'the layers, with the steps':<34} {whole:>7.1f}   {whole / base * 100:5.1f}% "
           "(the steps against the bare hosts, and the background parts)")
+    return whole / base * 100
 
 
 async def _layer_on_path(layer: Any, calls: int = 20_000) -> float:
@@ -606,7 +607,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="with --layers: run the base and each layer set this many times, "
                     "alternating, and compare the best CPU µs/step of each (a shared machine "
-                    "is noisy)")
+                    "is noisy); with --parts: run it this many times and print the median of "
+                    "the layers' share with the steps")
     ap.add_argument("--python-gc", action="store_true",
                     help="keep Python's garbage-collector settings; by default this process "
                     "gets an agent actor's (process.gc_threshold, gc_freeze)")
@@ -663,7 +665,12 @@ def main() -> None:
             ap.error("--paired needs --layers")
         asyncio.run(paired(runs, args.steps, levels[-1], args.paired, args.paired_store))
     if args.parts:
-        asyncio.run(parts(args.steps, levels[-1], args.parts))
+        shares = [asyncio.run(parts(args.steps, levels[-1], args.parts))
+                  for _ in range(args.repeat)]
+        if len(shares) > 1:
+            print(f"\n== the layers, with the steps, {len(shares)} runs: "
+                  f"{' / '.join(f'{x:.1f}%' for x in shares)}; median "
+                  f"{statistics.median(shares):.1f}% of the bare step")
     if args.profile:
         profile_inprocess(args.steps)
     if not args.no_http:
