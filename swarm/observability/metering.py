@@ -142,7 +142,7 @@ class MeteringLayer(Middleware):
 
     def _background(self) -> None:
         """Start the metrics push and the ledger writer (from the event loop: the first turn
-        that starts or ends after start or after `aclose`)."""
+        that starts after start or after `aclose`)."""
         if self.periodic is not None:
             self.periodic.ensure()
         ledger = self.ledger
@@ -201,20 +201,20 @@ class MeteringLayer(Middleware):
         return result
 
     def on_turn_start(self, session: Session) -> None:
-        """Start the background work (after a start or `aclose`), and make sure the turn's
-        calls have a parent span (the agent host gives them its `invoke_agent` span)."""
+        """Start the background work (after a start or `aclose`), and give the turn's calls
+        their parent span's ids in `scratch` "span_ids", which the step loop puts in each
+        record: the agent host's `invoke_agent` span (`scratch` "span"), else see
+        `_parent_of`."""
         if self._idle:
             self._background()
         if self.sink is not None and "span_ids" not in session.scratch:
             session.scratch["span_ids"] = _parent_ids(session)
 
     def on_turn_end(self, session: Session) -> None:
-        """Keep the records bounded, start the background work after a start or `aclose`,
-        and ask the ledger to write this turn's rows soon (coalesced, in the background)."""
+        """Keep the records bounded, and ask the ledger to write this turn's rows soon
+        (coalesced, in the background)."""
         if len(self.pending) > self.max_pending:
             self._bound()
-        if self._idle:
-            self._background()
         if self.ledger is not None:
             self.ledger.kick()
 
@@ -418,9 +418,9 @@ def _parent_of(session: Any) -> SpanContext:
 def _parent_ids(session: Any) -> tuple[str, str | None]:
     """The (trace id, span id) in hex of the span a step's spans hang under (`_parent_of`).
     Records keep these strings rather than the span context, so a record holds no object the
-    garbage collector must keep watching. The agent host puts its turn span's in `scratch`
-    "span_ids" itself; otherwise, when the span found is the session's own (`scratch` "span"),
-    they are kept there for the calls after this one."""
+    garbage collector must keep watching. When the span found is the session's own (`scratch`
+    "span": the agent host's turn span), they are kept in `scratch` "span_ids", where the step
+    loop reads them for each call's record."""
     ctx = _parent_of(session)
     ids = (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x") if ctx.span_id else None)
     if session.scratch.get("span") is ctx:

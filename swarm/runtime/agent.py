@@ -286,11 +286,9 @@ class AgentHost:
             trace = None if self._tracer is None else \
                 self._tracer.start_agent(req, self.role, loop.model_name)
             if trace is not None:
-                # The parent of the turn's chat and execute_tool spans, looked up once; its ids
-                # go into each call's record (swarm.runtime.step).
-                ctx = session.scratch["span"] = trace[0].get_span_context()
-                session.scratch["span_ids"] = (format(ctx.trace_id, "032x"),
-                                               format(ctx.span_id, "016x"))
+                # The parent of the turn's chat and execute_tool spans, looked up once (the
+                # metering layer puts its ids in `span_ids` for the calls' records).
+                session.scratch["span"] = trace[0].get_span_context()
             for layer in loop.middleware:
                 layer.on_turn_start(session)
             first = 1 + len(req.transcript)  # index of this turn's first message
