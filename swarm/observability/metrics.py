@@ -378,6 +378,12 @@ class TaskMeter:
         self._agent: dict[str, str] = {}  # unfinished task id -> the agent it is at
         self._stuck: set[str] = set()
 
+    def saw(self, task_id: str, agent: str | None) -> None:
+        """Note that `agent` sent events of a task: `on_event` for the kinds it doesn't count
+        (steps, model and tool calls), once for a run of them."""
+        if agent is not None and task_id in self._state:
+            self._agent[task_id] = agent
+
     def on_event(self, ev: Event) -> None:
         """Note one event of a task (called by the supervisor for every event it keeps)."""
         kind = type(ev)

@@ -38,6 +38,8 @@ from swarm.state.replay import TaskState, restore
 log = logging.getLogger(__name__)
 
 _MAX_EVENTS_PER_TASK = 20_000
+# Events the task meter counts (`TaskMeter.on_event`); of the others it needs only the agent.
+_OWN_KINDS = frozenset({TaskStateChanged, TaskFinished, Alert})
 _REASK_WAIT_S = 30.0  # how long an answer waits for a reloaded task to ask its question again
 _RESTART_WAIT_S = 120.0  # how long a turn waits for a dead replica to come back
 
@@ -272,7 +274,9 @@ class TaskRecord:
     _packed: bytes | None = None
     _packed_size: int = 0
     event_count: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set (and dropped) when the task gets events; made only while an `events` call waits, so
+    # a task nobody follows costs no Event and its events no wake-up.
+    changed: asyncio.Event | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     driver: asyncio.Task[None] | None = None
     active: set[str] = field(default_factory=set)
@@ -341,6 +345,12 @@ class TaskRecord:
             self._events = []
         if durable:
             self.transcript = []
+
+    def watch(self) -> asyncio.Event:
+        """An Event set at the task's next change: new events, or its end."""
+        if self.changed is None:
+            self.changed = asyncio.Event()
+        return self.changed
 
     @property
     def state(self) -> str:
@@ -697,7 +707,7 @@ class Supervisor:
         """Events from `cursor` on, waiting up to `timeout` s for new ones; and whether it ended."""
         rec = self.get(task_id)
         if cursor >= rec.event_count and not rec.done.is_set():
-            waiter = rec.changed
+            waiter = rec.watch()
             try:
                 await asyncio.wait_for(waiter.wait(), timeout)
             except TimeoutError:
@@ -707,19 +717,42 @@ class Supervisor:
         return rec.events[cursor:], rec.done.is_set()
 
     def push_events(self, batch: list[Event]) -> None:
-        """Events flushed by agents during their turns."""
-        last: TaskRecord | None = None
-        for ev in batch:
-            rec = last if last is not None and last.id == ev.task_id else \
-                self.tasks.get(ev.task_id)
+        """Events flushed by agents during their turns (an agent sends each task's as a run)."""
+        tasks, i, n = self.tasks, 0, len(batch)
+        while i < n:
+            task_id = batch[i].task_id
+            j = i + 1
+            while j < n and batch[j].task_id == task_id:
+                j += 1
+            rec = tasks.get(task_id)
             if rec is not None:
-                # A task's watchers are woken once for its run of events, not once for each.
-                if last is not None and rec is not last:
-                    self._wake(last)
+                self._emit_run(rec, batch[i:j] if i or j < n else batch)
+            i = j
+
+    def _emit_run(self, rec: TaskRecord, run: list[Event]) -> None:
+        """`_emit` for a run of one task's events, its followers woken once: the agents' step
+        events (thousands a second) take a path of their own, as the task meter needs only
+        their agent (`TaskMeter.saw`); other kinds go through `_emit`."""
+        events = rec._writable_events()
+        if rec.done.is_set() or len(events) + len(run) >= _MAX_EVENTS_PER_TASK:
+            for ev in run:
                 self._emit(rec, ev, wake=False)
-                last = rec
-        if last is not None:
-            self._wake(last)
+            self._wake(rec)
+            return
+        replace, errors = msgspec.structs.replace, rec.errors
+        for ev in run:
+            kind = type(ev)
+            if kind in _OWN_KINDS:
+                self._emit(rec, ev, wake=False)
+                continue
+            events.append(replace(ev, seq=len(events)))
+            if (kind is ToolCalled or kind is ModelCalled) and ev.error_class:  # type: ignore[attr-defined]
+                cls = ev.error_class  # type: ignore[attr-defined]
+                errors[cls] = errors.get(cls, 0) + 1
+        rec.event_count = len(events)
+        if self.meter is not None:
+            self.meter.saw(rec.id, run[-1].agent)
+        self._wake(rec)
 
     # ---- driving -----------------------------------------------------------------------------
 
@@ -889,8 +922,8 @@ class Supervisor:
                     continue
                 if result.kind != "input_required":
                     break
-                for ev in result.events:
-                    self._emit(rec, ev)
+                if result.events:
+                    self._emit_run(rec, result.events)
                 if result.gate is not None:
                     # An approval gate: the decision goes into the log, where the resumed
                     # turn finds it (swarm.governance.approvals).
@@ -910,8 +943,8 @@ class Supervisor:
         rec.output_tokens += result.output_tokens
         rec.model_calls += result.model_calls
         rec.tool_calls += result.tool_calls
-        for ev in result.events:
-            self._emit(rec, ev)
+        if result.events:
+            self._emit_run(rec, result.events)
         self._account(rec, agent, result, started)
         return result
 
@@ -1135,8 +1168,10 @@ class Supervisor:
 
     @staticmethod
     def _wake(rec: TaskRecord) -> None:
-        rec.changed.set()
-        rec.changed = asyncio.Event()
+        waiter = rec.changed
+        if waiter is not None:
+            rec.changed = None
+            waiter.set()
 
     def _emit(self, rec: TaskRecord, ev: Event, wake: bool = True) -> None:
         events = rec._writable_events()
@@ -1220,6 +1255,7 @@ class Supervisor:
                                                       answer, rec.id)
         rec.compact(durable=self.store is not None)
         rec.done.set()
+        self._wake(rec)  # a follower that read TaskFinished before `done` was set
 
     def _evict(self) -> None:
         """Drop the oldest finished tasks once the table is full."""

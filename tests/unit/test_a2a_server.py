@@ -78,7 +78,7 @@ async def desk() -> AsyncIterator[Desk]:
 
 async def _until(rec: Any, state: str) -> None:
     while rec.state != state:
-        await asyncio.wait_for(rec.changed.wait(), 10)
+        await asyncio.wait_for(rec.watch().wait(), 10)
 
 
 # ---- the card -----------------------------------------------------------------------------------

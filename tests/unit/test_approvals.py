@@ -44,7 +44,7 @@ async def _gate(sw: LocalSwarm, task_id: str) -> dict[str, Any]:
     """Wait until the task waits on an approval gate; return the gate."""
     rec = sw.supervisor.get(task_id)
     while not (rec.state == "input_required" and rec.gates):
-        await asyncio.wait_for(rec.changed.wait(), 10)
+        await asyncio.wait_for(rec.watch().wait(), 10)
     return next(iter(rec.gates.values()))
 
 
@@ -108,7 +108,7 @@ async def test_the_gate_and_its_decision_survive_a_restart(tmp_path: Path) -> No
         await sw3.supervisor.load()
         rec = sw3.supervisor.get(task_id)
         while rec.state != "input_required":
-            await asyncio.wait_for(rec.changed.wait(), 10)
+            await asyncio.wait_for(rec.watch().wait(), 10)
         # Not a new gate: the approved call may have taken effect, as after any crash.
         assert rec.gates == {} and "rerun" in (rec.question or "")
         with pytest.raises(UserError, match="already approved by alice"):

@@ -54,7 +54,7 @@ async def test_a_gated_task_leaves_a_complete_trail(tmp_path: Path) -> None:
         task_id = await sw.supervisor.submit("x", user="carol")
         rec = sw.supervisor.get(task_id)
         while not rec.gates:
-            await asyncio.wait_for(rec.changed.wait(), 10)
+            await asyncio.wait_for(rec.watch().wait(), 10)
         gid = next(iter(rec.gates))
         await sw.supervisor.approve(task_id, gid, approver="alice", args={"key": "edited"})
         await sw.supervisor.wait(task_id, 10)

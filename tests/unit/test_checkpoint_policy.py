@@ -87,7 +87,7 @@ async def _crash_while(cfg: Any, store: MemoryCheckpointer, text: str, key: str,
 
 async def _wait_state(rec: Any, state: str) -> None:
     while rec.state != state:
-        await rec.changed.wait()
+        await rec.watch().wait()
 
 
 async def test_every_n_writes_fewer_appends_for_the_same_answer(tmp_path: Path) -> None:

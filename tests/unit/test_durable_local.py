@@ -201,7 +201,7 @@ async def test_crash_between_turns_continues_with_the_next_agent(tmp_path: Path)
 
 async def _wait_state(rec: Any, state: str) -> None:
     while rec.state != state:
-        await rec.changed.wait()
+        await rec.watch().wait()
 
 
 async def test_fork_continues_from_a_step_without_redoing_it(tmp_path: Path) -> None:

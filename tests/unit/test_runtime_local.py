@@ -298,7 +298,7 @@ async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
         async def wait_for_tool() -> None:
             rec = sw.supervisor.get(slow_id)
             while not any(isinstance(e, StepStarted) for e in rec.events):
-                await rec.changed.wait()
+                await rec.watch().wait()
             started.set()
 
         await asyncio.wait_for(wait_for_tool(), 10)
@@ -324,3 +324,49 @@ def test_sessions_stick_to_one_replica() -> None:
     counts = [first.count(r) for r in range(4)]
     assert min(counts) > 150, counts
     assert {replica_for(k, 1) for k in keys} == {0}
+
+
+async def test_pushed_event_runs_keep_order_counts_and_cap(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents push their events as runs of one task's; the supervisor files each run under its
+    task in order with consecutive seqs, counts failed calls, wakes a follower once, and keeps
+    the per-task cap (TaskFinished still last)."""
+    import swarm.runtime.supervisor as sup_mod
+
+    rules = [
+        {"when": {"last_role": "user"},
+         "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}]},
+        {"when": {}, "content": "done"},
+    ]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        sup = sw.supervisor
+        a, b = await sup.submit("task a"), await sup.submit("task b")
+        ra, rb = sup.get(a), sup.get(b)
+        for rec in (ra, rb):  # both are in their slow tool call
+            while not any(isinstance(e, StepStarted) for e in rec.events):
+                await asyncio.wait_for(rec.watch().wait(), 10)
+        na, nb = ra.event_count, rb.event_count
+        follower = asyncio.ensure_future(sup.events(a, na, 10))
+        await asyncio.sleep(0)  # one loop pass: the follower starts waiting for a change
+        assert ra.changed is not None and rb.changed is None
+
+        def ev(task: str, step: int, error: str | None = None) -> ModelCalled:
+            return ModelCalled(task_id=task, ts=1.0, agent="a", step=step, model="m",
+                               error=error, error_class="model" if error else None)
+
+        sup.push_events([ev(a, 90), ev(a, 91, "boom"), ev(b, 90), ev(a, 92),
+                         ev("no-such-task", 1)])
+        got, ended = await asyncio.wait_for(follower, 10)
+        assert [e.step for e in got] == [90, 91, 92] and not ended  # type: ignore[attr-defined]
+        assert [e.seq for e in ra.events[na:]] == [na, na + 1, na + 2]
+        assert [e.step for e in rb.events[nb:]] == [90]  # type: ignore[attr-defined]
+        assert ra.errors == {"model": 1} and rb.errors == {}
+
+        monkeypatch.setattr(sup_mod, "_MAX_EVENTS_PER_TASK", ra.event_count + 2)
+        sup.push_events([ev(a, 100 + i) for i in range(5)])
+        assert ra.event_count == len(ra.events) == na + 3 + 2
+        row = await sup.cancel(a)
+        assert row["state"] == "canceled"
+        assert isinstance(ra.events[-1], TaskFinished)
+        await sup.cancel(b)
