@@ -56,16 +56,39 @@ def text_message(
     metadata: dict[str, Any] | None = None,
 ) -> Message:
     """An A2A message with one text part."""
-    msg = Message(
-        message_id=new_id(),
-        role=Role.ROLE_USER if role == "user" else Role.ROLE_AGENT,
-        parts=[Part(text=text)],
-        task_id=task_id,
-        context_id=context_id,
-    )
+    # Fields set one by one: a third of the time of the keyword constructor (upb), which a
+    # task pays for several messages.
+    msg = Message()
+    msg.message_id = new_id()
+    msg.role = Role.ROLE_USER if role == "user" else Role.ROLE_AGENT
+    msg.parts.add().text = text
+    msg.task_id = task_id
+    msg.context_id = context_id
     if metadata:
-        msg.metadata.update(metadata)
+        set_metadata(msg.metadata, metadata)
     return msg
+
+
+def set_metadata(struct: Any, values: dict[str, Any]) -> None:
+    """Set keys of a `google.protobuf.Struct`: as `Struct.update` does, with strings, numbers,
+    booleans and None set on the field directly (`update` goes through Python code for each)."""
+    fields, rest = struct.fields, None
+    for key, value in values.items():
+        kind = type(value)
+        if kind is str:
+            fields[key].string_value = value
+        elif kind is bool:
+            fields[key].bool_value = value
+        elif kind is int or kind is float:
+            fields[key].number_value = value
+        elif value is None:
+            fields[key].null_value = 0
+        else:
+            if rest is None:
+                rest = {}
+            rest[key] = value
+    if rest:
+        struct.update(rest)
 
 
 def data_part(value: dict[str, Any]) -> Part:
@@ -95,7 +118,7 @@ def new_task(task_id: str, context_id: str, first: Message, metadata: dict[str, 
         history=[first],
     )
     if metadata:
-        task.metadata.update(metadata)
+        set_metadata(task.metadata, metadata)
     return task
 
 
@@ -104,9 +127,12 @@ def set_state(task: Task, state: str, message: Message | None = None) -> None:
     current = STATE_NAMES.get(task.status.state, "submitted")
     if state not in TRANSITIONS.get(current, frozenset()):
         raise ValueError(f"task {task.id}: illegal transition {current} → {state}")
-    task.status.CopyFrom(TaskStatus(state=STATES[state], timestamp=_now()))
+    status = task.status
+    status.Clear()
+    status.state = STATES[state]
+    status.timestamp.FromNanoseconds(time.time_ns())
     if message is not None:
-        task.status.message.CopyFrom(message)
+        status.message.CopyFrom(message)
 
 
 def state_of(task: Task) -> str:
