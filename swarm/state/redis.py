@@ -58,6 +58,11 @@ from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptEr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+try:  # what redis-py's hiredis parser has its reader return for "no whole reply yet"
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # another redis-py: replies are read through its parser one at a time
+    _NOT_ENOUGH_DATA = None
+
 from swarm.errors import CheckpointError
 from swarm.state import codec
 from swarm.state.interface import (
@@ -207,8 +212,22 @@ _BULK = [b"$%d\r\n" % n for n in range(4096)]
 _ARRAY = [b"*%d\r\n" % n for n in range(64)]
 
 
+class _Head:
+    """The RESP encoding of a command's first `count` arguments, made once and reused as the
+    command's first item: an append's EVALSHA, script and five task keys are the same for
+    every append of a task, and encoding them each time was most of `_pack`'s work."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, args: Sequence[Any]) -> None:
+        packed = _pack([args])
+        self.count = len(args)
+        self.data = packed[packed.index(b"\r\n") + 2:]  # without the array header
+
+
 def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
-    """RESP encoding of commands whose arguments are bytes, str or int.
+    """RESP encoding of commands whose arguments are bytes, str or int; a command may start
+    with a `_Head` standing for its first arguments.
 
     Runs for every checkpoint, so the parts go into one list joined once, without copying an
     argument into a formatted header (about half the cost of formatting each argument)."""
@@ -216,7 +235,14 @@ def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
     put = out.append
     for args in commands:
         n = len(args)
-        put(_ARRAY[n] if n < 64 else b"*%d\r\n" % n)
+        head = args[0] if n else None
+        if type(head) is _Head:
+            n += head.count - 1
+            put(_ARRAY[n] if n < 64 else b"*%d\r\n" % n)
+            put(head.data)
+            args = args[1:]
+        else:
+            put(_ARRAY[n] if n < 64 else b"*%d\r\n" % n)
         for arg in args:
             kind = type(arg)
             if kind is bytes:
@@ -240,11 +266,27 @@ async def _exchange_each(conn: AbstractConnection, commands: Sequence[Sequence[A
     The replies come from the connection's RESP parser itself, which returns an error reply as
     its exception: redis-py's `read_response` around it (a timeout context, a health-check
     stamp, the error raised) cost more than the parsing, 13 against 5 µs a reply in a batch of
-    100. The callers bound the whole exchange with a timeout of their own and disconnect on
-    any failure; the parser's are `ConnectionError` or `OSError`."""
+    100. With hiredis (redis-py's C parser, a dependency of ours) every reply already in its
+    buffer is taken without an await each. The callers bound the whole exchange with a timeout
+    of their own and disconnect on any failure; the parser's are `ConnectionError` or
+    `OSError`."""
     await conn.send_packed_command(_pack(commands), check_health=False)
-    read = getattr(getattr(conn, "_parser", None), "read_response", None)
+    parser = getattr(conn, "_parser", None)
     replies: list[Any] = []
+    reader = getattr(parser, "_reader", None)
+    if reader is not None and _NOT_ENOUGH_DATA is not None and \
+            hasattr(parser, "read_from_socket"):  # hiredis
+        gets, want = reader.gets, len(commands)
+        while len(replies) < want:
+            reply = gets()
+            if reply is _NOT_ENOUGH_DATA:  # no whole reply in the buffer yet
+                await parser.read_from_socket()  # type: ignore[union-attr]
+            elif isinstance(reply, RedisConnectionError):  # as hiredis' read_response does
+                raise reply
+            else:
+                replies.append(reply)
+        return replies
+    read = getattr(parser, "read_response", None)
     if read is None:  # not the redis-py we know: its public read, one reply at a time
         for _ in commands:
             try:
@@ -268,6 +310,8 @@ async def _exchange(conn: AbstractConnection, commands: Sequence[Sequence[Any]])
 
 # Appends waiting for the batch in flight go out together, up to this many in one write.
 _MAX_GROUP = 256
+# Tasks whose append command head is kept encoded (about 300 bytes each).
+_HEADS = 4096
 
 
 class RedisCheckpointer(Checkpointer):
@@ -293,6 +337,7 @@ class RedisCheckpointer(Checkpointer):
         # next batch, one write and one read for all of them (see `_eval`).
         self._group: list[tuple[tuple[Any, ...], str, asyncio.Future[Any]]] = []
         self._drain_task: asyncio.Task[None] | None = None
+        self._heads: dict[str, _Head] = {}  # by task id: see `_append_head`
 
     def _refused(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"redis at {redact(self.url)} refused the connection: {_why(exc)}")
@@ -368,7 +413,18 @@ class RedisCheckpointer(Checkpointer):
                 self._outage_since = None
             return result
 
-    async def _eval(self, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    def _append_head(self, task_id: str) -> _Head:
+        """The EVALSHA of the append script with a task's five keys, encoded once per task."""
+        heads = self._heads
+        if len(heads) >= _HEADS:
+            del heads[next(iter(heads))]  # the oldest task's: tasks end, and this is a cache
+        keys = (self._k(task_id, "log"), self._k(task_id, "ledger"), self._k(task_id, "tok"),
+                self._k(task_id, "fence"), self._k(task_id, "arch"))
+        head = heads[task_id] = _Head(("EVALSHA", _SCRIPTS["append"][1], len(keys), *keys))
+        return head
+
+    async def _eval(self, script: str, keys: Sequence[Any], args: Sequence[Any], *,
+                    head: _Head | None = None) -> Any:
         """Run one of the Lua scripts, group-committed: calls made while a batch is in flight
         go out together as the next batch, so N concurrent appends cost one round trip
         instead of N. Batches are
@@ -382,7 +438,9 @@ class RedisCheckpointer(Checkpointer):
             # its callers are gone with it.
             self._drain_task, self._group = None, []
         fut: asyncio.Future[Any] = loop.create_future()
-        self._group.append((("EVALSHA", sha, len(keys), *keys, *args), script, fut))
+        # `head`, if given, stands for the EVALSHA, the script and the keys.
+        cmd = (head, *args) if head is not None else ("EVALSHA", sha, len(keys), *keys, *args)
+        self._group.append((cmd, script, fut))
         if self._drain_task is None:
             self._drain_task = loop.create_task(self._drain())
         return await fut
@@ -469,13 +527,15 @@ class RedisCheckpointer(Checkpointer):
     ) -> int:
         """Append entries and upsert ledger records atomically, in one round trip."""
         # The retry token, then the writer token ('' for none).
-        args: list[Any] = [os.urandom(12), len(entries), "" if fence is None else fence]
+        args: list[Any] = [os.urandom(12), b"%d" % len(entries),
+                           b"" if fence is None else b"%d" % fence]
         args += [codec.encode(e) for e in entries]
         for rec in ledger or ():
             args += (rec.key, codec.encode(rec))
-        keys = (self._k(task_id, "log"), self._k(task_id, "ledger"), self._k(task_id, "tok"),
-                self._k(task_id, "fence"), self._k(task_id, "arch"))
-        length = int(await self._eval("append", keys, args))
+        head = self._heads.get(task_id)
+        if head is None:
+            head = self._append_head(task_id)
+        length = int(await self._eval("append", (), args, head=head))
         if length < 0:
             raise Fenced(task_id, fence or 0, -1 - length)
         first = length - len(entries)
