@@ -392,7 +392,7 @@ class TaskRecord:
     def to_row(self, swarm: str) -> TaskRow:
         """The durable row of this task: the A2A task (its ids, state, messages, answer and
         metadata) and the record's own fields (what `from_row` restores, and the open gates).
-        Written three times a task, so built directly: not from `summary`, whose metadata
+        Written at least twice a task, so built directly: not from `summary`, whose metadata
         conversion from the protobuf alone costs more than the rest of the row."""
         data = {
             "a2a": a2a.dumps(self.task), "user": self.user, "agent": self.agent,
@@ -762,7 +762,10 @@ class Supervisor:
             rec.id, rec.task.context_id, rec.user, resume)
         try:
             if rec.state == "submitted":
-                await self._set_state(rec, "working")
+                # Not stored: a restarted supervisor resumes a submitted task as it does a
+                # working one, so the row written at submission serves until the next state
+                # (one write of the task's row fewer, of three).
+                await self._set_state(rec, "working", persist=False)
             remaining = rec.created + budget.max_wall_s - self.clock()
             if self.cfg.budgets.on_exhausted == "wrap_up":
                 # The turn stops itself at max_wall_s and wraps up; this is the hard stop.
@@ -1198,7 +1201,8 @@ class Supervisor:
         if self.store is not None:
             await self.store.put_task(rec.to_row(self.swarm_id))
 
-    async def _set_state(self, rec: TaskRecord, state: str, detail: str = "") -> None:
+    async def _set_state(self, rec: TaskRecord, state: str, detail: str = "", *,
+                         persist: bool = True) -> None:
         message = None
         if state == "input_required":
             message = a2a.text_message(detail, role="agent", task_id=rec.id,
@@ -1209,7 +1213,8 @@ class Supervisor:
             message.parts.append(a2a.data_part(wanted))
         a2a.set_state(rec.task, state, message)
         rec.updated = self.clock()
-        await self._persist(rec)
+        if persist:
+            await self._persist(rec)
         self._emit(rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state,
                                          detail=detail))
 
