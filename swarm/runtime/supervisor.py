@@ -316,7 +316,17 @@ class TaskRecord:
 
     @property
     def events(self) -> list[Event]:
-        """The task's events in order (a packed record's are decoded for the caller)."""
+        """The task's events in order, each with its `seq` (a packed record's are decoded for
+        the caller)."""
+        return _numbered(self._raw_events(), 0)
+
+    def events_from(self, cursor: int) -> list[Event]:
+        """The task's events from index `cursor` on, with their `seq`."""
+        return _numbered(self._raw_events()[cursor:], cursor)
+
+    def _raw_events(self) -> list[Event]:
+        # Kept as they came, `seq` unset: it is the index, set when they are read (agents
+        # send thousands a second, most never read while the task runs).
         if self._packed is not None:
             import pyarrow as pa
 
@@ -326,7 +336,7 @@ class TaskRecord:
 
     def _writable_events(self) -> list[Event]:
         if self._packed is not None:
-            self._events, self._packed = self.events, None
+            self._events, self._packed = self._raw_events(), None
         return self._events
 
     def compact(self, durable: bool) -> None:
@@ -714,7 +724,7 @@ class Supervisor:
                 pass
         if cursor >= rec.event_count:
             return [], rec.done.is_set()
-        return rec.events[cursor:], rec.done.is_set()
+        return rec.events_from(cursor), rec.done.is_set()
 
     def push_events(self, batch: list[Event]) -> None:
         """Events flushed by agents during their turns (an agent sends each task's as a run)."""
@@ -739,13 +749,13 @@ class Supervisor:
                 self._emit(rec, ev, wake=False)
             self._wake(rec)
             return
-        replace, errors = msgspec.structs.replace, rec.errors
+        append, errors = events.append, rec.errors
         for ev in run:
             kind = type(ev)
             if kind in _OWN_KINDS:
                 self._emit(rec, ev, wake=False)
                 continue
-            events.append(replace(ev, seq=len(events)))
+            append(ev)
             if (kind is ToolCalled or kind is ModelCalled) and ev.error_class:  # type: ignore[attr-defined]
                 cls = ev.error_class  # type: ignore[attr-defined]
                 errors[cls] = errors.get(cls, 0) + 1
@@ -1181,12 +1191,9 @@ class Supervisor:
         if len(events) >= _MAX_EVENTS_PER_TASK and not isinstance(ev, TaskFinished):
             return
         if rec.done.is_set() and events and isinstance(events[-1], TaskFinished):
-            # A late batch from an agent: keep TaskFinished last.
-            last = events.pop()
-            events.append(msgspec.structs.replace(ev, seq=len(events)))
-            events.append(msgspec.structs.replace(last, seq=len(events)))
+            events.insert(len(events) - 1, ev)  # a late batch from an agent: TaskFinished last
         else:
-            events.append(msgspec.structs.replace(ev, seq=len(events)))
+            events.append(ev)
         rec.event_count = len(events)
         if wake:
             self._wake(rec)
@@ -1276,6 +1283,12 @@ class Supervisor:
                 f"swarm {self.cfg.name} has {len(self.tasks)} unfinished tasks; "
                 f"limits.max_tasks is {limit}"
             )
+
+
+def _numbered(events: list[Event], start: int) -> list[Event]:
+    """Events with `seq` set to their index, from `start`."""
+    replace = msgspec.structs.replace
+    return [ev if ev.seq == i else replace(ev, seq=i) for i, ev in enumerate(events, start)]
 
 
 def _failed(task_id: str, agent: str | None, error_class: str, error: str) -> TurnResult:

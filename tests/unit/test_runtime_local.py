@@ -369,4 +369,15 @@ async def test_pushed_event_runs_keep_order_counts_and_cap(tmp_path: Path,
         row = await sup.cancel(a)
         assert row["state"] == "canceled"
         assert isinstance(ra.events[-1], TaskFinished)
+        # Finished, its events are kept packed; a late one from an agent goes before
+        # TaskFinished, and every read numbers them by position.
+        monkeypatch.setattr(sup_mod, "_MAX_EVENTS_PER_TASK", 20_000)
+        total = ra.event_count
+        sup.push_events([ev(a, 300)])
+        evs = ra.events
+        assert len(evs) == ra.event_count == total + 1
+        assert isinstance(evs[-1], TaskFinished) and evs[-2].step == 300  # type: ignore[attr-defined]
+        assert [e.seq for e in evs] == list(range(total + 1))
+        tail, ended = await sup.events(a, total - 1, 1)
+        assert ended and [e.seq for e in tail] == [total - 1, total]
         await sup.cancel(b)
