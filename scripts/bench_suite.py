@@ -22,6 +22,7 @@ ledger on. Each measurement runs in a fresh process.
     python scripts/bench_suite.py                      # everything (~15 minutes on 2 cores)
     python scripts/bench_suite.py --only step,growth   # some workloads
     python scripts/bench_suite.py --quick              # smaller levels, a smoke run
+    python scripts/bench_suite.py --only concurrency --repeat 5   # each Ray level 5 times
 
 Results go to bench-results/<timestamp>/ (results.json, table.txt, *.png).
 """
@@ -124,10 +125,10 @@ def run_growth(quick: bool) -> list[dict[str, Any]]:
             measure("lg_growth", [m for m in marks if m <= LG_MAX_STEPS])]
 
 
-def run_concurrency(quick: bool) -> list[dict[str, Any]]:
+def run_concurrency(quick: bool, repeat: int = 1) -> list[dict[str, Any]]:
     levels = [10, 100] if quick else CONC_LEVELS
     rows: list[dict[str, Any]] = []
-    ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600)
+    ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat)
     rows += ray_rows if isinstance(ray_rows, list) else \
         [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
     for c in levels:
@@ -166,6 +167,9 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(WORKLOADS),
                     help=f"workloads, comma-separated: {', '.join(WORKLOADS)}")
     ap.add_argument("--quick", action="store_true", help="small levels: a smoke run")
+    ap.add_argument("--repeat", type=int, default=3, metavar="N",
+                    help="runs of each Ray concurrency level; the table shows the median run "
+                    "and lists them all (default 3)")
     ap.add_argument("--out", default="bench-results", help="results folder")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -193,7 +197,7 @@ def main() -> None:
     if "growth" in only:
         res["growth"] = [g for g in run_growth(args.quick) if "error" not in g]
     if "concurrency" in only:
-        res["concurrency"] = run_concurrency(args.quick)
+        res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat)
     if "recovery" in only:
         print("  recovery: scripts/recovery_scenarios.py actor-kill (~1-2 minutes)", flush=True)
         res["recovery"] = run_recovery()

@@ -66,6 +66,12 @@ def table(res: dict[str, Any]) -> str:
                        f"{r['cpu_us_per_step']:>12.0f} {r['mem_per_session_kb']:>11.1f} "
                        f"{_kb(r.get('store_kb_per_session')):>12} "
                        f"{_kb(r.get('marginal_kb_per_session')):>12}")
+        for r in conc:
+            if len(r.get("runs", ())) > 1:
+                runs = ", ".join(f"{x['of_ideal']:.1%} at {x['cpu_us_per_step']:.0f} µs"
+                                 for x in r["runs"])
+                out.append(f"  {r['impl']} at {r['sessions']}: the median of {len(r['runs'])} "
+                           f"runs is shown; all: {runs}")
         out.append("(KB/session: peak resident memory during the level less that before it, "
                    "summed over every process of the run, per session; 'of it store' is "
                    "redis-server's part, the checkpoints it holds in memory, which LangGraph "

@@ -79,7 +79,12 @@ def test_table_and_verdicts() -> None:
         ],
     }
     common.marginal_kb(res["concurrency"])
+    res["concurrency"][1]["runs"] = [{"of_ideal": 0.4, "cpu_us_per_step": 600.0},
+                                     {"of_ideal": 0.55, "cpu_us_per_step": 500.0},
+                                     {"of_ideal": 0.7, "cpu_us_per_step": 450.0}]
     text = report.table(res)
+    assert ("swarm+redis, Ray at 2000: the median of 3 runs is shown; all: 40.0% at 600 µs, "
+            "55.0% at 500 µs, 70.0% at 450 µs") in text
     assert "target >= 90% of ideal at 2,000 (swarm+redis, Ray): 55.0%: MISSED" in text
     # 480 - 80 MB at 2,000 against 400 - 60 at 1,000: 60 MB more for 1,000 more sessions.
     assert ("target <= 64 KB of orchestration memory per session at 2,000 (swarm+redis, Ray): "
