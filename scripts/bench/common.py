@@ -129,6 +129,35 @@ class Procs:
         return total
 
 
+def process_role(proc: psutil.Process) -> str:
+    """A short name for one process of a run: a Ray actor's class, Ray's own processes,
+    redis-server, or this driver."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    if proc.pid == os.getpid():
+        return "driver"
+    for needle, role in (("SupervisorActor", "supervisor"), ("AgentActor", "agents"),
+                         ("redis-server", "redis-server"), ("gcs_server", "ray gcs"),
+                         ("raylet", "ray raylet"), ("DashboardAgent", "ray dashboard agent"),
+                         ("dashboard", "ray dashboard"), ("ray::IDLE", "ray idle workers")):
+        if needle in cmd:
+            return role
+    return "other"
+
+
+def cpu_by_role(procs: Procs, before: dict[int, float], after: dict[int, float]
+                ) -> dict[str, float]:
+    """`cpu_delta` summed by `process_role`, largest first."""
+    roles = {p.pid: process_role(p) for p in procs.processes()}
+    out: dict[str, float] = {}
+    for pid, v in after.items():
+        role = roles.get(pid, "other")
+        out[role] = out.get(role, 0.0) + v - before.get(pid, 0.0)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     """CPU seconds spent between two `Procs.cpu` readings (processes that appeared count whole;
     those that exited in between are lost, so measure while they live)."""

@@ -67,6 +67,11 @@ def table(res: dict[str, Any]) -> str:
                        f"{_kb(r.get('store_kb_per_session')):>12} "
                        f"{_kb(r.get('marginal_kb_per_session')):>12}")
         for r in conc:
+            if r.get("cpu_us_per_step_by_process") and r["sessions"] >= 1000:
+                parts = ", ".join(f"{k} {v:.0f}" for k, v in
+                                  r["cpu_us_per_step_by_process"].items() if v >= 1)
+                out.append(f"  {r['impl']} at {r['sessions']}: CPU µs a step by process: "
+                           f"{parts}")
             if len(r.get("runs", ())) > 1:
                 runs = ", ".join(f"{x['of_ideal']:.1%} at {x['cpu_us_per_step']:.0f} µs"
                                  for x in r["runs"])

@@ -25,6 +25,7 @@ from scripts.bench.common import (
     PeakRss,
     Procs,
     concurrency_row,
+    cpu_by_role,
     cpu_delta,
     openai_messages_bytes,
     payload,
@@ -374,12 +375,16 @@ async def _ray_level(sup: Any, sessions: int, procs: Procs, store_pids: list[int
         ids = await sup.submit_many.remote([f"task {i}" for i in range(sessions)])
         rows = await sup.wait_many.remote(ids, 600)
         wall = time.perf_counter() - t0
-    cpu = cpu_delta(cpu0, procs.cpu())
+    cpu1 = procs.cpu()
+    cpu = cpu_delta(cpu0, cpu1)
     bad = [r for r in rows if r["state"] != "completed"]
     assert not bad, bad[0]
     steps = {r.get("steps") for r in rows}
+    by_role = {role: round(s / (sessions * TOOL_STEPS) * 1e6, 1)
+               for role, s in cpu_by_role(procs, cpu0, cpu1).items()}
     return concurrency_row("swarm+redis, Ray (supervisor + agent replicas)", sessions, wall,
                            sessions * TOOL_STEPS, cpu, peak.peak - base,
                            peak.store_at_peak - base_store, peak,
                            processes=len(procs.processes()), steps_per_task=sorted(
-                               s for s in steps if s is not None))
+                               s for s in steps if s is not None),
+                           cpu_us_per_step_by_process=by_role)

@@ -82,7 +82,11 @@ def test_table_and_verdicts() -> None:
     res["concurrency"][1]["runs"] = [{"of_ideal": 0.4, "cpu_us_per_step": 600.0},
                                      {"of_ideal": 0.55, "cpu_us_per_step": 500.0},
                                      {"of_ideal": 0.7, "cpu_us_per_step": 450.0}]
+    res["concurrency"][1]["cpu_us_per_step_by_process"] = {"agents": 380.4, "supervisor": 170.0,
+                                                           "ray gcs": 0.4}
     text = report.table(res)
+    assert "swarm+redis, Ray at 2000: CPU µs a step by process: agents 380, supervisor 170\n" \
+        in text
     assert ("swarm+redis, Ray at 2000: the median of 3 runs is shown; all: 40.0% at 600 µs, "
             "55.0% at 500 µs, 70.0% at 450 µs") in text
     assert "target >= 90% of ideal at 2,000 (swarm+redis, Ray): 55.0%: MISSED" in text
@@ -94,3 +98,15 @@ def test_table_and_verdicts() -> None:
     assert "met" in text and "8.0x" in text and "5.0x" in text
     assert "stored <= 2x message bytes (swarm+redis, step 100): 2.50x: MISSED" in text
     assert ANSWER  # the shared answer the workloads check
+
+
+def test_cpu_is_summed_by_process_role() -> None:
+    import os
+
+    import psutil
+
+    procs = common.Procs()
+    me = os.getpid()
+    assert common.process_role(psutil.Process(me)) == "driver"
+    by_role = common.cpu_by_role(procs, {me: 1.0}, {me: 3.5, 999_999_999: 2.0})
+    assert by_role == {"driver": 2.5, "other": 2.0}
