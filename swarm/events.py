@@ -168,6 +168,75 @@ def unpack(data: bytes) -> list[AnyEvent]:
     return _unpacker.decode(data)
 
 
+# Kinds whose runs travel as they are: the supervisor files them one by one (the task meter
+# counts them), so an agent's run holding one is sent decoded.
+_FILED_ONE_BY_ONE = (TaskStateChanged, TaskFinished, Alert)
+_runs_unpacker = msgspec.msgpack.Decoder(
+    tuple[list[tuple[str, str | None, int, dict[str, int] | None, bytes]], bytes])
+
+
+def pack_runs(by_task: dict[str, list[Event]]) -> bytes:
+    """Agents' events, one run a task, for the supervisor: each run packed on its own, with
+    its task, agent, count and failed calls by error class, so the supervisor files it
+    without decoding it (`unpack_runs`); the events of runs it must look at go decoded."""
+    runs: list[tuple[str, str | None, int, dict[str, int] | None, bytes]] = []
+    loose: list[Event] = []
+    for task_id, events in by_task.items():
+        if not events:
+            continue
+        errors: dict[str, int] | None = None
+        for ev in events:
+            kind = type(ev)
+            if kind in _FILED_ONE_BY_ONE:
+                errors = None
+                break
+            if (kind is ModelCalled or kind is ToolCalled) and ev.error_class:  # type: ignore[attr-defined]
+                cls = ev.error_class  # type: ignore[attr-defined]
+                errors = errors or {}
+                errors[cls] = errors.get(cls, 0) + 1
+        else:
+            runs.append((task_id, events[-1].agent, len(events), errors, _packer.encode(events)))
+            continue
+        loose += events
+    return _packer.encode((runs, _packer.encode(loose)))
+
+
+def unpack_runs(data: bytes) -> tuple[list[tuple[str, str | None, int, dict[str, int] | None,
+                                                 bytes]], list[AnyEvent]]:
+    """The runs and the decoded events of a `pack_runs` batch."""
+    runs, loose = _runs_unpacker.decode(data)
+    return runs, _unpacker.decode(loose)
+
+
+def concat_packed(parts: list[Event | bytes]) -> bytes:
+    """One `pack`ed list of events from events and `pack`ed lists, in order, without decoding
+    the packed ones (their items are copied as they are)."""
+    count, bodies = 0, []
+    for part in parts:
+        if isinstance(part, bytes):
+            n, start = _array_header(part)
+            count += n
+            bodies.append(part[start:])
+        else:
+            count += 1
+            bodies.append(_packer.encode(part))
+    head = bytes([0x90 | count]) if count < 16 else \
+        b"\xdc" + count.to_bytes(2, "big") if count < 65536 else b"\xdd" + count.to_bytes(4, "big")
+    return head + b"".join(bodies)
+
+
+def _array_header(data: bytes) -> tuple[int, int]:
+    """(item count, offset of the first item) of a msgpack array."""
+    first = data[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F, 1
+    if first == 0xDC:
+        return int.from_bytes(data[1:3], "big"), 3
+    if first == 0xDD:
+        return int.from_bytes(data[1:5], "big"), 5
+    raise ValueError(f"not a msgpack array (first byte {first:#x})")
+
+
 def to_dict(event: Event) -> dict[str, object]:
     """An event as a plain dict with its `kind`."""
     return msgspec.to_builtins(event)  # type: ignore[no-any-return]

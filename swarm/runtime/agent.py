@@ -116,6 +116,11 @@ class EventBuffer:
         """Remove and return one task's buffered events."""
         return self._by_task.pop(task_id, [])
 
+    def drain_runs(self) -> dict[str, list[Event]]:
+        """Remove and return every buffered event, by task."""
+        out, self._by_task = self._by_task, {}
+        return out
+
     def drain(self) -> list[Event]:
         """Remove and return every buffered event."""
         if not self._by_task:
@@ -666,9 +671,9 @@ class AgentActor:
         # without a Ray call per step.
         while True:
             await asyncio.sleep(_FLUSH_INTERVAL_S)
-            batch = self.host.buffer.drain()
-            if batch and self.supervisor is not None:
+            runs = self.host.buffer.drain_runs()
+            if runs and self.supervisor is not None:
                 try:
-                    self.supervisor.push_events.remote(events.pack(batch))
+                    self.supervisor.push_events.remote(events.pack_runs(runs))
                 except Exception:
                     log.debug("event flush failed", exc_info=True)

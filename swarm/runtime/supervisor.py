@@ -23,7 +23,16 @@ import msgspec
 
 from swarm.config import SwarmConfig
 from swarm.errors import RunError, TaskNotFound, UserError
-from swarm.events import Alert, Event, ModelCalled, TaskFinished, TaskStateChanged, ToolCalled
+from swarm.events import (
+    Alert,
+    Event,
+    ModelCalled,
+    TaskFinished,
+    TaskStateChanged,
+    ToolCalled,
+    concat_packed,
+    unpack_runs,
+)
 from swarm.events import pack as pack_events
 from swarm.events import unpack as unpack_events
 from swarm.governance import stuck
@@ -270,7 +279,10 @@ class TaskRecord:
     created: float
     transcript: list[dict[str, Any]] = field(default_factory=list)
     # The task's events; once it has finished, kept packed (`compact`) until read.
-    _events: list[Event] = field(default_factory=list)
+    # In order: events, and agents' runs of events still packed (`swarm.events.pack_runs`),
+    # decoded when first read.
+    _events: list[Event | bytes] = field(default_factory=list)
+    _runs: bool = False  # whether `_events` holds packed runs
     _packed: bytes | None = None
     _packed_size: int = 0
     event_count: int = 0
@@ -332,11 +344,21 @@ class TaskRecord:
 
             return unpack_events(pa.decompress(  # type: ignore[return-value]
                 self._packed, decompressed_size=self._packed_size, codec="lz4", asbytes=True))
-        return self._events
+        if self._runs:
+            out: list[Event | bytes] = []
+            for part in self._events:
+                if isinstance(part, bytes):
+                    out += unpack_events(part)
+                else:
+                    out.append(part)
+            self._events, self._runs = out, False
+        return self._events  # type: ignore[return-value]
 
-    def _writable_events(self) -> list[Event]:
+    def _writable_events(self) -> list[Event | bytes]:
+        """The event list to add to (packed runs stay packed); `event_count` is its length
+        in events."""
         if self._packed is not None:
-            self._events, self._packed = self._raw_events(), None
+            self._events, self._packed = list(self._raw_events()), None
         return self._events
 
     def compact(self, durable: bool) -> None:
@@ -349,10 +371,11 @@ class TaskRecord:
         if self._events:
             import pyarrow as pa
 
-            data = pack_events(self._events)
+            data = concat_packed(self._events) if self._runs else \
+                pack_events(self._events)  # type: ignore[arg-type]
             self._packed = pa.compress(data, codec="lz4", asbytes=True)
             self._packed_size = len(data)
-            self._events = []
+            self._events, self._runs = [], False
         if durable:
             self.transcript = []
 
@@ -744,25 +767,52 @@ class Supervisor:
         events (thousands a second) take a path of their own, as the task meter needs only
         their agent (`TaskMeter.saw`); other kinds go through `_emit`."""
         events = rec._writable_events()
-        if rec.done.is_set() or len(events) + len(run) >= _MAX_EVENTS_PER_TASK:
+        if rec.done.is_set() or rec.event_count + len(run) >= _MAX_EVENTS_PER_TASK:
             for ev in run:
                 self._emit(rec, ev, wake=False)
             self._wake(rec)
             return
-        append, errors = events.append, rec.errors
+        append, errors, added = events.append, rec.errors, 0
         for ev in run:
             kind = type(ev)
             if kind in _OWN_KINDS:
                 self._emit(rec, ev, wake=False)
                 continue
             append(ev)
+            added += 1
             if (kind is ToolCalled or kind is ModelCalled) and ev.error_class:  # type: ignore[attr-defined]
                 cls = ev.error_class  # type: ignore[attr-defined]
                 errors[cls] = errors.get(cls, 0) + 1
-        rec.event_count = len(events)
+        rec.event_count += added
         if self.meter is not None:
             self.meter.saw(rec.id, run[-1].agent)
         self._wake(rec)
+
+    def push_packed(self, batch: bytes) -> None:
+        """Events flushed by agent replicas (`swarm.events.pack_runs`): each task's run is
+        kept packed until someone reads the task's events (most are never read while the
+        task runs), with its count and failed calls filed now."""
+        runs, loose = unpack_runs(batch)
+        tasks = self.tasks
+        for task_id, agent, n, errors, blob in runs:
+            rec = tasks.get(task_id)
+            if rec is None:
+                continue
+            if rec.done.is_set() or rec.event_count + n >= _MAX_EVENTS_PER_TASK:
+                self._emit_run(rec, unpack_events(blob))  # the careful path
+                continue
+            rec._writable_events().append(blob)
+            rec._runs = True
+            rec.event_count += n
+            if errors:
+                mine = rec.errors
+                for cls, k in errors.items():
+                    mine[cls] = mine.get(cls, 0) + k
+            if self.meter is not None:
+                self.meter.saw(task_id, agent)
+            self._wake(rec)
+        if loose:
+            self.push_events(loose)
 
     # ---- driving -----------------------------------------------------------------------------
 
@@ -1188,13 +1238,13 @@ class Supervisor:
 
     def _emit(self, rec: TaskRecord, ev: Event, wake: bool = True) -> None:
         events = rec._writable_events()
-        if len(events) >= _MAX_EVENTS_PER_TASK and not isinstance(ev, TaskFinished):
+        if rec.event_count >= _MAX_EVENTS_PER_TASK and not isinstance(ev, TaskFinished):
             return
         if rec.done.is_set() and events and isinstance(events[-1], TaskFinished):
             events.insert(len(events) - 1, ev)  # a late batch from an agent: TaskFinished last
         else:
             events.append(ev)
-        rec.event_count = len(events)
+        rec.event_count += 1
         if wake:
             self._wake(rec)
         kind = type(ev)

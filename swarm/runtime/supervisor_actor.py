@@ -14,7 +14,7 @@ from typing import Any
 
 from swarm.config import SwarmConfig
 from swarm.errors import UserError
-from swarm.events import Event, unpack
+from swarm.events import Event
 from swarm.protocol import a2a
 from swarm.runtime.supervisor import RayAgentPool, Supervisor
 
@@ -305,8 +305,8 @@ class SupervisorActor:
         self.agents.deliver(batch)
 
     async def push_events(self, batch: bytes) -> None:
-        """Receive a batch of live events from an agent replica (`swarm.events.pack`ed)."""
-        self.sup.push_events(unpack(batch))
+        """Receive a batch of live events from an agent replica (`swarm.events.pack_runs`)."""
+        self.sup.push_packed(batch)
 
     async def shutdown(self) -> None:
         """Cancel running tasks and close the agents' connections."""

@@ -381,3 +381,52 @@ async def test_pushed_event_runs_keep_order_counts_and_cap(tmp_path: Path,
         tail, ended = await sup.events(a, total - 1, 1)
         assert ended and [e.seq for e in tail] == [total - 1, total]
         await sup.cancel(b)
+
+
+async def test_packed_runs_from_agent_replicas_read_as_events(tmp_path: Path) -> None:
+    """Agent replicas send `pack_runs` batches; the supervisor keeps each task's run packed
+    until the task's events are read, yet counts, failed calls, follower wake-ups, the order
+    with its own events, compaction and late runs come out as with decoded events."""
+    from swarm import events as E
+
+    rules = [
+        {"when": {"last_role": "user"},
+         "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}]},
+        {"when": {}, "content": "done"},
+    ]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        sup = sw.supervisor
+        a, b = await sup.submit("task a"), await sup.submit("task b")
+        ra, rb = sup.get(a), sup.get(b)
+        for rec in (ra, rb):
+            while not any(isinstance(e, StepStarted) for e in rec.events):
+                await asyncio.wait_for(rec.watch().wait(), 10)
+        na, nb = ra.event_count, rb.event_count
+
+        def ev(task: str, step: int, error: str | None = None) -> ModelCalled:
+            return ModelCalled(task_id=task, ts=1.0, agent="a", step=step, model="m",
+                               error=error, error_class="model" if error else None)
+
+        alert = E.Alert(task_id=b, ts=1.0, agent="a", alert="custom", action="none", detail="")
+        follower = asyncio.ensure_future(sup.events(a, na, 10))
+        await asyncio.sleep(0)  # one loop pass: the follower starts waiting for a change
+        sup.push_packed(E.pack_runs({a: [ev(a, 90), ev(a, 91, "boom")],
+                                     b: [ev(b, 90), alert], "gone": [ev("gone", 1)]}))
+        assert ra._runs and not rb._runs  # a's run kept packed; b's held an Alert
+        assert ra.event_count == na + 2 and rb.event_count == nb + 2
+        assert ra.errors == {"model": 1} and rb.errors == {}
+        got, _ = await asyncio.wait_for(follower, 10)
+        assert [(e.step, e.seq) for e in got] == [(90, na), (91, na + 1)]  # type: ignore[attr-defined]
+        assert not ra._runs  # decoded once read
+        sup.push_packed(E.pack_runs({a: [ev(a, 92)]}))  # packed again, then the task ends
+        assert (await sup.cancel(a))["state"] == "canceled"
+        evs = ra.events  # from the compacted form, which took the packed run as it was
+        assert [getattr(e, "step", None) for e in evs[na:na + 3]] == [90, 91, 92]
+        assert isinstance(evs[-1], TaskFinished) and [e.seq for e in evs] == \
+            list(range(len(evs))) and len(evs) == ra.event_count
+        sup.push_packed(E.pack_runs({a: [ev(a, 93)]}))  # late: before TaskFinished
+        evs = ra.events
+        assert evs[-2].step == 93 and isinstance(evs[-1], TaskFinished)  # type: ignore[attr-defined]
+        assert len(evs) == ra.event_count
+        await sup.cancel(b)
