@@ -113,6 +113,28 @@ def short_tmp(stack: contextlib.ExitStack, prefix: str) -> str:
     return path
 
 
+def keep_ray_address_file(stack: contextlib.ExitStack) -> None:
+    """`ray.cluster_utils.Cluster` writes its address to Ray's default temp dir (`/tmp/ray`,
+    whatever `temp_dir` its head gets), which fails on a machine where that directory doesn't
+    exist yet, and would leave `ray.init()` there pointing at this scenario's cluster: make
+    the directory, and put the file back as it was at the end."""
+    try:
+        from ray._common.utils import get_ray_address_file
+    except ImportError:  # another Ray: its Cluster finds its own way
+        return
+    path = Path(get_ray_address_file(None))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = path.read_bytes() if path.exists() else None
+
+    def restore() -> None:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(before)
+
+    stack.callback(restore)
+
+
 def private_redis(stack: contextlib.ExitStack) -> str:
     """Start a redis-server for this scenario; export it as the swarm's store and the ledger."""
     from swarm.state.embedded import EmbeddedRedis
@@ -480,6 +502,7 @@ def node_loss(report: Report) -> None:
     with contextlib.ExitStack() as stack:
         url = private_redis(stack)
         temp_dir = short_tmp(stack, "rs-nl-")
+        keep_ray_address_file(stack)
         t = time.monotonic()
         cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
             "num_cpus": 0, "temp_dir": temp_dir, "include_dashboard": True,
