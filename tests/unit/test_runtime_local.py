@@ -326,6 +326,30 @@ def test_sessions_stick_to_one_replica() -> None:
     assert {replica_for(k, 1) for k in keys} == {0}
 
 
+def _slow_tool_cfg(tmp_path: Path) -> Any:
+    """A swarm whose tasks sit in a 20 s tool call after their first step."""
+    rules = [
+        {"when": {"last_role": "user"},
+         "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}]},
+        {"when": {}, "content": "done"},
+    ]
+    return make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+
+
+async def _two_in_slow_calls(sup: Any) -> tuple[str, str]:
+    """Submit two tasks and wait until both have started their first step."""
+    a, b = await sup.submit("task a"), await sup.submit("task b")
+    for rec in (sup.get(a), sup.get(b)):
+        while not any(isinstance(e, StepStarted) for e in rec.events):
+            await asyncio.wait_for(rec.watch().wait(), 10)
+    return a, b
+
+
+def _model_event(task: str, step: int, error: str | None = None) -> ModelCalled:
+    return ModelCalled(task_id=task, ts=1.0, agent="a", step=step, model="m", error=error,
+                       error_class="model" if error else None)
+
+
 async def test_pushed_event_runs_keep_order_counts_and_cap(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Agents push their events as runs of one task's; the supervisor files each run under its
@@ -333,27 +357,16 @@ async def test_pushed_event_runs_keep_order_counts_and_cap(tmp_path: Path,
     the per-task cap (TaskFinished still last)."""
     import swarm.runtime.supervisor as sup_mod
 
-    rules = [
-        {"when": {"last_role": "user"},
-         "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}]},
-        {"when": {}, "content": "done"},
-    ]
-    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
-    async with LocalSwarm(cfg) as sw:
+    async with LocalSwarm(_slow_tool_cfg(tmp_path)) as sw:
         sup = sw.supervisor
-        a, b = await sup.submit("task a"), await sup.submit("task b")
+        a, b = await _two_in_slow_calls(sup)
         ra, rb = sup.get(a), sup.get(b)
-        for rec in (ra, rb):  # both are in their slow tool call
-            while not any(isinstance(e, StepStarted) for e in rec.events):
-                await asyncio.wait_for(rec.watch().wait(), 10)
         na, nb = ra.event_count, rb.event_count
         follower = asyncio.ensure_future(sup.events(a, na, 10))
         await asyncio.sleep(0)  # one loop pass: the follower starts waiting for a change
         assert ra.changed is not None and rb.changed is None
 
-        def ev(task: str, step: int, error: str | None = None) -> ModelCalled:
-            return ModelCalled(task_id=task, ts=1.0, agent="a", step=step, model="m",
-                               error=error, error_class="model" if error else None)
+        ev = _model_event
 
         sup.push_events([ev(a, 90), ev(a, 91, "boom"), ev(b, 90), ev(a, 92),
                          ev("no-such-task", 1)])
@@ -389,24 +402,13 @@ async def test_packed_runs_from_agent_replicas_read_as_events(tmp_path: Path) ->
     with its own events, compaction and late runs come out as with decoded events."""
     from swarm import events as E
 
-    rules = [
-        {"when": {"last_role": "user"},
-         "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}]},
-        {"when": {}, "content": "done"},
-    ]
-    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
-    async with LocalSwarm(cfg) as sw:
+    async with LocalSwarm(_slow_tool_cfg(tmp_path)) as sw:
         sup = sw.supervisor
-        a, b = await sup.submit("task a"), await sup.submit("task b")
+        a, b = await _two_in_slow_calls(sup)
         ra, rb = sup.get(a), sup.get(b)
-        for rec in (ra, rb):
-            while not any(isinstance(e, StepStarted) for e in rec.events):
-                await asyncio.wait_for(rec.watch().wait(), 10)
         na, nb = ra.event_count, rb.event_count
 
-        def ev(task: str, step: int, error: str | None = None) -> ModelCalled:
-            return ModelCalled(task_id=task, ts=1.0, agent="a", step=step, model="m",
-                               error=error, error_class="model" if error else None)
+        ev = _model_event
 
         alert = E.Alert(task_id=b, ts=1.0, agent="a", alert="custom", action="none", detail="")
         follower = asyncio.ensure_future(sup.events(a, na, 10))
