@@ -168,9 +168,9 @@ def unpack(data: bytes) -> list[AnyEvent]:
     return _unpacker.decode(data)
 
 
-# Kinds whose runs travel as they are: the supervisor files them one by one (the task meter
-# counts them), so an agent's run holding one is sent decoded.
-_FILED_ONE_BY_ONE = (TaskStateChanged, TaskFinished, Alert)
+# Kinds the supervisor files one by one, as its task meter counts them (the others it needs
+# only the agent of): an agent's run holding one travels decoded (`pack_runs`).
+FILED_ONE_BY_ONE = frozenset({TaskStateChanged, TaskFinished, Alert})
 _runs_unpacker = msgspec.msgpack.Decoder(
     tuple[list[tuple[str, str | None, int, dict[str, int] | None, bytes]], bytes])
 
@@ -187,7 +187,7 @@ def pack_runs(by_task: dict[str, list[Event]]) -> bytes:
         errors: dict[str, int] | None = None
         for ev in events:
             kind = type(ev)
-            if kind in _FILED_ONE_BY_ONE:
+            if kind in FILED_ONE_BY_ONE:
                 errors = None
                 break
             if (kind is ModelCalled or kind is ToolCalled) and ev.error_class:  # type: ignore[attr-defined]

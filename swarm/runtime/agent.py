@@ -121,14 +121,6 @@ class EventBuffer:
         out, self._by_task = self._by_task, {}
         return out
 
-    def drain(self) -> list[Event]:
-        """Remove and return every buffered event."""
-        if not self._by_task:
-            return []
-        out = [e for buf in self._by_task.values() for e in buf]
-        self._by_task.clear()
-        return out
-
 
 def build_sources(cfg: SwarmConfig, names: set[str]) -> dict[str, ToolSource]:
     """Tool sources for the named servers of a config (not yet started)."""

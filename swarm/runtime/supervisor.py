@@ -24,6 +24,7 @@ import msgspec
 from swarm.config import SwarmConfig
 from swarm.errors import RunError, TaskNotFound, UserError
 from swarm.events import (
+    FILED_ONE_BY_ONE,
     Alert,
     Event,
     ModelCalled,
@@ -47,8 +48,6 @@ from swarm.state.replay import TaskState, restore
 log = logging.getLogger(__name__)
 
 _MAX_EVENTS_PER_TASK = 20_000
-# Events the task meter counts (`TaskMeter.on_event`); of the others it needs only the agent.
-_OWN_KINDS = frozenset({TaskStateChanged, TaskFinished, Alert})
 _REASK_WAIT_S = 30.0  # how long an answer waits for a reloaded task to ask its question again
 _RESTART_WAIT_S = 120.0  # how long a turn waits for a dead replica to come back
 
@@ -775,7 +774,7 @@ class Supervisor:
         append, errors, added = events.append, rec.errors, 0
         for ev in run:
             kind = type(ev)
-            if kind in _OWN_KINDS:
+            if kind in FILED_ONE_BY_ONE:
                 self._emit(rec, ev, wake=False)
                 continue
             append(ev)
