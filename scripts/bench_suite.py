@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results", help="results folder")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be 1 or more, not {args.repeat}")
     if args.one:
         print(json.dumps(one(json.loads(args.one)), default=str), flush=True)
         return
