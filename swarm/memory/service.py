@@ -92,7 +92,8 @@ class MemoryService:
         self._longterm: LanceMemoryStore | None = None
         self._embedder: Embedder | None = None
         recorder = active_recorder()
-        self.meter = Meter(recorder) if recorder is not None else None
+        self.meter = Meter(recorder, self.cfg.metrics.histogram_cap) \
+            if recorder is not None else None
         self._periodic: Any = None
         self._background: set[asyncio.Task[Any]] = set()
         self.embedding_failures = 0

@@ -463,7 +463,7 @@ def metering_layer(cfg: Any, role: str, *, store: Any = None, host: Any = None,
     if recorder is None and ledger is None and tracer is None:
         return None
     deployment, replica = actor_identity()
-    return MeteringLayer(cfg, role, swarm=deployment or cfg.name,
-                         meter=Meter(recorder) if recorder is not None else None,
+    meter = Meter(recorder, mcfg.histogram_cap) if recorder is not None else None
+    return MeteringLayer(cfg, role, swarm=deployment or cfg.name, meter=meter,
                          ledger=ledger, host=host, replica=replica,
                          flush_interval_s=mcfg.flush_interval_s, tracer=tracer)

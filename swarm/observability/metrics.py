@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -262,10 +263,13 @@ class Meter:
     to an attribute; gauges can also be computed at flush time by `samplers`.
     """
 
-    __slots__ = ("_series", "lock", "recorder", "samplers")
+    __slots__ = ("_series", "histogram_cap", "lock", "recorder", "samplers")
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder, histogram_cap: int | None = None) -> None:
         self.recorder = recorder
+        # At most this many observations of a histogram series go to the recorder per flush:
+        # a uniform sample of them when there were more (see `MetricsConfig.histogram_cap`).
+        self.histogram_cap = histogram_cap
         self._series: dict[tuple[str, tuple[str, ...]], Series] = {}
         self.samplers: list[Callable[[Meter], None]] = []
         # Held by `flush` and by writers on other threads (a metering layer's drain).
@@ -298,7 +302,7 @@ class Meter:
                 sampler(self)
             except Exception:
                 log.debug("metrics sampler failed", exc_info=True)
-        rec = self.recorder
+        rec, cap = self.recorder, self.histogram_cap
         try:
             with self.lock:
                 taken = []
@@ -311,6 +315,8 @@ class Meter:
                         taken.append((s, s.value))
                     elif s.samples:
                         vs, s.samples = s.samples, []
+                        if cap is not None and len(vs) > cap:
+                            vs = random.sample(vs, cap)
                         taken.append((s, vs))
             for s, v in taken:
                 kind = s.spec.kind

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from swarm.errors import ConfigError, UserError
 from swarm.events import ModelCalled, ToolCalled
-from swarm.observability.metrics import MemoryRecorder, use_recorder
+from swarm.observability.metrics import MODEL_LATENCY, STEPS, MemoryRecorder, Meter, use_recorder
 from swarm.observability.tracing import install
 from swarm.observability.usage import (
     UsageLedger,
@@ -413,10 +413,34 @@ def test_bad_usage_and_metrics_config_name_the_field(tmp_path: Path) -> None:
                         ({"usage": {"dir": ""}}, "usage.dir"),
                         ({"usage": {"dir": "://nowhere"}}, "usage.dir"),
                         ({"usage": {"bogus": 1}}, "usage.bogus"),
-                        ({"metrics": {"flush_interval_s": -1}}, "metrics.flush_interval_s")):
+                        ({"metrics": {"flush_interval_s": -1}}, "metrics.flush_interval_s"),
+                        ({"metrics": {"histogram_cap": 0}}, "metrics.histogram_cap")):
         with pytest.raises(ConfigError) as ei:
             make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m"}}, **extra)
         assert path in [p for p, _ in ei.value.problems], ei.value.problems
+
+
+def test_a_histogram_series_pushes_at_most_its_cap_a_flush() -> None:
+    rec = MemoryRecorder()
+    meter = Meter(rec, histogram_cap=100)
+    busy = meter.series(MODEL_LATENCY, "s", "a", "m")
+    quiet = meter.series(MODEL_LATENCY, "s", "b", "m")
+    busy.samples.extend(float(i) for i in range(2000))
+    quiet.samples.extend([3.0, 1.0, 2.0])
+    meter.add(STEPS, "s", "a", value=2000)
+    meter.flush()
+    sample = rec.observations("swarm_model_latency_ms", agent="a")
+    # A sample of the busy series' observations, each one once; the quiet one's all, in order.
+    assert len(sample) == 100 and len(set(sample)) == 100
+    assert set(sample) <= {float(i) for i in range(2000)}
+    assert rec.observations("swarm_model_latency_ms", agent="b") == [3.0, 1.0, 2.0]
+    assert rec.value("swarm_steps", agent="a") == 2000  # counters are never sampled
+    assert busy.samples == []  # the next flush starts afresh
+    unlimited = MemoryRecorder()
+    every = Meter(unlimited)  # no cap: every observation
+    every.series(MODEL_LATENCY, "s", "a", "m").samples.extend(float(i) for i in range(2000))
+    every.flush()
+    assert unlimited.observations("swarm_model_latency_ms") == [float(i) for i in range(2000)]
 
 
 async def test_cli_prints_the_table(tmp_path: Path) -> None:
