@@ -5,7 +5,8 @@ tool call, before any tool runs, and (b) each tool's result, plus its `finished`
 as it completes. When they become durable is the checkpoint policy (`state.checkpoint`):
 
 - `every_step`: a step's model answer and tool results are one atomic append when the step
-  ends: one write per tool-call cycle.
+  ends: one write per tool-call cycle. A turn's last step (its final answer) goes in one
+  append with the turn's end, written at once after it.
 - `every_call`: each of them is one atomic append at once (two or more writes per step).
 - `every_n`: they are buffered and written in one atomic append every `checkpoint_every` steps.
 - `phase`: they are buffered until the turn ends (or hands off, or needs input).
@@ -21,6 +22,7 @@ written every `snapshot_every` steps, off the step's path, of durable state only
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -34,8 +36,12 @@ from swarm.state.replay import OpenTurn, TaskState, to_snapshot
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=1024)
 def args_hash(arguments: str) -> str:
-    """A short stable hash of a tool call's raw arguments (the ledger stores no arguments)."""
+    """A short stable hash of a tool call's raw arguments (the ledger stores no arguments).
+
+    Cached: a call's arguments are hashed for its started and finished ledger records and its
+    audit entry, and a str keeps its own hash, so the repeats cost a lookup."""
     return hashlib.blake2b(arguments.encode(), digest_size=8).hexdigest()
 
 
@@ -111,11 +117,19 @@ class Journal:
             self.seq = seq
         self.entries_written += len(entries)
 
-    async def end_step(self, step: int) -> None:
-        """Note that `step` ended; checkpoint if the policy (or a due snapshot) says so."""
+    async def end_step(self, step: int, *, last: bool = False) -> None:
+        """Note that `step` ended; checkpoint if the policy (or a due snapshot) says so.
+
+        `last`: the turn ended with this step (a final answer, no tool call), and its end is
+        logged next (`turn_end`, durable at once), which takes this step with it: one append
+        instead of two. Were the process to die in between, the resumed turn makes that last
+        model call again, as with any step not yet durable."""
         self._steps += 1
         if not self._entries and not self._ledger:
             self._steps = 0  # everything up to here is durable already
+            return
+        if last and self.policy in ("every_step", "every_n") and not (
+                self.snapshot_every > 0 and step % self.snapshot_every == 0):
             return
         if self.policy in ("every_step", "every_n") and self._steps >= self.checkpoint_every:
             await self.checkpoint()

@@ -366,7 +366,8 @@ class StepLoop:
             # does (see swarm.runtime.journal).
             await journal.model(step, assistant, usage, resp.tool_calls)
         if not resp.tool_calls:
-            await self._after_step(session, step, t0)
+            # The turn ends here: the host logs its end at once, and this step with it.
+            await self._after_step(session, step, t0, last=True)
             return Outcome("final", text=resp.content or "")
         handoff = await self._run_calls(session, step, list(enumerate(resp.tool_calls)), limits)
         await self._after_step(session, step, t0)
@@ -463,10 +464,11 @@ class StepLoop:
             return Outcome("final", text=last.get("content") or "")
         return None
 
-    async def _after_step(self, session: Session, step: int, t0: float) -> None:
+    async def _after_step(self, session: Session, step: int, t0: float, *,
+                          last: bool = False) -> None:
         journal = session.journal
         if journal is not None:
-            await journal.end_step(step)
+            await journal.end_step(step, last=last)
             if not journal.buffered:
                 # A snapshot holds only durable state: its seq is the last durable entry's.
                 journal.maybe_snapshot(session.messages, step, {

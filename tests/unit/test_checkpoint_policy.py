@@ -107,8 +107,7 @@ async def test_every_n_writes_fewer_appends_for_the_same_answer(tmp_path: Path) 
         ["model", "tool", "model", "tool", "model", "tool"],  # steps 1-3
         ["model", "tool", "model"],  # step 4, and step 5's answer before `pay` runs
         ["tool"],  # pay's result, at once
-        ["model", "tool", "model", "tool", "model"],  # steps 6-8
-        ["turn_end"],
+        ["model", "tool", "model", "tool", "model", "turn_end"],  # steps 6-8, the turn's end
     ]
     # Lookups' ledger records travel with the log; a lookup's started and finished records
     # collapse into one. Pay's are written on their own, before and after it runs.
@@ -134,8 +133,7 @@ async def test_every_step_writes_one_append_per_tool_call_cycle(tmp_path: Path) 
         ["model"],  # step 5's answer, durable before `pay` runs
         ["tool"],  # pay's result, at once
         ["model", "tool"], ["model", "tool"],  # steps 6-7
-        ["model"],  # step 8: the final answer
-        ["turn_end"],
+        ["model", "turn_end"],  # step 8, the final answer, with the turn's end
     ]
     # A read-only call's started and finished ledger records collapse into one write.
     assert store.appends[1][1] == [("lookup", "finished")]

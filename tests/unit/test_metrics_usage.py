@@ -111,9 +111,9 @@ async def test_one_row_and_one_count_per_call(tmp_path: Path, recorder: MemoryRe
     assert recorder.value("swarm_tool_calls", tool="echo", outcome="ok", **tags) == 3
     assert recorder.value("swarm_errors", **tags) == 0
     assert len(recorder.observations("swarm_model_latency_ms", model="m", **tags)) == 4
-    # Every journal append was timed: turn start, one per step (the echo tool is read-only, so
-    # a step's answer and result go as one), turn end.
-    assert len(recorder.observations("swarm_checkpoint_latency_ms", **tags)) == 6
+    # Every journal append was timed: turn start, one per tool step (the echo tool is
+    # read-only, so a step's answer and result go as one), the final answer with the turn end.
+    assert len(recorder.observations("swarm_checkpoint_latency_ms", **tags)) == 5
     assert recorder.value("swarm_queue_depth", agent="looper") == 0
     assert recorder.value("swarm_sessions", agent="looper") == 0
     # The supervisor's task metrics.
