@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -335,9 +336,13 @@ class RedisCheckpointer(Checkpointer):
         self._outage_since: float | None = None
         # Group commit: appends made while one batch is in flight wait here and go out as the
         # next batch, one write and one read for all of them (see `_eval`).
-        self._group: list[tuple[tuple[Any, ...], str, asyncio.Future[Any]]] = []
+        self._group: list[tuple[tuple[Any, ...], str | None, asyncio.Future[Any]]] = []
         self._drain_task: asyncio.Task[None] | None = None
         self._heads: dict[str, _Head] = {}  # by task id: see `_append_head`
+        # Retry tokens of appends: a random prefix per store object, then a count (a system
+        # call per append for random bytes cost more than the rest of the token's work).
+        self._token_prefix = os.urandom(8)
+        self._tokens = itertools.count()
 
     def _refused(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"redis at {redact(self.url)} refused the connection: {_why(exc)}")
@@ -432,14 +437,19 @@ class RedisCheckpointer(Checkpointer):
         writes. Every command carries its own retry token, so resending a whole batch after a
         dropped connection applies each command once."""
         _, sha = _SCRIPTS[script]
+        # `head`, if given, stands for the EVALSHA, the script and the keys.
+        cmd = (head, *args) if head is not None else ("EVALSHA", sha, len(keys), *keys, *args)
+        return await self._grouped(cmd, script)
+
+    async def _grouped(self, cmd: tuple[Any, ...], script: str | None = None) -> Any:
+        """Send a command with the next group-committed batch (`_eval`); `script` names the
+        Lua script it runs, if any, for a server that lost its script cache."""
         loop = asyncio.get_running_loop()
         if self._drain_task is not None and self._drain_task.get_loop() is not loop:
             # Left behind by an event loop that is gone (the store outlived an asyncio.run):
             # its callers are gone with it.
             self._drain_task, self._group = None, []
         fut: asyncio.Future[Any] = loop.create_future()
-        # `head`, if given, stands for the EVALSHA, the script and the keys.
-        cmd = (head, *args) if head is not None else ("EVALSHA", sha, len(keys), *keys, *args)
         self._group.append((cmd, script, fut))
         if self._drain_task is None:
             self._drain_task = loop.create_task(self._drain())
@@ -462,7 +472,7 @@ class RedisCheckpointer(Checkpointer):
             if missing:
                 # A restarted server has an empty script cache: load what failed and send
                 # those commands again (they didn't run).
-                scripts = {batch[i][1] for i in missing}
+                scripts = {n for i in missing if (n := batch[i][1]) is not None}
                 await _exchange(conn, [("SCRIPT", "LOAD", _SCRIPTS[n][0]) for n in scripts])
                 again = await _exchange_each(conn, [commands[i] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
@@ -518,16 +528,18 @@ class RedisCheckpointer(Checkpointer):
             self._release(conn)
 
     async def claim(self, task_id: str) -> int:
-        """A new writer token for the task (INCR of its fence key)."""
-        return int(await self._cmd("INCR", self._k(task_id, "fence")))
+        """A new writer token for the task (INCR of its fence key), sent with the next batch of
+        appends: every turn claims its log as it starts."""
+        return int(await self._grouped(("INCR", self._k(task_id, "fence"))))
 
     async def append(
         self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
         *, fence: int | None = None,
     ) -> int:
         """Append entries and upsert ledger records atomically, in one round trip."""
-        # The retry token, then the writer token ('' for none).
-        args: list[Any] = [os.urandom(12), b"%d" % len(entries),
+        # The retry token (unique: this store's random prefix and a count), then the writer
+        # token ('' for none).
+        args: list[Any] = [b"%b%x" % (self._token_prefix, next(self._tokens)), b"%d" % len(entries),
                            b"" if fence is None else b"%d" % fence]
         args += [codec.encode(e) for e in entries]
         for rec in ledger or ():
