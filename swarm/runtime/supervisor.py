@@ -319,6 +319,8 @@ class TaskRecord:
     choices: tuple[str, ...] = ("rerun", "skip")
     # Failed model and tool calls by error class, including the ones the task recovered from.
     errors: dict[str, int] = field(default_factory=dict)
+    # The task whose tool submitted this one (its `parent_task` metadata), for deadlocks.
+    parent: str | None = None
 
     @cached_property
     def id(self) -> str:
@@ -524,6 +526,57 @@ class Supervisor:
     ) -> str:
         """Create a task and start driving it; returns its id at once. `message_id` names the
         task's first message (an A2A client's own id for the message it sent)."""
+        rec = self._prepare(text, user, metadata, context_id, task_id, message_id)
+        if isinstance(rec, str):
+            return rec
+        # Durable before it is acknowledged: a store that is down rejects the submission.
+        await self._persist(rec)
+        return self._admit(rec)
+
+    async def submit_many(self, texts: list[str], *, user: str = "anonymous",
+                          task_ids: list[str | None] | None = None) -> list[str]:
+        """`submit` for each text (with its id from `task_ids`, if given), the new tasks' rows
+        stored together: one group-committed write for the batch, not a round trip a task.
+        Every text is checked before any task is made. Should some rows fail to store, the
+        tasks whose rows were stored still start, and the error is raised: the same call
+        again (same ids) makes only the missing ones."""
+        ids = task_ids if task_ids is not None else [None] * len(texts)
+        if len(ids) != len(texts):
+            raise UserError(f"submit_many: {len(texts)} texts but {len(ids)} task ids")
+        for i, text in enumerate(texts):
+            try:
+                self.check_text(text)
+            except UserError as exc:
+                raise UserError(f"submit_many: text {i}: {exc}") from None
+        out: list[str | TaskRecord] = []
+        batch: dict[str, TaskRecord] = {}
+        for text, tid in zip(texts, ids, strict=True):
+            rec = self._prepare(text, user, None, None, tid, None, batch)
+            if not isinstance(rec, str):
+                batch[rec.id] = rec
+            out.append(rec)
+        fresh = list(batch.values())
+        stored = await asyncio.gather(*(self._persist(r) for r in fresh),
+                                      return_exceptions=True)
+        failed: BaseException | None = None
+        for rec, res in zip(fresh, stored, strict=True):
+            if isinstance(res, BaseException):
+                failed = failed or res
+            else:
+                self._admit(rec)
+        if failed is not None:
+            lost = sum(isinstance(r, BaseException) for r in stored)
+            if not isinstance(failed, Exception):
+                raise failed
+            raise type(failed)(f"{lost} of {len(fresh)} new tasks could not be stored "
+                               f"(the others were created): {failed}") from failed
+        return [r if isinstance(r, str) else r.id for r in out]
+
+    def _prepare(self, text: str, user: str, metadata: dict[str, Any] | None,
+                 context_id: str | None, task_id: str | None, message_id: str | None,
+                 batch: dict[str, TaskRecord] | None = None) -> TaskRecord | str:
+        """A new task's record, not yet stored; or the id of the task this submission made
+        already (a client's retry), here or earlier in `batch`."""
         self.check_text(text)
         if not isinstance(user, str) or not user:
             raise UserError("user must be a non-empty string")
@@ -535,7 +588,7 @@ class Supervisor:
         task_id = task_id or a2a.new_id()
         if not isinstance(task_id, str) or not 8 <= len(task_id) <= 64:
             raise UserError("task_id must be a string of 8 to 64 characters")
-        existing = self.tasks.get(task_id)
+        existing = self.tasks.get(task_id) or (batch or {}).get(task_id)
         if existing is not None:
             if existing.text == text and existing.user == user:
                 return task_id  # the same submission sent again (a client retry)
@@ -552,16 +605,20 @@ class Supervisor:
         )
         rec.updated = rec.created
         rec.text = text
-        self._evict()
-        # Durable before it is acknowledged: a store that is down rejects the submission.
-        await self._persist(rec)
+        parent = meta.get("parent_task")
+        rec.parent = parent if isinstance(parent, str) else None
+        self._evict(len(batch or ()))
+        return rec
+
+    def _admit(self, rec: TaskRecord) -> str:
+        """Start a stored new task: register it, tell its followers, drive it."""
+        task_id = rec.id
         self.tasks[task_id] = rec
         self._emit(rec, TaskStateChanged(task_id=task_id, ts=rec.created, state="submitted"))
         if self.audit is not None:
-            self.audit.record("task.submitted", task_id=task_id, user=user, detail=text)
-        parent = meta.get("parent_task")
-        if isinstance(parent, str) and parent in self.tasks:
-            self.waits.parent[task_id] = parent  # its tool waits for this one (deadlocks)
+            self.audit.record("task.submitted", task_id=task_id, user=rec.user, detail=rec.text)
+        if rec.parent is not None and rec.parent in self.tasks:
+            self.waits.parent[task_id] = rec.parent  # its tool waits for this one (deadlocks)
         rec.driver = asyncio.create_task(self._drive(rec), name=f"task-{task_id}")
         return task_id
 
@@ -1318,9 +1375,10 @@ class Supervisor:
         rec.done.set()
         self._wake(rec)  # a follower that read TaskFinished before `done` was set
 
-    def _evict(self) -> None:
-        """Drop the oldest finished tasks once the table is full."""
-        limit = self.cfg.limits.max_tasks
+    def _evict(self, pending: int = 0) -> None:
+        """Drop the oldest finished tasks once the table (with `pending` new tasks not yet in
+        it) is full."""
+        limit = self.cfg.limits.max_tasks - pending
         if len(self.tasks) < limit:
             return
         for tid in [t for t, r in self.tasks.items() if r.done.is_set()]:
@@ -1329,8 +1387,8 @@ class Supervisor:
             del self.tasks[tid]
         if len(self.tasks) >= limit:
             raise UserError(
-                f"swarm {self.cfg.name} has {len(self.tasks)} unfinished tasks; "
-                f"limits.max_tasks is {limit}"
+                f"swarm {self.cfg.name} has {len(self.tasks) + pending} unfinished tasks; "
+                f"limits.max_tasks is {self.cfg.limits.max_tasks}"
             )
 
 

@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 from swarm.config import SwarmConfig
-from swarm.errors import UserError
 from swarm.events import Event
 from swarm.protocol import a2a
 from swarm.runtime.supervisor import RayAgentPool, Supervisor
@@ -168,17 +167,7 @@ class SupervisorActor:
                           task_ids: list[str] | None = None) -> list[str]:
         """Create several tasks in one call (one Ray call instead of one per task)."""
         await self._ensure()
-        if task_ids is not None and len(task_ids) != len(texts):
-            raise UserError(f"submit_many: {len(texts)} texts but {len(task_ids)} task ids")
-        # Every text checked first: a bad one rejects the batch before any task is created.
-        for i, text in enumerate(texts):
-            try:
-                self.sup.check_text(text)
-            except UserError as exc:
-                raise UserError(f"submit_many: text {i}: {exc}") from None
-        ids = task_ids or [None] * len(texts)
-        return [await self.sup.submit(text, user=user, task_id=tid)
-                for text, tid in zip(texts, ids, strict=True)]
+        return await self.sup.submit_many(texts, user=user, task_ids=task_ids)
 
     async def respond(self, task_id: str, text: str) -> dict[str, Any]:
         """Answer a task waiting for input."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from swarm.config import parse_config
 from swarm.errors import UserError
 from swarm.events import Handoff, ModelCalled, StepFinished, StepStarted, TaskFinished, ToolCalled
 from swarm.protocol import a2a
+from swarm.state.interface import StoreUnavailable
+from swarm.state.memory import MemoryCheckpointer
 from swarm.testing import LocalSwarm
 
 FAILED_TOOL = {"when": {"last_tool_error": True}, "content": "gave up: {{ last }}"}
@@ -276,6 +279,73 @@ async def test_bad_submissions_are_rejected(tmp_path: Path) -> None:
         # Nothing was stored for the rejected submissions, and the swarm still works.
         assert sw.supervisor.tasks == {}
         assert (await sw.answer("hi")).startswith("echoed")
+
+
+class _GatedRows(MemoryCheckpointer):
+    """Holds every task-row write until `release`; says when `want` of them wait at once, and
+    fails the rows of the task ids in `refuse`."""
+
+    def __init__(self, want: int) -> None:
+        super().__init__()
+        self.want, self.waiting = want, 0
+        self.all_waiting, self.release = asyncio.Event(), asyncio.Event()
+        self.refuse: set[str] = set()
+
+    async def put_task(self, row: Any) -> None:
+        if row.state == "submitted":
+            self.waiting += 1
+            if self.waiting >= self.want:
+                self.all_waiting.set()
+            await self.release.wait()
+            self.waiting -= 1
+            if row.task_id in self.refuse:
+                raise StoreUnavailable(f"row of {row.task_id} refused")
+        await super().put_task(row)
+
+
+async def test_submit_many_stores_the_batch_together_and_starts_what_was_stored(
+        tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    store = _GatedRows(want=3)
+    async with LocalSwarm(cfg, store=store) as sw:
+        sup = sw.supervisor
+        ids = [f"batch-task-{i}" for i in range(3)]
+        store.refuse = {ids[1]}
+        call = asyncio.ensure_future(sup.submit_many(["a", "b", "c"], task_ids=ids))
+        # All three rows are being written at once, not one after the other.
+        await asyncio.wait_for(store.all_waiting.wait(), 10)
+        assert sup.tasks == {}  # nothing is acknowledged before its row is stored
+        store.release.set()
+        with pytest.raises(StoreUnavailable, match="1 of 3 new tasks could not be stored"):
+            await call
+        assert sorted(sup.tasks) == [ids[0], ids[2]]
+        # The same call again makes only the missing task; the others are not made twice.
+        store.refuse = set()
+        assert await sup.submit_many(["a", "b", "c"], task_ids=ids) == ids
+        rows = [await sup.wait(t, 10) for t in ids]
+        assert [r["answer"] for r in rows] == [f"echoed: ping {t}" for t in "abc"]
+        assert sorted(store.rows) == sorted(ids)
+
+
+async def test_submit_many_checks_the_whole_batch_before_making_a_task(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}},
+                   limits={"max_tasks": 3})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        sup = sw.supervisor
+        with pytest.raises(UserError, match=r"text 1: .*non-empty"):
+            await sup.submit_many(["fine", " "])
+        with pytest.raises(UserError, match="already exists"):
+            await sup.submit_many(["a", "b"], task_ids=["same-id-1", "same-id-1"])
+        with pytest.raises(UserError, match=re.escape("3 unfinished tasks; limits.max_tasks is 3")):
+            await sup.submit_many(["a", "b", "c", "d"])
+        with pytest.raises(UserError, match="2 texts but 1 task ids"):
+            await sup.submit_many(["a", "b"], task_ids=["only-one-id"])
+        assert sup.tasks == {}
+        # The same text under the same id twice in a batch is one task (a client's retry).
+        assert await sup.submit_many(["x", "x"], task_ids=["twice-id-1", "twice-id-1"]) == \
+            ["twice-id-1", "twice-id-1"]
+        assert list(sup.tasks) == ["twice-id-1"]
+        assert (await sup.wait("twice-id-1", 10))["state"] == "completed"
 
 
 async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
