@@ -116,6 +116,37 @@ def test_counts_exact_and_ranges() -> None:
     assert p.decide(two, [], "a").content == "twice"
 
 
+def test_call_counts_of_a_growing_conversation_match_a_fresh_count() -> None:
+    # `called` counts are kept per conversation and extended as it grows; each decision must
+    # be the one a fresh policy makes on a copy of the same messages.
+    spec = {"rules": [
+        {"when": {"called": {"echo": {"max": 2}}}, "tool_calls": [{"name": "echo"}]},
+        {"when": {"called": {"echo": {"min": 3}, "look": {"max": 0}}},
+         "tool_calls": [{"name": "look"}]},
+    ], "default": {"content": "done"}}
+    kept, conv, seen = Policy.from_spec(spec), [user("x")], []
+    for i in range(8):
+        reply = kept.decide(conv, [], "a")
+        assert reply.content == Policy.from_spec(spec).decide(list(conv), [], "a").content
+        assert [c.name for c in reply.tool_calls] == \
+            [c.name for c in Policy.from_spec(spec).decide(list(conv), [], "a").tool_calls]
+        seen.append([c.name for c in reply.tool_calls] or reply.content)
+        if not reply.tool_calls:
+            break
+        conv.append(called(f"c{i}", reply.tool_calls[0].name))
+        conv.append(result(f"c{i}", "r"))
+    assert seen == [["echo"], ["echo"], ["echo"], ["look"], "done"]
+    # The same list cut back and grown again differently is counted afresh, not from the
+    # counts it had before.
+    del conv[3:]
+    conv.append(called("d1", "look"))
+    conv.append(result("d1", "r"))
+    for c in (conv, conv[:3]):
+        got, fresh = kept.decide(c, [], "a"), Policy.from_spec(spec).decide(list(c), [], "a")
+        assert (got.content, got.tool_calls) == (fresh.content, fresh.tool_calls)
+    assert kept.decide(conv, [], "a").tool_calls[0].name == "echo"  # one echo call, not five
+
+
 def test_agent_steps_count_named_messages_across_handoffs() -> None:
     p = Policy.from_spec({"rules": [
         {"when": {"agent_steps": 2}, "content": "two"}], "default": {"content": "{{ counts }}"}})

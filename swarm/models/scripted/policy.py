@@ -216,11 +216,18 @@ def _maybe_json(text: str) -> Any:
         return None
 
 
+# Conversations whose tool-call counts a policy keeps (a bound: they come from requests).
+_COUNTED_MAX = 50_000
+
+
 class _Conv:
     """Lazy facts about one conversation, each computed once and only when a rule asks."""
 
-    def __init__(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], agent: str):
+    def __init__(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], agent: str,
+                 counted: dict[int, tuple[int, Any, dict[str, int]]] | None = None):
         self.messages, self.tools, self.agent = messages, tools, agent
+        # The policy's tool-call counts of conversations seen before (see `call_counts`).
+        self._counted = counted
         self.last_msg: dict[str, Any] = messages[-1] if messages else {}
         self.last_role: str | None = self.last_msg.get("role")
         # State of the backward scan for tool results, resumed by each `latest_result` call.
@@ -288,21 +295,35 @@ class _Conv:
         return n
 
     def calls(self, tool: str, limit: int) -> int:
-        """Calls of `tool` so far, counted from the end and stopping once `limit` is reached."""
-        n = 0
-        for m in reversed(self.messages):
-            if n >= limit:
-                break
+        """Calls of `tool` so far, at most `limit`."""
+        return min(self.call_counts.get(tool, 0), limit)
+
+    @cached_property
+    def call_counts(self) -> dict[str, int]:
+        """Tool calls so far by tool name. The runtime only appends to a conversation, so the
+        counts of one seen before (the same list, its last counted message still in place)
+        are extended from where they stopped: a call costs what the conversation added since
+        the last, not its length."""
+        msgs, counted = self.messages, self._counted
+        start, counts = 0, {}
+        seen = counted.get(id(msgs)) if counted is not None else None
+        if seen is not None and 0 < seen[0] <= len(msgs) and msgs[seen[0] - 1] is seen[1]:
+            start, counts = seen[0], dict(seen[2])
+        for m in msgs[start:] if start else msgs:
             calls = m.get("tool_calls")
             if calls:
                 for c in calls:
-                    # `_call_name(c) == tool`, with the common case (a dict with a str name)
-                    # inline: this runs for every message of every call.
+                    # `_call_name(c)`, with the common case (a dict with a str name) inline.
                     fn = c.get("function")
                     name = fn.get("name") if type(fn) is dict else None
-                    if name == tool if type(name) is str and name else _call_name(c) == tool:
-                        n += 1
-        return min(n, limit)
+                    if type(name) is not str or not name:
+                        name = _call_name(c)
+                    counts[name] = counts.get(name, 0) + 1
+        if counted is not None and msgs:
+            if len(counted) >= _COUNTED_MAX:
+                del counted[next(iter(counted))]  # the oldest conversation's
+            counted[id(msgs)] = (len(msgs), msgs[-1], counts)
+        return counts
 
     def latest_result(self, tool: str | None) -> Any:
         """The latest result message of `tool`, by a resumable backward scan; None: all tools."""
@@ -573,6 +594,7 @@ class Policy:
         if comp.problems:
             raise PolicySpecError(comp.problems)
         self._by_agent: dict[str, list[_Rule]] = {}
+        self._counted: dict[int, tuple[int, Any, dict[str, int]]] = {}
 
     @classmethod
     def from_spec(cls, spec: Any) -> Policy:
@@ -601,7 +623,7 @@ class Policy:
     def decide(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                agent: str = "") -> ScriptedReply:
         """The reply of the first matching rule (or the default); raises PolicyDecisionError."""
-        conv = _Conv(messages, tools or [], agent)
+        conv = _Conv(messages, tools or [], agent, self._counted)
         for rule in self._rules_for(agent):
             if rule.matches(conv):
                 return rule.reply.render(conv)
