@@ -67,6 +67,11 @@ class TurnRequest:
     # "stuck_from" (transcript index stuck detection counts from).
     guard: dict[str, Any] | None = None
     user: str = ""  # who submitted the task (per-user rate limits, audit)
+    # Whether the result should carry the messages the turn added (`TurnResult.added`) even
+    # when the turn ends the task: a supervisor with a durable store drops a finished task's
+    # transcript (the log has it), so it asks for them only for turns that go on (handoffs,
+    # questions, a stuck turn an operator may continue).
+    added_at_end: bool = True
 
 
 @dataclass(slots=True)
@@ -87,6 +92,8 @@ class TurnResult:
     cached_tokens: int = 0
     model_calls: int = 0
     tool_calls: int = 0
+    # The messages the turn added; left empty for a turn that ended the task (final or
+    # failed, not stuck) when the request's `added_at_end` is False.
     added: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     budget_exhausted: str | None = None  # the limit that ran out, if a budget ended the turn
@@ -357,7 +364,9 @@ class AgentHost:
             error_class=error_class, error=error, steps=session.step - req.step_offset,
             input_tokens=session.input_tokens, output_tokens=session.output_tokens,
             cached_tokens=session.cached_tokens, model_calls=session.model_calls,
-            tool_calls=session.tool_calls, added=session.messages[first:],
+            tool_calls=session.tool_calls,
+            added=session.messages[first:] if req.added_at_end or marks[1] is not None
+            or kind not in ("final", "failed") else [],
             budget_exhausted=marks[0], stuck=marks[1], gate=gate,
             events=self.buffer.take(req.task_id),
         )

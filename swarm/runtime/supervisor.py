@@ -1009,7 +1009,7 @@ class Supervisor:
             task_id=rec.id, context_id=context_id, message=a2a.dumps(msg), transcript=transcript,
             step_offset=rec.steps, max_steps=max_steps, deadline=rec.created + budget.max_wall_s,
             log_id=log_id or rec.id, turn_id=str(rec.turns), resume=resume, totals=rec.totals(),
-            user=rec.user,
+            user=rec.user, added_at_end=self.store is None,
             guard={"budget": allowance, "steps_why": steps_why, "stuck_from": stuck_from},
         )
         retries = 0

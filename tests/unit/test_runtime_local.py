@@ -281,6 +281,35 @@ async def test_bad_submissions_are_rejected(tmp_path: Path) -> None:
         assert (await sw.answer("hi")).startswith("echoed")
 
 
+async def test_a_turn_that_ends_the_task_leaves_its_messages_out_when_asked(
+        tmp_path: Path) -> None:
+    # A supervisor with a durable store drops a finished task's transcript, so it asks agents
+    # not to send the messages of a turn that ends the task; a handoff's always come back.
+    from swarm.runtime.agent import TurnRequest
+
+    cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        host = sw.hosts["looper"]
+
+        def req(task_id: str, added_at_end: bool) -> TurnRequest:
+            msg = a2a.dumps(a2a.text_message("hi", role="user", task_id=task_id))
+            return TurnRequest(task_id=task_id, context_id=task_id, message=msg, transcript=[],
+                               step_offset=0, max_steps=10, log_id=task_id, turn_id="0",
+                               added_at_end=added_at_end)
+
+        kept = await host.run_turn(req("turn-kept-1", True))
+        left = await host.run_turn(req("turn-left-1", False))
+        assert kept.kind == left.kind == "final" and kept.text == left.text
+        assert len(kept.added) == 1 + 2 * 3 + 1 and left.added == []  # 3 echo steps, answer
+        assert (left.steps, left.model_calls, left.tool_calls) == (4, 4, 3)
+        # The supervisor asks for them only without a durable store; either way the task's
+        # answer and its history are whole.
+        row = await sw.run("hi")
+        assert row["answer"] == "echoed: ping hi"
+        kinds = [h["kind"] for h in await sw.supervisor.history(row["task_id"])]
+        assert kinds == ["turn_start", *["model", "tool"] * 3, "model", "turn_end"], kinds
+
+
 class _GatedRows(MemoryCheckpointer):
     """Holds every task-row write until `release`; says when `want` of them wait at once, and
     fails the rows of the task ids in `refuse`."""
