@@ -85,6 +85,8 @@ class Journal:
         self._entries: list[LogEntry] = []
         self._ledger: dict[str, LedgerRecord] = {}
         self._steps = 0  # steps ended since the last checkpoint
+        # Called once what is buffered now is durable (`when_durable`).
+        self._when_durable: list[Any] = []
 
     @property
     def buffered(self) -> int:
@@ -116,6 +118,18 @@ class Journal:
         if entries:
             self.seq = seq
         self.entries_written += len(entries)
+        if self._when_durable:
+            waiting, self._when_durable = self._when_durable, []
+            for fn in waiting:
+                fn()
+
+    def when_durable(self, fn: Any) -> None:
+        """Call `fn` once everything written so far is durable: now if it is, else after the
+        checkpoint that makes it so (never, should that append fail)."""
+        if self._entries or self._ledger:
+            self._when_durable.append(fn)
+        else:
+            fn()
 
     async def end_step(self, step: int, *, last: bool = False) -> None:
         """Note that `step` ended; checkpoint if the policy (or a due snapshot) says so.

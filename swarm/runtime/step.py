@@ -474,15 +474,13 @@ class StepLoop:
                 journal.maybe_snapshot(session.messages, step, {
                     "input_tokens": session.input_tokens, "output_tokens": session.output_tokens,
                     "model_calls": session.model_calls, "tool_calls": session.tool_calls})
-        self.emit(
-            StepFinished(
-                task_id=session.task_id,
-                ts=self.clock.now(),
-                agent=self.agent,
-                step=step,
-                duration_ms=(self.clock.perf() - t0) * 1e3,
-            )
-        )
+        done = StepFinished(task_id=session.task_id, ts=self.clock.now(), agent=self.agent,
+                            step=step, duration_ms=(self.clock.perf() - t0) * 1e3)
+        if last and journal is not None:
+            # Made durable with the turn's end (`Journal.end_step`): reported done only then.
+            journal.when_durable(lambda: self.emit(done))
+        else:
+            self.emit(done)
 
     def _handoff(self, session: Session, step: int, call: ToolCall, target: str) -> Outcome:
         args, problem = _parse_arguments(call.arguments)

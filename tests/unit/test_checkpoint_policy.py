@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from swarm.errors import ConfigError
+from swarm.events import StepFinished
 from swarm.models.interface import ToolCall, Usage
 from swarm.runtime.journal import Journal
 from swarm.state.interface import LedgerRecord, LogEntry
@@ -138,6 +139,32 @@ async def test_every_step_writes_one_append_per_tool_call_cycle(tmp_path: Path) 
     # A read-only call's started and finished ledger records collapse into one write.
     assert store.appends[1][1] == [("lookup", "finished")]
     assert store.appends[5][1] == [("pay", "started")]
+
+
+async def test_the_last_step_is_reported_done_only_once_durable_with_the_turns_end(
+        tmp_path: Path) -> None:
+    class Watching(CountingCheckpointer):
+        sw: Any = None
+        done_at_end: list[int] | None = None
+
+        async def append(self, task_id: str, entries: list[LogEntry],
+                         ledger: list[LedgerRecord] | None = None, *,
+                         fence: int | None = None) -> int:
+            if any(e.kind == "turn_end" for e in entries):
+                # What a client following the task has seen when the turn's end is written.
+                self.done_at_end = [e.step for e in self.sw.events(task_id)
+                                    if isinstance(e, StepFinished)]
+            return await super().append(task_id, entries, ledger, fence=fence)
+
+    store = Watching()
+    async with LocalSwarm(make_cfg(tmp_path, LONG), store=store) as sw:
+        store.sw = sw
+        row = await sw.run("x")
+        finished = [e.step for e in sw.events(row["task_id"]) if isinstance(e, StepFinished)]
+    assert row["state"] == "completed" and row["steps"] == 8
+    assert store.appends[-1][0] == ["model", "turn_end"]
+    assert store.done_at_end == list(range(1, 8))  # step 8 was not reported done yet
+    assert finished == list(range(1, 9))  # and was once it was durable
 
 
 async def test_phase_writes_at_turn_boundaries_only(tmp_path: Path) -> None:
