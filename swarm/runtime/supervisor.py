@@ -269,6 +269,38 @@ class _ActorLost(RunError):
     error_class = "orchestration"
 
 
+class _Flag:
+    """`asyncio.Event`'s `is_set`, `set`, `clear` and `wait`, the Event itself (with its
+    waiters' deque, about 700 bytes) made only once something waits: most tasks' flags are
+    never waited on, and a swarm holds thousands of tasks."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: asyncio.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        self._set = False
+        if self._event is not None:
+            self._event.clear()
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        if self._event is None:
+            self._event = asyncio.Event()
+        return await self._event.wait()
+
+
 @dataclass
 class TaskRecord:
     """One row of the task table: the A2A task plus what the runtime tracks about it."""
@@ -288,7 +320,7 @@ class TaskRecord:
     # Set (and dropped) when the task gets events; made only while an `events` call waits, so
     # a task nobody follows costs no Event and its events no wake-up.
     changed: asyncio.Event | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: _Flag = field(default_factory=_Flag)
     driver: asyncio.Task[None] | None = None
     active: set[str] = field(default_factory=set)
     agent: str | None = None
@@ -305,7 +337,7 @@ class TaskRecord:
     answer_waiter: asyncio.Future[str] | None = None
     # Set while `answer_waiter` waits: a restarted supervisor asks its question again a
     # moment after loading the task, and an answer sent meanwhile waits for it.
-    asking: asyncio.Event = field(default_factory=asyncio.Event)
+    asking: _Flag = field(default_factory=_Flag)
     updated: float = 0.0
     answer: str | None = None
     error_class: str | None = None

@@ -531,3 +531,25 @@ async def test_packed_runs_from_agent_replicas_read_as_events(tmp_path: Path) ->
         assert evs[-2].step == 93 and isinstance(evs[-1], TaskFinished)  # type: ignore[attr-defined]
         assert len(evs) == ra.event_count
         await sup.cancel(b)
+
+
+async def test_a_task_flag_wakes_its_waiters_and_makes_no_event_until_one_waits() -> None:
+    from swarm.runtime.supervisor import _Flag
+
+    flag = _Flag()
+    assert not flag.is_set() and flag._event is None
+    waiter = asyncio.ensure_future(flag.wait())
+    await asyncio.sleep(0)  # the waiter is parked on the Event it made
+    assert not waiter.done() and flag._event is not None
+    flag.set()
+    assert await asyncio.wait_for(waiter, 5) is True
+    flag.clear()
+    assert not flag.is_set()
+    again = asyncio.ensure_future(flag.wait())
+    await asyncio.sleep(0)
+    assert not again.done()
+    flag.set()
+    assert await asyncio.wait_for(again, 5) is True
+    unused = _Flag()
+    unused.set()
+    assert await unused.wait() is True and unused._event is None  # set first: no Event made
