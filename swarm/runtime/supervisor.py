@@ -42,7 +42,7 @@ from swarm.governance.stuck import StuckError, WaitGraph, bounces
 from swarm.models.interface import Model, ModelRequest
 from swarm.protocol import a2a
 from swarm.runtime.agent import AgentHost, TurnRequest, TurnResult
-from swarm.state.interface import Checkpointer, TaskRow
+from swarm.state.interface import Checkpointer, StoreUnavailable, TaskRow
 from swarm.state.replay import TaskState, restore
 
 log = logging.getLogger(__name__)
@@ -508,6 +508,9 @@ class Supervisor:
         self.store = store
         self.swarm_id = swarm_id or cfg.name
         self.tasks: dict[str, TaskRecord] = {}
+        # New tasks whose rows are being written: a retry of the same submission meanwhile
+        # waits for that write instead of making the task a second time.
+        self._storing: dict[str, tuple[TaskRecord, asyncio.Future[None]]] = {}
         self.restore_problems: list[str] = []
         # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
@@ -560,10 +563,34 @@ class Supervisor:
         task's first message (an A2A client's own id for the message it sent)."""
         rec = self._prepare(text, user, metadata, context_id, task_id, message_id)
         if isinstance(rec, str):
+            await self._stored(rec)
             return rec
         # Durable before it is acknowledged: a store that is down rejects the submission.
-        await self._persist(rec)
-        return self._admit(rec)
+        self._storing[rec.id] = (rec, asyncio.get_running_loop().create_future())
+        try:
+            await self._persist(rec)
+        except BaseException as exc:
+            self._done_storing(rec, exc)
+            raise
+        self._admit(rec)
+        self._done_storing(rec, None)
+        return rec.id
+
+    async def _stored(self, task_id: str) -> None:
+        """Wait while another call is still storing this task's row (a client's retry sent
+        while the first try waits for its write); raises what that write raised."""
+        held = self._storing.get(task_id)
+        if held is not None:
+            await asyncio.shield(held[1])
+
+    def _done_storing(self, rec: TaskRecord, exc: BaseException | None) -> None:
+        _, fut = self._storing.pop(rec.id)
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc if isinstance(exc, Exception) else
+                              StoreUnavailable(f"storing task {rec.id} was interrupted"))
+            fut.exception()  # retrieved: a write nobody else waited for is not an error twice
 
     async def submit_many(self, texts: list[str], *, user: str = "anonymous",
                           task_ids: list[str | None] | None = None) -> list[str]:
@@ -588,20 +615,29 @@ class Supervisor:
                 batch[rec.id] = rec
             out.append(rec)
         fresh = list(batch.values())
+        loop = asyncio.get_running_loop()
+        for rec in fresh:
+            self._storing[rec.id] = (rec, loop.create_future())
         stored = await asyncio.gather(*(self._persist(r) for r in fresh),
                                       return_exceptions=True)
         failed: BaseException | None = None
         for rec, res in zip(fresh, stored, strict=True):
             if isinstance(res, BaseException):
                 failed = failed or res
+                self._done_storing(rec, res)
             else:
                 self._admit(rec)
+                self._done_storing(rec, None)
         if failed is not None:
             lost = sum(isinstance(r, BaseException) for r in stored)
-            if not isinstance(failed, Exception):
-                raise failed
-            raise type(failed)(f"{lost} of {len(fresh)} new tasks could not be stored "
-                               f"(the others were created): {failed}") from failed
+            if isinstance(failed, Exception):
+                failed.add_note(f"submit_many: {lost} of {len(fresh)} new tasks could not be "
+                                "stored (the others were created; the same call again with "
+                                "the same task ids makes only the missing ones)")
+            raise failed
+        for r in out:  # ids other calls were still storing: theirs must have been stored
+            if isinstance(r, str):
+                await self._stored(r)
         return [r if isinstance(r, str) else r.id for r in out]
 
     def _prepare(self, text: str, user: str, metadata: dict[str, Any] | None,
@@ -621,6 +657,8 @@ class Supervisor:
         if not isinstance(task_id, str) or not 8 <= len(task_id) <= 64:
             raise UserError("task_id must be a string of 8 to 64 characters")
         existing = self.tasks.get(task_id) or (batch or {}).get(task_id)
+        if existing is None and task_id in self._storing:
+            existing = self._storing[task_id][0]  # another call is storing its row now
         if existing is not None:
             if existing.text == text and existing.user == user:
                 return task_id  # the same submission sent again (a client retry)

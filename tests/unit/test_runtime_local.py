@@ -304,7 +304,16 @@ async def test_a_turn_that_ends_the_task_leaves_its_messages_out_when_asked(
         assert (left.steps, left.model_calls, left.tool_calls) == (4, 4, 3)
         # The supervisor asks for them only without a durable store; either way the task's
         # answer and its history are whole.
+        asked: list[bool] = []
+        run_turn = host.run_turn
+
+        async def spy(r: TurnRequest) -> Any:
+            asked.append(r.added_at_end)
+            return await run_turn(r)
+
+        host.run_turn = spy  # type: ignore[method-assign]
         row = await sw.run("hi")
+        assert asked == [False]
         assert row["answer"] == "echoed: ping hi"
         kinds = [h["kind"] for h in await sw.supervisor.history(row["task_id"])]
         assert kinds == ["turn_start", *["model", "tool"] * 3, "model", "turn_end"], kinds
@@ -345,8 +354,9 @@ async def test_submit_many_stores_the_batch_together_and_starts_what_was_stored(
         await asyncio.wait_for(store.all_waiting.wait(), 10)
         assert sup.tasks == {}  # nothing is acknowledged before its row is stored
         store.release.set()
-        with pytest.raises(StoreUnavailable, match="1 of 3 new tasks could not be stored"):
+        with pytest.raises(StoreUnavailable, match=f"row of {ids[1]} refused") as err:
             await call
+        assert "1 of 3 new tasks could not be stored" in "".join(err.value.__notes__)
         assert sorted(sup.tasks) == [ids[0], ids[2]]
         # The same call again makes only the missing task; the others are not made twice.
         store.refuse = set()
@@ -354,6 +364,41 @@ async def test_submit_many_stores_the_batch_together_and_starts_what_was_stored(
         rows = [await sup.wait(t, 10) for t in ids]
         assert [r["answer"] for r in rows] == [f"echoed: ping {t}" for t in "abc"]
         assert sorted(store.rows) == sorted(ids)
+
+
+async def test_a_retry_sent_while_the_first_submission_is_stored_makes_one_task(
+        tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    store = _GatedRows(want=1)
+    async with LocalSwarm(cfg, store=store) as sw:
+        sup = sw.supervisor
+        first = asyncio.ensure_future(sup.submit("a", task_id="retried-task-1"))
+        await asyncio.wait_for(store.all_waiting.wait(), 10)  # its row is being written
+        again = asyncio.ensure_future(sup.submit("a", task_id="retried-task-1"))
+        batch = asyncio.ensure_future(sup.submit_many(["a"], task_ids=["retried-task-1"]))
+        with pytest.raises(UserError, match="already exists"):  # another text: refused
+            await sup.submit("b", task_id="retried-task-1")
+        await asyncio.sleep(0)  # one turn of the loop: both reach their wait
+        assert not again.done() and not batch.done()  # they wait for the first write
+        assert "retried-task-1" not in sup.tasks
+        store.release.set()
+        assert await asyncio.wait_for(first, 10) == await asyncio.wait_for(again, 10) == \
+            "retried-task-1"
+        assert await asyncio.wait_for(batch, 10) == ["retried-task-1"]
+        assert list(sup.tasks) == ["retried-task-1"] and store.waiting == 0
+        assert (await sup.wait("retried-task-1", 10))["answer"] == "echoed: ping a"
+        # A retry of a submission whose write failed gets that failure, not a task.
+        store.release.clear()
+        store.all_waiting.clear()
+        store.refuse = {"refused-task-1"}
+        first = asyncio.ensure_future(sup.submit("c", task_id="refused-task-1"))
+        await asyncio.wait_for(store.all_waiting.wait(), 10)
+        again = asyncio.ensure_future(sup.submit("c", task_id="refused-task-1"))
+        store.release.set()
+        for call in (first, again):
+            with pytest.raises(StoreUnavailable, match="refused"):
+                await asyncio.wait_for(call, 10)
+        assert "refused-task-1" not in sup.tasks
 
 
 async def test_submit_many_checks_the_whole_batch_before_making_a_task(tmp_path: Path) -> None:
