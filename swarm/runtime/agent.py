@@ -340,9 +340,16 @@ class AgentHost:
             elif session.journal is not None and kind not in ("canceled", "input_required"):
                 # Logged after the turn, so a crash before this resumes the turn instead. A
                 # turn waiting for an operator hasn't ended: it resumes with the answer.
-                await session.journal.turn_end(session.step, {
-                    "outcome": kind, "text": reply, "target": target,
-                    "error_class": error_class, "error": error, "turn": req.turn_id})
+                try:
+                    await session.journal.turn_end(session.step, {
+                        "outcome": kind, "text": reply, "target": target,
+                        "error_class": error_class, "error": error, "turn": req.turn_id})
+                except Fenced as exc:
+                    # Taken over while its last step waited to be written with the turn's end
+                    # (`Journal.end_step`): the copy that took over reports the outcome.
+                    log.warning("agent %s: %s", self.role, exc)
+                    kind, reply, target = "canceled", "", None
+                    error_class, error = "orchestration", str(exc)
             elif session.journal is not None and kind == "canceled" and self.store is not None:
                 # Under every_n / phase, steps a cancel cut short are still buffered: keep them
                 # in the log (history and fork see them); a failing store doesn't hide the cancel.

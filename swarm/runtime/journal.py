@@ -112,7 +112,11 @@ class Journal:
         # writing these again later could log them twice (the turn fails instead).
         self._entries, self._ledger = [], {}
         t0 = time.perf_counter()
-        seq = await self.store.append(self.log_id, entries, ledger or None, fence=self.fence)
+        try:
+            seq = await self.store.append(self.log_id, entries, ledger or None, fence=self.fence)
+        except BaseException:
+            self._when_durable = []  # what they waited for may never be durable
+            raise
         if self.on_append is not None:
             self.on_append(time.perf_counter() - t0)
         if entries:
@@ -121,7 +125,11 @@ class Journal:
         if self._when_durable:
             waiting, self._when_durable = self._when_durable, []
             for fn in waiting:
-                fn()
+                try:
+                    fn()
+                except Exception:  # the append is durable whatever a callback does
+                    log.exception("journal %s: a callback after a checkpoint failed",
+                                  self.log_id)
 
     def when_durable(self, fn: Any) -> None:
         """Call `fn` once everything written so far is durable: now if it is, else after the
