@@ -794,10 +794,12 @@ class MetricsConfig(_Strict):
     histogram_cap: int | None = Field(
         500, ge=1,
         description="observations of one latency histogram series pushed to Ray per flush at "
-        "most: above it, a uniform sample of that many (bucket shares and quantiles hold; the "
-        "histogram's count and sum are the sample's, the counters keep the true counts). Ray "
-        "turns every observation into work for its metrics agent, about 15 µs a step at "
-        "thousands of steps a second; null pushes every observation",
+        "most: above it, a uniform sample of that many (one series' bucket shares and "
+        "quantiles hold; the histogram's count and sum are the sample's, the counters keep the "
+        "true counts; summed over replicas that were sampled at different rates, a busy "
+        "replica weighs less than its share). Ray turns every observation into work for its "
+        "metrics agent, about 15 µs a step at thousands of steps a second; null pushes every "
+        "observation",
     )
 
 

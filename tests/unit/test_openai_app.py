@@ -230,7 +230,7 @@ async def test_routes_below_a_root_path(app: OpenAIApp) -> None:
 
 
 async def test_an_unexpected_error_is_a_500_server_error(app: OpenAIApp) -> None:
-    def broken(*args: Any) -> Any:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
     app.engine.policy.decide = broken  # type: ignore[method-assign]

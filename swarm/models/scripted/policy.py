@@ -621,9 +621,13 @@ class Policy:
         return rules
 
     def decide(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-               agent: str = "") -> ScriptedReply:
-        """The reply of the first matching rule (or the default); raises PolicyDecisionError."""
-        conv = _Conv(messages, tools or [], agent, self._counted)
+               agent: str = "", *, same_lists: bool = True) -> ScriptedReply:
+        """The reply of the first matching rule (or the default); raises PolicyDecisionError.
+
+        `same_lists`: the caller passes the same list for a conversation each time, only
+        appended to (the runtime does), so its tool-call counts are kept between calls; False
+        for lists made afresh per call (an HTTP request's), which would only fill the cache."""
+        conv = _Conv(messages, tools or [], agent, self._counted if same_lists else None)
         for rule in self._rules_for(agent):
             if rule.matches(conv):
                 return rule.reply.render(conv)

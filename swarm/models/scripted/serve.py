@@ -236,7 +236,7 @@ class _Engine:
         # The policy reads the raw dicts: validation above only guarantees their shape.
         messages, tools = body["messages"], body.get("tools") or []
         try:
-            reply = self.policy.decide(messages, tools, agent)
+            reply = self.policy.decide(messages, tools, agent, same_lists=False)
         except PolicyDecisionError as e:
             return _error(422, str(e), code="policy_error")
         usage = reply_usage(messages, tools, reply)
