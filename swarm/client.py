@@ -250,13 +250,28 @@ class SwarmClient:
         task_id = _call(self._sup, "submit", text, user, metadata, context_id, uuid.uuid4().hex)
         return TaskHandle(self, task_id)
 
-    def submit_many(self, texts: list[str], *, user: str = "anonymous") -> list[TaskHandle]:
+    def submit_many(self, texts: list[str], *, user: str = "anonymous",
+                    task_ids: list[str] | None = None) -> list[TaskHandle]:
         """Submit several tasks in one call to the supervisor (for batches of thousands: one
-        Ray call instead of one per task); returns their handles in order."""
+        Ray call instead of one per task); returns their handles in order.
+
+        The task ids are chosen here (or given as `task_ids`, 8-64 characters each), so a call
+        sent again makes only the tasks not made yet. Should the call fail part way (the
+        store refused some rows), the exception carries the ids it used as `task_ids`:
+        `submit_many(texts, task_ids=exc.task_ids)` finishes the batch."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("submit_many takes a list of task texts (strings)")
-        ids = [uuid.uuid4().hex for _ in texts]  # chosen here: a repeated call can't duplicate
-        got = _call(self._sup, "submit_many", list(texts), user, ids)
+        ids = list(task_ids) if task_ids is not None else [uuid.uuid4().hex for _ in texts]
+        if len(ids) != len(texts):
+            raise TypeError(f"submit_many: {len(texts)} texts but {len(ids)} task ids")
+        try:
+            got = _call(self._sup, "submit_many", list(texts), user, ids)
+        except Exception as exc:
+            exc.task_ids = ids  # type: ignore[attr-defined]
+            exc.add_note("submit_many: the task ids this call used are on the exception as "
+                         "task_ids; sending the batch again with them makes only the tasks "
+                         "not made yet")
+            raise
         return [TaskHandle(self, task_id) for task_id in got]
 
     def wait_all(self, tasks: list[TaskHandle] | list[str], timeout: float | None = None

@@ -121,9 +121,19 @@ def test_up_client_and_down(ray_cluster, serve_port) -> None:
         with pytest.raises(TaskNotFound):
             client.wait_all([batch[0].id, "nope"], timeout=5)
         before = len(client.tasks())
-        with pytest.raises(UserError, match="text 1: task text must be a non-empty string"):
+        with pytest.raises(UserError, match="text 1: task text must be a non-empty string") \
+                as err:
             client.submit_many(["fine", ""])
         assert len(client.tasks()) == before  # nothing of a rejected batch was created
+        # The ids it used come with the error; the same batch again with them (fixed) makes
+        # each task once, and once more makes nothing new.
+        ids = err.value.task_ids  # type: ignore[attr-defined]
+        assert len(ids) == 2
+        again = client.submit_many(["fine", "also fine"], user="bo", task_ids=ids)
+        assert [h.id for h in again] == ids
+        assert [h.id for h in client.submit_many(["fine", "also fine"], user="bo",
+                                                 task_ids=ids)] == ids
+        assert len(client.tasks()) == before + 2
 
         listed = _cli("tasks", name)
         assert listed.returncode == 0 and "canceled" in listed.stdout
