@@ -569,10 +569,10 @@ class Supervisor:
         self._storing[rec.id] = (rec, asyncio.get_running_loop().create_future())
         try:
             await self._persist(rec)
+            self._admit(rec)
         except BaseException as exc:
             self._done_storing(rec, exc)
             raise
-        self._admit(rec)
         self._done_storing(rec, None)
         return rec.id
 
@@ -622,12 +622,15 @@ class Supervisor:
                                       return_exceptions=True)
         failed: BaseException | None = None
         for rec, res in zip(fresh, stored, strict=True):
+            if not isinstance(res, BaseException):
+                try:
+                    self._admit(rec)
+                except Exception as exc:  # its waiters must hear of it, and the others go on
+                    log.exception("task %s: stored but could not start", rec.id)
+                    res = exc
             if isinstance(res, BaseException):
                 failed = failed or res
-                self._done_storing(rec, res)
-            else:
-                self._admit(rec)
-                self._done_storing(rec, None)
+            self._done_storing(rec, res if isinstance(res, BaseException) else None)
         if failed is not None:
             lost = sum(isinstance(r, BaseException) for r in stored)
             if isinstance(failed, Exception):
