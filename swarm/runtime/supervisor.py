@@ -566,15 +566,39 @@ class Supervisor:
             await self._stored(rec)
             return rec
         # Durable before it is acknowledged: a store that is down rejects the submission.
-        self._storing[rec.id] = (rec, asyncio.get_running_loop().create_future())
-        try:
-            await self._persist(rec)
-            self._admit(rec)
-        except BaseException as exc:
-            self._done_storing(rec, exc)
-            raise
-        self._done_storing(rec, None)
+        (failed,) = await self._store_and_start([rec])
+        if failed is not None:
+            raise failed
         return rec.id
+
+    async def _store_and_start(self, recs: list[TaskRecord]) -> list[BaseException | None]:
+        """Store new tasks' rows together (one group-committed write) and start the tasks
+        whose rows were stored; what each failed with, or None. A retry of one of these
+        submissions meanwhile waits for its write (`_stored`), and hears how it went, also
+        when this call is cancelled before it knows."""
+        loop = asyncio.get_running_loop()
+        for rec in recs:
+            self._storing[rec.id] = (rec, loop.create_future())
+        out: list[BaseException | None] = []
+        try:
+            stored = await asyncio.gather(*(self._persist(r) for r in recs),
+                                          return_exceptions=True)
+            for rec, res in zip(recs, stored, strict=True):
+                failed = res if isinstance(res, BaseException) else None
+                if failed is None:
+                    try:
+                        self._admit(rec)
+                    except Exception as exc:  # its waiters must hear of it; the others go on
+                        log.exception("task %s: stored but could not start", rec.id)
+                        failed = exc
+                self._done_storing(rec, failed)
+                out.append(failed)
+            return out
+        finally:
+            for rec in recs:
+                if rec.id in self._storing:  # cancelled before its write's outcome was known
+                    self._done_storing(rec, StoreUnavailable(
+                        f"storing task {rec.id} was interrupted"))
 
     async def _stored(self, task_id: str) -> None:
         """Wait while another call is still storing this task's row (a client's retry sent
@@ -615,24 +639,9 @@ class Supervisor:
                 batch[rec.id] = rec
             out.append(rec)
         fresh = list(batch.values())
-        loop = asyncio.get_running_loop()
-        for rec in fresh:
-            self._storing[rec.id] = (rec, loop.create_future())
-        stored = await asyncio.gather(*(self._persist(r) for r in fresh),
-                                      return_exceptions=True)
-        failed: BaseException | None = None
-        for rec, res in zip(fresh, stored, strict=True):
-            if not isinstance(res, BaseException):
-                try:
-                    self._admit(rec)
-                except Exception as exc:  # its waiters must hear of it, and the others go on
-                    log.exception("task %s: stored but could not start", rec.id)
-                    res = exc
-            if isinstance(res, BaseException):
-                failed = failed or res
-            self._done_storing(rec, res if isinstance(res, BaseException) else None)
-        if failed is not None:
-            lost = sum(isinstance(r, BaseException) for r in stored)
+        errors = [e for e in await self._store_and_start(fresh) if e is not None]
+        if errors:
+            failed, lost = errors[0], len(errors)
             if isinstance(failed, Exception):
                 failed.add_note(f"submit_many: {lost} of {len(fresh)} new tasks could not be "
                                 "stored (the others were created; the same call again with "

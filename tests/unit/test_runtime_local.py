@@ -399,6 +399,19 @@ async def test_a_retry_sent_while_the_first_submission_is_stored_makes_one_task(
             with pytest.raises(StoreUnavailable, match="refused"):
                 await asyncio.wait_for(call, 10)
         assert "refused-task-1" not in sup.tasks
+        # A retry of a submission cancelled while its write was held is told so, not left
+        # waiting for an outcome nobody will report.
+        store.release.clear()
+        store.all_waiting.clear()
+        first = asyncio.ensure_future(sup.submit_many(["d"], task_ids=["cancelled-task-1"]))
+        await asyncio.wait_for(store.all_waiting.wait(), 10)
+        again = asyncio.ensure_future(sup.submit("d", task_id="cancelled-task-1"))
+        await asyncio.sleep(0)  # the retry reaches its wait
+        first.cancel()
+        with pytest.raises(StoreUnavailable, match="cancelled-task-1 was interrupted"):
+            await asyncio.wait_for(again, 10)
+        assert sup._storing == {}
+        store.release.set()
 
 
 async def test_submit_many_checks_the_whole_batch_before_making_a_task(tmp_path: Path) -> None:
