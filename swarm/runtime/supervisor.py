@@ -581,10 +581,9 @@ class Supervisor:
             self._storing[rec.id] = (rec, loop.create_future())
         out: list[BaseException | None] = []
         try:
-            stored = await asyncio.gather(*(self._persist(r) for r in recs),
-                                          return_exceptions=True)
-            for rec, res in zip(recs, stored, strict=True):
-                failed = res if isinstance(res, BaseException) else None
+            stored: list[BaseException | None] = [None] * len(recs) if self.store is None \
+                else await self.store.put_tasks([r.to_row(self.swarm_id) for r in recs])
+            for rec, failed in zip(recs, stored, strict=True):
                 if failed is None:
                     try:
                         self._admit(rec)
@@ -868,11 +867,22 @@ class Supervisor:
         """Wait until the task is terminal (or the timeout passes) and return its summary."""
         rec = self.get(task_id)
         if not rec.done.is_set():
-            try:
-                await asyncio.wait_for(rec.done.wait(), timeout)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await rec.done.wait()
         return rec.summary()
+
+    async def wait_many(self, task_ids: list[str], timeout: float | None) -> list[dict[str, Any]]:
+        """`wait` for several tasks under one deadline; their summaries in the order given.
+        The tasks are waited for one after another in this task (the wait ends with the last
+        to finish either way), not in a Task each. An unknown id fails the call at once."""
+        recs = [self.get(t) for t in task_ids]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                for rec in recs:
+                    if not rec.done.is_set():
+                        await rec.done.wait()
+        return [rec.summary() for rec in recs]
 
     async def events(self, task_id: str, cursor: int, timeout: float) -> tuple[list[Event], bool]:
         """Events from `cursor` on, waiting up to `timeout` s for new ones; and whether it ended."""
@@ -969,7 +979,9 @@ class Supervisor:
                 # The turn stops itself at max_wall_s and wraps up; this is the hard stop.
                 remaining += self.cfg.budgets.wrap_up_grace_s
             try:
-                result = await asyncio.wait_for(self._run(rec, resume), max(remaining, 0.001))
+                # In this task: `asyncio.wait_for` would run `_run` in a Task of its own.
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    result = await self._run(rec, resume)
             except TimeoutError:
                 for role in list(rec.active):
                     await self.pool.cancel(role, rec.task.context_id, rec.id)

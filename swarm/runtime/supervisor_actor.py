@@ -265,7 +265,7 @@ class SupervisorActor:
         caller waiting on thousands of tasks holds one pending call here instead of one each
         (Ray keeps state per pending call on both sides)."""
         await self._ensure()
-        return list(await asyncio.gather(*(self.sup.wait(t, timeout) for t in task_ids)))
+        return await self.sup.wait_many(task_ids, timeout)
 
     async def events(self, task_id: str, cursor: int = 0, timeout: float = 10.0
                      ) -> tuple[list[Event], bool]:

@@ -169,6 +169,15 @@ class Checkpointer(ABC):
     async def put_task(self, row: TaskRow) -> None:
         """Create or replace a task's row."""
 
+    async def put_tasks(self, rows: list[TaskRow]) -> list[BaseException | None]:
+        """`put_task` for several rows at once; what each failed with, or None (one row's
+        failure doesn't stop the others). The default writes them concurrently; a store that
+        can batch the writes (Redis: one round trip) does."""
+        import asyncio
+
+        done = await asyncio.gather(*(self.put_task(r) for r in rows), return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in done]
+
     @abstractmethod
     async def get_task(self, task_id: str) -> TaskRow | None:
         """A task's row, or None."""

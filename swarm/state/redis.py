@@ -439,11 +439,15 @@ class RedisCheckpointer(Checkpointer):
         _, sha = _SCRIPTS[script]
         # `head`, if given, stands for the EVALSHA, the script and the keys.
         cmd = (head, *args) if head is not None else ("EVALSHA", sha, len(keys), *keys, *args)
-        return await self._grouped(cmd, script)
+        return await self._enqueue(cmd, script)
 
     async def _grouped(self, cmd: tuple[Any, ...], script: str | None = None) -> Any:
         """Send a command with the next group-committed batch (`_eval`); `script` names the
         Lua script it runs, if any, for a server that lost its script cache."""
+        return await self._enqueue(cmd, script)
+
+    def _enqueue(self, cmd: tuple[Any, ...], script: str | None = None) -> asyncio.Future[Any]:
+        """`_grouped` without the coroutine: the future of the command's reply."""
         loop = asyncio.get_running_loop()
         if self._drain_task is not None and self._drain_task.get_loop() is not loop:
             # Left behind by an event loop that is gone (the store outlived an asyncio.run):
@@ -453,7 +457,7 @@ class RedisCheckpointer(Checkpointer):
         self._group.append((cmd, script, fut))
         if self._drain_task is None:
             self._drain_task = loop.create_task(self._drain())
-        return await fut
+        return fut
 
     async def _drain(self) -> None:
         try:
@@ -642,6 +646,23 @@ class RedisCheckpointer(Checkpointer):
         """Create or replace a task row (moving it if its swarm changed)."""
         await self._eval("put_task", (self._k(row.task_id, "swarm"),),
                          (row.task_id, row.swarm, codec.encode(row), self.prefix))
+
+    async def put_tasks(self, rows: list[TaskRow]) -> list[BaseException | None]:
+        """Several rows in the same group-committed batch, with no coroutine per row."""
+        sha = _SCRIPTS["put_task"][1]
+        out: list[Any] = []
+        for row in rows:
+            try:
+                data = codec.encode(row)
+            except Exception as exc:  # this row only
+                out.append(exc)
+                continue
+            out.append(self._enqueue(("EVALSHA", sha, 1, self._k(row.task_id, "swarm"),
+                                      row.task_id, row.swarm, data, self.prefix), "put_task"))
+        done = iter(await asyncio.gather(*(f for f in out if isinstance(f, asyncio.Future)),
+                                         return_exceptions=True))
+        return [f if not isinstance(f, asyncio.Future) else
+                (r if isinstance(r := next(done), BaseException) else None) for f in out]
 
     async def get_task(self, task_id: str) -> TaskRow | None:
         """A task row, or None."""

@@ -183,6 +183,16 @@ class TieredCheckpointer(Checkpointer):
             task_id = row.task_id
             self._spawn(task_id, lambda: self.archive_task(task_id), busy="after")
 
+    async def put_tasks(self, rows: list[TaskRow]) -> list[BaseException | None]:
+        """`put_task` for several rows, written to Redis together."""
+        out = await self.hot.put_tasks(rows)
+        if self.on_finish:
+            for row, failed in zip(rows, out, strict=True):
+                if failed is None and row.state in FINISHED:
+                    task_id = row.task_id
+                    self._spawn(task_id, lambda t=task_id: self.archive_task(t), busy="after")
+        return out
+
     async def get_task(self, task_id: str) -> TaskRow | None:
         """A task row (rows stay in Redis)."""
         return await self.hot.get_task(task_id)

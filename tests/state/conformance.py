@@ -190,6 +190,20 @@ class CheckpointerConformance:
         assert sorted(r.task_id for r in await store.list_tasks("s2")) == ["b", "c"]
         assert (await store.get_task("b")).swarm == "s2"  # type: ignore[union-attr]
 
+    async def test_put_tasks_stores_each_row_and_reports_each_failure(self, backend: Backend
+                                                                      ) -> None:
+        store = backend.store
+        rows = [TaskRow(task_id=f"r{i}", swarm="s", state="submitted", data={"i": i})
+                for i in range(5)]
+        rows[2] = TaskRow(task_id="r2", swarm="s", state="submitted", data={"x": object()})
+        out = await store.put_tasks(rows)
+        assert [x is None for x in out] == [True, True, False, True, True]
+        assert isinstance(out[2], Exception)
+        assert await store.get_task("r2") is None
+        assert sorted(r.task_id for r in await store.list_tasks("s")) == ["r0", "r1", "r3", "r4"]
+        assert (await store.get_task("r3")).data == {"i": 3}  # type: ignore[union-attr]
+        assert await store.put_tasks([]) == []
+
     async def test_delete_removes_everything_of_one_task(self, backend: Backend) -> None:
         store = backend.store
         for task in ("t1", "t2"):
