@@ -29,6 +29,7 @@ import msgspec
 from redis.exceptions import NoScriptError
 
 from swarm.governance._redis import FastRedis, RedisDown, Script, store_redis_url
+from swarm.runtime.journal import args_hash
 from swarm.runtime.middleware import Middleware, NextTool, StopTurn, ToolInvocation
 
 if TYPE_CHECKING:
@@ -257,8 +258,6 @@ class AuditLayer(Middleware):
 
     async def on_tool(self, inv: ToolInvocation, nxt: NextTool) -> ToolResult:
         """Run the call, then record it."""
-        from swarm.runtime.journal import args_hash
-
         outcome = "stopped"
         try:
             result = await nxt(inv)

@@ -69,6 +69,34 @@ class _FunctionTool:
     wants_ctx: bool
     is_async: bool
     inline: bool  # sync, declared non-blocking: called directly
+    # For a signature of plain `str`, `int`, `float` and `bool` parameters: each one's type
+    # and whether it is required (`_plain_kwargs`); None for any other signature.
+    plain: dict[str, tuple[type, bool]] | None = None
+
+
+_PLAIN_TYPES = (str, int, float, bool)
+
+
+def _plain_kwargs(plain: dict[str, tuple[type, bool]], arguments: dict[str, Any]
+                  ) -> dict[str, Any] | None:
+    """The arguments as the validator would return them, when each has exactly its
+    parameter's type (an int for a float is made a float, as the validator does) and none is
+    missing or unknown; else None, and the validator decides (coercions and errors)."""
+    kwargs = dict(arguments)
+    for key, value in kwargs.items():
+        want = plain.get(key)
+        if want is None:
+            return None
+        kind = type(value)
+        if kind is not want[0]:
+            if want[0] is float and kind is int:
+                kwargs[key] = float(value)
+                continue
+            return None
+    if len(kwargs) < len(plain) and any(
+            required and key not in kwargs for key, (_, required) in plain.items()):
+        return None
+    return kwargs
 
 
 class FunctionToolSource(ToolSource):
@@ -131,10 +159,14 @@ class FunctionToolSource(ToolSource):
             known = ", ".join(sorted(self._tools))
             message = f"unknown tool {tool!r} in {self.name!r}; known: {known}"
             return ToolResult(message, is_error=True)
-        try:
-            kwargs = entry.args.validate_python(ArgsKwargs((), dict(arguments or {})))
-        except ValidationError as e:
-            return ToolResult(f"invalid arguments for {tool!r}: {_describe(e)}", is_error=True)
+        kwargs = None if entry.plain is None or type(arguments) is not dict else \
+            _plain_kwargs(entry.plain, arguments)
+        if kwargs is None:
+            try:
+                kwargs = entry.args.validate_python(ArgsKwargs((), dict(arguments or {})))
+            except ValidationError as e:
+                return ToolResult(f"invalid arguments for {tool!r}: {_describe(e)}",
+                                  is_error=True)
         if entry.wants_ctx:
             kwargs[_CTX_PARAM] = ctx
         if entry.inline:
@@ -220,8 +252,12 @@ def _build(fn: Callable[..., Any], source: str) -> _FunctionTool:
         idempotent=declared.idempotent,
     )
     is_async = inspect.iscoroutinefunction(fn)
+    plain = {p.name: (p.annotation, p.default is p.empty) for p in params}
+    if not all(t in _PLAIN_TYPES for t, _ in plain.values()) or \
+            any(p.kind is p.VAR_KEYWORD for p in params):
+        plain = None
     return _FunctionTool(spec, fn, adapter, wants_ctx, is_async,
-                         declared.inline and not is_async)
+                         declared.inline and not is_async, plain)
 
 
 def _is_context(annotation: Any) -> bool:

@@ -119,6 +119,47 @@ async def test_invalid_arguments_name_the_bad_field(args, field, problem):
     assert f"{field}: " in result.content and problem in result.content
 
 
+def plain(text: str, n: int, x: float = 1.5, flag: bool = False, ctx: ToolContext | None = None
+          ) -> dict:
+    """Plain parameters: the fast path's kind of signature."""
+    return {"text": text, "n": n, "x": x, "flag": flag}
+
+
+@pytest.mark.parametrize("args", [
+    {"text": "a", "n": 1},
+    {"text": "a", "n": 1, "x": 2, "flag": True},  # an int for a float becomes a float
+    {"text": "a", "n": 1, "x": 2.5},
+    {"text": "a", "n": "7"},  # coerced by the validator
+    {"text": "a", "n": 1.0},
+    {"text": "a", "n": True},
+    {"text": "a", "n": 1, "flag": 1},
+    {"text": "a", "n": 1, "flag": "yes"},
+    {"text": b"a", "n": 1},
+    {"text": None, "n": 1},
+    {"text": "a"},  # missing
+    {"n": 1, "x": 1.0},
+    {"text": "a", "n": 1, "other": 3},  # unknown
+    {},
+])
+async def test_plain_signatures_take_the_fast_path_with_the_validators_results(args):
+    fast = source(plain)
+    entry = fast._tools["plain"]
+    assert entry.plain is not None  # the kind of signature the fast path serves
+    slow = source(plain)
+    slow._tools["plain"] = type(entry)(entry.spec, entry.fn, entry.args, entry.wants_ctx,
+                                       entry.is_async, entry.inline, None)
+    got, want = await fast.call("plain", args, CTX), await slow.call("plain", args, CTX)
+    assert (got.content, got.is_error, got.structured) == \
+        (want.content, want.is_error, want.structured)
+    if not got.is_error:
+        assert type(got.structured["x"]) is float
+
+
+def test_other_signatures_always_go_through_the_validator():
+    assert source(lookup)._tools["lookup"].plain is None  # Literal, list, Optional
+    assert source(example_tools.echo)._tools["echo"].plain == {"text": (str, True)}
+
+
 async def test_a_raised_exception_becomes_an_error_result():
     src = FunctionToolSource("ex", ["swarm.examples.tools:fail"])
     assert (await src.call("fail", {}, CTX)).content == "RuntimeError: boom"
