@@ -37,9 +37,25 @@ from swarm.tools.interface import ToolSource
 
 log = logging.getLogger(__name__)
 
+# Live events go to the supervisor every 50 ms, or, while a replica makes more than
+# `_FLUSH_BUSY_RATE` events a second, less often: up to every 250 ms, as the rate grows. A push
+# is a Ray call, which costs about a millisecond of CPU over the processes it passes through
+# whatever it carries; at thousands of steps a second, pushes of a few hundred events each
+# cost about a tenth of the step's CPU (scripts/bench_suite.py's concurrency workload).
 _FLUSH_INTERVAL_S = 0.05
+_FLUSH_MAX_INTERVAL_S = 0.25
+_FLUSH_BUSY_RATE = 2000.0  # events a second
 _REPORT_RETRY_S = 60.0  # how long turn results are re-sent to a supervisor that is unreachable
 _HOT_TIMEOUT_S = 2.0
+
+
+def flush_interval(flushed: int, interval: float) -> float:
+    """The wait before the next push of live events, after `flushed` events came in the last
+    `interval` seconds: the base interval up to `_FLUSH_BUSY_RATE` events a second, then in
+    proportion to the rate, up to `_FLUSH_MAX_INTERVAL_S`."""
+    rate = flushed / interval
+    return min(max(_FLUSH_INTERVAL_S * rate / _FLUSH_BUSY_RATE, _FLUSH_INTERVAL_S),
+               _FLUSH_MAX_INTERVAL_S)
 
 
 @dataclass(slots=True)
@@ -677,9 +693,11 @@ class AgentActor:
     async def _flush_loop(self) -> None:
         # Batches live events to the supervisor so clients see progress during long turns,
         # without a Ray call per step.
+        interval = _FLUSH_INTERVAL_S
         while True:
-            await asyncio.sleep(_FLUSH_INTERVAL_S)
+            await asyncio.sleep(interval)
             runs = self.host.buffer.drain_runs()
+            interval = flush_interval(sum(map(len, runs.values())), interval)
             if runs and self.supervisor is not None:
                 try:
                     self.supervisor.push_events.remote(events.pack_runs(runs))
