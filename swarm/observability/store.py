@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TASK_ATTR = "swarm.task.id"
 _MAX_ROWS = 100_000  # per task read
+_EXPIRES_KEPT = 100_000  # tasks whose TTL refresh time a trace store remembers
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder().decode
 _KINDS = {0: "internal", 1: "server", 2: "client", 3: "producer", 4: "consumer"}
@@ -260,7 +262,9 @@ class MemoryTraceStore(TraceStore):
 
 
 class RedisTraceStore(TraceStore):
-    """Spans in Redis: a LIST per task with a TTL, refreshed by every write."""
+    """Spans in Redis: a LIST per task with a TTL, set by the first write and refreshed by
+    writes at least a hundredth of the TTL after the last refresh (not by every write: that was
+    a command for each task in every flush)."""
 
     def __init__(self, url: str, *, prefix: str = "swarm", ttl_s: float = 7 * 86400,
                  timeout_s: float = 5.0) -> None:
@@ -271,29 +275,46 @@ class RedisTraceStore(TraceStore):
         self.ttl_s = max(1, int(ttl_s))
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s,
                                            socket_connect_timeout=timeout_s)
+        self._refresh_s = self.ttl_s / 100
+        self._expires: dict[str, float] = {}  # task id -> when its TTL was last set (monotonic)
 
     def key(self, task_id: str) -> str:
         """The LIST holding a task's spans."""
         return f"{self.prefix}:trace:{task_id}"
 
     def append(self, rows: dict[str, list[bytes]]) -> None:
-        """One round trip: RPUSH and EXPIRE per task, packed by `swarm.state.redis._pack` (a
-        few times cheaper than redis-py's pipeline, on the thread that writes every span)."""
+        """One round trip: RPUSH per task, and EXPIRE where the TTL is due, packed by
+        `swarm.state.redis._pack` (a few times cheaper than redis-py's pipeline, on the thread
+        that writes every span); a second one only to set the TTL of a list that turned out to
+        be new (gone since its TTL was last set)."""
         commands: list[tuple[Any, ...]] = []
+        now, expires, due, expiring = time.monotonic(), self._expires, [], set()
         for task_id, batch in rows.items():
             key = self.key(task_id)
             commands.append((b"RPUSH", key, *batch))
-            commands.append((b"EXPIRE", key, self.ttl_s))
+            last = expires.get(task_id)
+            if last is None or now - last >= self._refresh_s:
+                commands.append((b"EXPIRE", key, self.ttl_s))
+                due.append(task_id)
+                expiring.add(key)
         pool = self._redis.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([_pack(commands)], check_health=False)
-            errors = []
-            for _ in commands:
+            errors, fresh = [], []
+            for cmd in commands:
                 try:
-                    conn.read_response()
+                    reply = conn.read_response()
                 except ResponseError as exc:  # read, so the connection stays in step
                     errors.append(exc)
+                    continue
+                if cmd[0] == b"RPUSH" and reply == len(cmd) - 2 and cmd[1] not in expiring:
+                    fresh.append(cmd[1])  # a new list (the old one expired or was removed)
+            if fresh:
+                again = [(b"EXPIRE", key, self.ttl_s) for key in fresh]
+                conn.send_packed_command([_pack(again)], check_health=False)
+                for _ in again:
+                    conn.read_response()
         except BaseException:
             conn.disconnect()  # replies may be left unread: never reuse it
             raise
@@ -301,6 +322,11 @@ class RedisTraceStore(TraceStore):
             pool.release(conn)
         if errors:
             raise errors[0]
+        for task_id in due:  # written: the TTLs are set
+            expires.pop(task_id, None)
+            expires[task_id] = now
+        while len(expires) > _EXPIRES_KEPT:
+            del expires[next(iter(expires))]  # the longest unrefreshed: set again if written
 
     def read(self, task_id: str) -> list[dict[str, Any]]:
         """A task's rows (the newest `_MAX_ROWS` at most)."""

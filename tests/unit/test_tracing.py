@@ -486,6 +486,38 @@ def test_redis_trace_store_reports_an_error_reply_and_keeps_working(tmp_path: Pa
         server.stop()
 
 
+def test_redis_trace_store_sets_a_lists_ttl_without_a_command_every_write(tmp_path: Path
+                                                                         ) -> None:
+    """The TTL is set by a list's first write and refreshed once it is due, not by every
+    write; a list that went away (expired, removed) meanwhile gets its TTL again."""
+    from swarm.observability.store import RedisTraceStore
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    try:
+        store = RedisTraceStore(server.url, ttl_s=600)
+        r, key, row = store._redis, store.key("t"), b'{"name":"x"}'
+        store.append({"t": [row]})
+        assert 590 < r.ttl(key) <= 600
+        r.config_resetstat()
+        r.expire(key, 100)
+        store.append({"t": [row, row], "u": [row]})  # t's TTL isn't due: no EXPIRE for it
+        assert r.llen(key) == 3 and 0 < r.ttl(key) <= 100
+        assert 590 < r.ttl(store.key("u")) <= 600
+        assert r.info("commandstats")["cmdstat_expire"]["calls"] == 2  # ours, and u's
+        r.delete(key)
+        store.append({"t": [row]})  # a new list: its TTL is set at once
+        assert r.llen(key) == 1 and 590 < r.ttl(key) <= 600
+        store._expires["t"] -= 7  # as if the refresh were due (600 / 100 s since)
+        r.expire(key, 100)
+        store.append({"t": [row]})
+        assert 590 < r.ttl(key) <= 600
+        store.close()
+    finally:
+        server.stop()
+
+
 def _compact(kind: str, span: str, step: int) -> list[Any]:
     """A compact per-step span in the layout `swarm.observability.store.step_row` reads."""
     head = [kind, "a" * 32, span, "p" * 16, "task-1", "conv", step, "agent"]
