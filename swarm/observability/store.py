@@ -6,7 +6,8 @@ and happen on the processor's thread, never on the step path). Every actor proce
 own spans; the supervisor reads a task's spans back with one lookup:
 
 - `RedisTraceStore`: one LIST per task, `{prefix}:trace:{task}`, with a TTL; one pipelined
-  round trip per batch. Used whenever the swarm's state store is Redis (embedded or a URL).
+  round trip per batch (two when a list turns out new and its TTL must be set). Used whenever
+  the swarm's state store is Redis (embedded or a URL).
 - `JsonlTraceStore`: one JSONL file per task under a directory (the run dir), for swarms with no
   Redis; only processes on the same machine (or a shared filesystem) see each other's spans.
 - `MemoryTraceStore`: in this process, for tests and `LocalSwarm`.
@@ -26,6 +27,7 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -276,7 +278,10 @@ class RedisTraceStore(TraceStore):
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s,
                                            socket_connect_timeout=timeout_s)
         self._refresh_s = self.ttl_s / 100
-        self._expires: dict[str, float] = {}  # task id -> when its TTL was last set (monotonic)
+        # Task id -> when its TTL was last set (monotonic), oldest first. `append` runs on the
+        # step-span thread and the exporter's at once: the lock guards this.
+        self._expires: OrderedDict[str, float] = OrderedDict()
+        self._expires_lock = threading.Lock()
 
     def key(self, task_id: str) -> str:
         """The LIST holding a task's spans."""
@@ -289,14 +294,15 @@ class RedisTraceStore(TraceStore):
         be new (gone since its TTL was last set)."""
         commands: list[tuple[Any, ...]] = []
         now, expires, due, expiring = time.monotonic(), self._expires, [], set()
-        for task_id, batch in rows.items():
-            key = self.key(task_id)
-            commands.append((b"RPUSH", key, *batch))
-            last = expires.get(task_id)
-            if last is None or now - last >= self._refresh_s:
-                commands.append((b"EXPIRE", key, self.ttl_s))
-                due.append(task_id)
-                expiring.add(key)
+        with self._expires_lock:
+            for task_id, batch in rows.items():
+                key = self.key(task_id)
+                commands.append((b"RPUSH", key, *batch))
+                last = expires.get(task_id)
+                if last is None or now - last >= self._refresh_s:
+                    commands.append((b"EXPIRE", key, self.ttl_s))
+                    due.append(task_id)
+                    expiring.add(key)
         pool = self._redis.connection_pool
         conn = pool.get_connection()
         try:
@@ -322,11 +328,12 @@ class RedisTraceStore(TraceStore):
             pool.release(conn)
         if errors:
             raise errors[0]
-        for task_id in due:  # written: the TTLs are set
-            expires.pop(task_id, None)
-            expires[task_id] = now
-        while len(expires) > _EXPIRES_KEPT:
-            del expires[next(iter(expires))]  # the longest unrefreshed: set again if written
+        with self._expires_lock:
+            for task_id in due:  # written: the TTLs are set
+                expires[task_id] = now
+                expires.move_to_end(task_id)
+            while len(expires) > _EXPIRES_KEPT:
+                expires.popitem(last=False)  # the longest unrefreshed: set again if written
 
     def read(self, task_id: str) -> list[dict[str, Any]]:
         """A task's rows (the newest `_MAX_ROWS` at most)."""

@@ -53,7 +53,7 @@ def flush_interval(flushed: int, interval: float) -> float:
     """The wait before the next push of live events, after `flushed` events came in the last
     `interval` seconds: the base interval up to `_FLUSH_BUSY_RATE` events a second, then in
     proportion to the rate, up to `_FLUSH_MAX_INTERVAL_S`."""
-    rate = flushed / interval
+    rate = flushed / max(interval, 1e-3)
     return min(max(_FLUSH_INTERVAL_S * rate / _FLUSH_BUSY_RATE, _FLUSH_INTERVAL_S),
                _FLUSH_MAX_INTERVAL_S)
 
@@ -693,11 +693,12 @@ class AgentActor:
     async def _flush_loop(self) -> None:
         # Batches live events to the supervisor so clients see progress during long turns,
         # without a Ray call per step.
-        interval = _FLUSH_INTERVAL_S
+        interval, last = _FLUSH_INTERVAL_S, time.monotonic()
         while True:
             await asyncio.sleep(interval)
             runs = self.host.buffer.drain_runs()
-            interval = flush_interval(sum(map(len, runs.values())), interval)
+            now = time.monotonic()  # a busy loop wakes late: the rate is over the real gap
+            interval, last = flush_interval(sum(map(len, runs.values())), now - last), now
             if runs and self.supervisor is not None:
                 try:
                     self.supervisor.push_events.remote(events.pack_runs(runs))

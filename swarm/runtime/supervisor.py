@@ -581,8 +581,7 @@ class Supervisor:
             self._storing[rec.id] = (rec, loop.create_future())
         out: list[BaseException | None] = []
         try:
-            stored: list[BaseException | None] = [None] * len(recs) if self.store is None \
-                else await self.store.put_tasks([r.to_row(self.swarm_id) for r in recs])
+            stored = await self._put_rows(recs)
             for rec, failed in zip(recs, stored, strict=True):
                 if failed is None:
                     try:
@@ -598,6 +597,24 @@ class Supervisor:
                 if rec.id in self._storing:  # cancelled before its write's outcome was known
                     self._done_storing(rec, StoreUnavailable(
                         f"storing task {rec.id} was interrupted"))
+
+    async def _put_rows(self, recs: list[TaskRecord]) -> list[BaseException | None]:
+        """Store new tasks' rows in one `put_tasks` call; what each failed with, or None (a
+        row that can't be made fails alone)."""
+        if self.store is None:
+            return [None] * len(recs)
+        out: list[BaseException | None] = [None] * len(recs)
+        rows, where = [], []
+        for i, rec in enumerate(recs):
+            try:
+                rows.append(rec.to_row(self.swarm_id))
+            except Exception as exc:
+                out[i] = exc
+                continue
+            where.append(i)
+        for i, failed in zip(where, await self.store.put_tasks(rows), strict=True):
+            out[i] = failed
+        return out
 
     async def _stored(self, task_id: str) -> None:
         """Wait while another call is still storing this task's row (a client's retry sent
@@ -979,7 +996,8 @@ class Supervisor:
                 # The turn stops itself at max_wall_s and wraps up; this is the hard stop.
                 remaining += self.cfg.budgets.wrap_up_grace_s
             try:
-                # In this task: `asyncio.wait_for` would run `_run` in a Task of its own.
+                # In this task: on Python 3.11, `asyncio.wait_for` runs `_run` in a Task of
+                # its own (a Task and its frames per running task).
                 async with asyncio.timeout(max(remaining, 0.001)):
                     result = await self._run(rec, resume)
             except TimeoutError:

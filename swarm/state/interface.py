@@ -19,6 +19,7 @@ truncated, or has a version this code doesn't know; they never skip one silently
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from typing import Any, Literal
 
@@ -173,8 +174,6 @@ class Checkpointer(ABC):
         """`put_task` for several rows at once; what each failed with, or None (one row's
         failure doesn't stop the others). The default writes them concurrently; a store that
         can batch the writes (Redis: one round trip) does."""
-        import asyncio
-
         done = await asyncio.gather(*(self.put_task(r) for r in rows), return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in done]
 

@@ -75,13 +75,15 @@ class _FunctionTool:
 
 
 _PLAIN_TYPES = (str, int, float, bool)
+_FLOAT_INT = 2**1023  # an int smaller than this in size converts to a float without overflow
 
 
 def _plain_kwargs(plain: dict[str, tuple[type, bool]], arguments: dict[str, Any]
                   ) -> dict[str, Any] | None:
-    """The arguments as the validator would return them, when each has exactly its
-    parameter's type (an int for a float is made a float, as the validator does) and none is
-    missing or unknown; else None, and the validator decides (coercions and errors)."""
+    """The arguments to call the function with, when each has exactly its parameter's type
+    (an int for a float is made a float, as the validator does) and none is missing or unknown:
+    what the validator would pass, less the defaults of parameters not given (the function's
+    own apply); else None, and the validator decides (coercions and errors)."""
     kwargs = dict(arguments)
     for key, value in kwargs.items():
         want = plain.get(key)
@@ -89,7 +91,7 @@ def _plain_kwargs(plain: dict[str, tuple[type, bool]], arguments: dict[str, Any]
             return None
         kind = type(value)
         if kind is not want[0]:
-            if want[0] is float and kind is int:
+            if want[0] is float and kind is int and -_FLOAT_INT < value < _FLOAT_INT:
                 kwargs[key] = float(value)
                 continue
             return None

@@ -10,7 +10,7 @@ import pytest
 from swarm.config import ToolServerConfig
 from swarm.errors import ConfigError, ToolError
 from swarm.examples import tools as example_tools
-from swarm.tools.function import FunctionToolSource, tool
+from swarm.tools.function import FunctionToolSource, _plain_kwargs, tool
 from swarm.tools.interface import ToolContext
 
 CTX = ToolContext(task_id="t1", agent="researcher", session_id="s-42", call_id="c1")
@@ -119,10 +119,18 @@ async def test_invalid_arguments_name_the_bad_field(args, field, problem):
     assert f"{field}: " in result.content and problem in result.content
 
 
+class _Str(str):
+    pass
+
+
 def plain(text: str, n: int, x: float = 1.5, flag: bool = False, ctx: ToolContext | None = None
           ) -> dict:
     """Plain parameters: the fast path's kind of signature."""
     return {"text": text, "n": n, "x": x, "flag": flag}
+
+
+_FAST = [{"text": "a", "n": 1}, {"text": "a", "n": 1, "x": 2, "flag": True},
+         {"text": "a", "n": 1, "x": 2.5}]
 
 
 @pytest.mark.parametrize("args", [
@@ -140,6 +148,9 @@ def plain(text: str, n: int, x: float = 1.5, flag: bool = False, ctx: ToolContex
     {"n": 1, "x": 1.0},
     {"text": "a", "n": 1, "other": 3},  # unknown
     {},
+    {"text": "a", "n": 1, "x": True},  # a bool for a float
+    {"text": "a", "n": 1, "x": 10**400},  # an int too large for a float
+    {"text": _Str("a"), "n": 1},  # a str subclass
 ])
 async def test_plain_signatures_take_the_fast_path_with_the_validators_results(args):
     fast = source(plain)
@@ -148,6 +159,9 @@ async def test_plain_signatures_take_the_fast_path_with_the_validators_results(a
     slow = source(plain)
     slow._tools["plain"] = type(entry)(entry.spec, entry.fn, entry.args, entry.wants_ctx,
                                        entry.is_async, entry.inline, None)
+    taken = _plain_kwargs(entry.plain, args) is not None
+    fast_case = any(a == args and all(type(a[k]) is type(args[k]) for k in a) for a in _FAST)
+    assert taken == fast_case, args  # the cases the fast path serves, and only those
     got, want = await fast.call("plain", args, CTX), await slow.call("plain", args, CTX)
     assert (got.content, got.is_error, got.structured) == \
         (want.content, want.is_error, want.structured)

@@ -435,6 +435,35 @@ async def test_submit_many_checks_the_whole_batch_before_making_a_task(tmp_path:
         assert (await sup.wait("twice-id-1", 10))["state"] == "completed"
 
 
+async def test_wait_many_returns_rows_in_order_at_the_deadline_or_when_all_ended(
+        tmp_path: Path) -> None:
+    from swarm.errors import TaskNotFound
+
+    rules = [
+        {"when": {"task_matches": "slow", "last_role": "user"},
+         "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}]},
+        {"when": {"last_role": "user"},
+         "tool_calls": [{"name": "echo", "arguments": {"text": "{{ task }}"}}]},
+        {"when": {}, "content": "done {{ last }}"},
+    ]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        sup = sw.supervisor
+        slow = await sup.submit("slow one")
+        fast = await sup.submit_many([f"fast {i}" for i in range(3)])
+        rows = await sup.wait_many(fast, 10)  # all end: the rows, in the order asked
+        assert [r["task_id"] for r in rows] == fast
+        assert [r["answer"] for r in rows] == [f"done fast {i}" for i in range(3)]
+        # One still running: the call returns at its deadline with every row as it is.
+        rows = await sup.wait_many([fast[1], slow, fast[0]], 0.2)
+        assert [r["task_id"] for r in rows] == [fast[1], slow, fast[0]]
+        assert [r["state"] for r in rows] == ["completed", "working", "completed"]
+        with pytest.raises(TaskNotFound):
+            await sup.wait_many([fast[0], "no-such-task-1"], 10)
+        await sup.cancel(slow)
+        assert (await sup.wait_many([slow], None))[0]["state"] == "canceled"
+
+
 async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
     rules = [
         {

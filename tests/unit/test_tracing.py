@@ -496,23 +496,23 @@ def test_redis_trace_store_sets_a_lists_ttl_without_a_command_every_write(tmp_pa
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()
     try:
-        store = RedisTraceStore(server.url, ttl_s=600)
+        store = RedisTraceStore(server.url, ttl_s=60_000)
         r, key, row = store._redis, store.key("t"), b'{"name":"x"}'
         store.append({"t": [row]})
-        assert 590 < r.ttl(key) <= 600
+        assert 59_000 < r.ttl(key) <= 60_000
         r.config_resetstat()
         r.expire(key, 100)
         store.append({"t": [row, row], "u": [row]})  # t's TTL isn't due: no EXPIRE for it
         assert r.llen(key) == 3 and 0 < r.ttl(key) <= 100
-        assert 590 < r.ttl(store.key("u")) <= 600
+        assert 59_000 < r.ttl(store.key("u")) <= 60_000
         assert r.info("commandstats")["cmdstat_expire"]["calls"] == 2  # ours, and u's
         r.delete(key)
         store.append({"t": [row]})  # a new list: its TTL is set at once
-        assert r.llen(key) == 1 and 590 < r.ttl(key) <= 600
-        store._expires["t"] -= 7  # as if the refresh were due (600 / 100 s since)
+        assert r.llen(key) == 1 and 59_000 < r.ttl(key) <= 60_000
+        store._expires["t"] -= 601  # as if the refresh were due (60,000 / 100 s since)
         r.expire(key, 100)
         store.append({"t": [row]})
-        assert 590 < r.ttl(key) <= 600
+        assert 59_000 < r.ttl(key) <= 60_000
         store.close()
     finally:
         server.stop()
