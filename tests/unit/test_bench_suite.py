@@ -110,3 +110,14 @@ def test_cpu_is_summed_by_process_role() -> None:
     assert common.process_role(psutil.Process(me)) == "driver"
     by_role = common.cpu_by_role(procs, {me: 1.0}, {me: 3.5, 999_999_999: 2.0})
     assert by_role == {"driver": 2.5, "other": 2.0}
+
+
+def test_session_memory_bursts_report_each_burst(capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts import bench_session_memory
+
+    assert bench_session_memory.main(["--sessions", "3", "--bursts", "2", "--traced"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("'burst': ") == 2 and "'traced_peak_kb_per_session': " in out
+    assert "first burst: " in out and "later bursts: " in out
+    with pytest.raises(SystemExit):
+        bench_session_memory.main(["--sessions", "0"])
