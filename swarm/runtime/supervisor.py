@@ -882,12 +882,7 @@ class Supervisor:
 
     async def wait(self, task_id: str, timeout: float | None) -> dict[str, Any]:
         """Wait until the task is terminal (or the timeout passes) and return its summary."""
-        rec = self.get(task_id)
-        if not rec.done.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await rec.done.wait()
-        return rec.summary()
+        return (await self.wait_many([task_id], timeout))[0]
 
     async def wait_many(self, task_ids: list[str], timeout: float | None) -> list[dict[str, Any]]:
         """`wait` for several tasks under one deadline; their summaries in the order given.

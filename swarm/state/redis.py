@@ -259,6 +259,11 @@ def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
     return b"".join(out)
 
 
+def _script_cmd(script: str, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+    """The EVALSHA command running one of the Lua scripts (`_SCRIPTS`)."""
+    return ("EVALSHA", _SCRIPTS[script][1], len(keys), *keys, *args)
+
+
 async def _exchange_each(conn: AbstractConnection, commands: Sequence[Sequence[Any]]
                          ) -> list[Any]:
     """Send commands in one write and read every reply; an error reply is returned in its place
@@ -425,7 +430,7 @@ class RedisCheckpointer(Checkpointer):
             del heads[next(iter(heads))]  # the oldest task's: tasks end, and this is a cache
         keys = (self._k(task_id, "log"), self._k(task_id, "ledger"), self._k(task_id, "tok"),
                 self._k(task_id, "fence"), self._k(task_id, "arch"))
-        head = heads[task_id] = _Head(("EVALSHA", _SCRIPTS["append"][1], len(keys), *keys))
+        head = heads[task_id] = _Head(_script_cmd("append", keys, ()))
         return head
 
     async def _eval(self, script: str, keys: Sequence[Any], args: Sequence[Any], *,
@@ -436,18 +441,14 @@ class RedisCheckpointer(Checkpointer):
         sent by a task of their own, so a caller that is cancelled never cuts short the others'
         writes. Every command carries its own retry token, so resending a whole batch after a
         dropped connection applies each command once."""
-        _, sha = _SCRIPTS[script]
         # `head`, if given, stands for the EVALSHA, the script and the keys.
-        cmd = (head, *args) if head is not None else ("EVALSHA", sha, len(keys), *keys, *args)
-        return await self._enqueue(cmd, script)
-
-    async def _grouped(self, cmd: tuple[Any, ...], script: str | None = None) -> Any:
-        """Send a command with the next group-committed batch (`_eval`); `script` names the
-        Lua script it runs, if any, for a server that lost its script cache."""
+        cmd = (head, *args) if head is not None else _script_cmd(script, keys, args)
         return await self._enqueue(cmd, script)
 
     def _enqueue(self, cmd: tuple[Any, ...], script: str | None = None) -> asyncio.Future[Any]:
-        """`_grouped` without the coroutine: the future of the command's reply."""
+        """Send a command with the next group-committed batch (`_eval`); the future of its
+        reply. `script` names the Lua script it runs, if any, for a server that lost its
+        script cache."""
         loop = asyncio.get_running_loop()
         if self._drain_task is not None and self._drain_task.get_loop() is not loop:
             # Left behind by an event loop that is gone (the store outlived an asyncio.run):
@@ -534,7 +535,7 @@ class RedisCheckpointer(Checkpointer):
     async def claim(self, task_id: str) -> int:
         """A new writer token for the task (INCR of its fence key), sent with the next batch of
         appends: every turn claims its log as it starts."""
-        return int(await self._grouped(("INCR", self._k(task_id, "fence"))))
+        return int(await self._enqueue(("INCR", self._k(task_id, "fence"))))
 
     async def append(
         self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
@@ -644,21 +645,23 @@ class RedisCheckpointer(Checkpointer):
 
     async def put_task(self, row: TaskRow) -> None:
         """Create or replace a task row (moving it if its swarm changed)."""
-        await self._eval("put_task", (self._k(row.task_id, "swarm"),),
-                         (row.task_id, row.swarm, codec.encode(row), self.prefix))
+        await self._eval("put_task", *self._put_task_args(row))
+
+    def _put_task_args(self, row: TaskRow) -> tuple[tuple[str], tuple[Any, ...]]:
+        """The keys and arguments of the put_task script for a row."""
+        return ((self._k(row.task_id, "swarm"),),
+                (row.task_id, row.swarm, codec.encode(row), self.prefix))
 
     async def put_tasks(self, rows: list[TaskRow]) -> list[BaseException | None]:
         """Several rows in the same group-committed batch, with no coroutine per row."""
-        sha = _SCRIPTS["put_task"][1]
         out: list[Any] = []
         for row in rows:
             try:
-                data = codec.encode(row)
+                keys, args = self._put_task_args(row)
             except Exception as exc:  # this row only
                 out.append(exc)
                 continue
-            out.append(self._enqueue(("EVALSHA", sha, 1, self._k(row.task_id, "swarm"),
-                                      row.task_id, row.swarm, data, self.prefix), "put_task"))
+            out.append(self._enqueue(_script_cmd("put_task", keys, args), "put_task"))
         done = iter(await asyncio.gather(*(f for f in out if isinstance(f, asyncio.Future)),
                                          return_exceptions=True))
         return [f if not isinstance(f, asyncio.Future) else

@@ -179,19 +179,21 @@ class TieredCheckpointer(Checkpointer):
     async def put_task(self, row: TaskRow) -> None:
         """Store the row in Redis; a terminal one archives the task in the background."""
         await self.hot.put_task(row)
-        if self.on_finish and row.state in FINISHED:
-            task_id = row.task_id
-            self._spawn(task_id, lambda: self.archive_task(task_id), busy="after")
+        self._archive_if_finished(row)
 
     async def put_tasks(self, rows: list[TaskRow]) -> list[BaseException | None]:
         """`put_task` for several rows, written to Redis together."""
         out = await self.hot.put_tasks(rows)
-        if self.on_finish:
-            for row, failed in zip(rows, out, strict=True):
-                if failed is None and row.state in FINISHED:
-                    task_id = row.task_id
-                    self._spawn(task_id, lambda t=task_id: self.archive_task(t), busy="after")
+        for row, failed in zip(rows, out, strict=True):
+            if failed is None:
+                self._archive_if_finished(row)
         return out
+
+    def _archive_if_finished(self, row: TaskRow) -> None:
+        """Archive a task in the background once its stored row is terminal (`on_finish`)."""
+        if self.on_finish and row.state in FINISHED:
+            task_id = row.task_id
+            self._spawn(task_id, lambda: self.archive_task(task_id), busy="after")
 
     async def get_task(self, task_id: str) -> TaskRow | None:
         """A task row (rows stay in Redis)."""
