@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 _MAX_EVENTS_PER_TASK = 20_000
 _REASK_WAIT_S = 30.0  # how long an answer waits for a reloaded task to ask its question again
 _RESTART_WAIT_S = 120.0  # how long a turn waits for a dead replica to come back
+# Posts gathered for one replica that are sent at once, without waiting for the post call in
+# flight: a burst of new tasks reaches the agents while the supervisor still starts the rest.
+_POST_BATCH = 64
+_SUBMIT_CHUNK = 256  # new tasks of a `submit_many` stored (and started) together
 
 
 class AgentPool(ABC):
@@ -103,7 +107,8 @@ class _Post:
 @dataclass(slots=True)
 class _Replica:
     """One agent replica as the pool sees it: posts waiting to be sent (while one post call is
-    in flight, the next ones gather) and the instance its `watch` call follows."""
+    in flight, the next ones gather, up to `_POST_BATCH`) and the instance its `watch` call
+    follows."""
 
     role: str
     handle: Any
@@ -129,6 +134,7 @@ class RayAgentPool(AgentPool):
         self._replicas = {id(h): _Replica(role, h) for role, hs in handles.items() for h in hs}
         self._posts: dict[str, _Post] = {}  # by post id
         self._ids = itertools.count()
+        self._sending: set[asyncio.Future[None]] = set()  # post calls sent by `_post_now`
 
     def _pick(self, role: str, key: str, attempt: int = 0) -> Any:
         replicas = self.handles[role]
@@ -146,7 +152,11 @@ class RayAgentPool(AgentPool):
             rep = self._replicas[id(handle)]
             post = self._posts[post_id] = _Post(rep, asyncio.get_running_loop().create_future())
             rep.outbox.append((post_id, req))
-            if rep.poster is None or rep.poster.done():
+            if len(rep.outbox) >= _POST_BATCH:
+                # A burst (many tasks started at once): send these now rather than after
+                # every other task's first slice has run, which is when the poster would.
+                self._post_now(rep)
+            elif rep.poster is None or rep.poster.done():
                 rep.poster = asyncio.create_task(self._send_posts(rep))
             return await post.future
         finally:
@@ -178,29 +188,57 @@ class RayAgentPool(AgentPool):
                 post.future.set_exception((kind or _ActorLost)(error))
 
     async def _send_posts(self, rep: _Replica) -> None:
+        while rep.outbox:
+            batch = self._take(rep)
+            if batch:
+                await self._posted(rep, batch, self._submit(rep, batch))
+
+    def _post_now(self, rep: _Replica) -> None:
+        """Send the replica's gathered posts in a call of their own, now (`turn`)."""
+        batch = self._take(rep)
+        if batch:
+            task = asyncio.ensure_future(self._posted(rep, batch, self._submit(rep, batch)))
+            self._sending.add(task)  # held: the loop keeps only a weak reference
+            task.add_done_callback(self._sending.discard)
+
+    def _take(self, rep: _Replica) -> list[tuple[str, TurnRequest]]:
+        # Turns given up on while they waited here (a cancelled task) are not sent.
+        batch = [(i, r) for i, r in rep.outbox if i in self._posts]
+        rep.outbox = []
+        return batch
+
+    @staticmethod
+    def _submit(rep: _Replica, batch: list[tuple[str, TurnRequest]]) -> Any:
+        """The post call, submitted (Ray sends it from its own thread), or what submitting it
+        raised."""
+        try:
+            return rep.handle.post_turns.remote(batch)
+        except Exception as exc:
+            return exc
+
+    async def _posted(self, rep: _Replica, batch: list[tuple[str, TurnRequest]], call: Any
+                      ) -> None:
+        """Wait for a post call's answer: the instance that took the turns, or a failure that
+        fails them."""
         import ray
 
-        while rep.outbox:
-            # Turns given up on while they waited here (a cancelled task) are not sent.
-            batch = [(i, r) for i, r in rep.outbox if i in self._posts]
-            rep.outbox = []
-            if not batch:
-                continue
-            try:
-                incarnation = await rep.handle.post_turns.remote(batch)
-            except ray.exceptions.RayActorError as exc:
-                self._fail(self._waiting(batch),
-                           f"agent {rep.role} replica died during the turn: {exc}")
-                continue
-            except Exception as exc:
-                self._fail(self._waiting(batch),
-                           f"posting a turn to agent {rep.role} failed: {exc}", RunError)
-                continue
-            for post in self._waiting(batch):
-                post.incarnation = incarnation
-            if rep.watcher is None or rep.watcher.done():
-                rep.watched = incarnation
-                rep.watcher = asyncio.create_task(self._watch(rep))
+        try:
+            if isinstance(call, Exception):
+                raise call
+            incarnation = await call
+        except ray.exceptions.RayActorError as exc:
+            self._fail(self._waiting(batch),
+                       f"agent {rep.role} replica died during the turn: {exc}")
+            return
+        except Exception as exc:
+            self._fail(self._waiting(batch),
+                       f"posting a turn to agent {rep.role} failed: {exc}", RunError)
+            return
+        for post in self._waiting(batch):
+            post.incarnation = incarnation
+        if rep.watcher is None or rep.watcher.done():
+            rep.watched = incarnation
+            rep.watcher = asyncio.create_task(self._watch(rep))
 
     def _waiting(self, batch: list[tuple[str, TurnRequest]]) -> list[_Post]:
         """The posts of a batch that are still waited for."""
@@ -576,9 +614,7 @@ class Supervisor:
         whose rows were stored; what each failed with, or None. A retry of one of these
         submissions meanwhile waits for its write (`_stored`), and hears how it went, also
         when this call is cancelled before it knows."""
-        loop = asyncio.get_running_loop()
-        for rec in recs:
-            self._storing[rec.id] = (rec, loop.create_future())
+        self._hold(recs)
         out: list[BaseException | None] = []
         try:
             stored = await self._put_rows(recs)
@@ -593,10 +629,21 @@ class Supervisor:
                 out.append(failed)
             return out
         finally:
-            for rec in recs:
-                if rec.id in self._storing:  # cancelled before its write's outcome was known
-                    self._done_storing(rec, StoreUnavailable(
-                        f"storing task {rec.id} was interrupted"))
+            self._unhold(recs)
+
+    def _hold(self, recs: list[TaskRecord]) -> None:
+        """Mark new tasks as being stored (`_stored`), if they aren't yet."""
+        loop = asyncio.get_running_loop()
+        for rec in recs:
+            if rec.id not in self._storing:
+                self._storing[rec.id] = (rec, loop.create_future())
+
+    def _unhold(self, recs: list[TaskRecord]) -> None:
+        """Tell the waiters of tasks still marked as being stored that storing them was
+        interrupted (a call cancelled before its write's outcome was known)."""
+        for rec in recs:
+            if rec.id in self._storing:
+                self._done_storing(rec, StoreUnavailable(f"storing task {rec.id} was interrupted"))
 
     async def _put_rows(self, recs: list[TaskRecord]) -> list[BaseException | None]:
         """Store new tasks' rows in one `put_tasks` call; what each failed with, or None (a
@@ -655,7 +702,17 @@ class Supervisor:
                 batch[rec.id] = rec
             out.append(rec)
         fresh = list(batch.values())
-        errors = [e for e in await self._store_and_start(fresh) if e is not None]
+        errors: list[BaseException] = []
+        # In chunks: while one chunk's rows are written, the tasks of the chunks before it
+        # take their first steps, so a large batch keeps the agents busy from its start. All
+        # are marked as being stored from the start, for a retry of this call meanwhile.
+        self._hold(fresh)
+        try:
+            for i in range(0, len(fresh), _SUBMIT_CHUNK):
+                chunk = fresh[i:i + _SUBMIT_CHUNK]
+                errors += [e for e in await self._store_and_start(chunk) if e is not None]
+        finally:
+            self._unhold(fresh)
         if errors:
             failed, lost = errors[0], len(errors)
             if isinstance(failed, Exception):

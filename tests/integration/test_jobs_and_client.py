@@ -120,6 +120,12 @@ def test_up_client_and_down(ray_cluster, serve_port) -> None:
             [("completed", "bo", f"done: item {i}") for i in range(5)]
         with pytest.raises(TaskNotFound):
             client.wait_all([batch[0].id, "nope"], timeout=5)
+        # A burst of more turns than a post call takes (64 a replica): those sent at once
+        # while the poster's call is in flight are all answered too.
+        burst = client.submit_many([f"burst {i}" for i in range(150)], user="bo")
+        rows = client.wait_all(burst, timeout=120)
+        assert [(r.state, r.answer) for r in rows] == \
+            [("completed", f"done: burst {i}") for i in range(150)]
         before = len(client.tasks())
         with pytest.raises(UserError, match="text 1: task text must be a non-empty string") \
                 as err:

@@ -414,6 +414,65 @@ async def test_a_retry_sent_while_the_first_submission_is_stored_makes_one_task(
         store.release.set()
 
 
+class _HeldRows(MemoryCheckpointer):
+    """Holds the new-task rows of the ids in `hold` until `release`; says when one waits."""
+
+    def __init__(self, hold: set[str]) -> None:
+        super().__init__()
+        self.hold, self.held = hold, asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def put_task(self, row: Any) -> None:
+        if row.state == "submitted" and row.task_id in self.hold:
+            self.held.set()
+            await self.release.wait()
+        await super().put_task(row)
+
+
+async def test_submit_many_starts_each_chunk_once_its_rows_are_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from swarm.runtime import supervisor as supervisor_module
+
+    monkeypatch.setattr(supervisor_module, "_SUBMIT_CHUNK", 2)
+    cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
+    ids = [f"chunked-task-{i}" for i in range(5)]
+    store = _HeldRows(hold={ids[2]})  # the second chunk's first row
+    async with LocalSwarm(cfg, store=store) as sw:
+        sup = sw.supervisor
+        call = asyncio.ensure_future(sup.submit_many(list("abcde"), task_ids=ids))
+        await asyncio.wait_for(store.held.wait(), 10)
+        # The first chunk runs while the second's rows are written; the rest are not made yet.
+        assert sorted(sup.tasks) == ids[:2]
+        assert (await sup.wait(ids[0], 10))["answer"] == "echoed: ping a"
+        assert not call.done()
+        # A retry meanwhile, for a task of a chunk not yet written, waits for this call.
+        again = asyncio.ensure_future(sup.submit("e", task_id=ids[4]))
+        await asyncio.sleep(0)  # one turn of the loop: the retry reaches its wait
+        assert not again.done() and ids[4] not in sup.tasks
+        store.release.set()
+        assert await asyncio.wait_for(call, 10) == ids
+        assert await asyncio.wait_for(again, 10) == ids[4]
+        rows = await sup.wait_many(ids, 10)
+        assert [r["answer"] for r in rows] == [f"echoed: ping {t}" for t in "abcde"]
+        assert sorted(store.rows) == ids and sup._storing == {}
+        # Cancelled between chunks: the tasks stored go on, a retry of one that wasn't hears
+        # that its storing was interrupted, and nothing is left marked as being stored.
+        late = [f"cut-task-{i}" for i in range(4)]
+        store.hold, store.release = {late[2]}, asyncio.Event()
+        store.held.clear()
+        call = asyncio.ensure_future(sup.submit_many(list("fghi"), task_ids=late))
+        await asyncio.wait_for(store.held.wait(), 10)
+        again = asyncio.ensure_future(sup.submit("i", task_id=late[3]))
+        await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(StoreUnavailable, match=f"{late[3]} was interrupted"):
+            await asyncio.wait_for(again, 10)
+        assert sup._storing == {}
+        assert (await sup.wait(late[1], 10))["answer"] == "echoed: ping g"
+        assert late[3] not in sup.tasks
+        store.release.set()
+
+
 async def test_submit_many_checks_the_whole_batch_before_making_a_task(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}},
                    limits={"max_tasks": 3})
