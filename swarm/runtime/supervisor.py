@@ -553,6 +553,7 @@ class Supervisor:
         # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
         self.hot: dict[str, tuple[int, list[Any]]] = {}
+        self._hot_logs: dict[str, list[str]] = {}  # task id -> its log ids in `hot`
         from swarm.observability.metrics import task_meter
 
         self.meter = task_meter(cfg, self.swarm_id)  # None when nothing records metrics
@@ -1511,8 +1512,8 @@ class Supervisor:
             a2a.add_answer(rec.task, answer)
         rec.answer, rec.error_class, rec.error = answer, error_class, error
         rec.updated = self.clock()
-        for log_id in [k for k in self.hot if k == rec.id or k.startswith(rec.id + "/")]:
-            del self.hot[log_id]  # a finished task resumes nothing
+        for log_id in self._hot_logs.pop(rec.id, ()):
+            self.hot.pop(log_id, None)  # a finished task resumes nothing
         try:
             await self._persist(rec)
         except Exception:
@@ -1538,6 +1539,22 @@ class Supervisor:
         rec.compact(durable=self.store is not None)
         rec.done.set()
         self._wake(rec)  # a follower that read TaskFinished before `done` was set
+
+    def hold_hot(self, log_id: str, seq: int, ref: Any) -> bool:
+        """Hold a snapshot of a log (a Ray object ref) for its task's next resume, if it is
+        newer than the one held; False if the task is unknown or has ended (nothing will
+        resume it)."""
+        task_id = log_id.split("/", 1)[0]
+        rec = self.tasks.get(task_id)
+        if rec is None or rec.state in a2a.TERMINAL:
+            return False
+        held = self.hot.get(log_id)
+        if held is not None and held[0] >= seq:
+            return False
+        if held is None:
+            self._hot_logs.setdefault(task_id, []).append(log_id)
+        self.hot[log_id] = (seq, [ref])
+        return True
 
     def _evict(self, pending: int = 0) -> None:
         """Drop the oldest finished tasks once the table (with `pending` new tasks not yet in

@@ -283,7 +283,7 @@ class SupervisorActor:
             return  # arrived after the task ended: nothing will resume it
         held = self.sup.hot.get(log_id)
         if held is None or held[0] < seq:
-            self.sup.hot[log_id] = (seq, [ray.put(data)])
+            self.sup.hold_hot(log_id, seq, ray.put(data))
 
     async def hot_snapshots(self) -> dict[str, int]:
         """The seq of the snapshot held for each log id."""

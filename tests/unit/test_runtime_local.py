@@ -523,6 +523,31 @@ async def test_wait_many_returns_rows_in_order_at_the_deadline_or_when_all_ended
         assert (await sup.wait_many([slow], None))[0]["state"] == "canceled"
 
 
+async def test_hot_snapshots_are_held_while_their_task_runs_and_dropped_when_it_ends(
+        tmp_path: Path) -> None:
+    rules = [
+        {"when": {"last_role": "user"},
+         "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}]},
+        {"when": {}, "content": "done"},
+    ]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}})
+    async with LocalSwarm(cfg) as sw:
+        sup = sw.supervisor
+        slow, other = await sup.submit_many(["slow one", "slow two"])
+        assert not sup.hold_hot("no-such-task-1", 1, "ref")
+        assert sup.hold_hot(slow, 5, "ref-5") and sup.hold_hot(f"{slow}/sub", 2, "ref-sub")
+        assert sup.hold_hot(other, 1, "ref-other")
+        assert not sup.hold_hot(slow, 4, "ref-4")  # older than the one held
+        assert sup.hot[slow] == (5, ["ref-5"])
+        assert sup.hold_hot(slow, 7, "ref-7") and sup.hot[slow] == (7, ["ref-7"])
+        await sup.cancel(slow)
+        # The ended task's snapshots, its sub-log's included, are gone; the other's stay.
+        assert sup.hot == {other: (1, ["ref-other"])}
+        assert not sup.hold_hot(slow, 9, "ref-9")  # nothing resumes an ended task
+        await sup.cancel(other)
+        assert sup.hot == {}
+
+
 async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
     rules = [
         {
