@@ -580,6 +580,8 @@ class AgentActor:
         # posted turns died with the previous one.
         self.incarnation = uuid.uuid4().hex
         self._outbox: list[tuple[str, TurnResult | str]] = []
+        # Post calls taken, the turns in them and the most in one (see `stats`).
+        self._posts = self._turns_posted = self._largest_post = 0
         self._reporter: asyncio.Task[None] | None = None  # sends the outbox while it isn't empty
         self._closing: asyncio.Event | None = None
         tune_process(cfg.process)  # last: what the constructor built is long-lived
@@ -613,6 +615,9 @@ class AgentActor:
         """Start turns and return this instance's incarnation at once; each turn's result goes
         to the supervisor's `turns_done` under its post id when the turn ends."""
         await self._ensure()
+        self._posts += 1
+        self._turns_posted += len(posts)
+        self._largest_post = max(self._largest_post, len(posts))
         for post_id, req in posts:
             turn = asyncio.ensure_future(self.host.run_turn(req))
             turn.add_done_callback(functools.partial(self._turn_done, post_id, req.task_id))
@@ -677,8 +682,11 @@ class AgentActor:
         return self.host.cancel(task_id)
 
     async def stats(self) -> dict[str, Any]:
-        """Sessions running on this replica."""
-        return {"role": self.host.role, "replica": self.replica, "sessions": self.host.sessions()}
+        """Sessions running on this replica, and the post calls it took: how many, the turns
+        in them, and the most turns in one."""
+        return {"role": self.host.role, "replica": self.replica, "sessions": self.host.sessions(),
+                "posts": self._posts, "turns_posted": self._turns_posted,
+                "largest_post": self._largest_post}
 
     async def shutdown(self) -> None:
         """Close connections before the actor is killed."""

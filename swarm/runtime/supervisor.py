@@ -618,7 +618,10 @@ class Supervisor:
         self._hold(recs)
         out: list[BaseException | None] = []
         try:
-            stored = await self._put_rows(recs)
+            try:
+                stored = await self._put_rows(recs)
+            except Exception as exc:  # the store's put_tasks raised for them all
+                stored = [exc] * len(recs)
             for rec, failed in zip(recs, stored, strict=True):
                 if failed is None:
                     try:
@@ -711,7 +714,16 @@ class Supervisor:
         try:
             for i in range(0, len(fresh), _SUBMIT_CHUNK):
                 chunk = fresh[i:i + _SUBMIT_CHUNK]
-                errors += [e for e in await self._store_and_start(chunk) if e is not None]
+                refused = [e for e in await self._store_and_start(chunk) if e is not None]
+                errors += refused
+                if len(refused) == len(chunk):
+                    # Nothing of this chunk was stored (the store is down, say): the rest is
+                    # not tried, each chunk waiting out the same failure; its tasks fail with
+                    # it, counted in the note below.
+                    for rec in fresh[i + len(chunk):]:
+                        self._done_storing(rec, refused[0])
+                        errors.append(refused[0])
+                    break
         finally:
             self._unhold(fresh)
         if errors:
@@ -1559,7 +1571,8 @@ class Supervisor:
     def _evict(self, pending: int = 0) -> None:
         """Drop the oldest finished tasks once the table (with `pending` new tasks not yet in
         it) is full."""
-        limit = self.cfg.limits.max_tasks - pending
+        # Tasks whose rows are being stored count too: they will be in the table.
+        limit = self.cfg.limits.max_tasks - pending - len(self._storing)
         if len(self.tasks) < limit:
             return
         for tid in [t for t, r in self.tasks.items() if r.done.is_set()]:
@@ -1568,8 +1581,8 @@ class Supervisor:
             del self.tasks[tid]
         if len(self.tasks) >= limit:
             raise UserError(
-                f"swarm {self.cfg.name} has {len(self.tasks) + pending} unfinished tasks; "
-                f"limits.max_tasks is {self.cfg.limits.max_tasks}"
+                f"swarm {self.cfg.name} has {len(self.tasks) + pending + len(self._storing)} "
+                f"unfinished tasks; limits.max_tasks is {self.cfg.limits.max_tasks}"
             )
 
 

@@ -120,12 +120,18 @@ def test_up_client_and_down(ray_cluster, serve_port) -> None:
             [("completed", "bo", f"done: item {i}") for i in range(5)]
         with pytest.raises(TaskNotFound):
             client.wait_all([batch[0].id, "nope"], timeout=5)
-        # A burst of more turns than a post call takes (64 a replica): those sent at once
-        # while the poster's call is in flight are all answered too.
+        # A burst of more turns than a post call takes (64 a replica): they go out in calls
+        # of at most 64 as the tasks start, not in one call once all have, and all are
+        # answered.
+        front = ray.get_actor(f"{name}.front.0", namespace=NAMESPACE)
+        before = ray.get(front.stats.remote())
         burst = client.submit_many([f"burst {i}" for i in range(150)], user="bo")
         rows = client.wait_all(burst, timeout=120)
         assert [(r.state, r.answer) for r in rows] == \
             [("completed", f"done: burst {i}") for i in range(150)]
+        posted = ray.get(front.stats.remote())
+        assert posted["turns_posted"] - before["turns_posted"] == 150
+        assert posted["posts"] - before["posts"] >= 3 and posted["largest_post"] <= 64, posted
         before = len(client.tasks())
         with pytest.raises(UserError, match="text 1: task text must be a non-empty string") \
                 as err:

@@ -415,17 +415,24 @@ async def test_a_retry_sent_while_the_first_submission_is_stored_makes_one_task(
 
 
 class _HeldRows(MemoryCheckpointer):
-    """Holds the new-task rows of the ids in `hold` until `release`; says when one waits."""
+    """Holds the new-task rows of the ids in `hold` until `release`, says when one waits,
+    refuses the rows of the ids in `refuse`, and counts each id's new-task writes."""
 
     def __init__(self, hold: set[str]) -> None:
         super().__init__()
         self.hold, self.held = hold, asyncio.Event()
         self.release = asyncio.Event()
+        self.refuse: set[str] = set()
+        self.writes: dict[str, int] = {}
 
     async def put_task(self, row: Any) -> None:
-        if row.state == "submitted" and row.task_id in self.hold:
-            self.held.set()
-            await self.release.wait()
+        if row.state == "submitted":
+            self.writes[row.task_id] = self.writes.get(row.task_id, 0) + 1
+            if row.task_id in self.hold:
+                self.held.set()
+                await self.release.wait()
+            if row.task_id in self.refuse:
+                raise StoreUnavailable(f"row of {row.task_id} refused")
         await super().put_task(row)
 
 
@@ -445,7 +452,9 @@ async def test_submit_many_starts_each_chunk_once_its_rows_are_stored(
         assert sorted(sup.tasks) == ids[:2]
         assert (await sup.wait(ids[0], 10))["answer"] == "echoed: ping a"
         assert not call.done()
-        # A retry meanwhile, for a task of a chunk not yet written, waits for this call.
+        # A task of a chunk not yet written is marked as being stored from the start, so a
+        # retry meanwhile waits for this call instead of making it again.
+        assert ids[4] in sup._storing and ids[4] not in store.writes
         again = asyncio.ensure_future(sup.submit("e", task_id=ids[4]))
         await asyncio.sleep(0)  # one turn of the loop: the retry reaches its wait
         assert not again.done() and ids[4] not in sup.tasks
@@ -454,23 +463,64 @@ async def test_submit_many_starts_each_chunk_once_its_rows_are_stored(
         assert await asyncio.wait_for(again, 10) == ids[4]
         rows = await sup.wait_many(ids, 10)
         assert [r["answer"] for r in rows] == [f"echoed: ping {t}" for t in "abcde"]
-        assert sorted(store.rows) == ids and sup._storing == {}
-        # Cancelled between chunks: the tasks stored go on, a retry of one that wasn't hears
-        # that its storing was interrupted, and nothing is left marked as being stored.
-        late = [f"cut-task-{i}" for i in range(4)]
+        assert store.writes == dict.fromkeys(ids, 1) and sup._storing == {}
+
+        # Cancelled while a middle chunk is written: the tasks stored go on, a retry of one
+        # in a chunk never reached hears that its storing was interrupted, and nothing is
+        # left marked as being stored.
+        late = [f"cut-task-{i}" for i in range(6)]
         store.hold, store.release = {late[2]}, asyncio.Event()
         store.held.clear()
-        call = asyncio.ensure_future(sup.submit_many(list("fghi"), task_ids=late))
+        call = asyncio.ensure_future(sup.submit_many(list("fghijk"), task_ids=late))
         await asyncio.wait_for(store.held.wait(), 10)
-        again = asyncio.ensure_future(sup.submit("i", task_id=late[3]))
+        again = asyncio.ensure_future(sup.submit("k", task_id=late[5]))
         await asyncio.sleep(0)
+        assert not again.done()
         call.cancel()
-        with pytest.raises(StoreUnavailable, match=f"{late[3]} was interrupted"):
+        with pytest.raises(StoreUnavailable, match=f"{late[5]} was interrupted"):
             await asyncio.wait_for(again, 10)
         assert sup._storing == {}
         assert (await sup.wait(late[1], 10))["answer"] == "echoed: ping g"
-        assert late[3] not in sup.tasks
+        assert not set(late[2:]) & set(sup.tasks) and late[5] not in store.writes
         store.release.set()
+
+        # A chunk none of whose rows is stored (the store is down) ends the call: the
+        # chunks after it are not tried, and their tasks fail with the same error.
+        down = [f"down-task-{i}" for i in range(6)]
+        store.hold, store.refuse = set(), set(down[2:4])
+        with pytest.raises(StoreUnavailable, match="refused") as err:
+            await sup.submit_many(list("lmnopq"), task_ids=down)
+        assert "4 of 6 new tasks could not be stored" in "".join(err.value.__notes__)
+        assert [t for t in down if t in sup.tasks] == down[:2]
+        assert not set(down[4:]) & set(store.writes) and sup._storing == {}
+        # Once the store takes them, the same call makes the missing ones only.
+        store.refuse = set()
+        assert await sup.submit_many(list("lmnopq"), task_ids=down) == down
+        assert {t: store.writes[t] for t in down} == \
+            dict.fromkeys(down, 1) | {down[2]: 2, down[3]: 2}  # refused once, then stored
+        rows = await sup.wait_many(down, 10)
+        assert [r["answer"] for r in rows] == [f"echoed: ping {t}" for t in "lmnopq"]
+
+
+async def test_tasks_being_stored_count_against_max_tasks(tmp_path: Path) -> None:
+    rules = [{"when": {"last_role": "user"},
+              "tool_calls": [{"name": "slow", "arguments": {"seconds": 20}}]},
+             {"when": {}, "content": "done"}]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "tools": ["fn"]}},
+                   limits={"max_tasks": 2})
+    store = _HeldRows(hold={"held-task-1"})
+    async with LocalSwarm(cfg, store=store) as sw:
+        sup = sw.supervisor
+        held = asyncio.ensure_future(sup.submit("a", task_id="held-task-1"))
+        await asyncio.wait_for(store.held.wait(), 10)
+        running = await sup.submit("b")
+        with pytest.raises(UserError, match=re.escape("2 unfinished tasks; limits.max_tasks is 2")):
+            await sup.submit("c")  # the one whose row is being written counts
+        store.release.set()
+        assert await asyncio.wait_for(held, 10) == "held-task-1"
+        assert sorted(sup.tasks) == sorted(["held-task-1", running])
+        for t in list(sup.tasks):
+            await sup.cancel(t)
 
 
 async def test_submit_many_checks_the_whole_batch_before_making_a_task(tmp_path: Path) -> None:
