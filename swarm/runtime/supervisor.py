@@ -1552,11 +1552,13 @@ class Supervisor:
         rec.done.set()
         self._wake(rec)  # a follower that read TaskFinished before `done` was set
 
-    def hold_hot(self, log_id: str, seq: int, ref: Any) -> bool:
-        """Hold a snapshot of a log (a Ray object ref) for its task's next resume, if it is
-        newer than the one held; False if the task is unknown or has ended (nothing will
-        resume it)."""
-        task_id = log_id.split("/", 1)[0]
+    def hold_hot(self, log_id: str, seq: int, make_ref: Callable[[], Any]) -> bool:
+        """Hold a snapshot of a log for its task's next resume, if it is newer than the one
+        held: `make_ref()` puts it in the object store and is called only then. False if the
+        task is unknown or has ended (nothing will resume it), or the snapshot is older."""
+        # A log is its task's own (its id) or a branch's ("<task id>/<agent>", agent names
+        # have no "/"); a task id may contain "/".
+        task_id = log_id if log_id in self.tasks else log_id.rsplit("/", 1)[0]
         rec = self.tasks.get(task_id)
         if rec is None or rec.state in a2a.TERMINAL:
             return False
@@ -1565,7 +1567,7 @@ class Supervisor:
             return False
         if held is None:
             self._hot_logs.setdefault(task_id, []).append(log_id)
-        self.hot[log_id] = (seq, [ref])
+        self.hot[log_id] = (seq, [make_ref()])
         return True
 
     def _evict(self, pending: int = 0) -> None:

@@ -278,12 +278,9 @@ class SupervisorActor:
         this actor so that it outlives the agent replicas."""
         import ray
 
-        rec = self.sup.tasks.get(log_id.split("/", 1)[0])
-        if rec is None or rec.state in a2a.TERMINAL:
-            return  # arrived after the task ended: nothing will resume it
-        held = self.sup.hot.get(log_id)
-        if held is None or held[0] < seq:
-            self.sup.hold_hot(log_id, seq, ray.put(data))
+        # Put in the object store only if held: one that arrives after its task ended, or
+        # after a newer one, is dropped.
+        self.sup.hold_hot(log_id, seq, lambda: ray.put(data))
 
     async def hot_snapshots(self) -> dict[str, int]:
         """The seq of the snapshot held for each log id."""

@@ -584,18 +584,31 @@ async def test_hot_snapshots_are_held_while_their_task_runs_and_dropped_when_it_
     async with LocalSwarm(cfg) as sw:
         sup = sw.supervisor
         slow, other = await sup.submit_many(["slow one", "slow two"])
-        assert not sup.hold_hot("no-such-task-1", 1, "ref")
-        assert sup.hold_hot(slow, 5, "ref-5") and sup.hold_hot(f"{slow}/sub", 2, "ref-sub")
-        assert sup.hold_hot(other, 1, "ref-other")
-        assert not sup.hold_hot(slow, 4, "ref-4")  # older than the one held
+        slashed = await sup.submit("slow three", task_id="team/ticket-7")
+        made: list[str] = []
+
+        def ref(name: str) -> Any:
+            return lambda: made.append(name) or name
+
+        assert not sup.hold_hot("no-such-task-1", 1, ref("unknown"))
+        assert sup.hold_hot(slow, 5, ref("ref-5")) and sup.hold_hot(f"{slow}/a", 2, ref("sub"))
+        assert sup.hold_hot(other, 1, ref("ref-other"))
+        assert not sup.hold_hot(slow, 4, ref("ref-4"))  # older than the one held
         assert sup.hot[slow] == (5, ["ref-5"])
-        assert sup.hold_hot(slow, 7, "ref-7") and sup.hot[slow] == (7, ["ref-7"])
+        assert sup.hold_hot(slow, 7, ref("ref-7")) and sup.hot[slow] == (7, ["ref-7"])
+        # A task id with a "/" in it, and a branch of it.
+        assert sup.hold_hot(slashed, 1, ref("slashed"))
+        assert sup.hold_hot(f"{slashed}/a", 1, ref("slashed-branch"))
+        # Only the snapshots held were put in the object store.
+        assert made == ["ref-5", "sub", "ref-other", "ref-7", "slashed", "slashed-branch"]
         await sup.cancel(slow)
-        # The ended task's snapshots, its sub-log's included, are gone; the other's stay.
-        assert sup.hot == {other: (1, ["ref-other"])}
-        assert not sup.hold_hot(slow, 9, "ref-9")  # nothing resumes an ended task
-        await sup.cancel(other)
-        assert sup.hot == {}
+        # The ended task's snapshots, its branch's included, are gone; the others stay.
+        assert sup.hot == {other: (1, ["ref-other"]), slashed: (1, ["slashed"]),
+                           f"{slashed}/a": (1, ["slashed-branch"])}
+        assert not sup.hold_hot(slow, 9, ref("ref-9"))  # nothing resumes an ended task
+        for t in (other, slashed):
+            await sup.cancel(t)
+        assert sup.hot == {} and "ref-9" not in made
 
 
 async def test_cancel_leaves_other_tasks_alone(tmp_path: Path) -> None:
