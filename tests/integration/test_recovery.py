@@ -103,6 +103,20 @@ def test_agent_replica_killed_mid_task_resumes_its_sessions(pay) -> None:
     _check_exactly_once(r, accounts)
 
 
+def test_replicas_killed_while_a_burst_is_posted_lose_no_task(pay) -> None:
+    # More tasks than one post call takes (64 a replica), so several calls are in flight to
+    # each replica when both die: every task still ends as an undisturbed run does.
+    client, name, r = pay
+    accounts = [f"burst-{uuid.uuid4().hex[:8]}" for _ in range(140)]
+    handles = client.submit_many(accounts)
+    _kill(name, "teller", 0)
+    _kill(name, "teller", 1)
+    rows = client.wait_all(handles, timeout=300)
+    assert [(row.state, row.answer) for row in rows] == [("completed", ANSWER)] * 140
+    assert {row.steps for row in rows} == {21}
+    _check_exactly_once(r, accounts)
+
+
 def test_a_resumed_turn_starts_from_the_hot_snapshot(pay) -> None:
     # Both replicas die after the task's first snapshot: the turn resumes from the copy the
     # supervisor holds in the object store and replays only the entries after it.
