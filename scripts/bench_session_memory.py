@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import gc
 import sys
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -35,32 +34,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.bench import swarm_side
-from scripts.bench.common import MODEL_LATENCY_S, TOOL_STEPS
-
-
-class _Peak:
-    """The process's peak RSS, sampled every 50 ms on a thread while in the block."""
-
-    def __init__(self) -> None:
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> _Peak:
-        self.peak = self.proc.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+from scripts.bench.common import MODEL_LATENCY_S, TOOL_STEPS, PeakRss, Procs
 
 
 async def _bursts(sessions: int, bursts: int, traced: bool) -> list[dict[str, float]]:
@@ -103,7 +77,7 @@ async def _run_bursts(host: Any, buffer: Any, sessions: int, bursts: int, traced
         if traced:
             tracemalloc.start()
         t0 = time.perf_counter()
-        with _Peak() as peak:
+        with PeakRss(Procs.this_process(), every_s=0.05) as peak:
             results = await asyncio.gather(*(
                 host.run_turn(swarm_side._request(f"b{burst}-{i}", TOOL_STEPS + 1))
                 for i in range(sessions)))

@@ -83,6 +83,13 @@ class Procs:
         self.extra = list(extra)
         self._known: list[psutil.Process] | None = None
 
+    @classmethod
+    def this_process(cls) -> Procs:
+        """This process alone, without its children (a private redis-server, say)."""
+        procs = cls()
+        procs._known = [procs.me]
+        return procs
+
     def freeze(self) -> Procs:
         """Take the process list once (walking /proc for descendants on every sample costs
         CPU the figures would count); call when every process involved has started."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -110,6 +111,14 @@ def test_cpu_is_summed_by_process_role() -> None:
     assert common.process_role(psutil.Process(me)) == "driver"
     by_role = common.cpu_by_role(procs, {me: 1.0}, {me: 3.5, 999_999_999: 2.0})
     assert by_role == {"driver": 2.5, "other": 2.0}
+    # This process alone, its children left out (the memory script's own RSS).
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        assert child.pid in [p.pid for p in common.Procs().processes()]
+        assert [p.pid for p in common.Procs.this_process().processes()] == [me]
+    finally:
+        child.communicate(b"")
 
 
 def test_session_memory_bursts_report_each_burst(capsys: pytest.CaptureFixture[str]) -> None:
