@@ -319,23 +319,27 @@ async def test_a_turn_that_ends_the_task_leaves_its_messages_out_when_asked(
         assert kinds == ["turn_start", *["model", "tool"] * 3, "model", "turn_end"], kinds
 
 
-class _GatedRows(MemoryCheckpointer):
-    """Holds every task-row write until `release`; says when `want` of them wait at once, and
-    fails the rows of the task ids in `refuse`."""
+class _HeldRows(MemoryCheckpointer):
+    """Holds new-task rows until `release`: those of the ids in `hold`, or every one if
+    `hold` is None; sets `held` once `want` of them wait at once. Refuses the rows of the ids
+    in `refuse`, and counts each id's new-task writes."""
 
-    def __init__(self, want: int) -> None:
+    def __init__(self, hold: set[str] | None = None, want: int = 1) -> None:
         super().__init__()
-        self.want, self.waiting = want, 0
-        self.all_waiting, self.release = asyncio.Event(), asyncio.Event()
+        self.hold, self.want, self.waiting = hold, want, 0
+        self.held, self.release = asyncio.Event(), asyncio.Event()
         self.refuse: set[str] = set()
+        self.writes: dict[str, int] = {}
 
     async def put_task(self, row: Any) -> None:
         if row.state == "submitted":
-            self.waiting += 1
-            if self.waiting >= self.want:
-                self.all_waiting.set()
-            await self.release.wait()
-            self.waiting -= 1
+            self.writes[row.task_id] = self.writes.get(row.task_id, 0) + 1
+            if self.hold is None or row.task_id in self.hold:
+                self.waiting += 1
+                if self.waiting >= self.want:
+                    self.held.set()
+                await self.release.wait()
+                self.waiting -= 1
             if row.task_id in self.refuse:
                 raise StoreUnavailable(f"row of {row.task_id} refused")
         await super().put_task(row)
@@ -344,14 +348,14 @@ class _GatedRows(MemoryCheckpointer):
 async def test_submit_many_stores_the_batch_together_and_starts_what_was_stored(
         tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
-    store = _GatedRows(want=3)
+    store = _HeldRows(want=3)
     async with LocalSwarm(cfg, store=store) as sw:
         sup = sw.supervisor
         ids = [f"batch-task-{i}" for i in range(3)]
         store.refuse = {ids[1]}
         call = asyncio.ensure_future(sup.submit_many(["a", "b", "c"], task_ids=ids))
         # All three rows are being written at once, not one after the other.
-        await asyncio.wait_for(store.all_waiting.wait(), 10)
+        await asyncio.wait_for(store.held.wait(), 10)
         assert sup.tasks == {}  # nothing is acknowledged before its row is stored
         store.release.set()
         with pytest.raises(StoreUnavailable, match=f"row of {ids[1]} refused") as err:
@@ -369,11 +373,11 @@ async def test_submit_many_stores_the_batch_together_and_starts_what_was_stored(
 async def test_a_retry_sent_while_the_first_submission_is_stored_makes_one_task(
         tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}})
-    store = _GatedRows(want=1)
+    store = _HeldRows()
     async with LocalSwarm(cfg, store=store) as sw:
         sup = sw.supervisor
         first = asyncio.ensure_future(sup.submit("a", task_id="retried-task-1"))
-        await asyncio.wait_for(store.all_waiting.wait(), 10)  # its row is being written
+        await asyncio.wait_for(store.held.wait(), 10)  # its row is being written
         again = asyncio.ensure_future(sup.submit("a", task_id="retried-task-1"))
         batch = asyncio.ensure_future(sup.submit_many(["a"], task_ids=["retried-task-1"]))
         with pytest.raises(UserError, match="already exists"):  # another text: refused
@@ -389,10 +393,10 @@ async def test_a_retry_sent_while_the_first_submission_is_stored_makes_one_task(
         assert (await sup.wait("retried-task-1", 10))["answer"] == "echoed: ping a"
         # A retry of a submission whose write failed gets that failure, not a task.
         store.release.clear()
-        store.all_waiting.clear()
+        store.held.clear()
         store.refuse = {"refused-task-1"}
         first = asyncio.ensure_future(sup.submit("c", task_id="refused-task-1"))
-        await asyncio.wait_for(store.all_waiting.wait(), 10)
+        await asyncio.wait_for(store.held.wait(), 10)
         again = asyncio.ensure_future(sup.submit("c", task_id="refused-task-1"))
         store.release.set()
         for call in (first, again):
@@ -402,9 +406,9 @@ async def test_a_retry_sent_while_the_first_submission_is_stored_makes_one_task(
         # A retry of a submission cancelled while its write was held is told so, not left
         # waiting for an outcome nobody will report.
         store.release.clear()
-        store.all_waiting.clear()
+        store.held.clear()
         first = asyncio.ensure_future(sup.submit_many(["d"], task_ids=["cancelled-task-1"]))
-        await asyncio.wait_for(store.all_waiting.wait(), 10)
+        await asyncio.wait_for(store.held.wait(), 10)
         again = asyncio.ensure_future(sup.submit("d", task_id="cancelled-task-1"))
         await asyncio.sleep(0)  # the retry reaches its wait
         first.cancel()
@@ -412,28 +416,6 @@ async def test_a_retry_sent_while_the_first_submission_is_stored_makes_one_task(
             await asyncio.wait_for(again, 10)
         assert sup._storing == {}
         store.release.set()
-
-
-class _HeldRows(MemoryCheckpointer):
-    """Holds the new-task rows of the ids in `hold` until `release`, says when one waits,
-    refuses the rows of the ids in `refuse`, and counts each id's new-task writes."""
-
-    def __init__(self, hold: set[str]) -> None:
-        super().__init__()
-        self.hold, self.held = hold, asyncio.Event()
-        self.release = asyncio.Event()
-        self.refuse: set[str] = set()
-        self.writes: dict[str, int] = {}
-
-    async def put_task(self, row: Any) -> None:
-        if row.state == "submitted":
-            self.writes[row.task_id] = self.writes.get(row.task_id, 0) + 1
-            if row.task_id in self.hold:
-                self.held.set()
-                await self.release.wait()
-            if row.task_id in self.refuse:
-                raise StoreUnavailable(f"row of {row.task_id} refused")
-        await super().put_task(row)
 
 
 async def test_submit_many_starts_each_chunk_once_its_rows_are_stored(
