@@ -315,8 +315,25 @@ class VLLMModelConfig(_Strict):
                                  serve_direct=self.ingress == "direct", **self.client)
 
 
+class PythonModelConfig(_Strict):
+    """A model written in Python: a `swarm.models.Model` built in each agent replica from an
+    import path, with keyword arguments (README "Models written in Python")."""
+
+    provider: Literal["python"]
+    factory: str = Field(
+        pattern=_IMPORT_PATH,
+        description="package.module:name of a Model subclass, or of a function returning a "
+        "Model; called with `options` as keyword arguments")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the factory (plain YAML "
+        "values: they travel to every replica)")
+    max_context_tokens: int | None = Field(None, ge=1, description="the context window")
+    price: Price = Field(Price(), description="USD per million tokens, for the ledger and budgets")
+
+
 ModelConfig = Annotated[
-    ScriptedModelConfig | OpenAIModelConfig | VLLMModelConfig, Field(discriminator="provider")
+    ScriptedModelConfig | OpenAIModelConfig | VLLMModelConfig | PythonModelConfig,
+    Field(discriminator="provider"),
 ]
 
 

@@ -2,10 +2,54 @@
 
 from __future__ import annotations
 
-from swarm.config import ModelConfig, OpenAIModelConfig, ScriptedModelConfig, VLLMModelConfig
+import inspect
+from typing import Any
+
+from swarm.config import (
+    ModelConfig,
+    OpenAIModelConfig,
+    PythonModelConfig,
+    ScriptedModelConfig,
+    VLLMModelConfig,
+)
+from swarm.errors import ConfigError
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall, Usage
 
-__all__ = ["Model", "ModelRequest", "ModelResponse", "ToolCall", "Usage", "build_model"]
+__all__ = ["Model", "ModelRequest", "ModelResponse", "ToolCall", "Usage", "build_model",
+           "build_python_model"]
+
+
+def build_python_model(name: str, cfg: PythonModelConfig) -> Model:
+    """`provider: python`: import `factory`, call it with `options`, check it made a `Model`.
+
+    Every failure is a `ConfigError` naming `models.<name>.factory` or `.options`, so a bad
+    entry stops `swarm validate` and deployment (`preflight` builds each one once) instead of
+    an agent replica."""
+    from swarm.tools.function import import_function
+
+    where = f"models.{name}"
+    try:
+        factory: Any = import_function(cfg.factory)
+    except Exception as e:  # ImportError, AttributeError, TypeError, or the module's own error
+        raise ConfigError([(f"{where}.factory",
+                            f"can't import {cfg.factory!r}: {type(e).__name__}: {e}")]) from e
+    try:
+        inspect.signature(factory).bind(**cfg.options)
+    except TypeError as e:
+        raise ConfigError([(f"{where}.options", f"{cfg.factory} does not take them: {e}")]) \
+            from None
+    except ValueError:  # no signature to check (a builtin): the call says what is wrong
+        pass
+    try:
+        model = factory(**cfg.options)
+    except Exception as e:
+        raise ConfigError([(f"{where}.options",
+                            f"{cfg.factory}(...) raised {type(e).__name__}: {e}")]) from e
+    if not isinstance(model, Model):
+        raise ConfigError([(f"{where}.factory",
+                            f"{cfg.factory} made a {type(model).__name__}, not a "
+                            "swarm.models.Model (a class with `async def complete`)")])
+    return model
 
 
 def build_model(name: str, cfg: ModelConfig, endpoints: dict[str, str] | None = None) -> Model:
@@ -25,6 +69,8 @@ def build_model(name: str, cfg: ModelConfig, endpoints: dict[str, str] | None = 
         if url is None:
             raise ValueError(f"model {name!r} has no deployed endpoint")
         return OpenAIModel.from_config(cfg.openai_config(url), name=name)
+    if isinstance(cfg, PythonModelConfig):
+        return build_python_model(name, cfg)
     assert isinstance(cfg, ScriptedModelConfig)
     if cfg.transport == "in_process":
         from swarm.models.scripted.model import ScriptedModel

@@ -176,16 +176,39 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
 
 
 def preflight(cfg: SwarmConfig) -> None:
-    """Checks that need code, not just the schema: function tools import and have schemas.
+    """Checks that need code, not just the schema: function tools import and have schemas,
+    and `provider: python` models import and build.
 
     Raises `ConfigError` naming the field, so a bad import path is caught before anything is
     deployed (and by `swarm validate`), not as a crash inside an agent actor.
     """
+    from swarm.config import PythonModelConfig
+    from swarm.models import Model, build_python_model
     from swarm.tools.function import FunctionToolSource
 
     for name, tcfg in cfg.tools.items():
         if tcfg.python is not None:
             FunctionToolSource(name, tcfg.python, timeout_s=tcfg.timeout_s)
+    for name, mcfg in cfg.models.items():
+        if isinstance(mcfg, PythonModelConfig):
+            model = build_python_model(name, mcfg)
+            if type(model).aclose is not Model.aclose:
+                _run_apart(model.aclose())  # built to be checked: what it opened is closed
+
+
+def _run_apart(coro: Any) -> Any:
+    """Run a coroutine to its end from sync code, in a thread of its own when this thread
+    already runs an event loop (a notebook), where `asyncio.run` would refuse."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def start_swarm(
@@ -212,11 +235,9 @@ def start_swarm(
         )
     preflight(cfg)
     if cfg.remote_agents():
-        import asyncio
-
         from swarm.protocol.a2a_member import check_cards
 
-        asyncio.run(check_cards(cfg))  # a remote member's bad card stops it here: ConfigError
+        _run_apart(check_cards(cfg))  # a remote member's bad card stops it here: ConfigError
     from swarm.observability.usage import pin_location
 
     cfg = pin_location(cfg)  # every actor writes the usage ledger to the same place

@@ -117,3 +117,30 @@ def test_cancel_a_running_task(echo: SwarmClient) -> None:
         slow.result(timeout=10)
     assert ei.value.state == "canceled"
     assert echo.submit("after cancel").result(timeout=60) == "done: after cancel"
+
+
+def test_a_python_model_runs_in_the_agent_replicas(ray_cluster, tmp_path: Path) -> None:
+    """`provider: python`: each replica imports and builds the model from the config."""
+    from swarm.config import parse_config
+
+    cfg = parse_config({
+        "name": "pym",
+        "models": {"m": {"provider": "python", "factory": "swarm.examples.models:RepeatTool",
+                         "options": {"tool": "echo", "arguments": {"text": "hi"}, "times": 2,
+                                     "answer": "echoed twice"}}},
+        "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
+        "agents": {"a": {"model": "m", "tools": ["fn"], "replicas": 2}},
+        "supervisor": {"entry": "a"},
+        "state": {"run_dir": str(tmp_path)},
+    }, base_dir=tmp_path)
+    name = f"pym-{uuid.uuid4().hex[:6]}"
+    sup, reports = start_swarm(cfg, deployment=name)
+    try:
+        assert len(reports) == 2 and all(not r["problems"] for r in reports), reports
+        client = SwarmClient(name, sup)
+        handles = [client.submit(f"task {i}") for i in range(8)]
+        assert [h.result(timeout=120) for h in handles] == ["echoed twice"] * 8
+        info = handles[0].status()
+        assert info.steps == 3 and info.input_tokens > 0
+    finally:
+        stop_swarm(name)
