@@ -118,3 +118,13 @@ def test_validate_reports_a_python_model_that_does_not_import(tmp_path: Path) ->
 def test_the_entry_round_trips() -> None:
     cfg = PythonModelConfig(provider="python", factory=REPEAT, options={"tool": "echo"})
     assert PythonModelConfig.model_validate(cfg.model_dump()) == cfg
+
+
+async def test_sync_deployment_steps_run_coroutines_under_a_running_loop() -> None:
+    """As in a notebook: `start_swarm` is sync, and its checks are coroutines."""
+    from swarm.runtime.deploy import _run_apart
+
+    async def answer() -> int:
+        return 42
+
+    assert _run_apart(answer()) == 42
