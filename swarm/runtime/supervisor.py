@@ -16,7 +16,6 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import msgspec
@@ -339,9 +338,12 @@ class _Flag:
         return await self._event.wait()
 
 
-@dataclass
+@dataclass(slots=True)
 class TaskRecord:
-    """One row of the task table: the A2A task plus what the runtime tracks about it."""
+    """One row of the task table: the A2A task plus what the runtime tracks about it.
+
+    Slotted: the supervisor holds one per task, and an instance dict of this many fields was
+    over a kilobyte of each."""
 
     task: Any  # a2a.types.Task
     user: str
@@ -392,10 +394,11 @@ class TaskRecord:
     # The task whose tool submitted this one (its `parent_task` metadata), for deadlocks.
     parent: str | None = None
 
-    @cached_property
-    def id(self) -> str:
-        """The A2A task's id (read on every event: kept, not read from the protobuf)."""
-        return str(self.task.id)
+    # The A2A task's id (read on every event: kept, not read from the protobuf).
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.id = str(self.task.id)
 
     @property
     def events(self) -> list[Event]:
