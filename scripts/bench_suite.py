@@ -15,7 +15,8 @@ ledger on. Each measurement runs in a fresh process.
 3. concurrency: 10, 100, 1,000, 2,000 tasks at once, each 10 tool steps + answer with 200 ms
    per model call; steps/s against the ideal C x 10 / 2.2, CPU µs per step over every process
    involved, and memory (RSS growth) per session. swarm on a local Ray with 2 CPUs (supervisor
-   and two agent replicas) and in one process; LangGraph with AsyncSqliteSaver and without.
+   and two agent replicas; the model a `provider: python` class, or with --ray-model scripted
+   the scripted engine) and in one process; LangGraph with AsyncSqliteSaver and without.
 4. recovery: `scripts/recovery_scenarios.py actor-kill --json` (agent replicas killed mid-task).
 
     pip install -e '.[bench]'
@@ -23,6 +24,7 @@ ledger on. Each measurement runs in a fresh process.
     python scripts/bench_suite.py --only step,growth   # some workloads
     python scripts/bench_suite.py --quick              # smaller levels, a smoke run
     python scripts/bench_suite.py --only concurrency --repeat 5   # each Ray level 5 times
+    python scripts/bench_suite.py --only concurrency --ray-model scripted   # the scripted engine
 
 Results go to bench-results/<timestamp>/ (results.json, table.txt, *.png).
 """
@@ -125,10 +127,12 @@ def run_growth(quick: bool) -> list[dict[str, Any]]:
             measure("lg_growth", [m for m in marks if m <= LG_MAX_STEPS])]
 
 
-def run_concurrency(quick: bool, repeat: int = 1) -> list[dict[str, Any]]:
+def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python"
+                    ) -> list[dict[str, Any]]:
     levels = [10, 100] if quick else CONC_LEVELS
     rows: list[dict[str, Any]] = []
-    ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat)
+    ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat,
+                       model=ray_model)
     rows += ray_rows if isinstance(ray_rows, list) else \
         [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
     for c in levels:
@@ -170,6 +174,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, metavar="N",
                     help="runs of each Ray concurrency level; the table shows the median run "
                     "and lists them all (default 3)")
+    ap.add_argument("--ray-model", choices=("python", "scripted"), default="python",
+                    help="the model of the Ray concurrency workload: python, a model class "
+                    "deciding from the turn's last messages as LangGraph's fake chat model does "
+                    "(swarm.examples.models:RepeatTool), or scripted, the scripted engine "
+                    "in-process (rules and templates: more CPU a call)")
     ap.add_argument("--out", default="bench-results", help="results folder")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -199,7 +208,8 @@ def main() -> None:
     if "growth" in only:
         res["growth"] = [g for g in run_growth(args.quick) if "error" not in g]
     if "concurrency" in only:
-        res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat)
+        res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat,
+                                             args.ray_model)
     if "recovery" in only:
         print("  recovery: scripts/recovery_scenarios.py actor-kill (~1-2 minutes)", flush=True)
         res["recovery"] = run_recovery()

@@ -297,14 +297,21 @@ async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dic
                            peak.store_at_peak - base_store, peak, processes=2)
 
 
-def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1
-                    ) -> list[dict[str, Any]]:
+def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
+                    model: str = "python") -> list[dict[str, Any]]:
     """The concurrency workload on a local Ray with 2 CPUs: a supervisor actor and `replicas`
-    agent actors, the scripted engine in-process (200 ms a call) and a Redis store; every level
-    in the same deployment, one after the other, each `repeat` times: the row is the run with
-    the median share of ideal, and `runs` has every run's share and CPU a step (a single run
-    moves by tens of percent on a shared 2-core machine). CPU and memory are summed over the
-    driver, Ray's processes (GCS, raylet, workers) and redis-server."""
+    agent actors, the model in-process (200 ms a call) and a Redis store; every level in the
+    same deployment, one after the other, each `repeat` times: the row is the run with the
+    median share of ideal, and `runs` has every run's share and CPU a step (a single run moves
+    by tens of percent on a shared 2-core machine). CPU and memory are summed over the driver,
+    Ray's processes (GCS, raylet, workers) and redis-server.
+
+    `model`: "python" is `swarm.examples.models:RepeatTool` (`provider: python`), a model class
+    that decides from the turn's last messages, as LangGraph's fake chat model and the step
+    workload's `EchoModel` do; "scripted" is the scripted engine, whose rules and templates
+    cost more a call (its `called:` condition, its Jinja rendering)."""
+    if model not in ("python", "scripted"):
+        raise ValueError(f"model must be python or scripted, not {model!r}")
     import ray
 
     from swarm.runtime.deploy import NAMESPACE, RAY_SYSTEM_CONFIG, start_swarm
@@ -332,7 +339,12 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1
             "name": "bench",
             "models": {"m": {"provider": "scripted", "policy": str(policy),
                              "transport": "in_process",
-                             "latency": {"fixed_ms": MODEL_LATENCY_S * 1000}}},
+                             "latency": {"fixed_ms": MODEL_LATENCY_S * 1000}}}
+            if model == "scripted" else
+            {"m": {"provider": "python", "factory": "swarm.examples.models:RepeatTool",
+                   "options": {"tool": "echo", "arguments": {"text": PAYLOAD},
+                               "times": TOOL_STEPS, "answer": ANSWER,
+                               "latency_s": MODEL_LATENCY_S}}},
             "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
             "agents": {"bench": {"model": "m", "tools": ["fn"], "replicas": replicas,
                                  "max_steps_per_turn": TOOL_STEPS + 2,
@@ -351,7 +363,10 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1
             runs = [asyncio.run(_ray_level(sup, level, procs, store_pids))
                     for _ in range(max(repeat, 1))]
             runs.sort(key=lambda r: r["of_ideal"])
-            out.append(runs[len(runs) // 2] | {"replicas": replicas, "runs": [
+            row = runs[len(runs) // 2]
+            if model == "scripted":
+                row["impl"] += ", scripted engine"
+            out.append(row | {"replicas": replicas, "model": model, "runs": [
                 {"of_ideal": r["of_ideal"], "cpu_us_per_step": r["cpu_us_per_step"]}
                 for r in runs]})
     finally:
