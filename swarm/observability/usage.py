@@ -36,6 +36,13 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
+# Call records buffered before they become Arrow columns, when they arrive off the event loop
+# (from the tracing sink's thread): a record's tuple and its numbers take about twice the
+# memory of its columns, and converting a few thousand at a time spares the writer one large
+# conversion at the end of a busy period.
+CONVERT_EVERY = 4096
+# Rows per Parquet row group: the writer holds a whole group's encoded pages until it ends.
+ROW_GROUP = 8192
 
 # A row's fields, in order (the metering layer builds the tuples).
 COLUMNS = ("ts", "task_id", "user", "swarm", "role", "kind", "model", "tool", "step",
@@ -99,6 +106,36 @@ def _redis_url(store: Any) -> tuple[str, str] | None:
     return None
 
 
+def _wait_for(lock: threading.Lock) -> None:
+    with lock:
+        pass
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _by_source(calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]]
+               ) -> list[tuple[CallSource, list[tuple[Any, ...]], list[float]]]:
+    """Each source's batches of records as one (source, records, costs): new lists where a
+    source has several, so the batches stay as they are should a conversion fail."""
+    by_source: dict[int, list[Any]] = {}
+    for call in calls:
+        by_source.setdefault(id(call[0]), []).append(call)
+    out = []
+    for batches in by_source.values():
+        if len(batches) == 1:
+            out.append(batches[0])
+        else:
+            out.append((batches[0][0], [r for b in batches for r in b[1]],
+                        [c for b in batches for c in b[2]]))
+    return out
+
+
 class UsageLedger:
     """Buffers ledger rows and writes them in batches from a background task."""
 
@@ -114,8 +151,14 @@ class UsageLedger:
         # Flushes asked for by turn ends coalesce: at most one per this many seconds.
         self.min_gap_s = min(1.0, flush_interval_s)
         self.rows: list[tuple[Any, ...]] = []
-        # (source, records, costs) from `extend_calls`: converted by the source when written.
+        # (source, records, costs) from `extend_calls`: converted by the source when written,
+        # or earlier, CONVERT_EVERY at a time, into `tables`.
         self.calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]] = []
+        self._in_calls = 0  # records in `calls`
+        self.tables: list[pa.Table] = []  # converted call records waiting to be written
+        self.convert_every = CONVERT_EVERY
+        self._early = True  # off after an early conversion failed, until the next flush
+        self._converting = threading.Lock()  # held while records are out being converted
         self._buffered = 0  # rows plus records
         self._rows_lock = threading.Lock()  # rows come from the event loop and drain threads
         # Called before each flush to pull rows recorded elsewhere (the metering layers').
@@ -129,6 +172,29 @@ class UsageLedger:
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._seq = 0
+
+    def warm_up(self, source: CallSource | None = None,
+                sample: list[tuple[Any, ...]] | None = None) -> None:
+        """Convert and write a one-row batch to memory, as a flush would (`source`'s records
+        too, given a `sample` of them): pyarrow sets up its compute kernels and Parquet
+        writer on first use, about 10 MB and tens of milliseconds once per process, which a
+        replica then pays at start-up, not in its first flush beside busy sessions. Nothing
+        is written to the ledger; a failure is logged, and the real flush meets it again."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            parts = [to_table([(time.time(), "warm-up", None, "swarm", "role", "model", "m",
+                                None, 0, 1, 1, 0, 0.0, 0.0, "ok", None)])]
+            if source is not None and sample:
+                parts.append(source.ledger_table(sample, [0.0] * len(sample)))
+            table = pa.concat_tables(parts)
+            _combos(table)
+            pq.write_table(table, pa.BufferOutputStream(), write_statistics=["ts", "swarm"],
+                           use_dictionary=_DICTIONARY, compression="lz4",
+                           row_group_size=ROW_GROUP)
+        except Exception:
+            log.warning("usage ledger: warming up pyarrow failed", exc_info=True)
 
     # -- hot path --------------------------------------------------------------------------
 
@@ -151,10 +217,39 @@ class UsageLedger:
         with self._rows_lock:
             self.calls.append((source, records, costs))
             self._buffered += len(records)
+            self._in_calls += len(records)
+            convert = self._early and self._in_calls >= self.convert_every
+        if convert and not _on_event_loop():
+            self._convert()
+
+    def _convert(self) -> None:
+        """Turn the buffered call records into Arrow tables now (off the event loop: the
+        tracing sink's thread); on failure they stay records, for the writer to try."""
+        with self._converting:
+            with self._rows_lock:
+                calls, self.calls, self._in_calls = self.calls, [], 0
+            if not calls:
+                return
+            try:
+                tables = [source.ledger_table(records, costs)
+                          for source, records, costs in _by_source(calls)]
+            except Exception:
+                log.warning("usage ledger: converting %d call records early failed; the "
+                            "writer will try", sum(len(c[1]) for c in calls), exc_info=True)
+                with self._rows_lock:
+                    self._early = False
+                    self.calls[:0] = calls
+                    self._in_calls += sum(len(c[1]) for c in calls)
+                return
+            converted = sum(t.num_rows for t in tables)
+            with self._rows_lock:
+                self.tables.extend(tables)
+                # Rows a source left out (calls stopped before they ran) are not waiting.
+                self._buffered -= sum(len(c[1]) for c in calls) - converted
 
     def kick(self) -> None:
         """Ask the writer to flush soon (at a turn's end), without waiting for it."""
-        if self._wake is not None and (self.rows or self.calls or self.sources):
+        if self._wake is not None and (self.rows or self.calls or self.tables or self.sources):
             self._wake.set()
 
     # -- background ------------------------------------------------------------------------
@@ -190,19 +285,23 @@ class UsageLedger:
         async with self._lock:
             for drain in list(self.sources):
                 drain()
+            if self._converting.locked():  # records out being converted: wait for them
+                await asyncio.to_thread(_wait_for, self._converting)
             with self._rows_lock:
+                self._early = True
                 rows, self.rows = self.rows, []
-                calls, self.calls = self.calls, []
+                calls, self.calls, self._in_calls = self.calls, [], 0
+                tables, self.tables = self.tables, []
                 self._buffered = 0
-            if not rows and not calls:
+            if not rows and not calls and not tables:
                 return 0
             try:
-                n, files, combos = await asyncio.to_thread(self._write, rows, calls)
+                n, files, combos = await asyncio.to_thread(self._write, rows, calls, tables)
             except Exception:
                 log.warning("usage ledger: writing %d rows under %s failed; will retry",
-                            len(rows) + sum(len(c[1]) for c in calls), self.location,
-                            exc_info=True)
-                self._keep(rows, calls)
+                            len(rows) + sum(len(c[1]) for c in calls)
+                            + sum(t.num_rows for t in tables), self.location, exc_info=True)
+                self._keep(rows, calls, tables)
                 return 0
             self.files_written += files
             self.rows_written += n
@@ -215,11 +314,13 @@ class UsageLedger:
             return n
 
     def _keep(self, rows: list[tuple[Any, ...]],
-              calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]]) -> None:
+              calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]],
+              tables: Sequence[pa.Table] = ()) -> None:
         """Put a batch that failed back in front of what came since, keeping at most
         `max_buffered_rows` rows and call records: the newest rows (few: the memory service's)
-        first, then the newest whole batches of records that fit; the rest are dropped and
-        counted (as records: a stopped call's would not have become a row)."""
+        first, then the newest whole batches of records that fit, then the newest converted
+        tables that fit; the rest are dropped and counted (as records: a stopped call's would
+        not have become a row)."""
         room = self.max_buffered_rows
         keep = rows[len(rows) - room:] if room < len(rows) else rows
         room -= len(keep)
@@ -229,20 +330,30 @@ class UsageLedger:
                 kept_calls.append(call)
                 room -= len(call[1])
         kept_calls.reverse()
+        kept_tables = []
+        for table in reversed(tables):
+            if table.num_rows <= room:
+                kept_tables.append(table)
+                room -= table.num_rows
+        kept_tables.reverse()
         kept = self.max_buffered_rows - room
-        self.rows_dropped += len(rows) + sum(len(c[1]) for c in calls) - kept
+        self.rows_dropped += (len(rows) + sum(len(c[1]) for c in calls)
+                              + sum(t.num_rows for t in tables) - kept)
         with self._rows_lock:
             self.rows[:0] = keep
             self.calls[:0] = kept_calls
+            self._in_calls += sum(len(c[1]) for c in kept_calls)
+            self.tables[:0] = kept_tables
             self._buffered += kept
 
     def _write(self, rows: list[tuple[Any, ...]],
-               calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]]
+               calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]],
+               tables: Sequence[pa.Table] = ()
                ) -> tuple[int, int, dict[tuple[Any, ...], list[float]]]:
-        """Write the rows and call records (one Parquet file per day); return the rows and
-        files written and, with Redis totals on, the rows' sums per (swarm, role, user, model)
-        in `SUMS` order, made by pyarrow from the same table (on this thread, not the event
-        loop)."""
+        """Write the rows, call records and converted tables (one Parquet file per day);
+        return the rows and files written and, with Redis totals on, the rows' sums per
+        (swarm, role, user, model) in `SUMS` order, made by pyarrow from the same table (on
+        this thread, not the event loop)."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -252,7 +363,7 @@ class UsageLedger:
         # call; the file holds them source by source.
         # Rows that can't be converted would fail every retry too: they are dropped and
         # counted, and the rest is written.
-        parts: list[pa.Table] = []
+        parts: list[pa.Table] = list(tables)
         bad = 0
         if rows:
             try:
@@ -261,16 +372,7 @@ class UsageLedger:
                 log.error("usage ledger: %d rows are not ledger rows; dropped", len(rows),
                           exc_info=True)
                 bad += len(rows)
-        by_source: dict[int, list[Any]] = {}
-        for call in calls:
-            by_source.setdefault(id(call[0]), []).append(call)
-        for batches in by_source.values():
-            if len(batches) == 1:
-                source, records, costs = batches[0]
-            else:  # new lists: the batches stay as they are, should the write fail
-                source = batches[0][0]
-                records = [r for b in batches for r in b[1]]
-                costs = [c for b in batches for c in b[2]]
+        for source, records, costs in _by_source(calls):
             try:
                 parts.append(source.ledger_table(records, costs))
             except Exception:
@@ -299,7 +401,7 @@ class UsageLedger:
             # columns of few values, LZ4: a third less CPU than the defaults, smaller files.
             pq.write_table(table, f"{folder}/{name}", filesystem=self.fs,
                            write_statistics=["ts", "swarm"], use_dictionary=_DICTIONARY,
-                           compression="lz4")
+                           compression="lz4", row_group_size=ROW_GROUP)
         combos: dict[tuple[Any, ...], list[float]] = {}
         if self._redis_spec is not None:
             try:
@@ -352,6 +454,8 @@ class UsageLedger:
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
         await self.flush()
+        if self.tables or self.calls:  # converted or drained while that flush ran
+            await self.flush()
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

@@ -6,6 +6,10 @@ thousand sessions in one agent replica, the collector took about a quarter of th
 CPU in `scripts/bench_suite.py`'s concurrency workload; the passes find almost nothing, since
 the runtime's data is freed by reference counting. A higher first threshold, and objects from
 start-up moved out of the collector's view (`gc.freeze`), cut that to a few percent.
+
+Arrow's buffers come from the process's malloc (`process.arrow_memory_pool: system`): pyarrow's
+default allocator sets aside megabytes for each thread that writes Parquet, which a replica's
+resident memory keeps.
 """
 
 from __future__ import annotations
@@ -24,3 +28,8 @@ def tune_process(proc: ProcessConfig) -> None:
     if proc.gc_threshold is not None:
         _, older, oldest = gc.get_threshold()
         gc.set_threshold(proc.gc_threshold, older, oldest)
+    if proc.arrow_memory_pool == "system":
+        import pyarrow as pa
+
+        # Buffers made before keep their own pool; new ones come from malloc.
+        pa.set_memory_pool(pa.system_memory_pool())

@@ -4,6 +4,7 @@ Parquet ledger and its queries, Redis totals, and one error class everywhere."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -216,6 +217,91 @@ async def test_a_failed_write_keeps_its_rows_and_calls_for_the_next(tmp_path: Pa
     # converted together.
     assert sorted(read_usage(str(loc))["task_id"].to_pylist()) == ["c1", "c2", "c3", "r1", "r2"]
     assert ledger.files_written == 1 and ledger.rows_written == 5
+
+
+def _from_a_thread(fn: Any, *args: Any) -> None:
+    """Call `fn` as the tracing sink's thread calls a drain: off the event loop."""
+    worker = threading.Thread(target=fn, args=args)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+
+
+async def test_records_drained_off_the_loop_become_tables_early_and_are_written_once(
+        tmp_path: Path) -> None:
+    ledger = UsageLedger(str(tmp_path / "usage"))
+    ledger.convert_every = 4
+    now, src = time.time(), _Rows()
+    _from_a_thread(ledger.extend_calls, src, [_row(now, task_id=f"a{i}") for i in range(3)],
+                   [0.0] * 3)
+    assert ledger.tables == [] and len(ledger.calls) == 1  # under the threshold: records
+    _from_a_thread(ledger.extend_calls, src, [_row(now, task_id=f"b{i}") for i in range(2)],
+                   [0.0] * 2)
+    assert ledger.calls == [] and [t.num_rows for t in ledger.tables] == [5]
+    # On the event loop records are left for the writer's thread to convert.
+    ledger.extend_calls(src, [_row(now, task_id=f"c{i}") for i in range(4)], [0.0] * 4)
+    assert len(ledger.calls) == 1 and [t.num_rows for t in ledger.tables] == [5]
+    assert await ledger.flush() == 9
+    await ledger.aclose()
+    assert sorted(read_usage(str(tmp_path / "usage"))["task_id"].to_pylist()) == \
+        [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(2)] + [f"c{i}" for i in range(4)]
+    assert ledger.files_written == 1 and ledger.rows_dropped == 0
+
+
+async def test_an_early_conversion_that_fails_leaves_the_records_to_the_writer(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class _FailsOnce(_Rows):
+        calls = 0
+
+        def ledger_table(self, records: list[tuple[Any, ...]], costs: list[float]) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("not now")
+            return super().ledger_table(records, costs)
+
+    ledger = UsageLedger(str(tmp_path / "usage"))
+    ledger.convert_every = 2
+    src, now = _FailsOnce(), time.time()
+    _from_a_thread(ledger.extend_calls, src, [_row(now, task_id="x"), _row(now, task_id="y")],
+                   [0.0, 0.0])
+    assert "converting 2 call records early failed" in caplog.text
+    assert ledger.tables == [] and len(ledger.calls) == 1
+    # No second try before the next flush: the writer converts them.
+    _from_a_thread(ledger.extend_calls, src, [_row(now, task_id="z")], [0.0])
+    assert src.calls == 1 and len(ledger.calls) == 2
+    assert await ledger.flush() == 3
+    await ledger.aclose()
+    assert sorted(read_usage(str(tmp_path / "usage"))["task_id"].to_pylist()) == ["x", "y", "z"]
+
+
+async def test_a_failed_write_keeps_converted_tables_too(tmp_path: Path) -> None:
+    loc = tmp_path / "usage"
+    loc.write_text("blocked")
+    ledger = UsageLedger(str(loc))
+    ledger.convert_every = 1
+    _from_a_thread(ledger.extend_calls, _Rows(), [_row(time.time(), task_id="t")], [0.0])
+    assert [t.num_rows for t in ledger.tables] == [1]
+    assert await ledger.flush() == 0 and [t.num_rows for t in ledger.tables] == [1]
+    loc.unlink()
+    await ledger.aclose()
+    assert read_usage(str(loc))["task_id"].to_pylist() == ["t"]
+
+
+def test_warming_up_converts_a_step_loops_record_and_writes_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from swarm.observability.metering import MeteringLayer, _warm_record
+
+    layer = MeteringLayer(make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m"}}), "looper",
+                          swarm="s1")
+    # The warm-up's record is one `ledger_table` reads as a model call that ran.
+    (row,) = layer.ledger_table([_warm_record("m")], [0.0]).to_pylist()
+    assert (row["kind"], row["model"], row["outcome"], row["input_tokens"]) == \
+        ("model", "m", "ok", 1)
+    ledger = UsageLedger(str(tmp_path / "usage"))
+    ledger.warm_up(layer, [_warm_record("m")])
+    assert "warming up pyarrow failed" not in caplog.text
+    assert not (tmp_path / "usage").exists()
+    assert ledger.rows_written == 0 and ledger.files_written == 0
 
 
 async def test_a_ledger_that_cannot_write_keeps_at_most_its_bound(tmp_path: Path) -> None:

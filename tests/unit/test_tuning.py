@@ -18,10 +18,13 @@ BASE = {"name": "t",
 
 @pytest.fixture
 def restore_gc() -> Iterator[None]:
-    before = gc.get_threshold()
+    import pyarrow as pa
+
+    before, pool = gc.get_threshold(), pa.default_memory_pool()
     yield
     gc.set_threshold(*before)
     gc.unfreeze()
+    pa.set_memory_pool(pool)
 
 
 def test_gc_threshold_and_freeze_apply_to_the_process(restore_gc: None) -> None:
@@ -42,3 +45,17 @@ def test_null_keeps_pythons_collector_settings(restore_gc: None) -> None:
 def test_a_tiny_threshold_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match=r"process\.gc_threshold"):
         parse_config(BASE | {"process": {"gc_threshold": 5}})
+
+
+def test_arrow_buffers_come_from_malloc_unless_told_otherwise(restore_gc: None) -> None:
+    import pyarrow as pa
+
+    tune_process(parse_config(BASE).process)
+    assert pa.default_memory_pool().backend_name == "system"
+    assert pa.array(list(range(1000))).nbytes > 0  # allocations still work
+    pa.set_memory_pool(pa.mimalloc_memory_pool())
+    kept = pa.default_memory_pool().backend_name
+    tune_process(parse_config(BASE | {"process": {"arrow_memory_pool": "default"}}).process)
+    assert pa.default_memory_pool().backend_name == kept
+    with pytest.raises(ConfigError, match=r"process\.arrow_memory_pool"):
+        parse_config(BASE | {"process": {"arrow_memory_pool": "tcmalloc"}})
