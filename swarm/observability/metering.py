@@ -261,10 +261,12 @@ class MeteringLayer(Middleware):
             costs = self._costs(batch)  # once for the three outputs
             if self.sink is not None:
                 self.sink.put_calls(self.role, self.provider, batch, costs)
-            if self.ledger is not None:
-                self.ledger.extend_calls(self, batch, costs)
             if self.meter is not None:
                 self._sums(batch, costs)
+        if self.ledger is not None:
+            # Outside the lock: the ledger may convert records here (off the event loop),
+            # and a drain on the loop must not wait for that.
+            self.ledger.extend_calls(self, batch, costs)
 
     def _for_spans(self, batch: list[tuple[Any, ...]]) -> None:
         """Redact the error texts, and give a call with no parent span (a step loop run

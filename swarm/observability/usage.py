@@ -106,11 +106,6 @@ def _redis_url(store: Any) -> tuple[str, str] | None:
     return None
 
 
-def _wait_for(lock: threading.Lock) -> None:
-    with lock:
-        pass
-
-
 def _on_event_loop() -> bool:
     try:
         asyncio.get_running_loop()
@@ -285,14 +280,18 @@ class UsageLedger:
         async with self._lock:
             for drain in list(self.sources):
                 drain()
-            if self._converting.locked():  # records out being converted: wait for them
-                await asyncio.to_thread(_wait_for, self._converting)
-            with self._rows_lock:
-                self._early = True
-                rows, self.rows = self.rows, []
-                calls, self.calls, self._in_calls = self.calls, [], 0
-                tables, self.tables = self.tables, []
-                self._buffered = 0
+            # Records out being converted are waited for (in a thread: the loop never
+            # blocks on a conversion), and none is taken out while these are.
+            await asyncio.to_thread(self._converting.acquire)
+            try:
+                with self._rows_lock:
+                    self._early = True
+                    rows, self.rows = self.rows, []
+                    calls, self.calls, self._in_calls = self.calls, [], 0
+                    tables, self.tables = self.tables, []
+                    self._buffered = 0
+            finally:
+                self._converting.release()
             if not rows and not calls and not tables:
                 return 0
             try:
@@ -454,8 +453,8 @@ class UsageLedger:
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
         await self.flush()
-        if self.tables or self.calls:  # converted or drained while that flush ran
-            await self.flush()
+        if self._converting.locked() or self.tables or self.calls:
+            await self.flush()  # drained or converted while that flush wrote
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
