@@ -25,6 +25,8 @@ ledger on. Each measurement runs in a fresh process.
     python scripts/bench_suite.py --quick              # smaller levels, a smoke run
     python scripts/bench_suite.py --only concurrency --repeat 5   # each Ray level 5 times
     python scripts/bench_suite.py --only concurrency --ray-model scripted   # the scripted engine
+    python scripts/bench_suite.py --only concurrency --levels 2000 --sides swarm   # one level,
+                                                       # a fresh deployment, swarm alone
 
 Results go to bench-results/<timestamp>/ (results.json, table.txt, *.png).
 """
@@ -51,6 +53,7 @@ STEP_LEVELS = {10: 30, 100: 5, 500: 2, 2000: 1}  # steps per task -> tasks measu
 LG_MAX_STEPS = 500  # LangGraph's storage grows with the square of the task length
 GROWTH_MARKS = [10, 100, 500, 2000]
 CONC_LEVELS = [10, 100, 1000, 2000]
+SIDES = {"swarm", "langgraph"}  # which runtimes to measure (--sides)
 
 
 def one(spec: dict[str, Any]) -> Any:
@@ -109,7 +112,7 @@ def run_step(quick: bool) -> list[dict[str, Any]]:
     rows = []
     for steps, tasks in levels.items():
         rows.append(measure("swarm_step_overhead", steps, tasks))
-        if steps <= LG_MAX_STEPS:
+        if steps <= LG_MAX_STEPS and "langgraph" in SIDES:
             rows.append(measure("lg_step_overhead", steps, tasks))
     for steps, tasks in ((100, 2), (500, 1)) if not quick else ((100, 2),):
         rows.append(measure("swarm_step_overhead", steps, tasks, tool="mcp"))
@@ -123,13 +126,15 @@ def run_step(quick: bool) -> list[dict[str, Any]]:
 
 def run_growth(quick: bool) -> list[dict[str, Any]]:
     marks = [10, 100] if quick else GROWTH_MARKS
-    return [measure("swarm_growth", marks),
-            measure("lg_growth", [m for m in marks if m <= LG_MAX_STEPS])]
+    rows = [measure("swarm_growth", marks)]
+    if "langgraph" in SIDES:
+        rows.append(measure("lg_growth", [m for m in marks if m <= LG_MAX_STEPS]))
+    return rows
 
 
-def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python"
-                    ) -> list[dict[str, Any]]:
-    levels = [10, 100] if quick else CONC_LEVELS
+def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python",
+                    levels: list[int] | None = None) -> list[dict[str, Any]]:
+    levels = levels or ([10, 100] if quick else CONC_LEVELS)
     rows: list[dict[str, Any]] = []
     ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat,
                        model=ray_model)
@@ -137,7 +142,7 @@ def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python"
         [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
     for c in levels:
         rows.append(measure("swarm_local_concurrency", c) | {"sessions": c})
-    for c in levels:
+    for c in levels if "langgraph" in SIDES else ():
         rows.append(measure("lg_concurrency", c, True) | {"sessions": c})
         rows.append(measure("lg_concurrency", c, False) | {"sessions": c})
     for r in rows:
@@ -179,11 +184,31 @@ def main() -> None:
                     "deciding from the turn's last messages as LangGraph's fake chat model does "
                     "(swarm.examples.models:RepeatTool), or scripted, the scripted engine "
                     "in-process (rules and templates: more CPU a call)")
+    ap.add_argument("--levels", metavar="C,C,...",
+                    help="concurrency levels, comma-separated (default 10,100,1000,2000; "
+                    "--quick 10,100). The Ray levels share one deployment, one after the "
+                    "other: a single level is measured on a fresh one, so its memory figure "
+                    "is the whole cost of its sessions, pools included")
+    ap.add_argument("--sides", default="swarm,langgraph", metavar="swarm,langgraph",
+                    help="the runtimes to measure (default both; swarm alone is minutes "
+                    "shorter, with no comparison)")
     ap.add_argument("--out", default="bench-results", help="results folder")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error(f"--repeat must be 1 or more, not {args.repeat}")
+    sides = {x.strip() for x in args.sides.split(",") if x.strip()}
+    if not sides or not sides <= {"swarm", "langgraph"} or "swarm" not in sides:
+        ap.error(f"--sides: swarm, or swarm,langgraph; not {args.sides!r}")
+    SIDES.intersection_update(sides)
+    levels = None
+    if args.levels:
+        try:
+            levels = sorted({int(x) for x in args.levels.split(",") if x.strip()})
+        except ValueError:
+            ap.error(f"--levels takes whole numbers separated by commas, not {args.levels!r}")
+        if not levels or levels[0] < 1 or levels[-1] > 10_000:
+            ap.error(f"--levels must be between 1 and 10000, not {args.levels!r}")
     if args.one:
         print(json.dumps(one(json.loads(args.one)), default=str), flush=True)
         return
@@ -209,7 +234,7 @@ def main() -> None:
         res["growth"] = [g for g in run_growth(args.quick) if "error" not in g]
     if "concurrency" in only:
         res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat,
-                                             args.ray_model)
+                                             args.ray_model, levels)
     if "recovery" in only:
         print("  recovery: scripts/recovery_scenarios.py actor-kill (~1-2 minutes)", flush=True)
         res["recovery"] = run_recovery()

@@ -274,6 +274,32 @@ async def test_an_early_conversion_that_fails_leaves_the_records_to_the_writer(
     assert sorted(read_usage(str(tmp_path / "usage"))["task_id"].to_pylist()) == ["x", "y", "z"]
 
 
+async def test_a_flush_waits_for_a_conversion_under_way_and_writes_its_rows(
+        tmp_path: Path) -> None:
+    converting, go_on = threading.Event(), threading.Event()
+
+    class _Slow(_Rows):
+        def ledger_table(self, records: list[tuple[Any, ...]], costs: list[float]) -> Any:
+            converting.set()
+            assert go_on.wait(10)
+            return super().ledger_table(records, costs)
+
+    ledger = UsageLedger(str(tmp_path / "usage"))
+    ledger.convert_every = 1
+    worker = threading.Thread(target=ledger.extend_calls,
+                              args=(_Slow(), [_row(time.time(), task_id="slow")], [0.0]))
+    worker.start()
+    assert await asyncio.to_thread(converting.wait, 10)
+    flush = asyncio.ensure_future(ledger.flush())
+    await asyncio.sleep(0)  # the flush is waiting for the conversion, in a thread
+    assert not flush.done()
+    go_on.set()
+    assert await asyncio.wait_for(flush, 10) == 1
+    worker.join(10)
+    await ledger.aclose()
+    assert read_usage(str(tmp_path / "usage"))["task_id"].to_pylist() == ["slow"]
+
+
 async def test_a_failed_write_keeps_converted_tables_too(tmp_path: Path) -> None:
     loc = tmp_path / "usage"
     loc.write_text("blocked")
