@@ -29,9 +29,6 @@ def table(res: dict[str, Any]) -> str:
             out.append(f"{r['impl']:<40} {r['steps']:>6} {_f(r['p50_us']):>8} "
                        f"{_f(r['p99_us']):>8} {_f(r['durable_us_per_step']):>19}")
         out.append("")
-        for v in verdicts(res):
-            out.append(v)
-        out.append("")
     growth = res.get("growth", [])
     if growth:
         out.append("== 2. checkpoint growth: bytes stored for one task")
@@ -97,6 +94,10 @@ def table(res: dict[str, Any]) -> str:
                        f"{rec['duplicated_effects']} ({f.get('repeated_invocations_absorbed')} "
                        "repeated invocations absorbed by the idempotency ledger); checks "
                        f"{'passed' if rec['ok'] else 'FAILED: ' + str(rec['failed_checks'])}")
+    found = verdicts(res)
+    if found:
+        out.append("== targets")
+        out.extend(found)
     return "\n".join(out)
 
 
