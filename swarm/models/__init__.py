@@ -30,21 +30,35 @@ def build_python_model(name: str, cfg: PythonModelConfig) -> Model:
     where = f"models.{name}"
     try:
         factory: Any = import_function(cfg.factory)
-    except Exception as e:  # ImportError, AttributeError, TypeError, or the module's own error
+    except (Exception, SystemExit) as e:  # ImportError, AttributeError, the module's own
         raise ConfigError([(f"{where}.factory",
                             f"can't import {cfg.factory!r}: {type(e).__name__}: {e}")]) from e
+    if inspect.isclass(factory) and inspect.isabstract(factory):
+        missing = ", ".join(sorted(getattr(factory, "__abstractmethods__", ())))
+        raise ConfigError([(f"{where}.factory", f"{cfg.factory} is abstract: it doesn't "
+                            f"implement {missing}")])
     try:
-        inspect.signature(factory).bind(**cfg.options)
-    except TypeError as e:
-        raise ConfigError([(f"{where}.options", f"{cfg.factory} does not take them: {e}")]) \
-            from None
-    except ValueError:  # no signature to check (a builtin): the call says what is wrong
-        pass
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # none to check (a builtin): the call says what is wrong
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**cfg.options)
+        except TypeError as e:
+            raise ConfigError([(f"{where}.options", f"{cfg.factory} does not take them: {e}")]) \
+                from None
     try:
         model = factory(**cfg.options)
     except Exception as e:
         raise ConfigError([(f"{where}.options",
                             f"{cfg.factory}(...) raised {type(e).__name__}: {e}")]) from e
+    if inspect.isawaitable(model):
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()  # a coroutine never awaited would warn
+        raise ConfigError([(f"{where}.factory", f"{cfg.factory} is async: the factory must "
+                            "return the model, not a coroutine (do async set-up in the "
+                            "model's `prepare`)")])
     if not isinstance(model, Model):
         raise ConfigError([(f"{where}.factory",
                             f"{cfg.factory} made a {type(model).__name__}, not a "

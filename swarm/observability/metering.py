@@ -137,8 +137,7 @@ class MeteringLayer(Middleware):
             ledger.sources.append(self.drain)
             # pyarrow's first conversion and Parquet write, once per process, in the
             # background now rather than in the first flush.
-            threading.Thread(target=ledger.warm_up, args=(self, [_warm_record(model)]),
-                             name="usage-warm-up", daemon=True).start()
+            ledger.warm_up_once(self, [_warm_record(model)])
         if self.sink is not None:
             self.sink.sources.append(self.drain)
             self.sink.start()
@@ -261,12 +260,14 @@ class MeteringLayer(Middleware):
             costs = self._costs(batch)  # once for the three outputs
             if self.sink is not None:
                 self.sink.put_calls(self.role, self.provider, batch, costs)
+            if self.ledger is not None:
+                # In the lock: a drain that finds nothing (`aclose`'s) knows every record
+                # taken before it is in the ledger.
+                self.ledger.extend_calls(self, batch, costs)
             if self.meter is not None:
                 self._sums(batch, costs)
         if self.ledger is not None:
-            # Outside the lock: the ledger may convert records here (off the event loop),
-            # and a drain on the loop must not wait for that.
-            self.ledger.extend_calls(self, batch, costs)
+            self.ledger.convert_soon()  # on the ledger's own thread
 
     def _for_spans(self, batch: list[tuple[Any, ...]]) -> None:
         """Redact the error texts, and give a call with no parent span (a step loop run

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 CONVERT_EVERY = 4096
 # Rows per Parquet row group: the writer holds a whole group's encoded pages until it ends.
 ROW_GROUP = 8192
+_WARMED = False  # pyarrow warmed up in this process (`UsageLedger.warm_up_once`)
+_WARM_LOCK = threading.Lock()
 
 # A row's fields, in order (the metering layer builds the tuples).
 COLUMNS = ("ts", "task_id", "user", "swarm", "role", "kind", "model", "tool", "step",
@@ -106,12 +108,9 @@ def _redis_url(store: Any) -> tuple[str, str] | None:
     return None
 
 
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+def _wait_for(lock: threading.Lock) -> None:
+    with lock:
+        pass
 
 
 def _by_source(calls: list[tuple[CallSource, list[tuple[Any, ...]], list[float]]]
@@ -154,6 +153,8 @@ class UsageLedger:
         self.convert_every = CONVERT_EVERY
         self._early = True  # off after an early conversion failed, until the next flush
         self._converting = threading.Lock()  # held while records are out being converted
+        self._queued = False  # a conversion is queued on the converter thread
+        self._converter: Any = None  # that thread (a one-worker executor), made when needed
         self._buffered = 0  # rows plus records
         self._rows_lock = threading.Lock()  # rows come from the event loop and drain threads
         # Called before each flush to pull rows recorded elsewhere (the metering layers').
@@ -168,7 +169,21 @@ class UsageLedger:
         self._lock: asyncio.Lock | None = None
         self._seq = 0
 
-    def warm_up(self, source: CallSource | None = None,
+    @staticmethod
+    def warm_up_once(source: CallSource | None = None,
+                     sample: list[tuple[Any, ...]] | None = None) -> None:
+        """`warm_up`, in a thread of its own, the first time it is asked for in this process
+        (a process's agent hosts share pyarrow)."""
+        global _WARMED
+        with _WARM_LOCK:
+            if _WARMED:
+                return
+            _WARMED = True
+        threading.Thread(target=UsageLedger.warm_up, args=(source, sample),
+                         name="usage-warm-up", daemon=True).start()
+
+    @staticmethod
+    def warm_up(source: CallSource | None = None,
                 sample: list[tuple[Any, ...]] | None = None) -> None:
         """Convert and write a one-row batch to memory, as a flush would (`source`'s records
         too, given a `sample` of them): pyarrow sets up its compute kernels and Parquet
@@ -208,20 +223,32 @@ class UsageLedger:
                      costs: list[float]) -> None:
         """Buffer a source's call records as they are, from any thread; when they are written,
         `source.ledger_table(records, costs)` makes their rows as Arrow columns (a source's
-        batches written together are converted in one call)."""
+        batches written together are converted in one call). Cheap: see `convert_soon`."""
         with self._rows_lock:
             self.calls.append((source, records, costs))
             self._buffered += len(records)
             self._in_calls += len(records)
-            convert = self._early and self._in_calls >= self.convert_every
-        if convert and not _on_event_loop():
-            self._convert()
+
+    def convert_soon(self) -> None:
+        """Once `convert_every` records are buffered, have the ledger's converter thread make
+        them Arrow tables (the caller never waits for it)."""
+        with self._rows_lock:
+            due = self._early and not self._queued and self._in_calls >= self.convert_every
+            if due:
+                self._queued = True
+        if due:
+            if self._converter is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._converter = ThreadPoolExecutor(1, thread_name_prefix="usage-convert")
+            self._converter.submit(self._convert)
 
     def _convert(self) -> None:
-        """Turn the buffered call records into Arrow tables now (off the event loop: the
-        tracing sink's thread); on failure they stay records, for the writer to try."""
+        """Turn the buffered call records into Arrow tables now (the converter thread); on
+        failure they stay records, for the writer to try."""
         with self._converting:
             with self._rows_lock:
+                self._queued = False
                 calls, self.calls, self._in_calls = self.calls, [], 0
             if not calls:
                 return
@@ -280,18 +307,17 @@ class UsageLedger:
         async with self._lock:
             for drain in list(self.sources):
                 drain()
-            # Records out being converted are waited for (in a thread: the loop never
-            # blocks on a conversion), and none is taken out while these are.
-            await asyncio.to_thread(self._converting.acquire)
-            try:
-                with self._rows_lock:
-                    self._early = True
-                    rows, self.rows = self.rows, []
-                    calls, self.calls, self._in_calls = self.calls, [], 0
-                    tables, self.tables = self.tables, []
-                    self._buffered = 0
-            finally:
-                self._converting.release()
+            # Records out being converted are waited for, in a thread (the loop never blocks
+            # on a conversion; a cancelled wait leaves nothing held). One that starts after
+            # this takes what is buffered now and leaves its tables to the next flush.
+            while self._converting.locked():
+                await asyncio.to_thread(_wait_for, self._converting)
+            with self._rows_lock:
+                self._early = True
+                rows, self.rows = self.rows, []
+                calls, self.calls, self._in_calls = self.calls, [], 0
+                tables, self.tables = self.tables, []
+                self._buffered = 0
             if not rows and not calls and not tables:
                 return 0
             try:
@@ -453,8 +479,11 @@ class UsageLedger:
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
         await self.flush()
-        if self._converting.locked() or self.tables or self.calls:
-            await self.flush()  # drained or converted while that flush wrote
+        converter, self._converter = self._converter, None
+        if converter is not None:  # a conversion queued meanwhile: its tables are flushed
+            await asyncio.to_thread(converter.shutdown, True)
+        if self.tables or self.calls:
+            await self.flush()
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

@@ -219,32 +219,30 @@ async def test_a_failed_write_keeps_its_rows_and_calls_for_the_next(tmp_path: Pa
     assert ledger.files_written == 1 and ledger.rows_written == 5
 
 
-def _from_a_thread(fn: Any, *args: Any) -> None:
-    """Call `fn` as the tracing sink's thread calls a drain: off the event loop."""
-    worker = threading.Thread(target=fn, args=args)
-    worker.start()
-    worker.join(10)
-    assert not worker.is_alive()
+def _converted(ledger: UsageLedger) -> None:
+    """Wait until the ledger's converter thread has done what was queued on it."""
+    if ledger._converter is not None:
+        ledger._converter.submit(lambda: None).result(10)
 
 
-async def test_records_drained_off_the_loop_become_tables_early_and_are_written_once(
+async def test_buffered_records_become_tables_early_and_are_written_once(
         tmp_path: Path) -> None:
     ledger = UsageLedger(str(tmp_path / "usage"))
     ledger.convert_every = 4
     now, src = time.time(), _Rows()
-    _from_a_thread(ledger.extend_calls, src, [_row(now, task_id=f"a{i}") for i in range(3)],
-                   [0.0] * 3)
+    ledger.extend_calls(src, [_row(now, task_id=f"a{i}") for i in range(3)], [0.0] * 3)
+    ledger.convert_soon()
+    _converted(ledger)
     assert ledger.tables == [] and len(ledger.calls) == 1  # under the threshold: records
-    _from_a_thread(ledger.extend_calls, src, [_row(now, task_id=f"b{i}") for i in range(2)],
-                   [0.0] * 2)
+    ledger.extend_calls(src, [_row(now, task_id=f"b{i}") for i in range(2)], [0.0] * 2)
+    ledger.convert_soon()
+    _converted(ledger)
     assert ledger.calls == [] and [t.num_rows for t in ledger.tables] == [5]
-    # On the event loop records are left for the writer's thread to convert.
-    ledger.extend_calls(src, [_row(now, task_id=f"c{i}") for i in range(4)], [0.0] * 4)
-    assert len(ledger.calls) == 1 and [t.num_rows for t in ledger.tables] == [5]
-    assert await ledger.flush() == 9
+    ledger.extend_calls(src, [_row(now, task_id=f"c{i}") for i in range(3)], [0.0] * 3)
+    assert await ledger.flush() == 8  # tables and records in one file
     await ledger.aclose()
     assert sorted(read_usage(str(tmp_path / "usage"))["task_id"].to_pylist()) == \
-        [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(2)] + [f"c{i}" for i in range(4)]
+        [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(2)] + [f"c{i}" for i in range(3)]
     assert ledger.files_written == 1 and ledger.rows_dropped == 0
 
 
@@ -262,19 +260,22 @@ async def test_an_early_conversion_that_fails_leaves_the_records_to_the_writer(
     ledger = UsageLedger(str(tmp_path / "usage"))
     ledger.convert_every = 2
     src, now = _FailsOnce(), time.time()
-    _from_a_thread(ledger.extend_calls, src, [_row(now, task_id="x"), _row(now, task_id="y")],
-                   [0.0, 0.0])
+    ledger.extend_calls(src, [_row(now, task_id="x"), _row(now, task_id="y")], [0.0, 0.0])
+    ledger.convert_soon()
+    _converted(ledger)
     assert "converting 2 call records early failed" in caplog.text
     assert ledger.tables == [] and len(ledger.calls) == 1
     # No second try before the next flush: the writer converts them.
-    _from_a_thread(ledger.extend_calls, src, [_row(now, task_id="z")], [0.0])
+    ledger.extend_calls(src, [_row(now, task_id="z")], [0.0])
+    ledger.convert_soon()
+    _converted(ledger)
     assert src.calls == 1 and len(ledger.calls) == 2
     assert await ledger.flush() == 3
     await ledger.aclose()
     assert sorted(read_usage(str(tmp_path / "usage"))["task_id"].to_pylist()) == ["x", "y", "z"]
 
 
-async def test_a_flush_waits_for_a_conversion_under_way_and_writes_its_rows(
+async def test_a_flush_waits_for_a_conversion_under_way_and_close_writes_its_rows(
         tmp_path: Path) -> None:
     converting, go_on = threading.Event(), threading.Event()
 
@@ -286,18 +287,27 @@ async def test_a_flush_waits_for_a_conversion_under_way_and_writes_its_rows(
 
     ledger = UsageLedger(str(tmp_path / "usage"))
     ledger.convert_every = 1
-    worker = threading.Thread(target=ledger.extend_calls,
-                              args=(_Slow(), [_row(time.time(), task_id="slow")], [0.0]))
-    worker.start()
+    ledger.extend_calls(_Slow(), [_row(time.time(), task_id="slow")], [0.0])
+    ledger.convert_soon()
     assert await asyncio.to_thread(converting.wait, 10)
     flush = asyncio.ensure_future(ledger.flush())
     await asyncio.sleep(0)  # the flush is waiting for the conversion, in a thread
     assert not flush.done()
     go_on.set()
     assert await asyncio.wait_for(flush, 10) == 1
-    worker.join(10)
-    await ledger.aclose()
-    assert read_usage(str(tmp_path / "usage"))["task_id"].to_pylist() == ["slow"]
+    # A flush cancelled while it waits holds nothing: the next one goes through.
+    converting.clear()
+    go_on.clear()
+    ledger.extend_calls(_Slow(), [_row(time.time(), task_id="late")], [0.0])
+    ledger.convert_soon()
+    assert await asyncio.to_thread(converting.wait, 10)
+    cancelled = asyncio.ensure_future(ledger.flush())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    go_on.set()
+    await asyncio.wait_for(ledger.aclose(), 10)  # waits for the converter, writes its table
+    assert sorted(read_usage(str(tmp_path / "usage"))["task_id"].to_pylist()) == \
+        ["late", "slow"]
 
 
 async def test_a_failed_write_keeps_converted_tables_too(tmp_path: Path) -> None:
@@ -305,7 +315,9 @@ async def test_a_failed_write_keeps_converted_tables_too(tmp_path: Path) -> None
     loc.write_text("blocked")
     ledger = UsageLedger(str(loc))
     ledger.convert_every = 1
-    _from_a_thread(ledger.extend_calls, _Rows(), [_row(time.time(), task_id="t")], [0.0])
+    ledger.extend_calls(_Rows(), [_row(time.time(), task_id="t")], [0.0])
+    ledger.convert_soon()
+    _converted(ledger)
     assert [t.num_rows for t in ledger.tables] == [1]
     assert await ledger.flush() == 0 and [t.num_rows for t in ledger.tables] == [1]
     loc.unlink()

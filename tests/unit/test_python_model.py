@@ -77,6 +77,10 @@ async def test_repeat_tool_counts_only_the_latest_turn() -> None:
      "missing a required argument: 'tool'"),
     ({"factory": REPEAT, "options": {"tool": "echo", "times": -1}}, "models.m.options",
      "raised ValueError: times must be 0 or more"),
+    ({"factory": "tests.unit.python_models:Abstract"}, "models.m.factory",
+     "is abstract: it doesn't implement complete"),
+    ({"factory": "tests.unit.python_models:async_factory"}, "models.m.factory",
+     "is async: the factory must return the model"),
 ])
 def test_a_bad_python_model_is_a_config_error_naming_the_field(
         tmp_path: Path, model: dict[str, Any], field: str, says: str) -> None:
@@ -128,3 +132,16 @@ async def test_sync_deployment_steps_run_coroutines_under_a_running_loop() -> No
         return 42
 
     assert _run_apart(answer()) == 42
+
+
+def test_the_check_builds_on_a_running_loop_and_survives_a_bad_close(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.unit import python_models
+
+    python_models.CLOSED.clear()
+    for factory in ("needs_a_loop", "ClosesBadly", "ClosesSync"):
+        options = {} if factory == "needs_a_loop" else {"tool": "echo"}
+        preflight(make_cfg(tmp_path, {"factory": f"tests.unit.python_models:{factory}",
+                                      "options": options}))
+    assert python_models.CLOSED == ["bad", "sync"]
+    assert "closing it after the config check failed" in caplog.text
