@@ -241,7 +241,11 @@ class UsageLedger:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._converter = ThreadPoolExecutor(1, thread_name_prefix="usage-convert")
-            self._converter.submit(self._convert)
+            try:
+                self._converter.submit(self._convert)
+            except RuntimeError:  # the interpreter is shutting down: the writer converts
+                with self._rows_lock:
+                    self._queued = False
 
     def _convert(self) -> None:
         """Turn the buffered call records into Arrow tables now (the converter thread); on
