@@ -138,7 +138,6 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
     starts (or reuses) a private redis-server under the run directory. The store is checked
     here, so an unreachable one is a clear error before anything is deployed.
     """
-    import asyncio
     from pathlib import Path
 
     from swarm.state import open_checkpointer, with_archive
@@ -172,7 +171,7 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
         finally:
             await store.close()
 
-    asyncio.run(check())
+    _run_apart(check())
     return spec, server
 
 
