@@ -321,10 +321,11 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
     server = EmbeddedRedis(run_dir)
     server.start()
     policy = run_dir / "policy.yaml"
-    policy.write_text(json.dumps({"rules": [
-        {"when": {"called": {"echo": {"max": TOOL_STEPS - 1}}},
-         "tool_calls": [{"name": "echo", "arguments": {"text": PAYLOAD}}]},
-        {"when": {}, "content": ANSWER}]}))
+    if model == "scripted":
+        policy.write_text(json.dumps({"rules": [
+            {"when": {"called": {"echo": {"max": TOOL_STEPS - 1}}},
+             "tool_calls": [{"name": "echo", "arguments": {"text": PAYLOAD}}]},
+            {"when": {}, "content": ANSWER}]}))
     out: list[dict[str, Any]] = []
     os.environ["SWARM_STATE_STORE"] = server.url
     try:
