@@ -355,7 +355,9 @@ class TaskRecord:
     Slotted: the supervisor holds one per task, and an instance dict of this many fields was
     over a kilobyte of each."""
 
-    task: Any  # a2a.types.Task
+    # The A2A task (a2a.types.Task); None while it is parked as its wire bytes (`park`): read
+    # it through `task`, change it through `live()`.
+    _task: Any
     user: str
     created: float
     transcript: list[dict[str, Any]] = field(default_factory=list)
@@ -408,11 +410,44 @@ class TaskRecord:
     # The task whose tool submitted this one (its `parent_task` metadata), for deadlocks.
     parent: str | None = None
 
-    # The A2A task's id (read on every event: kept, not read from the protobuf).
+    _wire: bytes | None = None  # the parked task's wire bytes
+    _parked_state: str = ""  # its state when parked
+    # The A2A task's ids (read on every event and turn: kept, not read from the protobuf).
     id: str = field(init=False)
+    context_id: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.id = str(self.task.id)
+        self.id = str(self._task.id)
+        self.context_id = str(self._task.context_id)
+
+    @property
+    def task(self) -> Any:
+        """The A2A task, to read: a parked one is parsed for the caller and stays parked (a
+        listing of many tasks doesn't bring them all back). To change it, use `live()`."""
+        task = self._task
+        return task if task is not None else a2a.loads_task(self._wire or b"")
+
+    def live(self) -> Any:
+        """The A2A task, to change: a parked one is parsed and kept as an object again."""
+        task = self._task
+        if task is None:
+            task = self._task = a2a.loads_task(self._wire or b"")
+            self._wire = None
+        return task
+
+    def park(self) -> None:
+        """Keep the A2A task as its wire bytes while nothing changes it (during an agent's
+        turn, and once it has finished): a protobuf task with its messages holds about 5 KB of
+        memory (upb arenas), its wire bytes under 1 KB."""
+        task = self._task
+        if task is not None:
+            self._parked_state = a2a.state_of(task)
+            self._wire, self._task = a2a.dumps(task), None
+
+    def wire(self) -> bytes:
+        """The A2A task's wire bytes."""
+        task = self._task
+        return a2a.dumps(task) if task is not None else self._wire or b""
 
     @property
     def events(self) -> list[Event]:
@@ -501,13 +536,14 @@ class TaskRecord:
 
     @property
     def state(self) -> str:
-        return a2a.state_of(self.task)
+        task = self._task
+        return a2a.state_of(task) if task is not None else self._parked_state
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready row for listings and the client."""
         return {
             "task_id": self.id,
-            "context_id": self.task.context_id,
+            "context_id": self.context_id,
             "state": self.state,
             "user": self.user,
             "agent": self.agent,
@@ -542,7 +578,7 @@ class TaskRecord:
         Written at least twice a task, so built directly: not from `summary`, whose metadata
         conversion from the protobuf alone costs more than the rest of the row."""
         data = {
-            "a2a": a2a.dumps(self.task), "user": self.user, "agent": self.agent,
+            "a2a": self.wire(), "user": self.user, "agent": self.agent,
             "text": self.text, "created": self.created, "updated": self.updated,
             "answer": self.answer, "error_class": self.error_class, "error": self.error,
             "question": self.question, "cost_usd": self.cost_usd,
@@ -556,7 +592,7 @@ class TaskRecord:
     def from_row(cls, row: TaskRow) -> TaskRecord:
         """Rebuild a record from its durable row (after a supervisor restart)."""
         d = row.data
-        rec = cls(task=a2a.loads_task(d["a2a"]), user=d.get("user", ""),
+        rec = cls(_task=a2a.loads_task(d["a2a"]), user=d.get("user", ""),
                   created=d.get("created", row.updated))
         for name in ("agent", "text", "steps", "input_tokens", "output_tokens", "model_calls",
                      "tool_calls", "turns", "handoffs", "answer", "error_class", "error",
@@ -812,7 +848,7 @@ class Supervisor:
             first.message_id = message_id
         meta.setdefault("user", user)
         rec = TaskRecord(
-            task=a2a.new_task(task_id, context_id, first, meta), user=user, created=self.clock()
+            _task=a2a.new_task(task_id, context_id, first, meta), user=user, created=self.clock()
         )
         rec.updated = rec.created
         rec.text = text
@@ -920,8 +956,8 @@ class Supervisor:
             await store.append(new_id, kept)
         meta = {**dict(src.task.metadata), "forked_from": task_id, "forked_at_step": step}
         first = a2a.text_message(src.text, role="user", task_id=new_id,
-                                 context_id=src.task.context_id, metadata={"user": src.user})
-        rec = TaskRecord(task=a2a.new_task(new_id, src.task.context_id, first, meta),
+                                 context_id=src.context_id, metadata={"user": src.user})
+        rec = TaskRecord(_task=a2a.new_task(new_id, src.context_id, first, meta),
                          user=user or src.user, created=self.clock())
         rec.text, rec.updated = src.text, rec.created
         await self._persist(rec)
@@ -988,7 +1024,7 @@ class Supervisor:
         if rec.driver is not None:
             rec.driver.cancel()
         for role in list(rec.active):
-            await self.pool.cancel(role, rec.task.context_id, task_id)
+            await self.pool.cancel(role, rec.context_id, task_id)
         if rec.state not in a2a.TERMINAL:
             await self._finish(rec, "canceled", error_class=None, error="canceled by request")
         return rec.summary()
@@ -1095,7 +1131,7 @@ class Supervisor:
     async def _drive(self, rec: TaskRecord, *, resume: bool = False) -> None:
         budget = self.cfg.budgets.task
         trace = None if self._tracer is None else self._tracer.start_workflow(
-            rec.id, rec.task.context_id, rec.user, resume)
+            rec.id, rec.context_id, rec.user, resume)
         try:
             if rec.state == "submitted":
                 # Not stored: a restarted supervisor resumes a submitted task as it does a
@@ -1113,7 +1149,7 @@ class Supervisor:
                     result = await self._run(rec, resume)
             except TimeoutError:
                 for role in list(rec.active):
-                    await self.pool.cancel(role, rec.task.context_id, rec.id)
+                    await self.pool.cancel(role, rec.context_id, rec.id)
                 why = f"task max_wall_s ({budget.max_wall_s:g})"
                 self._alert(rec, "budget_exhausted", "fail", why)
                 await self._finish(rec, "failed", "budget", f"budget exhausted: {why}",
@@ -1223,10 +1259,10 @@ class Supervisor:
             max_steps = steps_left
         else:
             steps_why = f"agents.{agent}.max_steps_per_turn ({per_turn})"
-        context_id = rec.task.context_id
+        context_id = rec.context_id
         msg = a2a.text_message(text, role="user", task_id=rec.id, context_id=context_id,
                                metadata={"to_agent": agent})
-        rec.task.history.append(msg)
+        rec.live().history.append(msg)
         rec.agent = agent
         req = TurnRequest(
             task_id=rec.id, context_id=context_id, message=a2a.dumps(msg), transcript=transcript,
@@ -1235,6 +1271,8 @@ class Supervisor:
             user=rec.user, added_at_end=self.store is None,
             guard={"budget": allowance, "steps_why": steps_why, "stuck_from": stuck_from},
         )
+        del msg  # in the task's history and the request: not held while the turn runs
+        rec.park()  # nothing changes the A2A task until the turn is over
         retries = 0
         rec.active.add(agent)
         replica = (agent, replica_for(context_id, cfg.agents[agent].replicas))
@@ -1278,7 +1316,7 @@ class Supervisor:
             rec.active.discard(agent)
             self.waits.leave(rec.id, replica)
         rec.turns += 1
-        rec.task.history.append(a2a.loads_message(result.message))
+        rec.live().history.append(a2a.loads_message(result.message))
         transcript.extend(result.added)
         rec.steps += result.steps
         rec.input_tokens += result.input_tokens
@@ -1483,7 +1521,7 @@ class Supervisor:
                     {"role": "user", "content": text},
                 ],
                 tools=[tool],
-                session_id=rec.task.context_id,
+                session_id=rec.context_id,
                 agent="router",
             )
         )
@@ -1542,12 +1580,12 @@ class Supervisor:
         message = None
         if state == "input_required":
             message = a2a.text_message(detail, role="agent", task_id=rec.id,
-                                       context_id=rec.task.context_id)
+                                       context_id=rec.context_id)
             # The same question for programs: the open gates, or the answers it accepts.
             wanted = {"gates": list(rec.gates.values())} if rec.gates else \
                 {"choices": list(rec.choices)}
             message.parts.append(a2a.data_part(wanted))
-        a2a.set_state(rec.task, state, message)
+        a2a.set_state(rec.live(), state, message)
         rec.updated = self.clock()
         if persist:
             await self._persist(rec)
@@ -1562,16 +1600,17 @@ class Supervisor:
         self.waits.parent.pop(rec.id, None)
         if budget_exhausted is not None:
             rec.budget_exhausted = budget_exhausted
-            rec.task.metadata["budget_exhausted"] = budget_exhausted
+            rec.live().metadata["budget_exhausted"] = budget_exhausted
         reply = a2a.text_message(answer if answer is not None else (error or ""), role="agent",
-                                 task_id=rec.id, context_id=rec.task.context_id)
-        a2a.set_state(rec.task, state, reply)
+                                 task_id=rec.id, context_id=rec.context_id)
+        a2a.set_state(rec.live(), state, reply)
         if answer is not None:
-            a2a.add_answer(rec.task, answer)
+            a2a.add_answer(rec.live(), answer)
         rec.answer, rec.error_class, rec.error = answer, error_class, error
         rec.updated = self.clock()
         for log_id in self._hot_logs.pop(rec.id, ()):
             self.hot.pop(log_id, None)  # a finished task resumes nothing
+        rec.park()  # finished: read now and then, changed no more (its row uses the bytes)
         try:
             await self._persist(rec)
         except Exception:
@@ -1592,7 +1631,7 @@ class Supervisor:
                               detail=error)
         if self.session_memory is not None and state == "completed" and answer is not None:
             # Before `done`: the user's next task in this session starts with this exchange.
-            await self.session_memory.record_exchange(rec.user, rec.task.context_id, rec.text,
+            await self.session_memory.record_exchange(rec.user, rec.context_id, rec.text,
                                                       answer, rec.id)
         rec.compact(durable=self.store is not None)
         rec.done.set()

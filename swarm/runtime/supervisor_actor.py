@@ -232,7 +232,7 @@ class SupervisorActor:
         how many events it has so far (where to start following them)."""
         await self._ensure()
         rec = self.sup.get(task_id)
-        return {**rec.summary(), "a2a": a2a.dumps(rec.task), "events": rec.event_count}
+        return {**rec.summary(), "a2a": rec.wire(), "events": rec.event_count}
 
     async def list_a2a(self, query: Any) -> tuple[list[bytes], int, bool]:
         """One page of A2A ListTasks (a `swarm.protocol.a2a_server.listing.TaskQuery`): the

@@ -338,7 +338,7 @@ def test_a_task_row_restores_every_field_a_listing_shows() -> None:
 
     first = a2a.text_message("hi", role="user", task_id="task-0001", context_id="ctx-1",
                              metadata={"user": "ana"})
-    rec = TaskRecord(task=a2a.new_task("task-0001", "ctx-1", first, {"user": "ana", "k": [1]}),
+    rec = TaskRecord(_task=a2a.new_task("task-0001", "ctx-1", first, {"user": "ana", "k": [1]}),
                      user="ana", created=100.0)
     rec.text, rec.agent, rec.updated = "hi", "writer", 105.0
     rec.steps, rec.input_tokens, rec.output_tokens, rec.model_calls = 3, 30, 12, 3
@@ -356,3 +356,31 @@ def test_a_task_row_restores_every_field_a_listing_shows() -> None:
     assert back.summary()["metadata"] == {"user": "ana", "k": [1],
                                           "budget_exhausted": "task max_steps (3)"}
     assert back.totals() == rec.totals() and back.text == "hi"
+
+
+def test_a_parked_a2a_task_reads_the_same_and_comes_back_to_be_changed() -> None:
+    """A record keeps its A2A task as wire bytes while nothing changes it (`park`): reads,
+    its state, its row and its summary are what they were; `live()` brings it back, and
+    changes made then are kept."""
+    from swarm.runtime.supervisor import TaskRecord
+
+    first = a2a.text_message("hi", role="user", task_id="task-0002", context_id="ctx-2",
+                             metadata={"user": "ana"})
+    rec = TaskRecord(_task=a2a.new_task("task-0002", "ctx-2", first, {"user": "ana"}),
+                     user="ana", created=100.0)
+    a2a.set_state(rec.live(), "working")
+    summary, row = rec.summary(), rec.to_row("s1")
+    rec.park()
+    assert rec._task is None and rec._wire is not None
+    assert rec.state == "working" and rec.context_id == "ctx-2" and rec.id == "task-0002"
+    assert rec.summary() == summary and rec.to_row("s1") == row
+    assert rec.task.history[0].message_id == first.message_id  # read: still parked
+    assert rec._task is None and rec.wire() == row.data["a2a"]
+    rec.live().history.append(a2a.text_message("more", role="user", task_id=rec.id,
+                                               context_id=rec.context_id))
+    a2a.set_state(rec.live(), "completed")
+    rec.park()
+    assert rec.state == "completed" and [a2a.message_text(m) for m in rec.task.history] == \
+        ["hi", "more"]
+    back = TaskRecord.from_row(rec.to_row("s1"))
+    assert back.state == "completed" and len(back.task.history) == 2

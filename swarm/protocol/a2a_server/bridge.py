@@ -136,7 +136,7 @@ class LocalLink(SwarmLink):
         sup = self.sup
         if method == "get_task":
             rec = sup.get(args[0])
-            return {**rec.summary(), "a2a": a2a.dumps(rec.task), "events": rec.event_count}
+            return {**rec.summary(), "a2a": rec.wire(), "events": rec.event_count}
         if method == "list_a2a":
             from swarm.protocol.a2a_server.listing import page
 
