@@ -206,6 +206,77 @@ class PeakRss:
         self._sample()
 
 
+class CpuWindows:
+    """CPU of each role (`process_role`) in windows of `every_s`, read from /proc by a thread:
+    when in a run each process was busy (the supervisor at the start, say, the agents between).
+    Cheap enough to run with the figures: a few /proc reads a window."""
+
+    def __init__(self, procs: Procs, every_s: float = 0.25) -> None:
+        import threading
+
+        self.every = every_s
+        self.roles = {p.pid: process_role(p) for p in procs.processes()}
+        self.windows: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-cpu")
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _read(self) -> dict[int, float]:
+        out = {}
+        for pid in self.roles:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[pid] = (int(fields[11]) + int(fields[12])) / self._tick
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+
+    def _run(self) -> None:
+        t0 = prev_t = time.perf_counter()
+        prev = self._read()
+        while not self._stop.wait(self.every):
+            cur, t = self._read(), time.perf_counter()
+            by_role: dict[str, float] = {}
+            for pid, v in cur.items():
+                role = self.roles[pid]
+                by_role[role] = by_role.get(role, 0.0) + (v - prev.get(pid, v)) / (t - prev_t)
+            self.windows.append((round(t - t0, 2), {k: round(v, 2) for k, v in by_role.items()}))
+            prev, prev_t = cur, t
+
+    def __enter__(self) -> CpuWindows:
+        if os.path.exists("/proc/self/stat"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def machine_cpu() -> list[int] | None:
+    """The machine's CPU time by kind since boot (/proc/stat: user, nice, system, idle,
+    iowait, irq, softirq, steal), or None off Linux; see `machine_cpu_split`."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def machine_cpu_split(before: list[int] | None, after: list[int] | None) -> dict[str, float]:
+    """Shares of the machine's CPU time between two `machine_cpu` readings: how much the run's
+    processes got (user, nice, system), how much stayed idle, and how much the hypervisor kept
+    (steal)."""
+    if before is None or after is None:
+        return {}
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(d) or 1
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return {n: round(v / total, 3) for n, v in zip(names, d, strict=True)}
+
+
 def now() -> float:
     """perf_counter, named for readability."""
     return time.perf_counter()

@@ -74,6 +74,8 @@ def table(res: dict[str, Any]) -> str:
                                  for x in r["runs"])
                 out.append(f"  {r['impl']} at {r['sessions']}: the median of {len(r['runs'])} "
                            f"runs is shown; all: {runs}")
+            if r.get("timeline") and r["sessions"] >= 1000:
+                out += _timeline(r)
         out.append("(KB/session: peak resident memory during the level less that before it, "
                    "summed over every process of the run, per session; 'of it store' is "
                    "redis-server's part, the checkpoints it holds in memory, which LangGraph "
@@ -99,6 +101,34 @@ def table(res: dict[str, Any]) -> str:
         out.append("== targets")
         out.extend(found)
     return "\n".join(out)
+
+
+def _timeline(r: dict[str, Any]) -> list[str]:
+    """Where the run's time went: the machine's CPU, each role's CPU over the run, and a
+    task's time beyond the ideal by part (`swarm_side.TASK_PARTS`)."""
+    tl, out = r["timeline"], []
+    head = f"  {r['impl']} at {r['sessions']}"
+    split = tl.get("machine_cpu") or {}
+    if split:
+        busy = split.get("user", 0) + split.get("nice", 0) + split.get("system", 0) + \
+            split.get("irq", 0) + split.get("softirq", 0)
+        out.append(f"{head}: the machine's CPU during the run: {busy:.0%} busy, "
+                   f"{split.get('idle', 0) + split.get('iowait', 0):.0%} idle, "
+                   f"{split.get('steal', 0):.0%} taken by the hypervisor (steal)")
+    windows = tl.get("cpu_windows") or []
+    if windows:
+        roles = [k for k in ("supervisor", "agents", "redis-server") if any(
+            k in w for _, w in windows)]
+        step = max(1, len(windows) // 12)
+        cells = " ".join(f"{t:.1f}s:" + "/".join(f"{w.get(k, 0):.2f}" for k in roles)
+                         for t, w in windows[::step])
+        out.append(f"{head}: cores busy over the run ({'/'.join(roles)}): {cells}")
+    parts = tl.get("task_ms") or {}
+    if parts:
+        cells = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in parts.items())
+        out.append(f"{head}: a task's time beyond the ideal, ms p50/p90 over a sample of "
+                   f"tasks: {cells}")
+    return out
 
 
 def _kb(value: float | None) -> str:

@@ -22,11 +22,14 @@ from scripts.bench.common import (
     MODEL_LATENCY_S,
     PAYLOAD,
     TOOL_STEPS,
+    CpuWindows,
     PeakRss,
     Procs,
     concurrency_row,
     cpu_by_role,
     cpu_delta,
+    machine_cpu,
+    machine_cpu_split,
     openai_messages_bytes,
     payload,
     pct,
@@ -382,8 +385,8 @@ async def _ray_level(sup: Any, sessions: int, procs: Procs, store_pids: list[int
                      ) -> dict[str, Any]:
     base = procs.freeze().rss()
     base_store = procs.rss(store_pids)
-    cpu0 = procs.cpu()
-    with PeakRss(procs, every_s=0.2, store=store_pids) as peak:
+    cpu0, machine0 = procs.cpu(), machine_cpu()
+    with PeakRss(procs, every_s=0.2, store=store_pids) as peak, CpuWindows(procs) as windows:
         t0 = time.perf_counter()
         # As `SwarmClient.submit_many` and `wait_all` do: one call each for the whole batch.
         # (A call per task costs Ray state per pending call in the driver and the supervisor:
@@ -391,10 +394,14 @@ async def _ray_level(sup: Any, sessions: int, procs: Procs, store_pids: list[int
         ids = await sup.submit_many.remote([f"task {i}" for i in range(sessions)])
         rows = await sup.wait_many.remote(ids, 600)
         wall = time.perf_counter() - t0
-    cpu1 = procs.cpu()
+    cpu1, machine1 = procs.cpu(), machine_cpu()
     cpu = cpu_delta(cpu0, cpu1)
     bad = [r for r in rows if r["state"] != "completed"]
     assert not bad, bad[0]
+    timeline = {"cpu_windows": windows.windows,
+                "machine_cpu": machine_cpu_split(machine0, machine1)}
+    if sessions >= 100:
+        timeline["task_ms"] = await _task_times(sup, rows)
     steps = {r.get("steps") for r in rows}
     by_role = {role: round(s / (sessions * TOOL_STEPS) * 1e6, 1)
                for role, s in cpu_by_role(procs, cpu0, cpu1).items()}
@@ -403,4 +410,50 @@ async def _ray_level(sup: Any, sessions: int, procs: Procs, store_pids: list[int
                            peak.store_at_peak - base_store, peak,
                            processes=len(procs.processes()), steps_per_task=sorted(
                                s for s in steps if s is not None),
-                           cpu_us_per_step_by_process=by_role)
+                           cpu_us_per_step_by_process=by_role, timeline=timeline)
+
+
+# Where a task's time beyond the ideal 2.2 s went, from its row and its trace spans.
+TASK_PARTS = {
+    "admission": "submitted until the supervisor starts driving it",
+    "dispatch": "until its agent's turn starts (invoke_agent)",
+    "turn start": "until its first model call",
+    "model calls": "the model calls' time beyond their 200 ms each",
+    "between steps": "from each tool result to the next model call (checkpoint, loop)",
+    "finish": "from the last answer to the task's end in the supervisor",
+    "total": "the task's time beyond the ideal 2.2 s",
+}
+
+
+async def _task_times(sup: Any, rows: list[dict[str, Any]], sample: int = 60
+                      ) -> dict[str, list[float]]:
+    """p50 and p90 over a sample of tasks (spread over the run's task durations) of each
+    part of `TASK_PARTS`, in ms; empty if the tasks have no traces."""
+    ranked = sorted(rows, key=lambda r: r["updated"] - r["created"])
+    picked = ranked[::max(1, len(ranked) // sample)]
+    parts: dict[str, list[float]] = {k: [] for k in TASK_PARTS}
+    for row in picked:
+        try:
+            spans = sorted(await sup.trace.remote(row["task_id"]), key=lambda s: s["start"])
+        except Exception:  # no trace store: nothing to break down
+            return {}
+
+        def named(prefix: str, spans: list[dict[str, Any]] = spans) -> list[dict[str, Any]]:
+            return [s for s in spans if str(s.get("name", "")).startswith(prefix)]
+
+        flows, agents = named("invoke_workflow"), named("invoke_agent")
+        chats, tools = named("chat"), named("execute_tool")
+        if not flows or not agents or not chats or len(tools) < len(chats) - 1:
+            continue
+        flow, agent = flows[0], agents[0]
+        parts["admission"].append(flow["start"] - row["created"])
+        parts["dispatch"].append(agent["start"] - flow["start"])
+        parts["turn start"].append(chats[0]["start"] - agent["start"])
+        parts["model calls"].append(sum(c["end"] - c["start"] - MODEL_LATENCY_S for c in chats))
+        parts["between steps"].append(sum(chats[i + 1]["start"] - tools[i]["end"]
+                                          for i in range(len(chats) - 1)))
+        parts["finish"].append(flow["end"] - chats[-1]["end"])
+        parts["total"].append(row["updated"] - row["created"] - (TOOL_STEPS + 1) *
+                              MODEL_LATENCY_S)
+    return {k: [round(pct(v, 50) * 1e3), round(pct(v, 90) * 1e3)]
+            for k, v in parts.items() if v}
