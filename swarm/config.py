@@ -788,9 +788,10 @@ class ProcessConfig(_Strict):
     """Settings of the agent and supervisor processes (swarm.runtime.tuning)."""
 
     gc_threshold: int | None = Field(
-        50_000, ge=100, description="net container allocations between young-generation "
+        200_000, ge=100, description="net container allocations between young-generation "
         "garbage collections in agent and supervisor actors (Python's default is 700, which "
-        "costs a busy replica about a quarter of its CPU); null keeps Python's default")
+        "costs a busy replica about a quarter of its CPU; each pass stalls every session of "
+        "the process, so fewer passes also mean less waiting); null keeps Python's default")
     gc_freeze: bool = Field(
         True, description="move objects that exist when an actor has started out of the "
         "garbage collector's view (gc.freeze)")
