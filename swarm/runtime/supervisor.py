@@ -372,6 +372,7 @@ class TaskRecord:
     # each chunk with its size unpacked. `_tail` counts the packed bytes in `_events` since.
     _squeezed: list[tuple[bytes, int]] | None = None
     _tail: int = 0
+    _read: bool = False  # its events were read while it ran: kept as objects from then on
     event_count: int = 0
     # Set (and dropped) when the task gets events; made only while an `events` call waits, so
     # a task nobody follows costs no Event and its events no wake-up.
@@ -467,11 +468,14 @@ class TaskRecord:
 
             return unpack_events(pa.decompress(  # type: ignore[return-value]
                 self._packed, decompressed_size=self._packed_size, codec="lz4", asbytes=True))
-        if self._squeezed:  # a running task's events read: all of them as objects from now on
+        # Read: its events stay objects from now on (a follower polls: squeezing and decoding
+        # again between its reads would cost the whole history each time).
+        self._read, self._tail = True, 0
+        if self._squeezed:
             head: list[Event | bytes] = []
             for part in _unsqueeze(self._squeezed):
                 head += unpack_events(part)
-            self._events, self._squeezed, self._tail = head + self._events, None, 0
+            self._events, self._squeezed = head + self._events, None
         if self._runs:
             out: list[Event | bytes] = []
             for part in self._events:
@@ -515,8 +519,9 @@ class TaskRecord:
         (LZ4, as `compact` does), new ones going on after it. A running task's events are
         rarely read, and a 10-step task's come to about 7 KB packed, the largest part of what
         the supervisor holds for it (about 1 KB compressed). Events the supervisor filed
-        itself (state changes) are packed with them; reading the task's events undoes it."""
-        if not self._runs:
+        itself (state changes) are packed with them; reading the task's events undoes it, and
+        a task whose events were read is not squeezed again."""
+        if not self._runs or self._read:
             return
         import pyarrow as pa
 
@@ -602,6 +607,7 @@ class TaskRecord:
                 setattr(rec, name, d[name])
         if rec.state in a2a.TERMINAL:
             rec.done.set()
+            rec.park()  # finished: read now and then, changed no more
         return rec
 
 
@@ -1076,7 +1082,7 @@ class Supervisor:
         events (thousands a second) take a path of their own, as the task meter needs only
         their agent (`TaskMeter.saw`); other kinds go through `_emit`."""
         events = rec._writable_events()
-        if rec.done.is_set() or rec.event_count + len(run) >= _MAX_EVENTS_PER_TASK:
+        if rec.state in a2a.TERMINAL or rec.event_count + len(run) >= _MAX_EVENTS_PER_TASK:
             for ev in run:
                 self._emit(rec, ev, wake=False)
             self._wake(rec)
@@ -1107,14 +1113,16 @@ class Supervisor:
             rec = tasks.get(task_id)
             if rec is None:
                 continue
-            if rec.done.is_set() or rec.event_count + n >= _MAX_EVENTS_PER_TASK:
+            # Terminal already (`done` is set a moment later, after `_finish`'s last await):
+            # the careful path keeps TaskFinished last.
+            if rec.state in a2a.TERMINAL or rec.event_count + n >= _MAX_EVENTS_PER_TASK:
                 self._emit_run(rec, unpack_events(blob))  # the careful path
                 continue
             rec._writable_events().append(blob)
             rec._runs = True
             rec.event_count += n
             rec._tail += len(blob)
-            if rec._tail >= _SQUEEZE_AT and rec.changed is None:  # nobody follows it now
+            if rec._tail >= _SQUEEZE_AT and not rec._read:  # nobody has read it yet
                 rec.squeeze()
             if errors:
                 mine = rec.errors
@@ -1557,7 +1565,7 @@ class Supervisor:
         events = rec._writable_events()
         if rec.event_count >= _MAX_EVENTS_PER_TASK and not isinstance(ev, TaskFinished):
             return
-        if rec.done.is_set() and events and isinstance(events[-1], TaskFinished):
+        if events and isinstance(events[-1], TaskFinished) and rec.state in a2a.TERMINAL:
             events.insert(len(events) - 1, ev)  # a late batch from an agent: TaskFinished last
         else:
             events.append(ev)

@@ -345,9 +345,9 @@ def test_a_task_row_restores_every_field_a_listing_shows() -> None:
     rec.tool_calls, rec.turns, rec.handoffs, rec.cost_usd = 2, 1, 1, 0.125
     rec.errors, rec.stuck, rec.question = {"tool": 1}, "same_call", "go on?"
     rec.budget_exhausted = "task max_steps (3)"
-    rec.task.metadata["budget_exhausted"] = rec.budget_exhausted
-    a2a.set_state(rec.task, "working", None)
-    a2a.set_state(rec.task, "input_required", None)
+    rec.live().metadata["budget_exhausted"] = rec.budget_exhausted
+    a2a.set_state(rec.live(), "working", None)
+    a2a.set_state(rec.live(), "input_required", None)
     row = rec.to_row("s1")
     assert (row.task_id, row.swarm, row.state, row.updated) == \
         ("task-0001", "s1", "input_required", 105.0)
@@ -382,5 +382,6 @@ def test_a_parked_a2a_task_reads_the_same_and_comes_back_to_be_changed() -> None
     rec.park()
     assert rec.state == "completed" and [a2a.message_text(m) for m in rec.task.history] == \
         ["hi", "more"]
-    back = TaskRecord.from_row(rec.to_row("s1"))
+    back = TaskRecord.from_row(rec.to_row("s1"))  # finished: loaded parked
+    assert back._task is None and back.done.is_set()
     assert back.state == "completed" and len(back.task.history) == 2
