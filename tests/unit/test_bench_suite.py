@@ -101,6 +101,49 @@ def test_table_and_verdicts() -> None:
     assert ANSWER  # the shared answer the workloads check
 
 
+def test_the_ray_rows_say_where_the_time_went() -> None:
+    """The machine's CPU split, each role's cores over the run and a task's time by part are
+    printed for a Ray level of 1,000 sessions or more, from the row's `timeline`."""
+    # /proc/stat counters: user, nice, system, idle, iowait, irq, softirq, steal.
+    split = common.machine_cpu_split([100, 0, 50, 800, 0, 0, 0, 50],
+                                     [160, 100, 90, 850, 0, 0, 0, 100])
+    assert split == {"user": 0.2, "nice": 0.333, "system": 0.133, "idle": 0.167,
+                     "iowait": 0.0, "irq": 0.0, "softirq": 0.0, "steal": 0.167}
+    assert common.machine_cpu_split(None, [1] * 8) == {}
+    row = common.concurrency_row("swarm+redis, Ray", 2000, 4.0, 20000, 10.0, 1, 0)
+    row["timeline"] = {
+        "machine_cpu": split,
+        "cpu_windows": [(0.25, {"supervisor": 0.9, "agents": 0.3}),
+                        (0.5, {"supervisor": 0.1, "agents": 1.2, "redis-server": 0.3})],
+        "task_ms": {"admission": [400, 700], "between steps": [600, 800], "total": [1600, 2100]},
+    }
+    small = common.concurrency_row("swarm+redis, Ray", 100, 2.3, 1000, 1.0, 1, 0)
+    small["timeline"] = row["timeline"]
+    text = report.table({"concurrency": [small, row]})
+    lines = [ln for ln in text.splitlines() if "swarm+redis, Ray at" in ln]
+    assert lines == [
+        "  swarm+redis, Ray at 2000: the machine's CPU during the run: 67% busy, 17% idle, "
+        "17% taken by the hypervisor (steal)",
+        "  swarm+redis, Ray at 2000: cores busy over the run (supervisor/agents/redis-server): "
+        "0.2s:0.90/0.30/0.00 0.5s:0.10/1.20/0.30",
+        "  swarm+redis, Ray at 2000: a task's time beyond the ideal, ms p50/p90 over a sample "
+        "of tasks: admission 400/700, between steps 600/800, total 1600/2100",
+    ]  # and nothing for the level of 100
+
+
+def test_cpu_windows_sample_the_roles_from_proc() -> None:
+    import time
+
+    procs = common.Procs.this_process()
+    with common.CpuWindows(procs, every_s=0.02) as windows:
+        deadline = time.monotonic() + 10
+        while len(windows.windows) < 3 and time.monotonic() < deadline:
+            sum(i * i for i in range(20_000))  # busy: this process's CPU in the windows
+    assert len(windows.windows) >= 3
+    assert all(set(w) == {"driver"} and w["driver"] >= 0 for _, w in windows.windows)
+    assert [t for t, _ in windows.windows] == sorted(t for t, _ in windows.windows)
+
+
 def test_cpu_is_summed_by_process_role() -> None:
     import os
 
