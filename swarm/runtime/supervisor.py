@@ -340,12 +340,23 @@ class _Flag:
         return await self._event.wait()
 
 
-def _unsqueeze(chunks: list[tuple[bytes, int]]) -> list[bytes]:
-    """The packed event lists of `TaskRecord.squeeze`'s chunks."""
+def _lz4(data: bytes) -> tuple[bytes, int]:
+    """Packed events compressed (LZ4, through pyarrow), with their size uncompressed."""
     import pyarrow as pa
 
-    return [pa.decompress(blob, decompressed_size=size, codec="lz4", asbytes=True)
-            for blob, size in chunks]
+    return pa.compress(data, codec="lz4", asbytes=True), len(data)
+
+
+def _unlz4(blob: bytes, size: int) -> bytes:
+    """What `_lz4` compressed."""
+    import pyarrow as pa
+
+    return pa.decompress(blob, decompressed_size=size, codec="lz4", asbytes=True)
+
+
+def _unsqueeze(chunks: list[tuple[bytes, int]]) -> list[bytes]:
+    """The packed event lists of `TaskRecord.squeeze`'s chunks."""
+    return [_unlz4(blob, size) for blob, size in chunks]
 
 
 @dataclass(slots=True)
@@ -464,10 +475,7 @@ class TaskRecord:
         # Kept as they came, `seq` unset: it is the index, set when they are read (agents
         # send thousands a second, most never read while the task runs).
         if self._packed is not None:
-            import pyarrow as pa
-
-            return unpack_events(pa.decompress(  # type: ignore[return-value]
-                self._packed, decompressed_size=self._packed_size, codec="lz4", asbytes=True))
+            return unpack_events(_unlz4(self._packed, self._packed_size))  # type: ignore[return-value]
         # Read: its events stay objects from now on (a follower polls: squeezing and decoding
         # again between its reads would cost the whole history each time).
         self._read, self._tail = True, 0
@@ -501,15 +509,12 @@ class TaskRecord:
         a third more bytes (a 10-step task's 44 events: 6.8 KB packed, 1.0 KB compressed, in
         6 µs against zlib's 0.7 KB in 85 µs)."""
         if self._events or self._squeezed:
-            import pyarrow as pa
-
             if self._squeezed:
                 data = concat_packed([*_unsqueeze(self._squeezed), *self._events])
             else:
                 data = concat_packed(self._events) if self._runs else \
                     pack_events(self._events)  # type: ignore[arg-type]
-            self._packed = pa.compress(data, codec="lz4", asbytes=True)
-            self._packed_size = len(data)
+            self._packed, self._packed_size = _lz4(data)
             self._events, self._runs, self._squeezed, self._tail = [], False, None, 0
         if durable:
             self.transcript = []
@@ -523,10 +528,7 @@ class TaskRecord:
         a task whose events were read is not squeezed again."""
         if not self._runs or self._read:
             return
-        import pyarrow as pa
-
-        data = concat_packed(self._events)
-        chunk = (pa.compress(data, codec="lz4", asbytes=True), len(data))
+        chunk = _lz4(concat_packed(self._events))
         if self._squeezed is None:
             self._squeezed = [chunk]
         else:
