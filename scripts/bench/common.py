@@ -207,74 +207,60 @@ class PeakRss:
 
 
 class CpuWindows:
-    """CPU of each role (`process_role`) in windows of `every_s`, read from /proc by a thread:
-    when in a run each process was busy (the supervisor at the start, say, the agents between).
-    Cheap enough to run with the figures: a few /proc reads a window."""
+    """CPU of each role (`process_role`) in windows of `every_s`, read by a thread with
+    `Procs.cpu`: when in a run each process was busy (the supervisor at the start, say, the
+    agents between)."""
 
     def __init__(self, procs: Procs, every_s: float = 0.25) -> None:
         import threading
 
-        self.every = every_s
+        self.procs, self.every = procs, every_s
         self.roles = {p.pid: process_role(p) for p in procs.processes()}
         self.windows: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-cpu")
-        self._tick = os.sysconf("SC_CLK_TCK")
-
-    def _read(self) -> dict[int, float]:
-        out = {}
-        for pid in self.roles:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[pid] = (int(fields[11]) + int(fields[12])) / self._tick
-            except (OSError, IndexError, ValueError):
-                pass
-        return out
 
     def _run(self) -> None:
         t0 = prev_t = time.perf_counter()
-        prev = self._read()
+        prev = self.procs.cpu()
         while not self._stop.wait(self.every):
-            cur, t = self._read(), time.perf_counter()
+            cur, t = self.procs.cpu(), time.perf_counter()
             by_role: dict[str, float] = {}
             for pid, v in cur.items():
-                role = self.roles[pid]
+                role = self.roles.get(pid, "other")
                 by_role[role] = by_role.get(role, 0.0) + (v - prev.get(pid, v)) / (t - prev_t)
             self.windows.append((round(t - t0, 2), {k: round(v, 2) for k, v in by_role.items()}))
             prev, prev_t = cur, t
 
     def __enter__(self) -> CpuWindows:
-        if os.path.exists("/proc/self/stat"):
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.join()
 
 
-def machine_cpu() -> list[int] | None:
-    """The machine's CPU time by kind since boot (/proc/stat: user, nice, system, idle,
-    iowait, irq, softirq, steal), or None off Linux; see `machine_cpu_split`."""
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
+# The machine's CPU time by kind (psutil.cpu_times; the Linux ones).
+CPU_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def machine_cpu_split(before: list[int] | None, after: list[int] | None) -> dict[str, float]:
+def machine_cpu() -> dict[str, float]:
+    """The machine's CPU seconds by kind since boot (`CPU_KINDS` the platform has); see
+    `machine_cpu_split`."""
+    times = psutil.cpu_times()
+    return {k: getattr(times, k) for k in CPU_KINDS if hasattr(times, k)}
+
+
+def machine_cpu_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Shares of the machine's CPU time between two `machine_cpu` readings: how much the run's
     processes got (user, nice, system), how much stayed idle, and how much the hypervisor kept
     (steal)."""
-    if before is None or after is None:
+    if not before or not after:
         return {}
-    d = [b - a for a, b in zip(before, after, strict=True)]
-    total = sum(d) or 1
-    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-    return {n: round(v / total, 3) for n, v in zip(names, d, strict=True)}
+    d = {k: after[k] - before[k] for k in before if k in after}
+    total = sum(d.values()) or 1
+    return {k: round(v / total, 3) for k, v in d.items()}
 
 
 def now() -> float:

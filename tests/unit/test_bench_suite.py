@@ -104,12 +104,15 @@ def test_table_and_verdicts() -> None:
 def test_the_ray_rows_say_where_the_time_went() -> None:
     """The machine's CPU split, each role's cores over the run and a task's time by part are
     printed for a Ray level of 1,000 sessions or more, from the row's `timeline`."""
-    # /proc/stat counters: user, nice, system, idle, iowait, irq, softirq, steal.
-    split = common.machine_cpu_split([100, 0, 50, 800, 0, 0, 0, 50],
-                                     [160, 100, 90, 850, 0, 0, 0, 100])
+    kinds = common.CPU_KINDS  # user, nice, system, idle, iowait, irq, softirq, steal
+    before = dict(zip(kinds, [100, 0, 50, 800, 0, 0, 0, 50], strict=True))
+    after = dict(zip(kinds, [160, 100, 90, 850, 0, 0, 0, 100], strict=True))
+    split = common.machine_cpu_split(before, after)
     assert split == {"user": 0.2, "nice": 0.333, "system": 0.133, "idle": 0.167,
                      "iowait": 0.0, "irq": 0.0, "softirq": 0.0, "steal": 0.167}
-    assert common.machine_cpu_split(None, [1] * 8) == {}
+    assert common.machine_cpu_split({}, dict.fromkeys(kinds, 1.0)) == {}
+    now = common.machine_cpu()  # this machine's, by psutil
+    assert {"user", "system", "idle"} <= set(now) <= set(kinds)
     row = common.concurrency_row("swarm+redis, Ray", 2000, 4.0, 20000, 10.0, 1, 0)
     row["timeline"] = {
         "machine_cpu": split,
