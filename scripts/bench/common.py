@@ -171,32 +171,26 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(v - before.get(pid, 0.0) for pid, v in after.items())
 
 
-class PeakRss:
-    """Samples `Procs.rss` every `every_s` from a thread; keeps the peak, and the store's part
-    of the total at that peak (`store`: the pids of the durable store's processes)."""
+class _Sampler:
+    """A thread that calls `_sample` every `every_s` while the `with` block runs, and once
+    more at its end."""
 
-    def __init__(self, procs: Procs, every_s: float = 0.1, store: Iterable[int] = ()) -> None:
+    def __init__(self, procs: Procs, every_s: float, name: str) -> None:
         import threading
 
         self.procs, self.every = procs, every_s
-        self.store_pids = list(store)
-        self.peak = 0
-        self.store_at_peak = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-rss")
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
 
     def _sample(self) -> None:
-        total = self.procs.rss()
-        if total > self.peak:
-            self.peak = total
-            self.store_at_peak = self.procs.rss(self.store_pids) if self.store_pids else 0
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._sample()
             self._stop.wait(self.every)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> Any:
         self._thread.start()
         return self
 
@@ -206,39 +200,50 @@ class PeakRss:
         self._sample()
 
 
-class CpuWindows:
+class PeakRss(_Sampler):
+    """Samples `Procs.rss` every `every_s` from a thread; keeps the peak, and the store's part
+    of the total at that peak (`store`: the pids of the durable store's processes)."""
+
+    def __init__(self, procs: Procs, every_s: float = 0.1, store: Iterable[int] = ()) -> None:
+        super().__init__(procs, every_s, "bench-rss")
+        self.store_pids = list(store)
+        self.peak = 0
+        self.store_at_peak = 0
+
+    def _sample(self) -> None:
+        total = self.procs.rss()
+        if total > self.peak:
+            self.peak = total
+            self.store_at_peak = self.procs.rss(self.store_pids) if self.store_pids else 0
+
+
+class CpuWindows(_Sampler):
     """CPU of each role (`process_role`) in windows of `every_s`, read by a thread with
     `Procs.cpu`: when in a run each process was busy (the supervisor at the start, say, the
     agents between)."""
 
     def __init__(self, procs: Procs, every_s: float = 0.25) -> None:
-        import threading
-
-        self.procs, self.every = procs, every_s
+        super().__init__(procs, every_s, "bench-cpu")
         self.roles = {p.pid: process_role(p) for p in procs.processes()}
         self.windows: list[tuple[float, dict[str, float]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-cpu")
+        self._t0: float | None = None
+        self._prev: tuple[float, dict[int, float]] = (0.0, {})
 
-    def _run(self) -> None:
-        t0 = prev_t = time.perf_counter()
-        prev = self.procs.cpu()
-        while not self._stop.wait(self.every):
-            cur, t = self.procs.cpu(), time.perf_counter()
-            by_role: dict[str, float] = {}
-            for pid, v in cur.items():
-                role = self.roles.get(pid, "other")
-                by_role[role] = by_role.get(role, 0.0) + (v - prev.get(pid, v)) / (t - prev_t)
-            self.windows.append((round(t - t0, 2), {k: round(v, 2) for k, v in by_role.items()}))
-            prev, prev_t = cur, t
-
-    def __enter__(self) -> CpuWindows:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _sample(self) -> None:
+        cpu, t = self.procs.cpu(), time.perf_counter()
+        if self._t0 is None:  # the first reading: where the windows start
+            self._t0, self._prev = t, (t, cpu)
+            return
+        prev_t, prev = self._prev
+        if t - prev_t <= 0:
+            return
+        by_role: dict[str, float] = {}
+        for pid, v in cpu.items():
+            role = self.roles.get(pid, "other")
+            by_role[role] = by_role.get(role, 0.0) + (v - prev.get(pid, v)) / (t - prev_t)
+        self.windows.append((round(t - self._t0, 2),
+                             {k: round(v, 2) for k, v in by_role.items()}))
+        self._prev = (t, cpu)
 
 
 # The machine's CPU time by kind (psutil.cpu_times; the Linux ones).
