@@ -44,6 +44,21 @@ async def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
+async def wait_until_refused(port: int, timeout: float = 30.0) -> None:
+    """Poll until a TCP connection to the port is refused (its server's process is gone),
+    bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"127.0.0.1:{port} still accepted connections after {timeout}s")
+
+
 def swarm_diagnostics(ray_temp_dir: str, deployment: str, lines: int = 30) -> str:
     """What a failed recovery test needs to be read from CI output alone: every Ray actor of
     a deployed swarm (name, state, pid, why it died) and the last lines each wrote to

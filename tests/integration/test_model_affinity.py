@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import yaml
@@ -14,6 +15,7 @@ from swarm.config import LatencyConfig
 from swarm.models.interface import ModelRequest
 from swarm.models.openai import OpenAIModel
 from swarm.models.scripted.serve import build_scripted_app
+from tests.integration.conftest import wait_until_refused
 
 POLICIES = Path(__file__).resolve().parents[2] / "configs" / "policies"
 APP = "affinity-it"
@@ -110,6 +112,8 @@ async def test_direct_ingress_calls_go_to_the_replicas_and_survive_one_being_kil
         # replica's sessions meet its refused connections and must move on from them.
         directory.refresh_s = 3600.0
         ray.kill(ray.get_actor(dead[0].name, namespace="serve"), no_restart=True)
+        # ray.kill returns before the process is gone; until then the replica still answers.
+        await wait_until_refused(urlsplit(dead[0].base_url).port or 0)
         served.clear()
         await asyncio.gather(*(call(i, 3) for i in range(30)))
         # Every call succeeded (asserted in `call`), and the dead replica was left out.
