@@ -77,7 +77,8 @@ def table(res: dict[str, Any]) -> str:
             if r.get("timeline") and r["sessions"] >= 1000:
                 out += _timeline(r)
         out.append("(KB/session: peak resident memory during the level less that before it, "
-                   "summed over every process of the run, per session; 'of it store' is "
+                   "over every process of the run with shared memory (Ray's object store) "
+                   "counted once, per session; 'of it store' is "
                    "redis-server's part, the checkpoints it holds in memory, which LangGraph "
                    "keeps in its SQLite file instead; 'marginal KB': what each further session "
                    "costs without the store, the slope of peak memory from the level before)")
@@ -171,6 +172,9 @@ def verdicts(res: dict[str, Any]) -> list[str]:
             store = "" if "store_kb_per_session" not in r else \
                 f"; the level's own growth: {r['orchestration_kb_per_session']:.1f} KB, " \
                 f"{r['mem_per_session_kb']:.1f} KB with redis-server's copy of the checkpoints"
+            if "orchestration_rss_sum_kb_per_session" in r:
+                store += (f"; {r['orchestration_rss_sum_kb_per_session']:.1f} KB with each "
+                          "process's RSS summed (shared pages once per process)")
             out.append(f"target <= {TARGET_MEM_KB:.0f} KB of orchestration memory per session "
                        f"at 2,000 ({r['impl']}): {orch:.1f} KB {how}{store}: "
                        f"{'met' if orch <= TARGET_MEM_KB else 'MISSED'}")

@@ -52,10 +52,12 @@ def test_langgraph_step_workload_matches() -> None:
     assert model.invoke([("user", "x")]).tool_calls[0]["name"] == "echo"
 
 
-def peak(total_mb: float, store_mb: float) -> common.PeakRss:
-    """A finished `PeakRss` with these figures (no sampling)."""
+def peak(total_mb: float, store_mb: float, summed_mb: float = 0) -> common.PeakRss:
+    """A finished `PeakRss` with these figures (no sampling); `summed_mb`: the peak of the
+    summed RSS, from a base of 0."""
     p = common.PeakRss(common.Procs())
     p.peak, p.store_at_peak = int(total_mb * 2**20), int(store_mb * 2**20)
+    p.base_sum, p.peak_sum, p.store_at_peak_sum = 0, int(summed_mb * 2**20), p.store_at_peak
     return p
 
 
@@ -75,7 +77,8 @@ def test_table_and_verdicts() -> None:
             common.concurrency_row("swarm+redis, Ray", 1000, 3.0, 10000, 5.0,
                                    150 * 1000 * 1024, 30 * 1000 * 1024, peak=peak(400, 60)),
             common.concurrency_row("swarm+redis, Ray", 2000, 4.0, 20000, 10.0,
-                                   100 * 2000 * 1024, 40 * 2000 * 1024, peak=peak(480, 80)),
+                                   100 * 2000 * 1024, 40 * 2000 * 1024,
+                                   peak=peak(480, 80, summed_mb=230)),
             common.concurrency_row("langgraph", 2000, 30.0, 20000, 10.0, 50 * 2000 * 1024),
         ],
     }
@@ -91,10 +94,13 @@ def test_table_and_verdicts() -> None:
     assert ("swarm+redis, Ray at 2000: the median of 3 runs is shown; all: 40.0% at 600 µs, "
             "55.0% at 500 µs, 70.0% at 450 µs") in text
     assert "target >= 90% of ideal at 2,000 (swarm+redis, Ray): 55.0%: MISSED" in text
-    # 480 - 80 MB at 2,000 against 400 - 60 at 1,000: 60 MB more for 1,000 more sessions.
+    # 480 - 80 MB at 2,000 against 400 - 60 at 1,000: 60 MB more for 1,000 more sessions;
+    # summed, (230 - 80) MB for 2,000 sessions.
     assert ("target <= 64 KB of orchestration memory per session at 2,000 (swarm+redis, Ray): "
             "61.4 KB each further session (slope from the level before); the level's own "
-            "growth: 60.0 KB, 100.0 KB with redis-server's copy of the checkpoints: met") in text
+            "growth: 60.0 KB, 100.0 KB with redis-server's copy of the checkpoints; "
+            "76.8 KB with each process's RSS summed (shared pages once per process): met"
+            ) in text
     assert "langgraph" in text and "of it store" in text
     assert "met" in text and "8.0x" in text and "5.0x" in text
     assert "stored <= 2x message bytes (swarm+redis, step 100): 2.50x: MISSED" in text
@@ -165,6 +171,48 @@ def test_cpu_is_summed_by_process_role() -> None:
         assert [p.pid for p in common.Procs.this_process().processes()] == [me]
     finally:
         child.communicate(b"")
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir() or not Path("/proc/self/status").exists(),
+                    reason="reads /proc and /dev/shm")
+def test_shared_memory_counts_once_across_processes() -> None:
+    """A segment of /dev/shm that this process writes and a child reads: summing RSS counts it
+    twice, `Procs.rss` once."""
+    import os
+    from multiprocessing import shared_memory
+
+    size = 64 * 2**20
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\n"
+         "from multiprocessing import resource_tracker, shared_memory\n"
+         "print('ready', flush=True)\n"
+         "name = sys.stdin.readline().strip()\n"
+         "shm = shared_memory.SharedMemory(name=name)\n"
+         "resource_tracker.unregister(shm._name, 'shared_memory')  # the parent unlinks it\n"
+         "print(sum(shm.buf[::4096]), flush=True)  # reads a byte of every page\n"
+         "sys.stdin.readline()\n"
+         "shm.close()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs = common.Procs.of([os.getpid(), child.pid])
+    shm = None
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        assert child.stdout.readline() == "ready\n"  # started: its own memory is in the base
+        once0, sum0 = procs.rss(), procs.rss_sum()
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        shm.buf[::4096] = b"\x01" * (size // 4096)  # a byte of every page written here
+        child.stdin.write(shm.name + "\n")
+        child.stdin.flush()
+        assert int(child.stdout.readline()) == size // 4096  # and read there
+        once, summed = procs.rss() - once0, procs.rss_sum() - sum0
+        assert 1.8 * size < summed < 2.2 * size, summed / size
+        assert 0.9 * size < once < 1.2 * size, once / size
+    finally:
+        child.communicate("\n")
+        if shm is not None:
+            shm.close()
+            shm.unlink()
 
 
 def test_session_memory_bursts_report_each_burst(capsys: pytest.CaptureFixture[str]) -> None:
