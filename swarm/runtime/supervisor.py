@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import json
 import logging
@@ -340,6 +341,76 @@ class _Flag:
         return await self._event.wait()
 
 
+class _Deadlines:
+    """The running tasks' wall-clock hard stops, on one timer for them all.
+
+    Each task used to run under its own `asyncio.timeout`: a `Timeout`, a timer handle and
+    its callback in the event loop's heap per running task, about 0.7 KB each at 2,000 tasks,
+    and a timer scheduled and cancelled per task. Here a task's due time goes in a heap and a
+    dict; one loop timer is set for the earliest due time. A task that finishes first drops
+    out of the dict (its heap entry is skipped when reached, and the heap is rebuilt from the
+    dict once stale entries outnumber live ones). At its due time the task's `asyncio.Task`
+    is cancelled and marked, and `expired` tells its driver that the cancellation was the
+    deadline, as `asyncio.timeout` turns it into a `TimeoutError`."""
+
+    __slots__ = ("_due", "_expired", "_heap", "_timer", "_timer_at")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str]] = []  # (loop time, key), stale ones included
+        self._due: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # key -> (time, its task)
+        self._expired: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def set(self, key: str, delay: float, task: asyncio.Task[Any]) -> None:
+        """Cancel `task` in `delay` seconds unless `clear(key, task)` comes first."""
+        loop = task.get_loop()
+        when = loop.time() + delay
+        self._due[key] = (when, task)
+        self._expired.discard(key)
+        heapq.heappush(self._heap, (when, key))
+        if len(self._heap) > 2 * len(self._due) + 64:
+            self._heap = [(w, k) for k, (w, _) in self._due.items()]
+            heapq.heapify(self._heap)
+        if when < self._timer_at:
+            self._arm(loop, when)
+
+    def clear(self, key: str, task: asyncio.Task[Any]) -> bool:
+        """Drop `key`'s deadline (if `task` set it); True if it had expired."""
+        held = self._due.get(key)
+        if held is not None and held[1] is task:
+            del self._due[key]
+        if key in self._expired:
+            self._expired.discard(key)
+            return True
+        return False
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(when, self._fire, loop), when
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        now, heap, due = loop.time(), self._heap, self._due
+        while heap and heap[0][0] <= now:
+            when, key = heapq.heappop(heap)
+            held = due.get(key)
+            if held is None or held[0] != when:
+                continue  # finished, or set again for later
+            del due[key]
+            if not held[1].done():
+                self._expired.add(key)
+                held[1].cancel()
+        while heap and heap[0][1] not in due:
+            heapq.heappop(heap)
+        if heap:
+            self._arm(loop, heap[0][0])
+
+
 def _lz4(data: bytes) -> tuple[bytes, int]:
     """Packed events compressed (LZ4, through pyarrow), with their size uncompressed."""
     import pyarrow as pa
@@ -633,6 +704,7 @@ class Supervisor:
         self.store = store
         self.swarm_id = swarm_id or cfg.name
         self.tasks: dict[str, TaskRecord] = {}
+        self._deadlines = _Deadlines()  # the running tasks' max_wall_s hard stops
         # New tasks whose rows are being written: a retry of the same submission meanwhile
         # waits for that write instead of making the task a second time.
         self._storing: dict[str, tuple[TaskRecord, asyncio.Future[None]]] = {}
@@ -1152,12 +1224,17 @@ class Supervisor:
             if self.cfg.budgets.on_exhausted == "wrap_up":
                 # The turn stops itself at max_wall_s and wraps up; this is the hard stop.
                 remaining += self.cfg.budgets.wrap_up_grace_s
+            # The hard stop cancels this task (`_Deadlines`): not `asyncio.wait_for`, which on
+            # Python 3.11 runs `_run` in a Task of its own, nor a timer of its own per task.
+            me = asyncio.current_task()
+            assert me is not None
+            cancelling = me.cancelling()
+            self._deadlines.set(rec.id, max(remaining, 0.001), me)
             try:
-                # In this task: on Python 3.11, `asyncio.wait_for` runs `_run` in a Task of
-                # its own (a Task and its frames per running task).
-                async with asyncio.timeout(max(remaining, 0.001)):
-                    result = await self._run(rec, resume)
-            except TimeoutError:
+                result = await self._run(rec, resume)
+            except asyncio.CancelledError:
+                if not self._deadlines.clear(rec.id, me) or me.uncancel() > cancelling:
+                    raise  # cancelled by request (or by both: the request wins)
                 for role in list(rec.active):
                     await self.pool.cancel(role, rec.context_id, rec.id)
                 why = f"task max_wall_s ({budget.max_wall_s:g})"
@@ -1165,6 +1242,11 @@ class Supervisor:
                 await self._finish(rec, "failed", "budget", f"budget exhausted: {why}",
                                    budget_exhausted=why)
                 return
+            finally:
+                # Whatever ended `_run`; a deadline that passed as it returned (its
+                # cancellation swallowed) is withdrawn, as `asyncio.timeout` does.
+                if self._deadlines.clear(rec.id, me):
+                    me.uncancel()
             if result.kind == "final":
                 await self._finish(rec, "completed", answer=result.text,
                                    budget_exhausted=result.budget_exhausted)

@@ -114,6 +114,62 @@ async def test_token_overspender_stops_within_one_call(tmp_path: Path, on_exhaus
         assert row["state"] == ("completed" if on_exhausted == "wrap_up" else "failed")
 
 
+async def test_a_task_past_its_wall_clock_is_stopped_by_the_supervisor(tmp_path: Path) -> None:
+    """A tool call that outlasts the task's max_wall_s: the turn can't stop itself in the
+    middle of it, so the supervisor's hard stop fails the task at the deadline and cancels the
+    turn. Tasks that end in time leave no deadline behind, and a cancel by request is still a
+    cancel."""
+    hang = {"name": "hang", "when": {"last_matches": "^hang"},
+            "tool_calls": [{"name": "slow", "arguments": {"seconds": 30}}]}
+    quick = {"name": "quick", "when": {}, "content": "quick answer"}
+    cfg = _cfg(tmp_path, {"task": {"max_wall_s": 0.5}, "on_exhausted": "fail"}, [hang, quick])
+    async with LocalSwarm(cfg) as sw:
+        rows = [await sw.run(f"quick {i}") for i in range(3)]
+        assert [r["state"] for r in rows] == ["completed"] * 3
+        assert len(sw.supervisor._deadlines) == 0
+        row = await sw.run("hang", timeout=20)
+        assert row["state"] == "failed" and row["error_class"] == "budget", row
+        assert row["error"] == "budget exhausted: task max_wall_s (0.5)"
+        assert row["updated"] - row["created"] < 15  # the tool's 30 s never ran out
+        (alert,) = [e for e in sw.events(row["task_id"]) if isinstance(e, Alert)]
+        assert alert.alert == "budget_exhausted" and alert.action == "fail"
+        # Cancelled by request before its deadline: canceled, not failed.
+        task_id = await sw.supervisor.submit("hang again")
+        await sw.supervisor.cancel(task_id)
+        row = await sw.supervisor.wait(task_id, 20)
+        assert row["state"] == "canceled", row
+        assert len(sw.supervisor._deadlines) == 0
+
+
+async def test_one_timer_holds_every_tasks_deadline() -> None:
+    """`_Deadlines`: due tasks are cancelled and marked expired, in time order; a deadline set
+    again for later or cleared is skipped; ended tasks leave the heap bounded."""
+    import asyncio
+
+    from swarm.runtime.supervisor import _Deadlines
+
+    async def idle() -> None:
+        await asyncio.Event().wait()
+
+    d = _Deadlines()
+    a, b, c = (asyncio.create_task(idle()) for _ in range(3))
+    d.set("a", 0.05, a)
+    d.set("b", 0.05, b)
+    d.set("b", 3600, b)  # moved later: its first entry is stale
+    d.set("c", 0.1, c)
+    me = asyncio.current_task()
+    assert me is not None
+    for i in range(1000):  # tasks that end in time
+        d.set(f"x{i}", 3600, me)
+        assert not d.clear(f"x{i}", me)
+    assert len(d) == 3 and len(d._heap) <= 2 * 3 + 64 + 1
+    done, _ = await asyncio.wait([a, c], timeout=10)
+    assert done == {a, c} and a.cancelled() and c.cancelled() and not b.done()
+    assert d.clear("a", a) and d.clear("c", c) and not d.clear("b", b)
+    assert len(d) == 0
+    b.cancel()
+
+
 async def test_cost_budget_uses_model_prices(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, {"task": {"max_cost_usd": 0.5}, "on_exhausted": "fail"})
     price = {"input_per_mtok": 1000.0, "output_per_mtok": 4000.0}
