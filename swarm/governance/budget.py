@@ -21,6 +21,7 @@ tools and an instruction to answer now (the task then ends COMPLETED marked `bud
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,17 @@ def _fmt(v: float) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+@functools.lru_cache(maxsize=1024)
+def _why(level: str, quantity: str, limit: float) -> str:
+    """The text naming one limit, "task max_tool_calls (5)": one string per limit, shared by
+    every turn's allowance that names it (a supervisor holds one per running task, and
+    pickling a batch of turns for an agent sends a shared string once)."""
+    return f"{level} max_{quantity} ({_fmt(limit)})"
+
+
+_MAX_FIELD = {q: f"max_{q}" for q in (*QUANTITIES, "wall_s")}
+
+
 def turn_allowance(cfg: SwarmConfig, agent: str, task: Usage, mine: Usage,
                    swarm: Usage, *, now: float, task_deadline: float
                    ) -> tuple[Allowance, int | None, str]:
@@ -150,13 +162,13 @@ def turn_allowance(cfg: SwarmConfig, agent: str, task: Usage, mine: Usage,
     for q in QUANTITIES:
         best: float | None = None
         for level, limits, used in levels:
-            limit = getattr(limits, f"max_{q}")
+            limit = getattr(limits, _MAX_FIELD[q])
             if limit is None:
                 continue
             left = limit - getattr(used, q)
             if best is None or left < best:
                 best = left
-                reason = f"{level} max_{q} ({_fmt(limit)})"
+                reason = _why(level, q, limit)
         if best is None:
             continue
         if q == "steps":
@@ -165,11 +177,11 @@ def turn_allowance(cfg: SwarmConfig, agent: str, task: Usage, mine: Usage,
             setattr(out, q, max(best, 0))
             out.why[q] = reason
     out.deadline, out.why["wall_s"] = task_deadline, \
-        f"task max_wall_s ({_fmt(cfg.budgets.task.max_wall_s)})"
+        _why("task", "wall_s", cfg.budgets.task.max_wall_s)
     agent_wall = cfg.agent_budget(agent).max_wall_s
     if agent_wall is not None and now + agent_wall - mine.wall_s < task_deadline:
         out.deadline = now + agent_wall - mine.wall_s
-        out.why["wall_s"] = f"agent max_wall_s ({_fmt(agent_wall)})"
+        out.why["wall_s"] = _why("agent", "wall_s", agent_wall)
     return out, steps_left, steps_why
 
 
@@ -177,9 +189,9 @@ def swarm_exhausted(cfg: SwarmConfig, swarm: Usage) -> str | None:
     """The swarm limit already reached, if any (no new turn starts then)."""
     limits = cfg.budgets.swarm
     for q in QUANTITIES:
-        limit = getattr(limits, f"max_{q}")
+        limit = getattr(limits, _MAX_FIELD[q])
         if limit is not None and getattr(swarm, q) >= limit:
-            return f"swarm max_{q} ({_fmt(limit)})"
+            return _why("swarm", q, limit)
     return None
 
 
