@@ -350,15 +350,22 @@ class _Deadlines:
     dict; one loop timer is set for the earliest due time. A task that finishes first drops
     out of the dict (its heap entry is skipped when reached, and the heap is rebuilt from the
     dict once stale entries outnumber live ones). At its due time the task's `asyncio.Task`
-    is cancelled and marked, and `expired` tells its driver that the cancellation was the
-    deadline, as `asyncio.timeout` turns it into a `TimeoutError`."""
+    is cancelled and marked, and `clear` tells its driver that the cancellation was the
+    deadline, as `asyncio.timeout` turns it into a `TimeoutError`. Entries and marks belong to
+    the `asyncio.Task` that set them: a second driver of the same key never takes or drops
+    another's."""
 
-    __slots__ = ("_due", "_expired", "_heap", "_timer", "_timer_at")
+    __slots__ = ("_due", "_expired", "_heap", "_loop", "_timer", "_timer_at")
+
+    # A timer may run a little before its time (the loop's clock resolution): entries due
+    # within this much count as due, so the timer is never set again for the same instant.
+    _EARLY_S = 0.001
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, str]] = []  # (loop time, key), stale ones included
         self._due: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # key -> (time, its task)
-        self._expired: set[str] = set()
+        self._expired: dict[str, asyncio.Task[Any]] = {}  # key -> the task it cancelled
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
 
@@ -368,9 +375,12 @@ class _Deadlines:
     def set(self, key: str, delay: float, task: asyncio.Task[Any]) -> None:
         """Cancel `task` in `delay` seconds unless `clear(key, task)` comes first."""
         loop = task.get_loop()
+        if loop is not self._loop:  # a new event loop (a test's): the old timer is gone
+            self._loop, self._timer, self._timer_at = loop, None, float("inf")
         when = loop.time() + delay
         self._due[key] = (when, task)
-        self._expired.discard(key)
+        if self._expired.get(key) is task:
+            del self._expired[key]
         heapq.heappush(self._heap, (when, key))
         if len(self._heap) > 2 * len(self._due) + 64:
             self._heap = [(w, k) for k, (w, _) in self._due.items()]
@@ -379,12 +389,13 @@ class _Deadlines:
             self._arm(loop, when)
 
     def clear(self, key: str, task: asyncio.Task[Any]) -> bool:
-        """Drop `key`'s deadline (if `task` set it); True if it had expired."""
+        """Drop the deadline `task` set for `key`; True if it had expired (and cancelled
+        `task`)."""
         held = self._due.get(key)
         if held is not None and held[1] is task:
             del self._due[key]
-        if key in self._expired:
-            self._expired.discard(key)
+        if self._expired.get(key) is task:
+            del self._expired[key]
             return True
         return False
 
@@ -395,7 +406,7 @@ class _Deadlines:
 
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer, self._timer_at = None, float("inf")
-        now, heap, due = loop.time(), self._heap, self._due
+        now, heap, due = loop.time() + self._EARLY_S, self._heap, self._due
         while heap and heap[0][0] <= now:
             when, key = heapq.heappop(heap)
             held = due.get(key)
@@ -403,7 +414,7 @@ class _Deadlines:
                 continue  # finished, or set again for later
             del due[key]
             if not held[1].done():
-                self._expired.add(key)
+                self._expired[key] = held[1]
                 held[1].cancel()
         while heap and heap[0][1] not in due:
             heapq.heappop(heap)

@@ -119,6 +119,8 @@ async def test_a_task_past_its_wall_clock_is_stopped_by_the_supervisor(tmp_path:
     middle of it, so the supervisor's hard stop fails the task at the deadline and cancels the
     turn. Tasks that end in time leave no deadline behind, and a cancel by request is still a
     cancel."""
+    import asyncio
+
     hang = {"name": "hang", "when": {"last_matches": "^hang"},
             "tool_calls": [{"name": "slow", "arguments": {"seconds": 30}}]}
     quick = {"name": "quick", "when": {}, "content": "quick answer"}
@@ -133,12 +135,57 @@ async def test_a_task_past_its_wall_clock_is_stopped_by_the_supervisor(tmp_path:
         assert row["updated"] - row["created"] < 15  # the tool's 30 s never ran out
         (alert,) = [e for e in sw.events(row["task_id"]) if isinstance(e, Alert)]
         assert alert.alert == "budget_exhausted" and alert.action == "fail"
-        # Cancelled by request before its deadline: canceled, not failed.
+        # Cancelled by request while its turn runs, before its deadline: canceled.
         task_id = await sw.supervisor.submit("hang again")
+        await _turn_running(sw, task_id)
+        driver = sw.supervisor.tasks[task_id].driver
+        assert driver is not None
         await sw.supervisor.cancel(task_id)
         row = await sw.supervisor.wait(task_id, 20)
         assert row["state"] == "canceled", row
-        assert len(sw.supervisor._deadlines) == 0
+        await asyncio.wait([driver], timeout=20)  # its driver unwinds after the task ended
+        assert driver.done() and len(sw.supervisor._deadlines) == 0
+
+
+async def test_a_cancel_by_request_wins_over_a_deadline_at_the_same_moment(
+        tmp_path: Path) -> None:
+    """The deadline fires and a cancel by request comes before the task's driver runs again:
+    the task is canceled (as with `asyncio.timeout`), and its driver's cancel count is back
+    to where it was."""
+    import asyncio
+    import heapq
+
+    hang = {"name": "hang", "when": {},
+            "tool_calls": [{"name": "slow", "arguments": {"seconds": 30}}]}
+    cfg = _cfg(tmp_path, {"task": {"max_wall_s": 600}, "on_exhausted": "fail"}, [hang])
+    async with LocalSwarm(cfg) as sw:
+        sup = sw.supervisor
+        task_id = await sup.submit("hang")
+        await _turn_running(sw, task_id)
+        driver = sup.tasks[task_id].driver
+        assert driver is not None and len(sup._deadlines) == 1
+        _, task = sup._deadlines._due[task_id]
+        assert task is driver
+        sup._deadlines._due[task_id] = (0.0, task)  # due now
+        heapq.heappush(sup._deadlines._heap, (0.0, task_id))
+        sup._deadlines._fire(asyncio.get_running_loop())  # cancels the driver: expired
+        driver.cancel()  # and a cancel by request before the driver runs again
+        row = await sup.wait(task_id, 20)
+        assert row["state"] == "canceled" and row["error"] == "canceled by request", row
+        await asyncio.wait([driver], timeout=20)
+        assert driver.done() and len(sup._deadlines) == 0 and not sup._deadlines._expired
+
+
+async def _turn_running(sw: LocalSwarm, task_id: str) -> None:
+    """Wait (bounded) until the task's first model call has been made: its turn is running."""
+    cursor = 0
+    for _ in range(100):
+        evs, ended = await sw.supervisor.events(task_id, cursor, 10)
+        cursor += len(evs)
+        if any(isinstance(e, ModelCalled) for e in evs):
+            return
+        assert not ended, evs
+    raise AssertionError(f"task {task_id} never called its model")
 
 
 async def test_one_timer_holds_every_tasks_deadline() -> None:
