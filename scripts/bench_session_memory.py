@@ -70,14 +70,15 @@ async def _bursts(sessions: int, bursts: int, traced: bool) -> list[dict[str, fl
 async def _run_bursts(host: Any, buffer: Any, sessions: int, bursts: int, traced: bool,
                       out: list[dict[str, float]]) -> None:
     proc = psutil.Process()
+    me = Procs.this_process()
     for burst in range(bursts):
         buffer.drain_runs()
         gc.collect()
-        rss0 = proc.memory_info().rss
+        rss0 = me.rss()  # the measure `PeakRss` samples
         if traced:
             tracemalloc.start()
         t0 = time.perf_counter()
-        with PeakRss(Procs.this_process(), every_s=0.05) as peak:
+        with PeakRss(me, every_s=0.05) as peak:
             results = await asyncio.gather(*(
                 host.run_turn(swarm_side._request(f"b{burst}-{i}", TOOL_STEPS + 1))
                 for i in range(sessions)))

@@ -82,6 +82,7 @@ class Procs:
         self.me = psutil.Process(os.getpid())
         self.extra = list(extra)
         self._known: list[psutil.Process] | None = None
+        self._shm_cache: tuple[tuple[int, ...], float, set[str]] | None = None
 
     @classmethod
     def this_process(cls) -> Procs:
@@ -137,19 +138,36 @@ class Procs:
         it: on Ray, the object store's pages that the supervisor writes and an agent reads
         count twice, and at 2,000 sessions that summed 7.3 KB a session for 2.5 of them. So on
         Linux each process counts its private and file-backed pages (`RssAnon`, `RssFile` of
-        /proc/PID/status), and shared memory counts as the larger of what /dev/shm holds
-        (where Ray's object store lives) and the most any one process maps (`RssShmem`).
-        Elsewhere, and for a subset (`only`), it is the plain sum of RSS."""
+        /proc/PID/status), and the shared memory of the files in /dev/shm the processes map
+        (Ray's object store) counts once: the pages those files hold (`_shm_files`), or the
+        most any one process maps (`RssShmem`) if that is more. Shared memory elsewhere (no
+        such file mapped), other platforms, and a subset (`only`) count as `rss_sum` does."""
         if only is not None or not _PROC_STATUS:
             return self.rss_sum(only)
-        total = shared = 0
+        private = shared = largest = 0
+        mapping = []
         for p in self.processes():
             kinds = _rss_kinds(p.pid)
             if kinds is None:
                 continue
-            total += kinds[0] + kinds[1]
-            shared = max(shared, kinds[2])
-        return total + max(shared, _shm_used())
+            private += kinds[0] + kinds[1]
+            shared += kinds[2]
+            largest = max(largest, kinds[2])
+            if kinds[2]:
+                mapping.append(p.pid)
+        files = self._mapped_shm(mapping)
+        if not files:
+            return private + shared
+        return private + max(largest, sum(_file_pages(f) for f in files))
+
+    def _mapped_shm(self, pids: list[int]) -> set[str]:
+        """`_shm_files` of these processes, read again when the set of processes with shared
+        memory changes or after a second (a Ray worker's maps run to a thousand lines)."""
+        now, key = time.monotonic(), tuple(pids)
+        cached = self._shm_cache
+        if cached is None or cached[0] != key or now - cached[1] > 1.0:
+            cached = self._shm_cache = (key, now, _shm_files(pids))
+        return cached[2]
 
     def rss_sum(self, only: Iterable[int] | None = None) -> int:
         """Resident bytes of all the processes (or of those among them with a pid in `only`),
@@ -185,13 +203,31 @@ def _rss_kinds(pid: int) -> tuple[int, int, int] | None:
     return found[0], found[1], found[2]
 
 
-def _shm_used() -> int:
-    """Bytes in use in /dev/shm (0 where there is none)."""
+def _shm_files(pids: Iterable[int]) -> set[str]:
+    """The files in /dev/shm that these processes map (Ray's object store is one)."""
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        at = data.find(b" /dev/shm/")
+        while at >= 0:
+            end = data.find(b"\n", at)
+            line = data[at + 1: end if end >= 0 else len(data)]
+            if not line.endswith(b" (deleted)"):
+                found.add(line.decode(errors="replace"))
+            at = data.find(b" /dev/shm/", at + 1)
+    return found
+
+
+def _file_pages(path: str) -> int:
+    """Bytes of memory a file in /dev/shm (tmpfs) holds: its allocated blocks."""
     try:
-        st = os.statvfs("/dev/shm")
+        return os.stat(path).st_blocks * 512
     except OSError:
         return 0
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 def process_role(proc: psutil.Process) -> str:
@@ -270,6 +306,10 @@ class PeakRss(_Sampler):
         self.peak_sum = self.store_at_peak_sum = 0
         self.base_sum: int | None = None
         self.store_base = 0
+
+    def __enter__(self) -> Any:
+        self._sample()  # the bases: taken before the block's work starts
+        return super().__enter__()
 
     def _sample(self) -> None:
         total, summed = self.procs.rss(), self.procs.rss_sum()

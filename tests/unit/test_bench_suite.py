@@ -173,15 +173,28 @@ def test_cpu_is_summed_by_process_role() -> None:
         child.communicate(b"")
 
 
-@pytest.mark.skipif(not Path("/dev/shm").is_dir() or not Path("/proc/self/status").exists(),
-                    reason="reads /proc and /dev/shm")
+SHM_SIZE = 16 * 2**20
+
+
+def _shm_free() -> int:
+    import os
+
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or _shm_free() < 4 * SHM_SIZE,
+                    reason="reads /proc, and needs room in /dev/shm")
 def test_shared_memory_counts_once_across_processes() -> None:
     """A segment of /dev/shm that this process writes and a child reads: summing RSS counts it
     twice, `Procs.rss` once."""
     import os
     from multiprocessing import shared_memory
 
-    size = 64 * 2**20
+    size = SHM_SIZE
     child = subprocess.Popen(
         [sys.executable, "-c",
          "import sys\n"
