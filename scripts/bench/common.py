@@ -82,7 +82,8 @@ class Procs:
         self.me = psutil.Process(os.getpid())
         self.extra = list(extra)
         self._known: list[psutil.Process] | None = None
-        self._shm_cache: tuple[tuple[int, ...], float, set[str]] | None = None
+        self._shm_cache: tuple[tuple[int, ...], float,
+                               dict[tuple[str, str], tuple[int, str, str]]] | None = None
 
     @classmethod
     def this_process(cls) -> Procs:
@@ -141,7 +142,9 @@ class Procs:
         /proc/PID/status), and the shared memory of the files in /dev/shm the processes map
         (Ray's object store) counts once: the pages those files hold (`_shm_files`), or the
         most any one process maps (`RssShmem`) if that is more. Shared memory elsewhere (no
-        such file mapped), other platforms, and a subset (`only`) count as `rss_sum` does."""
+        such file mapped, or one whose size can't be read: its mapping's link in
+        /proc/PID/map_files needs root), other platforms, and a subset (`only`) count as
+        `rss_sum` does."""
         if only is not None or not _PROC_STATUS:
             return self.rss_sum(only)
         private = shared = largest = 0
@@ -155,12 +158,12 @@ class Procs:
             largest = max(largest, kinds[2])
             if kinds[2]:
                 mapping.append(p.pid)
-        files = self._mapped_shm(mapping)
-        if not files:
+        pages = [_file_pages(*where) for where in self._mapped_shm(mapping).values()]
+        if not pages or None in pages:
             return private + shared
-        return private + max(largest, sum(_file_pages(f) for f in files))
+        return private + max(largest, sum(p for p in pages if p is not None))
 
-    def _mapped_shm(self, pids: list[int]) -> set[str]:
+    def _mapped_shm(self, pids: list[int]) -> dict[tuple[str, str], tuple[int, str, str]]:
         """`_shm_files` of these processes, read again when the set of processes with shared
         memory changes or after a second (a Ray worker's maps run to a thousand lines)."""
         now, key = time.monotonic(), tuple(pids)
@@ -203,9 +206,10 @@ def _rss_kinds(pid: int) -> tuple[int, int, int] | None:
     return found[0], found[1], found[2]
 
 
-def _shm_files(pids: Iterable[int]) -> set[str]:
-    """The files in /dev/shm that these processes map (Ray's object store is one)."""
-    found: set[str] = set()
+def _shm_files(pids: Iterable[int]) -> dict[tuple[str, str], tuple[int, str, str]]:
+    """The files in /dev/shm that these processes map (Ray's object store is one, unlinked
+    once mapped): (device, inode) -> (a pid, the mapping's address range, the path)."""
+    found: dict[tuple[str, str], tuple[int, str, str]] = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/maps", "rb") as f:
@@ -214,20 +218,24 @@ def _shm_files(pids: Iterable[int]) -> set[str]:
             continue
         at = data.find(b" /dev/shm/")
         while at >= 0:
+            start = data.rfind(b"\n", 0, at) + 1
             end = data.find(b"\n", at)
-            line = data[at + 1: end if end >= 0 else len(data)]
-            if not line.endswith(b" (deleted)"):
-                found.add(line.decode(errors="replace"))
+            fields = data[start: end if end >= 0 else len(data)].decode(errors="replace").split()
+            if len(fields) >= 6:  # range, perms, offset, device, inode, path [(deleted)]
+                found.setdefault((fields[3], fields[4]), (pid, fields[0], fields[5]))
             at = data.find(b" /dev/shm/", at + 1)
     return found
 
 
-def _file_pages(path: str) -> int:
-    """Bytes of memory a file in /dev/shm (tmpfs) holds: its allocated blocks."""
-    try:
-        return os.stat(path).st_blocks * 512
-    except OSError:
-        return 0
+def _file_pages(pid: int, span: str, path: str) -> int | None:
+    """Bytes of memory a file in /dev/shm (tmpfs) holds, its allocated blocks, read through
+    the mapping (which reaches an unlinked file too); None if it can't be read."""
+    for where in (f"/proc/{pid}/map_files/{span}", path):
+        try:
+            return os.stat(where).st_blocks * 512
+        except OSError:
+            continue
+    return None
 
 
 def process_role(proc: psutil.Process) -> str:
