@@ -273,22 +273,27 @@ class AgentHost:
         A resume of a turn that is still running here (its supervisor restarted, this replica
         didn't) joins that turn instead of starting a second copy of it.
         """
+        # Shielded: a caller that goes away (a supervisor dying) doesn't cancel the turn;
+        # `cancel` does.
+        return await asyncio.shield(self.start_turn(req))
+
+    def start_turn(self, req: TurnRequest) -> asyncio.Future[TurnResult]:
+        """Start a turn, or join it (`run_turn`), and return its Task without waiting for it.
+        Posted turns start here: the turn's one Task, with no second Task and shield around
+        it per session. Raises if the task has a turn running here and this is no resume."""
         current = self._turns.get(req.task_id)
         if current is not None and not current.done():
             if req.resume:
-                return await asyncio.shield(current)
+                return current
             raise RuntimeError(f"task {req.task_id} already has a turn running on {self.role}")
         turn = asyncio.ensure_future(self._run_turn(req))
         self._turns[req.task_id] = turn
+        turn.add_done_callback(functools.partial(self._forget_turn, req.task_id))
+        return turn
 
-        def _forget(done: asyncio.Future[TurnResult], task_id: str = req.task_id) -> None:
-            if self._turns.get(task_id) is done:
-                del self._turns[task_id]
-
-        turn.add_done_callback(_forget)
-        # Shielded: a caller that goes away (a supervisor dying) doesn't cancel the turn;
-        # `cancel` does.
-        return await asyncio.shield(turn)
+    def _forget_turn(self, task_id: str, done: asyncio.Future[TurnResult]) -> None:
+        if self._turns.get(task_id) is done:
+            del self._turns[task_id]
 
     async def _run_turn(self, req: TurnRequest) -> TurnResult:
         if self._loop is None:
@@ -619,7 +624,11 @@ class AgentActor:
         self._turns_posted += len(posts)
         self._largest_post = max(self._largest_post, len(posts))
         for post_id, req in posts:
-            turn = asyncio.ensure_future(self.host.run_turn(req))
+            try:
+                turn = self.host.start_turn(req)
+            except Exception as exc:  # reported as the turn's outcome, as a failed turn is
+                turn = asyncio.get_running_loop().create_future()
+                turn.set_exception(exc)
             turn.add_done_callback(functools.partial(self._turn_done, post_id, req.task_id))
         return self.incarnation
 

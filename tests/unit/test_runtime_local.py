@@ -819,3 +819,38 @@ async def test_a_task_flag_wakes_its_waiters_and_makes_no_event_until_one_waits(
     unused = _Flag()
     unused.set()
     assert await unused.wait() is True and unused._event is None  # set first: no Event made
+
+
+async def test_a_started_turn_is_joined_by_its_resume_and_refused_a_second_copy(
+        tmp_path: Path) -> None:
+    """`AgentHost.start_turn` (how posted turns start on a replica): the turn's Task at once;
+    a resume of the same task while it runs joins it, a fresh second turn is refused, and the
+    host forgets the turn once it ends."""
+    from swarm.runtime.agent import TurnRequest
+
+    hang = {"name": "hang", "when": {"last_matches": "^hang"},
+            "tool_calls": [{"name": "slow", "arguments": {"seconds": 30}}]}
+    cfg = make_cfg(tmp_path, [hang, {"name": "done", "when": {}, "content": "ok"}],
+                   {"a": {"model": "m", "tools": ["fn"]}})
+
+    def request(task: str, text: str, resume: bool = False) -> TurnRequest:
+        return TurnRequest(task_id=task, context_id=task, resume=resume,
+                           message=a2a.dumps(a2a.text_message(text)), transcript=[],
+                           step_offset=0, max_steps=5, log_id=task, turn_id=f"{task}-1")
+
+    async with LocalSwarm(cfg) as sw:
+        host = sw.hosts["a"]
+        turn = host.start_turn(request("t1", "hang"))
+        assert host.start_turn(request("t1", "hang", resume=True)) is turn
+        with pytest.raises(RuntimeError, match="already has a turn running"):
+            host.start_turn(request("t1", "hang"))
+        for _ in range(500):  # until the turn runs (bounded): then it can be cancelled
+            if "t1" in host._running:
+                break
+            await asyncio.sleep(0.01)
+        assert host.cancel("t1")
+        await asyncio.wait([turn], timeout=20)
+        assert turn.done() and turn.result().kind == "canceled"
+        assert "t1" not in host._turns
+        quick = await host.run_turn(request("t2", "quick"))
+        assert quick.kind == "final" and quick.text == "ok" and "t2" not in host._turns
