@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from swarm import events
 from swarm.config import MCPStdioConfig, SwarmConfig
@@ -88,6 +88,16 @@ class TurnRequest:
     # transcript (the log has it), so it asks for them only for turns that go on (handoffs,
     # questions, a stuck turn an operator may continue).
     added_at_end: bool = True
+
+
+class _TurnKeys(NamedTuple):
+    """The fields of a `TurnRequest` a turn reads at its end."""
+
+    task_id: str
+    context_id: str
+    turn_id: str
+    step_offset: int
+    added_at_end: bool
 
 
 @dataclass(slots=True)
@@ -301,6 +311,8 @@ class AgentHost:
         loop = self._loop
         assert loop is not None
         text = a2a.message_text(a2a.loads_message(req.message))
+        keys = _TurnKeys(req.task_id, req.context_id, req.turn_id, req.step_offset,
+                         req.added_at_end)
         async with self._slot():
             self._running[req.task_id] = asyncio.current_task()  # type: ignore[assignment]
             session = Session(
@@ -334,6 +346,10 @@ class AgentHost:
                 outcome: Outcome | None = None
                 if self.store is not None:
                     outcome, first = await self._open(req, session, text, limits)
+                # From here on the turn reads `keys`: the request (its message bytes, counters
+                # and guard, a kilobyte or so) can go for the turn's length where nothing else
+                # holds it, as for a replica's posted turn.
+                del req
                 if outcome is None:
                     outcome = await loop.run_turn(session, limits)
                 kind, reply = outcome.kind, outcome.text
@@ -349,11 +365,11 @@ class AgentHost:
                 error_class, error = "orchestration", str(exc)
                 superseded = True
             except Exception as exc:  # a bug in the loop must not take the role down
-                log.exception("agent %s: turn of task %s crashed", self.role, req.task_id)
+                log.exception("agent %s: turn of task %s crashed", self.role, keys.task_id)
                 kind, reply, target = "failed", "", None
                 error_class, error = classify(exc), f"{type(exc).__name__}: {exc}"
             finally:
-                self._running.pop(req.task_id, None)
+                self._running.pop(keys.task_id, None)
             for layer in loop.middleware:
                 layer.on_turn_end(session)
             if superseded:
@@ -364,7 +380,7 @@ class AgentHost:
                 try:
                     await session.journal.turn_end(session.step, {
                         "outcome": kind, "text": reply, "target": target,
-                        "error_class": error_class, "error": error, "turn": req.turn_id})
+                        "error_class": error_class, "error": error, "turn": keys.turn_id})
                 except Fenced as exc:
                     # Taken over while its last step waited to be written with the turn's end
                     # (`Journal.end_step`): the copy that took over reports the outcome.
@@ -377,26 +393,26 @@ class AgentHost:
                 try:
                     await session.journal.checkpoint()
                 except Exception:
-                    log.warning("task %s: buffered steps lost at cancel", req.task_id,
+                    log.warning("task %s: buffered steps lost at cancel", keys.task_id,
                                 exc_info=True)
         if trace is not None:
             self._tracer.end_agent(trace, kind, error_class, error, session, target,
-                                   session.step - req.step_offset)
+                                   session.step - keys.step_offset)
         out = a2a.text_message(
-            reply or (error or ""), role="agent", task_id=req.task_id,
-            context_id=req.context_id, metadata={"agent": self.role, "outcome": kind},
+            reply or (error or ""), role="agent", task_id=keys.task_id,
+            context_id=keys.context_id, metadata={"agent": self.role, "outcome": kind},
         )
         return TurnResult(
-            task_id=req.task_id, agent=self.role, kind=kind,  # type: ignore[arg-type]
+            task_id=keys.task_id, agent=self.role, kind=kind,  # type: ignore[arg-type]
             message=a2a.dumps(out), text=reply, target=target if kind == "handoff" else None,
-            error_class=error_class, error=error, steps=session.step - req.step_offset,
+            error_class=error_class, error=error, steps=session.step - keys.step_offset,
             input_tokens=session.input_tokens, output_tokens=session.output_tokens,
             cached_tokens=session.cached_tokens, model_calls=session.model_calls,
             tool_calls=session.tool_calls,
-            added=session.messages[first:] if req.added_at_end or marks[1] is not None
+            added=session.messages[first:] if keys.added_at_end or marks[1] is not None
             or kind not in ("final", "failed") else [],
             budget_exhausted=marks[0], stuck=marks[1], gate=gate,
-            events=self.buffer.take(req.task_id),
+            events=self.buffer.take(keys.task_id),
         )
 
     @contextlib.asynccontextmanager
