@@ -145,8 +145,16 @@ class Procs:
         such file mapped, or one whose size can't be read: its mapping's link in
         /proc/PID/map_files needs root), other platforms, and a subset (`only`) count as
         `rss_sum` does."""
-        if only is not None or not _PROC_STATUS:
+        if only is not None:
             return self.rss_sum(only)
+        return self.resident()[0]
+
+    def resident(self) -> tuple[int, int]:
+        """All the processes' resident bytes both ways, from one reading of each: with shared
+        memory counted once (`rss`) and summed (`rss_sum`)."""
+        if not _PROC_STATUS:
+            summed = self.rss_sum()
+            return summed, summed
         private = shared = largest = 0
         mapping = []
         for p in self.processes():
@@ -158,10 +166,11 @@ class Procs:
             largest = max(largest, kinds[2])
             if kinds[2]:
                 mapping.append(p.pid)
+        summed = private + shared  # RssAnon + RssFile + RssShmem is each process's RSS
         pages = [_file_pages(*where) for where in self._mapped_shm(mapping).values()]
         if not pages or None in pages:
-            return private + shared
-        return private + max(largest, sum(p for p in pages if p is not None))
+            return summed, summed
+        return private + max(largest, sum(p for p in pages if p is not None)), summed
 
     def _mapped_shm(self, pids: list[int]) -> dict[tuple[str, str], tuple[int, str, str]]:
         """`_shm_files` of these processes, read again when the set of processes with shared
@@ -320,7 +329,7 @@ class PeakRss(_Sampler):
         return super().__enter__()
 
     def _sample(self) -> None:
-        total, summed = self.procs.rss(), self.procs.rss_sum()
+        total, summed = self.procs.resident()
         store = self.procs.rss(self.store_pids) if self.store_pids else 0
         if self.base_sum is None:
             self.base_sum, self.store_base = summed, store
