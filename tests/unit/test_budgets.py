@@ -132,7 +132,8 @@ async def test_a_task_past_its_wall_clock_is_stopped_by_the_supervisor(tmp_path:
         row = await sw.run("hang", timeout=20)
         assert row["state"] == "failed" and row["error_class"] == "budget", row
         assert row["error"] == "budget exhausted: task max_wall_s (0.5)"
-        assert row["updated"] - row["created"] < 15  # the tool's 30 s never ran out
+        # Stopped while the tool ran: the tool's call never finished.
+        assert not [e for e in sw.events(row["task_id"]) if isinstance(e, ToolCalled)]
         (alert,) = [e for e in sw.events(row["task_id"]) if isinstance(e, Alert)]
         assert alert.alert == "budget_exhausted" and alert.action == "fail"
         # Cancelled by request while its turn runs, before its deadline: canceled.
