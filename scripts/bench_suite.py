@@ -16,7 +16,9 @@ ledger on. Each measurement runs in a fresh process.
    per model call; steps/s against the ideal C x 10 / 2.2, CPU µs per step over every process
    involved, and memory (RSS growth) per session. swarm on a local Ray with 2 CPUs (supervisor
    and two agent replicas; the model a `provider: python` class, or with --ray-model scripted
-   the scripted engine) and in one process; LangGraph with AsyncSqliteSaver and without.
+   the scripted engine) and in one process; LangGraph with AsyncSqliteSaver and without; and
+   the reference with no framework: plain asyncio coroutines, with and without swarm's Redis
+   checkpointer writing each step.
 4. recovery: `scripts/recovery_scenarios.py actor-kill --json` (agent replicas killed mid-task).
 
     pip install -e '.[bench]'
@@ -25,6 +27,8 @@ ledger on. Each measurement runs in a fresh process.
     python scripts/bench_suite.py --quick              # smaller levels, a smoke run
     python scripts/bench_suite.py --only concurrency --repeat 5   # each Ray level 5 times
     python scripts/bench_suite.py --only concurrency --ray-model scripted   # the scripted engine
+    python scripts/bench_suite.py --only concurrency --ray-layers off   # no tracing, metrics,
+                                                       # usage ledger or audit log on Ray
     python scripts/bench_suite.py --only concurrency --levels 2000 --sides swarm   # one level,
                                                        # a fresh deployment, swarm alone
 
@@ -133,15 +137,19 @@ def run_growth(quick: bool) -> list[dict[str, Any]]:
 
 
 def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python",
-                    levels: list[int] | None = None) -> list[dict[str, Any]]:
+                    levels: list[int] | None = None, ray_layers: bool = True
+                    ) -> list[dict[str, Any]]:
     levels = levels or ([10, 100] if quick else CONC_LEVELS)
     rows: list[dict[str, Any]] = []
     ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat,
-                       model=ray_model)
+                       model=ray_model, layers=ray_layers)
     rows += ray_rows if isinstance(ray_rows, list) else \
         [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
     for c in levels:
         rows.append(measure("swarm_local_concurrency", c) | {"sessions": c})
+    for c in levels:  # the reference: no framework, with and without the durable checkpoint
+        for store in (False, True):
+            rows.append(measure("swarm_floor_concurrency", c, store) | {"sessions": c})
     for c in levels if "langgraph" in SIDES else ():
         rows.append(measure("lg_concurrency", c, True) | {"sessions": c})
         rows.append(measure("lg_concurrency", c, False) | {"sessions": c})
@@ -184,6 +192,12 @@ def main() -> None:
                     "deciding from the turn's last messages as LangGraph's fake chat model does "
                     "(swarm.examples.models:RepeatTool), or scripted, the scripted engine "
                     "in-process (rules and templates: more CPU a call)")
+    ap.add_argument("--ray-layers", choices=("on", "off"), default="on",
+                    help="the Ray concurrency workload's observability and governance layers: "
+                    "on, as a deployed swarm has them (default), or off: tracing, metrics, "
+                    "the usage ledger and the audit log turned off in its config, to see what "
+                    "they cost at scale (budgets and durable checkpoints stay; no target "
+                    "verdict is printed for these rows)")
     ap.add_argument("--levels", metavar="C,C,...",
                     help="concurrency levels, comma-separated (default 10,100,1000,2000; "
                     "--quick 10,100). The Ray levels share one deployment, one after the "
@@ -234,7 +248,7 @@ def main() -> None:
         res["growth"] = [g for g in run_growth(args.quick) if "error" not in g]
     if "concurrency" in only:
         res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat,
-                                             args.ray_model, levels)
+                                             args.ray_model, levels, args.ray_layers == "on")
     if "recovery" in only:
         print("  recovery: scripts/recovery_scenarios.py actor-kill (~1-2 minutes)", flush=True)
         res["recovery"] = run_recovery()

@@ -300,8 +300,75 @@ async def _local_concurrency(sessions: int, state: dict[str, Any] | None) -> dic
                            peak.store_at_peak - base_store, peak, processes=2)
 
 
+def floor_concurrency(sessions: int, store: bool) -> dict[str, Any]:
+    """The reference the concurrency target is set against: the same workload with no
+    framework, in one process. Each task is a plain coroutine: 11 "model calls" (an
+    `asyncio.sleep` of 200 ms), the first 10 answered with one `echo` call whose result goes into
+    the task's messages (OpenAI dicts), the last with the answer. With `store`, each step's model
+    answer and tool result (two log entries) and the call's ledger record are appended at the
+    step's end through swarm's `RedisCheckpointer` on a private redis-server, as swarm's default
+    checkpoint policy writes them (one group-committed atomic append per step), and the answer
+    too. No supervisor, agent host, events, spans, budgets, audit or Ray: what is left is the
+    event loop, the messages, the tool, and (with `store`) the durable checkpoint."""
+    return asyncio.run(_floor_concurrency(sessions, store))
+
+
+async def _floor_task(store: Any, task_id: str) -> None:
+    from swarm.examples.tools import echo
+    from swarm.state.interface import LedgerRecord, LogEntry
+
+    messages: list[dict[str, Any]] = [{"role": "user", "content": task_id}]
+    for step in range(TOOL_STEPS + 1):
+        await asyncio.sleep(MODEL_LATENCY_S)
+        if step == TOOL_STEPS:
+            answer = {"role": "assistant", "content": ANSWER}
+            messages.append(answer)
+            if store is not None:
+                await store.append(task_id, [LogEntry(kind="model", step=step,
+                                                      data={"message": answer}, ts=time.time())])
+            return
+        call = {"id": f"call_{step:05d}", "type": "function",
+                "function": {"name": "echo", "arguments": _args(step)}}
+        asked = {"role": "assistant", "content": None, "tool_calls": [call]}
+        messages.append(asked)
+        result = str(echo(**json.loads(call["function"]["arguments"])))
+        answered = {"role": "tool", "tool_call_id": call["id"], "content": result}
+        messages.append(answered)
+        if store is not None:
+            now = time.time()
+            await store.append(task_id, [
+                LogEntry(kind="model", step=step, data={"message": asked}, ts=now),
+                LogEntry(kind="tool", step=step, data={"message": answered}, ts=now)],
+                [LedgerRecord(key=f"{task_id}:bench:{step}:0", state="finished", tool="echo",
+                              result=result, ts=now)])
+
+
+async def _floor_concurrency(sessions: int, with_store: bool) -> dict[str, Any]:
+    if not with_store:
+        return await _floor_run(sessions, None, [])
+    async with redis_store() as (store, server, _run_dir):
+        return await _floor_run(sessions, store, [server.pid()] if server.pid() else [])
+
+
+async def _floor_run(sessions: int, store: Any, store_pids: list[int]) -> dict[str, Any]:
+    procs = Procs(store_pids)  # this process, and redis-server with a store
+    await asyncio.gather(*(_floor_task(store, f"warm {i}") for i in range(10)))
+    base = procs.freeze().rss()
+    base_store = procs.rss(store_pids)
+    cpu0 = procs.cpu()
+    with PeakRss(procs, store=store_pids) as peak:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_floor_task(store, f"task {i}") for i in range(sessions)))
+        wall = time.perf_counter() - t0
+    cpu = cpu_delta(cpu0, procs.cpu())
+    impl = "no framework: asyncio" + (" + Redis checkpoint" if store is not None else "")
+    return concurrency_row(impl, sessions, wall, sessions * TOOL_STEPS, cpu, peak.peak - base,
+                           peak.store_at_peak - base_store, peak,
+                           processes=len(procs.processes()))
+
+
 def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
-                    model: str = "python") -> list[dict[str, Any]]:
+                    model: str = "python", layers: bool = True) -> list[dict[str, Any]]:
     """The concurrency workload on a local Ray with 2 CPUs: a supervisor actor and `replicas`
     agent actors, the model in-process (200 ms a call) and a Redis store; every level in the
     same deployment, one after the other, each `repeat` times: the row is the run with the
@@ -312,7 +379,10 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
     `model`: "python" is `swarm.examples.models:RepeatTool` (`provider: python`), a model class
     that decides from the turn's last messages, as LangGraph's fake chat model and the step
     workload's `EchoModel` do; "scripted" is the scripted engine, whose rules and templates
-    cost more a call (its `called:` condition, its Jinja rendering)."""
+    cost more a call (its `called:` condition, its Jinja rendering).
+
+    `layers=False` turns tracing, metrics, the usage ledger and the audit log off in the
+    swarm's config (budgets and the durable checkpoints stay): what those layers cost."""
     if model not in ("python", "scripted"):
         raise ValueError(f"model must be python or scripted, not {model!r}")
     import ray
@@ -357,6 +427,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
             "stuck": {"same_call": None, "no_progress": None},
             "state": {"store": server.url, "run_dir": str(run_dir)},
             "budgets": {"task": {"max_wall_s": 3600}},
+            **({} if layers else {x: {"enabled": False}
+                                  for x in ("tracing", "metrics", "usage", "audit")}),
         }))
         cfg = load_config(cfg_path)
         sup, _ = start_swarm(cfg, deployment="bench")
@@ -370,6 +442,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
             row = runs[len(runs) // 2]
             if model == "scripted":
                 row["impl"] += ", scripted engine"
+            if not layers:
+                row["impl"] += ", layers off"
             out.append(row | {"replicas": replicas, "model": model, "runs": [
                 {"of_ideal": r["of_ideal"], "cpu_us_per_step": r["cpu_us_per_step"]}
                 for r in runs]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,30 @@ def test_langgraph_step_workload_matches() -> None:
     assert row["impl"] == "langgraph+sqlite" and row["p50_us"] > 0
     model = langgraph_side.EchoChatModel(steps=2)
     assert model.invoke([("user", "x")]).tool_calls[0]["name"] == "echo"
+
+
+def test_the_floor_workload_is_the_same_task_checkpointed_as_swarm_writes_it() -> None:
+    async def one_task() -> tuple[list, dict]:
+        async with swarm_side.redis_store() as (store, _server, _dir):
+            await swarm_side._floor_task(store, "t")
+            return await store.read("t"), await store.ledger("t")
+
+    entries, ledger = asyncio.run(one_task())
+    # Ten steps of a model answer asking for echo and its result, then the answer.
+    assert [e.kind for e in entries] == ["model", "tool"] * 10 + ["model"]
+    assert entries[1].data["message"]["content"] == swarm_side.payload(0)
+    assert entries[-1].data["message"]["content"] == ANSWER
+    assert sorted(r.state for r in ledger.values()) == ["finished"] * 10
+    row = swarm_side.floor_concurrency(3, True)
+    assert row["impl"] == "no framework: asyncio + Redis checkpoint"
+    assert row["steps"] == 30 and row["processes"] == 2 and row["cpu_us_per_step"] > 0
+
+
+def test_no_target_verdicts_for_reference_or_layers_off_rows() -> None:
+    rows = [common.concurrency_row(impl, 2000, 2.5, 20000, 1.0, 10 * 2000 * 1024)
+            for impl in ("no framework: asyncio",
+                         "swarm+redis, Ray (supervisor + agent replicas), layers off")]
+    assert "target" not in report.table({"concurrency": rows})
 
 
 def peak(total_mb: float, store_mb: float, summed_mb: float = 0) -> common.PeakRss:
