@@ -782,6 +782,13 @@ class LimitsConfig(_Strict):
 
     max_task_chars: int = Field(100_000, ge=1)
     max_tasks: int = Field(100_000, ge=1, description="tasks kept in the supervisor's table")
+    finished_in_memory: int = Field(
+        10_000, ge=100, description="finished tasks the supervisor keeps in memory, the most "
+        "recently finished, when the swarm has a durable store: older ones are read back from "
+        "the store when asked for by id (their summary, answer and history; the live events "
+        "of a task are kept only while it is in memory), and are no longer listed. Each "
+        "finished task kept costs the supervisor about 6 KB. Without a durable store, "
+        "finished tasks stay until max_tasks")
 
 
 class ProcessConfig(_Strict):

@@ -304,7 +304,7 @@ class ApprovalDesk:
     async def decide(self, task_id: str, gid: str, decision: str, *, by: str,
                      reason: str | None = None, args: Any = None) -> dict[str, Any]:
         """Approve or deny an open gate (durably); a clear `UserError` for anything else."""
-        rec = self.sup.get(task_id)
+        rec = await self.sup.find(task_id)
         if not isinstance(gid, str) or not gid:
             raise UserError("gate must be a non-empty string (see the task's gates)")
         if not isinstance(by, str) or not by.strip():

@@ -715,6 +715,10 @@ class Supervisor:
         self.store = store
         self.swarm_id = swarm_id or cfg.name
         self.tasks: dict[str, TaskRecord] = {}
+        # Finished tasks whose final rows are stored, oldest first: beyond
+        # limits.finished_in_memory they leave `tasks` and are read back from the store by id.
+        self._finished: dict[str, None] = {}
+        self._dropped = 0  # finished tasks dropped from memory so far
         self._deadlines = _Deadlines()  # the running tasks' max_wall_s hard stops
         # New tasks whose rows are being written: a retry of the same submission meanwhile
         # waits for that write instead of making the task a second time.
@@ -770,6 +774,8 @@ class Supervisor:
     ) -> str:
         """Create a task and start driving it; returns its id at once. `message_id` names the
         task's first message (an A2A client's own id for the message it sent)."""
+        if task_id is not None:
+            await self._recall([task_id])
         rec = self._prepare(text, user, metadata, context_id, task_id, message_id)
         if isinstance(rec, str):
             await self._stored(rec)
@@ -868,6 +874,7 @@ class Supervisor:
                 self.check_text(text)
             except UserError as exc:
                 raise UserError(f"submit_many: text {i}: {exc}") from None
+        await self._recall([t for t in ids if t is not None])
         out: list[str | TaskRecord] = []
         batch: dict[str, TaskRecord] = {}
         for text, tid in zip(texts, ids, strict=True):
@@ -962,7 +969,7 @@ class Supervisor:
 
     async def respond(self, task_id: str, text: str) -> dict[str, Any]:
         """Answer a task waiting in INPUT_REQUIRED ("rerun" or "skip" an interrupted call)."""
-        rec = self.get(task_id)
+        rec = await self.find(task_id)
         if rec.gates and rec.answer_waiter is None:
             raise UserError(f"task {task_id} waits for approval of gate {', '.join(rec.gates)}: "
                             "answer with approve or deny (swarm approve / swarm deny)")
@@ -1000,7 +1007,7 @@ class Supervisor:
     async def history(self, task_id: str, *, full: bool = False) -> list[dict[str, Any]]:
         """The task's checkpoints in order: one row per log entry (with messages if `full`)."""
         store = self._require_store()
-        self.get(task_id)
+        await self.find(task_id)
         snaps = set(await store.snapshots(task_id))
         rows = []
         for e in await store.read(task_id):
@@ -1014,7 +1021,7 @@ class Supervisor:
 
     async def trace(self, task_id: str) -> list[dict[str, Any]]:
         """The task's spans from the trace store (swarm.observability), in start order."""
-        self.get(task_id)
+        await self.find(task_id)
         from swarm.observability.tracing import active
 
         tracing = active()
@@ -1031,7 +1038,7 @@ class Supervisor:
         again; from there the agents continue as if the original had been interrupted.
         """
         store = self._require_store()
-        src = self.get(task_id)
+        src = await self.find(task_id)
         entries = await store.read(task_id)
         if step < 0 or (entries and step > max(e.step for e in entries)):
             last = max((e.step for e in entries), default=0)
@@ -1060,12 +1067,13 @@ class Supervisor:
 
     async def forget(self, task_id: str) -> None:
         """Delete a finished task's durable state and drop it from the table."""
-        rec = self.get(task_id)
+        rec = await self.find(task_id)
         if rec.state not in a2a.TERMINAL:
             raise UserError(f"task {task_id} is {rec.state}; cancel it before deleting it")
         if self.store is not None:
             await self.store.delete(task_id)
-        del self.tasks[task_id]
+        self.tasks.pop(task_id, None)
+        self._finished.pop(task_id, None)
 
     async def load(self) -> int:
         """Rebuild the task table from the durable store and resume unfinished tasks."""
@@ -1085,16 +1093,67 @@ class Supervisor:
                 rec.driver = asyncio.create_task(self._drive(rec, resume=True),
                                                  name=f"task-{rec.id}")
                 resumed += 1
+        # The finished ones in the order they finished; only the newest stay in memory.
+        for rec in sorted((r for r in self.tasks.values() if r.done.is_set()),
+                          key=lambda r: r.updated):
+            self._finished[rec.id] = None
+        self._drop_finished()
         if self.meter is not None:
             self.meter.resync(self.tasks.values())
         return resumed
 
     def get(self, task_id: str) -> TaskRecord:
-        """The record of a task, or `TaskNotFound`."""
+        """The record of a task in memory, or `TaskNotFound` (`find` also reads the store)."""
         rec = self.tasks.get(task_id)
         if rec is None:
             raise TaskNotFound(f"no task {task_id!r} in swarm {self.cfg.name}")
         return rec
+
+    async def find(self, task_id: str) -> TaskRecord:
+        """The record of a task: from memory, or, for a finished task no longer kept there
+        (limits.finished_in_memory), rebuilt from its stored row, without its live events.
+        `TaskNotFound` if neither has it."""
+        rec = self.tasks.get(task_id)
+        if rec is not None:
+            return rec
+        if self.store is not None and isinstance(task_id, str):
+            row = await self.store.get_task(task_id)
+            if row is not None and row.swarm == self.swarm_id:
+                return TaskRecord.from_row(row)
+        raise TaskNotFound(f"no task {task_id!r} in swarm {self.cfg.name}")
+
+    async def _recall(self, task_ids: list[str]) -> None:
+        """Put finished tasks that were dropped from memory back into it, for these ids that a
+        caller chose: a submission with the id of such a task must be recognised as a retry,
+        or refused, not made again over its stored row."""
+        if not self._dropped or self.store is None:
+            return
+        wanted = [t for t in dict.fromkeys(task_ids) if isinstance(t, str)
+                  and t not in self.tasks and t not in self._storing]
+        rows = await asyncio.gather(*(self.store.get_task(t) for t in wanted))
+        for row in rows:
+            if row is not None and row.swarm == self.swarm_id and row.task_id not in self.tasks:
+                rec = TaskRecord.from_row(row)
+                self.tasks[rec.id] = rec
+                if rec.state in a2a.TERMINAL:
+                    self._finished[rec.id] = None
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Drop the oldest finished tasks from memory beyond limits.finished_in_memory (with a
+        durable store, which has their final rows)."""
+        if self.store is None:
+            return
+        over = len(self._finished) - self.cfg.limits.finished_in_memory
+        if over <= 0:
+            return
+        finished, tasks = self._finished, self.tasks
+        for tid in list(itertools.islice(finished, over)):
+            del finished[tid]
+            rec = tasks.get(tid)
+            if rec is not None and rec.done.is_set():
+                del tasks[tid]
+                self._dropped += 1
 
     def list(self, state: str | None = None, user: str | None = None) -> list[dict[str, Any]]:
         """Summaries of tasks, newest first, optionally filtered."""
@@ -1109,7 +1168,7 @@ class Supervisor:
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a task that hasn't finished; a finished task is left as it is."""
-        rec = self.get(task_id)
+        rec = await self.find(task_id)
         if rec.state in a2a.TERMINAL:
             return rec.summary()
         if rec.driver is not None:
@@ -1128,7 +1187,8 @@ class Supervisor:
         """`wait` for several tasks under one deadline; their summaries in the order given.
         The tasks are waited for one after another in this task (the wait ends with the last
         to finish either way), not in a Task each. An unknown id fails the call at once."""
-        recs = [self.get(t) for t in task_ids]
+        tasks = self.tasks
+        recs = [tasks.get(t) or await self.find(t) for t in task_ids]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 for rec in recs:
@@ -1137,8 +1197,9 @@ class Supervisor:
         return [rec.summary() for rec in recs]
 
     async def events(self, task_id: str, cursor: int, timeout: float) -> tuple[list[Event], bool]:
-        """Events from `cursor` on, waiting up to `timeout` s for new ones; and whether it ended."""
-        rec = self.get(task_id)
+        """Events from `cursor` on, waiting up to `timeout` s for new ones; and whether it ended.
+        A finished task no longer kept in memory (limits.finished_in_memory) has none."""
+        rec = await self.find(task_id)
         if cursor >= rec.event_count and not rec.done.is_set():
             waiter = rec.watch()
             try:
@@ -1714,8 +1775,10 @@ class Supervisor:
         for log_id in self._hot_logs.pop(rec.id, ()):
             self.hot.pop(log_id, None)  # a finished task resumes nothing
         rec.park()  # finished: read now and then, changed no more (its row uses the bytes)
+        stored = False
         try:
             await self._persist(rec)
+            stored = True
         except Exception:
             # The log still holds the turn's outcome, so a restarted supervisor finishes the
             # task again from it; the caller learns the outcome now either way.
@@ -1739,6 +1802,9 @@ class Supervisor:
         rec.compact(durable=self.store is not None)
         rec.done.set()
         self._wake(rec)  # a follower that read TaskFinished before `done` was set
+        if stored and self.store is not None:  # its row has its end: it may leave memory
+            self._finished[rec.id] = None
+            self._drop_finished()
 
     def hold_hot(self, log_id: str, seq: int, make_ref: Callable[[], Any]) -> bool:
         """Hold a snapshot of a log for its task's next resume, if it is newer than the one
@@ -1769,6 +1835,7 @@ class Supervisor:
             if len(self.tasks) < limit:
                 break
             del self.tasks[tid]
+            self._finished.pop(tid, None)
         if len(self.tasks) >= limit:
             raise UserError(
                 f"swarm {self.cfg.name} has {len(self.tasks) + pending + len(self._storing)} "

@@ -231,7 +231,7 @@ class SupervisorActor:
         """A task's summary plus its A2A `Task` as wire bytes under `a2a`, and under `events`
         how many events it has so far (where to start following them)."""
         await self._ensure()
-        rec = self.sup.get(task_id)
+        rec = await self.sup.find(task_id)
         return {**rec.summary(), "a2a": rec.wire(), "events": rec.event_count}
 
     async def list_a2a(self, query: Any) -> tuple[list[bytes], int, bool]:

@@ -385,3 +385,49 @@ def test_a_parked_a2a_task_reads_the_same_and_comes_back_to_be_changed() -> None
     back = TaskRecord.from_row(rec.to_row("s1"))  # finished: loaded parked
     assert back._task is None and back.done.is_set()
     assert back.state == "completed" and len(back.task.history) == 2
+
+
+async def test_finished_tasks_beyond_the_limit_leave_memory_and_are_read_back_by_id(
+        tmp_path: Path) -> None:
+    from swarm.errors import TaskNotFound, UserError
+
+    cfg = dt.swarm_config(tmp_path, [{"when": {}, "content": "done: {{ last_user }}"}],
+                          name="fin", agents={"b": {"model": "m"}}, supervisor={"entry": "b"},
+                          limits={"finished_in_memory": 100})
+    store = MemoryCheckpointer()
+    async with LocalSwarm(cfg, store=store) as sw:
+        sup = sw.supervisor
+        first = await sup.submit("first", task_id="first-task")
+        assert (await sup.wait(first, 30))["answer"] == "done: first"
+        ids = await sup.submit_many([f"t{i}" for i in range(120)])
+        assert {r["state"] for r in await sup.wait_many(ids, 60)} == {"completed"}
+        # The newest 100 finished tasks stay in memory; the others were dropped from it.
+        assert len(sup.tasks) == 100 and set(sup.tasks) == set(ids[20:])
+        # By id they are still there, from their stored rows: summary, answer, history.
+        row = await sup.wait(first, 1)
+        assert (row["state"], row["answer"], row["user"]) == ("completed", "done: first",
+                                                              "anonymous")
+        assert [h["kind"] for h in await sup.history(first)] == ["turn_start", "model",
+                                                                 "turn_end"]
+        assert await sup.events(first, 0, 0.1) == ([], True)  # live events leave with it
+        assert (await sup.cancel(ids[0]))["state"] == "completed"
+        # A retried submission with its id is known (not run again); another text is refused.
+        assert await sup.submit("first", task_id="first-task") == first
+        assert first in sup.tasks and len(sup.tasks) == 100
+        with pytest.raises(UserError, match="already exists"):
+            await sup.submit_many(["not t1"], task_ids=[ids[1]])
+        await sup.forget(ids[2])
+        with pytest.raises(TaskNotFound):
+            await sup.find(ids[2])
+        with pytest.raises(TaskNotFound):
+            await sup.wait("no-such-task", 1)
+    # A restarted supervisor keeps only the newest 100 finished tasks in memory too.
+    async with LocalSwarm(cfg, store=store) as sw:
+        assert await sw.supervisor.load() == 0  # nothing to resume
+        assert len(sw.supervisor.tasks) == 100 and ids[-1] in sw.supervisor.tasks
+        assert (await sw.supervisor.wait(ids[3], 1))["answer"] == "done: t3"
+    # Without a durable store nothing is dropped (it is the only copy).
+    async with LocalSwarm(cfg) as sw:
+        ids = await sw.supervisor.submit_many([f"t{i}" for i in range(120)])
+        await sw.supervisor.wait_many(ids, 60)
+        assert len(sw.supervisor.tasks) == 120

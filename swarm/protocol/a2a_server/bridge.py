@@ -135,7 +135,7 @@ class LocalLink(SwarmLink):
         """Run the supervisor method in this process."""
         sup = self.sup
         if method == "get_task":
-            rec = sup.get(args[0])
+            rec = await sup.find(args[0])
             return {**rec.summary(), "a2a": rec.wire(), "events": rec.event_count}
         if method == "list_a2a":
             from swarm.protocol.a2a_server.listing import page
