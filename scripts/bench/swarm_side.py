@@ -351,9 +351,10 @@ async def _floor_concurrency(sessions: int, with_store: bool) -> dict[str, Any]:
 
 
 async def _floor_run(sessions: int, store: Any, store_pids: list[int]) -> dict[str, Any]:
-    procs = Procs(store_pids)  # this process, and redis-server with a store
+    # This process, and redis-server with a store: no other child (a test's pytest has some).
+    procs = Procs.of([os.getpid(), *store_pids])
     await asyncio.gather(*(_floor_task(store, f"warm {i}") for i in range(10)))
-    base = procs.freeze().rss()
+    base = procs.rss()
     base_store = procs.rss(store_pids)
     cpu0 = procs.cpu()
     with PeakRss(procs, store=store_pids) as peak:
