@@ -15,6 +15,7 @@ import logging
 import time
 import zlib
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -717,7 +718,7 @@ class Supervisor:
         self.tasks: dict[str, TaskRecord] = {}
         # Finished tasks whose final rows are stored, oldest first: beyond
         # limits.finished_in_memory they leave `tasks` and are read back from the store by id.
-        self._finished: dict[str, None] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._dropped = 0  # finished tasks dropped from memory so far
         self._deadlines = _Deadlines()  # the running tasks' max_wall_s hard stops
         # New tasks whose rows are being written: a retry of the same submission meanwhile
@@ -777,6 +778,7 @@ class Supervisor:
         if task_id is not None:
             await self._recall([task_id])
         rec = self._prepare(text, user, metadata, context_id, task_id, message_id)
+        self._drop_finished()  # the recalled ones have been looked at
         if isinstance(rec, str):
             await self._stored(rec)
             return rec
@@ -877,11 +879,14 @@ class Supervisor:
         await self._recall([t for t in ids if t is not None])
         out: list[str | TaskRecord] = []
         batch: dict[str, TaskRecord] = {}
-        for text, tid in zip(texts, ids, strict=True):
-            rec = self._prepare(text, user, None, None, tid, None, batch)
-            if not isinstance(rec, str):
-                batch[rec.id] = rec
-            out.append(rec)
+        try:
+            for text, tid in zip(texts, ids, strict=True):
+                rec = self._prepare(text, user, None, None, tid, None, batch)
+                if not isinstance(rec, str):
+                    batch[rec.id] = rec
+                out.append(rec)
+        finally:
+            self._drop_finished()  # the recalled ones have been looked at
         fresh = list(batch.values())
         errors: list[BaseException] = []
         # In chunks: while one chunk's rows are written, the tasks of the chunks before it
@@ -1080,9 +1085,17 @@ class Supervisor:
         if self.store is None:
             return 0
         resumed = 0
-        for row in await self.store.list_tasks(self.swarm_id):
-            if row.task_id in self.tasks:
-                continue
+        rows = [r for r in await self.store.list_tasks(self.swarm_id)
+                if r.task_id not in self.tasks]
+        # Only the newest finished tasks are made into records (limits.finished_in_memory):
+        # the others are read back by id when asked for.
+        ended = [r for r in rows if r.state in a2a.TERMINAL]
+        keep = self.cfg.limits.finished_in_memory
+        if len(ended) > keep:
+            newest = {id(r) for r in heapq.nlargest(keep, ended, key=lambda r: r.updated)}
+            rows = [r for r in rows if r.state not in a2a.TERMINAL or id(r) in newest]
+            self._dropped += len(ended) - keep
+        for row in rows:
             try:
                 rec = TaskRecord.from_row(row)
             except Exception as exc:
@@ -1116,11 +1129,28 @@ class Supervisor:
         rec = self.tasks.get(task_id)
         if rec is not None:
             return rec
+        if task_id in self._storing:  # a new task whose row is being written: wait for it
+            with contextlib.suppress(Exception):
+                await self._stored(task_id)
+            rec = self.tasks.get(task_id)
+            if rec is not None:
+                return rec
         if self.store is not None and isinstance(task_id, str):
-            row = await self.store.get_task(task_id)
-            if row is not None and row.swarm == self.swarm_id:
-                return TaskRecord.from_row(row)
+            rec = self._from_stored(task_id, await self.store.get_task(task_id))
+            if rec is not None:
+                return rec
         raise TaskNotFound(f"no task {task_id!r} in swarm {self.cfg.name}")
+
+    def _from_stored(self, task_id: str, row: TaskRow | None) -> TaskRecord | None:
+        """A finished task's record rebuilt from its stored row, or None: no row, another
+        swarm's, or a task that hasn't finished (those are all in memory; a row of one that
+        isn't is left over, and is not made into a record nothing drives)."""
+        if row is None or row.swarm != self.swarm_id or row.state not in a2a.TERMINAL:
+            return None
+        try:
+            return TaskRecord.from_row(row)
+        except Exception as exc:
+            raise UserError(f"task {task_id}: its stored row can't be read: {exc}") from None
 
     async def _recall(self, task_ids: list[str]) -> None:
         """Put finished tasks that were dropped from memory back into it, for these ids that a
@@ -1131,13 +1161,11 @@ class Supervisor:
         wanted = [t for t in dict.fromkeys(task_ids) if isinstance(t, str)
                   and t not in self.tasks and t not in self._storing]
         rows = await asyncio.gather(*(self.store.get_task(t) for t in wanted))
-        for row in rows:
-            if row is not None and row.swarm == self.swarm_id and row.task_id not in self.tasks:
-                rec = TaskRecord.from_row(row)
-                self.tasks[rec.id] = rec
-                if rec.state in a2a.TERMINAL:
-                    self._finished[rec.id] = None
-        self._drop_finished()
+        for tid, row in zip(wanted, rows, strict=True):
+            rec = self._from_stored(tid, row)
+            if rec is not None and tid not in self.tasks:
+                self.tasks[tid] = rec
+                self._finished[tid] = None  # the newest: the caller trims after looking
 
     def _drop_finished(self) -> None:
         """Drop the oldest finished tasks from memory beyond limits.finished_in_memory (with a
@@ -1148,8 +1176,8 @@ class Supervisor:
         if over <= 0:
             return
         finished, tasks = self._finished, self.tasks
-        for tid in list(itertools.islice(finished, over)):
-            del finished[tid]
+        for _ in range(over):
+            tid, _none = finished.popitem(last=False)
             rec = tasks.get(tid)
             if rec is not None and rec.done.is_set():
                 del tasks[tid]
@@ -1188,7 +1216,10 @@ class Supervisor:
         The tasks are waited for one after another in this task (the wait ends with the last
         to finish either way), not in a Task each. An unknown id fails the call at once."""
         tasks = self.tasks
-        recs = [tasks.get(t) or await self.find(t) for t in task_ids]
+        missing = list(dict.fromkeys(t for t in task_ids if t not in tasks))
+        found = dict(zip(missing, await asyncio.gather(*(self.find(t) for t in missing)),
+                         strict=True)) if missing else {}
+        recs = [tasks.get(t) or found[t] for t in task_ids]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 for rec in recs:
@@ -1836,6 +1867,7 @@ class Supervisor:
                 break
             del self.tasks[tid]
             self._finished.pop(tid, None)
+            self._dropped += 1  # with a store, `_recall` looks for its id again
         if len(self.tasks) >= limit:
             raise UserError(
                 f"swarm {self.cfg.name} has {len(self.tasks) + pending + len(self._storing)} "
