@@ -1215,11 +1215,14 @@ class Supervisor:
         """`wait` for several tasks under one deadline; their summaries in the order given.
         The tasks are waited for one after another in this task (the wait ends with the last
         to finish either way), not in a Task each. An unknown id fails the call at once."""
-        tasks = self.tasks
-        missing = list(dict.fromkeys(t for t in task_ids if t not in tasks))
-        found = dict(zip(missing, await asyncio.gather(*(self.find(t) for t in missing)),
-                         strict=True)) if missing else {}
-        recs = [tasks.get(t) or found[t] for t in task_ids]
+        # The records in memory are taken before any await: one may leave memory meanwhile.
+        recs = [self.tasks.get(t) for t in task_ids]
+        missing = list(dict.fromkeys(t for t, r in zip(task_ids, recs, strict=True)
+                                     if r is None))
+        if missing:
+            found = dict(zip(missing, await asyncio.gather(*(self.find(t) for t in missing)),
+                             strict=True))
+            recs = [r or found[t] for t, r in zip(task_ids, recs, strict=True)]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 for rec in recs:
