@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from a2a.types import Artifact, Message, Part, Role, Task, TaskState
+from a2a.types import Message, Part, Role, Task, TaskState
 from google.protobuf.json_format import MessageToDict
 
 # Short names used in events, the CLI and the client; the values are a2a-sdk's enum members.
@@ -36,11 +36,33 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
+# Random bytes for ids, drawn from the OS a few kilobytes at a time: `os.urandom` is a system
+# call that lets go of the GIL, and in a Ray actor, whose other threads take it meanwhile, one
+# call for 16 bytes often cost more than the rest of making an id (the supervisor makes several
+# a task). A forked child starts on fresh bytes, so it never repeats its parent's ids.
+_POOL_BYTES = 4096
+_pool = b""
+_at = 0
+
+
+def _fresh_pool() -> None:
+    global _pool, _at
+    _pool, _at = b"", 0
+
+
+os.register_at_fork(after_in_child=_fresh_pool)
+
+
 def new_id() -> str:
     """A fresh id for tasks, contexts and messages: a random (version 4) UUID as 32 hex
     digits, what `uuid.uuid4().hex` gives, made without the UUID object (a task takes
     several, and this is a third of the time)."""
-    b = bytearray(os.urandom(16))
+    global _pool, _at
+    at = _at
+    if at + 16 > len(_pool):
+        _pool, at = os.urandom(_POOL_BYTES), 0
+    b = bytearray(_pool[at:at + 16])
+    _at = at + 16
     b[6] = (b[6] & 0x0F) | 0x40  # version 4
     b[8] = (b[8] & 0x3F) | 0x80  # the RFC 4122 variant
     return b.hex()
@@ -138,7 +160,11 @@ def state_of(task: Task) -> str:
 
 def add_answer(task: Task, text: str) -> None:
     """Attach the final answer as the task's artifact."""
-    task.artifacts.append(Artifact(artifact_id=new_id(), name="answer", parts=[Part(text=text)]))
+    # Fields set one by one, as in `text_message` (the keyword constructor is the slow path).
+    art = task.artifacts.add()
+    art.artifact_id = new_id()
+    art.name = "answer"
+    art.parts.add().text = text
 
 
 def dumps(value: Message | Task) -> bytes:

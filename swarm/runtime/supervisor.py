@@ -423,18 +423,27 @@ class _Deadlines:
             self._arm(loop, heap[0][0])
 
 
+_LZ4: Any = None
+
+
+def _lz4_codec() -> Any:
+    """pyarrow's LZ4 codec, made once (`pa.compress` makes one a call)."""
+    global _LZ4
+    if _LZ4 is None:
+        import pyarrow as pa
+
+        _LZ4 = pa.Codec("lz4")
+    return _LZ4
+
+
 def _lz4(data: bytes) -> tuple[bytes, int]:
     """Packed events compressed (LZ4, through pyarrow), with their size uncompressed."""
-    import pyarrow as pa
-
-    return pa.compress(data, codec="lz4", asbytes=True), len(data)
+    return _lz4_codec().compress(data, asbytes=True), len(data)
 
 
 def _unlz4(blob: bytes, size: int) -> bytes:
     """What `_lz4` compressed."""
-    import pyarrow as pa
-
-    return pa.decompress(blob, decompressed_size=size, codec="lz4", asbytes=True)
+    return _lz4_codec().decompress(blob, decompressed_size=size, asbytes=True)
 
 
 def _unsqueeze(chunks: list[tuple[bytes, int]]) -> list[bytes]:
