@@ -4,6 +4,7 @@ handoffs, streaming, context ids and trace context, timeouts, retries, garbage, 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -325,3 +326,25 @@ def test_new_ids_are_random_version_4_uuids_in_hex() -> None:
     for i in ids:
         u = uuid.UUID(hex=i)
         assert (u.hex, u.version, u.variant) == (i, 4, uuid.RFC_4122)
+
+
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    # Ids come from a pool of random bytes: a child must not go on from its parent's pool.
+    from swarm.protocol.a2a import new_id
+
+    new_id()  # the pool is filled, with bytes left
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        try:
+            os.write(write, new_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 64).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    mine = new_id()
+    assert len(child) == 32 and child != mine
