@@ -788,7 +788,8 @@ class LimitsConfig(_Strict):
         "the store when asked for by id (their summary, answer and history; the live events "
         "of a task are kept only while it is in memory), and are no longer listed. Each "
         "finished task kept costs the supervisor about 6 KB. Without a durable store, "
-        "finished tasks stay until max_tasks")
+        "finished tasks stay until max_tasks. It also bounds the approval decisions remembered "
+        "for clear errors on a second decision")
 
 
 class ProcessConfig(_Strict):

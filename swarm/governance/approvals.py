@@ -253,7 +253,8 @@ class ApprovalDesk:
 
     sup: Supervisor
     open: dict[tuple[str, str], _Open] = field(default_factory=dict)
-    # Decisions made by this supervisor, for clear errors on a second decision.
+    # Decisions made by this supervisor, for clear errors on a second decision: the newest
+    # `limits.finished_in_memory` of them (with a store, an older one is read from the log).
     done: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     on_record: Any = None  # called with audit entries (kind, fields)
 
@@ -355,7 +356,10 @@ class ApprovalDesk:
         except BaseException:
             entry.deciding = False
             raise
-        self.done[(rec.id, gid)] = {**data, "tool": gate["tool"]}
+        done = self.done
+        done[(rec.id, gid)] = {**data, "tool": gate["tool"]}
+        while len(done) > self.sup.cfg.limits.finished_in_memory:
+            del done[next(iter(done))]
         self.open.pop((rec.id, gid), None)
         self._audit(f"approval.{decision}", rec, gid, tool=gate["tool"], agent=gate["agent"],
                     by=by, args_hash=_hash(edited) if edited is not None else None,

@@ -186,3 +186,30 @@ def test_bad_approval_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="approval gates need durable state"):
         parse_config({**base, "approvals": {"require": "all"}, "state": {"store": "none"}},
                      base_dir=tmp_path)
+
+
+async def test_decisions_kept_for_errors_are_bounded_and_older_ones_are_read_from_the_log(
+        tmp_path: Path) -> None:
+    cfg = dt.swarm_config(tmp_path, RULES, name="gated", limits={"finished_in_memory": 100},
+                          approvals={"require": "destructive", "exempt": ["lookup"]})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("v")
+        gid = (await _gate(sw, task_id))["gate"]
+        await sw.supervisor.approve(task_id, gid, approver="alice")
+        row = await sw.supervisor.wait(task_id, 10)
+        assert row["state"] == "completed"
+        desk = sw.supervisor.approvals
+        assert (task_id, gid) in desk.done
+        # Many more decisions since (as a long-running swarm makes them).
+        for i in range(150):
+            desk.done[(f"other-{i}", "g")] = {"event": "approved", "by": "x", "tool": "pay"}
+        task2 = await sw.supervisor.submit("u")
+        gid2 = (await _gate(sw, task2))["gate"]
+        await sw.supervisor.deny(task2, gid2, approver="bob")
+        assert len(desk.done) == 100 and (task2, gid2) in desk.done
+        assert (task_id, gid) not in desk.done
+        # The dropped decision still gives its clear error, from the task's log.
+        with pytest.raises(UserError, match="already approved by alice"):
+            await sw.supervisor.approve(task_id, gid, approver="alice")
+        with pytest.raises(UserError, match="already denied by bob"):
+            await sw.supervisor.approve(task2, gid2, approver="alice")
