@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from swarm.errors import SwarmError, SwarmNotFound, TaskFailed
-from swarm.events import AnyEvent
+from swarm.events import AnyEvent, TaskFinished
 from swarm.protocol import a2a
 from swarm.runtime.deploy import NAMESPACE, ensure_ray
 from swarm.runtime.supervisor_actor import supervisor_actor_name
@@ -136,17 +136,29 @@ class TaskHandle:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         cursor = 0
+        finished = False
         while True:
             wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
             if wait <= 0:
                 raise TimeoutError(f"task {self.id} still running after {timeout} s")
             batch, done = _call(self.client._sup, "events", self.id, cursor, wait)
             cursor += len(batch)
+            finished = finished or any(isinstance(e, TaskFinished) for e in batch)
             yield from batch
             if done:
                 # One more read catches events that arrived with the final state.
                 tail, _ = _call(self.client._sup, "events", self.id, cursor, 0.0)
                 yield from tail
+                if not finished and not any(isinstance(e, TaskFinished) for e in tail):
+                    # The task left the supervisor's memory between two reads (its events
+                    # with it: limits.finished_in_memory): its end, from its row.
+                    info = self.status()
+                    yield TaskFinished(
+                        task_id=self.id, ts=info.updated, agent=info.agent, state=info.state,
+                        answer=info.answer, error_class=info.error_class, error=info.error,
+                        steps=info.steps, input_tokens=info.input_tokens,
+                        output_tokens=info.output_tokens,
+                        budget_exhausted=info.budget_exhausted)
                 return
 
     def wait(self, timeout: float | None = None) -> TaskInfo:

@@ -700,6 +700,15 @@ class TaskRecord:
             if name in d:
                 setattr(rec, name, d[name])
         if rec.state in a2a.TERMINAL:
+            # Its events stayed with the supervisor that ran it; its end is the one kept, so
+            # a reader of the task's events still sees how it ended.
+            rec._events = [TaskFinished(
+                task_id=rec.id, ts=rec.updated, agent=rec.agent, state=rec.state,
+                answer=rec.answer, error_class=rec.error_class, error=rec.error,
+                steps=rec.steps, input_tokens=rec.input_tokens, output_tokens=rec.output_tokens,
+                budget_exhausted=rec.budget_exhausted)]
+            rec.event_count = 1
+            rec.compact(durable=True)
             rec.done.set()
             rec.park()  # finished: read now and then, changed no more
         return rec
@@ -1241,7 +1250,9 @@ class Supervisor:
 
     async def events(self, task_id: str, cursor: int, timeout: float) -> tuple[list[Event], bool]:
         """Events from `cursor` on, waiting up to `timeout` s for new ones; and whether it ended.
-        A finished task no longer kept in memory (limits.finished_in_memory) has none."""
+        A finished task read back from the store (one no longer kept in memory, see
+        limits.finished_in_memory, or one a restarted supervisor loaded) has only its
+        TaskFinished."""
         rec = await self.find(task_id)
         if cursor >= rec.event_count and not rec.done.is_set():
             waiter = rec.watch()

@@ -158,3 +158,41 @@ def test_up_client_and_down(ray_cluster, serve_port) -> None:
         swarm.connect(name)
     gone = _cli("down", name)
     assert gone.returncode == 2 and "no swarm named" in gone.stderr
+
+
+def test_a_follower_gets_the_end_of_a_task_that_left_memory(ray_cluster, serve_port,
+                                                            tmp_path) -> None:
+    # The swarm keeps 100 finished tasks in memory (limits.finished_in_memory); its store is
+    # the session's Redis (SWARM_STATE_STORE).
+    text = ECHO.read_text().replace(
+        "limits: {max_task_chars: 2000}", "limits: {max_task_chars: 2000, finished_in_memory: 100}"
+    ).replace("policy: echo-policy.yaml", f"policy: {ECHO.parent / 'echo-policy.yaml'}")
+    assert "finished_in_memory: 100" in text
+    cfg = tmp_path / "echo.yaml"
+    cfg.write_text(text)
+    name = f"drop-{uuid.uuid4().hex[:6]}"
+    up = _cli("up", str(cfg), "--name", name)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        client = swarm.connect(name)
+        task = client.submit("hello first")
+        follower = task.events(timeout=120)
+        seen = [next(follower)]  # following it, from its first event
+        assert task.result(timeout=60) == "done: hello first"
+        # 110 tasks finish after it: it leaves the supervisor's memory, its events with it.
+        rows = client.wait_all(client.submit_many([f"item {i}" for i in range(110)]),
+                               timeout=120)
+        assert {r.state for r in rows} == {"completed"}
+        assert task.id not in {r.task_id for r in client.tasks()}
+        seen += list(follower)
+        ends = [e for e in seen if isinstance(e, TaskFinished)]
+        assert len(ends) == 1 and seen[-1] is ends[0]
+        assert (ends[0].task_id, ends[0].state, ends[0].answer) == (
+            task.id, "completed", "done: hello first")
+        # By id it is still there; a new follower gets its end alone.
+        assert task.status().state == "completed"
+        again = list(client.task(task.id).events(timeout=30))
+        assert [(type(e), e.answer) for e in again] == [(TaskFinished, "done: hello first")]
+    finally:
+        down = _cli("down", name)
+    assert down.returncode == 0, down.stderr

@@ -409,7 +409,12 @@ async def test_finished_tasks_beyond_the_limit_leave_memory_and_are_read_back_by
                                                               "anonymous")
         assert [h["kind"] for h in await sup.history(first)] == ["turn_start", "model",
                                                                  "turn_end"]
-        assert await sup.events(first, 0, 0.1) == ([], True)  # live events leave with it
+        # Its live events leave with it, all but its end; a follower from before sees none.
+        events, done = await sup.events(first, 0, 0.1)
+        assert done and [type(e).__name__ for e in events] == ["TaskFinished"]
+        assert (events[0].state, events[0].answer, events[0].steps) == (
+            "completed", "done: first", row["steps"])
+        assert await sup.events(first, 7, 0.1) == ([], True)
         assert (await sup.cancel(ids[0]))["state"] == "completed"
         # A retried submission with its id is known (not run again); another text is refused.
         assert await sup.submit("first", task_id="first-task") == first
