@@ -742,6 +742,8 @@ class Supervisor:
         # New tasks whose rows are being written: a retry of the same submission meanwhile
         # waits for that write instead of making the task a second time.
         self._storing: dict[str, tuple[TaskRecord, asyncio.Future[None]]] = {}
+        # Tasks whose deletion (`forget`) is under way: submissions naming them are refused.
+        self._forgetting: set[str] = set()
         self.restore_problems: list[str] = []
         # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
@@ -795,6 +797,7 @@ class Supervisor:
         task's first message (an A2A client's own id for the message it sent)."""
         if task_id is not None:
             await self._recall([task_id])
+            self._not_forgetting([task_id])
         rec = self._prepare(text, user, metadata, context_id, task_id, message_id)
         self._drop_finished()  # the recalled ones have been looked at
         if isinstance(rec, str):
@@ -894,7 +897,9 @@ class Supervisor:
                 self.check_text(text)
             except UserError as exc:
                 raise UserError(f"submit_many: text {i}: {exc}") from None
-        await self._recall([t for t in ids if t is not None])
+        named = [t for t in ids if t is not None]
+        await self._recall(named)
+        self._not_forgetting(named)
         out: list[str | TaskRecord] = []
         batch: dict[str, TaskRecord] = {}
         try:
@@ -1093,10 +1098,25 @@ class Supervisor:
         rec = await self.find(task_id)
         if rec.state not in a2a.TERMINAL:
             raise UserError(f"task {task_id} is {rec.state}; cancel it before deleting it")
-        if self.store is not None:
-            await self.store.delete(task_id)
-        self.tasks.pop(task_id, None)
-        self._finished.pop(task_id, None)
+        if task_id in self._forgetting:
+            return  # another call is deleting it now
+        self._forgetting.add(task_id)
+        try:
+            if self.store is not None:
+                await self.store.delete(task_id)
+            self.tasks.pop(task_id, None)
+            self._finished.pop(task_id, None)
+        finally:
+            self._forgetting.discard(task_id)
+
+    def _not_forgetting(self, task_ids: list[str]) -> None:
+        """Refuse a submission naming a task that is being deleted: made now, it could lose
+        its stored state to the deletion, or be taken for a retry of the deleted task."""
+        if self._forgetting:
+            for tid in task_ids:
+                if tid in self._forgetting:
+                    raise UserError(f"task {tid} is being deleted; submit it again once "
+                                    "the deletion is done")
 
     async def load(self) -> int:
         """Rebuild the task table from the durable store and resume unfinished tasks."""

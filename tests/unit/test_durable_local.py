@@ -450,3 +450,44 @@ async def test_finished_tasks_beyond_the_limit_leave_memory_and_are_read_back_by
         ids = await sw.supervisor.submit_many([f"t{i}" for i in range(120)])
         await sw.supervisor.wait_many(ids, 60)
         assert len(sw.supervisor.tasks) == 120
+
+
+async def test_a_submission_naming_a_task_being_deleted_is_refused(tmp_path: Path) -> None:
+    import uuid
+
+    from swarm.errors import TaskNotFound, UserError
+    from swarm.state.embedded import EmbeddedRedis
+    from swarm.state.redis import RedisCheckpointer
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    store = RedisCheckpointer(server.url, prefix=f"t{uuid.uuid4().hex[:10]}")
+    cfg = dt.swarm_config(tmp_path, [{"when": {}, "content": "done: {{ last_user }}"}],
+                          name="forget", agents={"b": {"model": "m"}}, supervisor={"entry": "b"})
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            tid = await sup.submit("first", task_id="the-task")
+            assert (await sup.wait(tid, 30))["state"] == "completed"
+            deleting = asyncio.create_task(sup.forget(tid))
+            for _ in range(1000):  # until it waits on the store's delete
+                if tid in getattr(sup, "_forgetting", ()):
+                    break
+                await asyncio.sleep(0)
+            # A retry of its submission now would be taken for the deleted task, and a new
+            # task's row could be deleted with it: refused, clearly.
+            with pytest.raises(UserError, match="task the-task is being deleted"):
+                await sup.submit("first", task_id=tid)
+            with pytest.raises(UserError, match="being deleted"):
+                await sup.submit_many(["x", "first"], task_ids=["other", tid])
+            await asyncio.wait_for(deleting, 10)
+            with pytest.raises(TaskNotFound):
+                await sup.find(tid)
+            # Once deleted, the id is free: a new task, run and stored.
+            assert await sup.submit("again", task_id=tid) == tid
+            row = await sup.wait(tid, 30)
+            assert (row["state"], row["answer"]) == ("completed", "done: again")
+            assert (await store.get_task(tid)).state == "completed"
+    finally:
+        await store.close()
+        server.stop()
