@@ -137,6 +137,21 @@ def _kb(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
+def cpu_bound(row: dict[str, Any], res: dict[str, Any]) -> str:
+    """What the row's CPU a step allows on the machine's cores (one, for a row that runs in one
+    process): the share of ideal that the cores, fully busy, would give at that CPU a step,
+    and the CPU a step at which they would give the target; '' without the figures."""
+    cores = 1 if "one process" in row["impl"] else (res.get("machine") or {}).get("nproc")
+    cpu, ideal = row.get("cpu_us_per_step"), row.get("ideal_steps_per_s")
+    if not cores or not cpu or not ideal:
+        return ""
+    most = min(1.0, cores * 1e6 / (cpu * ideal))
+    need = cores * 1e6 / (TARGET_OF_IDEAL * ideal)
+    busy = f"{cores} busy cores allow" if cores > 1 else "1 busy core allows"
+    return (f" (at {cpu:.0f} µs of CPU a step, {busy} at most {most:.0%}; "
+            f"{TARGET_OF_IDEAL:.0%} needs at most {need:.0f} µs)")
+
+
 def verdicts(res: dict[str, Any]) -> list[str]:
     """Targets 1-3 against the figures, one line each."""
     out = []
@@ -167,7 +182,7 @@ def verdicts(res: dict[str, Any]) -> list[str]:
             orch = r.get("marginal_kb_per_session",
                          r.get("orchestration_kb_per_session", r["mem_per_session_kb"]))
             out.append(f"target >= {TARGET_OF_IDEAL:.0%} of ideal at 2,000 ({r['impl']}): "
-                       f"{r['of_ideal']:.1%}: "
+                       f"{r['of_ideal']:.1%}{cpu_bound(r, res)}: "
                        f"{'met' if r['of_ideal'] >= TARGET_OF_IDEAL else 'MISSED'}")
             how = "each further session (slope from the level before)" \
                 if "marginal_kb_per_session" in r else "per session"

@@ -271,3 +271,21 @@ def test_session_memory_bursts_report_each_burst(capsys: pytest.CaptureFixture[s
     assert "first burst: " in out and "later bursts: " in out
     with pytest.raises(SystemExit):
         bench_session_memory.main(["--sessions", "0"])
+
+
+def test_the_throughput_verdict_says_what_the_cpu_a_step_allows() -> None:
+    # 7 CPU-seconds for 20,000 steps: 350 µs a step. At 2,000 sessions the ideal is 9,091
+    # steps/s, so two fully busy cores give at most 2e6 / (350 x 9,091) = 63% of it, and 90%
+    # would need at most 2e6 / (0.9 x 9,091) = 244 µs a step; one core, half of each.
+    ray = common.concurrency_row("swarm+redis, Ray", 2000, 4.0, 20000, 7.0, 1)
+    one = common.concurrency_row("swarm+redis, one process (LocalSwarm)", 2000, 8.0, 20000,
+                                 7.0, 1)
+    lines = report.verdicts({"concurrency": [ray, one], "machine": {"nproc": 2}})
+    assert ("target >= 90% of ideal at 2,000 (swarm+redis, Ray): 55.0% (at 350 µs of CPU a "
+            "step, 2 busy cores allow at most 63%; 90% needs at most 244 µs): MISSED") in lines
+    assert ("target >= 90% of ideal at 2,000 (swarm+redis, one process (LocalSwarm)): 27.5% "
+            "(at 350 µs of CPU a step, 1 busy core allows at most 31%; 90% needs at most "
+            "122 µs): MISSED") in lines
+    # Without the machine's figures, no bound is claimed.
+    assert "target >= 90% of ideal at 2,000 (swarm+redis, Ray): 55.0%: MISSED" in \
+        report.verdicts({"concurrency": [ray]})
