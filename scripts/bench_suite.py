@@ -29,6 +29,8 @@ ledger on. Each measurement runs in a fresh process.
     python scripts/bench_suite.py --only concurrency --ray-model scripted   # the scripted engine
     python scripts/bench_suite.py --only concurrency --ray-layers off   # no tracing, metrics,
                                                        # usage ledger or audit log on Ray
+    python scripts/bench_suite.py --only concurrency --ray-checkpoint phase   # durable at each
+                                                       # turn's start and end only (or every_n:5)
     python scripts/bench_suite.py --only concurrency --levels 2000 --sides swarm   # one level,
                                                        # a fresh deployment, swarm alone
 
@@ -137,12 +139,12 @@ def run_growth(quick: bool) -> list[dict[str, Any]]:
 
 
 def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python",
-                    levels: list[int] | None = None, ray_layers: bool = True
-                    ) -> list[dict[str, Any]]:
+                    levels: list[int] | None = None, ray_layers: bool = True,
+                    ray_checkpoint: str = "every_step") -> list[dict[str, Any]]:
     levels = levels or ([10, 100] if quick else CONC_LEVELS)
     rows: list[dict[str, Any]] = []
     ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat,
-                       model=ray_model, layers=ray_layers)
+                       model=ray_model, layers=ray_layers, checkpoint=ray_checkpoint)
     rows += ray_rows if isinstance(ray_rows, list) else \
         [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
     for c in levels:
@@ -198,6 +200,12 @@ def main() -> None:
                     "the usage ledger and the audit log turned off in its config, to see what "
                     "they cost at scale (budgets and durable checkpoints stay; no target "
                     "verdict is printed for these rows)")
+    ap.add_argument("--ray-checkpoint", default="every_step", metavar="POLICY",
+                    help="the Ray concurrency workload's checkpoint policy: every_step (a "
+                    "durable append every step, the default, what the targets are for), "
+                    "every_n:N (every N steps) or phase (at each turn's start and end), to see "
+                    "what the per-step durability costs at scale (no target verdict is printed "
+                    "for other policies)")
     ap.add_argument("--levels", metavar="C,C,...",
                     help="concurrency levels, comma-separated (default 10,100,1000,2000; "
                     "--quick 10,100). The Ray levels share one deployment, one after the "
@@ -215,6 +223,12 @@ def main() -> None:
     if not sides or not sides <= {"swarm", "langgraph"} or "swarm" not in sides:
         ap.error(f"--sides: swarm, or swarm,langgraph; not {args.sides!r}")
     SIDES.intersection_update(sides)
+    from scripts.bench.swarm_side import checkpoint_policy
+
+    try:
+        checkpoint_policy(args.ray_checkpoint)
+    except ValueError as exc:
+        ap.error(f"--ray-checkpoint: {exc}")
     levels = None
     if args.levels:
         try:
@@ -248,7 +262,8 @@ def main() -> None:
         res["growth"] = [g for g in run_growth(args.quick) if "error" not in g]
     if "concurrency" in only:
         res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat,
-                                             args.ray_model, levels, args.ray_layers == "on")
+                                             args.ray_model, levels, args.ray_layers == "on",
+                                             args.ray_checkpoint)
     if "recovery" in only:
         print("  recovery: scripts/recovery_scenarios.py actor-kill (~1-2 minutes)", flush=True)
         res["recovery"] = run_recovery()

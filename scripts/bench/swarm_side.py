@@ -368,8 +368,19 @@ async def _floor_run(sessions: int, store: Any, store_pids: list[int]) -> dict[s
                            processes=len(procs.processes()))
 
 
+def checkpoint_policy(spec: str) -> dict[str, Any]:
+    """The `state` settings of a `--ray-checkpoint` value: every_step, every_n:N or phase."""
+    name, _, n = spec.partition(":")
+    if name in ("every_step", "phase") and not n:
+        return {"checkpoint": name}
+    if name == "every_n" and n.isdigit() and int(n) >= 1:
+        return {"checkpoint": name, "checkpoint_every": int(n)}
+    raise ValueError(f"checkpoint must be every_step, every_n:N (N >= 1) or phase, not {spec!r}")
+
+
 def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
-                    model: str = "python", layers: bool = True) -> list[dict[str, Any]]:
+                    model: str = "python", layers: bool = True,
+                    checkpoint: str = "every_step") -> list[dict[str, Any]]:
     """The concurrency workload on a local Ray with 2 CPUs: a supervisor actor and `replicas`
     agent actors, the model in-process (200 ms a call) and a Redis store; every level in the
     same deployment, one after the other, each `repeat` times: the row is the run with the
@@ -383,9 +394,14 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
     cost more a call (its `called:` condition, its Jinja rendering).
 
     `layers=False` turns tracing, metrics, the usage ledger and the audit log off in the
-    swarm's config (budgets and the durable checkpoints stay): what those layers cost."""
+    swarm's config (budgets and the durable checkpoints stay): what those layers cost.
+
+    `checkpoint`: the checkpoint policy (`state.checkpoint`), `every_step` (the default, what
+    the targets are for), `every_n:N` (a durable append every N steps) or `phase` (at the
+    turn's start and end): what a durable append every step costs at scale."""
     if model not in ("python", "scripted"):
         raise ValueError(f"model must be python or scripted, not {model!r}")
+    policy = checkpoint_policy(checkpoint)
     import ray
 
     from swarm.runtime.deploy import NAMESPACE, RAY_SYSTEM_CONFIG, start_swarm
@@ -426,7 +442,7 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
                                  "max_sessions": max(levels)}},
             "supervisor": {"entry": "bench"},
             "stuck": {"same_call": None, "no_progress": None},
-            "state": {"store": server.url, "run_dir": str(run_dir)},
+            "state": {"store": server.url, "run_dir": str(run_dir), **policy},
             "budgets": {"task": {"max_wall_s": 3600}},
             **({} if layers else {x: {"enabled": False}
                                   for x in ("tracing", "metrics", "usage", "audit")}),
@@ -445,6 +461,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
                 row["impl"] += ", scripted engine"
             if not layers:
                 row["impl"] += ", layers off"
+            if checkpoint != "every_step":
+                row["impl"] += f", checkpoint: {checkpoint}"
             out.append(row | {"replicas": replicas, "model": model, "runs": [
                 {"of_ideal": r["of_ideal"], "cpu_us_per_step": r["cpu_us_per_step"]}
                 for r in runs]})

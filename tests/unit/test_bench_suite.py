@@ -73,8 +73,20 @@ def test_the_floor_workload_is_the_same_task_checkpointed_as_swarm_writes_it() -
 def test_no_target_verdicts_for_reference_or_layers_off_rows() -> None:
     rows = [common.concurrency_row(impl, 2000, 2.5, 20000, 1.0, 10 * 2000 * 1024)
             for impl in ("no framework: asyncio",
-                         "swarm+redis, Ray (supervisor + agent replicas), layers off")]
+                         "swarm+redis, Ray (supervisor + agent replicas), layers off",
+                         "swarm+redis, Ray (supervisor + agent replicas), checkpoint: phase")]
     assert "target" not in report.table({"concurrency": rows})
+
+
+def test_the_checkpoint_policies_of_the_ray_workload() -> None:
+    from scripts.bench.swarm_side import checkpoint_policy
+
+    assert checkpoint_policy("every_step") == {"checkpoint": "every_step"}
+    assert checkpoint_policy("phase") == {"checkpoint": "phase"}
+    assert checkpoint_policy("every_n:5") == {"checkpoint": "every_n", "checkpoint_every": 5}
+    for bad in ("every_n", "every_n:0", "every_n:x", "phase:2", "sometimes", ""):
+        with pytest.raises(ValueError, match="checkpoint must be every_step, every_n:N"):
+            checkpoint_policy(bad)
 
 
 def peak(total_mb: float, store_mb: float, summed_mb: float = 0) -> common.PeakRss:
