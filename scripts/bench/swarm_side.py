@@ -401,7 +401,7 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
     turn's start and end): what a durable append every step costs at scale."""
     if model not in ("python", "scripted"):
         raise ValueError(f"model must be python or scripted, not {model!r}")
-    policy = checkpoint_policy(checkpoint)
+    durability = checkpoint_policy(checkpoint)
     import ray
 
     from swarm.runtime.deploy import NAMESPACE, RAY_SYSTEM_CONFIG, start_swarm
@@ -442,7 +442,7 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
                                  "max_sessions": max(levels)}},
             "supervisor": {"entry": "bench"},
             "stuck": {"same_call": None, "no_progress": None},
-            "state": {"store": server.url, "run_dir": str(run_dir), **policy},
+            "state": {"store": server.url, "run_dir": str(run_dir), **durability},
             "budgets": {"task": {"max_wall_s": 3600}},
             **({} if layers else {x: {"enabled": False}
                                   for x in ("tracing", "metrics", "usage", "audit")}),
