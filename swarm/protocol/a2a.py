@@ -37,9 +37,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 # Random bytes for ids, drawn from the OS a few kilobytes at a time: `os.urandom` is a system
-# call that lets go of the GIL, and in a Ray actor, whose other threads take it meanwhile, one
-# call for 16 bytes often cost more than the rest of making an id (the supervisor makes several
-# a task). A forked child starts on fresh bytes, so it never repeats its parent's ids.
+# call, and under load one for 16 bytes took about 10 µs (cProfile, the supervisor of the
+# concurrency benchmark), more than the rest of making an id; a task takes about seven. A
+# forked child starts on fresh bytes, so it never repeats its parent's ids.
 _POOL_BYTES = 4096
 _pool = b""
 _at = 0
