@@ -743,7 +743,7 @@ class Supervisor:
         # waits for that write instead of making the task a second time.
         self._storing: dict[str, tuple[TaskRecord, asyncio.Future[None]]] = {}
         # Tasks whose deletion (`forget`) is under way: submissions naming them are refused.
-        self._forgetting: set[str] = set()
+        self._forgetting: dict[str, asyncio.Future[None]] = {}
         self.restore_problems: list[str] = []
         # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
@@ -1098,16 +1098,25 @@ class Supervisor:
         rec = await self.find(task_id)
         if rec.state not in a2a.TERMINAL:
             raise UserError(f"task {task_id} is {rec.state}; cancel it before deleting it")
-        if task_id in self._forgetting:
-            return  # another call is deleting it now
-        self._forgetting.add(task_id)
+        under_way = self._forgetting.get(task_id)
+        if under_way is not None:  # another call is deleting it now: done when it is
+            await asyncio.shield(under_way)
+            return
+        deleting = self._forgetting[task_id] = asyncio.get_running_loop().create_future()
         try:
             if self.store is not None:
                 await self.store.delete(task_id)
             self.tasks.pop(task_id, None)
             self._finished.pop(task_id, None)
+        except BaseException as exc:
+            deleting.set_exception(exc if isinstance(exc, Exception) else
+                                   UserError(f"deleting task {task_id} was interrupted"))
+            deleting.exception()  # retrieved: no "never retrieved" warning without a waiter
+            raise
+        else:
+            deleting.set_result(None)
         finally:
-            self._forgetting.discard(task_id)
+            del self._forgetting[task_id]
 
     def _not_forgetting(self, task_ids: list[str]) -> None:
         """Refuse a submission naming a task that is being deleted: made now, it could lose

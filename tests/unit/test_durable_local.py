@@ -480,6 +480,10 @@ async def test_a_submission_naming_a_task_being_deleted_is_refused(tmp_path: Pat
                 await sup.submit("first", task_id=tid)
             with pytest.raises(UserError, match="being deleted"):
                 await sup.submit_many(["x", "first"], task_ids=["other", tid])
+            # A second deletion meanwhile returns once the first is done.
+            again = asyncio.create_task(sup.forget(tid))
+            await asyncio.wait_for(again, 10)
+            assert deleting.done() and await store.get_task(tid) is None
             await asyncio.wait_for(deleting, 10)
             with pytest.raises(TaskNotFound):
                 await sup.find(tid)
