@@ -151,14 +151,9 @@ class TaskHandle:
                 yield from tail
                 if not finished and not any(isinstance(e, TaskFinished) for e in tail):
                     # The task left the supervisor's memory between two reads (its events
-                    # with it: limits.finished_in_memory): its end, from its row.
-                    info = self.status()
-                    yield TaskFinished(
-                        task_id=self.id, ts=info.updated, agent=info.agent, state=info.state,
-                        answer=info.answer, error_class=info.error_class, error=info.error,
-                        steps=info.steps, input_tokens=info.input_tokens,
-                        output_tokens=info.output_tokens,
-                        budget_exhausted=info.budget_exhausted)
+                    # with it: limits.finished_in_memory); read back, it has its end alone.
+                    kept, _ = _call(self.client._sup, "events", self.id, 0, 0.0)
+                    yield from (e for e in kept[-1:] if isinstance(e, TaskFinished))
                 return
 
     def wait(self, timeout: float | None = None) -> TaskInfo:

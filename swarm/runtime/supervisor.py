@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -423,17 +424,12 @@ class _Deadlines:
             self._arm(loop, heap[0][0])
 
 
-_LZ4: Any = None
-
-
+@functools.cache
 def _lz4_codec() -> Any:
     """pyarrow's LZ4 codec, made once (`pa.compress` makes one a call)."""
-    global _LZ4
-    if _LZ4 is None:
-        import pyarrow as pa
+    import pyarrow as pa
 
-        _LZ4 = pa.Codec("lz4")
-    return _LZ4
+    return pa.Codec("lz4")
 
 
 def _lz4(data: bytes) -> tuple[bytes, int]:
@@ -665,6 +661,14 @@ class TaskRecord:
             "metadata": dict(self.task.metadata),
         }
 
+    def finished_event(self) -> TaskFinished:
+        """The task's last event, from its final state (set by `Supervisor._finish`)."""
+        return TaskFinished(
+            task_id=self.id, ts=self.updated, agent=self.agent, state=self.state,
+            answer=self.answer, error_class=self.error_class, error=self.error,
+            steps=self.steps, input_tokens=self.input_tokens, output_tokens=self.output_tokens,
+            budget_exhausted=self.budget_exhausted)
+
     def totals(self) -> dict[str, int]:
         """Counters an agent's snapshots need."""
         return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
@@ -702,13 +706,7 @@ class TaskRecord:
         if rec.state in a2a.TERMINAL:
             # Its events stayed with the supervisor that ran it; its end is the one kept, so
             # a reader of the task's events still sees how it ended.
-            rec._events = [TaskFinished(
-                task_id=rec.id, ts=rec.updated, agent=rec.agent, state=rec.state,
-                answer=rec.answer, error_class=rec.error_class, error=rec.error,
-                steps=rec.steps, input_tokens=rec.input_tokens, output_tokens=rec.output_tokens,
-                budget_exhausted=rec.budget_exhausted)]
-            rec.event_count = 1
-            rec.compact(durable=True)
+            rec._events, rec.event_count = [rec.finished_event()], 1
             rec.done.set()
             rec.park()  # finished: read now and then, changed no more
         return rec
@@ -1868,12 +1866,7 @@ class Supervisor:
             log.exception("task %s: could not store its final state", rec.id)
         self._emit(rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state,
                                          detail=error or ""))
-        self._emit(rec, TaskFinished(
-            task_id=rec.id, ts=rec.updated, agent=rec.agent, state=state, answer=answer,
-            error_class=error_class, error=error, steps=rec.steps,
-            input_tokens=rec.input_tokens, output_tokens=rec.output_tokens,
-            budget_exhausted=rec.budget_exhausted,
-        ))
+        self._emit(rec, rec.finished_event())
         if self.audit is not None:
             self.audit.record(f"task.{state}", task_id=rec.id, user=rec.user, agent=rec.agent,
                               error_class=error_class, outcome=rec.budget_exhausted or rec.stuck,
