@@ -18,7 +18,8 @@ ledger on. Each measurement runs in a fresh process.
    and two agent replicas; the model a `provider: python` class, or with --ray-model scripted
    the scripted engine) and in one process; LangGraph with AsyncSqliteSaver and without; and
    the reference with no framework: plain asyncio coroutines, with and without swarm's Redis
-   checkpointer writing each step.
+   checkpointer writing each step, and with each step's write sent while the next model call
+   runs (what LangGraph's default "async" durability does).
 4. recovery: `scripts/recovery_scenarios.py actor-kill --json` (agent replicas killed mid-task).
 
     pip install -e '.[bench]'
@@ -149,9 +150,11 @@ def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python",
         [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
     for c in levels:
         rows.append(measure("swarm_local_concurrency", c) | {"sessions": c})
-    for c in levels:  # the reference: no framework, with and without the durable checkpoint
-        for store in (False, True):
-            rows.append(measure("swarm_floor_concurrency", c, store) | {"sessions": c})
+    for c in levels:  # the reference: no framework, with and without the durable checkpoint,
+        # and with each step's checkpoint written while the next model call runs
+        for store, behind in ((False, False), (True, False), (True, True)):
+            rows.append(measure("swarm_floor_concurrency", c, store, behind=behind)
+                        | {"sessions": c})
     for c in levels if "langgraph" in SIDES else ():
         rows.append(measure("lg_concurrency", c, True) | {"sessions": c})
         rows.append(measure("lg_concurrency", c, False) | {"sessions": c})

@@ -301,3 +301,40 @@ def test_the_throughput_verdict_says_what_the_cpu_a_step_allows() -> None:
     # Without the machine's figures, no bound is claimed.
     assert "target >= 90% of ideal at 2,000 (swarm+redis, Ray): 55.0%: MISSED" in \
         report.verdicts({"concurrency": [ray]})
+
+
+def test_the_timeline_says_when_the_first_median_and_last_task_ended() -> None:
+    # Rows as the supervisor returns them: `updated` is when each task ended (time.time()).
+    rows = [{"updated": 100.0 + t} for t in (2.9, 2.5, 3.1, 2.6, 2.7)]
+    ends = swarm_side.task_ends(rows, 100.0)
+    assert ends == pytest.approx([2.5, 2.7, 3.1])
+    assert swarm_side.task_ends([], 100.0) == []
+    row = common.concurrency_row("swarm+redis, Ray", 2000, 3.1, 20000, 5.0, 1,
+                                 timeline={"task_end_s": ends})
+    text = report.table({"concurrency": [row]})
+    # 2.2 s undisturbed; 90% of ideal needs the whole run, so the last task, within 2.2 / 0.9.
+    assert ("tasks ended 2.50 s (the first), 2.70 s (the median) and 3.10 s (the last) after "
+            "submission; undisturbed, each takes 2.2 s, and 90% of ideal needs the last by "
+            "2.44 s") in text
+
+
+def test_the_floor_written_behind_logs_the_same_steps_in_order() -> None:
+    async def one_task() -> tuple[list, dict]:
+        async with swarm_side.redis_store() as (store, _server, _dir):
+            await swarm_side._floor_task(store, "t", behind=True)
+            return await store.read("t"), await store.ledger("t")
+
+    entries, ledger = asyncio.run(one_task())
+    # The same log as when each append is waited for: every step once, in order.
+    assert [e.kind for e in entries] == ["model", "tool"] * 10 + ["model"]
+    assert [e.step for e in entries] == [s for s in range(10) for _ in (0, 1)] + [10]
+    assert [e.seq for e in entries] == list(range(21))
+    assert sorted(r.state for r in ledger.values()) == ["finished"] * 10
+    row = swarm_side.floor_concurrency(3, True, behind=True)
+    assert row["impl"] == "no framework: asyncio + Redis checkpoint written behind"
+    assert row["steps"] == 30 and row["cpu_us_per_step"] > 0
+    with pytest.raises(ValueError, match="behind needs store"):
+        swarm_side.floor_concurrency(3, False, behind=True)
+    # A reference row: no target verdict.
+    assert "target" not in report.table({"concurrency": [
+        common.concurrency_row(row["impl"], 2000, 2.5, 20000, 1.0, 1)]})
