@@ -40,6 +40,7 @@ def payload(step: int) -> str:
 ANSWER = "done " + "y" * 190
 MODEL_LATENCY_S = 0.2  # the concurrency workload's simulated model latency
 TOOL_STEPS = 10  # the concurrency workload: 10 tool steps plus a final answer per task
+TASK_IDEAL_S = (TOOL_STEPS + 1) * MODEL_LATENCY_S  # an undisturbed task: 2.2 s
 
 
 def wants_tool(tool_results: int, steps: int) -> bool:
@@ -406,8 +407,7 @@ def concurrency_row(impl: str, sessions: int, wall_s: float, steps: int, cpu_s: 
     `store_delta` is the durable store's own part of `rss_delta` (redis-server holds every
     checkpoint in memory), reported apart as well. With `peak`, the absolute peak (and the
     store's part of it) is kept too, for the slope between levels (`marginal_kb`)."""
-    ideal_wall = (TOOL_STEPS + 1) * MODEL_LATENCY_S
-    ideal = sessions * TOOL_STEPS / ideal_wall
+    ideal = sessions * TOOL_STEPS / TASK_IDEAL_S
     achieved = steps / wall_s
     return {"impl": impl, "sessions": sessions, "wall_s": wall_s, "steps": steps,
             "steps_per_s": achieved, "ideal_steps_per_s": ideal,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scripts.bench.common import MODEL_LATENCY_S, TOOL_STEPS
+from scripts.bench.common import TASK_IDEAL_S
 
 TARGET_P50_US = 800.0
 TARGET_VS_LG = {100: 3.0, 500: 7.0}
@@ -129,11 +129,10 @@ def _timeline(r: dict[str, Any]) -> list[str]:
         out.append(f"{head}: cores busy over the run ({'/'.join(roles)}): {cells}")
     ends = tl.get("task_end_s") or []
     if len(ends) == 3:
-        ideal = (TOOL_STEPS + 1) * MODEL_LATENCY_S
         out.append(f"{head}: tasks ended {ends[0]:.2f} s (the first), {ends[1]:.2f} s (the "
                    f"median) and {ends[2]:.2f} s (the last) after submission; undisturbed, "
-                   f"each takes {ideal:.1f} s, and {TARGET_OF_IDEAL:.0%} of ideal needs the "
-                   f"last by {ideal / TARGET_OF_IDEAL:.2f} s")
+                   f"each takes {TASK_IDEAL_S:.1f} s, and {TARGET_OF_IDEAL:.0%} of ideal needs "
+                   f"the last by {TASK_IDEAL_S / TARGET_OF_IDEAL:.2f} s")
     parts = tl.get("task_ms") or {}
     if parts:
         cells = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in parts.items())

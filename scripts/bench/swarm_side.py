@@ -21,6 +21,7 @@ from scripts.bench.common import (
     ANSWER,
     MODEL_LATENCY_S,
     PAYLOAD,
+    TASK_IDEAL_S,
     TOOL_STEPS,
     CpuWindows,
     PeakRss,
@@ -576,7 +577,6 @@ async def _task_times(sup: Any, rows: list[dict[str, Any]], sample: int = 60
         parts["between steps"].append(sum(chats[i + 1]["start"] - tools[i]["end"]
                                           for i in range(len(chats) - 1)))
         parts["finish"].append(flow["end"] - chats[-1]["end"])
-        parts["total"].append(row["updated"] - row["created"] - (TOOL_STEPS + 1) *
-                              MODEL_LATENCY_S)
+        parts["total"].append(row["updated"] - row["created"] - TASK_IDEAL_S)
     return {k: [round(pct(v, 50) * 1e3), round(pct(v, 90) * 1e3)]
             for k, v in parts.items() if v}
