@@ -30,6 +30,7 @@ ledger on. Each measurement runs in a fresh process.
     python scripts/bench_suite.py --only concurrency --ray-model scripted   # the scripted engine
     python scripts/bench_suite.py --only concurrency --ray-layers off   # no tracing, metrics,
                                                        # usage ledger or audit log on Ray
+    python scripts/bench_suite.py --only concurrency --ray-layers off:tracing   # one layer off
     python scripts/bench_suite.py --only concurrency --ray-checkpoint phase   # durable at each
                                                        # turn's start and end only (or every_n:5)
     python scripts/bench_suite.py --only concurrency --levels 2000 --sides swarm   # one level,
@@ -140,7 +141,7 @@ def run_growth(quick: bool) -> list[dict[str, Any]]:
 
 
 def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python",
-                    levels: list[int] | None = None, ray_layers: bool = True,
+                    levels: list[int] | None = None, ray_layers: str = "on",
                     ray_checkpoint: str = "every_step") -> list[dict[str, Any]]:
     levels = levels or ([10, 100] if quick else CONC_LEVELS)
     rows: list[dict[str, Any]] = []
@@ -197,12 +198,13 @@ def main() -> None:
                     "deciding from the turn's last messages as LangGraph's fake chat model does "
                     "(swarm.examples.models:RepeatTool), or scripted, the scripted engine "
                     "in-process (rules and templates: more CPU a call)")
-    ap.add_argument("--ray-layers", choices=("on", "off"), default="on",
+    ap.add_argument("--ray-layers", default="on", metavar="on|off|off:LAYER,...",
                     help="the Ray concurrency workload's observability and governance layers: "
-                    "on, as a deployed swarm has them (default), or off: tracing, metrics, "
+                    "on, as a deployed swarm has them (default); off: tracing, metrics, "
                     "the usage ledger and the audit log turned off in its config, to see what "
-                    "they cost at scale (budgets and durable checkpoints stay; no target "
-                    "verdict is printed for these rows)")
+                    "they cost at scale; or off:LAYER[,LAYER] to turn off only those (tracing, "
+                    "metrics, usage, audit), to see what each costs (budgets and durable "
+                    "checkpoints stay; no target verdict is printed for these rows)")
     ap.add_argument("--ray-checkpoint", default="every_step", metavar="POLICY",
                     help="the Ray concurrency workload's checkpoint policy: every_step (a "
                     "durable append every step, the default, what the targets are for), "
@@ -226,12 +228,16 @@ def main() -> None:
     if not sides or not sides <= {"swarm", "langgraph"} or "swarm" not in sides:
         ap.error(f"--sides: swarm, or swarm,langgraph; not {args.sides!r}")
     SIDES.intersection_update(sides)
-    from scripts.bench.swarm_side import checkpoint_policy
+    from scripts.bench.swarm_side import checkpoint_policy, layers_off
 
     try:
         checkpoint_policy(args.ray_checkpoint)
     except ValueError as exc:
         ap.error(f"--ray-checkpoint: {exc}")
+    try:
+        layers_off(args.ray_layers)
+    except ValueError as exc:
+        ap.error(f"--ray-layers: {exc}")
     levels = None
     if args.levels:
         try:
@@ -265,7 +271,7 @@ def main() -> None:
         res["growth"] = [g for g in run_growth(args.quick) if "error" not in g]
     if "concurrency" in only:
         res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat,
-                                             args.ray_model, levels, args.ray_layers == "on",
+                                             args.ray_model, levels, args.ray_layers,
                                              args.ray_checkpoint)
     if "recovery" in only:
         print("  recovery: scripts/recovery_scenarios.py actor-kill (~1-2 minutes)", flush=True)

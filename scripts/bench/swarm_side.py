@@ -399,8 +399,27 @@ def checkpoint_policy(spec: str) -> dict[str, Any]:
     raise ValueError(f"checkpoint must be every_step, every_n:N (N >= 1) or phase, not {spec!r}")
 
 
+# The layers the Ray concurrency workload can turn off (`layers_off`), each a config section.
+LAYERS = ("tracing", "metrics", "usage", "audit")
+
+
+def layers_off(spec: str) -> tuple[str, ...]:
+    """The layers a `--ray-layers` value turns off: "on" none, "off" all of `LAYERS`,
+    "off:tracing,audit" those named."""
+    name, colon, names = spec.partition(":")
+    if name == "on" and not colon:
+        return ()
+    if name == "off" and not colon:
+        return LAYERS
+    picked = tuple(dict.fromkeys(x.strip() for x in names.split(",")))
+    if name == "off" and picked and all(x in LAYERS for x in picked):
+        return picked
+    raise ValueError(f"layers must be on, off or off:LAYER[,LAYER...] with LAYER one of "
+                     f"{', '.join(LAYERS)}, not {spec!r}")
+
+
 def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
-                    model: str = "python", layers: bool = True,
+                    model: str = "python", layers: bool | str = True,
                     checkpoint: str = "every_step") -> list[dict[str, Any]]:
     """The concurrency workload on a local Ray with 2 CPUs: a supervisor actor and `replicas`
     agent actors, the model in-process (200 ms a call) and a Redis store; every level in the
@@ -415,7 +434,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
     cost more a call (its `called:` condition, its Jinja rendering).
 
     `layers=False` turns tracing, metrics, the usage ledger and the audit log off in the
-    swarm's config (budgets and the durable checkpoints stay): what those layers cost.
+    swarm's config (budgets and the durable checkpoints stay): what those layers cost; a
+    `layers_off` spec ("off:tracing,audit") turns off only those named: what each costs.
 
     `checkpoint`: the checkpoint policy (`state.checkpoint`), `every_step` (the default, what
     the targets are for), `every_n:N` (a durable append every N steps) or `phase` (at the
@@ -423,6 +443,7 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
     if model not in ("python", "scripted"):
         raise ValueError(f"model must be python or scripted, not {model!r}")
     durability = checkpoint_policy(checkpoint)
+    off = layers_off("on" if layers is True else "off" if layers is False else layers)
     import ray
 
     from swarm.runtime.deploy import NAMESPACE, RAY_SYSTEM_CONFIG, start_swarm
@@ -465,8 +486,7 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
             "stuck": {"same_call": None, "no_progress": None},
             "state": {"store": server.url, "run_dir": str(run_dir), **durability},
             "budgets": {"task": {"max_wall_s": 3600}},
-            **({} if layers else {x: {"enabled": False}
-                                  for x in ("tracing", "metrics", "usage", "audit")}),
+            **{x: {"enabled": False} for x in off},
         }))
         cfg = load_config(cfg_path)
         sup, _ = start_swarm(cfg, deployment="bench")
@@ -480,8 +500,9 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
             row = runs[len(runs) // 2]
             if model == "scripted":
                 row["impl"] += ", scripted engine"
-            if not layers:
-                row["impl"] += ", layers off"
+            if off:
+                row["impl"] += ", layers off" if off == LAYERS else f", {' and '.join(off)} off"
+                row["layers_off"] = list(off)
             if checkpoint != "every_step":
                 row["impl"] += f", checkpoint: {checkpoint}"
             out.append(row | {"replicas": replicas, "model": model, "runs": [

@@ -75,7 +75,33 @@ def test_no_target_verdicts_for_reference_or_layers_off_rows() -> None:
             for impl in ("no framework: asyncio",
                          "swarm+redis, Ray (supervisor + agent replicas), layers off",
                          "swarm+redis, Ray (supervisor + agent replicas), checkpoint: phase")]
-    assert "target" not in report.table({"concurrency": rows})
+    one_off = common.concurrency_row("swarm+redis, Ray (supervisor + agent replicas)", 2000,
+                                     2.5, 20000, 1.0, 10 * 2000 * 1024)
+    assert "target >= 90% of ideal" in report.table({"concurrency": [one_off]})
+    one_off["impl"] += ", tracing off"
+    one_off["layers_off"] = ["tracing"]
+    assert "target" not in report.table({"concurrency": [*rows, one_off]})
+
+
+def test_the_layers_the_ray_workload_can_turn_off() -> None:
+    assert swarm_side.layers_off("on") == ()
+    assert swarm_side.layers_off("off") == ("tracing", "metrics", "usage", "audit")
+    assert swarm_side.layers_off("off:audit") == ("audit",)
+    assert swarm_side.layers_off("off:usage, tracing,usage") == ("usage", "tracing")
+    for bad in ("off:", "off:logs", "off:tracing,,audit", "on:tracing", "none", "", "OFF"):
+        with pytest.raises(ValueError, match=r"layers must be on, off or off:LAYER"):
+            swarm_side.layers_off(bad)
+
+
+def test_the_suite_refuses_an_unknown_layer_before_running_anything() -> None:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "scripts/bench_suite.py", "--only", "concurrency",
+                           "--ray-layers", "off:tracing,logs", "--out", "never-written"],
+                          cwd=root, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "--ray-layers: layers must be on, off or off:LAYER" in proc.stderr
+    assert "'off:tracing,logs'" in proc.stderr
+    assert not (root / "never-written").exists()
 
 
 def test_the_checkpoint_policies_of_the_ray_workload() -> None:
