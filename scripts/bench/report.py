@@ -75,8 +75,11 @@ def table(res: dict[str, Any]) -> str:
             if len(r.get("runs", ())) > 1:
                 runs = ", ".join(f"{x['of_ideal']:.1%} at {x['cpu_us_per_step']:.0f} µs"
                                  for x in r["runs"])
+                memory = "" if r.get("memory_of") is None else \
+                    f" (its memory figures are {r['memory_of']}'s: each later run starts " \
+                    "from the memory the runs before it left)"
                 out.append(f"  {r['impl']} at {r['sessions']}: the median of {len(r['runs'])} "
-                           f"runs is shown; all: {runs}")
+                           f"runs is shown{memory}; all: {runs}")
             if r.get("timeline") and r["sessions"] >= 1000:
                 out += _timeline(r)
         out.append("(KB/session: peak resident memory during the level less that before it, "

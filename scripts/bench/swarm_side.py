@@ -496,8 +496,7 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
         for level in levels:
             runs = [asyncio.run(_ray_level(sup, level, procs, store_pids))
                     for _ in range(max(repeat, 1))]
-            runs.sort(key=lambda r: r["of_ideal"])
-            row = runs[len(runs) // 2]
+            row = first_run_memory(runs)
             if model == "scripted":
                 row["impl"] += ", scripted engine"
             if off:
@@ -506,7 +505,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
             if checkpoint != "every_step":
                 row["impl"] += f", checkpoint: {checkpoint}"
             out.append(row | {"replicas": replicas, "model": model, "runs": [
-                {"of_ideal": r["of_ideal"], "cpu_us_per_step": r["cpu_us_per_step"]}
+                {"of_ideal": r["of_ideal"], "cpu_us_per_step": r["cpu_us_per_step"],
+                 "orchestration_kb_per_session": r.get("orchestration_kb_per_session")}
                 for r in runs]})
     finally:
         ray.shutdown()
@@ -514,6 +514,24 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
         shutil.rmtree(run_dir, ignore_errors=True)
         os.environ.pop("SWARM_STATE_STORE", None)
     return out
+
+
+# A level's memory figures: what its sessions grew the processes by.
+MEMORY_FIELDS = ("mem_per_session_kb", "store_kb_per_session", "orchestration_kb_per_session",
+                 "orchestration_rss_sum_kb_per_session", "peak_kb", "store_peak_kb")
+
+
+def first_run_memory(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of a level run `len(runs)` times in one deployment, `runs` in the order they
+    ran: the run with the median share of ideal, with the memory figures of the first run. A
+    later run's growth starts from the high-water mark the runs before it left (the memory
+    the processes kept), so it understates what the level's sessions take."""
+    first = runs[0]
+    row = dict(sorted(runs, key=lambda r: r["of_ideal"])[len(runs) // 2])
+    row.update({k: first[k] for k in MEMORY_FIELDS if k in first})
+    if len(runs) > 1:
+        row["memory_of"] = "the first run"
+    return row
 
 
 async def _ray_level(sup: Any, sessions: int, procs: Procs, store_pids: list[int]

@@ -170,6 +170,31 @@ def test_table_and_verdicts() -> None:
     assert ANSWER  # the shared answer the workloads check
 
 
+def test_a_repeated_level_takes_its_memory_figures_from_its_first_run() -> None:
+    """Runs of one level in one deployment: the row is the median run's throughput with the
+    first run's memory, as a later run grows from what the runs before it left."""
+    def run(of_ideal: float, rss_mb: float, store_mb: float, peak_mb: float) -> dict:
+        return common.concurrency_row("swarm+redis, Ray", 2000, 2.2 / of_ideal, 20000, 5.0,
+                                      int(rss_mb * 2**20), int(store_mb * 2**20),
+                                      peak=peak(peak_mb, store_mb + 100, summed_mb=rss_mb))
+    runs = [run(0.6, 160, 40, 900), run(0.7, 40, 10, 950), run(0.65, 30, 8, 955)]
+    row = swarm_side.first_run_memory(runs)
+    assert row["of_ideal"] == pytest.approx(0.65) and row["wall_s"] == runs[2]["wall_s"]
+    for k in swarm_side.MEMORY_FIELDS:
+        assert row[k] == runs[0][k], k
+    assert row["orchestration_kb_per_session"] == pytest.approx(120 * 1024 / 2000)
+    assert row["memory_of"] == "the first run"
+    row["runs"] = [{"of_ideal": r["of_ideal"], "cpu_us_per_step": r["cpu_us_per_step"]}
+                   for r in runs]
+    text = report.table({"concurrency": [row]})
+    assert "the median of 3 runs is shown (its memory figures are the first run's" in text
+    # 120 MB for 2,000 sessions in the first run; the median run grew by 22 MB (11.3 KB).
+    assert "61.4 KB per session; the level's own growth: 61.4 KB" in text
+    assert "11.3 KB" not in text
+    one = swarm_side.first_run_memory(runs[1:2])
+    assert one == runs[1] and "memory_of" not in one
+
+
 def test_the_ray_rows_say_where_the_time_went() -> None:
     """The machine's CPU split, each role's cores over the run and a task's time by part are
     printed for a Ray level of 1,000 sessions or more, from the row's `timeline`."""
