@@ -477,7 +477,7 @@ class AgentHost:
                                           snapshot_every=snapshot_every, base=state,
                                           checkpoint=self.cfg.state.checkpoint,
                                           checkpoint_every=self.cfg.state.checkpoint_every,
-                                          fence=fence)
+                                          fence=fence, write_behind=self.cfg.state.write_behind)
                 session.journal.on_snapshot = self.publish_snapshot
                 session.journal.on_append = self.on_checkpoint
                 outcome = await self._loop.resume(session, state.pending, req.decision, limits,
@@ -509,7 +509,7 @@ class AgentHost:
                                   snapshot_every=snapshot_every, base=base,
                                   checkpoint=self.cfg.state.checkpoint,
                                   checkpoint_every=self.cfg.state.checkpoint_every,
-                                  fence=fence)
+                                  fence=fence, write_behind=self.cfg.state.write_behind)
         session.journal.on_snapshot = self.publish_snapshot
         session.journal.on_append = self.on_checkpoint
         await session.journal.turn_start(text, len(req.transcript))

@@ -11,6 +11,12 @@ as it completes. When they become durable is the checkpoint policy (`state.check
 - `every_n`: they are buffered and written in one atomic append every `checkpoint_every` steps.
 - `phase`: they are buffered until the turn ends (or hands off, or needs input).
 
+With `write_behind` (`state.write_behind`, on by default), the append of `every_step` and
+`every_n` is sent when the step ends and the turn goes on to its next model call; the next write,
+a tool with side effects and the turn's end wait for it first, so this log's appends stay one
+at a time and in order, and one that failed stops the turn there. A step is reported finished
+(`when_durable`) once its append is durable, either way.
+
 Under every policy the turn's start and end are durable at once, a due snapshot is a checkpoint,
 and the step loop calls `checkpoint()` before a tool with side effects runs and again after its
 result is logged, so such a call is never made without its `started` record being durable, and
@@ -56,7 +62,8 @@ class Journal:
     def __init__(self, store: Checkpointer, log_id: str, agent: str, *, turn: str,
                  snapshot_every: int = 100, base: TaskState | None = None,
                  checkpoint: CheckpointPolicy = "every_step",
-                 checkpoint_every: int | None = None, fence: int | None = None) -> None:
+                 checkpoint_every: int | None = None, fence: int | None = None,
+                 write_behind: bool = False) -> None:
         self.store = store
         # This writer's token (`Checkpointer.claim`): once another copy of the turn claims a
         # newer one, every append of this journal raises `Fenced` and the turn stops.
@@ -87,11 +94,19 @@ class Journal:
         self._steps = 0  # steps ended since the last checkpoint
         # Called once what is buffered now is durable (`when_durable`).
         self._when_durable: list[Any] = []
+        # A step's append is sent when the step ends and waited for before the next write
+        # (or a tool with side effects, or the turn's end), not before the next model call.
+        self.write_behind = write_behind
+        self._behind: asyncio.Task[None] | None = None  # that append, while in flight
+        self._behind_count = 0  # the entries it carries
+        self._behind_waiting: list[Any] = []  # `when_durable` callbacks for it
 
     @property
     def buffered(self) -> int:
-        """Log entries written but not yet durable."""
-        return len(self._entries)
+        """Log entries written but not yet durable (an append in flight counts)."""
+        behind = self._behind
+        return len(self._entries) + (self._behind_count if behind is not None
+                                     and not behind.done() else 0)
 
     async def _append(self, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
                       *, now: bool = False) -> None:
@@ -103,39 +118,64 @@ class Journal:
 
     async def checkpoint(self) -> None:
         """Make everything written so far durable, in one atomic append (a no-op if nothing is
-        buffered)."""
+        buffered), after the append in flight, if any."""
         self._steps = 0
+        if self._behind is not None:
+            await self._settle()
         if not self._entries and not self._ledger:
             return
-        entries, ledger = self._entries, list(self._ledger.values())
+        await self._write(*self._take())
+
+    def _take(self) -> tuple[list[LogEntry], list[LedgerRecord], list[Any]]:
         # Taken out before the append: one that raised may still have been applied, so
         # writing these again later could log them twice (the turn fails instead).
-        self._entries, self._ledger = [], {}
+        taken = self._entries, list(self._ledger.values()), self._when_durable
+        self._entries, self._ledger, self._when_durable = [], {}, []
+        return taken
+
+    async def _write(self, entries: list[LogEntry], ledger: list[LedgerRecord],
+                     waiting: list[Any]) -> None:
         t0 = time.perf_counter()
-        try:
-            seq = await self.store.append(self.log_id, entries, ledger or None, fence=self.fence)
-        except BaseException:
-            self._when_durable = []  # what they waited for may never be durable
-            raise
+        seq = await self.store.append(self.log_id, entries, ledger or None, fence=self.fence)
+        # (On failure the callbacks are dropped: what they waited for may never be durable.)
         if self.on_append is not None:
             self.on_append(time.perf_counter() - t0)
         if entries:
             self.seq = seq
         self.entries_written += len(entries)
-        if self._when_durable:
-            waiting, self._when_durable = self._when_durable, []
-            for fn in waiting:
-                try:
-                    fn()
-                except Exception:  # the append is durable whatever a callback does
-                    log.exception("journal %s: a callback after a checkpoint failed",
-                                  self.log_id)
+        for fn in waiting:  # a list `when_durable` may add to while this append is in flight
+            try:
+                fn()
+            except Exception:  # the append is durable whatever a callback does
+                log.exception("journal %s: a callback after a checkpoint failed", self.log_id)
+        waiting.clear()
+
+    def _write_behind(self) -> None:
+        """Send what is buffered in one append without waiting for it (`write_behind`)."""
+        entries, ledger, waiting = self._take()
+        self._behind_count, self._behind_waiting = len(entries), waiting
+        self._behind = asyncio.ensure_future(self._write(entries, ledger, waiting))
+        self._behind.add_done_callback(_retrieved)
+
+    async def _settle(self) -> None:
+        """Wait for the append in flight; raises what it raised (the turn stops: its entries
+        may or may not have been applied)."""
+        behind = self._behind
+        if behind is None:
+            return
+        try:
+            await behind  # still in flight for `when_durable` and `buffered` meanwhile
+        finally:
+            if self._behind is behind:
+                self._behind, self._behind_count, self._behind_waiting = None, 0, []
 
     def when_durable(self, fn: Any) -> None:
         """Call `fn` once everything written so far is durable: now if it is, else after the
         checkpoint that makes it so (never, should that append fail)."""
         if self._entries or self._ledger:
             self._when_durable.append(fn)
+        elif self._behind is not None and not self._behind.done():
+            self._behind_waiting.append(fn)
         else:
             fn()
 
@@ -154,7 +194,16 @@ class Journal:
                 self.snapshot_every > 0 and step % self.snapshot_every == 0):
             return
         if self.policy in ("every_step", "every_n") and self._steps >= self.checkpoint_every:
-            await self.checkpoint()
+            if self.write_behind and not (self.snapshot_every > 0
+                                          and step % self.snapshot_every == 0):
+                # The previous step's append (long done, a model call ago, as a rule) first:
+                # this log's appends stay one at a time and in order.
+                self._steps = 0
+                if self._behind is not None:
+                    await self._settle()
+                self._write_behind()
+            else:
+                await self.checkpoint()
         elif self.snapshot_every > 0 and step % self.snapshot_every == 0:
             # A snapshot may only hold durable state, so the step it is taken at is durable.
             await self.checkpoint()
@@ -243,6 +292,13 @@ class Journal:
         await self.checkpoint()
         if self._snapshotting is not None:
             await asyncio.gather(self._snapshotting, return_exceptions=True)
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    # A write-behind append that failed raises at the next write; if the turn ended first
+    # (cancelled, say), its error is not "never retrieved".
+    if not task.cancelled():
+        task.exception()
 
 
 _PREVIEW_CHARS = 64

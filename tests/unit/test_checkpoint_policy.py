@@ -13,7 +13,7 @@ from swarm.errors import ConfigError
 from swarm.events import StepFinished
 from swarm.models.interface import ToolCall, Usage
 from swarm.runtime.journal import Journal
-from swarm.state.interface import LedgerRecord, LogEntry
+from swarm.state.interface import LedgerRecord, LogEntry, StoreUnavailable
 from swarm.state.memory import MemoryCheckpointer
 from swarm.state.replay import fold
 from swarm.testing import LocalSwarm
@@ -277,5 +277,145 @@ def test_unknown_checkpoint_policy_names_the_field(tmp_path: Path) -> None:
 def test_checkpoint_defaults_to_every_step(tmp_path: Path) -> None:
     state = make_cfg(tmp_path, LONG).state
     assert state.checkpoint == "every_step" and state.checkpoint_every is None
+    assert state.write_behind is True
+    assert make_cfg(tmp_path, LONG, write_behind=False).state.write_behind is False
     assert make_cfg(tmp_path, LONG, checkpoint="every_n",
                     checkpoint_every=5).state.checkpoint_every == 5
+
+
+class GatedCheckpointer(MemoryCheckpointer):
+    """The memory store, whose appends of a step (a `model` entry) wait for `gate`; it notes
+    when each append began and ended, and can fail the next gated one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.held = asyncio.Event()  # set once a gated append waits at the gate
+        self.order: list[str] = []
+        self.fail_next = False
+
+    async def append(self, task_id: str, entries: list[LogEntry],
+                     ledger: list[LedgerRecord] | None = None, *,
+                     fence: int | None = None) -> int:
+        name = "+".join(f"{e.kind}{e.step}" for e in entries)
+        self.order.append(f"begin {name}")
+        if any(e.kind == "model" for e in entries):
+            self.held.set()
+            await self.gate.wait()
+            if self.fail_next:
+                self.fail_next = False
+                self.order.append(f"failed {name}")
+                raise StoreUnavailable("the store went away")
+        seq = await super().append(task_id, entries, ledger, fence=fence)
+        self.order.append(f"end {name}")
+        return seq
+
+
+async def _step(journal: Journal, step: int) -> None:
+    call = ToolCall(id=f"c{step}", name="lookup", arguments="{}")
+    await journal.model(step, {"role": "assistant", "content": None}, Usage(), [call])
+    await journal.tool(step, 0, call, {"role": "tool", "content": "r"}, False)
+
+
+async def test_write_behind_goes_on_while_a_steps_append_is_in_flight() -> None:
+    store = GatedCheckpointer()
+    journal = Journal(store, "t", "a", turn="0", snapshot_every=0, write_behind=True)
+    await journal.turn_start("hi", 0)
+    await _step(journal, 1)
+    done: list[str] = []
+    # The step ends without waiting for its append, which waits at the gate.
+    await asyncio.wait_for(journal.end_step(1), 10)
+    journal.when_durable(lambda: done.append("step 1"))
+    await asyncio.wait_for(store.held.wait(), 10)
+    assert [e.kind for e in await store.read("t")] == ["turn_start"]
+    assert journal.buffered == 2 and journal.seq == 0 and done == []
+    # The next step is buffered meanwhile; its append waits for the one in flight.
+    await _step(journal, 2)
+    second = asyncio.ensure_future(journal.end_step(2))
+    store.gate.set()
+    await asyncio.wait_for(second, 10)
+    await asyncio.wait_for(journal.flush(), 10)
+    assert store.order == ["begin turn_start0", "end turn_start0",
+                           "begin model1+tool1", "end model1+tool1",
+                           "begin model2+tool2", "end model2+tool2"]
+    assert done == ["step 1"] and journal.buffered == 0 and journal.seq == 4
+    assert [(e.seq, e.kind, e.step) for e in await store.read("t")] == [
+        (0, "turn_start", 0), (1, "model", 1), (2, "tool", 1), (3, "model", 2), (4, "tool", 2)]
+
+
+async def test_write_behind_waits_for_the_step_in_flight_before_a_side_effect() -> None:
+    store = GatedCheckpointer()
+    journal = Journal(store, "t", "a", turn="0", snapshot_every=0, write_behind=True)
+    await journal.turn_start("hi", 0)
+    await _step(journal, 1)
+    await asyncio.wait_for(journal.end_step(1), 10)
+    pay = ToolCall(id="p", name="pay", arguments="{}")
+    await journal.model(2, {"role": "assistant", "content": None}, Usage(), [pay])
+    # What the step loop does before a tool with side effects runs.
+    before_pay = asyncio.ensure_future(journal.checkpoint())
+    await asyncio.wait_for(store.held.wait(), 10)
+    assert not before_pay.done()
+    store.gate.set()
+    await asyncio.wait_for(before_pay, 10)
+    assert [e.kind for e in await store.read("t")] == ["turn_start", "model", "tool", "model"]
+    assert {r.tool: r.state for r in (await store.ledger("t")).values()} == {
+        "lookup": "finished", "pay": "started"}
+
+
+async def test_a_failed_write_behind_append_stops_the_turn_at_its_next_write() -> None:
+    store = GatedCheckpointer()
+    store.fail_next = True
+    journal = Journal(store, "t", "a", turn="0", snapshot_every=0, write_behind=True)
+    await journal.turn_start("hi", 0)
+    await _step(journal, 1)
+    done: list[str] = []
+    await asyncio.wait_for(journal.end_step(1), 10)
+    journal.when_durable(lambda: done.append("step 1"))
+    await _step(journal, 2)
+    store.gate.set()
+    with pytest.raises(StoreUnavailable, match="went away"):
+        await asyncio.wait_for(journal.end_step(2), 10)
+    assert "failed model1+tool1" in store.order
+    assert not any(o.startswith("begin model2") for o in store.order)  # not written after it
+    assert done == []  # never reported durable
+
+
+async def test_without_write_behind_a_step_waits_for_its_append() -> None:
+    store = GatedCheckpointer()
+    journal = Journal(store, "t", "a", turn="0", snapshot_every=0, write_behind=False)
+    await journal.turn_start("hi", 0)
+    await _step(journal, 1)
+    ending = asyncio.ensure_future(journal.end_step(1))
+    await asyncio.wait_for(store.held.wait(), 10)
+    assert not ending.done()
+    store.gate.set()
+    await asyncio.wait_for(ending, 10)
+    assert journal.buffered == 0 and journal.seq == 2
+
+
+async def test_write_behind_reports_each_step_done_once_durable(tmp_path: Path) -> None:
+    class Watching(CountingCheckpointer):
+        sw: Any = None
+        seen: list[tuple[int, list[int]]] = []
+
+        async def append(self, task_id: str, entries: list[LogEntry],
+                         ledger: list[LedgerRecord] | None = None, *,
+                         fence: int | None = None) -> int:
+            # The steps a follower has seen finished when each step's append is written.
+            step = max(e.step for e in entries)
+            self.seen.append((step, [e.step for e in self.sw.events(task_id)
+                                     if isinstance(e, StepFinished)]))
+            return await super().append(task_id, entries, ledger, fence=fence)
+
+    store = Watching()
+    async with LocalSwarm(make_cfg(tmp_path, LONG, write_behind=True), store=store) as sw:
+        store.sw = sw
+        row = await sw.run("w")
+        finished = [e.step for e in sw.events(row["task_id"]) if isinstance(e, StepFinished)]
+    assert row["state"] == "completed" and row["answer"] == "done: paid w-pay"
+    # The same appends as waiting for each, in the same order.
+    assert [kinds for kinds, _ in store.appends][1:5] == [["model", "tool"]] * 4
+    for step, reported in store.seen:
+        assert all(s < step for s in reported), (step, reported)
+    assert finished == list(range(1, 9))
+    assert dt.RUNS["w-pay"] == 1
