@@ -207,10 +207,11 @@ def main() -> None:
                     "checkpoints stay; no target verdict is printed for these rows)")
     ap.add_argument("--ray-checkpoint", default="every_step", metavar="POLICY",
                     help="the Ray concurrency workload's checkpoint policy: every_step (a "
-                    "durable append every step, the default, what the targets are for), "
-                    "every_n:N (every N steps) or phase (at each turn's start and end), to see "
-                    "what the per-step durability costs at scale (no target verdict is printed "
-                    "for other policies)")
+                    "durable append every step, written behind, the default, what the targets "
+                    "are for), every_n:N (every N steps) or phase (at each turn's start and "
+                    "end), to see what the per-step durability costs at scale; every_step:wait "
+                    "or every_n:N:wait: each step waits for its append (state.write_behind: "
+                    "false). No target verdict is printed for other policies")
     ap.add_argument("--levels", metavar="C,C,...",
                     help="concurrency levels, comma-separated (default 10,100,1000,2000; "
                     "--quick 10,100). The Ray levels share one deployment, one after the "

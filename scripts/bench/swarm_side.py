@@ -390,13 +390,22 @@ async def _floor_run(sessions: int, store: Any, store_pids: list[int], behind: b
 
 
 def checkpoint_policy(spec: str) -> dict[str, Any]:
-    """The `state` settings of a `--ray-checkpoint` value: every_step, every_n:N or phase."""
-    name, _, n = spec.partition(":")
-    if name in ("every_step", "phase") and not n:
-        return {"checkpoint": name}
-    if name == "every_n" and n.isdigit() and int(n) >= 1:
-        return {"checkpoint": name, "checkpoint_every": int(n)}
-    raise ValueError(f"checkpoint must be every_step, every_n:N (N >= 1) or phase, not {spec!r}")
+    """The `state` settings of a `--ray-checkpoint` value: every_step, every_n:N or phase;
+    `:wait` after every_step or every_n:N makes each step wait for its append
+    (`state.write_behind: false`) instead of writing it behind, the default."""
+    base, wait = (spec[:-len(":wait")], True) if spec.endswith(":wait") else (spec, False)
+    name, _, n = base.partition(":")
+    out: dict[str, Any] | None = None
+    if name in ("every_step", "phase") and not n and not (wait and name == "phase"):
+        out = {"checkpoint": name}
+    elif name == "every_n" and n.isdigit() and int(n) >= 1:
+        out = {"checkpoint": name, "checkpoint_every": int(n)}
+    if out is None:
+        raise ValueError("checkpoint must be every_step, every_n:N (N >= 1) or phase, the first "
+                         f"two optionally with :wait, not {spec!r}")
+    if wait:
+        out["write_behind"] = False
+    return out
 
 
 # The layers the Ray concurrency workload can turn off (`layers_off`), each a config section.
@@ -439,7 +448,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
 
     `checkpoint`: the checkpoint policy (`state.checkpoint`), `every_step` (the default, what
     the targets are for), `every_n:N` (a durable append every N steps) or `phase` (at the
-    turn's start and end): what a durable append every step costs at scale."""
+    turn's start and end): what a durable append every step costs at scale; with `:wait`
+    (`every_step:wait`), each step waits for its append instead of writing it behind."""
     if model not in ("python", "scripted"):
         raise ValueError(f"model must be python or scripted, not {model!r}")
     durability = checkpoint_policy(checkpoint)

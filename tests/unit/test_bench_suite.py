@@ -110,7 +110,13 @@ def test_the_checkpoint_policies_of_the_ray_workload() -> None:
     assert checkpoint_policy("every_step") == {"checkpoint": "every_step"}
     assert checkpoint_policy("phase") == {"checkpoint": "phase"}
     assert checkpoint_policy("every_n:5") == {"checkpoint": "every_n", "checkpoint_every": 5}
-    for bad in ("every_n", "every_n:0", "every_n:x", "phase:2", "sometimes", ""):
+    # Each step waiting for its append instead of writing it behind (the default).
+    assert checkpoint_policy("every_step:wait") == {"checkpoint": "every_step",
+                                                    "write_behind": False}
+    assert checkpoint_policy("every_n:5:wait") == {"checkpoint": "every_n",
+                                                   "checkpoint_every": 5, "write_behind": False}
+    for bad in ("every_n", "every_n:0", "every_n:x", "phase:2", "sometimes", "", "phase:wait",
+                "every_n:wait", ":wait", "every_step:wait:wait"):
         with pytest.raises(ValueError, match="checkpoint must be every_step, every_n:N"):
             checkpoint_policy(bad)
 
