@@ -100,6 +100,7 @@ class Journal:
         self._behind: asyncio.Task[None] | None = None  # that append, while in flight
         self._behind_count = 0  # the entries it carries
         self._behind_waiting: list[Any] = []  # `when_durable` callbacks for it
+        self._failed = False  # an append failed: the turn stops
 
     @property
     def buffered(self) -> int:
@@ -136,8 +137,14 @@ class Journal:
     async def _write(self, entries: list[LogEntry], ledger: list[LedgerRecord],
                      waiting: list[Any]) -> None:
         t0 = time.perf_counter()
-        seq = await self.store.append(self.log_id, entries, ledger or None, fence=self.fence)
-        # (On failure the callbacks are dropped: what they waited for may never be durable.)
+        try:
+            seq = await self.store.append(self.log_id, entries, ledger or None,
+                                          fence=self.fence)
+        except BaseException:
+            # The callbacks are dropped, and later ones too (`when_durable`): what they wait
+            # for may never be durable.
+            self._failed = True
+            raise
         if self.on_append is not None:
             self.on_append(time.perf_counter() - t0)
         if entries:
@@ -159,22 +166,30 @@ class Journal:
 
     async def _settle(self) -> None:
         """Wait for the append in flight; raises what it raised (the turn stops: its entries
-        may or may not have been applied)."""
+        may or may not have been applied). What was written since is dropped then, as it is
+        after a failed append that was waited for: the log must not hold a later step
+        without the one before it (the turn's end, logged next, is written alone)."""
         behind = self._behind
         if behind is None:
             return
         try:
             await behind  # still in flight for `when_durable` and `buffered` meanwhile
+        except BaseException:
+            self._entries, self._ledger, self._when_durable = [], {}, []
+            raise
         finally:
             if self._behind is behind:
                 self._behind, self._behind_count, self._behind_waiting = None, 0, []
 
     def when_durable(self, fn: Any) -> None:
         """Call `fn` once everything written so far is durable: now if it is, else after the
-        checkpoint that makes it so (never, should that append fail)."""
+        checkpoint that makes it so (never, should that append, or one before it, fail)."""
+        behind = self._behind
+        if self._failed:
+            return  # after a failed append nothing is reported durable
         if self._entries or self._ledger:
             self._when_durable.append(fn)
-        elif self._behind is not None and not self._behind.done():
+        elif behind is not None and not behind.done():
             self._behind_waiting.append(fn)
         else:
             fn()

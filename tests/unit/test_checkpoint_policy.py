@@ -378,6 +378,14 @@ async def test_a_failed_write_behind_append_stops_the_turn_at_its_next_write() -
     assert "failed model1+tool1" in store.order
     assert not any(o.startswith("begin model2") for o in store.order)  # not written after it
     assert done == []  # never reported durable
+    late: list[str] = []
+    journal.when_durable(lambda: late.append("after the failure"))
+    assert late == []
+    # The turn's end, logged after the failure, goes alone: the log never holds step 2
+    # without step 1.
+    await asyncio.wait_for(journal.turn_end(2, {"outcome": "failed"}), 10)
+    assert [e.kind for e in await store.read("t")] == ["turn_start", "turn_end"]
+    assert (await store.ledger("t")) == {}
 
 
 async def test_without_write_behind_a_step_waits_for_its_append() -> None:
