@@ -136,11 +136,14 @@ def _timeline(r: dict[str, Any]) -> list[str]:
                    f"median) and {ends[2]:.2f} s (the last) after submission; undisturbed, "
                    f"each takes {TASK_IDEAL_S:.1f} s, and {TARGET_OF_IDEAL:.0%} of ideal needs "
                    f"the last by {TASK_IDEAL_S / TARGET_OF_IDEAL:.2f} s")
-    parts = tl.get("task_ms") or {}
+    parts = dict(tl.get("task_ms") or {})
+    left_out = parts.pop("left_out", None)
     if parts:
         cells = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in parts.items())
+        missing = f" ({left_out[0]} of the {left_out[1]} sampled left out: their spans had " \
+            "not all arrived)" if left_out else ""
         out.append(f"{head}: a task's time beyond the ideal, ms p50/p90 over a sample of "
-                   f"tasks: {cells}")
+                   f"tasks{missing}: {cells}")
     return out
 
 

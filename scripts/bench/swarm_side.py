@@ -598,25 +598,48 @@ TASK_PARTS = {
 }
 
 
+# How long `_task_times` waits for the sampled tasks' spans: each process writes its spans to
+# the trace store every half second or so, so the last tasks' agent spans arrive after the run.
+_SPANS_WAIT_S = 10.0
+
+
+def _complete_spans(spans: list[dict[str, Any]]) -> bool:
+    names = [str(s.get("name", "")) for s in spans]
+    chats = sum(n.startswith("chat") for n in names)
+    tools = sum(n.startswith("execute_tool") for n in names)
+    return any(n.startswith("invoke_workflow") for n in names) and \
+        any(n.startswith("invoke_agent") for n in names) and chats > 0 and tools >= chats - 1
+
+
 async def _task_times(sup: Any, rows: list[dict[str, Any]], sample: int = 60
                       ) -> dict[str, list[float]]:
     """p50 and p90 over a sample of tasks (spread over the run's task durations) of each
-    part of `TASK_PARTS`, in ms; empty if the tasks have no traces."""
+    part of `TASK_PARTS`, in ms; empty if the tasks have no traces. A sampled task's spans are
+    waited for (up to `_SPANS_WAIT_S` in all): taking only the tasks whose spans had all
+    arrived would leave out the last ones to end. `left_out` counts the sampled tasks whose
+    spans were still incomplete."""
     ranked = sorted(rows, key=lambda r: r["updated"] - r["created"])
     picked = ranked[::max(1, len(ranked) // sample)]
     parts: dict[str, list[float]] = {k: [] for k in TASK_PARTS}
+    deadline = time.monotonic() + _SPANS_WAIT_S
+    left_out = 0
     for row in picked:
-        try:
-            spans = sorted(await sup.trace.remote(row["task_id"]), key=lambda s: s["start"])
-        except Exception:  # no trace store: nothing to break down
-            return {}
+        while True:
+            try:
+                spans = sorted(await sup.trace.remote(row["task_id"]), key=lambda s: s["start"])
+            except Exception:  # no trace store: nothing to break down
+                return {}
+            if _complete_spans(spans) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)  # bounded by the deadline: the spans' next write
 
         def named(prefix: str, spans: list[dict[str, Any]] = spans) -> list[dict[str, Any]]:
             return [s for s in spans if str(s.get("name", "")).startswith(prefix)]
 
         flows, agents = named("invoke_workflow"), named("invoke_agent")
         chats, tools = named("chat"), named("execute_tool")
-        if not flows or not agents or not chats or len(tools) < len(chats) - 1:
+        if not _complete_spans(spans):
+            left_out += 1
             continue
         flow, agent = flows[0], agents[0]
         parts["admission"].append(flow["start"] - row["created"])
@@ -627,5 +650,8 @@ async def _task_times(sup: Any, rows: list[dict[str, Any]], sample: int = 60
                                           for i in range(len(chats) - 1)))
         parts["finish"].append(flow["end"] - chats[-1]["end"])
         parts["total"].append(row["updated"] - row["created"] - TASK_IDEAL_S)
-    return {k: [round(pct(v, 50) * 1e3), round(pct(v, 90) * 1e3)]
-            for k, v in parts.items() if v}
+    out = {k: [round(pct(v, 50) * 1e3), round(pct(v, 90) * 1e3)]
+           for k, v in parts.items() if v}
+    if out and left_out:
+        out["left_out"] = [left_out, len(picked)]
+    return out

@@ -232,6 +232,28 @@ def test_the_ray_rows_say_where_the_time_went() -> None:
         "  swarm+redis, Ray at 2000: a task's time beyond the ideal, ms p50/p90 over a sample "
         "of tasks: admission 400/700, between steps 600/800, total 1600/2100",
     ]  # and nothing for the level of 100
+    row["timeline"]["task_ms"] = {"admission": [400, 700], "left_out": [3, 61]}
+    text = report.table({"concurrency": [row]})
+    assert "  swarm+redis, Ray at 2000: a task's time beyond the ideal, ms p50/p90 over a " \
+        "sample of tasks (3 of the 61 sampled left out: their spans had not all arrived): " \
+        "admission 400/700" in text.splitlines()
+
+
+def test_a_tasks_parts_need_all_of_its_spans() -> None:
+    from scripts.bench.swarm_side import _complete_spans
+
+    def spans(*names: str) -> list[dict[str, str]]:
+        return [{"name": n} for n in names]
+
+    whole = ["invoke_workflow bench", "invoke_agent bench", "chat m", "execute_tool echo",
+             "chat m"]
+    assert _complete_spans(spans(*whole))
+    # The agent's span not written yet (its process writes spans every half second or so).
+    assert not _complete_spans(spans(*[n for n in whole if not n.startswith("invoke_agent")]))
+    assert not _complete_spans(spans(*whole[1:]))
+    assert not _complete_spans(spans("invoke_workflow bench", "invoke_agent bench"))
+    assert not _complete_spans(spans(*whole[:2], "chat m", "chat m", "chat m",
+                                     "execute_tool echo"))
 
 
 def test_cpu_windows_sample_the_roles_from_proc() -> None:
