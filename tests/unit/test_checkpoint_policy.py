@@ -317,15 +317,22 @@ async def _step(journal: Journal, step: int) -> None:
     await journal.tool(step, 0, call, {"role": "tool", "content": "r"}, False)
 
 
-async def test_write_behind_goes_on_while_a_steps_append_is_in_flight() -> None:
-    store = GatedCheckpointer()
+async def _first_step_behind(store: GatedCheckpointer) -> tuple[Journal, list[str]]:
+    """A write-behind journal whose turn started and whose step 1 ended (its append sent, not
+    waited for); the list gets "step 1" once that append is durable."""
     journal = Journal(store, "t", "a", turn="0", snapshot_every=0, write_behind=True)
     await journal.turn_start("hi", 0)
     await _step(journal, 1)
     done: list[str] = []
-    # The step ends without waiting for its append, which waits at the gate.
     await asyncio.wait_for(journal.end_step(1), 10)
     journal.when_durable(lambda: done.append("step 1"))
+    return journal, done
+
+
+async def test_write_behind_goes_on_while_a_steps_append_is_in_flight() -> None:
+    store = GatedCheckpointer()
+    # The step ends without waiting for its append, which waits at the gate.
+    journal, done = await _first_step_behind(store)
     await asyncio.wait_for(store.held.wait(), 10)
     assert [e.kind for e in await store.read("t")] == ["turn_start"]
     assert journal.buffered == 2 and journal.seq == 0 and done == []
@@ -345,10 +352,7 @@ async def test_write_behind_goes_on_while_a_steps_append_is_in_flight() -> None:
 
 async def test_write_behind_waits_for_the_step_in_flight_before_a_side_effect() -> None:
     store = GatedCheckpointer()
-    journal = Journal(store, "t", "a", turn="0", snapshot_every=0, write_behind=True)
-    await journal.turn_start("hi", 0)
-    await _step(journal, 1)
-    await asyncio.wait_for(journal.end_step(1), 10)
+    journal, _ = await _first_step_behind(store)
     pay = ToolCall(id="p", name="pay", arguments="{}")
     await journal.model(2, {"role": "assistant", "content": None}, Usage(), [pay])
     # What the step loop does before a tool with side effects runs.
@@ -365,12 +369,7 @@ async def test_write_behind_waits_for_the_step_in_flight_before_a_side_effect() 
 async def test_a_failed_write_behind_append_stops_the_turn_at_its_next_write() -> None:
     store = GatedCheckpointer()
     store.fail_next = True
-    journal = Journal(store, "t", "a", turn="0", snapshot_every=0, write_behind=True)
-    await journal.turn_start("hi", 0)
-    await _step(journal, 1)
-    done: list[str] = []
-    await asyncio.wait_for(journal.end_step(1), 10)
-    journal.when_durable(lambda: done.append("step 1"))
+    journal, done = await _first_step_behind(store)
     await _step(journal, 2)
     store.gate.set()
     with pytest.raises(StoreUnavailable, match="went away"):
