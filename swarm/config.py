@@ -674,9 +674,9 @@ class StateConfig(_Strict):
         description="with every_step or every_n: send a step's append when the step ends and "
         "go on to the next model call, waiting for it before the next write, before a tool "
         "with side effects runs and before the turn ends, as LangGraph's default durability "
-        "(async) does; false: wait for it at the step's end. Either way each step is one "
-        "durable append, a step is reported finished once it is durable, and side effects "
-        "are never repeated",
+        "(async) does; false: wait for it at the step's end. Either way each checkpoint is "
+        "one durable append, a step whose append is written behind is reported finished once "
+        "that append is durable, and side effects are never repeated",
     )
     archive: str | None = Field(
         None,

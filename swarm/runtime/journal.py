@@ -100,7 +100,9 @@ class Journal:
         self._behind: asyncio.Task[None] | None = None  # that append, while in flight
         self._behind_count = 0  # the entries it carries
         self._behind_waiting: list[Any] = []  # `when_durable` callbacks for it
-        self._failed = False  # an append failed: the turn stops
+        # What an append of this turn failed with: nothing but the turn's end is written after
+        # it (`_append`), and nothing more is reported durable (`when_durable`).
+        self._failure: BaseException | None = None
 
     @property
     def buffered(self) -> int:
@@ -111,6 +113,12 @@ class Journal:
 
     async def _append(self, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
                       *, now: bool = False) -> None:
+        if self._failure is not None and not (len(entries) == 1
+                                              and entries[0].kind == "turn_end"):
+            # An earlier append failed (one written behind may only say so now, and a tool's
+            # middleware may have taken it for the tool's error): the turn stops here, and
+            # its log gets nothing after the gap but the turn's end, written alone.
+            raise self._failure
         self._entries.extend(entries)
         for rec in ledger or ():
             self._ledger[rec.key] = rec
@@ -140,10 +148,10 @@ class Journal:
         try:
             seq = await self.store.append(self.log_id, entries, ledger or None,
                                           fence=self.fence)
-        except BaseException:
+        except BaseException as exc:
             # The callbacks are dropped, and later ones too (`when_durable`): what they wait
             # for may never be durable.
-            self._failed = True
+            self._failure = exc
             raise
         if self.on_append is not None:
             self.on_append(time.perf_counter() - t0)
@@ -168,24 +176,35 @@ class Journal:
         """Wait for the append in flight; raises what it raised (the turn stops: its entries
         may or may not have been applied). What was written since is dropped then, as it is
         after a failed append that was waited for: the log must not hold a later step
-        without the one before it (the turn's end, logged next, is written alone)."""
+        without the one before it (the turn's end, logged next, is written alone). A caller
+        cancelled while it waits leaves the append going on, still in flight: the next write
+        (the cancelled turn keeps its buffered steps) waits for it again."""
         behind = self._behind
         if behind is None:
             return
         try:
-            await behind  # still in flight for `when_durable` and `buffered` meanwhile
+            await asyncio.shield(behind)
         except BaseException:
+            if not behind.done():
+                raise  # only this wait was cancelled
             self._entries, self._ledger, self._when_durable = [], {}, []
             raise
         finally:
-            if self._behind is behind:
+            if behind.done() and self._behind is behind:
                 self._behind, self._behind_count, self._behind_waiting = None, 0, []
+
+    @property
+    def sent_behind(self) -> bool:
+        """Whether the last step's append was written behind and is still in flight, with
+        nothing buffered since."""
+        behind = self._behind
+        return behind is not None and not behind.done() and not self._entries
 
     def when_durable(self, fn: Any) -> None:
         """Call `fn` once everything written so far is durable: now if it is, else after the
         checkpoint that makes it so (never, should that append, or one before it, fail)."""
         behind = self._behind
-        if self._failed:
+        if self._failure is not None:
             return  # after a failed append nothing is reported durable
         if self._entries or self._ledger:
             self._when_durable.append(fn)
@@ -312,8 +331,8 @@ class Journal:
 def _retrieved(task: asyncio.Task[None]) -> None:
     # A write-behind append that failed raises at the next write; if the turn ended first
     # (cancelled, say), its error is not "never retrieved".
-    if not task.cancelled():
-        task.exception()
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("an append written behind failed", exc_info=task.exception())
 
 
 _PREVIEW_CHARS = 64

@@ -476,8 +476,8 @@ class StepLoop:
                     "model_calls": session.model_calls, "tool_calls": session.tool_calls})
         done = StepFinished(task_id=session.task_id, ts=self.clock.now(), agent=self.agent,
                             step=step, duration_ms=(self.clock.perf() - t0) * 1e3)
-        if journal is not None and (last or (journal.write_behind and journal.buffered)):
-            # Made durable with the turn's end (`Journal.end_step`), or by the append sent
+        if journal is not None and (last or journal.sent_behind):
+            # Made durable with the turn's end (`Journal.end_step`), or by the append written
             # behind it: reported done only then.
             journal.when_durable(lambda: self.emit(done))
         else:

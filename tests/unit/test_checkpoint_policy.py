@@ -380,8 +380,10 @@ async def test_a_failed_write_behind_append_stops_the_turn_at_its_next_write() -
     late: list[str] = []
     journal.when_durable(lambda: late.append("after the failure"))
     assert late == []
-    # The turn's end, logged after the failure, goes alone: the log never holds step 2
-    # without step 1.
+    # Nothing else is written after it (a gate's middleware may have taken the error for its
+    # tool's), but the turn's end goes, alone: the log never holds step 2 without step 1.
+    with pytest.raises(StoreUnavailable, match="went away"):
+        await _step(journal, 3)
     await asyncio.wait_for(journal.turn_end(2, {"outcome": "failed"}), 10)
     assert [e.kind for e in await store.read("t")] == ["turn_start", "turn_end"]
     assert (await store.ledger("t")) == {}
@@ -426,3 +428,45 @@ async def test_write_behind_reports_each_step_done_once_durable(tmp_path: Path) 
         assert all(s < step for s in reported), (step, reported)
     assert finished == list(range(1, 9))
     assert dt.RUNS["w-pay"] == 1
+
+
+async def test_a_turn_cancelled_while_it_waits_for_an_append_keeps_its_steps() -> None:
+    store = GatedCheckpointer()
+    journal, done = await _first_step_behind(store)
+    await asyncio.wait_for(store.held.wait(), 10)
+    await _step(journal, 2)
+    ending = asyncio.ensure_future(journal.end_step(2))  # waits for step 1's append
+    await asyncio.sleep(0)  # let it start waiting
+    ending.cancel()  # the task is cancelled meanwhile
+    with pytest.raises(asyncio.CancelledError):
+        await ending
+    # The append itself goes on, and the cancelled turn's checkpoint (`AgentHost._run_turn`)
+    # waits for it, then keeps step 2.
+    store.gate.set()
+    await asyncio.wait_for(journal.checkpoint(), 10)
+    assert [(e.kind, e.step) for e in await store.read("t")] == [
+        ("turn_start", 0), ("model", 1), ("tool", 1), ("model", 2), ("tool", 2)]
+    assert done == ["step 1"]
+
+
+async def test_under_phase_steps_are_reported_as_they_end(tmp_path: Path) -> None:
+    class Watching(CountingCheckpointer):
+        sw: Any = None
+        done_at_end: list[int] | None = None
+
+        async def append(self, task_id: str, entries: list[LogEntry],
+                         ledger: list[LedgerRecord] | None = None, *,
+                         fence: int | None = None) -> int:
+            if any(e.kind == "turn_end" for e in entries):
+                self.done_at_end = [e.step for e in self.sw.events(task_id)
+                                    if isinstance(e, StepFinished)]
+            return await super().append(task_id, entries, ledger, fence=fence)
+
+    store = Watching()
+    # write_behind is on by default; it has nothing to do under phase, which writes at the
+    # turn's boundaries (and around `pay`): steps are reported as they end, as before.
+    async with LocalSwarm(make_cfg(tmp_path, LONG, checkpoint="phase"), store=store) as sw:
+        store.sw = sw
+        row = await sw.run("q")
+    assert row["state"] == "completed" and row["steps"] == 8
+    assert store.done_at_end == list(range(1, 8))
