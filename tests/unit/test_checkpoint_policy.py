@@ -141,22 +141,25 @@ async def test_every_step_writes_one_append_per_tool_call_cycle(tmp_path: Path) 
     assert store.appends[5][1] == [("pay", "started")]
 
 
+class EndWatching(CountingCheckpointer):
+    """Notes the steps a client following the task has seen finished (`StepFinished`) when
+    the turn's end is written."""
+
+    sw: Any = None
+    done_at_end: list[int] | None = None
+
+    async def append(self, task_id: str, entries: list[LogEntry],
+                     ledger: list[LedgerRecord] | None = None, *,
+                     fence: int | None = None) -> int:
+        if any(e.kind == "turn_end" for e in entries):
+            self.done_at_end = [e.step for e in self.sw.events(task_id)
+                                if isinstance(e, StepFinished)]
+        return await super().append(task_id, entries, ledger, fence=fence)
+
+
 async def test_the_last_step_is_reported_done_only_once_durable_with_the_turns_end(
         tmp_path: Path) -> None:
-    class Watching(CountingCheckpointer):
-        sw: Any = None
-        done_at_end: list[int] | None = None
-
-        async def append(self, task_id: str, entries: list[LogEntry],
-                         ledger: list[LedgerRecord] | None = None, *,
-                         fence: int | None = None) -> int:
-            if any(e.kind == "turn_end" for e in entries):
-                # What a client following the task has seen when the turn's end is written.
-                self.done_at_end = [e.step for e in self.sw.events(task_id)
-                                    if isinstance(e, StepFinished)]
-            return await super().append(task_id, entries, ledger, fence=fence)
-
-    store = Watching()
+    store = EndWatching()
     async with LocalSwarm(make_cfg(tmp_path, LONG), store=store) as sw:
         store.sw = sw
         row = await sw.run("x")
@@ -450,19 +453,7 @@ async def test_a_turn_cancelled_while_it_waits_for_an_append_keeps_its_steps() -
 
 
 async def test_under_phase_steps_are_reported_as_they_end(tmp_path: Path) -> None:
-    class Watching(CountingCheckpointer):
-        sw: Any = None
-        done_at_end: list[int] | None = None
-
-        async def append(self, task_id: str, entries: list[LogEntry],
-                         ledger: list[LedgerRecord] | None = None, *,
-                         fence: int | None = None) -> int:
-            if any(e.kind == "turn_end" for e in entries):
-                self.done_at_end = [e.step for e in self.sw.events(task_id)
-                                    if isinstance(e, StepFinished)]
-            return await super().append(task_id, entries, ledger, fence=fence)
-
-    store = Watching()
+    store = EndWatching()
     # write_behind is on by default; it has nothing to do under phase, which writes at the
     # turn's boundaries (and around `pay`): steps are reported as they end, as before.
     async with LocalSwarm(make_cfg(tmp_path, LONG, checkpoint="phase"), store=store) as sw:
