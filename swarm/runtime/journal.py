@@ -14,8 +14,9 @@ as it completes. When they become durable is the checkpoint policy (`state.check
 With `write_behind` (`state.write_behind`, on by default), the append of `every_step` and
 `every_n` is sent when the step ends and the turn goes on to its next model call; the next write,
 a tool with side effects and the turn's end wait for it first, so this log's appends stay one
-at a time and in order, and one that failed stops the turn there. A step is reported finished
-(`when_durable`) once its append is durable, either way.
+at a time and in order, and one that failed stops the turn there (nothing but the turn's end
+is written after it). A step whose append is written behind is reported finished
+(`when_durable`) once that append is durable, as a step is whose append was waited for.
 
 Under every policy the turn's start and end are durable at once, a due snapshot is a checkpoint,
 and the step loop calls `checkpoint()` before a tool with side effects runs and again after its
