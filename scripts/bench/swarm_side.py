@@ -629,7 +629,8 @@ async def _task_times(sup: Any, rows: list[dict[str, Any]], sample: int = 60
                 spans = sorted(await sup.trace.remote(row["task_id"]), key=lambda s: s["start"])
             except Exception:  # no trace store: nothing to break down
                 return {}
-            if _complete_spans(spans) or time.monotonic() > deadline:
+            complete = _complete_spans(spans)
+            if complete or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)  # bounded by the deadline: the spans' next write
 
@@ -638,7 +639,7 @@ async def _task_times(sup: Any, rows: list[dict[str, Any]], sample: int = 60
 
         flows, agents = named("invoke_workflow"), named("invoke_agent")
         chats, tools = named("chat"), named("execute_tool")
-        if not _complete_spans(spans):
+        if not complete:
             left_out += 1
             continue
         flow, agent = flows[0], agents[0]

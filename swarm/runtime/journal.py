@@ -225,22 +225,20 @@ class Journal:
         if not self._entries and not self._ledger:
             self._steps = 0  # everything up to here is durable already
             return
-        if last and self.policy in ("every_step", "every_n") and not (
-                self.snapshot_every > 0 and step % self.snapshot_every == 0):
+        # A snapshot may only hold durable state, so the step it is taken at is durable.
+        snapshot_due = self.snapshot_every > 0 and step % self.snapshot_every == 0
+        by_steps = self.policy in ("every_step", "every_n")
+        if last and by_steps and not snapshot_due:
             return
-        if self.policy in ("every_step", "every_n") and self._steps >= self.checkpoint_every:
-            if self.write_behind and not (self.snapshot_every > 0
-                                          and step % self.snapshot_every == 0):
-                # The previous step's append (long done, a model call ago, as a rule) first:
-                # this log's appends stay one at a time and in order.
-                self._steps = 0
-                if self._behind is not None:
-                    await self._settle()
-                self._write_behind()
-            else:
-                await self.checkpoint()
-        elif self.snapshot_every > 0 and step % self.snapshot_every == 0:
-            # A snapshot may only hold durable state, so the step it is taken at is durable.
+        due = by_steps and self._steps >= self.checkpoint_every
+        if due and self.write_behind and not snapshot_due:
+            # The previous step's append (long done, a model call ago, as a rule) first: this
+            # log's appends stay one at a time and in order.
+            self._steps = 0
+            if self._behind is not None:
+                await self._settle()
+            self._write_behind()
+        elif due or snapshot_due:
             await self.checkpoint()
 
     async def turn_start(self, text: str, transcript_len: int) -> None:
