@@ -186,6 +186,11 @@ def down(name: NameArg, address: AddressOpt = None) -> None:
     except SwarmError as e:
         _die(str(e))
     out.print(f"swarm {name!r} is down ({sum(info['agents'].values())} agent replicas removed)")
+    left = info.get("unfinished") or 0
+    if left:
+        out.print(f"{left} unfinished task{'s' if left != 1 else ''} "
+                  + ("kept: `swarm up` with the same name resumes them" if info.get("resumable")
+                     else "canceled: the swarm has no durable store to resume them from"))
 
 
 @app.command()

@@ -545,6 +545,17 @@ class AgentHost:
         task.cancel()
         return True
 
+    async def stop_turns(self, timeout: float = 10.0) -> int:
+        """Cancel every turn this host runs or has waiting for a session slot, and wait for
+        them (at most `timeout` s); returns how many there were. A cancelled turn writes no
+        end to its log, so the task's next supervisor resumes it (the swarm going down)."""
+        turns = [t for t in self._turns.values() if not t.done()]
+        for t in turns:
+            t.cancel()
+        if turns:
+            await asyncio.wait(turns, timeout=timeout)
+        return len(turns)
+
     async def aclose(self) -> None:
         """Flush the middleware layers; close the model client and tool connections."""
         if self._preparing is not None and not self._preparing.done():
@@ -714,7 +725,10 @@ class AgentActor:
                 "largest_post": self._largest_post}
 
     async def shutdown(self) -> None:
-        """Close connections before the actor is killed."""
+        """Stop the turns (their tasks resume at the swarm's next deployment) and close
+        connections, before the actor is killed. The turns stop before the tools and the
+        model close: a turn that met a closed tool could end, and log its end, as failed."""
+        await self.host.stop_turns()
         if self._closing is not None:
             self._closing.set()
         if self._flusher is not None:

@@ -310,7 +310,10 @@ def _start_a2a(cfg: SwarmConfig, deployment: str) -> None:
 
 
 def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
-    """Take a deployed swarm down: agents, supervisor, model apps and its A2A app."""
+    """Take a deployed swarm down: agents, supervisor, model apps and its A2A app. Returns
+    the supervisor's `info`, with "unfinished" (tasks not finished when it went down) and
+    "resumable" (whether a durable store keeps them for the next `start_swarm` of the same
+    name, which resumes them)."""
     import ray
     from ray import serve
 
@@ -322,7 +325,7 @@ def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
 
     info = _call(sup, "info", timeout=timeout)
     try:
-        ray.get(sup.shutdown.remote(), timeout=timeout)
+        info |= ray.get(sup.shutdown.remote(), timeout=timeout) or {}
     except Exception:
         log.warning("swarm %s did not shut down cleanly", deployment, exc_info=True)
     for role, replicas in info["agents"].items():

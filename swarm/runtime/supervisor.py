@@ -743,6 +743,8 @@ class Supervisor:
         # Tasks whose deletion (`forget`) is under way: submissions naming them are refused.
         self._forgetting: dict[str, asyncio.Future[None]] = {}
         self.restore_problems: list[str] = []
+        # Set by `stop` (the swarm going down): no task is finished from then on.
+        self.stopping = False
         # Latest snapshot per log id, held where agents can't lose it (the supervisor actor
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
         self.hot: dict[str, tuple[int, list[Any]]] = {}
@@ -1842,6 +1844,10 @@ class Supervisor:
                       budget_exhausted: str | None = None) -> None:
         if rec.state in a2a.TERMINAL:
             return
+        if self.stopping and self.store is not None:
+            # Going down (`stop`): the task stays as its row says, and the next supervisor of
+            # this swarm resumes it from its log (a turn that ended is finished from there).
+            return
         self.waits.parent.pop(rec.id, None)
         if budget_exhausted is not None:
             rec.budget_exhausted = budget_exhausted
@@ -1881,6 +1887,22 @@ class Supervisor:
         if stored and self.store is not None:  # its row has its end: it may leave memory
             self._finished[rec.id] = None
             self._drop_finished()
+
+    async def stop(self, timeout: float = 10.0) -> int:
+        """Stop driving tasks, as the swarm goes down (`swarm down`); returns how many were
+        unfinished. With a durable store they are left as they are stored (working, or
+        waiting for input or an approval), not finished: the next supervisor of this swarm
+        (`swarm up` with the same name) resumes each from its log. Without one there is
+        nothing to resume from, and they end as canceled."""
+        self.stopping = True
+        drivers = [r.driver for r in self.tasks.values()
+                   if r.driver is not None and not r.driver.done()]
+        unfinished = sum(1 for r in self.tasks.values() if r.state not in a2a.TERMINAL)
+        for d in drivers:
+            d.cancel()
+        if drivers:
+            await asyncio.wait(drivers, timeout=timeout)
+        return unfinished
 
     def hold_hot(self, log_id: str, seq: int, make_ref: Callable[[], Any]) -> bool:
         """Hold a snapshot of a log for its task's next resume, if it is newer than the one

@@ -294,13 +294,15 @@ class SupervisorActor:
         """Receive a batch of live events from an agent replica (`swarm.events.pack_runs`)."""
         self.sup.push_packed(batch)
 
-    async def shutdown(self) -> None:
-        """Cancel running tasks and close the agents' connections."""
+    async def shutdown(self) -> dict[str, Any]:
+        """Stop driving tasks (`Supervisor.stop`: with a durable store, unfinished tasks are
+        left for the next deployment of this swarm to resume) and close the agents'
+        connections. Returns {"unfinished": tasks left unfinished, "resumable": whether the
+        store keeps them}."""
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()  # a load still being retried must not reopen the store
-        for rec in self.sup.tasks.values():
-            if rec.driver is not None and not rec.driver.done():
-                rec.driver.cancel()
+        resumable = self.sup.store is not None
+        unfinished = await self.sup.stop()
         await asyncio.gather(*(h.shutdown.remote() for hs in self.handles.values() for h in hs),
                              return_exceptions=True)
         from swarm.protocol.a2a_member import RemoteMemberPool
@@ -309,3 +311,4 @@ class SupervisorActor:
             await self.pool.aclose()
         if self.sup.store is not None:
             await self.sup.store.close()
+        return {"unfinished": unfinished, "resumable": resumable}

@@ -165,6 +165,24 @@ def test_supervisor_killed_rebuilds_its_table_and_clients_keep_handles(pay, ray_
     _check_exactly_once(r, accounts)
 
 
+def test_a_swarm_taken_down_keeps_its_unfinished_tasks_for_the_next_up(pay) -> None:
+    # `swarm down` mid-task, then `swarm up` with the same name: the tasks are not canceled
+    # but resumed, and finish as an undisturbed run does, with no charge applied twice.
+    client, name, r = pay
+    accounts = [f"down-{uuid.uuid4().hex[:8]}" for _ in range(4)]
+    handles = [client.submit(a) for a in accounts]
+    _wait_progress(r, 8)
+    info = stop_swarm(name)
+    assert info["resumable"] is True
+    assert info["unfinished"] >= 1, info
+    sup, _ = start_swarm(load_config(HERE / "configs" / "pay.yaml"), deployment=name)
+    again = SwarmClient(name, sup)
+    rows = again.wait_all([h.id for h in handles], timeout=120)
+    assert [(row.state, row.answer) for row in rows] == [("completed", ANSWER)] * 4
+    assert {row.steps for row in rows} == {21}
+    _check_exactly_once(r, accounts)
+
+
 @pytest.mark.slow
 def test_fifty_random_kills_never_repeat_a_charge(pay) -> None:
     client, name, r = pay
