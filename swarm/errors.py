@@ -10,7 +10,23 @@ from typing import ClassVar
 
 
 class SwarmError(Exception):
-    """Base class of every error swarm raises on purpose."""
+    """Base class of every error swarm raises on purpose.
+
+    Pickled as its message and attributes, not by calling the class with its `args` again:
+    Ray carries an actor's exception to the caller pickled, and errors whose constructors
+    take other arguments than the message (`ConfigError`'s problems, say) would otherwise
+    arrive as an unreadable "failed to deserialize exception"."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[SwarmError], args: tuple[object, ...], state: dict[str, object]
+             ) -> SwarmError:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 class ConfigError(SwarmError):

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from swarm.config import ScriptedModelConfig, SwarmConfig
-from swarm.errors import OrchestrationError, SwarmNotFound, UserError
+from swarm.errors import ConfigError, OrchestrationError, SwarmNotFound, UserError
 from swarm.models.ingress import default_direct_ingress_env
 from swarm.runtime.supervisor_actor import (
     SupervisorActor,
@@ -223,6 +223,18 @@ def _run_apart(coro: Any) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception an actor raised, out of the `RayTaskError`s (one per actor call it went
+    through) that carried it."""
+    seen = 0
+    while seen < 16:
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException) or cause is exc:
+            return exc
+        exc, seen = cause, seen + 1
+    return exc
+
+
 def start_swarm(
     cfg: SwarmConfig,
     *,
@@ -281,10 +293,14 @@ def start_swarm(
             stop_swarm(deployment, timeout=10)
         except Exception:
             log.debug("cleanup of %s failed", deployment, exc_info=True)
-        cause = getattr(exc, "cause", None) or exc
+        cause = root_cause(exc)
+        if isinstance(cause, (ConfigError, UserError)):
+            raise cause from None  # a config the cluster found wrong: said as it is
+        if isinstance(exc, ray.exceptions.GetTimeoutError):
+            raise OrchestrationError(
+                f"swarm {deployment!r} did not start within {ready_timeout:g} s") from None
         raise OrchestrationError(
-            f"swarm {deployment!r} did not start within {ready_timeout} s: "
-            f"{type(cause).__name__}: {cause}"
+            f"swarm {deployment!r} failed to start: {type(cause).__name__}: {cause}"
         ) from None
     if cfg.a2a.serve:
         _start_a2a(cfg, deployment)
