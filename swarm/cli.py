@@ -99,9 +99,7 @@ def run(
         sup, reports = start_swarm(cfg, deployment=deployment)
     except SwarmError as e:
         _die(str(e))
-    for rep in reports:
-        for problem in rep["problems"]:
-            err.print(f"[yellow]warning:[/] agent {rep['role']}: tool source {problem}")
+    _warn_start_problems(reports)
     printer = ProgressPrinter(out)
     try:
         client = SwarmClient(deployment, sup)
@@ -155,10 +153,10 @@ def up(
     except SwarmError as e:
         _die(str(e))
     for rep in reports:
-        tools = ", ".join(rep["tools"]) or "no tools"
-        out.print(f"  agent {rep['role']}[{rep['replica']}]: {tools}")
-        for problem in rep["problems"]:
-            err.print(f"[yellow]warning:[/] agent {rep['role']}: tool source {problem}")
+        if rep["role"] != "swarm":
+            tools = ", ".join(rep["tools"]) or "no tools"
+            out.print(f"  agent {rep['role']}[{rep['replica']}]: {tools}")
+    _warn_start_problems(reports)
     deployed = name or cfg.name
     out.print(
         f"[green]swarm {deployed!r} is up[/]. Drive it with "
@@ -172,6 +170,15 @@ def up(
         if a2a_port is not None and f":{a2a_port}/" not in url and not cfg.a2a.public_url:
             err.print(f"[yellow]note:[/] Serve was already listening on another port; the A2A "
                       f"app is at {url}")
+
+
+def _warn_start_problems(reports: list[dict[str, Any]]) -> None:
+    """Print the start-up problems of a swarm's ready reports: each agent's tool sources, and
+    the swarm's own (role "swarm": approval rules that match no tool)."""
+    for rep in reports:
+        for problem in rep["problems"]:
+            who = "" if rep["role"] == "swarm" else f"agent {rep['role']}: tool source "
+            err.print(f"[yellow]warning:[/] {who}{problem}")
 
 
 @app.command()

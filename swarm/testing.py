@@ -7,6 +7,7 @@ them, so a config's behaviour can be checked in unit tests or debugged in a plai
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from swarm.config import ScriptedModelConfig, SwarmConfig
@@ -30,6 +31,9 @@ def in_process(cfg: SwarmConfig) -> SwarmConfig:
         for name, m in cfg.models.items()
     }
     return cfg.model_copy(update={"models": models})
+
+
+log = logging.getLogger(__name__)
 
 
 class LocalSwarm:
@@ -63,6 +67,12 @@ class LocalSwarm:
                 await self.pool.aclose()
                 raise
         await asyncio.gather(*(h.start() for h in self.hosts.values()))
+        from swarm.runtime.toolbox import check_gate_patterns
+
+        for problem in check_gate_patterns(
+                self.cfg.approvals, [q for h in self.hosts.values() for q in h.toolbox.qualified],
+                sorted({s for h in self.hosts.values() for s in h.toolbox.unlisted})):
+            log.warning("%s", problem)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

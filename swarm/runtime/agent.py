@@ -638,9 +638,11 @@ class AgentActor:
     async def ready(self) -> dict[str, Any]:
         """Start the host (tools connected) and the event flusher; report what was found."""
         await self._ensure()
+        box = self.host.toolbox
         return {
-            "role": self.host.role, "replica": self.replica, "tools": self.host.toolbox.names,
-            "problems": self.host.start_problems,
+            "role": self.host.role, "replica": self.replica, "tools": box.names,
+            "problems": self.host.start_problems, "granted": box.qualified,
+            "unlisted": box.unlisted,
         }
 
     async def post_turns(self, posts: list[tuple[str, TurnRequest]]) -> str:

@@ -62,6 +62,7 @@ class Toolbox:
         self._forbidden = forbidden or {}
         # Start-up warnings (grant globs that match nothing), for the agent's start problems.
         self.problems: list[str] = []
+        self.unlisted: list[str] = []  # servers that could not list their tools at start
         self._handoffs = {handoff_tool_name(a): a for a in handoffs}
         self.schemas: list[dict[str, Any]] = [e.spec.openai_schema() for e in entries.values()]
         self.schemas.extend(_handoff_schema(a) for a in handoffs)
@@ -69,6 +70,11 @@ class Toolbox:
         self._rules: _Rules | None = None
         self._stale = False
         self._refresher: asyncio.Task[None] | None = None
+
+    @property
+    def qualified(self) -> list[str]:
+        """The granted tools as server.tool."""
+        return [f"{e.source.name}.{e.spec.name}" for e in self._entries.values()]
 
     @property
     def names(self) -> list[str]:
@@ -124,9 +130,11 @@ class Toolbox:
         """
         rules = _Rules(agent, [parse_grant(g) for g in grants], [parse_grant(d) for d in deny],
                        sources, others or {})
-        entries, forbidden, problems = rules.resolve(await _list_all(sources), strict=True)
+        listed = await _list_all(sources)
+        entries, forbidden, problems = rules.resolve(listed, strict=True)
         box = cls(entries, handoffs, agent=agent, forbidden=forbidden)
         box.problems = problems
+        box.unlisted = sorted(s for s, specs in listed.items() if specs is None)
         box._rules = rules
         for source in sources.values():
             source.on_tools_changed(box._tools_changed)
@@ -253,3 +261,35 @@ class _Rules:
             if name not in entries:
                 forbidden.setdefault(name, f"it belongs to server {server!r}")
         return entries, forbidden, problems
+
+
+_GLOB = frozenset("*?[")
+
+
+def check_gate_patterns(approvals: Any, granted: list[str], unlisted: list[str]) -> list[str]:
+    """Check `approvals.tools` and `approvals.exempt` against the tools the agents were granted
+    (`granted`: server.tool names, over every agent; `unlisted`: servers that could not list
+    their tools at start). An exact `approvals.tools` entry that names no granted tool is a
+    `ConfigError` (a typo there would leave the tool it meant ungated); a glob that matches
+    nothing, an `exempt` entry that matches nothing, or any entry while a server is down, is a
+    warning, returned."""
+    names = [n for q in granted for n in (q, q.split(".", 1)[1] if "." in q else q)]
+    problems: list[str] = []
+    errors: list[tuple[str, str]] = []
+    for key, patterns in (("approvals.tools", approvals.tools),
+                          ("approvals.exempt", approvals.exempt)):
+        for p in patterns:
+            if any(fnmatchcase(n, p) for n in names):
+                continue
+            message = f"{p!r} matches no tool any agent is granted"
+            if unlisted:
+                problems.append(f"{key}: {message} (server {', '.join(unlisted)} did not list "
+                                "its tools)")
+            elif key == "approvals.tools" and not _GLOB & set(p):
+                known = ", ".join(sorted(set(granted))) or "none"
+                errors.append((key, f"{message}; they are: {known}"))
+            else:
+                problems.append(f"{key}: {message}")
+    if errors:
+        raise ConfigError(errors)
+    return problems

@@ -213,3 +213,25 @@ async def test_decisions_kept_for_errors_are_bounded_and_older_ones_are_read_fro
             await sw.supervisor.approve(task_id, gid, approver="alice")
         with pytest.raises(UserError, match="already denied by bob"):
             await sw.supervisor.approve(task2, gid2, approver="alice")
+
+
+async def test_an_approvals_entry_that_names_no_tool_stops_the_swarm_from_starting(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A typo in approvals.tools would leave the tool it meant ungated: refused at start, as
+    # a grant of a tool that doesn't exist is.
+    for typo in ("t.pya", "paay", "nosrv.pay"):
+        with pytest.raises(ConfigError, match=f"approvals.tools: '{typo}' matches no tool"):
+            async with LocalSwarm(make_cfg(tmp_path, require="listed", tools=[typo]),
+                                  store=MemoryCheckpointer()):
+                pass
+    # The right names, bare or with their server, and a glob that matches, start; a glob or
+    # an exempt entry that matches nothing is a warning.
+    async with LocalSwarm(make_cfg(tmp_path, require="listed", tools=["pay", "t.pay", "t.l*"]),
+                          store=MemoryCheckpointer()):
+        pass
+    with caplog.at_level("WARNING"):
+        async with LocalSwarm(make_cfg(tmp_path, require="listed", tools=["pay", "files.*"],
+                                       exempt=["lookpu"]), store=MemoryCheckpointer()):
+            pass
+    assert "approvals.tools: 'files.*' matches no tool any agent is granted" in caplog.text
+    assert "approvals.exempt: 'lookpu' matches no tool any agent is granted" in caplog.text
