@@ -951,11 +951,23 @@ class Supervisor:
         self.check_text(text)
         if not isinstance(user, str) or not user:
             raise UserError("user must be a non-empty string")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise UserError(f"metadata must be a dict (a JSON object), not "
+                            f"{type(metadata).__name__}")
         meta = dict(metadata or {})
+        if not all(isinstance(k, str) for k in meta):
+            raise UserError("metadata keys must be strings, not "
+                            + ", ".join(sorted({type(k).__name__ for k in meta
+                                                if not isinstance(k, str)})))
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
             raise UserError(f"metadata must be JSON-serialisable: {e}") from None
+        for what, value in (("context_id", context_id), ("message_id", message_id)):
+            if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 256):
+                raise UserError(f"{what} must be a string of 1 to 256 characters, not "
+                                f"{type(value).__name__}"
+                                + (f" of {len(value)}" if isinstance(value, str) else ""))
         task_id = task_id or a2a.new_id()
         if not isinstance(task_id, str) or not 8 <= len(task_id) <= 64:
             raise UserError("task_id must be a string of 8 to 64 characters")

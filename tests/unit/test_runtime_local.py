@@ -276,6 +276,15 @@ async def test_bad_submissions_are_rejected(tmp_path: Path) -> None:
             await sw.supervisor.submit("ok", metadata={"f": object()})
         with pytest.raises(UserError, match="unknown state"):
             sw.supervisor.list(state="bogus")
+        # Wrong types, as a Python client or a peer may send them, named.
+        with pytest.raises(UserError, match=r"metadata must be a dict .* not str"):
+            await sw.supervisor.submit("ok", metadata="notadict")  # type: ignore[arg-type]
+        with pytest.raises(UserError, match="metadata keys must be strings, not int"):
+            await sw.supervisor.submit("ok", metadata={1: 2})  # type: ignore[dict-item]
+        with pytest.raises(UserError, match=r"context_id must be a string .* not int"):
+            await sw.supervisor.submit("ok", context_id=5)  # type: ignore[arg-type]
+        with pytest.raises(UserError, match="task_id must be a string"):
+            await sw.supervisor.submit("ok", task_id=12345678)  # type: ignore[arg-type]
         # Nothing was stored for the rejected submissions, and the swarm still works.
         assert sw.supervisor.tasks == {}
         assert (await sw.answer("hi")).startswith("echoed")
