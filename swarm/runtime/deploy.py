@@ -60,8 +60,18 @@ def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
     except ConnectionError as exc:
         raise UserError(
             f"can't reach a Ray cluster at {target!r}: {exc}. Start one with `ray start --head` "
-            "or set RAY_ADDRESS."
+            "or set RAY_ADDRESS." + _auth_hint()
         ) from None
+
+
+def _auth_hint() -> str:
+    """What to try when a running cluster refused us: Ray clusters use token authentication
+    by default (the token in ~/.ray/auth_token), which a client takes part in only with
+    RAY_AUTH_MODE=token in its environment."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return ""
+    return (" If the cluster is running, it may use Ray's token authentication (the default): "
+            "`export RAY_AUTH_MODE=token` and try again.")
 
 
 def serve_port() -> int:
