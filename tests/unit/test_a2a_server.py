@@ -151,6 +151,25 @@ async def test_answers_to_a_gate_started_elsewhere(desk: Desk) -> None:
     assert [d["by"] for (t, _), d in sup.approvals.done.items() if t == task_id] == ["lee"]
 
 
+async def test_a_wrong_gate_id_leaves_the_gate_open(desk: Desk) -> None:
+    sup = desk.swarm.supervisor
+    task_id = await sup.submit("count one two")
+    rec = sup.get(task_id)
+    await _until(rec, "input_required")
+    (gid,) = rec.gates
+    errors = []
+    for said in ("approve nosuchgate", f"approve {gid[:-1]}9", f"deny {gid[:-1]}9 not that",
+                 f"approve {gid} and more"):
+        resp = await desk.http.post("/", headers=V1, json=rpc("SendMessage", new(
+            said, taskId=task_id, contextId=rec.task.context_id)))
+        errors.append(resp.json()["error"])
+        assert errors[-1]["code"] == -32602 and gid in errors[-1]["message"], (said, errors)
+    assert errors[0]["message"] == f"no open gate 'nosuchgate'; open: {gid}"
+    assert rec.state == "input_required" and list(rec.gates) == [gid]
+    assert not [k for k in sup.approvals.done if k[0] == task_id]
+    await sup.cancel(task_id)
+
+
 async def test_a_follow_up_waits_for_the_question(desk: Desk) -> None:
     c = desk.client()
     task = await task_of(c, message("slow please"), return_immediately=True)
@@ -220,6 +239,21 @@ def test_reading_the_answer_to_a_gate() -> None:
     for bad, snap in [("approve", two), ("maybe", one), ("approve c-9-9", two)]:
         with pytest.raises(InvalidParamsError):
             read_answer(message(bad), snap)
+    # A word where a gate id goes is one: an unknown id is refused, not read as the open gate.
+    for bad in ("approve nosuchgate", "yes c-9-9", "deny c-9-9 typo", "no b-2-0.",
+                "approve a-1-0 b-2-0"):
+        with pytest.raises(InvalidParamsError, match="open: a-1-0"):
+            read_answer(message(bad), one)
+    with pytest.raises(InvalidParamsError, match="no open gate 'nosuchgate'; open: a-1-0"):
+        read_answer(message("approve nosuchgate"), one)
+    got = read_answer(message("approve a-1-0."), one)
+    assert (got.kind, got.gate) == ("approve", "a-1-0")
+    # After "deny", a word not shaped like a gate id begins the reason (one gate open) ...
+    got = read_answer(message("deny typo-gate reason"), one)
+    assert (got.kind, got.gate, got.reason) == ("deny", "a-1-0", "typo-gate reason")
+    # ... and with two open, the gate must be named.
+    with pytest.raises(InvalidParamsError, match="name the one you decide"):
+        read_answer(message("deny typo-gate reason"), two)
     with pytest.raises(InvalidParamsError, match="JSON object"):
         read_answer(message(data={"approve": "a-1-0", "args": [1]}), one)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -344,6 +345,11 @@ HOW_TO_ANSWER = (
     'data part {"approve": GATE, "args": {...}} / {"deny": GATE, "reason": "..."} (GATE may be '
     "left out while one gate is open); answer a question with one of its choices")
 
+# The shape of a gate id (`approvals.gate_id`: agent name, step, call index). In a text answer,
+# a first word of this shape names a gate (and must be an open one); after "deny", any other
+# first word begins the reason.
+_GATE_SHAPE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*-\d+-\d+")
+
 
 def _pick(named: Any, open_gates: list[str]) -> str:
     if isinstance(named, str) and named:
@@ -388,7 +394,14 @@ def read_answer(msg: Message, snap: Snapshot) -> Answer:
             raise InvalidParamsError(message=f"task {snap.task.id} waits for approval of "
                                      f"{', '.join(open_gates)}: {HOW_TO_ANSWER}")
         first, _, tail = rest.strip().partition(" ")
-        named = first if first in open_gates else None
+        first = first.rstrip(".,;:!")
+        # "approve" takes a gate id or nothing; "deny" a gate id, a reason, or both. A word
+        # shaped like a gate id is one: an unknown one is refused, never read as the open gate.
+        named = first if first in open_gates or _GATE_SHAPE.fullmatch(first) or (
+            first and verb in _APPROVE) else None
+        if verb in _APPROVE and tail.strip():
+            raise InvalidParamsError(message=f'"{verb} {first} {tail.strip()}": approve takes '
+                                     f"one gate id at most (open: {', '.join(open_gates)})")
         gate = _pick(named, open_gates)
         if verb in _APPROVE:
             return Answer("approve", snap.events, gate)
