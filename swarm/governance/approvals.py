@@ -76,14 +76,18 @@ class Gate:
                 "decision": self.decision, "by": self.by, "why": self.why,
                 "edited_arguments": self.edited}
 
-    def question(self) -> str:
-        """What the task asks its operator while the gate is open."""
+    def question(self, swarm: str | None = None) -> str:
+        """What the task asks its operator while the gate is open; with the swarm's name (its
+        deployment name, what `swarm approve` takes), the commands that answer it."""
         args = self.arguments if len(self.arguments) <= _ARGS_CHARS \
             else self.arguments[:_ARGS_CHARS] + "…"
-        return (f"Approval needed (gate {self.gate}): agent {self.agent} wants to call "
-                f"{self.tool}({args}) — {self.reason}. Approve with `swarm approve SWARM "
-                f"{self.log_id.split('/', 1)[0]} {self.gate}` (optionally --args JSON) or deny "
-                f"with `swarm deny SWARM {self.log_id.split('/', 1)[0]} {self.gate}`.")
+        text = (f"Approval needed (gate {self.gate}): agent {self.agent} wants to call "
+                f"{self.tool}({args}) — {self.reason}.")
+        task = self.task_id or self.log_id.split("/", 1)[0]
+        if not (swarm and task):
+            return text
+        return (f"{text} Approve with `swarm approve {swarm} {task} {self.gate}` (optionally "
+                f"--args JSON) or deny with `swarm deny {swarm} {task} {self.gate}`.")
 
 
 def fold_gates(questions: list[dict[str, Any]]) -> dict[str, Gate]:
@@ -271,7 +275,7 @@ class ApprovalDesk:
             entry = _Open(gate, asyncio.get_running_loop().create_future())
             self.open[key] = entry
         rec.gates[gid] = gate
-        question = _question(gate)
+        question = _question(gate, rec.id, self.sup.swarm_id)
         rec.question = question
         self._audit("approval.requested", rec, gid, tool=gate["tool"], agent=gate["agent"],
                     args_hash=_hash(gate["arguments"]), detail=gate["reason"])
@@ -296,7 +300,7 @@ class ApprovalDesk:
             rec.gates.pop(gid, None)
         others = [g for (t, _), g in self.open.items() if t == rec.id]
         if others:  # a parallel branch still waits on its own gate
-            rec.question = _question(others[0].gate)
+            rec.question = _question(others[0].gate, rec.id, self.sup.swarm_id)
         else:
             rec.question = None
             await self.sup._set_state(rec, "working", f"gate {gid} {decision}")
@@ -402,9 +406,10 @@ class ApprovalDesk:
             self.on_record(kind, task_id=rec.id, user=rec.user, gate=gid, **fields)
 
 
-def _question(gate: dict[str, Any]) -> str:
+def _question(gate: dict[str, Any], task_id: str, swarm: str) -> str:
     return Gate(**{k: gate[k] for k in ("gate", "agent", "step", "index", "tool", "arguments",
-                                        "reason")}, ts=gate["requested"]).question()
+                                        "reason")}, ts=gate["requested"],
+                task_id=task_id).question(swarm)
 
 
 def _hash(arguments: str | None) -> str | None:

@@ -59,7 +59,9 @@ async def test_a_destructive_call_waits_and_runs_once_with_the_edited_arguments(
         summary = sw.supervisor.get(task_id).summary()
         assert summary["state"] == "input_required"
         assert summary["gates"][0]["gate"] == gate["gate"]
-        assert gate["gate"] in summary["question"]
+        # The question gives the commands that answer it: the swarm's name and the task id.
+        assert f"`swarm approve gated {task_id} {gate['gate']}`" in summary["question"]
+        assert f"`swarm deny gated {task_id} {gate['gate']}`" in summary["question"]
         assert dt.RUNS == {"x-1": 1}  # the lookup ran, the payment waits
         await sw.supervisor.approve(task_id, gate["gate"], approver="alice",
                                     args={"key": "edited"})
