@@ -195,6 +195,25 @@ async def test_list_tasks_filters_and_pages(desk: Desk) -> None:
     assert (await c.list_tasks(ListTasksRequest(status=TaskState.TASK_STATE_WORKING))).tasks == []
 
 
+async def test_list_tasks_refuses_an_unknown_status(desk: Desk) -> None:
+    await task_of(desk.client(), message("one"))
+    for status in ("TASK_STATE_BOGUS", 99, "working"):
+        resp = await desk.http.post("/", headers=V1, json=rpc("ListTasks", {"status": status},
+                                                              request_id=7))
+        body = resp.json()
+        assert body["id"] == 7 and body["error"]["code"] == -32602, body
+        assert f"unknown task status {status!r}" in body["error"]["message"]
+        assert "TASK_STATE_COMPLETED" in body["error"]["message"]  # the accepted ones
+    resp = await desk.http.get("/rest/tasks", headers=V1, params={"status": "TASK_STATE_BOGUS"})
+    assert resp.status_code == 400 and "TASK_STATE_WORKING" in resp.json()["error"]["message"]
+    for status in ("TASK_STATE_COMPLETED", 3):  # a name or a number of a state
+        resp = await desk.http.post("/", headers=V1, json=rpc("ListTasks", {"status": status}))
+        assert resp.json()["result"]["totalSize"] == 1
+    resp = await desk.http.get("/rest/tasks", headers=V1,
+                               params={"status": "TASK_STATE_COMPLETED"})
+    assert resp.status_code == 200 and resp.json()["totalSize"] == 1
+
+
 async def test_oversized_bodies_are_refused_whole_or_chunked(desk: Desk) -> None:
     limit = 65_536
     body = b'{"jsonrpc": "2.0", "id": 7, "method": "SendMessage", "params": {"x": "' + \

@@ -10,10 +10,12 @@ POST) and `/rest/...` (the HTTP+JSON binding: `/rest/message:send`, `/rest/tasks
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from a2a.server.request_handlers import build_error_response
 from a2a.server.routes import (
@@ -21,9 +23,9 @@ from a2a.server.routes import (
     create_jsonrpc_routes,
     create_rest_routes,
 )
-from a2a.types import AgentCard
+from a2a.types import AgentCard, TaskState
 from a2a.utils.error_handlers import build_error_details
-from a2a.utils.errors import InvalidRequestError
+from a2a.utils.errors import InvalidParamsError, InvalidRequestError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
@@ -106,6 +108,89 @@ async def _nothing() -> Message:
     return {"type": "http.disconnect"}
 
 
+def _state_error(value: Any) -> str | None:
+    """Why a ListTasks `status` filter is no task state (a2a-sdk's parser would read an unknown
+    name as "any state" and an unknown number as a state no task has), or None if it is one."""
+    if isinstance(value, str) and value in TaskState.keys():
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value in TaskState.values():
+        return None
+    if isinstance(value, str) and value.isdigit() and int(value) in TaskState.values():
+        return None
+    return (f"unknown task status {value!r}; status is one of "
+            f"{', '.join(TaskState.keys())} (or its number)")
+
+
+class StatusFilterCheck:
+    """Refuses ListTasks with a `status` filter that is no task state, as invalid params
+    (JSON-RPC -32602, HTTP 400 on the REST binding). Sits inside `BodyLimit`, whose body it
+    reads again."""
+
+    def __init__(self, app: ASGIApp, rpc_path: str = JSONRPC_PATH,
+                 list_path: str = REST_PATH + "/tasks") -> None:
+        self.app = app
+        self.rpc_path = rpc_path
+        self.list_path = list_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("GET", "POST"):
+            await self.app(scope, receive, send)
+            return
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        path = path or "/"
+        if scope["method"] == "GET":
+            if path.endswith(self.list_path):
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                for value in query.get("status", []):
+                    if (why := _state_error(value)) is not None:
+                        error = InvalidParamsError(message=why)
+                        await JSONResponse(
+                            {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": why,
+                                       "details": build_error_details(error)}},
+                            status_code=400)(scope, _nothing, send)
+                        return
+            await self.app(scope, receive, send)
+            return
+        if path != self.rpc_path:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+        if b"ListTasks" in body:
+            try:
+                request = json.loads(body)
+            except ValueError:
+                request = None  # a2a-sdk answers with its parse error
+            if not isinstance(request, dict):
+                request = {}
+            params = request.get("params")
+            if request.get("method") == "ListTasks" and isinstance(params, dict) and \
+                    "status" in params and (why := _state_error(params["status"])) is not None:
+                rid = request.get("id")
+                rid = rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+                await JSONResponse(build_error_response(rid, InvalidParamsError(message=why)))(
+                    scope, _nothing, send)
+                return
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def build_app(link: SwarmLink, card: AgentCard, *, max_task_chars: int,
               max_body_bytes: int) -> Starlette:
     """The A2A app of one swarm: a2a-sdk's card, JSON-RPC and REST routes over its handler,
@@ -128,7 +213,8 @@ def build_app(link: SwarmLink, card: AgentCard, *, max_task_chars: int,
         routes=[*create_agent_card_routes(card, card_url=CARD_PATH),
                 *create_jsonrpc_routes(handler, rpc_url=JSONRPC_PATH),
                 *create_rest_routes(handler, path_prefix=REST_PATH)],
-        middleware=[Middleware(BodyLimit, max_bytes=max_body_bytes)],
+        middleware=[Middleware(BodyLimit, max_bytes=max_body_bytes),
+                    Middleware(StatusFilterCheck)],
         lifespan=lifespan,
     )
 
