@@ -219,9 +219,18 @@ class ApprovalLayer(Middleware):
             await log_approval(journal, inv.agent, inv.step, data)
             g = fold_gates([data])[gid]
         if g.decision is None:
-            raise StopTurn(Outcome("input_required", text=g.question(), gate=g.public()))
+            # The tool's input schema rides along for the supervisor, which checks edited
+            # arguments against it before it takes an approval.
+            raise StopTurn(Outcome("input_required", text=g.question(), gate={
+                **g.public(), "input_schema": inv.entry.spec.parameters}))
         if g.decision == "denied":
             return ToolResult(f"denied by {g.by or 'unknown'}: {g.why or 'no reason given'}",
+                              is_error=True)
+        if g.edited is not None and not g.ran and (problem := schema_problem(
+                inv.entry.spec.parameters, json.loads(g.edited))) is not None:
+            # Approved before the supervisor checked edited arguments: refused, not run.
+            return ToolResult(f"the arguments {g.by or 'the approver'} approved for {name} don't "
+                              f"fit its input schema, so the call did not run: {problem}",
                               is_error=True)
         if g.edited is not None:
             # What runs is what was approved; the ledger's argument hash and the log say so.
@@ -233,6 +242,26 @@ class ApprovalLayer(Middleware):
             await log_approval(journal, inv.agent, inv.step,
                                {"gate": gid, "event": "ran", "ts": self.clock()})
         return await nxt(inv)
+
+
+def schema_problem(schema: Any, args: dict[str, Any]) -> str | None:
+    """What is wrong with `args` for a tool with the input JSON schema `schema` (None if they
+    fit it, or if there is no usable schema to check them against)."""
+    if not isinstance(schema, dict) or not schema:
+        return None
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError:
+        log.debug("tool schema unusable for checking arguments: %s", schema, exc_info=True)
+        return None
+    said = []
+    for error in sorted(cls(schema).iter_errors(args), key=jsonschema.exceptions.relevance)[:5]:
+        where = "/".join(str(p) for p in error.absolute_path)
+        said.append(f"{error.message} (at {where})" if where else error.message)
+    return "; ".join(said) or None
 
 
 def build_approval_layer(cfg: Any, role: str) -> ApprovalLayer | None:
@@ -249,6 +278,7 @@ class _Open:
     gate: dict[str, Any]
     decided: asyncio.Future[str]
     deciding: bool = False
+    schema: dict[str, Any] | None = None  # the tool's input schema, for edited arguments
 
 
 @dataclass
@@ -270,10 +300,14 @@ class ApprovalDesk:
         """Park the task until the gate is decided (or times out, as denied); the decision."""
         gid = gate["gate"]
         key = (rec.id, gid)
+        schema = gate.get("input_schema")
+        gate = {k: v for k, v in gate.items() if k != "input_schema"}
         entry = self.open.get(key)
         if entry is None:
             entry = _Open(gate, asyncio.get_running_loop().create_future())
             self.open[key] = entry
+        if isinstance(schema, dict):
+            entry.schema = schema
         rec.gates[gid] = gate
         question = _question(gate, rec.id, self.sup.swarm_id)
         rec.question = question
@@ -337,6 +371,9 @@ class ApprovalDesk:
             raise UserError(await self._why_not_open(rec, gid))
         if entry.deciding:
             raise UserError(f"gate {gid} of task {task_id} is being decided already")
+        if args is not None and (problem := schema_problem(entry.schema, args)) is not None:
+            raise UserError(f"the arguments don't fit the input schema of {entry.gate['tool']}: "
+                            f"{problem}; gate {gid} of task {task_id} stays open")
         await self._decide(rec, gid, decision, by=by.strip(), reason=reason, edited=edited)
         return rec.summary()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,42 @@ async def test_bad_decisions_are_clear_errors(tmp_path: Path) -> None:
         await sw.supervisor.wait(task_id, 10)
         with pytest.raises(UserError, match="no task"):
             await sw.supervisor.approve("missing-task", gid, approver="bob")
+
+
+async def test_edited_arguments_must_fit_the_tool_schema(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+        task_id = await sw.supervisor.submit("s")
+        gid = (await _gate(sw, task_id))["gate"]
+        for bad, why in [({"nosuchparam": 1}, "'key' is a required property"),
+                         ({"key": "k", "nosuchparam": 1}, "Additional properties"),
+                         ({"key": 3}, "3 is not of type 'string' (at key)")]:
+            with pytest.raises(UserError, match=rf"the arguments don't fit the input schema of "
+                                                rf"pay: .*{re.escape(why)}.*; gate {gid} of "
+                                                rf"task {task_id} stays open"):
+                await sw.supervisor.approve(task_id, gid, approver="alice", args=bad)
+        rec = sw.supervisor.get(task_id)
+        assert rec.state == "input_required" and list(rec.gates) == [gid]
+        assert "input_schema" not in rec.gates[gid]  # the task's row keeps the gate only
+        await sw.supervisor.approve(task_id, gid, approver="alice", args={"key": "fine"})
+        row = await sw.supervisor.wait(task_id, 10)
+    assert row["answer"] == "done: paid fine" and dt.RUNS == {"s-1": 1, "fine": 1}
+
+
+async def test_edited_arguments_approved_unchecked_are_refused_where_the_call_resumes(
+        tmp_path: Path) -> None:
+    async with LocalSwarm(make_cfg(tmp_path), store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("r")
+        gid = (await _gate(sw, task_id))["gate"]
+        sw.supervisor.approvals.open[(task_id, gid)].schema = None  # as an older supervisor
+        await sw.supervisor.approve(task_id, gid, approver="alice", args={"nosuchparam": 1})
+        row = await sw.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed"
+    assert row["answer"] == (
+        "done: ERROR: the arguments alice approved for pay don't fit its input schema, so the call "
+        "did not run: Additional properties are not allowed ('nosuchparam' was unexpected); "
+        "'key' is a required property")
+    assert dt.RUNS == {"r-1": 1}
 
 
 def test_bad_approval_config_is_named(tmp_path: Path) -> None:
