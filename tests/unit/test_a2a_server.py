@@ -128,6 +128,52 @@ async def test_streaming_ends_with_the_answer(desk: Desk) -> None:
     assert tool.metadata["swarm_event"]["kind"] == "tool_call"
 
 
+async def test_a_message_sent_again_is_the_same_task(desk: Desk) -> None:
+    sup = desk.swarm.supervisor
+    ctx = uuid.uuid4().hex
+
+    async def send_rpc(said: str, message_id: str, **extra: Any) -> dict[str, Any]:
+        params = new(said, **extra)
+        params["message"]["messageId"] = message_id
+        return (await desk.http.post("/", headers=V1, json=rpc("SendMessage", params))).json()
+
+    first = await send_rpc("hello", "m-1", contextId=ctx)
+    again = await send_rpc("hello", "m-1", contextId=ctx)
+    task_id = first["result"]["task"]["id"]
+    assert again["result"]["task"]["id"] == task_id, again
+    assert again["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+    assert [t for t in sup.tasks if t == task_id] == [task_id] and len(sup.tasks) == 1
+    # With no context id, the same message sent again is still the same task.
+    first = await send_rpc("hi", "m-2")
+    assert (await send_rpc("hi", "m-2"))["result"]["task"]["id"] == first["result"]["task"]["id"]
+    assert len(sup.tasks) == 2
+    # Another text under the same message id is refused; another sender's is their own task.
+    refused = await send_rpc("not hello", "m-1", contextId=ctx)
+    assert refused["error"]["code"] == -32602 and "already exists" in refused["error"]["message"]
+    theirs = await send_rpc("hello", "m-1", contextId=ctx, metadata={"user": "someone"})
+    assert theirs["result"]["task"]["id"] != task_id and len(sup.tasks) == 3
+    # A task waiting for input, sent again: the task as it is, waiting still.
+    asked = await send_rpc("count a b", "m-3", contextId=ctx)
+    assert asked["result"]["task"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED"
+    again = await send_rpc("count a b", "m-3", contextId=ctx)
+    assert again["result"]["task"]["id"] == asked["result"]["task"]["id"]
+    assert again["result"]["task"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED"
+    assert len(sup.tasks) == 4
+    await sup.cancel(asked["result"]["task"]["id"])
+    # A task still running, sent again: the same task.
+    msg = message("slow please", context_id=ctx)
+    running = await asyncio.wait_for(task_of(desk.client(), msg, return_immediately=True), 10)
+    again_task = await asyncio.wait_for(task_of(desk.client(), msg, return_immediately=True), 10)
+    assert again_task.id == running.id and len(sup.tasks) == 5
+    await sup.cancel(running.id)
+    # Streaming: the message sent again streams the task it made.
+    msg = message("stream once", context_id=ctx)
+    events = await send(desk.client(streaming=True), msg)
+    again = await send(desk.client(streaming=True), msg)
+    assert again[0].task.id == events[0].task.id and len(sup.tasks) == 6
+    assert again[-1].task.status.state == TaskState.TASK_STATE_COMPLETED
+
+
 async def test_a_failed_task_fails_over_a2a_with_its_reason(tmp_path: Path) -> None:
     cfg = load_config(DESK)
     cfg = cfg.model_copy(update={"budgets": cfg.budgets.model_copy(update={

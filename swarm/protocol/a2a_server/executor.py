@@ -1,15 +1,18 @@
 """a2a-sdk's `AgentExecutor` for a swarm, and the request context builder that reads messages.
 
-A new message (no task id) is a new task: the builder checks its text, the executor submits it
-to the supervisor under the task and context ids a2a-sdk chose, emits the Task (SUBMITTED, the
-message in its history) and then the swarm's events as A2A events until the task ends or asks
-for input. A message naming a task in INPUT_REQUIRED is its answer: the builder reads it (see
-`bridge.read_answer`), the executor sends the decision and follows the task from there. Cancel
-is the supervisor's cancel.
+A new message (no task id) is a new task: the builder checks its text and derives the task id
+from the sender, the context and the message id (`retry_ids`), so a message sent again (a
+client's retry) names the task the first one made; the executor submits it to the supervisor,
+emits the Task (SUBMITTED, the message in its history) and then the swarm's events as A2A events
+until the task ends or asks for input. For a message sent again it emits the task as it is,
+then follows it if it still runs. A message naming a task in INPUT_REQUIRED is its answer: the
+builder reads it (see `bridge.read_answer`), the executor sends the decision and follows the
+task from there. Cancel is the supervisor's cancel.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from a2a.server.agent_execution import AgentExecutor, RequestContext, RequestContextBuilder
@@ -47,6 +50,17 @@ def caller(context: ServerCallContext, message: Message | None) -> str:
     return DEFAULT_USER
 
 
+_IDS = uuid.UUID("6f1d3c1e-5a0b-4c55-9a43-2c7e8f0b9d21")  # the namespace of derived ids
+
+
+def retry_ids(who: str, context_id: str | None, message_id: str) -> tuple[str, str]:
+    """The task and context ids of a new message: the same for the same message sent again by
+    the same sender (into the same context, or into none, when the context is derived too), so
+    the supervisor takes the second send for a retry of the first. Nothing is remembered."""
+    context_id = context_id or uuid.uuid5(_IDS, f"context\0{who}\0{message_id}").hex
+    return uuid.uuid5(_IDS, f"task\0{who}\0{context_id}\0{message_id}").hex, context_id
+
+
 class SwarmRequestContext(RequestContext):
     """a2a-sdk's request context plus what the builder read from the message: the task text
     of a new task, or the answer to a pending question."""
@@ -80,6 +94,9 @@ class SwarmRequestContextBuilder(RequestContextBuilder):
                 answer = read_answer(params.message, snap)
             else:
                 text = request_text(params.message, self.max_task_chars)
+                if params.message.message_id:
+                    task_id, context_id = retry_ids(caller(context, params.message), context_id,
+                                                    params.message.message_id)
         out = SwarmRequestContext(call_context=context, request=params, task_id=task_id,
                                   context_id=context_id, task=task)
         out.text, out.answer = text, answer
@@ -112,8 +129,9 @@ class SwarmAgentExecutor(AgentExecutor):
                 await apply_answer(self.link, task_id, context.answer, who)
                 cursor = context.answer.cursor
             else:
-                await self._submit(context, event_queue)
-                cursor = 0
+                cursor = await self._submit(context, event_queue)
+                if cursor is None:
+                    return  # sent again: the task has ended or waits for input, as emitted
             async for event in follow(self.link, task_id, context_id, cursor):
                 if is_final(event):
                     if run.final:
@@ -126,17 +144,29 @@ class SwarmAgentExecutor(AgentExecutor):
             if self._runs.get(task_id) is run:
                 del self._runs[task_id]
 
-    async def _submit(self, context: SwarmRequestContext, queue: EventQueue) -> None:
+    async def _submit(self, context: SwarmRequestContext, queue: EventQueue) -> int | None:
+        """Submit the task; where its stream goes on (its events so far), or None if the
+        message was sent before and its task has ended or waits for input."""
         message = context.message
         assert message is not None and context.text is not None
         task_id, context_id = str(context.task_id), str(context.context_id)
-        self.store.creating(task_id, context.call_context)
+        sent = await self.link.snapshot(task_id)  # the task of this message, sent before
+        if sent is None:
+            self.store.creating(task_id, context.call_context)
+        # The supervisor takes the same submission again for a retry (and refuses another
+        # message under the same id: a different text or sender).
         await self.link.call("submit", context.text, caller(context.call_context, message),
                              {"via": "a2a"}, context_id, task_id, message.message_id)
+        if sent is not None:
+            await queue.enqueue_event(sent.task)
+            if sent.state in a2a.TERMINAL or sent.state == "input_required":
+                return None
+            return sent.events
         status = TaskStatus(state=TaskState.TASK_STATE_SUBMITTED)
         status.timestamp.GetCurrentTime()
         await queue.enqueue_event(Task(id=task_id, context_id=context_id, status=status,
                                        history=[message]))
+        return 0
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         """Cancel the task in the swarm and end its stream with the state it ended in."""

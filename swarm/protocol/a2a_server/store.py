@@ -25,7 +25,15 @@ from a2a.server.events import Event
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.request_handlers.request_handler import validate_request_params
 from a2a.server.tasks import TaskStore
-from a2a.types import ListTasksRequest, ListTasksResponse, SubscribeToTaskRequest, Task, TaskState
+from a2a.types import (
+    ListTasksRequest,
+    ListTasksResponse,
+    Message,
+    SendMessageRequest,
+    SubscribeToTaskRequest,
+    Task,
+    TaskState,
+)
 from a2a.utils.constants import DEFAULT_LIST_TASKS_PAGE_SIZE
 from a2a.utils.errors import (
     InternalError,
@@ -33,7 +41,12 @@ from a2a.utils.errors import (
     TaskNotFoundError,
     UnsupportedOperationError,
 )
-from a2a.utils.task import ListTasksCursor, decode_list_tasks_cursor, encode_list_tasks_cursor
+from a2a.utils.task import (
+    ListTasksCursor,
+    apply_history_length,
+    decode_list_tasks_cursor,
+    encode_list_tasks_cursor,
+)
 
 from swarm.errors import SwarmError, SwarmNotFound, TaskNotFound, UserError
 from swarm.protocol import a2a
@@ -146,6 +159,51 @@ class SwarmRequestHandler(DefaultRequestHandler):
     def __init__(self, *, link: SwarmLink, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.link = link
+
+    async def _sent_before(self, params: SendMessageRequest, context: ServerCallContext
+                           ) -> Task | None:
+        """The task a new message made when it was sent before, if that task has ended
+        (a2a-sdk refuses to run an ended task again; a client's retry gets it as it is). A task
+        still running is left to the executor, which follows it."""
+        if not params.HasField("message") or params.message.task_id or \
+                not params.message.message_id:
+            return None
+        probe = SendMessageRequest()
+        probe.CopyFrom(params)  # the builder writes the ids it derives into the message
+        request = await self._request_context_builder.build(
+            context=context, params=probe, task_id=None,
+            context_id=probe.message.context_id or None)
+        task_id = str(request.task_id)
+        snap = await snapshot(self.link, task_id)
+        if snap is None or snap.state not in a2a.TERMINAL:
+            return None
+        text = getattr(request, "text", None)
+        from swarm.protocol.a2a_server.executor import caller
+
+        try:  # the same submission is a retry; another message under the same id is refused
+            await self.link.call("submit", text, caller(context, params.message), {"via": "a2a"},
+                                 str(request.context_id), task_id, params.message.message_id)
+        except SwarmError as exc:
+            raise a2a_error(exc) from None
+        return apply_history_length(snap.task, params.configuration)
+
+    async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext
+                              ) -> Message | Task:
+        """a2a-sdk's, but a message sent again whose task has ended gets that task."""
+        ended = await self._sent_before(params, context)
+        if ended is not None:
+            return ended
+        return await super().on_message_send(params, context)
+
+    async def on_message_send_stream(self, params: SendMessageRequest,
+                                     context: ServerCallContext) -> AsyncGenerator[Event, None]:
+        """a2a-sdk's, but a message sent again whose task has ended gets that task."""
+        ended = await self._sent_before(params, context)
+        if ended is not None:
+            yield ended
+            return
+        async for event in super().on_message_send_stream(params, context):
+            yield event
 
     @validate_request_params
     async def on_subscribe_to_task(self, params: SubscribeToTaskRequest,
