@@ -114,7 +114,8 @@ class Outcome:
     # Set when a budget ran out (the limit) or a stuck detector fired (its name).
     budget_exhausted: str | None = None
     stuck: str | None = None
-    # input_required by an approval gate: the gate (swarm.governance.approvals.Gate.public()).
+    # input_required by an approval gate: the gate (swarm.governance.approvals.Gate.public(),
+    # plus the tool's "input_schema" that edited arguments are checked against).
     gate: dict[str, Any] | None = None
 
 
