@@ -3,6 +3,7 @@ with the answers of an undisturbed run, and no charge is ever applied twice."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import uuid
@@ -14,6 +15,7 @@ import redis
 
 from swarm.client import SwarmClient
 from swarm.config import load_config
+from swarm.errors import SwarmNotFound
 from swarm.events import TurnResumed
 from swarm.runtime.deploy import NAMESPACE, start_swarm, stop_swarm
 from swarm.runtime.supervisor_actor import agent_actor_name, supervisor_actor_name
@@ -31,7 +33,8 @@ def pay(ray_cluster, serve_port, redis_url) -> Iterator[tuple[SwarmClient, str, 
     r = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=30)
     r.delete("payments:progress")
     yield SwarmClient(name, sup), name, r
-    stop_swarm(name)
+    with contextlib.suppress(SwarmNotFound):  # a test may have taken it down itself
+        stop_swarm(name)
 
 
 def _wait_progress(r: redis.Redis, charges: int, handles: list | None = None,
@@ -181,6 +184,7 @@ def test_a_swarm_taken_down_keeps_its_unfinished_tasks_for_the_next_up(pay) -> N
     assert [(row.state, row.answer) for row in rows] == [("completed", ANSWER)] * 4
     assert {row.steps for row in rows} == {21}
     _check_exactly_once(r, accounts)
+    stop_swarm(name)  # while `sup` holds the redeployed supervisor (not detached) alive
 
 
 @pytest.mark.slow
