@@ -29,6 +29,18 @@ NameArg = Annotated[str, typer.Argument(help="name of a deployed swarm")]
 AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS)")]
 
 
+def _positive_seconds(value: float) -> float:
+    # `not value > 0` also rejects nan; a zero or negative wait would end before it began.
+    if not value > 0:
+        raise typer.BadParameter(f"must be a number of seconds above 0, got {value:g}")
+    return value
+
+
+TimeoutOpt = Annotated[float, typer.Option(
+    callback=_positive_seconds, help="seconds to wait for the task (above 0); past them it is "
+    "canceled and the command exits 1")]
+
+
 def _die(message: str, code: int = EXIT_USAGE) -> NoReturn:
     # Messages are plain text: `swarm[gpu]` or a field path must not be read as markup.
     from rich.markup import escape
@@ -70,7 +82,7 @@ def run(
         str | None, typer.Option(help="task text (default: the config's example_task)")
     ] = None,
     user: Annotated[str, typer.Option(help="who submits the task")] = "cli",
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the task")] = 600.0,
+    timeout: TimeoutOpt = 600.0,
     events_json: Annotated[bool, typer.Option("--json", help="print events as JSON lines")] = False,
 ) -> None:
     """Deploy the swarm, run one task with live progress, print the answer, take it down."""
@@ -113,7 +125,7 @@ def run(
                     printer(ev)
         except TimeoutError:
             handle.cancel()
-            _die(f"task did not finish within {timeout} s; canceled", EXIT_FAILED)
+            _die(f"task did not finish within {timeout:g} s; canceled", EXIT_FAILED)
         if not events_json:
             printer.summary()
         info = handle.status()
@@ -263,11 +275,10 @@ def submit(
         help="conversation (A2A context) id: tasks of one user with the same context share "
         "session memory")] = None,
     wait: Annotated[bool, typer.Option(help="stream progress until the task ends")] = True,
-    timeout: Annotated[float, typer.Option()] = 600.0,
+    timeout: TimeoutOpt = 600.0,
     address: AddressOpt = None,
 ) -> None:
-    """Submit a task to a deployed swarm."""
-    from swarm._console import ProgressPrinter
+    """Submit a task to a deployed swarm; exit 1 if it fails (or outlasts --timeout)."""
     from swarm.client import connect
 
     _quiet_ray()
@@ -276,11 +287,28 @@ def submit(
     except SwarmError as e:
         _die(str(e))
     out.print(f"task {handle.id}")
-    if not wait:
-        return
+    if wait:
+        _follow(handle, timeout)
+
+
+def _follow(handle: Any, timeout: float) -> None:
+    """Stream a task's progress until it ends, then print its summary. Exit 1 if it failed, or
+    if it did not end within `timeout` seconds: then it is canceled, as `run` does."""
+    from swarm._console import ProgressPrinter
+
     printer = ProgressPrinter(out)
-    for ev in handle.events(timeout=timeout):
-        printer(ev)
+    try:
+        for ev in handle.events(timeout=timeout):
+            printer(ev)
+    except TimeoutError:
+        try:
+            handle.cancel()
+        except SwarmError as e:
+            _die(f"task {handle.id} did not finish within {timeout:g} s, and canceling it "
+                 f"failed: {e}", EXIT_FAILED)
+        _die(f"task {handle.id} did not finish within {timeout:g} s; canceled", EXIT_FAILED)
+    except SwarmError as e:
+        _die(str(e))
     printer.summary()
     try:
         handle.result(timeout=0)
@@ -406,10 +434,10 @@ def fork(
     name: NameArg, task_id: TaskArg,
     step: Annotated[int, typer.Option(help="continue from the state after this step")],
     wait: Annotated[bool, typer.Option(help="stream progress until the new task ends")] = True,
-    timeout: Annotated[float, typer.Option()] = 600.0, address: AddressOpt = None,
+    timeout: TimeoutOpt = 600.0, address: AddressOpt = None,
 ) -> None:
-    """Start a new task from step K of an old one (time travel)."""
-    from swarm._console import ProgressPrinter
+    """Start a new task from step K of an old one (time travel); with --wait, exit 1 if the new
+    task fails."""
     from swarm.client import connect
 
     _quiet_ray()
@@ -419,10 +447,7 @@ def fork(
         _die(str(e))
     out.print(f"task {handle.id} (forked from {task_id} at step {step})")
     if wait:
-        printer = ProgressPrinter(out)
-        for ev in handle.events(timeout=timeout):
-            printer(ev)
-        printer.summary()
+        _follow(handle, timeout)
 
 
 @app.command()

@@ -1,0 +1,89 @@
+"""The command line's answers to bad input and failed tasks: a clear message and the README's
+exit code (0 ok, 1 the task failed, 2 bad input), never a traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import swarm.client
+from swarm.cli import app
+from swarm.errors import TaskFailed
+from swarm.events import TaskFinished
+
+runner = CliRunner()
+
+
+class _Handle:
+    """A task handle whose task never ends (`finish` None) or ends in `finish`."""
+
+    def __init__(self, finish: str | None) -> None:
+        self.id = "t-1"
+        self.finish = finish
+        self.canceled = False
+
+    def events(self, timeout: float | None = None) -> Iterator[Any]:
+        if self.finish is None:
+            raise TimeoutError(f"task {self.id} still running after {timeout} s")
+        yield TaskFinished(ts=0.0, task_id=self.id, state=self.finish, answer="42", error="boom",
+                           error_class="tool")
+
+    def cancel(self) -> None:
+        self.canceled = True
+
+    def result(self, timeout: float | None = None) -> str:
+        if self.finish != "completed":
+            raise TaskFailed(self.id, str(self.finish), "tool", "boom")
+        return "42"
+
+    def task(self, task_id: str) -> _Handle:
+        return self
+
+    def fork(self, step: int) -> _Handle:
+        return self
+
+    def submit(self, text: str, **kw: Any) -> _Handle:
+        return self
+
+
+@pytest.fixture
+def handle(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Handle]:
+    """A fake deployed swarm whose tasks are `handle`; set `handle.finish` per test."""
+    h = _Handle(None)
+    monkeypatch.setattr(swarm.client, "connect", lambda name, address=None: h)
+    yield h
+
+
+@pytest.mark.parametrize("command", [["submit", "s", "hi"], ["fork", "s", "t-0", "--step", "1"]])
+def test_a_task_that_outlasts_timeout_is_canceled_and_exits_1(handle: _Handle,
+                                                               command: list[str]) -> None:
+    res = runner.invoke(app, [*command, "--timeout", "0.05"])
+    assert res.exit_code == 1, res.output
+    assert "did not finish within 0.05 s; canceled" in res.output
+    assert handle.canceled
+    assert isinstance(res.exception, SystemExit)  # not an uncaught error
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+@pytest.mark.parametrize("command", [["run", "configs/research.yaml"], ["submit", "s", "hi"],
+                                     ["fork", "s", "t-0", "--step", "1"]])
+def test_timeout_must_be_above_zero(handle: _Handle, command: list[str], value: str) -> None:
+    res = runner.invoke(app, [*command, "--timeout", value])
+    assert res.exit_code == 2, res.output
+    assert "--timeout" in res.output and "above 0" in res.output
+    assert not handle.canceled
+
+
+@pytest.mark.parametrize("command", [["submit", "s", "hi"], ["fork", "s", "t-0", "--step", "1"]])
+def test_a_failed_task_exits_1(handle: _Handle, command: list[str]) -> None:
+    handle.finish = "failed"
+    res = runner.invoke(app, command)
+    assert res.exit_code == 1, res.output
+    assert isinstance(res.exception, SystemExit)
+    handle.finish = "completed"
+    res = runner.invoke(app, command)
+    assert res.exit_code == 0, res.output
+    assert "42" in res.output
