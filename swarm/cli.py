@@ -756,6 +756,28 @@ def _quiet_ray() -> None:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
+def _not_utf8(argv: list[str]) -> str | None:
+    """Why an argument can't be used, if one isn't valid UTF-8 (Python keeps such bytes as
+    lone surrogates, which fail later, deep inside Ray or a store, when they are encoded)."""
+    for i, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raw = arg.encode("utf-8", "surrogateescape")
+            byte = arg[e.start].encode("utf-8", "surrogateescape")
+            shown = raw.decode("utf-8", "backslashreplace")
+            return (f"argument {i} ('{shown}') is not valid UTF-8 (byte 0x{byte.hex()} at "
+                    f"position {len(arg[:e.start].encode('utf-8', 'surrogateescape'))}); "
+                    "pass text in UTF-8")
+    return None
+
+
 def main() -> None:
     """Entry point of `python -m swarm` and the `swarm` script."""
+    problem = _not_utf8(sys.argv[1:])
+    if problem is not None:
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/] {escape(problem)}", markup=True)
+        sys.exit(EXIT_USAGE)
     app()

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import swarm.client
-from swarm.cli import app
+from swarm.cli import app, main
 from swarm.errors import TaskFailed
 from swarm.events import TaskFinished
 
@@ -87,3 +87,16 @@ def test_a_failed_task_exits_1(handle: _Handle, command: list[str]) -> None:
     res = runner.invoke(app, command)
     assert res.exit_code == 0, res.output
     assert "42" in res.output
+
+
+def test_arguments_that_are_not_utf8_are_rejected(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # How Python passes the bytes b"caf\xe9" of a Latin-1 terminal: a lone surrogate.
+    arg = b"caf\xe9".decode("utf-8", "surrogateescape")
+    monkeypatch.setattr("sys.argv", ["swarm", "submit", "research-desk", arg])
+    with pytest.raises(SystemExit) as ei:
+        main()
+    assert ei.value.code == 2
+    said = capsys.readouterr().err
+    assert "argument 3" in said and "caf\\xe9" in said and "not valid UTF-8" in said
+    assert "byte 0xe9 at position 3" in said
