@@ -1179,6 +1179,46 @@ def _remote_member_problems(name: str, agent: AgentConfig) -> list[tuple[str, st
 
 # ---- loading ------------------------------------------------------------------------------------
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that rejects a key given twice in one mapping (an agent defined twice,
+    `name:` twice), which YAML would otherwise settle by silently keeping the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: keys given here override the merged ones, as intended
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first given on line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path, what: str) -> tuple[Any, str | None]:
+    """A YAML file's value, or None and why it can't be read (no file, not UTF-8, not YAML);
+    `what` names the file in the message ("policy file")."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        return None, f"can't read {what} {path}: {e.strerror}"
+    except UnicodeDecodeError as e:
+        return None, (f"{what} {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at "
+                      f"position {e.start} (save it as UTF-8)")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader), None  # a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return None, f"{what} {path} is not valid YAML{where}: {getattr(e, 'problem', e)}"
+
+
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -1259,17 +1299,9 @@ def parse_config(
                 path = Path(m["policy"])
                 if not path.is_absolute():
                     path = base / path
-                try:
-                    spec = yaml.safe_load(path.read_text())
-                except OSError as e:
-                    problems.append(
-                        (f"models.{name}.policy", f"can't read policy file {path}: {e.strerror}")
-                    )
-                    continue
-                except yaml.YAMLError as e:
-                    problems.append(
-                        (f"models.{name}.policy", f"policy file {path} is not valid YAML: {e}")
-                    )
+                spec, why = _read_yaml(path, "policy file")
+                if why is not None:
+                    problems.append((f"models.{name}.policy", why))
                     continue
                 m = dict(m)
                 m["policy_spec"] = spec
@@ -1294,11 +1326,14 @@ def load_config(
     """Read, interpolate and validate a swarm config file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError([("", f"can't read {p}: {e.strerror}")], str(p)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([("", f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at position "
+                            f"{e.start} (save the file as UTF-8)")], str(p)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -192,3 +192,44 @@ def test_prices_are_checked_and_priced() -> None:
     price = parse_config(data).models["gpt"].price
     # 800 fresh + 200 cached prompt tokens, 500 completion tokens.
     assert price.cost(1000, 500, cached_tokens=200) == pytest.approx(0.00996)
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "binary.yaml"
+    p.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert ei.value.source == str(p)
+    assert "not UTF-8 text: byte 0xe9 at position 9" in ei.value.problems[0][1]
+    res = CliRunner().invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert "not UTF-8" in res.output
+    (tmp_path / "policy.yaml").write_bytes(b"rules: []\n# \xff\n")
+    data = _base()
+    data["models"]["m"] = {"provider": "scripted", "policy": "policy.yaml"}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data, base_dir=tmp_path)
+    why = _paths(ei.value)["models.m.policy"]
+    assert "policy.yaml is not UTF-8 text: byte 0xff at position 12" in why
+
+
+def test_duplicate_keys_are_rejected_with_their_line(tmp_path: Path) -> None:
+    p = tmp_path / "dup.yaml"
+    p.write_text(yaml.safe_dump(_base()) + "agents:\n  a: {model: m}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    where, what = ei.value.problems[0]
+    assert where.startswith(f"line {p.read_text().count(chr(10)) - 1},")
+    assert "duplicate key 'agents' (first given on line" in what
+    (tmp_path / "p.yaml").write_text("rules: []\nrules: []\n")
+    data = _base()
+    data["models"]["m"] = {"provider": "scripted", "policy": "p.yaml"}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data, base_dir=tmp_path)
+    assert "duplicate key 'rules'" in _paths(ei.value)["models.m.policy"]
+    # A merge key's values may be overridden: that is not a duplicate.
+    (tmp_path / "merge.yaml").write_text(
+        "name: t\nmodels: {m: {provider: openai, base_url: 'http://127.0.0.1:1/v1', model: x}}\n"
+        "agents:\n  a: &a {model: m, handoffs: [b], max_sessions: 5}\n"
+        "  b: {<<: *a, handoffs: []}\nsupervisor: {entry: a}\n")
+    assert load_config(tmp_path / "merge.yaml").agents["b"].max_sessions == 5
