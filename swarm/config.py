@@ -1247,6 +1247,12 @@ def _interpolate(
     return value
 
 
+# Pydantic's errors for a number out of its bounds: for true or false, the message says the
+# value should be a number instead (pydantic reads them as 1 and 0).
+_BOUNDS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                     "multiple_of"})
+
+
 def _validation_problems(err: ValidationError) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for e in err.errors():
@@ -1262,6 +1268,8 @@ def _validation_problems(err: ValidationError) -> list[tuple[str, str]]:
             continue
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] in _BOUNDS and isinstance(e.get("input"), bool):
+            msg = f"expected a number, got {str(e['input']).lower()}"  # false read as 0
         elif e["type"] == "union_tag_invalid":
             ctx = e.get("ctx", {})
             key = str(ctx.get("discriminator", "tag")).strip("'")
@@ -1315,9 +1323,38 @@ def parse_config(
     if problems:
         raise ConfigError(problems, source)
     try:
-        return SwarmConfig.model_validate(data)
+        cfg = SwarmConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_validation_problems(e), source) from None
+    problems = _booleans_taken_as_numbers(data, cfg, "")
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _booleans_taken_as_numbers(given: Any, value: Any, path: str) -> list[tuple[str, str]]:
+    """Where the YAML said true or false and the config took it as a number: pydantic reads
+    `replicas: true` as 1 and `max_sessions: false` as 0, which is never what was meant.
+    `given` is the YAML value, `value` what it became, field by field."""
+    if isinstance(given, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [(path, f"expected a number, got {str(given).lower()}")]
+        return []
+    problems: list[tuple[str, str]] = []
+    if isinstance(given, dict):
+        for key, sub in given.items():
+            if isinstance(value, BaseModel) and key in type(value).model_fields:
+                inner = getattr(value, key)
+            elif isinstance(value, dict) and key in value:
+                inner = value[key]
+            else:
+                continue
+            problems += _booleans_taken_as_numbers(sub, inner, f"{path}.{key}" if path else key)
+    elif isinstance(given, list) and isinstance(value, (list, tuple)) and \
+            len(given) == len(value):
+        for i, (sub, inner) in enumerate(zip(given, value, strict=True)):
+            problems += _booleans_taken_as_numbers(sub, inner, f"{path}.{i}")
+    return problems
 
 
 def load_config(

@@ -233,3 +233,27 @@ def test_duplicate_keys_are_rejected_with_their_line(tmp_path: Path) -> None:
         "agents:\n  a: &a {model: m, handoffs: [b], max_sessions: 5}\n"
         "  b: {<<: *a, handoffs: []}\nsupervisor: {entry: a}\n")
     assert load_config(tmp_path / "merge.yaml").agents["b"].max_sessions == 5
+
+
+@pytest.mark.parametrize(("mutate", "path"), [
+    (lambda d: d["agents"]["a"].update(replicas=True), "agents.a.replicas"),
+    (lambda d: d["agents"]["b"].update(max_sessions=False), "agents.b.max_sessions"),
+    (lambda d: d.update(a2a={"replicas": True}), "a2a.replicas"),
+    (lambda d: d["models"]["m"].update(timeout_s=True), "models.m.timeout_s"),
+    (lambda d: d.update(memory={"embedder": {"replicas": True}}), "memory.embedder.replicas"),
+])
+def test_booleans_are_not_numbers(mutate, path: str) -> None:
+    data = _base()
+    mutate(data)
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    assert _paths(ei.value)[path].startswith("expected a number, got ")
+
+
+def test_numbers_and_booleans_where_they_belong_still_load() -> None:
+    data = _base()
+    data["agents"]["a"].update(replicas=3, num_cpus=1)
+    data["models"]["m"].update(stream=False, timeout_s=5)
+    cfg = parse_config(data)
+    assert cfg.agents["a"].replicas == 3 and cfg.agents["a"].num_cpus == 1.0
+    assert cfg.models["m"].stream is False
