@@ -640,6 +640,20 @@ class StuckConfig(_Strict):
 CheckpointPolicy = Literal["every_step", "every_call", "every_n", "phase"]
 
 
+# The stores swarm.state.open_checkpointer opens: Redis URLs, and the URI schemes pyarrow's
+# FileSystem.from_uri knows (any other scheme fails there, when a swarm is deployed).
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_ARROW_SCHEMES = ("file", "local", "s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "hf",
+                  "mock")
+_ARROW_URI = ("a pyarrow filesystem URI (" + ", ".join(f"{s}://" for s in _ARROW_SCHEMES)
+              + " or fsspec+<protocol>://)")
+
+
+def _arrow_scheme(scheme: str) -> bool:
+    scheme = scheme.lower()
+    return scheme in _ARROW_SCHEMES or (scheme.startswith("fsspec+") and len(scheme) > 7)
+
+
 class StateConfig(_Strict):
     """Where task state lives, how often it is made durable and how often snapshotted."""
 
@@ -704,18 +718,26 @@ class StateConfig(_Strict):
     @field_validator("store")
     @classmethod
     def _store(cls, v: str) -> str:
-        if v in ("embedded", "none", "memory") or re.match(r"^[a-z][a-z0-9+.-]*://", v):
+        if v in ("embedded", "none", "memory"):
             return v
-        raise ValueError("expected embedded, none, memory, or a URL such as redis://host:6379/0")
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", v)
+        if scheme is None:
+            raise ValueError(f"expected embedded, none, memory, a redis://, rediss:// or "
+                             f"unix:// URL, or {_ARROW_URI}, not {v!r}")
+        if scheme[1].lower() not in _REDIS_SCHEMES and not _arrow_scheme(scheme[1]):
+            raise ValueError(f"unknown store {scheme[1]}://; expected embedded, none, memory, "
+                             f"a redis://, rediss:// or unix:// URL, or {_ARROW_URI}")
+        return v
 
     @field_validator("archive")
     @classmethod
     def _archive(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
-        if not re.match(r"^[a-z][a-z0-9+.-]*://.", v):
-            raise ValueError("expected a pyarrow filesystem URI such as file:///data/archive "
-                             "or s3://bucket/prefix")
+        scheme = re.match(r"^([a-z][a-z0-9+.-]*)://.", v)
+        if scheme is None or not _arrow_scheme(scheme[1]):
+            raise ValueError(f"expected {_ARROW_URI}, such as file:///data/archive or "
+                             "s3://bucket/prefix")
         store = info.data.get("store", "")
         if store != "embedded" and not re.match(r"^(redis|rediss|unix)://", store):
             raise ValueError(f"an archive needs a redis store (embedded, redis://...), "

@@ -257,3 +257,23 @@ def test_numbers_and_booleans_where_they_belong_still_load() -> None:
     cfg = parse_config(data)
     assert cfg.agents["a"].replicas == 3 and cfg.agents["a"].num_cpus == 1.0
     assert cfg.models["m"].stream is False
+
+
+@pytest.mark.parametrize("store", ["embedded", "none", "memory", "redis://127.0.0.1:6379/0",
+                                   "rediss://h:6380/1", "unix:///tmp/redis.sock",
+                                   "file:///data/swarm", "s3://bucket/swarm", "gs://b/p",
+                                   "abfss://c@acct.dfs.core.windows.net/p", "fsspec+ftp://h/p"])
+def test_state_stores_that_open(store: str) -> None:
+    assert parse_config(_base(state={"store": store})).state.store == store
+
+
+@pytest.mark.parametrize("store", ["mysql://x", "http://h/p", "postgres://db/0", "redis"])
+def test_an_unknown_state_store_lists_what_is_accepted(store: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(_base(state={"store": store}))
+    why = _paths(ei.value)["state.store"]
+    assert "expected embedded, none, memory, a redis://, rediss:// or unix:// URL" in why
+    assert "s3://" in why and "file://" in why
+    with pytest.raises(ConfigError) as ei:
+        parse_config(_base(state={"store": "embedded", "archive": "mysql://x/y"}))
+    assert "pyarrow filesystem URI" in _paths(ei.value)["state.archive"]
