@@ -57,6 +57,8 @@ def _load(path: str) -> SwarmConfig:
         preflight(cfg)
         return cfg
     except ConfigError as e:
+        if e.source is None:  # preflight's checks (imports, python models) know no file name
+            e = ConfigError(e.problems, path)
         err.print(str(e), style="red", markup=False)
         raise typer.Exit(EXIT_USAGE) from None
 

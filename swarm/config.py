@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,8 +20,10 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -363,6 +367,22 @@ class MCPHttpConfig(_Strict):
         return v
 
 
+def _mcp_transport(v: Any) -> str | None:
+    # The key a server entry gives says which kind it is, so a mistake in one is reported
+    # against that kind alone (not as every field the other kind lacks).
+    if isinstance(v, dict):
+        return "stdio" if "command" in v else "http" if "url" in v else None
+    return {MCPStdioConfig: "stdio", MCPHttpConfig: "http"}.get(type(v))
+
+
+MCPConfig = Annotated[
+    Annotated[MCPStdioConfig, Tag("stdio")] | Annotated[MCPHttpConfig, Tag("http")],
+    Discriminator(_mcp_transport, custom_error_type="mcp_transport",
+                  custom_error_message="expected a mapping with command (a server started "
+                  "over stdio) or url (a server reached over streamable HTTP)"),
+]
+
+
 class PythonExecConfig(_Strict):
     """The built-in python_exec sandbox server (swarm.tools.python_exec_server), per run."""
 
@@ -390,7 +410,7 @@ class ToolServerConfig(_Strict):
     """A named source of tools: an MCP server, a list of Python functions, or the built-in
     python_exec sandbox (`python_exec:`, run as a stdio MCP server)."""
 
-    mcp: MCPStdioConfig | MCPHttpConfig | None = None
+    mcp: MCPConfig | None = None
     python: list[Annotated[str, Field(pattern=_IMPORT_PATH)]] | None = Field(
         None, description="functions by import path, package.module:function"
     )
@@ -1275,10 +1295,76 @@ _BOUNDS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_th
                      "multiple_of"})
 
 
+def _user_loc(loc: tuple[int | str, ...]) -> str:
+    """An error's location as the YAML's keys: pydantic puts the branch of a union it tried
+    in the path (`models.m.openai.timeout_s`, `tools.t.mcp.MCPHttpConfig.url`); those parts
+    are dropped, found by walking the path along the config's types."""
+    kept: list[str] = []
+    tp: Any = SwarmConfig
+    for part in loc:
+        while typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            chosen = next((b for b in _branches(tp) if part in _branch_names(b)), None)
+            if chosen is not None:
+                tp = chosen
+                continue
+            if isinstance(part, str) and ("[" in part or part in _TYPE_NAMES):
+                continue  # a branch that is a plain type: str, list[str], ...
+            tp = Any
+            while typing.get_origin(tp) is Annotated:
+                tp = typing.get_args(tp)[0]
+        kept.append(str(part))
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = type.__getattribute__(tp, "model_fields").get(part)
+            tp = Any if field is None else field.annotation
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        else:
+            tp = Any
+    return ".".join(kept)
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _branches(union: Any) -> list[Any]:
+    """A union's branches, nested unions (`Annotated[A | B, Discriminator] | None`) flattened."""
+    out = []
+    for b in typing.get_args(union):
+        inner = typing.get_args(b)[0] if typing.get_origin(b) is Annotated else b
+        if typing.get_origin(inner) in (typing.Union, types.UnionType):
+            out += _branches(inner)
+        elif b is not type(None):
+            out.append(b)
+    return out
+
+
+def _branch_names(branch: Any) -> set[Any]:
+    """What pydantic calls a union's branch in an error's path: its tag (`Tag`, or the value
+    of the discriminating Literal field) or its class name."""
+    names: set[Any] = set()
+    if typing.get_origin(branch) is Annotated:
+        branch, *meta = typing.get_args(branch)
+        names.update(m.tag for m in meta if isinstance(m, Tag))
+    if isinstance(branch, type) and issubclass(branch, BaseModel):
+        names.add(branch.__name__)
+        for field in branch.model_fields.values():
+            if typing.get_origin(field.annotation) is Literal and field.is_required():
+                names.update(typing.get_args(field.annotation))
+    return names
+
+
+# What a missing discriminating key may be, by key.
+_KINDS = {"provider": " (scripted, openai, vllm or python)"}
+
+
 def _validation_problems(err: ValidationError) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = _user_loc(e["loc"])
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
@@ -1297,6 +1383,11 @@ def _validation_problems(err: ValidationError) -> list[tuple[str, str]]:
             key = str(ctx.get("discriminator", "tag")).strip("'")
             loc = f"{loc}.{key}".strip(".")
             msg = f"unknown {key} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+        elif e["type"] == "union_tag_not_found":
+            key = str(e.get("ctx", {}).get("discriminator", "tag")).strip("'")
+            msg = (f"expected a mapping with {key}" if not isinstance(e.get("input"), dict)
+                   else f"{key} is missing")
+            msg += _KINDS.get(key, "")
         problems.append((loc, msg))
     return problems
 

@@ -70,7 +70,7 @@ def test_unknown_field_names_its_path() -> None:
         (lambda d: d.update(name="has space"), "name", "pattern"),
         (
             lambda d: d["models"]["m"].update(base_url="ftp://x"),
-            "models.m.openai.base_url",
+            "models.m.base_url",
             "http",
         ),
         (lambda d: d["models"]["m"].update(provider="magic"), "models.m.provider",
@@ -186,7 +186,7 @@ def test_prices_are_checked_and_priced() -> None:
     data["agents"] = {"a": {"model": "gpt"}}
     with pytest.raises(ConfigError) as exc:
         parse_config(data)
-    assert "models.gpt.openai.price.input_per_mtok" in _paths(exc.value)
+    assert "models.gpt.price.input_per_mtok" in _paths(exc.value)
     data["models"]["gpt"]["price"] = {"input_per_mtok": 3, "output_per_mtok": 15,
                                       "cached_input_per_mtok": 0.3}
     price = parse_config(data).models["gpt"].price
@@ -277,3 +277,40 @@ def test_an_unknown_state_store_lists_what_is_accepted(store: str) -> None:
     with pytest.raises(ConfigError) as ei:
         parse_config(_base(state={"store": "embedded", "archive": "mysql://x/y"}))
     assert "pyarrow filesystem URI" in _paths(ei.value)["state.archive"]
+
+
+@pytest.mark.parametrize(("tool", "where", "needle"), [
+    ({"mcp": {"command": "srv", "headers": {"a": "b"}}}, "tools.t.mcp.headers", "unknown field"),
+    ({"mcp": {"url": "ftp://h"}}, "tools.t.mcp.url", "http:// or https://"),
+    ({"mcp": {"args": []}}, "tools.t.mcp", "command (a server started over stdio) or url"),
+])
+def test_a_union_error_names_the_users_keys_only(tool: dict, where: str, needle: str) -> None:
+    data = _base(tools={"t": tool})
+    data["agents"]["a"]["tools"] = []
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    assert [p for p, _ in ei.value.problems] == [where]
+    assert needle in ei.value.problems[0][1]
+
+
+def test_a_model_error_has_no_provider_in_its_path() -> None:
+    data = _base()
+    data["models"]["m"]["timeout_s"] = 0
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    assert list(_paths(ei.value)) == ["models.m.timeout_s"]
+    data["models"]["m"] = {"model": "x"}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    assert "provider is missing" in _paths(ei.value)["models.m"]
+
+
+def test_cli_names_the_file_of_a_python_model_error(tmp_path: Path) -> None:
+    data = _base()
+    data["models"]["m"] = {"provider": "python", "factory": "swarm.examples.models:NoSuchModel"}
+    p = tmp_path / "factory.yaml"
+    p.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2
+    assert f"invalid swarm config in {p}" in res.output.replace("\n", "")
+    assert "models.m.factory" in res.output

@@ -116,29 +116,29 @@ def test_placement_strategy_is_derived_from_tp_pp(fields: dict[str, Any], strate
 def test_strict_pack_over_a_node_is_an_error() -> None:
     problems = _problems(tensor_parallel_size=8, pipeline_parallel_size=2,
                          placement_strategy="STRICT_PACK")
-    msg = problems["models.m.vllm.placement_strategy"]
+    msg = problems["models.m.placement_strategy"]
     assert "16 GPUs" in msg and "gpus_per_node = 8" in msg and "PACK" in msg
-    assert "models.m.vllm.placement_strategy" in _problems(
+    assert "models.m.placement_strategy" in _problems(
         tensor_parallel_size=4, gpus_per_node=2, placement_strategy="STRICT_PACK")
 
 
 @pytest.mark.parametrize(
     ("fields", "path", "needle"),
     [
-        ({"autoscaling": {"min_replicas": 5, "max_replicas": 2}}, "models.m.vllm.autoscaling",
+        ({"autoscaling": {"min_replicas": 5, "max_replicas": 2}}, "models.m.autoscaling",
          "min_replicas (5) is above max_replicas (2)"),
-        ({"tier": "shared", "autoscaling": {"min_replicas": 9}}, "models.m.vllm.autoscaling",
+        ({"tier": "shared", "autoscaling": {"min_replicas": 9}}, "models.m.autoscaling",
          "min_replicas (9)"),
-        ({"autoscaling": {"min_replicas": 3}}, "models.m.vllm.autoscaling", "Serve default"),
-        ({"tier": "huge"}, "models.m.vllm.tier", "shared"),
-        ({"router": "sticky"}, "models.m.vllm.router", "session"),
-        ({"tensor_parallel_size": 0}, "models.m.vllm.tensor_parallel_size", "greater than"),
-        ({"engine_kwargs": {"tensor_parallel_size": 2}}, "models.m.vllm.engine_kwargs",
+        ({"autoscaling": {"min_replicas": 3}}, "models.m.autoscaling", "Serve default"),
+        ({"tier": "huge"}, "models.m.tier", "shared"),
+        ({"router": "sticky"}, "models.m.router", "session"),
+        ({"tensor_parallel_size": 0}, "models.m.tensor_parallel_size", "greater than"),
+        ({"engine_kwargs": {"tensor_parallel_size": 2}}, "models.m.engine_kwargs",
          "own field"),
-        ({"client": {"timeout_s": 0}}, "models.m.vllm.client", "timeout_s"),
-        ({"client": {"base_url": "http://x"}}, "models.m.vllm.client", "set by the deployment"),
-        ({"gpus": 3}, "models.m.vllm.gpus", "unknown field"),
-        ({"model_source": ""}, "models.m.vllm.model_source", "at least 1"),
+        ({"client": {"timeout_s": 0}}, "models.m.client", "timeout_s"),
+        ({"client": {"base_url": "http://x"}}, "models.m.client", "set by the deployment"),
+        ({"gpus": 3}, "models.m.gpus", "unknown field"),
+        ({"model_source": ""}, "models.m.model_source", "at least 1"),
     ],
 )
 def test_bad_vllm_fields_name_the_field(fields: dict[str, Any], path: str, needle: str) -> None:
