@@ -527,6 +527,8 @@ def mcp_serve(
 
     if transport not in ("stdio", "http"):
         _die(f"--transport must be stdio or http, got {transport!r}")
+    if transport == "http":
+        _check_can_listen(host, port)
     _quiet_ray()
     try:
         client = connect(name, address=address)
@@ -537,7 +539,29 @@ def mcp_serve(
         server.run("stdio")  # stdout carries the protocol: nothing else may print there
         return
     err.print(f"MCP server for swarm {name!r} at http://{host}:{port}/mcp")
-    server.run("streamable-http", host=host, port=port)
+    try:
+        server.run("streamable-http", host=host, port=port)
+    except SystemExit as e:
+        # uvicorn exits 3 when it can't start: the port was taken since it was checked.
+        if e.code not in (0, None):
+            _die(f"the MCP server could not listen on {host}:{port} (see above)")
+        raise
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Exit 2 naming the address if an HTTP server can't listen on it (a port in use)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        _die(f"--host {host!r}: {e.strerror}")
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            _die(f"can't listen on {host}:{port}: {e.strerror}; pick another --port")
 
 
 @app.command()
@@ -588,7 +612,7 @@ def audit(
         try:
             rows = asyncio.run(_read())
         except Exception as e:
-            _die(f"can't read the audit log from {store}: {e}", EXIT_FAILED)
+            _die(f"can't read the audit log from {store}: {e}")
     else:
         from swarm.client import connect
 

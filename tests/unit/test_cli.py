@@ -3,6 +3,7 @@ exit code (0 ok, 1 the task failed, 2 bad input), never a traceback."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,3 +101,22 @@ def test_arguments_that_are_not_utf8_are_rejected(monkeypatch: pytest.MonkeyPatc
     said = capsys.readouterr().err
     assert "argument 3" in said and "caf\\xe9" in said and "not valid UTF-8" in said
     assert "byte 0xe9 at position 3" in said
+
+
+def test_mcp_on_a_port_in_use_exits_2(handle: _Handle) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = runner.invoke(app, ["mcp", "s", "--transport", "http", "--port", str(port)])
+    assert res.exit_code == 2, res.output
+    assert f"can't listen on 127.0.0.1:{port}" in res.output.replace("\n", " ")
+
+
+def test_audit_of_an_unreachable_store_exits_2() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = runner.invoke(app, ["audit", "s", "--store", f"redis://127.0.0.1:{port}/0"])
+    assert res.exit_code == 2, res.output
+    assert "can't read the audit log" in res.output
