@@ -757,20 +757,66 @@ def store_status(run_dir: RunDirOpt = "runs") -> None:
 
 
 @store_app.command("stop")
-def store_stop(run_dir: RunDirOpt = "runs") -> None:
+def store_stop(
+    run_dir: RunDirOpt = "runs",
+    force: Annotated[bool, typer.Option(
+        "--force", help="stop it even while clients (swarms) are connected to it")] = False,
+) -> None:
     """Stop the run directory's embedded redis-server once no swarm uses it (take them down
-    first); its data stays on disk, and the next swarm that uses the run directory starts it
-    again. `swarm up` leaves it running after `swarm down`, so that `swarm audit --store` and
-    the next deployment can read it."""
+    first: it refuses while clients are connected, unless --force); its data stays on disk,
+    and the next swarm that uses the run directory starts it again. `swarm up` leaves it
+    running after `swarm down`, so that `swarm audit --store` and the next deployment can
+    read it."""
     server = _embedded_store(run_dir)
     answering = server.running()
     if not answering and not server.process_alive():
         out.print(f"not running (data under {server.dir})", markup=False, soft_wrap=True)
         return
     what = server.url if answering else f"pid {server.pid()}"
+    users = _store_connections(server.url) if answering and not force else 0
+    if users:
+        swarms = _swarms_up()
+        named = (f"swarms up on the Ray cluster: {', '.join(swarms)}; take down the ones on "
+                 f"this run directory with `swarm down NAME`" if swarms else
+                 "take down the swarms that use it with `swarm down NAME`")
+        _die(f"the embedded store {what} is in use: {users} client connection"
+             f"{'s are' if users != 1 else ' is'} open to it ({named}), or pass --force to "
+             "stop it anyway")
     server.stop()
     out.print(f"stopped {what}; its data stays under {server.dir}", markup=False,
               soft_wrap=True)
+
+
+def _store_connections(url: str) -> int:
+    """How many clients other than this one are connected to a Redis: the actors of a swarm
+    keep their connections to its store open while it is up."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        me = client.client_id()
+        return sum(1 for c in client.client_list(_type="normal") if int(c["id"]) != me)
+    except redis.RedisError:
+        return 0  # it stopped answering: nobody uses it through this server any more
+    finally:
+        client.close()
+
+
+def _swarms_up() -> list[str]:
+    """The swarms deployed on the Ray cluster this machine reaches (RAY_ADDRESS, else the one
+    `ray start` runs here), by their supervisors' names; none when no cluster is reachable."""
+    import ray
+
+    from swarm.runtime.deploy import NAMESPACE, ensure_ray
+
+    _quiet_ray()
+    try:
+        ensure_ray(None, local_ok=False)
+        actors = ray.util.list_named_actors(all_namespaces=True)
+    except Exception:  # no cluster, or one that doesn't answer: nothing to name
+        return []
+    return sorted(a["name"].removesuffix(".supervisor") for a in actors
+                  if a["namespace"] == NAMESPACE and a["name"].endswith(".supervisor"))
 
 
 def _quiet_ray() -> None:

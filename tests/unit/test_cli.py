@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,3 +121,43 @@ def test_audit_of_an_unreachable_store_exits_2() -> None:
     res = runner.invoke(app, ["audit", "s", "--store", f"redis://127.0.0.1:{port}/0"])
     assert res.exit_code == 2, res.output
     assert "can't read the audit log" in res.output
+
+
+def test_store_stop_refuses_while_clients_use_it(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis.for_run_dir(tmp_path)
+    server.start()
+    swarm_connection = redis.Redis.from_url(server.url)
+    try:
+        swarm_connection.ping()  # a swarm's actors hold connections like this one
+        res = runner.invoke(app, ["store", "stop", "--run-dir", str(tmp_path)])
+        assert res.exit_code == 2, res.output
+        said = " ".join(res.output.split())
+        assert "in use: 1 client connection is open" in said and "--force" in said
+        assert server.running()
+        monkeypatch.setattr("swarm.cli._swarms_up", lambda: ["research-desk"])
+        res = runner.invoke(app, ["store", "stop", "--run-dir", str(tmp_path)])
+        assert res.exit_code == 2 and "research-desk" in res.output
+        res = runner.invoke(app, ["store", "stop", "--run-dir", str(tmp_path), "--force"])
+        assert res.exit_code == 0, res.output
+        assert not server.running()
+    finally:
+        swarm_connection.close()
+        server.stop()
+
+
+def test_store_stop_stops_an_unused_store(tmp_path: Path) -> None:
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis.for_run_dir(tmp_path)
+    server.start()
+    try:
+        res = runner.invoke(app, ["store", "stop", "--run-dir", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        assert "stopped" in res.output and not server.running()
+    finally:
+        server.stop()
