@@ -454,7 +454,9 @@ def fork(
 
 @app.command()
 def respond(name: NameArg, task_id: TaskArg,
-            answer: Annotated[str, typer.Argument(help="rerun or skip")],
+            answer: Annotated[str, typer.Argument(
+                help="rerun or skip (an interrupted tool call), continue or stop (a task that "
+                "looks stuck); the task's question says which")],
             address: AddressOpt = None) -> None:
     """Answer a task that waits in INPUT_REQUIRED."""
     from swarm.client import connect
