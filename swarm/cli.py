@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -128,6 +129,12 @@ def run(
         except TimeoutError:
             handle.cancel()
             _die(f"task did not finish within {timeout:g} s; canceled", EXIT_FAILED)
+        except KeyboardInterrupt:
+            # This run's deployment goes with it: its task ends here, canceled (`swarm down`
+            # would keep it for a next `up` of a name that never comes back).
+            with contextlib.suppress(Exception):
+                handle.cancel()
+            raise
         if not events_json:
             printer.summary()
         info = handle.status()
