@@ -560,6 +560,8 @@ class AgentHost:
         """Flush the middleware layers; close the model client and tool connections."""
         if self._preparing is not None and not self._preparing.done():
             self._preparing.cancel()
+        if self._loop is not None:
+            self._loop.toolbox.close()
         for layer in self._loop.middleware if self._loop is not None else ():
             try:
                 await layer.aclose()

@@ -517,6 +517,17 @@ class StepLoop:
                 # A real tool this agent isn't granted: refused by policy, not a model slip.
                 error_class = "policy"
                 result = ToolResult(f"{ERROR_PREFIX}{refusal}", is_error=True)
+            elif self.toolbox.unlisted:
+                # It may be a tool of a server that could not list its tools yet: a tool
+                # error (the server is asked again now), not the model's slip.
+                error_class = "tool"
+                self.toolbox.poke()
+                result = ToolResult(
+                    f"{ERROR_PREFIX}unknown tool {call.name!r}: tool server "
+                    f"{', '.join(self.toolbox.unlisted)} could not list its tools yet; "
+                    f"available tools: {', '.join(self.toolbox.names) or 'none'}",
+                    is_error=True,
+                )
             else:
                 error_class = "model"
                 result = ToolResult(

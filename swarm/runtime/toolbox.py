@@ -13,6 +13,9 @@ from swarm.tools.access import Grant, parse_grant
 from swarm.tools.interface import ToolSource, ToolSpec
 
 log = logging.getLogger(__name__)
+# How soon, and at most how often, a source that could not list its tools is asked again.
+RELIST_FIRST_S = 1.0
+RELIST_MAX_S = 30.0
 
 HANDOFF_PREFIX = "transfer_to_"
 
@@ -62,7 +65,7 @@ class Toolbox:
         self._forbidden = forbidden or {}
         # Start-up warnings (grant globs that match nothing), for the agent's start problems.
         self.problems: list[str] = []
-        self.unlisted: list[str] = []  # servers that could not list their tools at start
+        self.unlisted: list[str] = []  # servers that could not list their tools, when last asked
         self._handoffs = {handoff_tool_name(a): a for a in handoffs}
         self.schemas: list[dict[str, Any]] = [e.spec.openai_schema() for e in entries.values()]
         self.schemas.extend(_handoff_schema(a) for a in handoffs)
@@ -70,6 +73,8 @@ class Toolbox:
         self._rules: _Rules | None = None
         self._stale = False
         self._refresher: asyncio.Task[None] | None = None
+        self._relister: asyncio.Task[None] | None = None
+        self._poked = float("-inf")
 
     @property
     def qualified(self) -> list[str]:
@@ -138,7 +143,57 @@ class Toolbox:
         box._rules = rules
         for source in sources.values():
             source.on_tools_changed(box._tools_changed)
+        if box.unlisted:
+            box._relist_soon()
         return box
+
+    def _relist_soon(self) -> None:
+        """While a source could not list its tools (its server down at start, say), ask it
+        again now and then: the grants are resolved again once it answers, so its tools come
+        back without a restart (a server that comes up sends no tools/list_changed)."""
+        if self._relister is None or self._relister.done():
+            self._relister = asyncio.get_running_loop().create_task(self._relist())
+
+    def poke(self) -> None:
+        """Ask the sources that could not list their tools again now, not at the next retry
+        (a model called a tool that may be theirs); at most once every `RELIST_FIRST_S`."""
+        now = asyncio.get_running_loop().time()
+        if not self.unlisted or now - self._poked < RELIST_FIRST_S:
+            return
+        self._poked = now
+        if self._relister is not None and not self._relister.done():
+            self._relister.cancel()
+        self._relister = asyncio.get_running_loop().create_task(self._relist(first=0.0))
+
+    async def _relist(self, first: float = RELIST_FIRST_S) -> None:
+        rules = self._rules
+        assert rules is not None
+        delay = first
+        while self.unlisted:
+            await asyncio.sleep(delay)
+            delay = max(RELIST_FIRST_S, delay)
+            delay = min(delay * 2, RELIST_MAX_S)
+            for server in self.unlisted:
+                if server in rules.sources and await _lists(rules.sources[server]):
+                    self._tools_changed()
+                    await self.refreshed()
+                    break
+
+    async def relisted(self) -> None:
+        """Wait until every source that could not list its tools has listed them (and the
+        grants are resolved again); returns at once if none is missing."""
+        while (task := self._relister) is not None and not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # this waiter was cancelled, not the re-lister (`poke` replaced it)
+
+    def close(self) -> None:
+        """Stop asking sources for their tools again (the agent is closing)."""
+        for task in (self._relister, self._refresher):
+            if task is not None and not task.done():
+                task.cancel()
 
     def _tools_changed(self) -> None:
         # Called by a source (in its connection's task): re-resolve in a task of our own, once
@@ -157,8 +212,9 @@ class Toolbox:
         assert rules is not None
         while self._stale:
             self._stale = False
-            entries, forbidden, problems = rules.resolve(await _list_all(rules.sources),
-                                                         strict=False)
+            listed = await _list_all(rules.sources)
+            entries, forbidden, problems = rules.resolve(listed, strict=False)
+            self.unlisted = sorted(s for s, specs in listed.items() if specs is None)
             for problem in problems:
                 log.warning("agent %s: %s", self.agent, problem)
             # Swapped whole: a step that is running keeps the lists it read.
@@ -166,6 +222,17 @@ class Toolbox:
             self.schemas = [e.spec.openai_schema() for e in entries.values()]
             self.schemas.extend(_handoff_schema(a) for a in self._handoffs.values())
             log.info("agent %s: tools now %s", self.agent, sorted(entries))
+        if self.unlisted:
+            self._relist_soon()
+
+
+async def _lists(source: ToolSource) -> bool:
+    """Whether the source lists its tools now."""
+    try:
+        await source.list_tools()
+    except Exception:
+        return False
+    return True
 
 
 async def _list_all(sources: dict[str, ToolSource]) -> dict[str, list[ToolSpec] | None]:

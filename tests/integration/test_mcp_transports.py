@@ -310,3 +310,30 @@ async def test_tool_reported_errors_are_results_not_exceptions(probe):
     assert refused.is_error and "quota exhausted" in refused.content
     unknown = await probe.call("nope", {}, CTX)
     assert unknown.is_error and "nope" in unknown.content
+
+
+async def test_a_server_down_when_the_agent_starts_has_its_tools_once_it_is_up(tmp_path):
+    # Granted whole (`research`, not research.search): nothing is known of its tools while it
+    # is down. The toolbox asks it again until it answers, and a call of one of its tools
+    # meanwhile is a tool error that asks again at once, not the model's slip.
+    from swarm.runtime.toolbox import Toolbox
+
+    port = free_port()
+    src = MCPToolSource("research", MCPHttpConfig(url=f"http://127.0.0.1:{port}/mcp"),
+                        timeout_s=5, retries=0)
+    box = await Toolbox.build("a", ["research"], {"research": src}, [])
+    proc = None
+    try:
+        assert box.names == [] and box.unlisted == ["research"]
+        proc = spawn_http_server(port, tmp_path)
+        await wait_until_listening(port, proc)
+        box.poke()  # what a call of an unknown tool does (the step loop), instead of waiting
+        await asyncio.wait_for(box.relisted(), 60)
+        assert box.unlisted == [] and box.resolve("search") is not None
+        assert "read_doc" in box.names
+        assert _top_id(await src.call("search", {"query": "kv cache"}, CTX)) == "kv-cache"
+    finally:
+        box.close()
+        await src.aclose()
+        if proc is not None:
+            stop(proc)
