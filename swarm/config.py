@@ -648,7 +648,8 @@ class StuckConfig(_Strict):
         8, ge=2, description="N handoffs in a row bouncing between the same two agents"
     )
     input_timeout_s: float | None = Field(
-        None, gt=0, description="longest wait in INPUT_REQUIRED; then the task fails"
+        None, gt=0, description="longest wait in INPUT_REQUIRED (an approval gate's too, "
+        "when shorter than approvals.timeout_s); then the task fails"
     )
     queue_timeout_s: float | None = Field(
         None, gt=0, description="longest wait for a session slot on an agent replica"

@@ -1566,7 +1566,7 @@ class Supervisor:
                 if result.gate is not None:
                     # An approval gate: the decision goes into the log, where the resumed
                     # turn finds it (swarm.governance.approvals).
-                    await self.approvals.wait(rec, result.gate)
+                    await self._await_gate(rec, result.gate)
                     req.decision = None
                 else:
                     req.decision = await self._ask(rec, result.text)
@@ -1650,6 +1650,24 @@ class Supervisor:
             raise
         self._tracer.end_send(span, result)
         return result
+
+    async def _await_gate(self, rec: TaskRecord, gate: dict[str, Any]) -> str:
+        """Wait for an approval gate's decision (`ApprovalDesk.wait`: denied after
+        approvals.timeout_s); a stuck.input_timeout_s shorter than that fails the task when it
+        passes, as an unanswered question does."""
+        timeout = self.cfg.stuck.input_timeout_s
+        if timeout is None or timeout >= self.approvals.timeout_s:
+            return await self.approvals.wait(rec, gate)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.approvals.wait(rec, gate)
+        except TimeoutError:
+            cause = (f"no decision in {timeout:g} s (stuck.input_timeout_s) on gate "
+                     f"{gate.get('gate')} ({gate.get('tool')})")
+            stuck.record(self.swarm_id, "input_timeout")
+            self._alert(rec, "stuck.input_timeout", "stop", cause)
+            rec.stuck = "input_timeout"
+            raise StuckError("input_timeout", f"stuck (input_timeout): {cause}") from None
 
     async def _ask(self, rec: TaskRecord, question: str) -> str:
         """Park the task in INPUT_REQUIRED until `respond` answers `question`."""

@@ -274,3 +274,18 @@ async def test_an_approvals_entry_that_names_no_tool_stops_the_swarm_from_starti
             pass
     assert "approvals.tools: 'files.*' matches no tool any agent is granted" in caplog.text
     assert "approvals.exempt: 'lookpu' matches no tool any agent is granted" in caplog.text
+
+
+async def test_stuck_input_timeout_applies_to_a_gate_when_shorter(tmp_path: Path) -> None:
+    # stuck.input_timeout_s is the longest wait in INPUT_REQUIRED, a gate's too: shorter than
+    # approvals.timeout_s, it fails the task (as an unanswered question does), the call unrun.
+    cfg = dt.swarm_config(tmp_path, RULES, name="gated",
+                          approvals={"require": "destructive", "exempt": ["lookup"],
+                                     "timeout_s": 3600},
+                          stuck={"input_timeout_s": 0.2})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("x")
+        row = await sw.supervisor.wait(task_id, 30)
+    assert row["state"] == "failed" and row["stuck"] == "input_timeout"
+    assert "stuck.input_timeout_s" in row["error"] and "gate" in row["error"]
+    assert row["gates"] == [] and dt.RUNS == {"x-1": 1}
