@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -132,6 +133,12 @@ def run(
         except KeyboardInterrupt:
             # This run's deployment goes with it: its task ends here, canceled (`swarm down`
             # would keep it for a next `up` of a name that never comes back).
+            err.print("interrupted: canceling the task and taking the swarm down")
+            import signal
+
+            # The process ends after this: further Ctrl-Cs are ignored until it has, so the
+            # cleanup (and Ray's own at exit) runs to its end.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             with contextlib.suppress(Exception):
                 handle.cancel()
             raise
@@ -139,8 +146,10 @@ def run(
             printer.summary()
         info = handle.status()
     finally:
-        stop_swarm(deployment)
-        stop_embedded_store(deployment)
+        # A second Ctrl-C here would leave Ray's processes behind: the cleanup runs to its end.
+        with _no_interrupts():
+            stop_swarm(deployment)
+            stop_embedded_store(deployment)
     if info.state != "completed":
         raise typer.Exit(EXIT_FAILED)
 
@@ -191,6 +200,22 @@ def up(
         if a2a_port is not None and f":{a2a_port}/" not in url and not cfg.a2a.public_url:
             err.print(f"[yellow]note:[/] Serve was already listening on another port; the A2A "
                       f"app is at {url}")
+
+
+@contextlib.contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """Ignore Ctrl-C (SIGINT) in the block, in the main thread: cleanup that must finish."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _warn_start_problems(reports: list[dict[str, Any]]) -> None:
