@@ -76,7 +76,7 @@ def build_model(name: str, cfg: ModelConfig, endpoints: dict[str, str] | None = 
     from swarm.models.openai import OpenAIModel
 
     if isinstance(cfg, OpenAIModelConfig):
-        return OpenAIModel.from_config(cfg)
+        return OpenAIModel.from_config(cfg, name=name)
     if isinstance(cfg, VLLMModelConfig):
         # A Ray Serve LLM app: the provider: openai path pointed at its route.
         url = (endpoints or {}).get(name)

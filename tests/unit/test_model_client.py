@@ -558,3 +558,33 @@ async def test_a_direct_replica_refusing_connections_is_skipped_at_once(
     assert resp.content == "via the proxy"
     assert directory.replicas == () and set(directory._down) == {r.base_url for r in dead}
     assert len(server.bodies("m1")) == 1
+
+
+# ---- fallbacks name the configured model --------------------------------------------------------
+
+
+async def test_a_fallback_is_reported_by_its_configured_name_not_its_wire_id(
+        tmp_path: Path, server: FakeServer, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"rules": []}))
+    cfg = parse_config({
+        "name": "t",
+        "models": {
+            "m": {"provider": "openai", "base_url": server.url, "model": "m",
+                  "max_retries": 0},
+            "m2": {"provider": "openai", "base_url": server.url, "model": "other-id"},
+        },
+        "agents": {"a": {"model": "m", "fallback_models": ["m2"]}},
+        "supervisor": {"entry": "a"},
+    }, base_dir=tmp_path)
+    server.script("m", error(500, "down"))
+    server.script("other-id", completion("from m2"))
+    assert [m.name for m in build_agent_model(cfg, "a").models] == ["m", "m2"]  # type: ignore[attr-defined]
+    with caplog.at_level("WARNING", logger="swarm.models.fallback"):
+        async with LocalSwarm(cfg) as sw:
+            row = await sw.run("hello")
+            [called] = [e for e in sw.events(row["task_id"]) if isinstance(e, ModelCalled)]
+    assert row["state"] == "completed" and row["answer"] == "from m2"
+    assert called.model == "m2"
+    assert "m2 answered after m:" in caplog.text and "other-id answered" not in caplog.text
+    assert [r["body"]["model"] for r in server.requests] == ["m", "other-id"]  # wire ids
+
