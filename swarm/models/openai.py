@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
+from swarm._urls import redact_url
 from swarm.errors import ContextLimitError, ModelCallError, ModelError
 from swarm.models.ingress import ReplicaDirectory
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall, Usage
@@ -163,6 +164,7 @@ class OpenAIModel(Model):
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._url = f"{self.base_url}/chat/completions"
+        self._shown_url = redact_url(self.base_url)  # for messages: no credentials
         parts = urlsplit(self.base_url)
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._own_client = http_client
@@ -257,7 +259,8 @@ class OpenAIModel(Model):
             except TimeoutError:
                 failure = _Retryable(f"timed out after {call_timeout:.3g}s")
             except httpx.TransportError as e:
-                failure = _Retryable(f"can't reach the server: {type(e).__name__}: {e}")
+                failure = _Retryable(
+                    f"can't reach the server: {type(e).__name__}: {redact_url(str(e))}")
                 if self._directory is not None and url != self._url and \
                         isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
                     # A replica that is gone (or not reachable from here): left out, and the
@@ -282,7 +285,7 @@ class OpenAIModel(Model):
                                           self.backoff_base_s * 2 ** (attempt - 1)))
 
     def _where(self) -> str:
-        return f"model {self.model!r} at {self.base_url}"
+        return f"model {self.model!r} at {self._shown_url}"
 
     def _failed(self, failure: _Retryable, attempts: int) -> ModelCallError:
         tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"

@@ -8,6 +8,7 @@ and reads back the requests it received.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from swarm._urls import redact_url
 from swarm.config import ConfigError, parse_config
 from swarm.errors import ContextLimitError, ModelCallError, ModelError
 from swarm.events import ModelCalled, ToolCalled
@@ -138,6 +140,23 @@ def sse(chunks: list[dict[str, Any]], first_delay: float = 0.0, done: bool = Tru
 
 def delta(d: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+
+def raw(body: Any) -> Responder:
+    """Answers `body` as JSON, whatever its shape."""
+    async def answer(_: dict[str, Any]) -> Response:
+        return Response(json.dumps(body), media_type="application/json")
+    return answer
+
+
+def raw_sse(*lines: str) -> Responder:
+    """Streams `lines` as they are (each a `data:` value), then `[DONE]`."""
+    async def answer(_: dict[str, Any]) -> Response:
+        async def events() -> Any:
+            for line in (*lines, "[DONE]"):
+                yield f"data: {line}\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+    return answer
 
 
 def req(text: str = "hello", session: str = "s-1", **kw: Any) -> ModelRequest:
@@ -560,7 +579,7 @@ async def test_a_direct_replica_refusing_connections_is_skipped_at_once(
     assert len(server.bodies("m1")) == 1
 
 
-# ---- fallbacks name the configured model --------------------------------------------------------
+# ---- fallbacks name the configured model, credentials stay out of messages -----------------------
 
 
 async def test_a_fallback_is_reported_by_its_configured_name_not_its_wire_id(
@@ -588,3 +607,43 @@ async def test_a_fallback_is_reported_by_its_configured_name_not_its_wire_id(
     assert "m2 answered after m:" in caplog.text and "other-id answered" not in caplog.text
     assert [r["body"]["model"] for r in server.requests] == ["m", "other-id"]  # wire ids
 
+
+def test_redact_url_hides_userinfo_and_secret_parameters() -> None:
+    assert redact_url("http://u:sk-LEAK@h:1/v1") == "http://***@h:1/v1"
+    assert redact_url("see https://sk-LEAK@h/v1 and http://a:p@ss@h/x") == \
+        "see https://***@h/v1 and http://***@h/x"
+    assert redact_url("https://h/v1?api_key=sk&x=1&access_token=t#f") == \
+        "https://h/v1?api_key=***&x=1&access_token=***#f"
+    assert redact_url("https://h/v1?monkey=1") == "https://h/v1?monkey=1"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
+async def test_credentials_in_the_base_url_stay_out_of_errors(
+        tmp_path: Path, server: FakeServer) -> None:
+    leaky = server.url.replace("http://", "http://u:sk-LEAK-6@")
+    shown = server.url.replace("http://", "http://***@")
+    server.script("m1", error(500, "boom"))
+    server.script("m2", raw(5))
+    for name in ("m1", "m2"):
+        m = OpenAIModel(leaky, name, max_retries=0)
+        with pytest.raises(ModelError) as info:
+            await m.complete(req())
+        await m.aclose()
+        assert "sk-LEAK" not in str(info.value) and f"at {shown}" in str(info.value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        m = OpenAIModel(f"http://u:sk-LEAK-6@127.0.0.1:{s.getsockname()[1]}/v1", "m",
+                        max_retries=0)
+        with pytest.raises(ModelCallError, match="can't reach") as info:
+            await m.complete(req())
+        await m.aclose()
+    assert "sk-LEAK" not in str(info.value)
+    # ...and out of the task's error and its events.
+    cfg = swarm_cfg(tmp_path, dataclasses.replace(server, url=leaky))  # the same scripts
+    server.script("primary", error(500, "boom"))
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        evs = sw.events(row["task_id"])
+    assert row["state"] == "failed" and row["error_class"] == "model", row
+    assert "sk-LEAK" not in row["error"] and shown in row["error"]
+    assert not any("sk-LEAK" in repr(e) for e in evs)

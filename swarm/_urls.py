@@ -1,0 +1,22 @@
+"""`redact_url`: URLs fit for messages and logs, their credentials hidden."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["redact_url"]
+
+# The userinfo of any URL in the text (`user:password@` or a bare `token@`): up to the last `@`
+# before the path, so an unencoded `@` in a password is hidden too.
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+# Query parameters that carry secrets (`?api_key=`, `&token=`, `password=`, ...).
+_SECRET_PARAM = re.compile(
+    r"([?&;](?:[\w.-]*[_.-]|api|access)?"
+    r"(?:key|token|secret|password|passwd|pass|auth|authorization|signature|sig)=)[^&;#\s]*",
+    re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """`text` (a URL, or a message holding URLs) with userinfo and secret query parameters
+    replaced by `***`."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub("***@", text))
