@@ -15,7 +15,9 @@ read here. The client speaks the wire format directly:
   replica that holds its prefix cache; the agent name in `x-swarm-agent`.
 
 Failures after retries raise `ModelCallError` (status, server message, attempts); a server's
-context-length 400 raises `ContextLimitError`.
+context-length 400 raises `ContextLimitError`. An answer that isn't a completion raises
+`ModelError` (not retried): JSON of another shape (a `null` choice, a token count that isn't an
+integer: the decoder names the path), no choices, or neither content (`""` counts) nor tool calls.
 """
 
 from __future__ import annotations
@@ -336,35 +338,47 @@ class OpenAIModel(Model):
         raise ModelCallError(f"{self._where()} answered HTTP {status}: {message}",
                              status=status, attempts=1, transient=False)
 
+    def _unreadable(self, what: str, raw: bytes | str) -> ModelError:
+        return ModelError(f"{self._where()} returned an unreadable completion ({what}): "
+                          f"{raw[:200]!r}")
+
     def _from_json(self, raw: bytes) -> ModelResponse:
         try:
-            data = _decode(raw)
-            choice = data["choices"][0]
-            msg = choice["message"]
-        except (msgspec.DecodeError, KeyError, IndexError, TypeError) as e:
-            raise ModelError(f"{self._where()} returned an unreadable completion "
-                             f"({type(e).__name__}: {e}): {raw[:200]!r}") from e
+            data = _decode_completion(raw)
+        except msgspec.DecodeError as e:  # not JSON, or JSON of another shape
+            raise self._unreadable(f"{type(e).__name__}: {e}", raw) from e
+        if not data.choices:
+            raise self._unreadable("no choices", raw)
+        choice = data.choices[0]
+        msg = choice.message
+        if msg is None:
+            raise self._unreadable("the choice has no message", raw)
         calls = []
-        for c in msg.get("tool_calls") or ():
-            if c.get("type", "function") != "function":
+        for c in msg.tool_calls or ():
+            if c.type not in (None, "function"):
                 raise ModelError(f"model {self.model!r} returned an unsupported "
-                                 f"{c.get('type')!r} tool call; only function tools are supported")
-            fn = c.get("function") or {}
-            calls.append(ToolCall(id=c.get("id") or "", name=fn.get("name") or "",
-                                  arguments=fn.get("arguments") or ""))
+                                 f"{c.type!r} tool call; only function tools are supported")
+            fn = c.function or _Function()
+            calls.append(ToolCall(id=c.id or "", name=fn.name or "",
+                                  arguments=fn.arguments or ""))
+        if msg.content is None and not calls:  # text (if empty) or tool calls, or nothing
+            raise self._unreadable("no content and no tool calls", raw)
         return ModelResponse(
-            content=msg.get("content"), tool_calls=calls, usage=_usage(data.get("usage")),
-            finish_reason=choice.get("finish_reason") or "stop",
-            model=data.get("model") or self.model, time_to_first_token_s=None)
+            content=msg.content, tool_calls=calls, usage=_usage(data.usage),
+            finish_reason=choice.finish_reason or "stop",
+            model=data.model or self.model, time_to_first_token_s=None)
 
     async def _from_stream(self, r: httpx.Response, t0: float) -> ModelResponse:
         parts: list[str] = []
+        texts = False  # whether any delta had a `content` string, if only an empty one
         calls: dict[int, list[Any]] = {}  # index -> [id, name, [argument pieces]]
         finish: str | None = None
-        usage: dict[str, Any] | None = None
+        usage: _UsageWire | None = None
         model = ""
         ttft: float | None = None
+        choices = False
         done = False
+        last = ""
         async for line in r.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -372,46 +386,58 @@ class OpenAIModel(Model):
             if data == "[DONE]":
                 done = True
                 break
+            last = data
             try:
-                chunk = _decode(data)
-            except msgspec.DecodeError as e:
-                raise ModelError(f"{self._where()} sent an unreadable stream chunk: "
-                                 f"{data[:200]!r}") from e
-            if "error" in chunk:  # an error after the 200 (vLLM does this)
-                raise _Retryable(f"error in the stream: {_error_text(chunk['error'])}")
-            if chunk.get("usage"):
-                usage = chunk["usage"]
+                chunk = _decode_completion(data)
+            except msgspec.DecodeError as e:  # not JSON, or JSON of another shape
+                raise ModelError(f"{self._where()} sent an unreadable stream chunk "
+                                 f"({type(e).__name__}: {e}): {data[:200]!r}") from e
+            if chunk.error is not None:  # an error after the 200 (vLLM does this)
+                raise _Retryable(f"error in the stream: {_error_text(chunk.error)}")
+            if chunk.usage is not None:
+                usage = chunk.usage
             if not model:
-                model = chunk.get("model") or ""
-            for ch in chunk.get("choices") or ():
+                model = chunk.model or ""
+            for ch in chunk.choices or ():
                 if ttft is None:
                     ttft = time.perf_counter() - t0
-                if ch.get("index", 0):
+                if ch.index:
                     continue
-                delta = ch.get("delta") or {}
-                text = delta.get("content")
-                if text:
-                    parts.append(text)
-                for tc in delta.get("tool_calls") or ():
-                    slot = calls.get(tc.get("index", 0))
+                choices = True
+                delta = ch.delta or _Message()
+                if delta.content is not None:
+                    texts = True
+                    if delta.content:
+                        parts.append(delta.content)
+                for tc in delta.tool_calls or ():
+                    slot = calls.get(tc.index or 0)
                     if slot is None:
-                        slot = calls[tc.get("index", 0)] = ["", "", []]
-                    if tc.get("id"):
-                        slot[0] = tc["id"]
-                    fn = tc.get("function") or {}
-                    if fn.get("name"):
-                        slot[1] += fn["name"]
-                    if fn.get("arguments"):
-                        slot[2].append(fn["arguments"])
-                if ch.get("finish_reason"):
-                    finish = ch["finish_reason"]
+                        slot = calls[tc.index or 0] = ["", "", []]
+                    if tc.id:
+                        slot[0] = tc.id
+                    fn = tc.function or _Function()
+                    if fn.name:
+                        slot[1] += fn.name
+                    if fn.arguments:
+                        slot[2].append(fn.arguments)
+                if ch.finish_reason:
+                    finish = ch.finish_reason
         if not done and finish is None:
             raise _Retryable("the stream ended before the completion did")
+        if not choices:
+            raise ModelError(f"{self._where()} streamed a completion with no choices "
+                             f"(last chunk: {last[:200]!r})")
+        content = "".join(parts) or None
+        tool_calls = [ToolCall(id=s[0], name=s[1], arguments="".join(s[2]))
+                      for _, s in sorted(calls.items())]
+        if content is None and not tool_calls:
+            if not texts:
+                raise ModelError(f"{self._where()} streamed a completion with no content and "
+                                 f"no tool calls (last chunk: {last[:200]!r})")
+            content = ""  # only `content: ""` deltas: an empty answer, as unstreamed
         return ModelResponse(
-            content="".join(parts) if parts else None,
-            tool_calls=[ToolCall(id=s[0], name=s[1], arguments="".join(s[2]))
-                        for _, s in sorted(calls.items())],
-            usage=_usage(usage), finish_reason=finish or "stop", model=model or self.model,
+            content=content, tool_calls=tool_calls, usage=_usage(usage),
+            finish_reason=finish or "stop", model=model or self.model,
             time_to_first_token_s=ttft)
 
     async def aclose(self) -> None:
@@ -422,13 +448,63 @@ class OpenAIModel(Model):
             await _release(id(self))
 
 
-def _usage(u: dict[str, Any] | None) -> Usage:
-    if not u:
+# ---- the wire format ----------------------------------------------------------------------------
+# A completion, or one chunk of a stream, decoded straight into these: JSON of another shape (a
+# `null` choice, a token count that is a string) is a `msgspec.ValidationError` naming the path,
+# not a crash later on. Fields not read here are skipped.
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallWire(msgspec.Struct):
+    id: str | None = None
+    type: str | None = None
+    function: _Function | None = None
+    index: int | None = None  # stream deltas: which call a piece belongs to
+
+
+class _Message(msgspec.Struct):  # a choice's message, or a stream chunk's delta
+    content: str | None = None
+    tool_calls: list[_ToolCallWire] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int | None = None
+    message: _Message | None = None
+    delta: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _TokenDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _UsageWire(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tokens_details: _TokenDetails | None = None
+
+
+class _Completion(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _UsageWire | None = None
+    model: str | None = None
+    error: Any = None  # an error sent in a stream after the 200
+
+
+_decode_completion = msgspec.json.Decoder(_Completion).decode
+
+
+def _usage(u: _UsageWire | None) -> Usage:
+    if u is None:
         return Usage()
-    details = u.get("prompt_tokens_details") or {}
-    return Usage(input_tokens=u.get("prompt_tokens") or 0,
-                 output_tokens=u.get("completion_tokens") or 0,
-                 cached_input_tokens=details.get("cached_tokens") or 0)
+    details = u.prompt_tokens_details
+    return Usage(input_tokens=u.prompt_tokens or 0,
+                 output_tokens=u.completion_tokens or 0,
+                 cached_input_tokens=(details.cached_tokens if details else None) or 0)
 
 
 def _error_text(err: Any) -> str:

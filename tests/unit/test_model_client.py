@@ -579,6 +579,86 @@ async def test_a_direct_replica_refusing_connections_is_skipped_at_once(
     assert len(server.bodies("m1")) == 1
 
 
+# ---- completions without an answer, or of the wrong shape ---------------------------------------
+
+
+@pytest.mark.parametrize(("stream", "answer", "why"), [
+    (True, sse([{"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 0}}]),
+     "streamed a completion with no choices"),
+    (True, sse([delta({"role": "assistant", "content": None}, "stop")]),
+     "streamed a completion with no content and no tool calls"),
+    (False, raw({"model": "m1", "choices": [], "usage": {"prompt_tokens": 5}}),
+     r"unreadable completion \(no choices\)"),
+    (False, completion(None), r"unreadable completion \(no content and no tool calls\)"),
+], ids=["stream-no-choices", "stream-null-content", "json-no-choices", "json-null-content"])
+async def test_a_completion_without_an_answer_is_a_model_error(
+        server: FakeServer, stream: bool, answer: Responder, why: str) -> None:
+    server.script("m1", answer)
+    m = model(server, stream=stream)
+    with pytest.raises(ModelError, match=why) as info:
+        await m.complete(req())
+    await m.aclose()
+    assert not isinstance(info.value, ModelCallError)  # not retried: the server answered
+    assert f"model 'm1' at {server.url}" in str(info.value) and len(server.requests) == 1
+
+
+async def test_an_empty_string_answer_is_still_an_answer(server: FakeServer) -> None:
+    server.script("m1", completion(""))
+    server.script("m2", sse([delta({"role": "assistant", "content": ""}, "stop")]))
+    for name, stream in (("m1", False), ("m2", True)):
+        m = model(server, name, stream=stream)
+        resp = await m.complete(req())
+        await m.aclose()
+        assert resp.content == "" and resp.tool_calls == []
+
+
+def _choice(**msg: Any) -> dict[str, Any]:
+    return {"model": "m1", "choices": [{"index": 0, "message": {"role": "assistant", **msg},
+                                        "finish_reason": "stop"}]}
+
+
+@pytest.mark.parametrize(("stream", "answer", "where"), [
+    (False, raw({**_choice(content="x"), "usage": {"prompt_tokens": "lots"}}),
+     r"\$\.usage\.prompt_tokens"),
+    (False, raw({**_choice(content="x"), "usage": {
+        "prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": "some"}}}),
+     r"\$\.usage\.prompt_tokens_details\.cached_tokens"),
+    (False, raw({"model": "m1", "choices": [None]}), r"\$\.choices\[0\]"),
+    (False, raw({"model": "m1", "choices": [{"index": 0, "message": None}]}), "no message"),
+    (False, raw(_choice(content=None, tool_calls=["x"])), r"\$\.choices\[0\]\.message"),
+    (False, raw(_choice(content=None, tool_calls=[{"id": "c", "function": "f"}])),
+     r"\.tool_calls\[0\]\.function"),
+    (False, raw(5), "got `int`"),
+    (True, raw_sse("5"), "unreadable stream chunk.*got `int`"),
+    (True, raw_sse('{"choices": [null]}'), r"unreadable stream chunk.*\$\.choices\[0\]"),
+    (True, raw_sse('{"choices": [{"index": 0, "delta": null, "finish_reason": "stop"}], '
+                   '"usage": {"prompt_tokens": "lots"}}'), r"\$\.usage\.prompt_tokens"),
+    (True, raw_sse('{"choices": [{"index": 0, "delta": {"tool_calls": ["x"]}}]}'),
+     r"\$\.choices\[0\]\.delta\.tool_calls\[0\]"),
+], ids=["usage-str", "cached-str", "choice-null", "message-null", "tool-call-str",
+        "function-str", "not-object", "stream-int", "stream-choice-null", "stream-usage-str",
+        "stream-tool-call-str"])
+async def test_json_of_the_wrong_shape_is_a_model_error_naming_the_model(
+        server: FakeServer, stream: bool, answer: Responder, where: str) -> None:
+    server.script("m1", answer)
+    m = model(server, stream=stream)
+    with pytest.raises(ModelError, match=where) as info:
+        await m.complete(req())
+    await m.aclose()
+    assert type(info.value) is ModelError
+    assert f"model 'm1' at {server.url}" in str(info.value)
+
+
+async def test_a_malformed_usage_fails_the_task_as_a_model_error(
+        tmp_path: Path, server: FakeServer) -> None:
+    server.script("primary", raw({**_choice(content="x"), "usage": {"prompt_tokens": "lots"}}))
+    cfg = swarm_cfg(tmp_path, server)
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+    assert row["state"] == "failed" and row["error_class"] == "model", row
+    assert "model 'primary'" in row["error"] and "usage.prompt_tokens" in row["error"]
+
+
 # ---- fallbacks name the configured model, credentials stay out of messages -----------------------
 
 
