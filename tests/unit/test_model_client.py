@@ -593,13 +593,21 @@ async def test_a_direct_replica_refusing_connections_is_skipped_at_once(
 ], ids=["stream-no-choices", "stream-null-content", "json-no-choices", "json-null-content"])
 async def test_a_completion_without_an_answer_is_a_model_error(
         server: FakeServer, stream: bool, answer: Responder, why: str) -> None:
+    error = await _refused(server, answer, stream, why)
+    assert not isinstance(error, ModelCallError)  # not retried: the server answered
+    assert len(server.requests) == 1
+
+
+async def _refused(server: FakeServer, answer: Responder, stream: bool, match: str
+                   ) -> ModelError:
+    """The ModelError model m1 raises for this answer; it names the model and its URL."""
     server.script("m1", answer)
     m = model(server, stream=stream)
-    with pytest.raises(ModelError, match=why) as info:
+    with pytest.raises(ModelError, match=match) as info:
         await m.complete(req())
     await m.aclose()
-    assert not isinstance(info.value, ModelCallError)  # not retried: the server answered
-    assert f"model 'm1' at {server.url}" in str(info.value) and len(server.requests) == 1
+    assert f"model 'm1' at {server.url}" in str(info.value)
+    return info.value
 
 
 async def test_an_empty_string_answer_is_still_an_answer(server: FakeServer) -> None:
@@ -640,13 +648,7 @@ def _choice(**msg: Any) -> dict[str, Any]:
         "stream-tool-call-str"])
 async def test_json_of_the_wrong_shape_is_a_model_error_naming_the_model(
         server: FakeServer, stream: bool, answer: Responder, where: str) -> None:
-    server.script("m1", answer)
-    m = model(server, stream=stream)
-    with pytest.raises(ModelError, match=where) as info:
-        await m.complete(req())
-    await m.aclose()
-    assert type(info.value) is ModelError
-    assert f"model 'm1' at {server.url}" in str(info.value)
+    assert type(await _refused(server, answer, stream, where)) is ModelError
 
 
 async def test_a_malformed_usage_fails_the_task_as_a_model_error(
