@@ -403,7 +403,8 @@ class PythonExecConfig(_Strict):
 
 
 # ToolServerConfig fields that only an MCP server has.
-_MCP_ONLY = ("pool_size", "retries", "retry_backoff_s", "breaker_failures", "breaker_cooldown_s")
+_MCP_ONLY = ("connect_timeout_s", "pool_size", "retries", "retry_backoff_s", "breaker_failures",
+             "breaker_cooldown_s")
 
 
 class ToolServerConfig(_Strict):
@@ -421,6 +422,9 @@ class ToolServerConfig(_Strict):
         65536, ge=256, description="longest result text the model gets; the rest is cut, with "
         "a note saying how much")
     # MCP servers only (README "MCP servers"):
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait to open a connection (a stdio server's start "
+        "and handshake, an HTTP session); a server that doesn't answer in time is down")
     pool_size: int = Field(
         1, ge=1, le=32, description="connections (stdio: server processes) per agent replica, "
         "shared by its sessions; another opens only when all are busy")

@@ -228,10 +228,13 @@ class AgentHost:
         async with self._start_lock:
             if self._loop is not None:
                 return
-            for source in self.sources.values():
-                try:
-                    await source.start()
-                except Exception as exc:
+            # Together: N servers that don't answer cost one connect timeout, not N.
+            started = await asyncio.gather(*(s.start() for s in self.sources.values()),
+                                           return_exceptions=True)
+            for source, exc in zip(self.sources.values(), started, strict=True):
+                if isinstance(exc, asyncio.CancelledError):
+                    raise exc
+                if isinstance(exc, BaseException):
                     # A tool server that is down costs only the calls that touch it.
                     self.start_problems.append(f"{source.name}: {exc}")
                     log.warning(
@@ -241,6 +244,8 @@ class AgentHost:
                 self.role, self.agent_cfg.tools, self.sources, self.agent_cfg.handoffs,
                 deny=self.agent_cfg.deny_tools,
                 others=function_tool_names(self.cfg.tools, exclude=self.sources),
+                down={s.name for s, exc in zip(self.sources.values(), started, strict=True)
+                      if isinstance(exc, BaseException)},
             )
             for problem in toolbox.problems:
                 self.start_problems.append(problem)

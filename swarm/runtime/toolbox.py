@@ -121,6 +121,7 @@ class Toolbox:
         handoffs: list[str],
         deny: list[str] | tuple[str, ...] = (),
         others: dict[str, str] | None = None,
+        down: set[str] | frozenset[str] = frozenset(),
     ) -> Toolbox:
         """Resolve grant patterns (README "Tool access") against live sources.
 
@@ -135,7 +136,10 @@ class Toolbox:
         """
         rules = _Rules(agent, [parse_grant(g) for g in grants], [parse_grant(d) for d in deny],
                        sources, others or {})
-        listed = await _list_all(sources)
+        # `down`: sources that just failed to start are not asked again now (the re-listing
+        # below asks them soon).
+        listed = {**await _list_all({n: s for n, s in sources.items() if n not in down}),
+                  **{n: None for n in sources if n in down}}
         entries, forbidden, problems = rules.resolve(listed, strict=True)
         box = cls(entries, handoffs, agent=agent, forbidden=forbidden)
         box.problems = problems
@@ -236,13 +240,16 @@ async def _lists(source: ToolSource) -> bool:
 
 
 async def _list_all(sources: dict[str, ToolSource]) -> dict[str, list[ToolSpec] | None]:
-    listed: dict[str, list[ToolSpec] | None] = {}
-    for server, source in sources.items():
+    """Each source's tools (None for one that can't list them), asked together: servers that
+    don't answer cost one timeout, not one each."""
+    async def one(source: ToolSource) -> list[ToolSpec] | None:
         try:
-            listed[server] = await source.list_tools()
+            return await source.list_tools()
         except Exception:
-            listed[server] = None
-    return listed
+            return None
+
+    return dict(zip(sources, await asyncio.gather(*(one(s) for s in sources.values())),
+                    strict=True))
 
 
 @dataclass(slots=True)

@@ -102,7 +102,7 @@ class MCPToolSource(ToolSource):
     @classmethod
     def from_config(
         cls, name: str, config: ToolServerConfig, *, server: MCPStdioConfig | MCPHttpConfig |
-        None = None, connect_timeout_s: float = 30.0,
+        None = None, connect_timeout_s: float | None = None,
     ) -> MCPToolSource:
         """Build the source for a `ToolServerConfig` that has `mcp:` set (`server` replaces it,
         e.g. with the command resolved)."""
@@ -110,7 +110,8 @@ class MCPToolSource(ToolSource):
             raise ConfigError([(f"tools.{name}.mcp", "not an MCP tool server")])
         return cls(
             name, server or config.mcp, timeout_s=config.timeout_s,
-            connect_timeout_s=connect_timeout_s, pool_size=config.pool_size,
+            connect_timeout_s=connect_timeout_s or config.connect_timeout_s,
+            pool_size=config.pool_size,
             retries=config.retries, retry_backoff_s=config.retry_backoff_s,
             breaker_failures=config.breaker_failures,
             breaker_cooldown_s=config.breaker_cooldown_s,

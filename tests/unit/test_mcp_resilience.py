@@ -93,10 +93,16 @@ def test_config_knobs_have_defaults_and_are_mcp_only():
     src = MCPToolSource.from_config("s", ToolServerConfig.model_validate(
         {"mcp": {"command": "srv"}, "pool_size": 3, "retries": 0, "max_result_chars": 1000}))
     assert (len(src._slots), src.retries, src.max_result_chars) == (3, 0, 1000)
+    assert src.connect_timeout_s == 30.0
+    quick = MCPToolSource.from_config("s", ToolServerConfig.model_validate(
+        {"mcp": {"command": "srv"}, "connect_timeout_s": 2.5}))
+    assert quick.connect_timeout_s == 2.5
     fn = ToolServerConfig.model_validate({"python": ["m:f"], "max_result_chars": 500})
     assert fn.max_result_chars == 500
     with pytest.raises(ValueError, match="pool_size, retries: only for MCP servers"):
         ToolServerConfig.model_validate({"python": ["m:f"], "pool_size": 2, "retries": 1})
+    with pytest.raises(ValueError, match="connect_timeout_s: only for MCP servers"):
+        ToolServerConfig.model_validate({"python": ["m:f"], "connect_timeout_s": 5})
 
 
 # ---- in-process servers -----------------------------------------------------------------------
