@@ -489,6 +489,9 @@ class A2AMemberConfig(_Strict):
     timeout_s: float = Field(300.0, gt=0, description="one attempt of a remote turn, from "
                              "sending the message to the remote's final answer")
     connect_timeout_s: float = Field(10.0, gt=0, description="opening a connection")
+    max_answer_chars: int = Field(
+        262_144, ge=256, description="longest answer taken from the remote; the rest is cut, "
+        "with a note saying how much (as tools.X.max_result_chars does for tool results)")
     retries: int = Field(2, ge=0, le=10, description="attempts after the first when the remote "
                          "can't be reached, drops the connection or answers 408/429/5xx")
     backoff_s: float = Field(0.5, ge=0, description="wait before the first retry; doubles")

@@ -330,7 +330,7 @@ class RemoteMember:
                     state = state_name(progress.task.status.state) if progress.task else "none"
                     raise _Transient(f"the stream ended before the remote task did "
                                      f"(state {state})")
-                return self._outcome(progress)
+                return self._capped(self._outcome(progress))
             except TimeoutError:
                 self._cancel_remote(progress)
                 limit = f"agents.{self.role}.a2a.timeout_s" if budget >= self.cfg.timeout_s \
@@ -432,6 +432,14 @@ class RemoteMember:
         self.emit([RemoteUpdate(task_id=req.task_id, ts=time.time(), agent=self.role,
                                 state=state, text=text[:_MAX_TEXT],
                                 remote_task_id=progress.task.id if progress.task else "")])
+
+    def _capped(self, answer: str) -> str:
+        """The answer cut to `max_answer_chars`, with a note saying so (a remote is a peer:
+        what it sends is bounded like a tool's result)."""
+        limit = self.cfg.max_answer_chars
+        if len(answer) <= limit:
+            return answer
+        return f"{answer[:limit]}\n[truncated: {limit} of {len(answer)} characters shown]"
 
     def _outcome(self, progress: _Progress) -> str:
         """The remote's answer, or `_Failed` for a task that didn't complete."""

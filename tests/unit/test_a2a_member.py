@@ -85,6 +85,17 @@ async def test_handoff_to_a_remote_member_ends_with_its_answer(tmp_path: Path,
         assert a2a.message_text(task.history[-1]) == row["answer"]
 
 
+async def test_a_remote_answer_is_cut_to_max_answer_chars(tmp_path: Path,
+                                                           peer: A2APeer) -> None:
+    # A remote member is a peer: however much it sends, the task keeps a bounded answer.
+    cfg = desk_cfg(tmp_path, peer, echo=remote(peer, "echo", max_answer_chars=256))
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("echo: " + "x" * 1000)
+    assert row["state"] == "completed", row
+    full = "echo: echo: " + "x" * 1000
+    assert row["answer"] == f"{full[:256]}\n[truncated: 256 of {len(full)} characters shown]"
+
+
 async def test_streamed_status_updates_become_task_events(tmp_path: Path,
                                                           peer: A2APeer) -> None:
     async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
