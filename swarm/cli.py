@@ -114,6 +114,7 @@ def run(
     try:
         sup, reports = start_swarm(cfg, deployment=deployment)
     except SwarmError as e:
+        stop_embedded_store(deployment)  # a run that never started leaves no server behind
         _die(str(e))
     _warn_start_problems(reports)
     printer = ProgressPrinter(out)
