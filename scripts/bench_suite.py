@@ -21,6 +21,14 @@ ledger on. Each measurement runs in a fresh process.
    checkpointer writing each step, and with each step's write sent while the next model call
    runs (what LangGraph's default "async" durability does).
 4. recovery: `scripts/recovery_scenarios.py actor-kill --json` (agent replicas killed mid-task).
+5. sustained (only when named: `--only sustained`): the concurrency workload's tasks with
+   1,000 and 2,000 kept in flight, as under a
+   steady load, instead of started together: 20 groups each run their share, wait for it and
+   run it again, a group's share of a task length apart; steps/s over a window of at least
+   four task lengths, opened after two once every group has started again, against the same
+   ideal, and CPU µs per step in that window. swarm on Ray as in 3, LangGraph with
+   AsyncSqliteSaver and without (at 2,000 a round of LangGraph's tasks takes over a minute
+   and a half, so its window takes minutes: about 12 minutes in all with --repeat 3).
 
     pip install -e '.[bench]'
     python scripts/bench_suite.py                      # everything (~15 minutes on 2 cores)
@@ -35,6 +43,7 @@ ledger on. Each measurement runs in a fresh process.
                                                        # turn's start and end only (or every_n:5)
     python scripts/bench_suite.py --only concurrency --levels 2000 --sides swarm   # one level,
                                                        # a fresh deployment, swarm alone
+    python scripts/bench_suite.py --only sustained --levels 2000   # 2,000 kept in flight
 
 Results go to bench-results/<timestamp>/ (results.json, table.txt, *.png).
 """
@@ -56,7 +65,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-WORKLOADS = ("step", "growth", "concurrency", "recovery")
+WORKLOADS = ("step", "growth", "concurrency", "recovery", "sustained")
+DEFAULT_WORKLOADS = WORKLOADS[:4]  # what a run without --only measures
+SUSTAINED_LEVELS = [1000, 2000]
 STEP_LEVELS = {10: 30, 100: 5, 500: 2, 2000: 1}  # steps per task -> tasks measured
 LG_MAX_STEPS = 500  # LangGraph's storage grows with the square of the task length
 GROWTH_MARKS = [10, 100, 500, 2000]
@@ -167,6 +178,22 @@ def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python",
     return rows
 
 
+def run_sustained(quick: bool, repeat: int = 1, levels: list[int] | None = None
+                  ) -> list[dict[str, Any]]:
+    levels = levels or ([10, 100] if quick else SUSTAINED_LEVELS)
+    rows: list[dict[str, Any]] = []
+    ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat,
+                       workload="sustained")
+    rows += ray_rows if isinstance(ray_rows, list) else \
+        [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
+    for c in levels if "langgraph" in SIDES else ():
+        rows.append(measure("lg_sustained", c, True) | {"sessions": c})
+        rows.append(measure("lg_sustained", c, False) | {"sessions": c})
+    for r in rows:
+        r.setdefault("impl", "?")
+    return rows
+
+
 def run_recovery() -> dict[str, Any]:
     script = ROOT / "scripts" / "recovery_scenarios.py"
     proc = subprocess.run([sys.executable, str(script), "actor-kill", "--json"],
@@ -187,11 +214,13 @@ def run_recovery() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(WORKLOADS),
-                    help=f"workloads, comma-separated: {', '.join(WORKLOADS)}")
+    ap.add_argument("--only", default=",".join(DEFAULT_WORKLOADS),
+                    help=f"workloads, comma-separated: {', '.join(WORKLOADS)} (default all "
+                    "but sustained)")
     ap.add_argument("--quick", action="store_true", help="small levels: a smoke run")
     ap.add_argument("--repeat", type=int, default=3, metavar="N",
-                    help="runs of each Ray concurrency level; the table shows the median run "
+                    help="runs of each Ray concurrency (and sustained) level; the table "
+                    "shows the median run "
                     "and lists them all (default 3)")
     ap.add_argument("--ray-model", choices=("python", "scripted"), default="python",
                     help="the model of the Ray concurrency workload: python, a model class "
@@ -213,10 +242,11 @@ def main() -> None:
                     "or every_n:N:wait: each step waits for its append (state.write_behind: "
                     "false). No target verdict is printed for other policies")
     ap.add_argument("--levels", metavar="C,C,...",
-                    help="concurrency levels, comma-separated (default 10,100,1000,2000; "
-                    "--quick 10,100). The Ray levels share one deployment, one after the "
-                    "other: a single level is measured on a fresh one, so its memory figure "
-                    "is the whole cost of its sessions, pools included")
+                    help="concurrency levels, comma-separated (default 10,100,1000,2000, and "
+                    "1000,2000 for sustained; --quick 10,100). The Ray levels share one "
+                    "deployment, one after the other: a single level is measured on a fresh "
+                    "one, so its memory figure is the whole cost of its sessions, pools "
+                    "included")
     ap.add_argument("--sides", default="swarm,langgraph", metavar="swarm,langgraph",
                     help="the runtimes to measure (default both; swarm alone is minutes "
                     "shorter, with no comparison)")
@@ -274,6 +304,8 @@ def main() -> None:
         res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat,
                                              args.ray_model, levels, args.ray_layers,
                                              args.ray_checkpoint)
+    if "sustained" in only:
+        res["sustained"] = run_sustained(args.quick, 1 if args.quick else args.repeat, levels)
     if "recovery" in only:
         print("  recovery: scripts/recovery_scenarios.py actor-kill (~1-2 minutes)", flush=True)
         res["recovery"] = run_recovery()
@@ -284,7 +316,7 @@ def main() -> None:
     (folder / "table.txt").write_text(text + "\n")
     made = plots(res, folder)
     print("\n" + text)
-    errors = [r for k in ("step_overhead", "concurrency") for r in res.get(k, [])
+    errors = [r for k in ("step_overhead", "concurrency", "sustained") for r in res.get(k, [])
               if "error" in r]
     for r in errors:
         print(f"error: {r.get('impl', '?')}: {r['error']}")

@@ -3,13 +3,14 @@ decision, figures, and CPU and memory of a set of processes."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import random
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import psutil
@@ -424,6 +425,85 @@ def concurrency_row(impl: str, sessions: int, wall_s: float, steps: int, cpu_s: 
                     "orchestration_rss_sum_kb_per_session":
                         peak.orchestration_sum() / sessions / 1024})}),
             **extra}
+
+
+# The sustained workload (`--only sustained`): `sessions` tasks kept in flight, as a service
+# under steady load has them, instead of started together. `SUSTAIN_GROUPS` groups each start
+# their share of the tasks, wait for all of it and start as many again; the groups start a
+# group's share of a task length apart, so tasks end (and new ones start) all the time rather
+# than in waves. The figures are over a window that opens once `SUSTAIN_WARMUP` task lengths
+# have passed and every group has started again, and closes once `SUSTAIN_WINDOW` task
+# lengths have passed and every group has ended two more rounds (a runtime slower than the
+# ideal gets a longer window): the tasks that ended in it, and the CPU used during it.
+SUSTAIN_GROUPS = 20
+SUSTAIN_WARMUP = 2
+SUSTAIN_WINDOW = 4
+
+
+async def sustain(run_group: Callable[[int, int, int], Awaitable[list[float]]], sessions: int,
+                  procs: Procs, *, task_s: float = TASK_IDEAL_S, groups: int = SUSTAIN_GROUPS,
+                  warmup: float = SUSTAIN_WARMUP, window: float = SUSTAIN_WINDOW
+                  ) -> dict[str, Any]:
+    """Keep `sessions` tasks in flight: `run_group(group, round, n)` runs `n` tasks and returns
+    when each ended (`time.time()`). Returns the window (`window_s`, from its opening reading
+    to its closing one), the tasks that ended in it, the CPU `procs` used in it, the machine's
+    CPU split and how many rounds each group ran. Once the window has closed the groups start
+    no more rounds; the rounds then running are waited for."""
+    groups = max(1, min(groups, sessions))
+    shares = [sessions // groups + (1 if g < sessions % groups else 0) for g in range(groups)]
+    start = time.time() + 0.05
+    ends: list[float] = []
+    rounds = [0] * groups
+    progress = asyncio.Event()  # set whenever a group ends a round
+    closed = False
+    marks: dict[str, tuple[float, dict[int, float], dict[str, float]]] = {}
+
+    async def group(g: int) -> None:
+        await asyncio.sleep(max(0.0, start + g * task_s / groups - time.time()))
+        while not closed:
+            ends.extend(await run_group(g, rounds[g], shares[g]))
+            rounds[g] += 1
+            progress.set()
+
+    async def until(done: Callable[[], bool]) -> None:
+        while not done():
+            progress.clear()
+            await progress.wait()
+
+    def reading() -> tuple[float, dict[int, float], dict[str, float]]:
+        return time.time(), procs.cpu(), machine_cpu()
+
+    async def control() -> None:
+        nonlocal closed
+        await asyncio.sleep(max(0.0, start + warmup * task_s - time.time()))
+        await until(lambda: min(rounds) >= 1)
+        marks["from"], opened = reading(), list(rounds)
+        await asyncio.sleep(window * task_s)
+        await until(lambda: all(r - o >= 2 for r, o in zip(rounds, opened, strict=True)))
+        marks["to"], closed = reading(), True
+
+    await asyncio.gather(control(), *(group(g) for g in range(groups)))
+    (t0, cpu0, m0), (t1, cpu1, m1) = marks["from"], marks["to"]
+    return {"window_s": t1 - t0, "tasks": sum(1 for e in ends if t0 <= e <= t1),
+            "cpu_s": cpu_delta(cpu0, cpu1), "machine_cpu": machine_cpu_split(m0, m1),
+            "groups": groups, "rounds": rounds}
+
+
+def sustained_row(impl: str, sessions: int, window: dict[str, Any], **extra: Any
+                  ) -> dict[str, Any]:
+    """Figures of one sustained run (`sustain`'s window), against the same ideal as the
+    concurrency workload's: C x 10 / 2.2 steps/s. CPU a step is the window's CPU over the steps
+    of the tasks that ended in it (in a steady state, as many steps ran in it)."""
+    steps = window["tasks"] * TOOL_STEPS
+    ideal = sessions * TOOL_STEPS / TASK_IDEAL_S
+    achieved = steps / window["window_s"]
+    return {"impl": impl, "workload": "sustained", "sessions": sessions,
+            "window_s": window["window_s"], "tasks_ended": window["tasks"], "steps": steps,
+            "steps_per_s": achieved, "ideal_steps_per_s": ideal, "of_ideal": achieved / ideal,
+            "cpu_s": window["cpu_s"],
+            "cpu_us_per_step": window["cpu_s"] / steps * 1e6 if steps else None,
+            "groups": window["groups"], "rounds": window["rounds"],
+            "timeline": {"machine_cpu": window["machine_cpu"]}, **extra}
 
 
 def marginal_kb(rows: list[dict[str, Any]]) -> None:

@@ -33,6 +33,8 @@ from scripts.bench.common import (
     payload,
     pct,
     step_gaps_us,
+    sustain,
+    sustained_row,
     wants_tool,
 )
 
@@ -194,7 +196,13 @@ def concurrency(sessions: int, durable: bool) -> dict[str, Any]:
     return asyncio.run(_concurrency(sessions, durable))
 
 
-async def _concurrency(sessions: int, durable: bool) -> dict[str, Any]:
+def sustained(sessions: int, durable: bool) -> dict[str, Any]:
+    """The same tasks, `sessions` of them kept in flight (`scripts.bench.common.sustain`)."""
+    return asyncio.run(_concurrency(sessions, durable, sustained=True))
+
+
+async def _concurrency(sessions: int, durable: bool, sustained: bool = False
+                       ) -> dict[str, Any]:
     import contextlib
 
     procs = Procs()
@@ -214,18 +222,31 @@ async def _concurrency(sessions: int, durable: bool) -> dict[str, Any]:
         base_rss = procs.freeze().rss()
         cpu0 = procs.cpu()
 
-        async def one(i: int) -> int:
+        async def one(i: int | str) -> int:
             out = await graph.ainvoke({"messages": [("user", "bench")]},
                                       {"configurable": {"thread_id": f"t{i}"}})
             assert out["messages"][-1].content == ANSWER
             return TOOL_STEPS
 
-        with PeakRss(procs) as peak:
-            t0 = time.perf_counter()
-            done = await asyncio.gather(*(one(i) for i in range(sessions)))
-            wall = time.perf_counter() - t0
-        cpu = cpu_delta(cpu0, procs.cpu())
+        impl = "langgraph+sqlite" if durable else "langgraph (no checkpointer)"
+        if sustained:
+            async def ended(i: str) -> float:
+                await one(i)
+                return time.time()
+
+            async def run_group(group: int, rnd: int, n: int) -> list[float]:
+                return list(await asyncio.gather(*(ended(f"{group}.{rnd}.{i}")
+                                                   for i in range(n))))
+
+            window = await sustain(run_group, sessions, procs)
+        else:
+            with PeakRss(procs) as peak:
+                t0 = time.perf_counter()
+                done = await asyncio.gather(*(one(i) for i in range(sessions)))
+                wall = time.perf_counter() - t0
+            cpu = cpu_delta(cpu0, procs.cpu())
     shutil.rmtree(folder, ignore_errors=True)
-    impl = "langgraph+sqlite" if durable else "langgraph (no checkpointer)"
+    if sustained:
+        return sustained_row(impl, sessions, window, processes=1, pid=os.getpid())
     return concurrency_row(impl, sessions, wall, sum(done), cpu, peak.peak - base_rss,
                            peak=peak, processes=1, pid=os.getpid())

@@ -35,6 +35,8 @@ from scripts.bench.common import (
     payload,
     pct,
     step_gaps_us,
+    sustain,
+    sustained_row,
     wants_tool,
 )
 from swarm.config import SwarmConfig, parse_config
@@ -429,7 +431,8 @@ def layers_off(spec: str) -> tuple[str, ...]:
 
 def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
                     model: str = "python", layers: bool | str = True,
-                    checkpoint: str = "every_step") -> list[dict[str, Any]]:
+                    checkpoint: str = "every_step", workload: str = "burst"
+                    ) -> list[dict[str, Any]]:
     """The concurrency workload on a local Ray with 2 CPUs: a supervisor actor and `replicas`
     agent actors, the model in-process (200 ms a call) and a Redis store; every level in the
     same deployment, one after the other, each `repeat` times: the row is the run with the
@@ -449,9 +452,15 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
     `checkpoint`: the checkpoint policy (`state.checkpoint`), `every_step` (the default, what
     the targets are for), `every_n:N` (a durable append every N steps) or `phase` (at the
     turn's start and end): what a durable append every step costs at scale; with `:wait`
-    (`every_step:wait`), each step waits for its append instead of writing it behind."""
+    (`every_step:wait`), each step waits for its append instead of writing it behind.
+
+    `workload`: "burst" starts each level's tasks together (the concurrency workload);
+    "sustained" keeps that many in flight (`scripts.bench.common.sustain`), its rows giving
+    the steady rate over a window and no memory figures."""
     if model not in ("python", "scripted"):
         raise ValueError(f"model must be python or scripted, not {model!r}")
+    if workload not in ("burst", "sustained"):
+        raise ValueError(f"workload must be burst or sustained, not {workload!r}")
     durability = checkpoint_policy(checkpoint)
     off = layers_off("on" if layers is True else "off" if layers is False else layers)
     import ray
@@ -504,7 +513,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
         procs = Procs(store_pids)
         asyncio.run(_ray_level(sup, 4, procs, store_pids))  # warm up
         for level in levels:
-            runs = [asyncio.run(_ray_level(sup, level, procs, store_pids))
+            runs = [asyncio.run(_ray_level(sup, level, procs, store_pids)
+                                if workload == "burst" else _ray_sustained(sup, level, procs))
                     for _ in range(max(repeat, 1))]
             row = first_run_memory(runs)
             if model == "scripted":
@@ -524,6 +534,22 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
         shutil.rmtree(run_dir, ignore_errors=True)
         os.environ.pop("SWARM_STATE_STORE", None)
     return out
+
+
+async def _ray_sustained(sup: Any, sessions: int, procs: Procs) -> dict[str, Any]:
+    """`sessions` tasks kept in flight through the supervisor, each group's round one
+    `submit_many` and one `wait_many`, as in `_ray_level`."""
+
+    async def run_group(group: int, rnd: int, n: int) -> list[float]:
+        ids = await sup.submit_many.remote([f"task {group}.{rnd}.{i}" for i in range(n)])
+        rows = await sup.wait_many.remote(ids, 600)
+        bad = [r for r in rows if r["state"] != "completed"]
+        assert not bad, bad[0]
+        return [r["updated"] for r in rows]
+
+    window = await sustain(run_group, sessions, procs)
+    return sustained_row("swarm+redis, Ray (supervisor + agent replicas)", sessions, window,
+                         processes=len(procs.processes()))
 
 
 # A level's memory figures: what its sessions grew the processes by.

@@ -417,3 +417,48 @@ def test_the_floor_written_behind_logs_the_same_steps_in_order() -> None:
     # A reference row: no target verdict.
     assert "target" not in report.table({"concurrency": [
         common.concurrency_row(row["impl"], 2000, 2.5, 20000, 1.0, 1)]})
+
+
+def test_a_sustained_window_counts_the_tasks_that_ended_in_it() -> None:
+    """`sustain` keeps the sessions in flight in staggered groups and counts, over its window,
+    only the tasks that ended in it; every group ran rounds, and the figures follow from the
+    counts against the concurrency workload's ideal."""
+    started: list[tuple[int, int, int]] = []
+
+    async def run_group(group: int, rnd: int, n: int) -> list[float]:
+        started.append((group, rnd, n))
+        await asyncio.sleep(0.02)  # the round's tasks take their time (not a synchronisation)
+        return [common.time.time()] * n
+
+    window = asyncio.run(common.sustain(run_group, 10, common.Procs(), task_s=0.05, groups=4,
+                                        warmup=1, window=4))
+    # 10 sessions in 4 groups: 3, 3, 2, 2, each group's rounds all of its share.
+    assert {(g, n) for g, _, n in started} == {(0, 3), (1, 3), (2, 2), (3, 2)}
+    # The window opened once every group had ended a round, and closed once each had ended
+    # two more.
+    assert window["groups"] == 4 and all(r >= 3 for r in window["rounds"])
+    assert sum(window["rounds"]) == len(started)
+    ended = sum(n for *_, n in started)
+    assert 0 < window["tasks"] <= ended and window["window_s"] > 0 and window["cpu_s"] >= 0
+    row = common.sustained_row("x", 2000, {**window, "tasks": 1000, "window_s": 2.0,
+                                           "cpu_s": 2.0})
+    # 1,000 tasks of 10 steps in 2 s: 5,000 steps/s against 2,000 x 10 / 2.2.
+    assert row["steps_per_s"] == 5000 and row["of_ideal"] == pytest.approx(0.55)
+    assert row["cpu_us_per_step"] == pytest.approx(200.0) and row["workload"] == "sustained"
+
+
+def test_the_sustained_rows_are_tabled_beside_not_instead_of_the_target() -> None:
+    window = {"window_s": 8.8, "tasks": 7000, "cpu_s": 14.0, "groups": 20, "rounds": [4] * 20,
+              "machine_cpu": {"user": 0.8, "system": 0.1, "idle": 0.1}}
+    res = {"machine": {"nproc": 2}, "sustained": [
+        common.sustained_row("swarm+redis, Ray", 2000, window),
+        common.sustained_row("langgraph+sqlite", 2000, {**window, "tasks": 3000})]}
+    text = report.table(res)
+    line = next(x for x in text.splitlines() if x.startswith("swarm+redis, Ray "))
+    # 7,000 tasks of 10 steps in 8.8 s against 9,091 steps/s; 200 µs a step; 90% busy.
+    assert line.split()[-5:] == ["7955", "9091", "87.5%", "200", "90%"]
+    assert "alongside: 90% of ideal with 2,000 kept in flight (swarm+redis, Ray): 87.5%" in text
+    assert "not reached (the target is read on tasks started together)" in text
+    assert "target >= 90%" not in text  # no target verdict from a sustained row
+    with pytest.raises(ValueError, match="workload must be burst or sustained"):
+        swarm_side.ray_concurrency([10], workload="steady")
