@@ -35,9 +35,10 @@ import logging
 import time
 from typing import Any
 
+from swarm._urls import redact_url
 from swarm.config import CheckpointPolicy
 from swarm.models.interface import ToolCall, Usage
-from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry, ledger_key
+from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry, LostWrites, ledger_key
 from swarm.state.replay import OpenTurn, TaskState, to_snapshot
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,11 @@ class Journal:
         # the open turn. Fresh turns get it from the supervisor, resumed ones from the log.
         self.base = base or TaskState()
         self.seq = self.base.seq
+        # Whether `seq` is the log's last entry for sure: for a turn resumed from the log, or
+        # once this journal's first append landed (a fresh turn starts without knowing where
+        # the turns before it left the log). From then on each append must land right after
+        # the previous one (`LostWrites` if not).
+        self._seq_known = self.seq >= 0
         self.open_turn: OpenTurn | None = self.base.open_turn
         self._snapshotting: asyncio.Task[None] | None = None
         # Called with each snapshot once it is durable (the agent actor publishes it to the
@@ -157,7 +163,14 @@ class Journal:
         if self.on_append is not None:
             self.on_append(time.perf_counter() - t0)
         if entries:
-            self.seq = seq
+            first = seq - len(entries) + 1
+            if self._seq_known and first != self.seq + 1:
+                # The log doesn't hold what it acknowledged: nothing more is reported durable,
+                # and the turn stops at its next write (`_append`).
+                self._failure = LostWrites(self.log_id, self.seq + 1, first,
+                                           redact_url(str(getattr(self.store, "url", ""))))
+                raise self._failure
+            self.seq, self._seq_known = seq, True
         self.entries_written += len(entries)
         for fn in waiting:  # a list `when_durable` may add to while this append is in flight
             try:

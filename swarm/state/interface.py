@@ -104,6 +104,24 @@ class Fenced(CheckpointError):
                          "another copy of this turn took over")
 
 
+class LostWrites(CheckpointError):
+    """An append landed somewhere other than right after this writer's previous one: entries
+    the store had acknowledged as durable are gone from the task's log (a Redis server that
+    restarted without its data, or a log file replaced behind the writer's back). The turn
+    stops rather than go on from a log that no longer holds what it did: resumed from there,
+    finished tool calls would run again."""
+
+    def __init__(self, task_id: str, expected: int, got: int, store: str = "") -> None:
+        self.task_id, self.expected, self.got = task_id, expected, got
+        where = f" ({store})" if store else ""
+        super().__init__(
+            f"task {task_id}: the durable store{where} lost entries it had acknowledged: the "
+            f"log should have continued at seq {expected}, but the append landed at seq {got}. "
+            "Was the store restarted without its data (Redis needs appendonly yes, as the "
+            "embedded one has)? The turn stops here; entries before the loss can't be "
+            "recovered from this store")
+
+
 class StoreUnavailable(CheckpointError):
     """The durable store can't be reached (after the backend's own bounded retries)."""
 

@@ -429,3 +429,46 @@ async def test_a_batch_of_replies_keeps_each_error_in_its_place(
         assert await redis_mod._exchange(conn, [("ECHO", b"after")]) == [b"after"]
     finally:
         await conn.disconnect()
+
+
+async def test_a_journal_stops_when_redis_lost_what_it_acknowledged(
+        redis_server: EmbeddedRedis) -> None:
+    """A Redis that restarted without its data (its keys gone) under a running turn: the next
+    append lands at seq 0 instead of after the turn's steps, and the journal stops the turn
+    with an error naming the store, instead of going on from a log that lost its steps (a
+    resume from there would run finished tool calls again)."""
+    import redis
+
+    from swarm.models.interface import Usage
+    from swarm.runtime.journal import Journal
+    from swarm.state.interface import LostWrites
+
+    prefix = f"test{uuid.uuid4().hex[:12]}"
+    store = RedisCheckpointer(redis_server.url, prefix=prefix)
+    await store.start()
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        journal = Journal(store, "t1", "a", turn="0")
+        await journal.turn_start("hello", 0)
+        await journal.model(1, {"role": "assistant", "content": "one"}, Usage(), [])
+        await journal.checkpoint()
+        assert [e.seq for e in await store.read("t1")] == [0, 1]
+        raw.delete(*raw.keys(f"{prefix}:*"))  # the data is gone, the server still answers
+        await journal.model(2, {"role": "assistant", "content": "two"}, Usage(), [])
+        with pytest.raises(LostWrites) as lost:
+            await journal.checkpoint()
+        assert "should have continued at seq 2, but the append landed at seq 0" in str(lost.value)
+        assert redis_server.url in str(lost.value) and "appendonly" in str(lost.value)
+        with pytest.raises(LostWrites):  # nothing more is written after it
+            await journal.model(3, {"role": "assistant", "content": "x"}, Usage(), [])
+        # A fresh turn's journal doesn't know where the turns before it left the log: its first
+        # append sets that, wherever it lands (a handoff's turn follows another agent's).
+        other = Journal(store, "t2", "b", turn="1")
+        await store.append("t2", [entry(1), entry(2)])
+        await other.turn_start("next", 2)
+        await other.model(1, {"role": "assistant", "content": "ok"}, Usage(), [])
+        await other.checkpoint()
+        assert [e.seq for e in await store.read("t2")] == [0, 1, 2, 3]
+    finally:
+        await store.close()
+        raw.close()
