@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from swarm import events
+from swarm._urls import redact_url
 from swarm.config import MCPStdioConfig, SwarmConfig
 from swarm.errors import classify
 from swarm.events import Event, TurnResumed
@@ -30,7 +31,7 @@ from swarm.runtime.middleware import build_middleware
 from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
 from swarm.state import codec
-from swarm.state.interface import Checkpointer, Fenced, Snapshot
+from swarm.state.interface import Checkpointer, Fenced, LostWrites, Snapshot
 from swarm.state.replay import TaskState, fold, latest_snapshot
 from swarm.tools.access import function_tool_names, granted_servers
 from swarm.tools.interface import ToolSource
@@ -79,6 +80,9 @@ class TurnRequest:
     totals: dict[str, int] = field(default_factory=dict)
     # On a resume: [ObjectRef] of the task's latest snapshot in the object store, if any.
     hot: list[Any] | None = None
+    # On a resume: the last step of this turn its events reported finished where that means
+    # durable (`state.checkpoint` every_step or every_call), 0 if none: the log must reach it.
+    durable_step: int = 0
     # Governance for this turn (swarm.governance): "budget" (an Allowance), "steps_why",
     # "stuck_from" (transcript index stuck detection counts from).
     guard: dict[str, Any] | None = None
@@ -470,6 +474,7 @@ class AgentHost:
             entries = await self.store.read(log_id, after=snapshot.seq if snapshot else -1)
             state = fold(snapshot, entries)
             turn = state.open_turn
+            self._check_durable(req, log_id, state)
             if turn is not None and turn.agent == self.role:
                 self.buffer.emit(TurnResumed(
                     task_id=req.task_id, ts=time.time(), agent=self.role, step=state.step,
@@ -519,6 +524,23 @@ class AgentHost:
         session.journal.on_append = self.on_checkpoint
         await session.journal.turn_start(text, len(req.transcript))
         return None, first
+
+    def _check_durable(self, req: TurnRequest, log_id: str, state: TaskState) -> None:
+        """Refuse to resume a turn from a log that lost steps the turn had reported durable
+        (the store restarted without its data, say): started over from there, the turn would
+        run finished tool calls again."""
+        if req.durable_step <= req.step_offset:
+            return
+        turn, done = state.open_turn, state.last_outcome
+        found = (turn is not None and turn.agent == self.role) or (
+            turn is None and done is not None and done.get("turn") == req.turn_id
+            and done.get("agent") == self.role)
+        if not found or state.step < req.durable_step:
+            reached = f"ends at step {state.step}" if found else "has nothing of the turn"
+            raise LostWrites(log_id, req.durable_step, state.step, redact_url(str(getattr(
+                self.store, "url", ""))), what=(
+                f"step {req.durable_step} of turn {req.turn_id} of agent {self.role} was "
+                f"reported durable, but its log {reached}"))
 
     async def _hot_snapshot(self, req: TurnRequest, log_id: str) -> Snapshot | None:
         """The task's latest snapshot from the Ray object store, if the supervisor holds one

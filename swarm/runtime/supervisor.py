@@ -30,6 +30,7 @@ from swarm.events import (
     Alert,
     Event,
     ModelCalled,
+    StepFinished,
     TaskFinished,
     TaskStateChanged,
     ToolCalled,
@@ -1556,6 +1557,8 @@ class Supervisor:
                         raise
                     log.warning("task %s: %s; resuming (attempt %d)", rec.id, exc, retries)
                     req.resume, req.decision = True, None
+                    req.durable_step = max(req.durable_step,
+                                           self._durable_step(rec, agent, req.step_offset))
                     held = self.hot.get(req.log_id)
                     req.hot = held[1] if held is not None else None
                     continue
@@ -1586,6 +1589,15 @@ class Supervisor:
             self._emit_run(rec, result.events)
         self._account(rec, agent, result, started)
         return result
+
+    def _durable_step(self, rec: TaskRecord, agent: str, since: int) -> int:
+        """The last step after `since` that `agent`'s events reported finished, where that
+        means durable (every_step, every_call: a step is reported once its append is); 0 if
+        none. A turn resumed after its replica died must find its log reach that step."""
+        if self.cfg.state.checkpoint not in ("every_step", "every_call"):
+            return 0
+        return max((ev.step for ev in rec.events if type(ev) is StepFinished
+                    and ev.agent == agent and ev.step > since), default=0)
 
     def _account(self, rec: TaskRecord, agent: str, result: TurnResult, started: float) -> None:
         """Count a turn's usage for the task, the agent and the swarm; alert on a stop."""

@@ -111,14 +111,16 @@ class LostWrites(CheckpointError):
     stops rather than go on from a log that no longer holds what it did: resumed from there,
     finished tool calls would run again."""
 
-    def __init__(self, task_id: str, expected: int, got: int, store: str = "") -> None:
+    def __init__(self, task_id: str, expected: int, got: int, store: str = "", *,
+                 what: str | None = None) -> None:
         self.task_id, self.expected, self.got = task_id, expected, got
         where = f" ({store})" if store else ""
+        what = what or (f"the log should have continued at seq {expected}, but the append "
+                        f"landed at seq {got}")
         super().__init__(
-            f"task {task_id}: the durable store{where} lost entries it had acknowledged: the "
-            f"log should have continued at seq {expected}, but the append landed at seq {got}. "
-            "Was the store restarted without its data (Redis needs appendonly yes, as the "
-            "embedded one has)? The turn stops here; entries before the loss can't be "
+            f"task {task_id}: the durable store{where} lost entries it had acknowledged: "
+            f"{what}. Was the store restarted without its data (Redis needs appendonly yes, "
+            "as the embedded one has)? The turn stops here; entries before the loss can't be "
             "recovered from this store")
 
 

@@ -100,6 +100,57 @@ async def test_a_turn_whose_result_was_lost_is_reported_in_full(tmp_path: Path) 
     assert len(await store.read(task_id)) == len(entries)  # and wrote nothing
 
 
+async def test_a_resume_refuses_a_log_that_lost_steps_reported_durable(tmp_path: Path) -> None:
+    """The store lost the task's log (a Redis that restarted without its data) after the turn
+    reported steps 1 and 2 durable, and the replica died: the resumed turn must not start over
+    from the empty log (its finished tool calls would run again), but fail, naming the loss.
+    A log that holds those steps resumes as before."""
+    from swarm.runtime.agent import TurnRequest
+
+    first = MemoryCheckpointer()
+    async with LocalSwarm(make_cfg(tmp_path), store=first) as sw:
+        task_id = (await sw.run("x"))["task_id"]
+    msg = a2a.dumps(a2a.text_message("x", role="user", task_id=task_id))
+
+    def resume(durable_step: int) -> TurnRequest:
+        return TurnRequest(task_id=task_id, context_id=task_id, message=msg, transcript=[],
+                           step_offset=0, max_steps=10, log_id=task_id, turn_id="0",
+                           resume=True, durable_step=durable_step)
+
+    dt.RUNS.clear()
+    async with LocalSwarm(make_cfg(tmp_path), store=MemoryCheckpointer()) as sw:
+        lost = await sw.hosts["a"].run_turn(resume(2))
+    assert lost.kind == "failed" and lost.error_class == "checkpoint"
+    assert "step 2 of turn 0 of agent a was reported durable, but its log has nothing of the " \
+        "turn" in (lost.error or "")
+    assert dt.RUNS == {}  # nothing ran again
+    # The same request on a log that has the turn, up to its end: reported as it was.
+    entries = await first.read(task_id)
+    end = next(i for i, e in enumerate(entries) if e.kind == "turn_end")
+    store = MemoryCheckpointer()
+    await store.append(task_id, [msgspec.structs.replace(e, seq=-1) for e in entries[:end + 1]])
+    async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+        kept = await sw.hosts["a"].run_turn(resume(2))
+    assert kept.kind == "handoff" and kept.steps == 3 and dt.RUNS == {}
+
+
+async def test_the_supervisor_tells_a_resumed_turn_the_last_step_it_saw_durable(
+        tmp_path: Path) -> None:
+    """What a resend after a replica died carries (`TurnRequest.durable_step`): the last step
+    of that agent after the turn's start that its events reported finished, which under
+    every_step means durable; nothing under a policy that reports steps before they are."""
+    async with LocalSwarm(make_cfg(tmp_path), store=MemoryCheckpointer()) as sw:
+        row = await sw.run("x")
+        rec = sw.supervisor.get(row["task_id"])
+        assert sw.supervisor._durable_step(rec, "a", 0) == 3
+        assert sw.supervisor._durable_step(rec, "b", 3) == 4
+        assert sw.supervisor._durable_step(rec, "a", 3) == 0
+    cfg = dt.swarm_config(tmp_path, RULES, name="dur", state={"checkpoint": "phase"})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        row = await sw.run("x")
+        assert sw.supervisor._durable_step(sw.supervisor.get(row["task_id"]), "a", 0) == 0
+
+
 async def test_crash_during_a_non_idempotent_call_asks_an_operator(tmp_path: Path) -> None:
     store = MemoryCheckpointer()
     cfg = make_cfg(tmp_path)
