@@ -359,8 +359,12 @@ class OpenAIModel(Model):
                 raise ModelError(f"model {self.model!r} returned an unsupported "
                                  f"{c.type!r} tool call; only function tools are supported")
             fn = c.function or _Function()
+            # No `arguments` key is no arguments; `"arguments": null` is handed on as the JSON
+            # it is, which the step loop refuses (a tool error naming it), not read as {}.
+            args = fn.arguments
             calls.append(ToolCall(id=c.id or "", name=fn.name or "",
-                                  arguments=fn.arguments or ""))
+                                  arguments="" if args is msgspec.UNSET
+                                  else "null" if args is None else args))
         if msg.content is None and not calls:  # text (if empty) or tool calls, or nothing
             raise self._unreadable("no content and no tool calls", raw)
         return ModelResponse(
@@ -456,7 +460,9 @@ class OpenAIModel(Model):
 
 class _Function(msgspec.Struct):
     name: str | None = None
-    arguments: str | None = None
+    # UNSET when the key is absent (a completion's call without arguments, or a stream delta
+    # that carries none), None when it is JSON null.
+    arguments: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class _ToolCallWire(msgspec.Struct):

@@ -704,5 +704,16 @@ def _parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str | None]:
     except json.JSONDecodeError as e:
         return None, f"invalid JSON ({e.msg} at position {e.pos})"
     if not isinstance(value, dict):
-        return None, f"expected an object, got {type(value).__name__}"
+        return None, f"expected an object, got {_json_type(value)}"
     return value, None
+
+
+def _json_type(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words (null, not NoneType)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"

@@ -534,6 +534,33 @@ async def test_broken_tool_arguments_over_http_go_back_as_a_model_error(
     assert first.ttft_ms is not None  # streamed: time to first token in the step's event
 
 
+@pytest.mark.parametrize("arguments", ["null", None], ids=["text-null", "json-null"])
+async def test_null_tool_arguments_go_back_as_a_model_error_and_the_tool_does_not_run(
+        tmp_path: Path, server: FakeServer, arguments: str | None) -> None:
+    # `fail` runs with no arguments (its message has a default): read as {}, it ran and failed.
+    server.script("backup", completion(None, tool_calls=[
+        {"id": "c1", "type": "function", "function": {"name": "fail", "arguments": arguments}}]),
+        completion("recovered"))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"rules": []}))
+    cfg = parse_config({
+        "name": "t",
+        "models": {"backup": {"provider": "openai", "base_url": server.url, "model": "backup",
+                              "stream": False}},
+        "tools": {"fn": {"python": ["swarm.examples.tools:fail"]}},
+        "agents": {"a": {"model": "backup", "tools": ["fn"]}},
+        "supervisor": {"entry": "a"},
+    }, base_dir=tmp_path)
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        evs = sw.events(row["task_id"])
+    assert row["state"] == "completed" and row["answer"] == "recovered"
+    [tool] = [e for e in evs if isinstance(e, ToolCalled)]
+    assert tool.outcome == "error" and tool.error_class == "model"
+    result = server.requests[1]["body"]["messages"][-1]
+    assert result["role"] == "tool" and result["content"] == (
+        "ERROR: arguments for 'fail' are not a JSON object: expected an object, got null")
+
+
 def test_importing_the_client_does_not_import_the_openai_sdk() -> None:
     # The SDK's import alone cost ~0.6 s on every actor restart.
     out = subprocess.run(

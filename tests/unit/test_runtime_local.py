@@ -104,7 +104,8 @@ async def test_a_finished_tasks_events_are_kept_packed_and_read_back_whole(tmp_p
     [
         ({"name": "nope", "arguments": {}}, "model", "unknown tool 'nope'"),
         ({"name": "echo", "raw_arguments": '{"text": oops'}, "model", "not a JSON object"),
-        ({"name": "echo", "raw_arguments": "[1, 2]"}, "model", "expected an object"),
+        ({"name": "echo", "raw_arguments": "[1, 2]"}, "model", "expected an object, got an array"),
+        ({"name": "fail", "raw_arguments": "null"}, "model", "expected an object, got null"),
         ({"name": "echo", "arguments": {"wrong": 1}}, "tool", "text"),
         ({"name": "fail", "arguments": {"message": "disk on fire"}}, "tool", "disk on fire"),
         # A tool of a server this agent isn't granted is not visible or callable: a policy error.
