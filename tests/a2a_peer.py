@@ -15,6 +15,8 @@ Modes:
 - `ask`: the remote task asks for input (INPUT_REQUIRED).
 - `badcard`: its card is JSON but not an agent card (a2a-sdk refuses to parse it).
 - `emptycard`: its card parses but lacks every field the A2A spec requires.
+- `badstate`: answers a message (without streaming) with a task in the state the message's text
+  names after "badstate: " (a number if it is digits), valid A2A or not.
 
 The peer records every message it was sent (`received[mode]`) so tests can check the context
 id, the metadata (traceparent) and how many times a message was sent.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 from collections import defaultdict
@@ -52,7 +55,11 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 MODES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
-         "badcard", "emptycard")
+         "badcard", "emptycard", "badstate")
+# Modes whose message calls are answered by `_Misbehave` (their cards stay good).
+MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate")
+# Modes whose card says they don't stream (their messages come as SendMessage).
+NOT_STREAMING = ("echo", "badstate")
 STREAM_UPDATES = ("reading the question", "looking it up", "writing the answer")
 
 
@@ -121,7 +128,7 @@ def card(base: str, mode: str) -> AgentCard:
         name=f"peer-{mode}", description=f"A test A2A agent ({mode})", version="1.0.0",
         supported_interfaces=[AgentInterface(url=f"{base}/{mode}/", protocol_binding="JSONRPC",
                                              protocol_version="1.0")],
-        capabilities=AgentCapabilities(streaming=mode != "echo"),
+        capabilities=AgentCapabilities(streaming=mode not in NOT_STREAMING),
         default_input_modes=["text/plain"], default_output_modes=["text/plain"],
         skills=[AgentSkill(id="answer", name="answer", description="answers questions",
                            tags=["test"])],
@@ -129,7 +136,7 @@ def card(base: str, mode: str) -> AgentCard:
 
 
 class _Misbehave:
-    """ASGI app for the message endpoint of `drop`, `garbage` and `flaky`."""
+    """ASGI app for the message endpoint of the `MISBEHAVING` modes."""
 
     def __init__(self, peer: A2APeer, mode: str, good: Any) -> None:
         self.peer, self.mode, self.good = peer, mode, good
@@ -145,7 +152,9 @@ class _Misbehave:
                 self.peer.resubscribed.set()
             return await self._cut(scope, receive, send)
         request = Request(scope, receive)
-        await request.body()
+        body = await request.body()
+        if self.mode == "badstate":
+            return await self._task_in_state(json.loads(body))(scope, receive, send)
         if self.mode == "flaky":
             return await Response("overloaded", status_code=503)(scope, receive, send)
         if self.mode == "garbage":
@@ -158,6 +167,19 @@ class _Misbehave:
         await send({"type": "http.response.body", "body": b'{"jsonrpc": "2.0", "re',
                     "more_body": True})
         raise ConnectionAbortedError("the test peer drops the connection")
+
+    def _task_in_state(self, call: dict[str, Any]) -> Response:
+        """A JSON-RPC reply to `call`: the task, in the state the last message's text named
+        (GetTask finds it there still; CancelTask cancels it)."""
+        state: str | int
+        if call["method"] == "SendMessage":
+            state = call["params"]["message"]["parts"][0]["text"].split("badstate: ", 1)[1]
+            self.peer.bad_state = int(state) if state.isdigit() else state
+        state = "TASK_STATE_CANCELED" if call["method"] == "CancelTask" else self.peer.bad_state
+        task = {"id": "task-in-a-bad-state", "contextId": "c", "status": {"state": state}}
+        return JSONResponse({"jsonrpc": "2.0", "id": call["id"],
+                             "result": {"task": task} if call["method"] == "SendMessage"
+                             else task})
 
     async def _cut(self, scope: Scope, receive: Receive, send: Send) -> None:
         first = self.peer.calls[self.mode] == 1
@@ -181,6 +203,7 @@ class A2APeer:
         self.received: dict[str, list[Message]] = defaultdict(list)
         self.calls: dict[str, int] = defaultdict(int)
         self.canceled: dict[str, int] = defaultdict(int)
+        self.bad_state: str | int = ""  # the state `badstate` reports its task in
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(128)
@@ -216,7 +239,7 @@ class A2APeer:
                 routes = [*create_agent_card_routes(c), *create_jsonrpc_routes(handler, "/")]
             inner = Starlette(routes=routes)
             app: Any = inner
-            if mode in ("drop", "garbage", "flaky", "cut"):
+            if mode in MISBEHAVING:
                 app = _Misbehave(self, mode, inner)
                 # The card stays good: only message calls misbehave.
                 app = Starlette(routes=[*create_agent_card_routes(c), Mount("/", app=app)])

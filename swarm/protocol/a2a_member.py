@@ -11,7 +11,8 @@ that asks for input (swarm doesn't relay a remote's questions to an operator) fa
 A remote that misbehaves costs only the turns that touch it: a connection error, a dropped
 connection or a 408/429/5xx answer is retried with backoff (a2a.retries, a2a.backoff_s); a turn
 that takes longer than a2a.timeout_s, an A2A protocol error, or an answer that isn't valid A2A
-fails the turn at once with error class `tool` (the remote's own failures are `orchestration`).
+(a task in a state that is not an A2A task state, say) fails the turn at once with error class
+`tool` (the remote's own failures are `orchestration`).
 
 `RemoteMemberPool` wraps the pool of local agents and routes remote roles to their member, so it
 works the same in one process (`swarm.testing.LocalSwarm`) and on Ray, where it runs in the
@@ -67,6 +68,9 @@ _CONTEXT_NS = uuid.UUID("5f0e4a52-4c1b-4d0e-9a55-a2a0c0ffee01")
 _DONE = frozenset({TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_FAILED,
                    TaskState.TASK_STATE_CANCELED, TaskState.TASK_STATE_REJECTED,
                    TaskState.TASK_STATE_INPUT_REQUIRED, TaskState.TASK_STATE_AUTH_REQUIRED})
+# Every state a remote task may report (TASK_STATE_UNSPECIFIED is none: a2a-sdk also reads a
+# state name it doesn't know as that).
+_STATES = frozenset(v for v in TaskState.values() if v != TaskState.TASK_STATE_UNSPECIFIED)
 _CANCEL_TIMEOUT_S = 5.0
 _POLL_MAX_S = 5.0
 _MAX_TEXT = 2000  # characters of a remote's status text kept in an event or error
@@ -399,6 +403,7 @@ class RemoteMember:
             before = progress.task.status.state if progress.task is not None else None
             progress.task = Task()
             progress.task.CopyFrom(resp.task)
+            self._check_state(progress)
             if resp.task.status.state != before:
                 self._event(req, state_name(resp.task.status.state),
                             _text(resp.task.status.message.parts), progress)
@@ -407,6 +412,7 @@ class RemoteMember:
             if progress.task is None:
                 progress.task = Task(id=up.task_id, context_id=up.context_id)
             progress.task.status.CopyFrom(up.status)
+            self._check_state(progress)
             self._event(req, state_name(up.status.state), _text(up.status.message.parts),
                         progress)
         elif kind == "artifact_update":
@@ -424,6 +430,19 @@ class RemoteMember:
                 progress.task.artifacts.append(up.artifact)
         else:
             raise A2AClientError(f"a stream response with no payload: {resp}")
+
+    def _check_state(self, progress: _Progress) -> None:
+        """Fail the turn at once when the remote task's state is not an A2A task state (it
+        would never end: the turn waited for its timeout)."""
+        assert progress.task is not None
+        state = progress.task.status.state
+        if state in _STATES:
+            return
+        self._cancel_remote(progress)
+        shown = (f"{state} (not an A2A task state)" if state != TaskState.TASK_STATE_UNSPECIFIED
+                 else "unspecified (none given, or a name that is not an A2A task state)")
+        raise _Failed("tool", f"{self.where} reported its task {progress.task.id or '(no id)'} "
+                      f"in an invalid state: {shown}")
 
     def _event(self, req: TurnRequest, state: str, text: str, progress: _Progress) -> None:
         progress.events += 1

@@ -25,7 +25,8 @@ from tests.a2a_peer import STREAM_UPDATES, A2APeer, free_port
 from tests.unit.test_runtime_local import make_cfg
 from tests.unit.test_tracing import Traced, traced  # noqa: F401  (the fixture)
 
-REMOTES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut")
+REMOTES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
+           "badstate")
 # The desk hands a task "<mode>: text" to the remote member of that mode.
 RULES = [
     {"when": {"agent": "desk", "task_matches": f"^{mode}:"},
@@ -201,6 +202,25 @@ async def test_a_remote_failure_or_question_fails_the_task(tmp_path: Path,
     assert asked["state"] == "failed" and asked["error_class"] == "orchestration"
     assert "asked for input (which currency?)" in asked["error"]
     assert peer.canceled["ask"] == 1  # the question was withdrawn at the remote
+
+
+@pytest.mark.parametrize(("state", "shown"), [
+    ("TASK_STATE_BOGUS", "unspecified (none given, or a name that is not an A2A task state)"),
+    ("TASK_STATE_UNSPECIFIED", "unspecified (none given, or a name that is not an A2A task state)"),
+    ("42", "42 (not an A2A task state)"),
+])
+async def test_a_remote_task_in_an_invalid_state_fails_the_turn_at_once(
+        tmp_path: Path, peer: A2APeer, state: str, shown: str) -> None:
+    # Without the check, the turn waited the whole a2a.timeout_s for the task to end.
+    cfg = desk_cfg(tmp_path, peer, badstate=remote(peer, "badstate", timeout_s=60))
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run(f"badstate: {state}")
+        other = await sw.run("echo: still here")
+    assert row["state"] == "failed" and row["error_class"] == "tool", row
+    assert row["error"].endswith(
+        f"remote agent badstate ({peer.url('badstate')}) reported its task "
+        f"task-in-a-bad-state in an invalid state: {shown}")
+    assert other["state"] == "completed"
 
 
 @pytest.mark.parametrize(("mode", "expected"), [
