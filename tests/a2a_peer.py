@@ -17,6 +17,8 @@ Modes:
 - `emptycard`: its card parses but lacks every field the A2A spec requires.
 - `badstate`: answers a message (without streaming) with a task in the state the message's text
   names after "badstate: " (a number if it is digits), valid A2A or not.
+- `badid`: answers a message with a JSON-RPC reply whose id is not the request's ("not-" and
+  the request's id), as one JSON body (SendMessage) or as an event stream (streaming).
 
 The peer records every message it was sent (`received[mode]`) so tests can check the context
 id, the metadata (traceparent) and how many times a message was sent.
@@ -55,9 +57,9 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 MODES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
-         "badcard", "emptycard", "badstate")
+         "badcard", "emptycard", "badstate", "badid")
 # Modes whose message calls are answered by `_Misbehave` (their cards stay good).
-MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate")
+MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate", "badid")
 # Modes whose card says they don't stream (their messages come as SendMessage).
 NOT_STREAMING = ("echo", "badstate")
 STREAM_UPDATES = ("reading the question", "looking it up", "writing the answer")
@@ -155,6 +157,8 @@ class _Misbehave:
         body = await request.body()
         if self.mode == "badstate":
             return await self._task_in_state(json.loads(body))(scope, receive, send)
+        if self.mode == "badid":
+            return await self._other_id(json.loads(body))(scope, receive, send)
         if self.mode == "flaky":
             return await Response("overloaded", status_code=503)(scope, receive, send)
         if self.mode == "garbage":
@@ -180,6 +184,15 @@ class _Misbehave:
         return JSONResponse({"jsonrpc": "2.0", "id": call["id"],
                              "result": {"task": task} if call["method"] == "SendMessage"
                              else task})
+
+    @staticmethod
+    def _other_id(call: dict[str, Any]) -> Response:
+        """A reply to `call` under another id: a completed task, whole or as one event."""
+        task = {"id": "t", "contextId": "c", "status": {"state": "TASK_STATE_COMPLETED"}}
+        reply = {"jsonrpc": "2.0", "id": f"not-{call['id']}", "result": {"task": task}}
+        if call["method"] == "SendStreamingMessage":
+            return Response(f"data: {json.dumps(reply)}\n\n", media_type="text/event-stream")
+        return JSONResponse(reply)
 
     async def _cut(self, scope: Scope, receive: Receive, send: Send) -> None:
         first = self.peer.calls[self.mode] == 1

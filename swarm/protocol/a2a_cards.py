@@ -2,11 +2,18 @@
 
 A card is checked the way a2a-sdk reads it (`A2ACardResolver`), then against the fields the A2A
 spec requires, and for a JSON-RPC interface, which is what swarm speaks to a remote member.
+
+A member's HTTP client (`http_client`) also checks what a2a-sdk's JSON-RPC client doesn't: that
+each reply (and each event of a streamed one) carries the id of the request it answers; one that
+doesn't raises `JsonRpcReplyError` naming both ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from a2a.client import A2ACardResolver, AgentCardResolutionError
@@ -50,14 +57,91 @@ async def fetch_card(cfg: A2AMemberConfig, http: httpx.AsyncClient) -> AgentCard
 
 
 def http_client(cfg: A2AMemberConfig, max_connections: int = 100) -> httpx.AsyncClient:
-    """The HTTP client a member's calls go through: its timeouts and headers. A turn's
-    attempt is bounded by `timeout_s` as a whole; httpx's own read timeout is only a backstop
-    behind it."""
+    """The HTTP client a member's calls go through: its timeouts and headers, and the check of
+    JSON-RPC reply ids. A turn's attempt is bounded by `timeout_s` as a whole; httpx's own read
+    timeout is only a backstop behind it."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(cfg.timeout_s + _CARD_TIMEOUT_S, connect=cfg.connect_timeout_s),
         headers={k: v.get_secret_value() for k, v in cfg.headers.items()},
         limits=httpx.Limits(max_connections=max_connections),
+        event_hooks={"response": [_check_reply_ids]},
     )
+
+
+class JsonRpcReplyError(Exception):
+    """A JSON-RPC reply that doesn't answer the request it came for (its id is another)."""
+
+
+def _same_id(sent: Any, got: Any) -> bool:
+    return type(sent) is type(got) and sent == got  # 1 is not "1", nor True
+
+
+def _check_reply_id(sent: Any, body: bytes) -> None:
+    """Raise `JsonRpcReplyError` if `body`, a JSON-RPC reply, is not the one to `sent`. A body
+    that isn't a JSON object is left to a2a-sdk, which says what is wrong with it."""
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        return
+    if not isinstance(reply, dict):
+        return
+    if "id" not in reply:
+        raise JsonRpcReplyError(f"sent a JSON-RPC reply without an id to the request with id "
+                                f"{sent!r}")
+    got = reply["id"]
+    # null is the id of an error about a request whose id the server could not read.
+    if not _same_id(sent, got) and not (got is None and "error" in reply):
+        raise JsonRpcReplyError(f"sent a JSON-RPC reply with id {got!r} to the request with "
+                                f"id {sent!r}")
+
+
+async def _check_reply_ids(response: httpx.Response) -> None:
+    """Response hook: check the ids of a JSON-RPC call's reply, read whole, or of each event of
+    a streamed one, as it arrives and before a2a-sdk reads it."""
+    request = response.request
+    if request.method != "POST" or not response.is_success:
+        return  # not a call, or an HTTP error a2a-sdk reports
+    try:
+        call = json.loads(request.content)
+    except (ValueError, httpx.RequestNotRead):
+        return
+    if not isinstance(call, dict) or "id" not in call:
+        return
+    if "text/event-stream" in response.headers.get("content-type", ""):
+        # The events are checked as they pass, decoded (by a response over the same stream).
+        decoded = httpx.Response(response.status_code, headers=response.headers,
+                                 stream=response.stream, request=request)
+        for name in ("content-encoding", "content-length"):
+            if name in response.headers:
+                del response.headers[name]
+        response.stream = _CheckedEvents(decoded, call["id"])
+        return
+    _check_reply_id(call["id"], await response.aread())
+
+
+class _CheckedEvents(httpx.AsyncByteStream):
+    """A server-sent-events body passed on as it arrives, each event's reply id checked before
+    the chunk that completes the event is."""
+
+    def __init__(self, decoded: httpx.Response, sent: Any) -> None:
+        self._decoded = decoded
+        self._sent = sent
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        rest, data = b"", []
+        async for chunk in self._decoded.aiter_bytes():
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                line = line.rstrip(b"\r")
+                if line.startswith(b"data:"):
+                    data.append(line[5:].removeprefix(b" "))
+                elif not line and data:
+                    _check_reply_id(self._sent, b"\n".join(data))
+                    data = []
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._decoded.aclose()
 
 
 async def check_cards(cfg: SwarmConfig, *, lazy_too: bool = False) -> dict[str, AgentCard]:

@@ -53,7 +53,13 @@ from swarm.config import A2AMemberConfig, SwarmConfig
 from swarm.errors import ConfigError
 from swarm.events import Event, RemoteUpdate
 from swarm.protocol import a2a
-from swarm.protocol.a2a_cards import card_problem, check_cards, fetch_card, http_client
+from swarm.protocol.a2a_cards import (
+    JsonRpcReplyError,
+    card_problem,
+    check_cards,
+    fetch_card,
+    http_client,
+)
 from swarm.runtime.agent import TurnRequest, TurnResult
 from swarm.runtime.supervisor import AgentPool
 from swarm.state.interface import Checkpointer, LogEntry
@@ -106,6 +112,8 @@ def _transient(exc: BaseException) -> tuple[bool, str]:
     cause = exc.__cause__
     if isinstance(exc, _Transient):
         return True, str(exc)
+    if isinstance(exc, JsonRpcReplyError):
+        return False, str(exc)
     if isinstance(exc, A2AClientTimeoutError):
         # Only a connect timeout is retried: nothing was sent. A read timeout means the
         # remote may still be working, and sending again would start the work twice.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from tests.unit.test_runtime_local import make_cfg
 from tests.unit.test_tracing import Traced, traced  # noqa: F401  (the fixture)
 
 REMOTES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
-           "badstate")
+           "badstate", "badid")
 # The desk hands a task "<mode>: text" to the remote member of that mode.
 RULES = [
     {"when": {"agent": "desk", "task_matches": f"^{mode}:"},
@@ -220,6 +221,23 @@ async def test_a_remote_task_in_an_invalid_state_fails_the_turn_at_once(
     assert row["error"].endswith(
         f"remote agent badstate ({peer.url('badstate')}) reported its task "
         f"task-in-a-bad-state in an invalid state: {shown}")
+    assert other["state"] == "completed"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+async def test_a_reply_to_another_request_id_fails_the_turn_naming_both(
+        tmp_path: Path, peer: A2APeer, streaming: bool) -> None:
+    cfg = desk_cfg(tmp_path, peer, badid=remote(peer, "badid", streaming=streaming))
+    before = peer.calls["badid"]
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("badid: anything")
+        other = await sw.run("echo: still here")
+    assert row["state"] == "failed" and row["error_class"] == "tool", row
+    sent = re.search(r"to the request with id '([^']+)'$", row["error"])
+    assert sent is not None, row["error"]
+    assert row["error"] == (f"remote agent badid ({peer.url('badid')}) sent a JSON-RPC reply "
+                            f"with id 'not-{sent[1]}' to the request with id '{sent[1]}'")
+    assert peer.calls["badid"] - before == 1  # not retried
     assert other["state"] == "completed"
 
 
