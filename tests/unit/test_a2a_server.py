@@ -277,6 +277,24 @@ async def test_oversized_bodies_are_refused_whole_or_chunked(desk: Desk) -> None
     assert answer(await task_of(desk.client(), message("fine"))) == "done: fine"
 
 
+async def test_json_nested_too_deeply_is_a_parse_error_and_the_server_serves_on(
+        desk: Desk) -> None:
+    deep = b"[" * 60_000  # within the body limit (65,536 bytes)
+    listing = b'{"jsonrpc": "2.0", "id": 1, "method": "ListTasks", "params": ' + \
+        b'{"a": ' * 5_000 + b"{}" + b"}" * 5_000 + b"}"
+    why = ("JSON nested too deeply: the request body nests arrays and objects more than 200 "
+           "levels deep, which this agent does not parse")
+    for body in (deep, listing):
+        resp = await desk.http.post("/", headers=V1, content=body)
+        assert resp.status_code == 200
+        assert resp.json()["error"]["code"] == -32700 and resp.json()["error"]["message"] == why
+    resp = await desk.http.post("/rest/message:send", headers=V1, content=deep)
+    assert resp.status_code == 400 and resp.json()["error"]["message"] == why
+    # Brackets in strings, and many side by side, are no nesting.
+    text = "[" * 300 + " " + "[]" * 300
+    assert answer(await task_of(desk.client(), message(text))) == f"done: {text}"
+
+
 # ---- reading messages ---------------------------------------------------------------------------
 
 

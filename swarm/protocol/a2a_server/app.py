@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from a2a.server.jsonrpc_models import JSONParseError
 from a2a.server.request_handlers import build_error_response
 from a2a.server.routes import (
     create_agent_card_routes,
@@ -43,13 +45,37 @@ if TYPE_CHECKING:
 
 CARD_PATH = "/.well-known/agent-card.json"
 PARKED_S = 30.0
+# How deep arrays and objects may nest in a request body: far more than an A2A request needs
+# (protobuf's JSON reader stops at 100 nested messages), far less than the stack json.loads
+# needs to recurse (100,000 nested `[` were a RecursionError: an internal error, -32603).
+MAX_JSON_DEPTH = 200
+# What the depth scan looks at: strings (skipped whole, brackets in them don't count; one left
+# open runs to the end, so no text is scanned twice) and brackets.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\Z)|[\[\]{}]', re.DOTALL)
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays and objects nest more than `limit` deep in `body` (JSON or not)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # the common case, counted at C speed
+    depth = 0
+    for m in _JSON_TOKENS.finditer(body):
+        c = m[0][0]
+        if c in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in b"]}":
+            depth -= 1
+    return False
 
 
 class BodyLimit:
-    """Refuses request bodies over `max_bytes` before a2a-sdk parses them: the JSON-RPC
-    endpoint with JSON-RPC error -32600 (as a2a-sdk answers a body Starlette finds too large),
-    the REST binding with HTTP 413 in its error format. A body within the limit is read here
-    and handed on whole."""
+    """Refuses request bodies over `max_bytes`, or whose JSON nests deeper than
+    `MAX_JSON_DEPTH`, before a2a-sdk parses them: the JSON-RPC endpoint with JSON-RPC error
+    -32600 for the size (as a2a-sdk answers a body Starlette finds too large) and -32700 (parse
+    error) for the depth, the REST binding with HTTP 413 or 400 in its error format. A body
+    within the limits is read here and handed on whole."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, rpc_path: str = JSONRPC_PATH) -> None:
         self.app = app
@@ -78,6 +104,9 @@ class BodyLimit:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
+        if json_too_deep(body):
+            await self._refuse_deep(scope, send)
+            return
 
         async def replay() -> Message:
             nonlocal replayed
@@ -91,16 +120,28 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
         text = (f"Payload too large: the request body is {size} bytes; this agent accepts at "
                 f"most {self.max_bytes} (a2a.max_body_bytes)")
-        error = InvalidRequestError(message=text)
+        await self._error(scope, send, text, InvalidRequestError(message=text), 413)
+
+    async def _refuse_deep(self, scope: Scope, send: Send) -> None:
+        text = (f"JSON nested too deeply: the request body nests arrays and objects more than "
+                f"{MAX_JSON_DEPTH} levels deep, which this agent does not parse")
+        # As a2a-sdk answers JSON it can't parse: -32700 (parse error), HTTP 400.
+        await self._error(scope, send, text, JSONParseError(message=text), 400)
+
+    async def _error(self, scope: Scope, send: Send, text: str,
+                     rpc_error: InvalidRequestError | JSONParseError, status: int) -> None:
+        """The JSON-RPC endpoint's answer `rpc_error`, or the REST binding's: `status`, with
+        `text` as an invalid request."""
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
         if (path or "/") == self.rpc_path:
-            response = JSONResponse(build_error_response(None, error))
+            response = JSONResponse(build_error_response(None, rpc_error))
         else:
+            details = build_error_details(InvalidRequestError(message=text))
             response = JSONResponse(
-                {"error": {"code": 413, "status": "INVALID_ARGUMENT", "message": text,
-                           "details": build_error_details(error)}}, status_code=413)
+                {"error": {"code": status, "status": "INVALID_ARGUMENT", "message": text,
+                           "details": details}}, status_code=status)
         await response(scope, _nothing, send)
 
 
@@ -168,7 +209,7 @@ class StatusFilterCheck:
         if b"ListTasks" in body:
             try:
                 request = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 request = None  # a2a-sdk answers with its parse error
             if not isinstance(request, dict):
                 request = {}
