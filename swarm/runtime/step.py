@@ -384,7 +384,7 @@ class StepLoop:
             if target is not None:
                 outcome = self._handoff(session, step, call, target)
                 handoff = handoff or outcome
-                is_error = effects = False
+                is_error, effects = outcome is None, False
             else:
                 effects = not self.toolbox.safe_to_repeat(call.name)
                 if journal is not None and effects:
@@ -458,9 +458,10 @@ class StepLoop:
         for raw in last.get("tool_calls") or ():
             target = self.toolbox.handoff_target((raw.get("function") or {}).get("name", ""))
             if target is not None:
-                args, _ = _parse_arguments((raw.get("function") or {}).get("arguments", ""))
-                return Outcome("handoff", text=str((args or {}).get("message", "")),
-                               target=target)
+                message, problem = _handoff_message(
+                    (raw.get("function") or {}).get("arguments", ""))
+                if problem is None:  # else it was refused, and the turn goes on
+                    return Outcome("handoff", text=message, target=target)
         if not last.get("tool_calls") and session.messages[-1] is last:
             return Outcome("final", text=last.get("content") or "")
         return None
@@ -484,15 +485,22 @@ class StepLoop:
         else:
             self.emit(done)
 
-    def _handoff(self, session: Session, step: int, call: ToolCall, target: str) -> Outcome:
-        args, problem = _parse_arguments(call.arguments)
-        message = str(args.get("message", "")) if args is not None else ""
-        note = (
-            f"Transferred to {target}."
-            if problem is None
-            else (f"Transferred to {target} (handoff arguments were unusable: {problem}).")
-        )
-        session.messages.append({"role": "tool", "tool_call_id": call.id, "content": note})
+    def _handoff(self, session: Session, step: int, call: ToolCall, target: str
+                 ) -> Outcome | None:
+        """Hand the task to `target`; or, if the call's arguments don't fit the handoff tool's
+        schema, answer it with a tool error the model sees (None: no handoff)."""
+        message, problem = _handoff_message(call.arguments)
+        if problem is not None:
+            content = f"{ERROR_PREFIX}no handoff to {target}: {problem}"
+            session.messages.append(
+                {"role": "tool", "tool_call_id": call.id, "content": content})
+            self.emit(ToolCalled(
+                task_id=session.task_id, ts=self.clock.now(), agent=self.agent, step=step,
+                tool=call.name, call_id=call.id, duration_ms=0.0, outcome="error",
+                error_class="model", detail=content[:_DETAIL_CHARS]))
+            return None
+        session.messages.append({"role": "tool", "tool_call_id": call.id,
+                                 "content": f"Transferred to {target}."})
         self.emit(
             Handoff(
                 task_id=session.task_id,
@@ -708,6 +716,25 @@ def _parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str | None]:
     return value, None
 
 
+def _handoff_message(raw: str) -> tuple[str, str | None]:
+    """The message of a handoff tool call, or what is wrong with its arguments for the handoff
+    tool's schema (`message`, a string, and nothing else: swarm.runtime.toolbox)."""
+    args, problem = _parse_arguments(raw)
+    if args is None:
+        return "", f"the arguments are not a JSON object: {problem}"
+    if "message" not in args:
+        return "", ("missing required argument 'message' (what the next agent should do); "
+                    "give it as {\"message\": \"...\"}")
+    message = args["message"]
+    if not isinstance(message, str):
+        return "", f"argument 'message' must be a string, got {_json_type(message)}"
+    extra = sorted(set(args) - {"message"})
+    if extra:
+        return "", (f"unexpected argument{'s' if len(extra) > 1 else ''} "
+                    f"{', '.join(map(repr, extra))}; a handoff takes only 'message'")
+    return message, None
+
+
 def _json_type(value: Any) -> str:
     """What a decoded JSON value is, in JSON's words (null, not NoneType)."""
     if value is None:
@@ -716,4 +743,6 @@ def _json_type(value: Any) -> str:
         return "a boolean"
     if isinstance(value, int | float):
         return "a number"
-    return "a string" if isinstance(value, str) else "an array"
+    if isinstance(value, str):
+        return "a string"
+    return "an object" if isinstance(value, dict) else "an array"

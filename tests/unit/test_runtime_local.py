@@ -184,6 +184,30 @@ async def test_handoff_passes_the_transcript(tmp_path: Path) -> None:
         assert texts[0] == "the facts" and "write it up" in texts
 
 
+@pytest.mark.parametrize(("call", "problem"), [
+    ({"arguments": {}}, "missing required argument 'message' (what the next agent should do)"),
+    ({"arguments": {"message": 5}}, "argument 'message' must be a string, got a number"),
+    ({"arguments": {"message": "go", "why": "x"}},
+     "unexpected argument 'why'; a handoff takes only 'message'"),
+    ({"raw_arguments": "null"},
+     "the arguments are not a JSON object: expected an object, got null"),
+])
+async def test_a_handoff_call_that_does_not_fit_its_schema_goes_back_to_the_model(
+        tmp_path: Path, call: dict[str, Any], problem: str) -> None:
+    rules = [FAILED_TOOL, {"when": {"agent": "a", "last_role": "user"},
+                           "tool_calls": [{"name": "transfer_to_b", **call}]}]
+    cfg = make_cfg(tmp_path, rules, {"a": {"model": "m", "handoffs": ["b"]}, "b": {"model": "m"}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go")
+        evs = sw.events(row["task_id"])
+    # No handoff: a saw the error as the call's result and answered.
+    assert row["state"] == "completed" and row["agent"] == "a", row
+    assert row["answer"].startswith(f"gave up: ERROR: no handoff to b: {problem}")
+    assert not [e for e in evs if isinstance(e, Handoff)]
+    (tool,) = [e for e in evs if isinstance(e, ToolCalled)]
+    assert (tool.tool, tool.outcome, tool.error_class) == ("transfer_to_b", "error", "model")
+
+
 async def test_handoff_ping_pong_is_bounded(tmp_path: Path) -> None:
     rules = [
         {
