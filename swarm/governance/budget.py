@@ -16,7 +16,10 @@ counting again.
 
 On exhaustion (`budgets.on_exhausted`): `wrap_up` gives the agent one final model call with no
 tools and an instruction to answer now (the task then ends COMPLETED marked `budget_exhausted`),
-`fail` ends the task FAILED with error class `budget`.
+`fail` ends the task FAILED with error class `budget`. The wall clock is also watched while a
+call runs: with `wrap_up`, the step loop cuts a model or tool call at the turn's deadline
+(swarm.runtime.step), so the wrap-up gets the `wrap_up_grace_s` the supervisor's hard stop
+leaves it.
 """
 
 from __future__ import annotations

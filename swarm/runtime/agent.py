@@ -346,6 +346,9 @@ class AgentHost:
                 budget = req.guard.get("budget")
                 if budget is not None:
                     limits.deadline_why = budget.why.get("wall_s", limits.deadline_why)
+                    if budget.deadline is not None and (
+                            limits.deadline is None or budget.deadline < limits.deadline):
+                        limits.deadline = budget.deadline  # the agent's max_wall_s, the nearer
             if self.cfg.budgets.on_exhausted == "wrap_up":
                 limits.wrap_up = self.cfg.budgets.wrap_up_message
             marks: tuple[str | None, str | None] = (None, None)

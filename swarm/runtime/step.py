@@ -8,6 +8,7 @@ same in unit tests, in one process for debugging, and inside an agent actor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -89,7 +90,11 @@ class Session:
 
 @dataclass(slots=True)
 class TurnLimits:
-    """How far one turn may go: model calls, and a wall-clock deadline (time.time())."""
+    """How far one turn may go: model calls, and a wall-clock deadline (time.time()).
+
+    With a wrap-up instruction the deadline also cuts a model or tool call still running when
+    it passes, so the wrap-up call has the grace time the supervisor gives it
+    (budgets.wrap_up_grace_s) before its hard stop."""
 
     max_steps: int
     deadline: float | None = None
@@ -162,6 +167,14 @@ class StepLoop:
 
     async def _complete(self, call: ModelCall) -> ModelResponse:
         return await self.model.complete(call.request)
+
+    def _cut(self, limits: TurnLimits) -> asyncio.Timeout | contextlib.nullcontext[None]:
+        """What bounds a model or tool call: the turn's deadline when it ends in a wrap-up (a
+        call still running then is cut, so the wrap-up has its grace time), else nothing. In
+        the call's own task (a timer, not a task per call as `asyncio.wait_for` makes)."""
+        if limits.wrap_up is None or limits.deadline is None:
+            return _NO_CUT
+        return asyncio.timeout(max(limits.deadline - self.clock.now(), 0.0))
 
     async def run_turn(self, session: Session, limits: TurnLimits) -> Outcome:
         """Run steps until a final answer, a handoff, a failure or a limit."""
@@ -293,32 +306,38 @@ class StepLoop:
             deadline=limits.deadline,  # the client's retries stop at the turn's deadline
         )
         record = self.record
+        cut = self._cut(limits)
         try:
-            if self._model_fn is None:
-                resp = await self.model.complete(request)
-            else:
-                call = ModelCall(session, step, agent, self.model_name, request)
-                if record is None:
-                    resp = await self._model_fn(call)
+            async with cut:
+                if self._model_fn is None:
+                    resp = await self.model.complete(request)
                 else:
-                    n0 = time_ns()
-                    try:
+                    call = ModelCall(session, step, agent, self.model_name, request)
+                    if record is None:
                         resp = await self._model_fn(call)
-                    except BaseException as exc:
-                        record(_model_failed(session, call, n0, exc))
-                        raise
-                    if call.extra:  # what a layer left for the record (content, start)
-                        record(_model_ok(session, call, n0, resp))
-                    else:  # `_model_ok` inlined, the common case: one frame less a call
-                        usage = resp.usage
-                        record((MODEL, task_id, session.session_id, session.user, step,
-                                session.scratch.get("span_ids"), 0, n0, time_ns(), "ok", None,
-                                None, None, None, None, call.model, resp.model or call.model,
-                                resp.finish_reason, len(resp.tool_calls), usage.input_tokens,
-                                usage.output_tokens, usage.cached_input_tokens, False))
+                    else:
+                        n0 = time_ns()
+                        try:
+                            resp = await self._model_fn(call)
+                        except BaseException as exc:
+                            record(_model_failed(session, call, n0, exc))
+                            raise
+                        if call.extra:  # what a layer left for the record (content, start)
+                            record(_model_ok(session, call, n0, resp))
+                        else:  # `_model_ok` inlined, the common case: one frame less a call
+                            usage = resp.usage
+                            record((MODEL, task_id, session.session_id, session.user, step,
+                                    session.scratch.get("span_ids"), 0, n0, time_ns(), "ok",
+                                    None, None, None, None, None, call.model,
+                                    resp.model or call.model, resp.finish_reason,
+                                    len(resp.tool_calls), usage.input_tokens,
+                                    usage.output_tokens, usage.cached_input_tokens, False))
         except (asyncio.CancelledError, StopTurn):
             raise
         except Exception as exc:
+            if cut is not _NO_CUT and cut.expired():  # type: ignore[union-attr]
+                # Cut at the deadline: the turn wraps up (`run_turn`).
+                raise budget_stop(limits.deadline_why, limits.wrap_up) from None
             err = exc if isinstance(exc, RunError) else ModelError(f"{type(exc).__name__}: {exc}")
             emit(
                 ModelCalled(
@@ -402,6 +421,11 @@ class StepLoop:
             if journal is not None and effects:
                 # And its result at once: after a crash it must not look unfinished.
                 await journal.checkpoint()
+            if limits.wrap_up is not None and limits.deadline is not None and \
+                    self.clock.now() >= limits.deadline:
+                # The deadline passed while the call ran (it was cut there): the calls left
+                # are not run, and the turn wraps up.
+                raise budget_stop(limits.deadline_why, limits.wrap_up)
         return handoff
 
     async def resume(self, session: Session, pending: dict[int, dict[str, Any]],
@@ -569,10 +593,13 @@ class StepLoop:
                         inv = ToolInvocation(
                             session, step, index, self.agent, call, entry, args, ctx)
                         coro = self._tool_fn(inv)
-                    if limits.tool_timeout_s is not None:
-                        result = await asyncio.wait_for(coro, limits.tool_timeout_s)
-                    else:
-                        result = await coro
+                    # Cut at the turn's deadline if it ends in a wrap-up (`_run_calls`).
+                    cut = self._cut(limits)
+                    async with cut:
+                        if limits.tool_timeout_s is not None:
+                            result = await asyncio.wait_for(coro, limits.tool_timeout_s)
+                        else:
+                            result = await coro
                 except asyncio.CancelledError as exc:
                     if inv is not None and self.record is not None:
                         self.record(_tool_record(inv, n0, "canceled", getattr(
@@ -584,7 +611,16 @@ class StepLoop:
                         self.record(_tool_record(inv, n0, "stopped", *_stopped(exc)))
                     raise
                 except Exception as exc:
-                    if isinstance(exc, TimeoutError) and limits.tool_timeout_s is not None:
+                    if cut is not _NO_CUT and cut.expired():  # type: ignore[union-attr]
+                        error_class = "budget"
+                        result = ToolResult(
+                            f"{ERROR_PREFIX}tool {call.name!r} was stopped after "
+                            f"{perf() - t0:.3g} s: the {limits.deadline_why} ran out while it "
+                            "ran; it may or may not have taken effect",
+                            is_error=True,
+                        )
+                        text = result.content
+                    elif isinstance(exc, TimeoutError) and limits.tool_timeout_s is not None:
                         error_class = "tool"
                         result = ToolResult(
                             f"{ERROR_PREFIX}tool {call.name!r} timed out after "
@@ -630,6 +666,7 @@ class StepLoop:
 
 
 _NO_CONTENT = (None, None)
+_NO_CUT = contextlib.nullcontext()
 _NO_TOOL_CONTENT = (0, None, None)
 
 

@@ -115,10 +115,9 @@ async def test_token_overspender_stops_within_one_call(tmp_path: Path, on_exhaus
 
 
 async def test_a_task_past_its_wall_clock_is_stopped_by_the_supervisor(tmp_path: Path) -> None:
-    """A tool call that outlasts the task's max_wall_s: the turn can't stop itself in the
-    middle of it, so the supervisor's hard stop fails the task at the deadline and cancels the
-    turn. Tasks that end in time leave no deadline behind, and a cancel by request is still a
-    cancel."""
+    """A tool call that outlasts the task's max_wall_s with on_exhausted fail: the
+    supervisor's hard stop fails the task at the deadline and cancels the turn. Tasks that end
+    in time leave no deadline behind, and a cancel by request is still a cancel."""
     import asyncio
 
     hang = {"name": "hang", "when": {"last_matches": "^hang"},
@@ -146,6 +145,50 @@ async def test_a_task_past_its_wall_clock_is_stopped_by_the_supervisor(tmp_path:
         assert row["state"] == "canceled", row
         await asyncio.wait([driver], timeout=20)  # its driver unwinds after the task ended
         assert driver.done() and len(sw.supervisor._deadlines) == 0
+
+
+async def test_a_tool_call_running_at_max_wall_s_is_cut_and_the_turn_wraps_up(
+        tmp_path: Path) -> None:
+    """With on_exhausted wrap_up, a tool call still running at the task's max_wall_s is cut
+    there and the agent gets its wrap-up call (the supervisor's hard stop, max_wall_s +
+    wrap_up_grace_s, failed the task instead)."""
+    hang = {"name": "hang", "when": {"last_role": "user", "last_matches": "^hang"},
+            "tool_calls": [{"name": "slow", "arguments": {"seconds": 3600}},
+                           {"name": "echo", "arguments": {"text": "never"}}]}
+    wrap = {"name": "wrap", "when": {"last_matches": "budget for this task is exhausted"},
+            "content": "best answer without the slow result"}
+    cfg = _cfg(tmp_path, {"task": {"max_wall_s": 1}, "wrap_up_grace_s": 10}, [wrap, hang])
+    cfg = cfg.model_copy(update={"tools": {  # the tool's own timeout is not what stops it
+        **cfg.tools, "fn": cfg.tools["fn"].model_copy(update={"timeout_s": 3600})}})
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("hang", timeout=60)
+        evs = sw.events(row["task_id"])
+        transcript = sw.supervisor.get(row["task_id"]).transcript
+    assert row["state"] == "completed", row
+    assert row["answer"] == "best answer without the slow result"
+    assert row["budget_exhausted"] == "task max_wall_s (1)"
+    (slow,) = [e for e in evs if isinstance(e, ToolCalled)]  # echo was not run
+    assert (slow.tool, slow.outcome, slow.error_class) == ("slow", "error", "budget")
+    results = [m["content"] for m in transcript if m.get("role") == "tool"]
+    assert len(results) == 2
+    assert results[0].startswith("ERROR: tool 'slow' was stopped after ")
+    assert results[0].endswith(": the task max_wall_s (1) ran out while it ran; it may or may "
+                               "not have taken effect")
+    assert results[1] == "ERROR: not run: budget exhausted: task max_wall_s (1)"
+    assert [e.action for e in evs if isinstance(e, Alert)] == ["wrap_up"]
+
+
+async def test_a_model_call_running_at_max_wall_s_is_cut_and_the_turn_wraps_up(
+        tmp_path: Path) -> None:
+    models = {"m": {"provider": "python",
+                    "factory": "tests.unit.python_models:AnswersOnlyTheWrapUp"}}
+    cfg = _cfg(tmp_path, {"task": {"max_wall_s": 1}, "wrap_up_grace_s": 10}, models=models)
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("think hard", timeout=60)
+    assert row["state"] == "completed", row
+    assert row["answer"].startswith("wrapped up: The budget for this task is exhausted (task "
+                                    "max_wall_s (1)).")
+    assert row["budget_exhausted"] == "task max_wall_s (1)"
 
 
 async def test_a_cancel_by_request_wins_over_a_deadline_at_the_same_moment(
