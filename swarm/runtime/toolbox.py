@@ -143,7 +143,7 @@ class Toolbox:
         entries, forbidden, problems = rules.resolve(listed, strict=True)
         box = cls(entries, handoffs, agent=agent, forbidden=forbidden)
         box.problems = problems
-        box.unlisted = sorted(s for s, specs in listed.items() if specs is None)
+        box.unlisted = _unlisted(listed)
         box._rules = rules
         for source in sources.values():
             source.on_tools_changed(box._tools_changed)
@@ -218,7 +218,7 @@ class Toolbox:
             self._stale = False
             listed = await _list_all(rules.sources)
             entries, forbidden, problems = rules.resolve(listed, strict=False)
-            self.unlisted = sorted(s for s, specs in listed.items() if specs is None)
+            self.unlisted = _unlisted(listed)
             for problem in problems:
                 log.warning("agent %s: %s", self.agent, problem)
             # Swapped whole: a step that is running keeps the lists it read.
@@ -228,6 +228,11 @@ class Toolbox:
             log.info("agent %s: tools now %s", self.agent, sorted(entries))
         if self.unlisted:
             self._relist_soon()
+
+
+def _unlisted(listed: dict[str, list[ToolSpec] | None]) -> list[str]:
+    """The sources of a listing that could not list their tools, sorted."""
+    return sorted(s for s, specs in listed.items() if specs is None)
 
 
 async def _lists(source: ToolSource) -> bool:
