@@ -75,6 +75,8 @@ class Toolbox:
         self._refresher: asyncio.Task[None] | None = None
         self._relister: asyncio.Task[None] | None = None
         self._poked = float("-inf")
+        # Listings `_relist` just got, which the next `_refresh` uses instead of asking again.
+        self._fresh: dict[str, list[ToolSpec]] = {}
 
     @property
     def qualified(self) -> list[str]:
@@ -178,7 +180,9 @@ class Toolbox:
             delay = max(RELIST_FIRST_S, delay)
             delay = min(delay * 2, RELIST_MAX_S)
             for server in self.unlisted:
-                if server in rules.sources and await _lists(rules.sources[server]):
+                if server in rules.sources and \
+                        (specs := await _listing(rules.sources[server])) is not None:
+                    self._fresh[server] = specs  # not asked again by the refresh
                     self._tools_changed()
                     await self.refreshed()
                     break
@@ -216,7 +220,9 @@ class Toolbox:
         assert rules is not None
         while self._stale:
             self._stale = False
-            listed = await _list_all(rules.sources)
+            fresh, self._fresh = self._fresh, {}
+            asked = await _list_all({n: s for n, s in rules.sources.items() if n not in fresh})
+            listed = {n: fresh[n] if n in fresh else asked[n] for n in rules.sources}
             entries, forbidden, problems = rules.resolve(listed, strict=False)
             self.unlisted = _unlisted(listed)
             for problem in problems:
@@ -235,25 +241,18 @@ def _unlisted(listed: dict[str, list[ToolSpec] | None]) -> list[str]:
     return sorted(s for s, specs in listed.items() if specs is None)
 
 
-async def _lists(source: ToolSource) -> bool:
-    """Whether the source lists its tools now."""
+async def _listing(source: ToolSource) -> list[ToolSpec] | None:
+    """The source's tools now, or None if it can't list them."""
     try:
-        await source.list_tools()
+        return await source.list_tools()
     except Exception:
-        return False
-    return True
+        return None
 
 
 async def _list_all(sources: dict[str, ToolSource]) -> dict[str, list[ToolSpec] | None]:
     """Each source's tools (None for one that can't list them), asked together: servers that
     don't answer cost one timeout, not one each."""
-    async def one(source: ToolSource) -> list[ToolSpec] | None:
-        try:
-            return await source.list_tools()
-        except Exception:
-            return None
-
-    return dict(zip(sources, await asyncio.gather(*(one(s) for s in sources.values())),
+    return dict(zip(sources, await asyncio.gather(*(_listing(s) for s in sources.values())),
                     strict=True))
 
 

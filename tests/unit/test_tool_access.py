@@ -9,11 +9,12 @@ import pytest
 import yaml
 
 from swarm.config import parse_config
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, ToolError
 from swarm.events import ToolCalled
 from swarm.state.memory import MemoryCheckpointer
 from swarm.testing import LocalSwarm
 from swarm.tools.access import granted_servers, parse_grant
+from swarm.tools.interface import ToolContext, ToolResult, ToolSource, ToolSpec
 
 GAVE_UP = {"when": {"last_tool_error": True}, "content": "gave up: {{ last }}"}
 TOOLS = {
@@ -162,3 +163,41 @@ def test_patterns_and_the_servers_they_reach() -> None:
     # A built-in server is reached only by its name, never by a glob.
     assert granted_servers(["*"], servers) == servers
     assert granted_servers(["memory.recall"], servers) == {"memory"}
+
+
+class _ComesUp(ToolSource):
+    """A tool source that can't list its tools until `up` is set; counts the times asked."""
+
+    name = "late"
+
+    def __init__(self) -> None:
+        self.up = False
+        self.asked = 0
+
+    async def list_tools(self) -> list[ToolSpec]:
+        self.asked += 1
+        if not self.up:
+            raise ToolError("server late is down")
+        return [ToolSpec(name="late_tool", description="a tool of a late server",
+                         parameters={"type": "object"}, source="late")]
+
+    async def call(self, tool: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        return ToolResult("ok")
+
+
+async def test_a_source_that_comes_up_is_listed_once_when_it_is_asked_again() -> None:
+    from swarm.runtime.toolbox import Toolbox
+    from swarm.tools.function import FunctionToolSource
+
+    late = _ComesUp()
+    steady = FunctionToolSource("fn", ["swarm.examples.tools:echo"])
+    box = await Toolbox.build("a", ["late", "fn"], {"late": late, "fn": steady}, [])
+    try:
+        assert box.unlisted == ["late"] and box.names == ["echo"] and late.asked == 1
+        late.up = True
+        box.poke()
+        await box.relisted()
+        assert box.unlisted == [] and sorted(box.names) == ["echo", "late_tool"]
+        assert late.asked == 2  # the answer that brought its tools back is the one used
+    finally:
+        box.close()
