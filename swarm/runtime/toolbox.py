@@ -177,8 +177,7 @@ class Toolbox:
         delay = first
         while self.unlisted:
             await asyncio.sleep(delay)
-            delay = max(RELIST_FIRST_S, delay)
-            delay = min(delay * 2, RELIST_MAX_S)
+            delay = min(max(RELIST_FIRST_S, delay) * 2, RELIST_MAX_S)
             for server in self.unlisted:
                 if server in rules.sources and \
                         (specs := await _listing(rules.sources[server])) is not None:
