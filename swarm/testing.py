@@ -67,11 +67,11 @@ class LocalSwarm:
                 await self.pool.aclose()
                 raise
         await asyncio.gather(*(h.start() for h in self.hosts.values()))
-        from swarm.runtime.toolbox import check_gate_patterns
+        from swarm.runtime.toolbox import check_agents_gates
 
-        for problem in check_gate_patterns(
-                self.cfg.approvals, [q for h in self.hosts.values() for q in h.toolbox.qualified],
-                sorted({s for h in self.hosts.values() for s in h.toolbox.unlisted})):
+        for problem in check_agents_gates(
+                self.cfg.approvals,
+                [(h.toolbox.qualified, h.toolbox.unlisted) for h in self.hosts.values()]):
             log.warning("%s", problem)
         return self
 

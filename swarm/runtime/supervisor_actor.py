@@ -137,11 +137,11 @@ class SupervisorActor:
 
         if isinstance(self.pool, RemoteMemberPool):  # remote A2A members, and their cards
             reports += await self.pool.start(strict=False)
-        from swarm.runtime.toolbox import check_gate_patterns
+        from swarm.runtime.toolbox import check_agents_gates
 
-        problems = check_gate_patterns(  # a ConfigError for a mistyped approvals.tools entry
-            self.sup.cfg.approvals, [q for r in reports for q in r.get("granted", ())],
-            sorted({s for r in reports for s in r.get("unlisted", ())}))
+        problems = check_agents_gates(  # a ConfigError for a mistyped approvals.tools entry
+            self.sup.cfg.approvals,
+            [(r.get("granted", ()), r.get("unlisted", ())) for r in reports])
         if problems:
             reports.append({"role": "swarm", "replica": None, "tools": [],
                             "problems": problems})

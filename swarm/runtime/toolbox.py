@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -341,6 +342,19 @@ class _Rules:
 
 
 _GLOB = frozenset("*?[")
+
+
+def check_agents_gates(approvals: Any,
+                       agents: Iterable[tuple[Iterable[str], Iterable[str]]]) -> list[str]:
+    """`check_gate_patterns` over the agents' toolboxes, each given as (its granted tools as
+    server.tool, the servers that could not list their tools): from the agent replicas' ready
+    reports on Ray, from the hosts' toolboxes in one process."""
+    granted: list[str] = []
+    unlisted: set[str] = set()
+    for names, down in agents:
+        granted.extend(names)
+        unlisted.update(down)
+    return check_gate_patterns(approvals, granted, sorted(unlisted))
 
 
 def check_gate_patterns(approvals: Any, granted: list[str], unlisted: list[str]) -> list[str]:
