@@ -382,6 +382,7 @@ class AgentHost:
                 error_class, error = classify(exc), f"{type(exc).__name__}: {exc}"
             finally:
                 self._running.pop(keys.task_id, None)
+                loop.end_turn(session)  # its deadline timer, if a resume ended the turn
             for layer in loop.middleware:
                 layer.on_turn_end(session)
             if superseded:

@@ -8,7 +8,6 @@ same in unit tests, in one process for debugging, and inside an agent actor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -168,16 +167,32 @@ class StepLoop:
     async def _complete(self, call: ModelCall) -> ModelResponse:
         return await self.model.complete(call.request)
 
-    def _cut(self, limits: TurnLimits) -> asyncio.Timeout | contextlib.nullcontext[None]:
+    def _cut(self, session: Session, limits: TurnLimits) -> _Cut | None:
         """What bounds a model or tool call: the turn's deadline when it ends in a wrap-up (a
-        call still running then is cut, so the wrap-up has its grace time), else nothing. In
-        the call's own task (a timer, not a task per call as `asyncio.wait_for` makes)."""
+        call still running then is cut, so the wrap-up has its grace time), else None. One
+        timer for the turn, armed at its first call (`_Cut`), not one a call."""
         if limits.wrap_up is None or limits.deadline is None:
-            return _NO_CUT
-        return asyncio.timeout(max(limits.deadline - self.clock.now(), 0.0))
+            return None
+        cut = session.scratch.get("cut")
+        if cut is None:
+            cut = session.scratch["cut"] = _Cut(max(limits.deadline - self.clock.now(), 0.0))
+        return cut
+
+    @staticmethod
+    def end_turn(session: Session) -> None:
+        """Disarm the turn's deadline timer, if it has one (`_cut`)."""
+        cut = session.scratch.pop("cut", None)
+        if cut is not None:
+            cut.handle.cancel()
 
     async def run_turn(self, session: Session, limits: TurnLimits) -> Outcome:
         """Run steps until a final answer, a handoff, a failure or a limit."""
+        try:
+            return await self._run_turn(session, limits)
+        finally:
+            self.end_turn(session)
+
+    async def _run_turn(self, session: Session, limits: TurnLimits) -> Outcome:
         taken = 0
         while True:
             stop: StopTurn | None = None
@@ -306,9 +321,13 @@ class StepLoop:
             deadline=limits.deadline,  # the client's retries stop at the turn's deadline
         )
         record = self.record
-        cut = self._cut(limits)
+        cut = self._cut(session, limits)
+        if cut is not None:
+            if cut.fired:  # the deadline passed before the call: the turn wraps up
+                raise budget_stop(limits.deadline_why, limits.wrap_up)
+            cut.enter()
         try:
-            async with cut:
+            try:
                 if self._model_fn is None:
                     resp = await self.model.complete(request)
                 else:
@@ -332,12 +351,17 @@ class StepLoop:
                                     resp.model or call.model, resp.finish_reason,
                                     len(resp.tool_calls), usage.input_tokens,
                                     usage.output_tokens, usage.cached_input_tokens, False))
-        except (asyncio.CancelledError, StopTurn):
+            finally:
+                if cut is not None:
+                    cut.leave()
+        except StopTurn:
             raise
+        except asyncio.CancelledError:
+            if cut is None or not cut.took():
+                raise
+            # Cut at the deadline: the turn wraps up (`run_turn`).
+            raise budget_stop(limits.deadline_why, limits.wrap_up) from None
         except Exception as exc:
-            if cut is not _NO_CUT and cut.expired():  # type: ignore[union-attr]
-                # Cut at the deadline: the turn wraps up (`run_turn`).
-                raise budget_stop(limits.deadline_why, limits.wrap_up) from None
             err = exc if isinstance(exc, RunError) else ModelError(f"{type(exc).__name__}: {exc}")
             emit(
                 ModelCalled(
@@ -584,7 +608,7 @@ class StepLoop:
                                                step, index),
                     user=session.user, emit=self.emit,
                 )
-                inv = None
+                inv, cut = None, None
                 n0 = time_ns()
                 try:
                     if self._tool_fn is None:
@@ -594,24 +618,22 @@ class StepLoop:
                             session, step, index, self.agent, call, entry, args, ctx)
                         coro = self._tool_fn(inv)
                     # Cut at the turn's deadline if it ends in a wrap-up (`_run_calls`).
-                    cut = self._cut(limits)
-                    async with cut:
+                    cut = self._cut(session, limits)
+                    if cut is not None:
+                        if cut.fired:  # the deadline passed before the call: not run
+                            coro.close()
+                            raise budget_stop(limits.deadline_why, limits.wrap_up)
+                        cut.enter()
+                    try:
                         if limits.tool_timeout_s is not None:
                             result = await asyncio.wait_for(coro, limits.tool_timeout_s)
                         else:
                             result = await coro
+                    finally:
+                        if cut is not None:
+                            cut.leave()
                 except asyncio.CancelledError as exc:
-                    if inv is not None and self.record is not None:
-                        self.record(_tool_record(inv, n0, "canceled", getattr(
-                            exc, "error_class", None) or "tool", _text(exc)))
-                    raise
-                except StopTurn as exc:
-                    session.tool_calls -= 1  # stopped before it ran: not a call
-                    if inv is not None and self.record is not None:
-                        self.record(_tool_record(inv, n0, "stopped", *_stopped(exc)))
-                    raise
-                except Exception as exc:
-                    if cut is not _NO_CUT and cut.expired():  # type: ignore[union-attr]
+                    if cut is not None and cut.took():
                         error_class = "budget"
                         result = ToolResult(
                             f"{ERROR_PREFIX}tool {call.name!r} was stopped after "
@@ -619,8 +641,21 @@ class StepLoop:
                             "ran; it may or may not have taken effect",
                             is_error=True,
                         )
-                        text = result.content
-                    elif isinstance(exc, TimeoutError) and limits.tool_timeout_s is not None:
+                        if inv is not None and self.record is not None:
+                            self.record(_tool_record(inv, n0, "error", error_class,
+                                                     result.content))
+                    else:
+                        if inv is not None and self.record is not None:
+                            self.record(_tool_record(inv, n0, "canceled", getattr(
+                                exc, "error_class", None) or "tool", _text(exc)))
+                        raise
+                except StopTurn as exc:
+                    session.tool_calls -= 1  # stopped before it ran: not a call
+                    if inv is not None and self.record is not None:
+                        self.record(_tool_record(inv, n0, "stopped", *_stopped(exc)))
+                    raise
+                except Exception as exc:
+                    if isinstance(exc, TimeoutError) and limits.tool_timeout_s is not None:
                         error_class = "tool"
                         result = ToolResult(
                             f"{ERROR_PREFIX}tool {call.name!r} timed out after "
@@ -666,7 +701,45 @@ class StepLoop:
 
 
 _NO_CONTENT = (None, None)
-_NO_CUT = contextlib.nullcontext()
+
+
+class _Cut:
+    """A turn's deadline, when the turn ends in a wrap-up: one timer for the whole turn. If it
+    fires while a model or tool call runs (between `enter` and `leave`), it cancels the turn's
+    task there, and the call site, seeing the cancel was this (`took`), stops the call as the
+    deadline's; if it fired between calls, the next call isn't made (`fired`). As
+    `asyncio.timeout` does it for one block, without a timer for each call."""
+
+    __slots__ = ("cancelled", "cancelling", "fired", "handle", "inside", "task")
+
+    def __init__(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.fired = self.inside = self.cancelled = False
+        self.cancelling = 0
+        self.handle = loop.call_at(loop.time() + delay, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self.inside and self.task is not None and not self.task.done():
+            self.cancelled = True
+            self.task.cancel()
+
+    def enter(self) -> None:
+        self.inside = True
+        if self.task is not None:
+            self.cancelling = self.task.cancelling()
+
+    def leave(self) -> None:
+        self.inside = False
+
+    def took(self) -> bool:
+        """Whether the cancel being raised is this deadline's alone (not also a request's):
+        then it is taken back."""
+        if not self.cancelled or self.task is None:
+            return False
+        self.cancelled = False
+        return self.task.uncancel() <= self.cancelling
 _NO_TOOL_CONTENT = (0, None, None)
 
 
