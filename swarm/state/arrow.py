@@ -22,6 +22,16 @@ once whole, so there each append is its own object, `log-<first_seq:012d>-<n>.ar
 orders ledger-only appends at one seq), and I/O runs in threads; on a local disk it runs on the
 event loop (an append costs ~30 µs, less than a hop to a thread). A task's next seq is kept in
 memory, recovered on first use from its last segment; a lock per task orders its appenders.
+
+Other processes (the agents of a handoff, the supervisor logging an approval) append to the same
+log, so a kept tail can go stale. On a local disk each append first checks what it writes to:
+its segment must still be the size it left it (a stat, ~2 µs), and a segment it starts must not
+exist yet. On an object store, where that is a lookup as slow as the write, only an unfenced
+append looks (whether its object's name is taken); a fenced one relies on `claim`. `claim` (a
+turn starting) picks up the stored end if the log moved; an unfenced append goes on after it.
+A fenced append that finds the log moved since its writer claimed it writes nothing: `Fenced`
+if the stored token is newer (a later copy of the turn), else `CheckpointError` naming the
+segment and both seqs.
 """
 
 from __future__ import annotations
@@ -274,14 +284,58 @@ class ArrowCheckpointer(Checkpointer):
     # -- the Checkpointer ----------------------------------------------------------------------
 
     async def claim(self, task_id: str) -> int:
-        """A new writer token, kept in the task's `fence` file. Fencing holds among the
-        writers of this process; writers in several processes need the Redis store."""
+        """A new writer token, kept in the task's `fence` file; the claimer's appends go on
+        from the log's stored end, whoever wrote it last.
+
+        Fencing holds among the writers of this process. Across processes an append finds a
+        newer token only once its writer has appended (on a local disk; see the module
+        docstring); writers running at once in several processes need the Redis store."""
         async with self._lock(task_id):
             data = await self._io(self._read, f"{self.task_dir(task_id)}/fence")
             token = (int(data.to_pybytes()) if data is not None else 0) + 1
             await self._io(self._put, f"{self.task_dir(task_id)}/fence", str(token).encode())
             self._fences[task_id] = token
+            tail = self._tails.get(task_id)
+            if tail is not None and await self._io(self._moved, task_id, tail):
+                # Another process appended since this one last did: recover on next use.
+                self._close(task_id, self._tails.pop(task_id))
             return token
+
+    def _moved(self, task_id: str, tail: _Tail) -> str | None:
+        """The file showing that the log changed since `tail` was read (another writer
+        appended), or None: a stat or two on a local disk, a lookup on an object store."""
+        if not self.local:
+            name = f"{self.task_dir(task_id)}/log-{tail.next_seq:012d}-{tail.parts}.arrows"
+            return name if self.fs.get_file_info(name).type != pafs.FileType.NotFound else None
+        if tail.path is not None and _size(tail.path) != tail.size:
+            return tail.path
+        if tail.path is None or tail.entries >= self.segment_entries:
+            # This append starts a segment, which another writer may have started already.
+            # (One that isn't due is appended to by every writer of the log, as they rotate
+            # at the same `segment_entries`: the default, which nothing configures.)
+            path = f"{self.task_dir(task_id)}/log-{tail.next_seq:012d}.arrows"
+            if _size(path) > 0:
+                return path
+        return None
+
+    async def _refresh(self, task_id: str, tail: _Tail, fence: int | None, moved: str) -> _Tail:
+        """The tail to append at, now that `moved` shows another writer appended since `tail`
+        was read: for an unfenced append, the log's stored end; a fenced one raises (see the
+        module docstring)."""
+        self._close(task_id, self._tails.pop(task_id))
+        found = self._tails[task_id] = await self._io(self._recover, task_id)
+        if fence is None:
+            return found
+        data = await self._io(self._read, f"{self.task_dir(task_id)}/fence")
+        stored = int(data.to_pybytes()) if data is not None else 0
+        if stored > fence:
+            self._fences[task_id] = max(self._fences.get(task_id, 0), stored)
+            raise Fenced(task_id, fence, stored)
+        raise CheckpointError(
+            f"task {task_id}: another writer appended to the log after this writer (token "
+            f"{fence}) claimed it, without claiming it: {moved} changed; this writer's next "
+            f"entry was {tail.next_seq}, the stored log's is {found.next_seq}. Nothing was "
+            "written (a turn that claims the log anew goes on from its stored end)")
 
     async def append(
         self, task_id: str, entries: list[LogEntry], ledger: list[LedgerRecord] | None = None,
@@ -297,6 +351,10 @@ class ArrowCheckpointer(Checkpointer):
                 tail = self._tails[task_id] = await self._io(self._recover, task_id)
             if not entries and not ledger:
                 return -1
+            if self.local or fence is None:  # has another writer appended since?
+                moved = await self._io(self._moved, task_id, tail)
+                if moved is not None:
+                    tail = await self._refresh(task_id, tail, fence, moved)
             first = tail.next_seq
             try:
                 rows = []
@@ -567,6 +625,14 @@ class _Batches:
         """The batches from the one holding `seq` on, found by bisection."""
         i = bisect.bisect_right(range(len(self.messages)), seq, key=self.first)
         return (self.get(j) for j in range(max(i - 1, 0), len(self.messages)))
+
+
+def _size(path: str) -> int:
+    """A local file's size in bytes, -1 if there is none."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return -1
 
 
 def _fsync(path: str) -> None:

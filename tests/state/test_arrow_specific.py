@@ -18,10 +18,18 @@ import pytest
 from arrow_support import corrupter, segments
 from conformance import Backend, CheckpointerConformance, entry, record
 
+from swarm.errors import CheckpointError
 from swarm.state import arrow as arrow_mod
 from swarm.state import codec
 from swarm.state.arrow import ArrowCheckpointer, write_parquet
-from swarm.state.interface import CorruptRecord, LogEntry, Snapshot, StoreUnavailable, TaskRow
+from swarm.state.interface import (
+    CorruptRecord,
+    Fenced,
+    LogEntry,
+    Snapshot,
+    StoreUnavailable,
+    TaskRow,
+)
 
 
 class TestObjectStoreConformance(CheckpointerConformance):
@@ -169,6 +177,89 @@ async def test_object_store_recovers_seqs_and_ledger_order() -> None:
     assert names == ["log-000000000000-0.arrows", "log-000000000002-0.arrows",
                      "log-000000000002-1.arrows", "log-000000000002-2.arrows",
                      "log-000000000002-3.arrows"]
+
+
+def writers(tmp_path: Path, uri: str, segment_entries: int, n: int = 2
+            ) -> list[ArrowCheckpointer]:
+    """Stores on one root, as several processes (the agents of a handoff) have them."""
+    if uri == "file":
+        return [ArrowCheckpointer(tmp_path.as_uri(), segment_entries=segment_entries)
+                for _ in range(n)]
+    fs, root = pafs.FileSystem.from_uri("mock:///swarm")
+    return [ArrowCheckpointer(root, filesystem=fs) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("uri", "segment_entries"), [("file", 1000), ("file", 3), ("mock", 0)])
+async def test_writers_taking_turns_on_one_log_go_on_from_its_stored_end(
+    tmp_path: Path, uri: str, segment_entries: int
+) -> None:
+    # A handoff a -> b -> a -> b with a and b in different processes: each turn claims the
+    # log, then appends; each writer's kept tail is stale when its next turn starts.
+    a, b, reader = writers(tmp_path, uri, segment_entries, 3)
+    for turn in range(4):
+        writer = (a, b)[turn % 2]
+        fence = await writer.claim("t")
+        first = await writer.append("t", [entry(turn, f"{turn}.0")], [record(f"t:{turn}")],
+                                    fence=fence)
+        last = await writer.append("t", [entry(turn, f"{turn}.1"), entry(turn, f"{turn}.2")],
+                                   fence=fence)
+        assert (first, last) == (3 * turn, 3 * turn + 2)
+    got = await reader.read("t")
+    assert seqs(got) == list(range(12))
+    assert [e.data["message"]["content"] for e in got] == [
+        f"{turn}.{i}" for turn in range(4) for i in range(3)]
+    assert sorted(await reader.ledger("t")) == [f"t:{turn}" for turn in range(4)]
+    for store in (a, b, reader):
+        await store.close()
+
+
+@pytest.mark.parametrize(("uri", "segment_entries"), [("file", 1000), ("file", 2), ("mock", 0)])
+async def test_an_unfenced_append_goes_on_after_another_writers_entries(
+    tmp_path: Path, uri: str, segment_entries: int
+) -> None:
+    # The supervisor logs approval decisions (unfenced, without a claim) between the turns
+    # of an agent in another process.
+    agent, supervisor = writers(tmp_path, uri, segment_entries)
+    for round_ in range(3):
+        fence = await agent.claim("t")
+        await agent.append("t", [entry(round_, f"agent {round_}")], fence=fence)
+        await agent.append("t", [], [record(f"t:{round_}", "finished", "ok")], fence=fence)
+        assert await supervisor.append("t", [entry(round_, f"sup {round_}")]) == 2 * round_ + 1
+    got = await agent.read("t")
+    assert seqs(got) == list(range(6))
+    assert [e.data["message"]["content"] for e in got] == [
+        f"{who} {r}" for r in range(3) for who in ("agent", "sup")]
+    await agent.close()
+    await supervisor.close()
+
+
+@pytest.mark.parametrize("segment_entries", [1000, 1])
+async def test_a_fenced_append_after_another_writers_is_refused(
+    tmp_path: Path, segment_entries: int
+) -> None:
+    a, b = writers(tmp_path, "file", segment_entries)
+    old = await a.claim("t")
+    assert await a.append("t", [entry(0)], fence=old) == 0
+    # Another process claims the log and writes: the first writer is superseded.
+    new = await b.claim("t")
+    assert await b.append("t", [entry(1)], fence=new) == 1
+    with pytest.raises(Fenced, match=f"writer token {old} was superseded by {new}"):
+        await a.append("t", [entry(2)], fence=old)
+    # An unfenced writer appending while a writer holds its claim: the claimer's view of
+    # the log is stale, so its append is refused, naming what changed.
+    mine = await a.claim("t")
+    assert await a.append("t", [entry(2)], fence=mine) == 2
+    assert await b.append("t", [entry(3)]) == 3
+    with pytest.raises(CheckpointError, match=(
+            r"task t: another writer appended .* \(token 3\).*log-0000000000\d\d\.arrows "
+            r"changed; this writer's next entry was 3, the stored log's is 4")):
+        await a.append("t", [entry(4, "lost")], fence=mine)
+    got = await b.read("t")
+    assert seqs(got) == [0, 1, 2, 3] and "lost" not in str(got)
+    # A new claim goes on from the stored end.
+    assert await a.append("t", [entry(4)], fence=await a.claim("t")) == 4
+    await a.close()
+    await b.close()
 
 
 async def test_fsync_option_syncs_each_append_on_local_disks(
