@@ -32,7 +32,7 @@ from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
 from swarm.state import codec
 from swarm.state.interface import Checkpointer, Fenced, LostWrites, Snapshot
-from swarm.state.replay import TaskState, fold, latest_snapshot
+from swarm.state.replay import TaskState, fold, latest_snapshot, read_after
 from swarm.tools.access import function_tool_names, granted_servers
 from swarm.tools.interface import ToolSource
 
@@ -475,7 +475,7 @@ class AgentHost:
                 source = "durable" if snapshot is not None else "log"
             for problem in problems:
                 log.warning("agent %s: %s", self.role, problem)
-            entries = await self.store.read(log_id, after=snapshot.seq if snapshot else -1)
+            entries = await read_after(self.store, log_id, snapshot)
             state = fold(snapshot, entries)
             turn = state.open_turn
             self._check_durable(req, log_id, state)

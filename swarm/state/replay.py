@@ -21,7 +21,8 @@ from typing import Any
 
 import msgspec
 
-from swarm.state.interface import LogEntry, Snapshot
+from swarm.errors import CheckpointError
+from swarm.state.interface import CorruptRecord, LogEntry, Snapshot
 
 
 class OpenTurn(msgspec.Struct, kw_only=True):
@@ -140,16 +141,40 @@ async def restore(store: Any, task_id: str, upto: int | None = None
     Returns the state and the problems met on the way.
     """
     snapshot, problems = await latest_snapshot(store, task_id, upto)
-    entries = await store.read(task_id, after=snapshot.seq if snapshot else -1, upto=upto)
+    entries = await read_after(store, task_id, snapshot, upto)
     return fold(snapshot, entries), problems
+
+
+async def read_after(store: Any, task_id: str, snapshot: Snapshot | None,
+                     upto: int | None = None) -> list[LogEntry]:
+    """The entries to fold into `snapshot` (all of the log's, if None), up to `upto`.
+
+    A snapshot at entry N was taken once the log held N, so a log that ends before N has lost
+    entries it acknowledged (a deleted or truncated segment file, a store that lost writes):
+    that raises `CorruptRecord` naming the task and entry N, rather than resume from the
+    snapshot alone and run again a tool call the lost entries say finished. The check costs a
+    second read, of entry N, only when nothing follows the snapshot.
+    """
+    seq = snapshot.seq if snapshot is not None else -1
+    entries = await store.read(task_id, after=seq, upto=upto)
+    if seq < 0 or entries or await store.read(task_id, after=seq - 1, upto=seq):
+        return entries
+    try:  # where the log ends, for the message
+        held = await store.read(task_id, upto=seq)
+        end = f"its last entry is {held[-1].seq}" if held else "it holds no entries"
+    except CheckpointError as e:
+        end = f"reading it fails: {e}"
+    raise CorruptRecord(task_id, f"entry {seq}", (
+        f"it is missing: the log ends before it ({end}), but the task's snapshot at entry "
+        f"{seq} was taken after it was stored; the log lost entries (a deleted or truncated "
+        "segment file, a store that lost writes?), and resuming from the snapshot alone could "
+        "run again what they record as done"))
 
 
 async def latest_snapshot(store: Any, task_id: str, upto: int | None = None
                           ) -> tuple[Snapshot | None, list[str]]:
     """The newest usable stored snapshot (at or before `upto`), falling back past corrupt ones;
     and the problems met on the way."""
-    from swarm.state.interface import CorruptRecord
-
     problems: list[str] = []
     seqs = await store.snapshots(task_id)
     if upto is not None:

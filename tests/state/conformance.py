@@ -26,6 +26,7 @@ from swarm.state.interface import (
     Snapshot,
     TaskRow,
 )
+from swarm.state.replay import read_after, restore
 
 Corrupt = Callable[[str, str, bytes], None]
 
@@ -171,6 +172,30 @@ class CheckpointerConformance:
         assert await store.snapshots("t") == [39, 49, 59]  # the default keeps 3
         await store.put_snapshot(Snapshot(task_id="t", seq=69, step=69, data={}), keep=1)
         assert await store.snapshots("t") == [69]
+
+    async def test_restore_refuses_a_log_that_ends_before_its_snapshot(
+        self, backend: Backend
+    ) -> None:
+        store = backend.store
+        await store.append("t", [entry(i) for i in range(4)])
+        await store.put_snapshot(Snapshot(task_id="t", seq=3, step=3, data={}))
+        assert (await restore(store, "t"))[0].seq == 3  # a snapshot at the log's last entry
+        await store.append("t", [entry(4)])
+        assert (await restore(store, "t"))[0].seq == 4
+        # A snapshot the log doesn't reach: the log lost entries it had acknowledged (a lost
+        # file, a store that lost writes), which resuming from the snapshot would run again.
+        await store.put_snapshot(Snapshot(task_id="t", seq=7, step=7, data={}))
+        with pytest.raises(CorruptRecord, match=(
+                r"task t: entry 7 is unusable: it is missing: the log ends before it \(its "
+                r"last entry is 4\), but the task's snapshot at entry 7")) as err:
+            await restore(store, "t")
+        assert (err.value.task_id, err.value.what) == ("t", "entry 7")
+        with pytest.raises(CorruptRecord, match="entry 7"):
+            await read_after(store, "t", await store.get_snapshot("t", 7))
+        assert (await restore(store, "t", upto=5))[0].seq == 4  # the older snapshot is held
+        await store.put_snapshot(Snapshot(task_id="u", seq=2, step=2, data={}))
+        with pytest.raises(CorruptRecord, match=r"task u: entry 2 .*\(it holds no entries\)"):
+            await restore(store, "u")
 
     async def test_task_rows_by_swarm(self, backend: Backend) -> None:
         store = backend.store

@@ -250,6 +250,46 @@ async def test_crash_between_turns_continues_with_the_next_agent(tmp_path: Path)
     assert dt.RUNS == {"v-1": 1, "v-2": 1}  # nothing re-ran: the log said it was all done
 
 
+def _remove_log_files(task_dir: str) -> int:
+    """Delete an Arrow store's log segments of one task, keeping its snapshots."""
+    segs = list(Path(task_dir).glob("log-*.arrows"))
+    for seg in segs:
+        seg.unlink()
+    return len(segs)
+
+
+async def test_a_log_file_lost_behind_its_snapshot_fails_the_task_instead_of_redoing_it(
+    tmp_path: Path
+) -> None:
+    from swarm.state.arrow import ArrowCheckpointer
+
+    store = ArrowCheckpointer((tmp_path / "store").as_uri())
+    cfg = make_cfg(tmp_path)
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("s")
+        await sw.supervisor.wait(task_id, 10)
+    assert dt.RUNS == {"s-1": 1, "s-2": 1}
+    snaps = await store.snapshots(task_id)
+    assert snaps  # agent a's turn took one at step 2 (its turn end waits for it)
+    # The process died before the supervisor stored the outcome, and the task's log segment
+    # is lost (deleted, a bad disk); its snapshots are kept.
+    persisted = await store.get_task(task_id)
+    assert persisted is not None
+    task = a2a.loads_task(persisted.data["a2a"])
+    task.status.CopyFrom(TaskStatus(state=TaskState.TASK_STATE_WORKING))
+    del task.artifacts[:]
+    await store.put_task(TaskRow(task_id=task_id, swarm=persisted.swarm, state="working",
+                                 data={**persisted.data, "a2a": a2a.dumps(task)}))
+    await store.close()
+    assert _remove_log_files(store.task_dir(task_id)) == 1
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["state"] == "failed" and row["error_class"] == "checkpoint"
+    assert f"task {task_id}: entry {snaps[-1]} is unusable: it is missing" in row["error"]
+    assert dt.RUNS == {"s-1": 1, "s-2": 1}  # nothing ran again
+
+
 async def _wait_state(rec: Any, state: str) -> None:
     while rec.state != state:
         await rec.watch().wait()
