@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
+import functools
 import importlib
 import inspect
 import json
+import logging
+import os
+import queue
+import threading
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,8 +28,13 @@ from swarm.tools.resilience import cap_result
 if typing.TYPE_CHECKING:
     from swarm.config import ToolServerConfig
 
+log = logging.getLogger(__name__)
+
 _HINTS_ATTR = "__swarm_tool_hints__"
 _CTX_PARAM = "ctx"
+# Sync calls of one source running at once (as many as asyncio's default executor has threads),
+# not counting calls that timed out and still run.
+SYNC_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +113,111 @@ def _plain_kwargs(plain: dict[str, tuple[type, bool]], arguments: dict[str, Any]
     return kwargs
 
 
+class _Call:
+    __slots__ = ("fn", "future", "stuck")
+
+    def __init__(self, future: concurrent.futures.Future[Any], fn: Callable[[], Any]) -> None:
+        self.future = future
+        self.fn = fn
+        self.stuck = False  # timed out and still running: its thread doesn't count
+
+
+class ToolThreads:
+    """The worker threads of one source's sync functions.
+
+    At most `size` calls run at once, not counting calls that timed out and still run: Python
+    can't stop a thread, so such a call keeps its thread until it returns, and another thread
+    takes its place. A hung function then costs a thread, not the pool: asyncio's default
+    executor has a fixed number of threads, and a few hung calls left every later call queued
+    until it timed out, for the life of the process. The threads are daemon threads, so one
+    that never returns doesn't hold up the process's exit (the default executor's threads are
+    joined at exit).
+    """
+
+    def __init__(self, size: int = SYNC_THREADS, name: str = "tool") -> None:
+        self.size = size
+        self.name = name
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads = 0  # threads alive, stuck ones included
+        self._stuck = 0
+        self._closed = False
+
+    @property
+    def stuck(self) -> int:
+        """Calls that timed out and still run."""
+        return self._stuck
+
+    def submit(self, fn: Callable[[], Any]) -> _Call:
+        """Queue a call; its `future` gets the result."""
+        call = _Call(concurrent.futures.Future(), fn)
+        self._calls.put(call)
+        if self._idle.acquire(blocking=False):
+            return call  # an idle thread takes it
+        with self._lock:
+            self._add_thread()
+        return call
+
+    def _add_thread(self) -> None:
+        # Under the lock: one more thread, if fewer than `size` run calls that aren't stuck.
+        if self._threads - self._stuck < self.size and not self._closed:
+            self._threads += 1
+            threading.Thread(target=self._work, name=f"{self.name}-{self._threads}",
+                             daemon=True).start()
+
+    def abandon(self, call: _Call) -> int:
+        """Give up on a call that timed out: if it still runs, its thread no longer counts
+        against `size`. Returns how many calls are stuck so, 0 if this one ended already or
+        never started (it won't now)."""
+        with self._lock:
+            if call.stuck or call.future.cancel() or call.future.done():
+                return 0
+            call.stuck = True
+            self._stuck += 1
+            self._add_thread()  # in its place, for calls queued already and the next ones
+            return self._stuck
+
+    def close(self) -> None:
+        """Let the idle threads end; stuck ones end when their call returns."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        for _ in range(threads):
+            self._calls.put(None)
+
+    def _work(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                break
+            if call.future.set_running_or_notify_cancel():
+                try:
+                    result = call.fn()
+                except BaseException as exc:
+                    call.future.set_exception(exc)
+                else:
+                    call.future.set_result(result)
+            with self._lock:
+                if call.stuck:
+                    self._stuck -= 1
+                    call.stuck = False
+                # One more than `size` would run now (a stuck call came back): this one ends.
+                if self._threads - self._stuck > self.size:
+                    break
+            del call
+            self._idle.release()
+        with self._lock:
+            self._threads -= 1
+
+
 class FunctionToolSource(ToolSource):
     """Serves plain Python functions (sync or async) as tools.
 
-    Sync functions run in a worker thread (unless declared `@tool(inline=True)`); a timed-out
-    sync function keeps running in its thread (Python can't stop it), but its result is
-    dropped.
+    Sync functions run in worker threads of the source's own (`ToolThreads`, unless declared
+    `@tool(inline=True)`); a timed-out sync function keeps running in its thread (Python can't
+    stop it), but its result is dropped, and its thread no longer counts against the source's
+    `SYNC_THREADS`: hung calls can't leave later calls without a thread.
     """
 
     def __init__(
@@ -122,6 +233,7 @@ class FunctionToolSource(ToolSource):
         self.timeout_s = timeout_s
         self.max_result_chars = max_result_chars
         self._tools: dict[str, _FunctionTool] = {}
+        self._threads: ToolThreads | None = None  # started by the first sync call
         problems: list[tuple[str, str]] = []
         for i, item in enumerate(functions):
             where = f"tools.{name}.python.{i}"
@@ -154,6 +266,12 @@ class FunctionToolSource(ToolSource):
         """The functions' specs, in the order given."""
         return [t.spec for t in self._tools.values()]
 
+    async def aclose(self) -> None:
+        """End the idle worker threads (a stuck one ends when its call returns)."""
+        threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.close()
+
     async def call(self, tool: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolResult:
         """Validate the arguments, run the function under the timeout and encode its result."""
         entry = self._tools.get(tool)
@@ -182,7 +300,13 @@ class FunctionToolSource(ToolSource):
         elif entry.is_async:
             work = entry.fn(**kwargs)
         else:
-            work = asyncio.to_thread(entry.fn, **kwargs)
+            threads = self._threads
+            if threads is None:
+                threads = self._threads = ToolThreads(name=f"tool-{self.name}")
+            # In the caller's context (as `asyncio.to_thread` runs it): tracing reads it.
+            call = threads.submit(functools.partial(
+                contextvars.copy_context().run, entry.fn, **kwargs))
+            work = asyncio.wrap_future(call.future)
         deadline = asyncio.timeout(self.timeout_s)
         try:
             async with deadline:
@@ -192,6 +316,13 @@ class FunctionToolSource(ToolSource):
         except TimeoutError as e:
             if not deadline.expired():  # the function's own TimeoutError is its result
                 return ToolResult(f"TimeoutError: {e}", is_error=True)
+            if not entry.is_async and not entry.inline:
+                stuck = threads.abandon(call)
+                if stuck:
+                    log.warning(
+                        "tool %r in %r timed out after %gs and still runs in its thread "
+                        "(Python can't stop it); another thread takes its place, %d stuck "
+                        "so in this source", tool, self.name, self.timeout_s, stuck)
             raise ToolError(
                 f"tool {tool!r} in {self.name!r} timed out after {self.timeout_s:g}s"
             ) from None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -279,3 +283,83 @@ async def test_from_config_uses_paths_and_timeout():
     assert [s.name for s in await src.list_tools()] == ["echo", "slow"]
     with pytest.raises(ToolError, match=r"timed out after 0\.1s"):
         await src.call("slow", {"seconds": 5}, CTX)
+
+
+async def test_hung_sync_calls_cost_a_thread_each_not_the_sources_threads(caplog):
+    # More hung calls than the source runs at once: each times out with the tool error, and
+    # a later call still gets a thread (asyncio's default executor would have none left).
+    from swarm.tools import function
+
+    release = threading.Event()
+
+    def hang() -> str:
+        """Block until released."""
+        release.wait(60)
+        return "released"
+
+    src = source(hang, thread_name, timeout_s=0.3)
+    try:
+        with caplog.at_level("WARNING", logger="swarm.tools.function"):
+            for _ in range(function.SYNC_THREADS + 1):
+                with pytest.raises(ToolError, match=r"'hang' in 'fn' timed out after 0.3s"):
+                    await src.call("hang", {}, CTX)
+        result = await src.call("thread_name", {}, CTX)
+        assert not result.is_error and result.content != threading.current_thread().name
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == function.SYNC_THREADS + 1
+        assert "'hang' in 'fn' timed out" in warnings[-1] and "still runs" in warnings[-1]
+    finally:
+        release.set()
+        await src.aclose()
+
+
+async def test_hung_sync_calls_leave_queued_calls_a_thread():
+    # Calls queued behind hung ones (all threads busy) run once the hung ones time out.
+    from swarm.tools.function import ToolThreads
+
+    release = threading.Event()
+    threads = ToolThreads(size=2)
+    try:
+        hung = [threads.submit(lambda: release.wait(60)) for _ in range(2)]
+        queued = threads.submit(lambda: "ran")
+        assert [threads.abandon(c) for c in hung] == [1, 2]
+        assert queued.future.result(timeout=30) == "ran"
+        release.set()
+        for c in hung:
+            assert c.future.result(timeout=30) is True
+    finally:
+        release.set()
+        threads.close()
+
+
+def test_a_hung_sync_call_does_not_hold_up_the_process_exit(tmp_path):
+    # A timed-out call that never returns: the process still exits when it is done.
+    script = tmp_path / "hung.py"
+    script.write_text(
+        "import asyncio, time\n"
+        "from swarm.errors import ToolError\n"
+        "from swarm.tools.function import FunctionToolSource\n"
+        "from swarm.tools.interface import ToolContext\n"
+        "def hang() -> str:\n"
+        "    '''Never return.'''\n"
+        "    while True:\n"
+        "        time.sleep(1)\n"
+        "async def main():\n"
+        "    src = FunctionToolSource('fn', [hang], timeout_s=0.2)\n"
+        "    try:\n"
+        "        await src.call('hang', {}, ToolContext(task_id='t', agent='a'))\n"
+        "    except ToolError as e:\n"
+        "        print('tool error:', e)\n"
+        "asyncio.run(main())\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the process did not exit: a hung tool thread held it") from None
+    assert proc.returncode == 0, out
+    assert "tool error: tool 'hang' in 'fn' timed out after 0.2s" in out
