@@ -623,6 +623,7 @@ class AgentActor:
 
     def __init__(self, cfg: SwarmConfig, role: str, endpoints: dict[str, str], supervisor: Any,
                  replica: int = 0, store_spec: str | None = None) -> None:
+        """`supervisor`: its handle, or its `ActorName`, looked up when the replica starts."""
         from swarm.models.agent import build_agent_model
         from swarm.observability.tracing import configure
         from swarm.runtime.supervisor_actor import open_store
@@ -657,6 +658,12 @@ class AgentActor:
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
+        from swarm.runtime.supervisor_actor import ActorName
+
+        if isinstance(self.supervisor, ActorName):
+            # Created by `start_swarm` before the supervisor: that runs by now, since only it
+            # calls this replica.
+            self.supervisor = await asyncio.to_thread(self.supervisor.resolve)
         if self.host.store is not None:
             await self.host.store.start()
         await self.host.start()

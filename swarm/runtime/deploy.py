@@ -12,8 +12,10 @@ from swarm.config import ScriptedModelConfig, SwarmConfig
 from swarm.errors import ConfigError, OrchestrationError, SwarmNotFound, UserError
 from swarm.models.ingress import default_direct_ingress_env
 from swarm.runtime.supervisor_actor import (
+    ActorName,
     SupervisorActor,
     agent_actor_name,
+    create_agents,
     supervisor_actor_name,
 )
 
@@ -129,6 +131,9 @@ def deploy_models(cfg: SwarmConfig, deployment: str) -> dict[str, str]:
 STORE_ENV = "SWARM_STATE_STORE"
 # Embedded servers this process started, by deployment, so `swarm run` can stop its own.
 _STARTED_HERE: dict[str, Any] = {}
+# The agent replicas' handles, by deployment, of the swarms this process deployed: a replica
+# that isn't detached lives while a handle to it exists (until `stop_swarm`).
+_AGENTS_HERE: dict[str, dict[str, list[Any]]] = {}
 
 
 def stop_embedded_store(deployment: str) -> None:
@@ -282,6 +287,15 @@ def start_swarm(
     if server is not None and server.started_here:
         _STARTED_HERE[deployment] = server
     endpoints = deploy_models(cfg, deployment)
+    # The agent replicas first, from this process, so that they are this process's: not
+    # detached, an actor dies with the process that created it, and replicas the supervisor
+    # created died with the supervisor, the turns they ran too. Created here, they outlive a
+    # supervisor crash (the restarted supervisor finds them by name and joins their running
+    # turns) and still end with this process (`swarm run`). They look the supervisor up by
+    # name when it first calls them.
+    _AGENTS_HERE[deployment] = create_agents(
+        cfg, deployment, NAMESPACE, detached, endpoints,
+        ActorName(supervisor_actor_name(deployment), NAMESPACE), store_spec)
     sup = (
         ray.remote(SupervisorActor)
         .options(
@@ -303,6 +317,7 @@ def start_swarm(
             stop_swarm(deployment, timeout=10)
         except Exception:
             log.debug("cleanup of %s failed", deployment, exc_info=True)
+        _kill_agents(deployment)  # if the supervisor couldn't say which there are
         cause = root_cause(exc)
         if isinstance(cause, (ConfigError, UserError)):
             raise cause from None  # a config the cluster found wrong: said as it is
@@ -315,6 +330,18 @@ def start_swarm(
     if cfg.a2a.serve:
         _start_a2a(cfg, deployment)
     return sup, reports
+
+
+def _kill_agents(deployment: str) -> None:
+    """Kill the agent replicas this process created for `deployment`, if it still holds them."""
+    import ray
+
+    for handles in _AGENTS_HERE.pop(deployment, {}).values():
+        for handle in handles:
+            try:
+                ray.kill(handle)
+            except Exception:
+                log.debug("killing an agent of %s failed", deployment, exc_info=True)
 
 
 def _start_a2a(cfg: SwarmConfig, deployment: str) -> None:
@@ -360,6 +387,7 @@ def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
                 ray.kill(ray.get_actor(agent_actor_name(deployment, role, i), namespace=NAMESPACE))
             except ValueError:
                 pass
+    _AGENTS_HERE.pop(deployment, None)
     ray.kill(sup)
     for model in info["endpoints"]:
         serve.delete(_app_name(deployment, model))

@@ -4,12 +4,19 @@ The actor restarts after a crash (`max_restarts=-1`); its constructor runs again
 in memory, so it starts at once to rebuild the task table from the durable store and resume
 every unfinished task (`Supervisor.load`); every client call waits for that. Clients
 keep their handles: a named actor's handle stays valid across restarts.
+
+The agent replicas are created by whoever deploys the swarm (`create_agents`, called by
+`start_swarm` before it creates the supervisor), not by the supervisor: an actor that isn't
+detached dies with the process that created it, and replicas created in the supervisor's
+process died with it, turns and all. The supervisor finds them by name, when it starts and
+when it restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from swarm.config import SwarmConfig
@@ -32,6 +39,50 @@ def agent_actor_name(deployment: str, role: str, replica: int) -> str:
     return f"{deployment}.{role}.{replica}"
 
 
+@dataclass(frozen=True, slots=True)
+class ActorName:
+    """A named actor an agent replica looks up when it starts (the supervisor, which may not
+    exist yet when the replica is created)."""
+
+    name: str
+    namespace: str
+
+    def resolve(self) -> Any:
+        """The actor's handle (a blocking call to Ray's GCS)."""
+        import ray
+
+        return ray.get_actor(self.name, namespace=self.namespace)
+
+
+def create_agents(cfg: SwarmConfig, deployment: str, namespace: str, detached: bool,
+                  endpoints: dict[str, str], supervisor: Any, store_spec: str | None
+                  ) -> dict[str, list[Any]]:
+    """The handles of the swarm's agent replicas by role, each created unless one of its
+    name is running already (then that one's handle). `supervisor` is its handle or
+    `ActorName`. A remote A2A member has none (it runs in the supervisor's pool).
+
+    Not detached, a replica lives as long as the process that created it (its owner) and
+    while a handle to it exists: the deploying process keeps the handles."""
+    import ray
+
+    from swarm.runtime.agent import AgentActor
+
+    remote_cls = ray.remote(AgentActor)
+    return {
+        role: [
+            remote_cls.options(
+                name=agent_actor_name(deployment, role, i), namespace=namespace,
+                lifetime="detached" if detached else None, get_if_exists=True,
+                max_restarts=-1, max_concurrency=acfg.max_sessions + 64,
+                num_cpus=acfg.num_cpus, enable_task_events=cfg.process.ray_task_events,
+            ).remote(cfg, role, endpoints, supervisor, i, store_spec)
+            for i in range(acfg.replicas)
+        ]
+        for role, acfg in cfg.agents.items()
+        if acfg.a2a is None
+    }
+
+
 def open_store(spec: str | None) -> Any:
     """The checkpointer for a resolved store spec (a URL), or None for no durability."""
     if spec is None:
@@ -52,27 +103,17 @@ class SupervisorActor:
 
         from swarm.models import build_model
         from swarm.observability.tracing import configure
-        from swarm.runtime.agent import AgentActor
         from swarm.runtime.tuning import tune_process
 
         configure(cfg, store_spec, {"swarm.process": "supervisor"})
         self.deployment = deployment
         self.endpoints = endpoints
         me = ray.get_runtime_context().current_actor
-        remote_cls = ray.remote(AgentActor)
-        self.handles: dict[str, list[Any]] = {
-            role: [
-                remote_cls.options(
-                    name=agent_actor_name(deployment, role, i), namespace=namespace,
-                    lifetime="detached" if detached else None, get_if_exists=True,
-                    max_restarts=-1, max_concurrency=acfg.max_sessions + 64,
-                    num_cpus=acfg.num_cpus, enable_task_events=cfg.process.ray_task_events,
-                ).remote(cfg, role, endpoints, me, i, store_spec)
-                for i in range(acfg.replicas)
-            ]
-            for role, acfg in cfg.agents.items()
-            if acfg.a2a is None  # a remote A2A member runs in this actor's pool, below
-        }
+        # The replicas `start_swarm` created, found by name, after a restart too. One that is
+        # gone (taken down by hand) is created again, here: owned by this process, it dies
+        # with it. A remote A2A member runs in this actor's pool, below.
+        self.handles: dict[str, list[Any]] = create_agents(
+            cfg, deployment, namespace, detached, endpoints, me, store_spec)
         router = None
         if cfg.supervisor.router_model is not None:
             name = cfg.supervisor.router_model

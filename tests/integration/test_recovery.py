@@ -4,7 +4,11 @@ with the answers of an undisturbed run, and no charge is ever applied twice."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -166,6 +170,84 @@ def test_supervisor_killed_rebuilds_its_table_and_clients_keep_handles(pay, ray_
     history = handles[0].history()
     assert [row["seq"] for row in history] == list(range(len(history)))
     _check_exactly_once(r, accounts)
+
+
+def _alive_pid(actor_name: str) -> int | None:
+    from ray.util.state import list_actors
+
+    for a in list_actors(filters=[("name", "=", actor_name), ("state", "=", "ALIVE")],
+                         detail=True, raise_on_missing_output=False):
+        return a.pid
+    return None
+
+
+def test_supervisor_process_killed_leaves_its_agents_and_joins_their_running_turn(
+        ray_cluster, serve_port, redis_url) -> None:
+    # Deployed as `swarm run` does (not detached), the supervisor's process is killed while a
+    # turn runs a tool that is not idempotent. The agent replicas live on (they were the
+    # supervisor's, and died with it), the restarted supervisor joins the running turn, and
+    # the tool runs once: a replica that died would have left the call unfinished in the log,
+    # and the task would wait for an operator instead.
+    import ray
+
+    name = f"held-{uuid.uuid4().hex[:6]}"
+    sup, _ = start_swarm(load_config(HERE / "configs" / "held.yaml"), deployment=name)
+    r = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=30)
+    try:
+        client = SwarmClient(name, sup)
+        handle = client.submit("hold")
+        assert r.blpop([f"held:entered:{handle.id}"], timeout=120) is not None, \
+            "the tool never started"
+        agents = [agent_actor_name(name, "worker", i) for i in range(2)]
+        pids = {a: _alive_pid(a) for a in agents}
+        assert None not in pids.values(), pids
+        sup_pid = _alive_pid(supervisor_actor_name(name))
+        assert sup_pid is not None
+        os.kill(sup_pid, signal.SIGKILL)
+        # Released once the restarted supervisor has posted the turn again (its resume) to
+        # the replica running it, so the resume finds it running there.
+        replicas = [ray.get_actor(a, namespace=NAMESPACE) for a in agents]
+        deadline = time.monotonic() + 120
+        while sum(s["turns_posted"] for s in ray.get([h.stats.remote() for h in replicas],
+                                                     timeout=60)) < 2:
+            assert time.monotonic() < deadline, "the turn was not posted again\n" + \
+                swarm_diagnostics(ray_cluster["temp_dir"], name)
+            time.sleep(0.05)  # polls the replicas' counters, up to the deadline
+        r.rpush(f"held:release:{handle.id}", "go")
+        info = handle.wait(timeout=120)
+        assert (info.state, info.answer) == ("completed", "released"), \
+            f"{info}\n" + swarm_diagnostics(ray_cluster["temp_dir"], name)
+        assert r.get(f"held:runs:{handle.id}") == "1"
+        assert {a: _alive_pid(a) for a in agents} == pids, "an agent replica was restarted"
+        assert _alive_pid(supervisor_actor_name(name)) != sup_pid
+    finally:
+        with contextlib.suppress(SwarmNotFound):
+            stop_swarm(name)
+
+
+def test_a_driver_that_ends_takes_its_swarm_with_it(ray_cluster, redis_url) -> None:
+    # Not detached (`swarm run`), the agent replicas belong to the process that deployed the
+    # swarm: when it ends without taking the swarm down, they end with it, as the supervisor
+    # does, and leave nothing running on the cluster.
+    name = f"gone-{uuid.uuid4().hex[:6]}"
+    script = (
+        "from swarm.config import load_config\n"
+        "from swarm.runtime.deploy import ensure_ray, start_swarm\n"
+        "ensure_ray()\n"
+        f"start_swarm(load_config({str(HERE / 'configs' / 'held.yaml')!r}), "
+        f"deployment={name!r})\n"
+        "print('started', flush=True)\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"],
+           "PYTHONPATH": str(HERE.parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "started" in proc.stdout, proc.stderr[-3000:]
+    actors = [supervisor_actor_name(name), *(agent_actor_name(name, "worker", i)
+                                             for i in range(2))]
+    deadline = time.monotonic() + 120
+    while alive := [a for a in actors if _alive_pid(a) is not None]:
+        assert time.monotonic() < deadline, f"still running after their driver ended: {alive}"
+        time.sleep(0.1)  # polls the actor table, up to the deadline
 
 
 def test_a_swarm_taken_down_keeps_its_unfinished_tasks_for_the_next_up(pay) -> None:
