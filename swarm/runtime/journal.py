@@ -166,9 +166,11 @@ class Journal:
             first = seq - len(entries) + 1
             if self._seq_known and first != self.seq + 1:
                 # The log doesn't hold what it acknowledged: nothing more is reported durable,
-                # and the turn stops at its next write (`_append`).
+                # and the turn stops at its next write (`_append`). Its end still goes where
+                # the log is now, so a resume finds the turn ended rather than runs it again.
                 self._failure = LostWrites(self.log_id, self.seq + 1, first,
                                            redact_url(str(getattr(self.store, "url", ""))))
+                self.seq = seq
                 raise self._failure
             self.seq, self._seq_known = seq, True
         self.entries_written += len(entries)

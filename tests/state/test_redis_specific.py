@@ -461,6 +461,9 @@ async def test_a_journal_stops_when_redis_lost_what_it_acknowledged(
         assert redis_server.url in str(lost.value) and "appendonly" in str(lost.value)
         with pytest.raises(LostWrites):  # nothing more is written after it
             await journal.model(3, {"role": "assistant", "content": "x"}, Usage(), [])
+        # but the turn's end, where the log is now: a resume finds the turn ended.
+        await journal.turn_end(2, {"outcome": "failed", "turn": "0"})
+        assert [e.kind for e in await store.read("t1")] == ["model", "turn_end"]
         # A fresh turn's journal doesn't know where the turns before it left the log: its first
         # append sets that, wherever it lands (a handoff's turn follows another agent's).
         other = Journal(store, "t2", "b", turn="1")

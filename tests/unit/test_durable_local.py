@@ -151,6 +151,25 @@ async def test_the_supervisor_tells_a_resumed_turn_the_last_step_it_saw_durable(
         assert sw.supervisor._durable_step(sw.supervisor.get(row["task_id"]), "a", 0) == 0
 
 
+async def test_a_store_that_lost_the_log_under_a_running_turn_fails_the_task(
+        tmp_path: Path) -> None:
+    """The store forgets the task's log while a tool call runs (as a Redis restarted without its
+    data does): the turn's next append lands at seq 0, and the task fails with a checkpoint
+    error saying so, instead of going on; the call after it never runs."""
+    store = MemoryCheckpointer()
+    dt.HOLD["w-2"] = asyncio.Event()
+    dt.ENTERED["w-2"] = asyncio.Event()
+    async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+        task_id = await sw.supervisor.submit("w")
+        await asyncio.wait_for(dt.ENTERED["w-2"].wait(), 10)
+        store.logs[task_id].clear()
+        dt.HOLD["w-2"].set()
+        row = await sw.supervisor.wait(task_id, 10)
+    assert row["state"] == "failed" and row["error_class"] == "checkpoint"
+    assert "lost entries it had acknowledged" in row["error"]
+    assert dt.RUNS == {"w-1": 1, "w-2": 1}  # and b's turn never started
+
+
 async def test_crash_during_a_non_idempotent_call_asks_an_operator(tmp_path: Path) -> None:
     store = MemoryCheckpointer()
     cfg = make_cfg(tmp_path)
