@@ -1971,8 +1971,12 @@ class Supervisor:
         limit = self.cfg.limits.max_tasks - pending - len(self._storing)
         if len(self.tasks) < limit:
             return
+        # A tenth below the limit at once: a full table is scanned once every max_tasks / 10
+        # new tasks, not for each one (a scan of the whole table a submission, under a steady
+        # load with no durable store, whose finished tasks stay here until then).
+        room = limit - self.cfg.limits.max_tasks // 10
         for tid in [t for t, r in self.tasks.items() if r.done.is_set()]:
-            if len(self.tasks) < limit:
+            if len(self.tasks) < room:
                 break
             del self.tasks[tid]
             self._finished.pop(tid, None)

@@ -539,6 +539,25 @@ async def test_tasks_being_stored_count_against_max_tasks(tmp_path: Path) -> Non
             await sup.cancel(t)
 
 
+async def test_a_full_table_drops_a_tenth_of_it_at_once(tmp_path: Path) -> None:
+    """With no durable store, finished tasks stay in the table until limits.max_tasks; then
+    the oldest finished ones go, down to a tenth below the limit, so the next tenth of the
+    submissions don't look through the table again."""
+    cfg = make_cfg(tmp_path, [{"when": {}, "content": "done"}], {"a": {"model": "m"}},
+                   limits={"max_tasks": 20})
+    async with LocalSwarm(cfg) as sw:
+        sup = sw.supervisor
+        assert sup.store is None
+        ids = [(await sw.run(f"t{i}"))["task_id"] for i in range(20)]
+        assert list(sup.tasks) == ids
+        ids.append((await sw.run("t20"))["task_id"])
+        # 20 in the table: the 3 oldest went (17 left), then the new one came in.
+        assert list(sup.tasks) == ids[3:] and len(sup.tasks) == 18
+        for i in (21, 22):
+            ids.append((await sw.run(f"t{i}"))["task_id"])
+        assert list(sup.tasks) == ids[3:]  # no eviction until the table is full again
+
+
 async def test_submit_many_checks_the_whole_batch_before_making_a_task(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, LOOP_RULES, {"looper": {"model": "m", "tools": ["fn"]}},
                    limits={"max_tasks": 3})
