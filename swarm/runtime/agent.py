@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from swarm import events
-from swarm._urls import redact_url
 from swarm.config import MCPStdioConfig, SwarmConfig
 from swarm.errors import classify
 from swarm.events import Event, TurnResumed
@@ -477,9 +476,14 @@ class AgentHost:
                 log.warning("agent %s: %s", self.role, problem)
             entries = await read_after(self.store, log_id, snapshot)
             state = fold(snapshot, entries)
-            turn = state.open_turn
-            self._check_durable(req, log_id, state)
-            if turn is not None and turn.agent == self.role:
+            turn, done = state.open_turn, state.last_outcome
+            # This turn in the log: still open, or ended with its result never delivered.
+            open_here = turn is not None and turn.agent == self.role
+            ended_here = turn is None and done is not None and \
+                done.get("turn") == req.turn_id and done.get("agent") == self.role
+            self._check_durable(req, log_id, state, open_here or ended_here)
+            if open_here:
+                assert turn is not None
                 self.buffer.emit(TurnResumed(
                     task_id=req.task_id, ts=time.time(), agent=self.role, step=state.step,
                     source=source, restore_ms=(time.perf_counter() - t0) * 1e3,
@@ -497,10 +501,9 @@ class AgentHost:
                 outcome = await self._loop.resume(session, state.pending, req.decision, limits,
                                                   turn_start=1 + turn.start)
                 return outcome, 1 + turn.start
-            done = state.last_outcome
             ended = state.last_turn
-            if turn is None and done is not None and done.get("turn") == req.turn_id and \
-                    done.get("agent") == self.role:
+            if ended_here:
+                assert done is not None
                 # The turn ended but its result never reached the supervisor: report it as it
                 # was, its messages and usage rebuilt from the log.
                 if ended is not None:
@@ -529,20 +532,16 @@ class AgentHost:
         await session.journal.turn_start(text, len(req.transcript))
         return None, first
 
-    def _check_durable(self, req: TurnRequest, log_id: str, state: TaskState) -> None:
+    def _check_durable(self, req: TurnRequest, log_id: str, state: TaskState,
+                       found: bool) -> None:
         """Refuse to resume a turn from a log that lost steps the turn had reported durable
         (the store restarted without its data, say): started over from there, the turn would
-        run finished tool calls again."""
+        run finished tool calls again. `found`: whether the log has the turn at all."""
         if req.durable_step <= req.step_offset:
             return
-        turn, done = state.open_turn, state.last_outcome
-        found = (turn is not None and turn.agent == self.role) or (
-            turn is None and done is not None and done.get("turn") == req.turn_id
-            and done.get("agent") == self.role)
         if not found or state.step < req.durable_step:
             reached = f"ends at step {state.step}" if found else "has nothing of the turn"
-            raise LostWrites(log_id, req.durable_step, state.step, redact_url(str(getattr(
-                self.store, "url", ""))), what=(
+            raise LostWrites(log_id, req.durable_step, state.step, self.store, what=(
                 f"step {req.durable_step} of turn {req.turn_id} of agent {self.role} was "
                 f"reported durable, but its log {reached}"))
 

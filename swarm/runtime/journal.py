@@ -35,7 +35,6 @@ import logging
 import time
 from typing import Any
 
-from swarm._urls import redact_url
 from swarm.config import CheckpointPolicy
 from swarm.models.interface import ToolCall, Usage
 from swarm.state.interface import Checkpointer, LedgerRecord, LogEntry, LostWrites, ledger_key
@@ -168,8 +167,7 @@ class Journal:
                 # The log doesn't hold what it acknowledged: nothing more is reported durable,
                 # and the turn stops at its next write (`_append`). Its end still goes where
                 # the log is now, so a resume finds the turn ended rather than runs it again.
-                self._failure = LostWrites(self.log_id, self.seq + 1, first,
-                                           redact_url(str(getattr(self.store, "url", ""))))
+                self._failure = LostWrites(self.log_id, self.seq + 1, first, self.store)
                 self.seq = seq
                 raise self._failure
             self.seq, self._seq_known = seq, True

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from swarm._urls import redact_url
 from swarm.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -111,10 +112,12 @@ class LostWrites(CheckpointError):
     stops rather than go on from a log that no longer holds what it did: resumed from there,
     finished tool calls would run again."""
 
-    def __init__(self, task_id: str, expected: int, got: int, store: str = "", *,
+    def __init__(self, task_id: str, expected: int, got: int, store: Any = None, *,
                  what: str | None = None) -> None:
+        """`store`: the checkpointer, named in the message by its URL (credentials hidden)."""
         self.task_id, self.expected, self.got = task_id, expected, got
-        where = f" ({store})" if store else ""
+        url = getattr(store, "url", None)
+        where = f" ({redact_url(str(url))})" if url else ""
         what = what or (f"the log should have continued at seq {expected}, but the append "
                         f"landed at seq {got}")
         super().__init__(
