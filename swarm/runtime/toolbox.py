@@ -141,8 +141,7 @@ class Toolbox:
                        sources, others or {})
         # `down`: sources that just failed to start are not asked again now (the re-listing
         # below asks them soon).
-        listed = {**await _list_all({n: s for n, s in sources.items() if n not in down}),
-                  **{n: None for n in sources if n in down}}
+        listed = await _list_all(sources, known=dict.fromkeys(down))
         entries, forbidden, problems = rules.resolve(listed, strict=True)
         box = cls(entries, handoffs, agent=agent, forbidden=forbidden)
         box.problems = problems
@@ -221,8 +220,7 @@ class Toolbox:
         while self._stale:
             self._stale = False
             fresh, self._fresh = self._fresh, {}
-            asked = await _list_all({n: s for n, s in rules.sources.items() if n not in fresh})
-            listed = {n: fresh[n] if n in fresh else asked[n] for n in rules.sources}
+            listed = await _list_all(rules.sources, known=fresh)
             entries, forbidden, problems = rules.resolve(listed, strict=False)
             self.unlisted = _unlisted(listed)
             for problem in problems:
@@ -249,11 +247,17 @@ async def _listing(source: ToolSource) -> list[ToolSpec] | None:
         return None
 
 
-async def _list_all(sources: dict[str, ToolSource]) -> dict[str, list[ToolSpec] | None]:
-    """Each source's tools (None for one that can't list them), asked together: servers that
-    don't answer cost one timeout, not one each."""
-    return dict(zip(sources, await asyncio.gather(*(_listing(s) for s in sources.values())),
-                    strict=True))
+async def _list_all(sources: dict[str, ToolSource],
+                    known: dict[str, list[ToolSpec] | None] | None = None
+                    ) -> dict[str, list[ToolSpec] | None]:
+    """Each source's tools (None for one that can't list them), in the sources' order: those
+    in `known` as given there, the others asked together (servers that don't answer cost one
+    timeout, not one each)."""
+    known = known or {}
+    ask = [n for n in sources if n not in known]
+    asked = dict(zip(ask, await asyncio.gather(*(_listing(sources[n]) for n in ask)),
+                     strict=True))
+    return {n: known[n] if n in known else asked[n] for n in sources}
 
 
 @dataclass(slots=True)
