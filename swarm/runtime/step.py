@@ -701,6 +701,7 @@ class StepLoop:
 
 
 _NO_CONTENT = (None, None)
+_NO_TOOL_CONTENT = (0, None, None)
 
 
 class _Cut:
@@ -740,7 +741,6 @@ class _Cut:
             return False
         self.cancelled = False
         return self.task.uncancel() <= self.cancelling
-_NO_TOOL_CONTENT = (0, None, None)
 
 
 def _text(exc: BaseException) -> str:

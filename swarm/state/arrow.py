@@ -291,8 +291,7 @@ class ArrowCheckpointer(Checkpointer):
         newer token only once its writer has appended (on a local disk; see the module
         docstring); writers running at once in several processes need the Redis store."""
         async with self._lock(task_id):
-            data = await self._io(self._read, f"{self.task_dir(task_id)}/fence")
-            token = (int(data.to_pybytes()) if data is not None else 0) + 1
+            token = await self._stored_fence(task_id) + 1
             await self._io(self._put, f"{self.task_dir(task_id)}/fence", str(token).encode())
             self._fences[task_id] = token
             tail = self._tails.get(task_id)
@@ -300,6 +299,11 @@ class ArrowCheckpointer(Checkpointer):
                 # Another process appended since this one last did: recover on next use.
                 self._close(task_id, self._tails.pop(task_id))
             return token
+
+    async def _stored_fence(self, task_id: str) -> int:
+        """The newest writer token claimed for the task (its `fence` file), 0 if none."""
+        data = await self._io(self._read, f"{self.task_dir(task_id)}/fence")
+        return int(data.to_pybytes()) if data is not None else 0
 
     def _moved(self, task_id: str, tail: _Tail) -> str | None:
         """The file showing that the log changed since `tail` was read (another writer
@@ -326,8 +330,7 @@ class ArrowCheckpointer(Checkpointer):
         found = self._tails[task_id] = await self._io(self._recover, task_id)
         if fence is None:
             return found
-        data = await self._io(self._read, f"{self.task_dir(task_id)}/fence")
-        stored = int(data.to_pybytes()) if data is not None else 0
+        stored = await self._stored_fence(task_id)
         if stored > fence:
             self._fences[task_id] = max(self._fences.get(task_id, 0), stored)
             raise Fenced(task_id, fence, stored)
