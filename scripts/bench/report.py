@@ -53,17 +53,13 @@ def table(res: dict[str, Any]) -> str:
     if conc:
         out.append("== 3. concurrency: tasks of 10 tool steps + answer, 200 ms per model call "
                    "(ideal: C x 10 / 2.2 steps/s)")
-        w = max(46, *(len(r["impl"]) for r in conc))
-        out.append(f"{'runtime':<{w}} {'C':>5} {'steps/s':>8} {'ideal':>7} {'of ideal':>9} "
-                   f"{'CPU µs/step':>12} {'KB/session':>11} {'of it store':>12} "
-                   f"{'marginal KB':>12}")
+        w, head = _rate_header(conc)
+        out.append(f"{head} {'KB/session':>11} {'of it store':>12} {'marginal KB':>12}")
         for r in conc:
             if "error" in r:
-                out.append(f"{r['impl']:<{w}} {r['sessions']:>5} failed: {r['error'][:60]}")
+                out.append(_failed(r, w))
                 continue
-            out.append(f"{r['impl']:<{w}} {r['sessions']:>5} {r['steps_per_s']:>8.0f} "
-                       f"{r['ideal_steps_per_s']:>7.0f} {r['of_ideal'] * 100:>8.1f}% "
-                       f"{r['cpu_us_per_step']:>12.0f} {r['mem_per_session_kb']:>11.1f} "
+            out.append(f"{_rate_cells(r, w)} {r['mem_per_session_kb']:>11.1f} "
                        f"{_kb(r.get('store_kb_per_session')):>12} "
                        f"{_kb(r.get('marginal_kb_per_session')):>12}")
         for r in conc:
@@ -73,13 +69,10 @@ def table(res: dict[str, Any]) -> str:
                 out.append(f"  {r['impl']} at {r['sessions']}: CPU µs a step by process: "
                            f"{parts}")
             if len(r.get("runs", ())) > 1:
-                runs = ", ".join(f"{x['of_ideal']:.1%} at {x['cpu_us_per_step']:.0f} µs"
-                                 for x in r["runs"])
                 memory = "" if r.get("memory_of") is None else \
                     f" (its memory figures are {r['memory_of']}'s: each later run starts " \
                     "from the memory the runs before it left)"
-                out.append(f"  {r['impl']} at {r['sessions']}: the median of {len(r['runs'])} "
-                           f"runs is shown{memory}; all: {runs}")
+                out.append(_runs_line(r, memory))
             if r.get("timeline") and r["sessions"] >= 1000:
                 out += _timeline(r)
         out.append("(KB/session: peak resident memory during the level less that before it, "
@@ -93,24 +86,18 @@ def table(res: dict[str, Any]) -> str:
     if held:
         out.append("== 5. sustained: C tasks kept in flight, as under a steady load (same tasks "
                    "and ideal as 3; figures over a window of at least 4 task lengths, after 2)")
-        w = max(46, *(len(r["impl"]) for r in held))
-        out.append(f"{'runtime':<{w}} {'C':>5} {'steps/s':>8} {'ideal':>7} {'of ideal':>9} "
-                   f"{'CPU µs/step':>12} {'machine busy':>13}")
+        w, head = _rate_header(held)
+        out.append(f"{head} {'machine busy':>13}")
         for r in held:
             if "error" in r:
-                out.append(f"{r['impl']:<{w}} {r['sessions']:>5} failed: {r['error'][:60]}")
+                out.append(_failed(r, w))
                 continue
             split = (r.get("timeline") or {}).get("machine_cpu") or {}
             busy = "" if not split else f"{1 - split.get('idle', 0) - split.get('iowait', 0):.0%}"
-            out.append(f"{r['impl']:<{w}} {r['sessions']:>5} {r['steps_per_s']:>8.0f} "
-                       f"{r['ideal_steps_per_s']:>7.0f} {r['of_ideal'] * 100:>8.1f}% "
-                       f"{_f(r['cpu_us_per_step']):>12} {busy:>13}")
+            out.append(f"{_rate_cells(r, w)} {busy:>13}")
         for r in held:
             if len(r.get("runs", ())) > 1:
-                runs = ", ".join(f"{x['of_ideal']:.1%} at {_f(x['cpu_us_per_step'])} µs"
-                                 for x in r["runs"])
-                out.append(f"  {r['impl']} at {r['sessions']}: the median of {len(r['runs'])} "
-                           f"runs is shown; all: {runs}")
+                out.append(_runs_line(r))
         out.append("")
     rec = res.get("recovery")
     if rec:
@@ -168,6 +155,33 @@ def _timeline(r: dict[str, Any]) -> list[str]:
         out.append(f"{head}: a task's time beyond the ideal, ms p50/p90 over a sample of "
                    f"tasks{missing}: {cells}")
     return out
+
+
+def _rate_header(rows: list[dict[str, Any]]) -> tuple[int, str]:
+    """The runtime column's width, and the header of the columns the concurrency and sustained
+    tables share (runtime, C, steps/s, ideal, of ideal, CPU µs/step)."""
+    w = max(46, *(len(r["impl"]) for r in rows))
+    return w, (f"{'runtime':<{w}} {'C':>5} {'steps/s':>8} {'ideal':>7} {'of ideal':>9} "
+               f"{'CPU µs/step':>12}")
+
+
+def _rate_cells(r: dict[str, Any], w: int) -> str:
+    """A row's cells under `_rate_header`."""
+    return (f"{r['impl']:<{w}} {r['sessions']:>5} {r['steps_per_s']:>8.0f} "
+            f"{r['ideal_steps_per_s']:>7.0f} {r['of_ideal'] * 100:>8.1f}% "
+            f"{_f(r['cpu_us_per_step']):>12}")
+
+
+def _failed(r: dict[str, Any], w: int) -> str:
+    """The line of a row whose measurement failed."""
+    return f"{r['impl']:<{w}} {r['sessions']:>5} failed: {r['error'][:60]}"
+
+
+def _runs_line(r: dict[str, Any], memory: str = "") -> str:
+    """Every run of a repeated level, under its median row."""
+    runs = ", ".join(f"{x['of_ideal']:.1%} at {_f(x['cpu_us_per_step'])} µs" for x in r["runs"])
+    return (f"  {r['impl']} at {r['sessions']}: the median of {len(r['runs'])} runs is "
+            f"shown{memory}; all: {runs}")
 
 
 def _kb(value: float | None) -> str:
