@@ -63,6 +63,7 @@ from swarm.protocol.a2a_cards import (
 from swarm.runtime.agent import TurnRequest, TurnResult
 from swarm.runtime.supervisor import AgentPool
 from swarm.state.interface import Checkpointer, LogEntry
+from swarm.tools.resilience import cap_text
 
 __all__ = ["RemoteMember", "RemoteMemberPool", "check_cards", "context_id_for", "state_name"]
 
@@ -342,7 +343,8 @@ class RemoteMember:
                     state = state_name(progress.task.status.state) if progress.task else "none"
                     raise _Transient(f"the stream ended before the remote task did "
                                      f"(state {state})")
-                return self._capped(self._outcome(progress))
+                # A remote is a peer: what it sends is bounded like a tool's result.
+                return cap_text(self._outcome(progress), self.cfg.max_answer_chars)
             except TimeoutError:
                 self._cancel_remote(progress)
                 limit = f"agents.{self.role}.a2a.timeout_s" if budget >= self.cfg.timeout_s \
@@ -459,14 +461,6 @@ class RemoteMember:
         self.emit([RemoteUpdate(task_id=req.task_id, ts=time.time(), agent=self.role,
                                 state=state, text=text[:_MAX_TEXT],
                                 remote_task_id=progress.task.id if progress.task else "")])
-
-    def _capped(self, answer: str) -> str:
-        """The answer cut to `max_answer_chars`, with a note saying so (a remote is a peer:
-        what it sends is bounded like a tool's result)."""
-        limit = self.cfg.max_answer_chars
-        if len(answer) <= limit:
-            return answer
-        return f"{answer[:limit]}\n[truncated: {limit} of {len(answer)} characters shown]"
 
     def _outcome(self, progress: _Progress) -> str:
         """The remote's answer, or `_Failed` for a task that didn't complete."""

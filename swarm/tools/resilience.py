@@ -91,11 +91,18 @@ def backoff_delays(retries: int, base_s: float, *,
         yield rng() * min(MAX_BACKOFF_S, base_s * 2 ** attempt)
 
 
+def cap_text(text: str, max_chars: int) -> str:
+    """`text` cut to `max_chars`, with a note saying how much of it is shown; as it is if it
+    fits."""
+    total = len(text)
+    if total <= max_chars:
+        return text
+    return f"{text[:max_chars]}\n[truncated: {max_chars} of {total} characters shown]"
+
+
 def cap_result(result: ToolResult, max_chars: int) -> ToolResult:
     """`result` with its text cut to `max_chars` and a note saying so (structured content, which
     is at least as large, is dropped then); unchanged if it fits."""
-    total = len(result.content)
-    if total <= max_chars:
+    if len(result.content) <= max_chars:
         return result
-    note = f"\n[truncated: {max_chars} of {total} characters shown]"
-    return ToolResult(result.content[:max_chars] + note, is_error=result.is_error)
+    return ToolResult(cap_text(result.content, max_chars), is_error=result.is_error)
