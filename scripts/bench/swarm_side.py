@@ -373,7 +373,7 @@ async def _floor_concurrency(sessions: int, with_store: bool, behind: bool = Fal
 async def _floor_run(sessions: int, store: Any, store_pids: list[int], behind: bool = False
                      ) -> dict[str, Any]:
     # This process, and redis-server with a store: no other child (a test's pytest has some).
-    procs = Procs.of([os.getpid(), *store_pids])
+    procs = Procs.of([os.getpid(), *store_pids], forking=store_pids)
     await asyncio.gather(*(_floor_task(store, f"warm {i}", behind) for i in range(10)))
     base = procs.rss()
     base_store = procs.rss(store_pids)

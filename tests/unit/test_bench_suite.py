@@ -289,6 +289,36 @@ def test_cpu_is_summed_by_process_role() -> None:
         child.communicate(b"")
 
 
+
+_FORKS_AND_WAITS = """
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    os._exit(0)
+os.waitpid(pid, 0)
+print("reaped", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_store_server_counts_the_cpu_of_the_forks_it_waited_for() -> None:
+    """redis-server rewrites its append-only file in a child it waits for: that CPU is the
+    store's, on the same cores, and counts for the pids given as the store's."""
+    child = subprocess.Popen([sys.executable, "-c", _FORKS_AND_WAITS], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "reaped"
+        own = common.Procs.of([child.pid]).cpu()[child.pid]
+        with_forks = common.Procs.of([child.pid], forking=[child.pid]).cpu()[child.pid]
+        assert with_forks - own >= 0.25
+        assert common.Procs([child.pid]).cpu()[child.pid] >= own + 0.25
+    finally:
+        child.communicate("")
+
+
 SHM_SIZE = 16 * 2**20
 
 
