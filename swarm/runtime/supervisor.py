@@ -443,6 +443,10 @@ def _unlz4(blob: bytes, size: int) -> bytes:
     return _lz4_codec().decompress(blob, decompressed_size=size, asbytes=True)
 
 
+# The counters `TaskRecord.waiting` holds for a turn that waits for input.
+_WAITING = ("steps", "input_tokens", "output_tokens", "model_calls", "tool_calls", "cost_usd")
+
+
 def _unsqueeze(chunks: list[tuple[bytes, int]]) -> list[bytes]:
     """The packed event lists of `TaskRecord.squeeze`'s chunks."""
     return [_unlz4(blob, size) for blob, size in chunks]
@@ -510,6 +514,14 @@ class TaskRecord:
     errors: dict[str, int] = field(default_factory=dict)
     # The task whose tool submitted this one (its `parent_task` metadata), for deadlocks.
     parent: str | None = None
+    # What turns stopped at a question (input required) ran so far, by log id (each
+    # parallel branch has its own): the counters of `_WAITING`, and the turn's id under
+    # "turn". Such a turn hasn't ended, so the counters above don't count it yet; listings
+    # and the row add it (`total`). When the turn ends, its report, which counts the whole
+    # turn (a resumed turn's too, from the turn's start in the log), is added and this
+    # dropped (`Supervisor._turn`); a task that ends while it waits keeps it (`settle`).
+    # None while no turn waits (most tasks: no dict each).
+    waiting: dict[str, dict[str, Any]] | None = None
 
     _wire: bytes | None = None  # the parked task's wire bytes
     _parked_state: str = ""  # its state when parked
@@ -635,26 +647,42 @@ class TaskRecord:
         task = self._task
         return a2a.state_of(task) if task is not None else self._parked_state
 
+    def total(self, name: str) -> Any:
+        """A counter (steps, tokens, calls, cost_usd) with what turns waiting for input ran."""
+        value = getattr(self, name)
+        if self.waiting:
+            value += sum(used[name] for used in self.waiting.values())
+        return value
+
+    def settle(self) -> None:
+        """Count what turns waiting for input ran in the counters, as the task ends while
+        they wait (canceled, timed out): they won't report it."""
+        if self.waiting:
+            for name in _WAITING:
+                setattr(self, name, self.total(name))
+            self.waiting = None
+
     def summary(self) -> dict[str, Any]:
         """A JSON-ready row for listings and the client."""
+        total = self.total
         return {
             "task_id": self.id,
             "context_id": self.context_id,
             "state": self.state,
             "user": self.user,
             "agent": self.agent,
-            "steps": self.steps,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "model_calls": self.model_calls,
-            "tool_calls": self.tool_calls,
+            "steps": total("steps"),
+            "input_tokens": total("input_tokens"),
+            "output_tokens": total("output_tokens"),
+            "model_calls": total("model_calls"),
+            "tool_calls": total("tool_calls"),
             "created": self.created,
             "updated": self.updated,
             "answer": self.answer,
             "error_class": self.error_class,
             "error": self.error,
             "question": self.question,
-            "cost_usd": self.cost_usd,
+            "cost_usd": total("cost_usd"),
             "budget_exhausted": self.budget_exhausted,
             "stuck": self.stuck,
             "errors": dict(self.errors),
@@ -689,6 +717,8 @@ class TaskRecord:
             "budget_exhausted": self.budget_exhausted, "stuck": self.stuck,
             "errors": dict(self.errors), "gates": list(self.gates.values()),
             "steps": self.steps, **self.totals()}
+        if self.waiting:
+            data["waiting"] = {k: dict(v) for k, v in self.waiting.items()}
         return TaskRow(task_id=self.id, swarm=swarm, state=self.state, data=data,
                        updated=self.updated)
 
@@ -704,6 +734,8 @@ class TaskRecord:
                      "errors"):
             if name in d:
                 setattr(rec, name, d[name])
+        if d.get("waiting") and rec.state not in a2a.TERMINAL:
+            rec.waiting = {k: dict(v) for k, v in d["waiting"].items()}
         if rec.state in a2a.TERMINAL:
             # Its events stayed with the supervisor that ran it; its end is the one kept, so
             # a reader of the task's events still sees how it ended.
@@ -1451,6 +1483,12 @@ class Supervisor:
             rec.steps = turn.step_offset if turn is not None else state.step
             for k, v in (turn.base if turn is not None else state.totals()).items():
                 setattr(rec, k, v)
+            waited = rec.waiting.get(rec.id) if rec.waiting is not None else None
+            if waited is not None and (turn is None or turn.turn != waited.get("turn")):
+                # The turn that waited (as the row says) has ended in the log since: the
+                # counters just read count it.
+                del rec.waiting[rec.id]
+                rec.waiting = rec.waiting or None
             result = await self._from_log(rec, state, rec.transcript, rec.id)
             if result is not None:
                 return result
@@ -1564,6 +1602,15 @@ class Supervisor:
                     continue
                 if result.kind != "input_required":
                     break
+                # What the turn ran up to its question counts while it waits (listings, the
+                # row stored as it parks), replaced by each later report of the same turn.
+                waiting = rec.waiting if rec.waiting is not None else {}
+                waiting[req.log_id] = {
+                    "steps": result.steps, "input_tokens": result.input_tokens,
+                    "output_tokens": result.output_tokens, "model_calls": result.model_calls,
+                    "tool_calls": result.tool_calls, "cost_usd": self._cost(agent, result),
+                    "turn": req.turn_id}
+                rec.waiting = waiting
                 if result.events:
                     self._emit_run(rec, result.events)
                 if result.gate is not None:
@@ -1577,6 +1624,9 @@ class Supervisor:
         finally:
             rec.active.discard(agent)
             self.waits.leave(rec.id, replica)
+        if rec.waiting is not None:  # its report below counts the whole turn
+            rec.waiting.pop(req.log_id, None)
+            rec.waiting = rec.waiting or None
         rec.turns += 1
         rec.live().history.append(a2a.loads_message(result.message))
         transcript.extend(result.added)
@@ -1602,9 +1652,7 @@ class Supervisor:
     def _account(self, rec: TaskRecord, agent: str, result: TurnResult, started: float) -> None:
         """Count a turn's usage for the task, the agent and the swarm; alert on a stop."""
         cfg = self.cfg
-        model = cfg.agents[agent].model  # None for a remote A2A member: it reports no usage
-        cost = 0.0 if model is None else cfg.models[model].price.cost(
-            result.input_tokens, result.output_tokens, result.cached_tokens)
+        cost = self._cost(agent, result)
         used = Usage(result.steps, result.model_calls, result.tool_calls, result.input_tokens,
                      result.output_tokens, cost, self.clock() - started)
         rec.cost_usd += used.cost_usd
@@ -1617,6 +1665,12 @@ class Supervisor:
             stuck.record(self.swarm_id, result.stuck)
             rec.stuck = result.stuck
             self._alert(rec, f"stuck.{result.stuck}", cfg.stuck.action, result.error or "")
+
+    def _cost(self, agent: str, result: TurnResult) -> float:
+        """What a turn's model usage cost, at its agent's model's price."""
+        model = self.cfg.agents[agent].model  # None for a remote A2A member: no usage
+        return 0.0 if model is None else self.cfg.models[model].price.cost(
+            result.input_tokens, result.output_tokens, result.cached_tokens)
 
     def _alert(self, rec: TaskRecord, alert: str, action: str, detail: str) -> None:
         self._emit(rec, Alert(task_id=rec.id, ts=self.clock(), agent=rec.agent, alert=alert,
@@ -1900,6 +1954,7 @@ class Supervisor:
         if answer is not None:
             a2a.add_answer(rec.live(), answer)
         rec.answer, rec.error_class, rec.error = answer, error_class, error
+        rec.settle()  # a turn that waited for input and never ended: what it ran counts
         rec.updated = self.clock()
         for log_id in self._hot_logs.pop(rec.id, ()):
             self.hot.pop(log_id, None)  # a finished task resumes nothing

@@ -289,3 +289,109 @@ async def test_stuck_input_timeout_applies_to_a_gate_when_shorter(tmp_path: Path
     assert row["state"] == "failed" and row["stuck"] == "input_timeout"
     assert "stuck.input_timeout_s" in row["error"] and "gate" in row["error"]
     assert row["gates"] == [] and dt.RUNS == {"x-1": 1}
+
+
+COUNTERS = ("steps", "input_tokens", "output_tokens", "model_calls", "tool_calls", "cost_usd")
+
+
+def _counters(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in COUNTERS}
+
+
+def _priced(tmp_path: Path) -> Any:
+    cfg = make_cfg(tmp_path)
+    model = cfg.models["m"]
+    price = model.price.model_validate({"input_per_mtok": 1000.0, "output_per_mtok": 4000.0})
+    return cfg.model_copy(update={"models": {"m": model.model_copy(update={"price": price})}})
+
+
+async def test_a_task_waiting_at_a_gate_lists_what_its_turn_ran_also_after_a_restart(
+        tmp_path: Path) -> None:
+    """The turn stopped at the gate ran two steps (the lookup, the model call that asked to
+    pay): the listing and the stored row count them while the task waits, a supervisor rebuilt
+    from the store lists the same before and after the resumed turn asks again, and once it
+    goes on the resumed turn's report (the whole turn) is not added on top of them."""
+    from swarm.runtime.supervisor import TaskRecord
+
+    cfg = _priced(tmp_path)
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("x")
+        await sw.supervisor.approve(task_id, (await _gate(sw, task_id))["gate"],
+                                    approver="alice")
+        undisturbed = _counters(await sw.supervisor.wait(task_id, 10))
+    store = MemoryCheckpointer()
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("x")
+        await _gate(sw, task_id)
+        waiting = _counters(sw.supervisor.get(task_id).summary())
+        assert waiting["steps"] == 2 and waiting["model_calls"] == 2
+        assert waiting["input_tokens"] > 0 and waiting["output_tokens"] > 0
+        assert waiting["cost_usd"] > 0
+        stored = await store.get_task(task_id)
+        assert stored is not None
+        assert _counters(TaskRecord.from_row(stored).summary()) == waiting
+        await sw.crash()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        await sw2.supervisor.load()
+        (listed,) = sw2.supervisor.list()  # as loaded, before the task is resumed
+        assert listed["state"] == "input_required" and _counters(listed) == waiting
+        gid = (await _gate(sw2, task_id))["gate"]  # asked again by the resumed turn
+        assert _counters(sw2.supervisor.get(task_id).summary()) == waiting
+        await sw2.supervisor.approve(task_id, gid, approver="alice")
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed"
+    assert _counters(row) == pytest.approx(undisturbed)
+    assert row["steps"] == 4
+
+
+async def test_a_task_canceled_while_it_waits_keeps_what_its_turn_ran(tmp_path: Path) -> None:
+    store = MemoryCheckpointer()
+    async with LocalSwarm(_priced(tmp_path), store=store) as sw:
+        task_id = await sw.supervisor.submit("c")
+        await _gate(sw, task_id)
+        waiting = _counters(sw.supervisor.get(task_id).summary())
+        row = await sw.supervisor.cancel(task_id)
+        assert row["state"] == "canceled" and _counters(row) == waiting
+        assert (await sw.supervisor.events(task_id, 0, 0))[0][-1].steps == 2
+    stored = await store.get_task(task_id)
+    assert stored is not None and stored.data["steps"] == 2
+
+
+async def test_a_turn_that_waited_and_ended_before_a_restart_is_counted_once(
+        tmp_path: Path) -> None:
+    """The gate was approved and the turn ended (handing off to b) after the task's row was
+    last stored, which still counts a's turn as waiting: the restarted supervisor reads a's
+    whole turn from the log and drops the row's count of it, not adds both."""
+    rules = [*RULES[:3],
+             {"when": {"agent": "b", "last_role": "user"},
+              "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-b"}}]},
+             {"when": {"agent": "b"}, "content": "done: {{ last }}"}]
+    cfg = dt.swarm_config(tmp_path, rules, name="gated", agents={
+        "a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
+        "b": {"model": "m", "tools": ["t"]}},
+        approvals={"require": "destructive", "exempt": ["lookup"]})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("h")
+        await sw.supervisor.approve(task_id, (await _gate(sw, task_id))["gate"],
+                                    approver="alice")
+        undisturbed = _counters(await sw.supervisor.wait(task_id, 10))
+    assert undisturbed["steps"] == 5  # a: lookup, pay, handoff; b: lookup, answer
+    store = MemoryCheckpointer()
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("h")
+        gid = (await _gate(sw, task_id))["gate"]
+        dt.HOLD["h-b"], dt.ENTERED["h-b"] = asyncio.Event(), asyncio.Event()
+        await sw.supervisor.approve(task_id, gid, approver="alice")
+        await asyncio.wait_for(dt.ENTERED["h-b"].wait(), 10)  # b's turn has started
+        await sw.crash()
+    stored = await store.get_task(task_id)
+    assert stored is not None and stored.state == "working" and stored.data["waiting"]
+    dt.ENTERED["h-b"] = asyncio.Event()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        await sw2.supervisor.load()
+        await asyncio.wait_for(dt.ENTERED["h-b"].wait(), 10)  # b's turn resumed
+        assert sw2.supervisor.get(task_id).summary()["steps"] == 3  # a's turn, once
+        dt.HOLD["h-b"].set()
+        row = await sw2.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed"
+    assert _counters(row) == pytest.approx(undisturbed)

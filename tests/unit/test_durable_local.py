@@ -456,6 +456,9 @@ def test_a_task_row_restores_every_field_a_listing_shows() -> None:
     rec.errors, rec.stuck, rec.question = {"tool": 1}, "same_call", "go on?"
     rec.budget_exhausted = "task max_steps (3)"
     rec.live().metadata["budget_exhausted"] = rec.budget_exhausted
+    # The open turn that asked: it ran 2 steps so far, counted while it waits.
+    rec.waiting = {"task-0001": {"steps": 2, "input_tokens": 20, "output_tokens": 8,
+                                 "model_calls": 2, "tool_calls": 1, "cost_usd": 0.25}}
     a2a.set_state(rec.live(), "working", None)
     a2a.set_state(rec.live(), "input_required", None)
     row = rec.to_row("s1")
@@ -463,6 +466,7 @@ def test_a_task_row_restores_every_field_a_listing_shows() -> None:
         ("task-0001", "s1", "input_required", 105.0)
     back = TaskRecord.from_row(row)
     assert back.summary() == rec.summary()
+    assert (rec.summary()["steps"], rec.summary()["cost_usd"]) == (5, 0.375)
     assert back.summary()["metadata"] == {"user": "ana", "k": [1],
                                           "budget_exhausted": "task max_steps (3)"}
     assert back.totals() == rec.totals() and back.text == "hi"
@@ -605,3 +609,37 @@ async def test_a_submission_naming_a_task_being_deleted_is_refused(tmp_path: Pat
     finally:
         await store.close()
         server.stop()
+
+
+async def test_a_task_asking_an_operator_lists_what_its_turn_ran_across_restarts(
+        tmp_path: Path) -> None:
+    """A resumed turn that asks (rerun or skip) had run two steps: the task waiting for the
+    answer lists them, as does a supervisor rebuilt from the store, before and after the turn
+    asks again; the answered turn's report (the whole turn) then replaces them, not adds."""
+    cfg = make_cfg(tmp_path)
+    keys = ("steps", "input_tokens", "output_tokens", "model_calls", "tool_calls")
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        undisturbed = await sw.run("q")
+    dt.reset()
+    store = MemoryCheckpointer()
+    task_id = await _crash_during(cfg, store, "q", "q-2")
+    async with LocalSwarm(cfg, store=store) as sw2:
+        await sw2.supervisor.load()
+        rec = sw2.supervisor.get(task_id)
+        await asyncio.wait_for(_wait_state(rec, "input_required"), 10)
+        waiting = {k: rec.summary()[k] for k in keys}
+        assert waiting["steps"] == 2 and waiting["model_calls"] == 2
+        assert waiting["input_tokens"] > 0 and waiting["tool_calls"] == 1  # the lookup ran
+        await sw2.crash()
+    async with LocalSwarm(cfg, store=store) as sw3:
+        await sw3.supervisor.load()
+        (listed,) = sw3.supervisor.list()
+        assert {k: listed[k] for k in keys} == waiting
+        rec = sw3.supervisor.get(task_id)
+        while rec.answer_waiter is None:  # asked again by the resumed turn
+            await asyncio.wait_for(rec.watch().wait(), 10)
+        assert {k: rec.summary()[k] for k in keys} == waiting
+        await sw3.supervisor.respond(task_id, "rerun")
+        row = await sw3.supervisor.wait(task_id, 10)
+    assert row["state"] == "completed" and row["answer"] == undisturbed["answer"]
+    assert {k: row[k] for k in keys} == {k: undisturbed[k] for k in keys}
