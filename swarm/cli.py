@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from swarm._text import check_chars
 from swarm.config import SwarmConfig, load_config
 from swarm.errors import ConfigError, SwarmError, TaskFailed, UserError
 
@@ -104,6 +105,11 @@ def run(
             f"task text is {len(text)} characters; limits.max_task_chars is "
             f"{cfg.limits.max_task_chars}"
         )
+    try:  # refused before a cluster is started for it, as the supervisor would refuse it
+        check_chars(text, "task text")
+        check_chars(user, "user")
+    except UserError as e:
+        _die(str(e))
     _quiet_ray()
     try:
         ensure_ray()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
+from swarm._text import check_chars
 from swarm.errors import UserError
 from swarm.runtime.middleware import Middleware, NextTool, StopTurn, ToolInvocation
 from swarm.tools.interface import ToolResult
@@ -348,8 +349,10 @@ class ApprovalDesk:
             raise UserError("gate must be a non-empty string (see the task's gates)")
         if not isinstance(by, str) or not by.strip():
             raise UserError("the approver's name must be a non-empty string")
+        check_chars(by, "the approver's name")
         if reason is not None and not isinstance(reason, str):
             raise UserError("reason must be a string")
+        check_chars(reason, "reason")
         edited: str | None = None
         if args is not None:
             if decision != "approved":
@@ -366,6 +369,7 @@ class ApprovalDesk:
                 edited = json.dumps(args)
             except (TypeError, ValueError) as e:
                 raise UserError(f"arguments must be JSON-serialisable: {e}") from None
+            check_chars(args, "arguments")
         entry = self.open.get((task_id, gid))
         if entry is None:
             raise UserError(await self._why_not_open(rec, gid))

@@ -26,8 +26,9 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
+from swarm._text import check_chars
 from swarm.client import SwarmClient, TaskHandle, TaskInfo, _call, _whoami, connect
-from swarm.errors import SwarmError, TaskNotFound
+from swarm.errors import SwarmError, TaskNotFound, UserError
 from swarm.events import (
     Alert,
     AnyEvent,
@@ -227,7 +228,12 @@ class _Swarm:
                                error=error)
 
     async def check_text(self, text: str) -> None:
-        """Refuse a task text over the swarm's limit before shipping it across the cluster."""
+        """Refuse a task text over the swarm's limit, or with a character the supervisor
+        refuses (`swarm._text`), before shipping it across the cluster."""
+        try:
+            check_chars(text, "task text")
+        except UserError as e:
+            raise ToolError(str(e)) from None
         if self.max_chars is None:
             info = await self.call(lambda c: c.info(), "info")
             self.max_chars = int(info.get("max_task_chars") or 0) or None

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from swarm._text import check_chars
 from swarm.config import SwarmConfig
 from swarm.errors import RunError, TaskNotFound, UserError
 from swarm.events import (
@@ -815,6 +816,7 @@ class Supervisor:
                 f"task text is {len(text)} characters; this swarm accepts at most "
                 f"{limit} (limits.max_task_chars)"
             )
+        check_chars(text, "task text")  # no NUL or other control characters (swarm._text)
 
     async def submit(
         self,
@@ -984,6 +986,7 @@ class Supervisor:
         self.check_text(text)
         if not isinstance(user, str) or not user:
             raise UserError("user must be a non-empty string")
+        check_chars(user, "user")
         if metadata is not None and not isinstance(metadata, dict):
             raise UserError(f"metadata must be a dict (a JSON object), not "
                             f"{type(metadata).__name__}")
@@ -996,14 +999,17 @@ class Supervisor:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
             raise UserError(f"metadata must be JSON-serialisable: {e}") from None
+        check_chars(meta, "metadata")
         for what, value in (("context_id", context_id), ("message_id", message_id)):
             if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 256):
                 raise UserError(f"{what} must be a string of 1 to 256 characters, not "
                                 f"{type(value).__name__}"
                                 + (f" of {len(value)}" if isinstance(value, str) else ""))
+            check_chars(value, what)
         task_id = task_id or a2a.new_id()
         if not isinstance(task_id, str) or not 8 <= len(task_id) <= 64:
             raise UserError("task_id must be a string of 8 to 64 characters")
+        check_chars(task_id, "task_id")
         existing = self.tasks.get(task_id) or (batch or {}).get(task_id)
         if existing is None and task_id in self._storing:
             existing = self._storing[task_id][0]  # another call is storing its row now
@@ -1052,6 +1058,8 @@ class Supervisor:
                 await asyncio.wait_for(rec.asking.wait(), _REASK_WAIT_S)
         if rec.state != "input_required" or rec.answer_waiter is None:
             raise UserError(f"task {task_id} is {rec.state}, not waiting for input")
+        if isinstance(text, str):
+            check_chars(text, "answer")
         answer = text.strip().lower() if isinstance(text, str) else ""
         if answer not in rec.choices:
             raise UserError(f"answer {' or '.join(map(repr, rec.choices))} (got {text!r}): "
@@ -1111,6 +1119,10 @@ class Supervisor:
         again; from there the agents continue as if the original had been interrupted.
         """
         store = self._require_store()
+        if user is not None:
+            if not isinstance(user, str) or not user:
+                raise UserError("user must be a non-empty string")
+            check_chars(user, "user")
         src = await self.find(task_id)
         entries = await store.read(task_id)
         if step < 0 or (entries and step > max(e.step for e in entries)):

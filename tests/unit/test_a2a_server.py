@@ -295,6 +295,42 @@ async def test_json_nested_too_deeply_is_a_parse_error_and_the_server_serves_on(
     assert answer(await task_of(desk.client(), message(text))) == f"done: {text}"
 
 
+async def test_refused_characters_are_invalid_params_and_make_no_task(desk: Desk) -> None:
+    """NUL and the other C0 controls but tab, newline and CR (`swarm._text`): in a new task's
+    text (checked as the message is read, on both bindings), in the sender's user label and in
+    an answer (refused by the supervisor, mapped as its other refusals); nothing is made, and
+    an open gate stays open."""
+    sup = desk.swarm.supervisor
+    said = "task text has a control character (U+0000) at index 3"
+    resp = await desk.http.post("/", headers=V1, json=rpc("SendMessage", new("hel\x00lo")))
+    error = resp.json()["error"]
+    assert error["code"] == -32602 and error["message"] == said + (
+        "; of the control characters U+0000 to U+001F only tab, newline and carriage return "
+        "are accepted"), error
+    resp = await desk.http.post("/rest/message:send", headers=V1, json=new("hel\x00lo"))
+    assert resp.status_code == 400 and said in resp.json()["error"]["message"], resp.text
+    resp = await desk.http.post("/", headers=V1, json=rpc("SendMessage", new(
+        "hello", metadata={"user": "ca\x1brol"})))
+    error = resp.json()["error"]
+    assert error["code"] == -32602, error
+    assert error["message"].startswith("user has a control character (U+001B) at index 2")
+    assert sup.tasks == {}
+    # Tab, newline and CR are text.
+    done = await task_of(desk.client(), message("two\tcolumns\r\nand lines"))
+    assert answer(done) == "done: two\tcolumns\r\nand lines"
+    task_id = await sup.submit("count one two")
+    rec = sup.get(task_id)
+    await _until(rec, "input_required")
+    (gid,) = rec.gates
+    resp = await desk.http.post("/", headers=V1, json=rpc("SendMessage", new(
+        f"deny {gid} not \x1b[2J this", taskId=task_id, contextId=rec.task.context_id)))
+    error = resp.json()["error"]
+    assert error["code"] == -32602, error
+    assert error["message"].startswith("reason has a control character (U+001B) at index 4")
+    assert rec.state == "input_required" and list(rec.gates) == [gid]
+    await sup.cancel(task_id)
+
+
 # ---- reading messages ---------------------------------------------------------------------------
 
 
@@ -354,6 +390,10 @@ def test_the_text_of_a_new_task() -> None:
     assert request_text(message(data={"q": 1}), 20) == '{"q": 1}'
     with pytest.raises(InvalidParamsError, match="max_task_chars"):
         request_text(message("x" * 11), 10)
+    with pytest.raises(InvalidParamsError, match=r"^task text has a control character "
+                                                 r"\(U\+0007\) at index 1"):
+        request_text(message("a\x07"), 10)
+    assert request_text(message("a\tb\nc\r"), 10) == "a\tb\nc\r"
     from a2a.utils.errors import ContentTypeNotSupportedError
 
     with pytest.raises(ContentTypeNotSupportedError):

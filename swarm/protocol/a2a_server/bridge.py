@@ -31,7 +31,8 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from swarm import events as ev
-from swarm.errors import SwarmError, SwarmNotFound, TaskNotFound
+from swarm._text import check_chars
+from swarm.errors import SwarmError, SwarmNotFound, TaskNotFound, UserError
 from swarm.protocol import a2a
 
 _POLL_S = 10.0  # one long-poll of the supervisor's event list
@@ -306,7 +307,8 @@ def request_text(msg: Message, max_chars: int) -> str:
     """The task text of a new message: its text parts, else its data parts as JSON.
 
     Raises the A2A error a client should get: ContentTypeNotSupported for a message with
-    neither, InvalidParams for an empty or too long one.
+    neither, InvalidParams for an empty or too long one, or one with a character the
+    supervisor refuses (`swarm._text`; checked here too, so that no task is started for it).
     """
     text = a2a.message_text(msg)
     if not text:
@@ -321,6 +323,10 @@ def request_text(msg: Message, max_chars: int) -> str:
         raise InvalidParamsError(
             message=f"the message is {len(text)} characters; this swarm accepts at most "
             f"{max_chars} (limits.max_task_chars)")
+    try:
+        check_chars(text, "task text")
+    except UserError as exc:
+        raise InvalidParamsError(message=str(exc)) from None
     return text
 
 
