@@ -306,6 +306,14 @@ async def test_bad_input_gets_the_protocol_error_and_the_server_stays_up(
         resp = await raw.post(endpoint, headers=V1, **body)
         assert resp.status_code == 200, what
         assert resp.json()["error"]["code"] == code, (what, resp.json())
+    # Refused control characters: in the text (read by the app), in the sender's label
+    # (refused by the supervisor actor, its UserError mapped across Ray).
+    for params, said in [(new("hel\x00lo"), "task text has a control character (U+0000)"),
+                         (new("hello", metadata={"user": "ca\x1brol"}),
+                          "user has a control character (U+001B) at index 2")]:
+        resp = await raw.post(endpoint, headers=V1, json=rpc("SendMessage", params))
+        error = resp.json()["error"]
+        assert error["code"] == -32602 and error["message"].startswith(said), error
     for headers in ({}, {"A2A-Version": "0.3"}, {"A2A-Version": "2.0"}):
         resp = await raw.post(endpoint, headers=headers, json=rpc("GetTask", {"id": "x"}))
         assert resp.json()["error"]["code"] == -32009, headers  # VersionNotSupported
