@@ -695,6 +695,22 @@ class StateConfig(_Strict):
     max_turn_retries: int = Field(
         5, ge=0, description="times a turn is resumed after its agent replica dies"
     )
+    outage_timeout_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="how long one operation on a Redis store (embedded, redis://, rediss://, "
+        "unix://) waits for an unreachable server, retrying with backoff, before it gives up "
+        "(StoreUnavailable). A turn that gives up this way is not failed at once: see "
+        "outage_wait_s",
+    )
+    outage_wait_s: float = Field(
+        600.0, ge=0,
+        description="how long, in all, a turn that stopped because the store was unreachable "
+        "(after outage_timeout_s) waits for it to answer again; once it does, the turn resumes "
+        "from its durable log, as after a replica crash (finished tool calls are not run again; "
+        "one with side effects that started but whose result was never logged waits for an "
+        "operator's rerun or skip). The task fails with a checkpoint error naming the store "
+        "once this runs out; 0: fail at once. budgets.task.max_wall_s still applies",
+    )
     checkpoint: CheckpointPolicy = Field(
         "every_step",
         description="when the log is made durable: every_step (one atomic write per step, when "

@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 
 class LocalSwarm:
-    """A whole swarm in this process: agent hosts plus a supervisor, no Ray."""
+    """A whole swarm in this process: agent hosts plus a supervisor, no Ray.
+
+    `store` is the caller's, opened as it likes: `swarm.state.open_checkpointer(spec, ...,
+    outage_timeout_s=cfg.state.outage_timeout_s)` opens it as a deployed swarm does."""
 
     def __init__(self, cfg: SwarmConfig, store: Checkpointer | None = None) -> None:
         self.cfg = in_process(cfg)

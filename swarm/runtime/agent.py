@@ -634,7 +634,7 @@ class AgentActor:
         model = build_agent_model(cfg, role, endpoints)  # with fallbacks and context limit
         sources = build_sources(cfg, granted_servers(agent_cfg.tools, cfg.tools))
         self.replica = replica
-        self.host = AgentHost(cfg, role, model, sources, store=open_store(store_spec))
+        self.host = AgentHost(cfg, role, model, sources, store=open_store(store_spec, cfg))
         self.host.endpoints = endpoints  # type: ignore[attr-defined]  # memory: the embedder
         self.supervisor = supervisor
         if supervisor is not None:

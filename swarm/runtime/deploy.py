@@ -180,7 +180,8 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
         spec = with_archive(spec, archive, cfg.state.archive_after)
 
     async def check() -> None:
-        store = open_checkpointer(spec, run_dir=Path(cfg.state.run_dir))
+        store = open_checkpointer(spec, run_dir=Path(cfg.state.run_dir),
+                                  outage_timeout_s=cfg.state.outage_timeout_s)
         try:
             await store.start()
         finally:

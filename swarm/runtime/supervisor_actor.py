@@ -83,15 +83,17 @@ def create_agents(cfg: SwarmConfig, deployment: str, namespace: str, detached: b
     }
 
 
-def open_store(spec: str | None) -> Any:
-    """The checkpointer for a resolved store spec (a URL), or None for no durability."""
+def open_store(spec: str | None, cfg: SwarmConfig | None = None) -> Any:
+    """The checkpointer for a resolved store spec (a URL), or None for no durability; with
+    `cfg`, it waits out an unreachable store for `state.outage_timeout_s`."""
     if spec is None:
         return None
     from pathlib import Path
 
     from swarm.state import open_checkpointer
 
-    return open_checkpointer(spec, run_dir=Path("."))
+    return open_checkpointer(spec, run_dir=Path("."), outage_timeout_s=None if cfg is None
+                             else cfg.state.outage_timeout_s)
 
 
 class SupervisorActor:
@@ -120,7 +122,7 @@ class SupervisorActor:
             router = build_model(name, cfg.models[name], endpoints)
         from swarm.protocol.a2a_member import RemoteMemberPool
 
-        store = open_store(store_spec)
+        store = open_store(store_spec, cfg)
         self.agents = RayAgentPool(self.handles)
         self.pool = RemoteMemberPool.around(cfg, self.agents, store=store, swarm_id=deployment)
         self.sup = Supervisor(cfg, self.pool, router, store=store, swarm_id=deployment)

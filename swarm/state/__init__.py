@@ -37,7 +37,8 @@ def with_archive(spec: str, archive: str | None, archive_after: int = DEFAULT_AR
 
 
 def open_checkpointer(spec: str, *, run_dir: Path, archive: str | None = None,
-                      archive_after: int = DEFAULT_ARCHIVE_AFTER) -> Checkpointer:
+                      archive_after: int = DEFAULT_ARCHIVE_AFTER,
+                      outage_timeout_s: float | None = None) -> Checkpointer:
     """The checkpointer a store spec names (not yet started).
 
     `memory`; `embedded` (a private redis-server under `run_dir`, started if needed);
@@ -48,6 +49,10 @@ def open_checkpointer(spec: str, *, run_dir: Path, archive: str | None = None,
     Redis store gets an Arrow archive behind it: a `TieredCheckpointer` that moves a task's
     older log segments there once `archive_after` entries precede its previous snapshot, and
     the whole task once it finishes.
+
+    `outage_timeout_s` (`state.outage_timeout_s`; None: the store's default) is how long an
+    operation on a Redis store waits for an unreachable server before it raises
+    `StoreUnavailable`.
     """
     spec, _, rest = (part.strip() for part in spec.strip().partition("|"))
     if rest:
@@ -59,7 +64,7 @@ def open_checkpointer(spec: str, *, run_dir: Path, archive: str | None = None,
     if archive and spec != "embedded" and \
             spec.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
         raise ValueError(f"an archive needs a redis store (embedded, redis://...), not {spec!r}")
-    store = _open(spec, run_dir)
+    store = _open(spec, run_dir, outage_timeout_s)
     if not archive:
         return store
     from swarm.state.arrow import ArrowCheckpointer
@@ -69,7 +74,7 @@ def open_checkpointer(spec: str, *, run_dir: Path, archive: str | None = None,
                               archive_after=archive_after)
 
 
-def _open(spec: str, run_dir: Path) -> Checkpointer:
+def _open(spec: str, run_dir: Path, outage_timeout_s: float | None = None) -> Checkpointer:
     if spec == "memory":
         from swarm.state.memory import MemoryCheckpointer
 
@@ -84,7 +89,9 @@ def _open(spec: str, run_dir: Path) -> Checkpointer:
     if sep and scheme.lower() in ("redis", "rediss", "unix"):
         from swarm.state.redis import RedisCheckpointer
 
-        return RedisCheckpointer(spec)
+        if outage_timeout_s is None:
+            return RedisCheckpointer(spec)
+        return RedisCheckpointer(spec, outage_timeout_s=outage_timeout_s)
     if sep and scheme and rest and scheme.replace("+", "").replace("-", "").isalnum():
         from swarm.state.arrow import ArrowCheckpointer
 

@@ -267,6 +267,29 @@ def test_state_stores_that_open(store: str) -> None:
     assert parse_config(_base(state={"store": store})).state.store == store
 
 
+def test_the_store_outage_waits_are_settable_and_checked(tmp_path: Path) -> None:
+    from swarm.runtime.supervisor_actor import open_store
+    from swarm.state import open_checkpointer
+
+    state = parse_config(_base()).state
+    assert (state.outage_timeout_s, state.outage_wait_s) == (30.0, 600.0)
+    cfg = parse_config(_base(state={"outage_timeout_s": 2.5, "outage_wait_s": 0}))
+    assert (cfg.state.outage_timeout_s, cfg.state.outage_wait_s) == (2.5, 0.0)
+    for field, bad in (("outage_timeout_s", 0), ("outage_timeout_s", -1),
+                       ("outage_wait_s", -1), ("outage_timeout_s", "soon")):
+        with pytest.raises(ConfigError) as ei:
+            parse_config(_base(state={field: bad}))
+        assert f"state.{field}" in _paths(ei.value)
+    # What opens the store for a swarm's processes passes the timeout on to Redis (and to a
+    # tiered store's Redis tier); nothing is connected here.
+    url = "redis://127.0.0.1:1/0"
+    assert open_store(url, cfg).outage_timeout_s == 2.5
+    assert open_store(url).outage_timeout_s == 30.0
+    tiered = open_checkpointer(f"{url}|{tmp_path.as_uri()}|5", run_dir=tmp_path,
+                               outage_timeout_s=4)
+    assert tiered.hot.outage_timeout_s == 4  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("store", ["mysql://x", "http://h/p", "postgres://db/0", "redis"])
 def test_an_unknown_state_store_lists_what_is_accepted(store: str) -> None:
     with pytest.raises(ConfigError) as ei:
