@@ -100,10 +100,12 @@ class TaskFinished(Event, tag="task_finished"):
 
 class Alert(Event, tag="alert"):
     """A governance detection: a budget ran out, or the task looks stuck (same call repeated,
-    no progress, handoff ping-pong, waiting too long, deadlock); `action` is what was done."""
+    no progress, handoff ping-pong, waiting too long, deadlock); or the durable store is
+    unreachable (`store_unavailable`: the task waits for it, or fails once it waited
+    state.outage_wait_s); `action` is what was done."""
 
-    alert: str  # "budget_exhausted", "stuck.same_call", "stuck.deadlock", ...
-    action: str  # "wrap_up", "fail", "stop", "escalate"
+    alert: str  # "budget_exhausted", "stuck.same_call", "stuck.deadlock", "store_unavailable"...
+    action: str  # "wrap_up", "fail", "stop", "escalate", "wait"
     detail: str = ""
 
 

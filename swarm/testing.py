@@ -82,6 +82,7 @@ class LocalSwarm:
         for rec in self.supervisor.tasks.values():
             if rec.driver is not None and not rec.driver.done():
                 rec.driver.cancel()
+        await self.supervisor.close()
         await asyncio.gather(*(h.aclose() for h in self.hosts.values()))
         if isinstance(self.pool, RemoteMemberPool):
             await self.pool.aclose()

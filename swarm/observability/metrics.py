@@ -70,7 +70,8 @@ TASKS = MetricSpec("swarm_tasks", "gauge",
 TASKS_FINISHED = MetricSpec("swarm_tasks_finished", "counter",
                             "tasks that ended, by state and error class",
                             ("swarm", "state", "error_class"))
-ALERTS = MetricSpec("swarm_alerts", "counter", "governance alerts (budget, stuck)",
+ALERTS = MetricSpec("swarm_alerts", "counter",
+                    "governance alerts (budget, stuck) and store outages (store_unavailable)",
                     ("swarm", "alert"))
 QUEUE_DEPTH = MetricSpec("swarm_queue_depth", "gauge",
                          "sessions waiting for a free slot on an agent replica",

@@ -30,7 +30,7 @@ from swarm.runtime.middleware import build_middleware
 from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
 from swarm.state import codec
-from swarm.state.interface import Checkpointer, Fenced, LostWrites, Snapshot
+from swarm.state.interface import Checkpointer, Fenced, LostWrites, Snapshot, StoreUnavailable
 from swarm.state.replay import TaskState, fold, latest_snapshot, read_after
 from swarm.tools.access import function_tool_names, granted_servers
 from swarm.tools.interface import ToolSource
@@ -128,6 +128,10 @@ class TurnResult:
     budget_exhausted: str | None = None  # the limit that ran out, if a budget ended the turn
     stuck: str | None = None  # the stuck detector that ended the turn, if one did
     gate: dict[str, Any] | None = None  # the approval gate an input_required turn waits on
+    # The turn failed because the durable store could not be reached (`StoreUnavailable`,
+    # after the store's own wait, state.outage_timeout_s). Its end is not logged: once the
+    # store answers again the supervisor resumes it from the log (state.outage_wait_s).
+    store_unavailable: bool = False
 
 
 class EventBuffer:
@@ -353,6 +357,7 @@ class AgentHost:
             marks: tuple[str | None, str | None] = (None, None)
             gate: dict[str, Any] | None = None
             superseded = False
+            down: BaseException | None = None  # the StoreUnavailable that stopped the turn
             try:
                 outcome: Outcome | None = None
                 if self.store is not None:
@@ -375,6 +380,8 @@ class AgentHost:
                 kind, reply, target = "canceled", "", None
                 error_class, error = "orchestration", str(exc)
                 superseded = True
+            except StoreUnavailable as exc:
+                down = exc
             except Exception as exc:  # a bug in the loop must not take the role down
                 log.exception("agent %s: turn of task %s crashed", self.role, keys.task_id)
                 kind, reply, target = "failed", "", None
@@ -384,7 +391,10 @@ class AgentHost:
                 loop.end_turn(session)  # its deadline timer, if a resume ended the turn
             for layer in loop.middleware:
                 layer.on_turn_end(session)
-            if superseded:
+            if down is None and session.journal is not None and kind != "canceled" and \
+                    isinstance(session.journal.failure, StoreUnavailable):
+                down = session.journal.failure  # taken for a tool's error on its way up
+            if superseded or down is not None:
                 pass
             elif session.journal is not None and kind not in ("canceled", "input_required"):
                 # Logged after the turn, so a crash before this resumes the turn instead. A
@@ -399,6 +409,8 @@ class AgentHost:
                     log.warning("agent %s: %s", self.role, exc)
                     kind, reply, target = "canceled", "", None
                     error_class, error = "orchestration", str(exc)
+                except StoreUnavailable as exc:  # the end, or the last step written with it
+                    down = exc
             elif session.journal is not None and kind == "canceled" and self.store is not None:
                 # Under every_n / phase, steps a cancel cut short are still buffered: keep them
                 # in the log (history and fork see them); a failing store doesn't hide the cancel.
@@ -407,6 +419,14 @@ class AgentHost:
                 except Exception:
                     log.warning("task %s: buffered steps lost at cancel", keys.task_id,
                                 exc_info=True)
+        if down is not None:
+            # Not the turn's end: nothing is logged for it, so the log keeps the turn open up
+            # to its last durable step, and the supervisor resumes it from there once the
+            # store answers again (finished tool calls are not run again).
+            log.warning("agent %s: turn of task %s stopped, the store is unreachable: %s",
+                        self.role, keys.task_id, down)
+            kind, reply, target = "failed", "", None
+            error_class, error = "checkpoint", f"{type(down).__name__}: {down}"
         if trace is not None:
             self._tracer.end_agent(trace, kind, error_class, error, session, target,
                                    session.step - keys.step_offset)
@@ -424,7 +444,7 @@ class AgentHost:
             added=session.messages[first:] if keys.added_at_end or marks[1] is not None
             or kind not in ("final", "failed") else [],
             budget_exhausted=marks[0], stuck=marks[1], gate=gate,
-            events=self.buffer.take(keys.task_id),
+            events=self.buffer.take(keys.task_id), store_unavailable=down is not None,
         )
 
     @contextlib.asynccontextmanager
@@ -652,9 +672,13 @@ class AgentActor:
         tune_process(cfg.process)  # last: what the constructor built is long-lived
 
     async def _ensure(self) -> None:
-        if self._started is None:
-            self._started = asyncio.create_task(self._start())
-        await asyncio.shield(self._started)
+        started = self._started
+        if started is None or (started.done() and (started.cancelled()
+                                                   or started.exception() is not None)):
+            # A start that failed (the store unreachable as the replica came up, say) is made
+            # again by the next call, not kept as every later call's answer.
+            started = self._started = asyncio.create_task(self._start())
+        await asyncio.shield(started)
 
     async def _start(self) -> None:
         from swarm.runtime.supervisor_actor import ActorName
@@ -666,7 +690,8 @@ class AgentActor:
         if self.host.store is not None:
             await self.host.store.start()
         await self.host.start()
-        self._flusher = asyncio.create_task(self._flush_loop())
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop())
 
     def _publish_snapshot(self, snap: Snapshot) -> None:
         # The supervisor puts it in the object store, so the object's owner outlives agent

@@ -208,6 +208,12 @@ class Journal:
                 self._behind, self._behind_count, self._behind_waiting = None, 0, []
 
     @property
+    def failure(self) -> BaseException | None:
+        """What an append of this turn failed with, if one did (nothing but the turn's end is
+        written after it)."""
+        return self._failure
+
+    @property
     def sent_behind(self) -> bool:
         """Whether the last step's append was written behind and is still in flight, with
         nothing buffered since."""

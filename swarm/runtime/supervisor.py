@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -24,6 +25,7 @@ from typing import Any
 import msgspec
 
 from swarm._text import check_chars
+from swarm._urls import redact_url
 from swarm.config import SwarmConfig
 from swarm.errors import RunError, TaskNotFound, UserError
 from swarm.events import (
@@ -60,6 +62,9 @@ _RESTART_WAIT_S = 120.0  # how long a turn waits for a dead replica to come back
 # flight: a burst of new tasks reaches the agents while the supervisor still starts the rest.
 _POST_BATCH = 64
 _SUBMIT_CHUNK = 256  # new tasks of a `submit_many` stored (and started) together
+# While the durable store is down, it is asked whether it answers again this often at most
+# (`Supervisor._store_answers`: one probe for every task that waits for it).
+_PROBE_MAX_DELAY_S = 2.0
 
 
 class AgentPool(ABC):
@@ -237,6 +242,13 @@ class RayAgentPool(AgentPool):
                        f"agent {rep.role} replica died during the turn: {exc}")
             return
         except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc  # Ray's RayTaskError holds the raised
+            if isinstance(cause, StoreUnavailable):
+                # The replica could not start: it can't reach the store. The supervisor waits
+                # for the store as for a turn that stopped on it (`Supervisor._turn`).
+                self._fail(self._waiting(batch), f"agent {rep.role} could not start a turn: "
+                           f"{cause}", StoreUnavailable)
+                return
             self._fail(self._waiting(batch),
                        f"posting a turn to agent {rep.role} failed: {exc}", RunError)
             return
@@ -783,6 +795,10 @@ class Supervisor:
         # keeps Ray object refs here): (seq, [ref]). A resumed turn gets it in its request.
         self.hot: dict[str, tuple[int, list[Any]]] = {}
         self._hot_logs: dict[str, list[str]] = {}  # task id -> its log ids in `hot`
+        # While the store is unreachable: the one probe that waits for it to answer again,
+        # and how many wait on it (`_store_answers`).
+        self._probe: asyncio.Task[None] | None = None
+        self._probe_waiters = 0
         from swarm.observability.metrics import task_meter
 
         self.meter = task_meter(cfg, self.swarm_id)  # None when nothing records metrics
@@ -1584,6 +1600,7 @@ class Supervisor:
         del msg  # in the task's history and the request: not held while the turn runs
         rec.park()  # nothing changes the A2A task until the turn is over
         retries = 0
+        outage_waited = 0.0  # time this turn waited for an unreachable store, in all
         rec.active.add(agent)
         replica = (agent, replica_for(context_id, cfg.agents[agent].replicas))
         self.waits.enter(rec.id, replica, cfg.agents[agent].max_sessions)
@@ -1595,8 +1612,10 @@ class Supervisor:
                     f"{cycle[0]} (a sub-task waits for a session slot of agent {agent} held "
                     "by a task that waits for it)"))
             while True:
+                down: str | None = None  # why the turn stopped on an unreachable store
+                attempt: TurnResult | None = None
                 try:
-                    result = await self._send(agent, context_id, req, retries)
+                    result = attempt = await self._send(agent, context_id, req, retries)
                 except StuckError as exc:
                     return self._stuck(rec, agent, exc.detector, str(exc))
                 except _ActorLost as exc:
@@ -1606,12 +1625,33 @@ class Supervisor:
                     if self.store is None or retries > self.cfg.state.max_turn_retries:
                         raise
                     log.warning("task %s: %s; resuming (attempt %d)", rec.id, exc, retries)
-                    req.resume, req.decision = True, None
-                    req.durable_step = max(req.durable_step,
-                                           self._durable_step(rec, agent, req.step_offset))
-                    held = self.hot.get(req.log_id)
-                    req.hot = held[1] if held is not None else None
+                    self._resume_req(rec, agent, req)
                     continue
+                except StoreUnavailable as exc:  # a replica that can't reach it to start
+                    if self.store is None:
+                        raise
+                    down = str(exc)
+                else:
+                    if result.store_unavailable and self.store is not None:
+                        down = result.error or "the store is unreachable"
+                if down is not None:
+                    # The turn stopped, its end not logged: once the store answers again it
+                    # resumes from its log (finished tool calls are not run again), as after
+                    # a replica crash; the attempt's usage is the log's, counted then.
+                    if attempt is not None and attempt.events:
+                        self._emit_run(rec, attempt.events)
+                    t0 = time.monotonic()
+                    failure = await self._outlast_outage(rec, agent, down, outage_waited)
+                    outage_waited += time.monotonic() - t0
+                    if failure is None:
+                        self._resume_req(rec, agent, req)
+                        continue
+                    result = _failed(rec.id, agent, "checkpoint", failure) if attempt is None \
+                        else dataclasses.replace(
+                            attempt, error=failure, store_unavailable=False, events=[],
+                            message=a2a.dumps(a2a.text_message(failure, role="agent",
+                                                               task_id=rec.id)))
+                    break
                 if result.kind != "input_required":
                     break
                 # What the turn ran up to its question counts while it waits (listings, the
@@ -1651,6 +1691,90 @@ class Supervisor:
             self._emit_run(rec, result.events)
         self._account(rec, agent, result, started)
         return result
+
+    def _resume_req(self, rec: TaskRecord, agent: str, req: TurnRequest) -> None:
+        """Make `req` the resume of its turn from the durable log (after the replica died, or
+        the turn stopped on an unreachable store): the log must reach every step reported
+        durable, and the held hot snapshot goes with it."""
+        req.resume, req.decision = True, None
+        req.durable_step = max(req.durable_step, self._durable_step(rec, agent, req.step_offset))
+        held = self.hot.get(req.log_id)
+        req.hot = held[1] if held is not None else None
+
+    async def _outlast_outage(self, rec: TaskRecord, agent: str, why: str, waited: float
+                              ) -> str | None:
+        """Wait for the durable store to answer again after agent `agent`'s turn stopped on it
+        (`why`), for what is left of state.outage_wait_s after the `waited` seconds this turn
+        waited already; None once it answers, else the task's error, naming the store."""
+        assert self.store is not None
+        limit = self.cfg.state.outage_wait_s
+        left = limit - waited
+        where = store_name(self.store)
+        if left > 0:
+            log.warning("task %s: the turn of agent %s stopped, the durable store %s is "
+                        "unreachable (%s); waiting up to %g s more for it (state.outage_wait_s), "
+                        "then the turn resumes from its log", rec.id, agent, where, why, left)
+            self._alert(rec, "store_unavailable", "wait",
+                        f"the store {where} is unreachable: waiting up to {left:g} s for it "
+                        f"(state.outage_wait_s), then agent {agent}'s turn resumes ({why})")
+            t0 = time.monotonic()
+            try:
+                async with asyncio.timeout(left):
+                    await self._store_answers()
+            except TimeoutError:
+                waited += time.monotonic() - t0
+            else:
+                log.info("task %s: the store %s answers again after %.1f s; resuming the turn "
+                         "of agent %s from its log", rec.id, where, time.monotonic() - t0,
+                         agent)
+                return None
+        error = (f"the durable store {where} was unreachable: agent {agent}'s turn stopped on it "
+                 f"({why}), and the task waited {waited:.3g} s more for it to answer "
+                 f"(state.outage_wait_s is {limit:g} s)")
+        log.warning("task %s fails: %s", rec.id, error)
+        self._alert(rec, "store_unavailable", "fail", error)
+        return error
+
+    async def _store_answers(self) -> None:
+        """Return once the durable store answers again. One probe (`Checkpointer.start`, which
+        fails at once while the store is down), backing off to `_PROBE_MAX_DELAY_S`, serves
+        every task that waits; each caller bounds its own wait, and the probe stops when
+        nobody waits any more."""
+        probe = self._probe
+        if probe is None or probe.done():
+            probe = self._probe = asyncio.ensure_future(self._probe_store())
+        self._probe_waiters += 1
+        try:
+            await asyncio.shield(probe)
+        finally:
+            self._probe_waiters -= 1
+            if not self._probe_waiters and not probe.done():
+                probe.cancel()
+                if self._probe is probe:
+                    self._probe = None
+
+    async def _probe_store(self) -> None:
+        assert self.store is not None
+        delay, t0 = 0.05, time.monotonic()
+        while True:
+            try:
+                await self.store.start()
+            except Exception as exc:
+                log.debug("the store %s does not answer yet: %s", store_name(self.store), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _PROBE_MAX_DELAY_S)
+                continue
+            log.info("the durable store %s answers again (probed for %.1f s)",
+                     store_name(self.store), time.monotonic() - t0)
+            return
+
+    async def close(self) -> None:
+        """Cancel the supervisor's own background work (the store probe)."""
+        task = self._probe
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
     def _durable_step(self, rec: TaskRecord, agent: str, since: int) -> int:
         """The last step after `since` that `agent`'s events reported finished, where that
@@ -2004,6 +2128,7 @@ class Supervisor:
         (`swarm up` with the same name) resumes each from its log. Without one there is
         nothing to resume from, and they end as canceled."""
         self.stopping = True
+        await self.close()
         drivers = [r.driver for r in self.tasks.values()
                    if r.driver is not None and not r.driver.done()]
         unfinished = sum(1 for r in self.tasks.values() if r.state not in a2a.TERMINAL)
@@ -2059,6 +2184,15 @@ def _numbered(events: list[Event], start: int) -> list[Event]:
     """Events with `seq` set to their index, from `start`."""
     replace = msgspec.structs.replace
     return [ev if ev.seq == i else replace(ev, seq=i) for i, ev in enumerate(events, start)]
+
+
+def store_name(store: Any) -> str:
+    """A store for messages: its URL (a tiered store's Redis tier), credentials hidden."""
+    for candidate in (store, getattr(store, "hot", None)):
+        url = getattr(candidate, "url", None) or getattr(candidate, "uri", None)
+        if isinstance(url, str) and url:
+            return redact_url(url)
+    return str(getattr(store, "name", None) or type(store).__name__)
 
 
 def _failed(task_id: str, agent: str | None, error_class: str, error: str) -> TurnResult:

@@ -30,8 +30,10 @@ the head of the LIST and raises `base`, so seqs stay what they were and appends 
 next one; `read` then refuses the trimmed range rather than return a log with a hole in it.
 
 When Redis is unreachable, every operation waits for it with exponential backoff for up to
-`outage_timeout_s`, logging one WARNING per outage and an INFO when it is back, then raises
-`StoreUnavailable`. Nothing is reported durable before Redis acknowledged it.
+`outage_timeout_s` (`state.outage_timeout_s`), logging one WARNING per outage and an INFO when it
+is back, then raises `StoreUnavailable` (a turn that gets it stops, and the supervisor resumes
+it from the log once the store answers again: `Supervisor._turn`). Nothing is reported durable
+before Redis acknowledged it.
 
 The per-step hot path skips redis-py's client layer (its pool bookkeeping, per-command
 metrics hooks and a task per socket write cost more than the round trip): the instance keeps

@@ -1,0 +1,264 @@
+"""A Redis store that goes away mid-task for longer than `state.outage_timeout_s`.
+
+Each test runs a real redis-server (`EmbeddedRedis`: append-only file, so a restart on the same
+directory and port brings the data back), stops it while a tool is held, and starts it again.
+The turn that hit the outage stops without logging its end; the supervisor waits for the store
+(`state.outage_wait_s`) and resumes the turn from its log, so finished side effects happen once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swarm.errors import RunError
+from swarm.events import Alert, Event, TaskStateChanged, TurnResumed
+from swarm.runtime.agent import TurnRequest, TurnResult
+from swarm.runtime.supervisor import AgentPool, Supervisor
+from swarm.state import open_checkpointer
+from swarm.state.embedded import EmbeddedRedis
+from swarm.state.interface import StoreUnavailable, TaskRow
+from swarm.state.memory import MemoryCheckpointer
+from swarm.state.redis import RedisCheckpointer
+from swarm.state.replay import restore
+from swarm.testing import LocalSwarm
+from tests.unit import durable_tools as dt
+
+PAY_FIRST = {"name": "pay", "arguments": {"key": "{{ task }}-1"}}
+LOOKUP = {"name": "lookup", "arguments": {"key": "{{ task }}-2"}}
+PAY_LAST = {"name": "pay", "arguments": {"key": "{{ task }}-3"}}
+# A payment, a lookup (read-only: safe to run again), a second payment, the answer.
+RULES = [
+    {"when": {"agent": "a", "called": {"pay": 0}}, "tool_calls": [PAY_FIRST]},
+    {"when": {"agent": "a", "called": {"pay": 1, "lookup": 0}}, "tool_calls": [LOOKUP]},
+    {"when": {"agent": "a", "called": {"pay": 1}}, "tool_calls": [PAY_LAST]},
+    {"when": {"agent": "a"}, "content": "done: {{ results.pay }}"},
+]
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    dt.reset()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "store")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def make_cfg(tmp_path: Path, outage_wait_s: float = 60.0) -> Any:
+    return dt.swarm_config(tmp_path, RULES, name="outage",
+                           agents={"a": {"model": "m", "tools": ["t"]}},
+                           state={"outage_timeout_s": 1, "outage_wait_s": outage_wait_s})
+
+
+def open_store(cfg: Any, server: EmbeddedRedis, tmp_path: Path) -> RedisCheckpointer:
+    # As a deployed swarm opens it: the outage wait from the config (1 s here).
+    store = open_checkpointer(server.url, run_dir=tmp_path,
+                              outage_timeout_s=cfg.state.outage_timeout_s)
+    assert isinstance(store, RedisCheckpointer) and store.outage_timeout_s == 1
+    return store
+
+
+async def until_event(sup: Supervisor, task_id: str, wanted: Callable[[Event], bool],
+                      timeout: float = 30.0) -> Event:
+    """The task's first event that `wanted` holds for, waiting for new ones as they come."""
+    cursor = 0
+    async with asyncio.timeout(timeout):
+        while True:
+            events, done = await sup.events(task_id, cursor, timeout)
+            for ev in events:
+                if wanted(ev):
+                    return ev
+            cursor += len(events)
+            if done and not events:
+                raise AssertionError(f"task {task_id} ended without the event: "
+                                     f"{sup.get(task_id).summary()}")
+
+
+def store_alert(action: str) -> Callable[[Event], bool]:
+    return lambda ev: isinstance(ev, Alert) and ev.alert == "store_unavailable" \
+        and ev.action == action
+
+
+async def stop_during(sup: Supervisor, server: EmbeddedRedis, text: str, key: str) -> str:
+    """Submit `text`; stop the store while the tool call `key` runs, then let the call return:
+    the turn's next write finds the store gone. Returns the task id once the supervisor says
+    it waits for the store."""
+    dt.HOLD[key], dt.ENTERED[key] = asyncio.Event(), asyncio.Event()
+    task_id = await sup.submit(text)
+    await asyncio.wait_for(dt.ENTERED[key].wait(), 30)
+    await asyncio.to_thread(server.stop)  # SHUTDOWN: the append-only file keeps the data
+    dt.HOLD[key].set()
+    await until_event(sup, task_id, store_alert("wait"))
+    return task_id
+
+
+def restart(server: EmbeddedRedis) -> None:
+    """Start the store again: same directory (its data), same port (its URL)."""
+    url = server.url
+    server.start()
+    assert server.url == url
+
+
+async def until_row(store: RedisCheckpointer, task_id: str, state: str) -> TaskRow:
+    """The task's stored row once it is in `state` (it is written in the background: polled,
+    with a deadline)."""
+    deadline = time.monotonic() + 30
+    while True:
+        row = await store.get_task(task_id)
+        if row is not None and row.state == state:
+            return row
+        assert time.monotonic() < deadline, f"row of {task_id}: {row and row.state}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_turn_that_outlasts_the_store_outage_resumes_and_completes(
+        tmp_path: Path, server: EmbeddedRedis, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    cfg = make_cfg(tmp_path)
+    store = open_store(cfg, server, tmp_path)
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await stop_during(sup, server, "x", "x-2")
+            # The turn stopped without running the second payment, and the task waits.
+            assert sup.get(task_id).state == "working"
+            assert dt.RUNS == {"x-1": 1, "x-2": 1}
+            await asyncio.to_thread(restart, server)
+            row = await sup.wait(task_id, 60)
+            assert (row["state"], row["answer"]) == ("completed", "done: paid x-3"), row
+            events = sw.events(task_id)
+        # Each payment once. The lookup's result was never durable, so the resumed turn ran
+        # it again: it is declared idempotent, and that is what idempotent allows.
+        assert dt.RUNS == {"x-1": 1, "x-2": 2, "x-3": 1}
+        assert any(isinstance(ev, TurnResumed) for ev in events)
+        state, problems = await restore(store, task_id)
+        assert problems == [] and state.open_turn is None and state.turns == 1
+        ledger = await store.ledger(task_id)
+        assert sorted(r.tool for r in ledger.values()) == ["lookup", "pay", "pay"]
+        assert {r.state for r in ledger.values()} == {"finished"}
+        assert (await until_row(store, task_id, "completed")).task_id == task_id
+        waits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                 and r.name == "swarm.runtime.supervisor" and "waiting up to" in r.getMessage()]
+        assert len(waits) == 1 and task_id in waits[0] and server.url in waits[0]
+    finally:
+        await store.close()
+
+
+async def test_a_side_effect_whose_result_was_lost_in_the_outage_asks_an_operator(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """The store goes away while a payment runs: the payment happens, its result can't be
+    logged. The resumed turn doesn't run it again on its own: it asks, as after a crash."""
+    cfg = make_cfg(tmp_path)
+    store = open_store(cfg, server, tmp_path)
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await stop_during(sup, server, "y", "y-1")
+            await asyncio.to_thread(restart, server)
+            await until_event(sup, task_id, lambda ev: isinstance(ev, TaskStateChanged)
+                              and ev.state == "input_required")
+            rec = sup.get(task_id)
+            assert "pay" in (rec.question or "") and "rerun" in (rec.question or "")
+            assert dt.RUNS == {"y-1": 1}
+            await sup.respond(task_id, "skip")
+            row = await sup.wait(task_id, 60)
+        assert row["state"] == "completed", row
+        assert dt.RUNS == {"y-1": 1, "y-2": 1, "y-3": 1}  # the first payment never again
+    finally:
+        await store.close()
+
+
+async def test_a_store_that_stays_down_fails_the_task_naming_it(
+        tmp_path: Path, server: EmbeddedRedis, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_cfg(tmp_path, outage_wait_s=1)
+    store = open_store(cfg, server, tmp_path)
+    url = server.url
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await stop_during(sup, server, "z", "z-2")
+            row = await sup.wait(task_id, 60)
+            assert (row["state"], row["error_class"]) == ("failed", "checkpoint"), row
+            assert f"the durable store {url} was unreachable" in row["error"]
+            assert "state.outage_wait_s is 1 s" in row["error"]
+            await until_event(sup, task_id, store_alert("fail"))
+            failures = [r.getMessage() for r in caplog.records
+                        if r.levelno == logging.WARNING and "fails:" in r.getMessage()]
+            assert len(failures) == 1 and task_id in failures[0] and url in failures[0]
+            assert dt.RUNS == {"z-1": 1, "z-2": 1}
+            # Meanwhile the swarm answers, and once the store is back it takes new work.
+            assert sup.list(state="failed")[0]["task_id"] == task_id
+            await asyncio.to_thread(restart, server)
+            again = await sw.run("w", timeout=60)
+            assert (again["state"], again["answer"]) == ("completed", "done: paid w-3")
+    finally:
+        await store.close()
+
+
+class _ReplicaWithoutStore(AgentPool):
+    """The in-process pool, whose first turn is refused as a Ray replica refuses one when it
+    can't reach the store to start (`RayAgentPool` raises `StoreUnavailable` then)."""
+
+    def __init__(self, inner: AgentPool) -> None:
+        self.inner = inner
+        self.requests: list[TurnRequest] = []
+
+    async def turn(self, role: str, key: str, req: TurnRequest, attempt: int = 0) -> TurnResult:
+        self.requests.append(copy.copy(req))
+        if len(self.requests) == 1:
+            raise StoreUnavailable("agent a could not start a turn: redis unreachable")
+        return await self.inner.turn(role, key, req, attempt)
+
+    async def cancel(self, role: str, key: str, task_id: str) -> None:
+        await self.inner.cancel(role, key, task_id)
+
+
+async def test_a_turn_a_replica_could_not_start_for_the_store_is_sent_again(
+        tmp_path: Path) -> None:
+    async with LocalSwarm(make_cfg(tmp_path), store=MemoryCheckpointer()) as sw:
+        sup = sw.supervisor
+        pool = sup.pool = _ReplicaWithoutStore(sup.pool)
+        row = await sw.run("u", timeout=60)
+        assert (row["state"], row["answer"]) == ("completed", "done: paid u-3"), row
+        events = sw.events(row["task_id"])
+    assert [(r.resume, r.turn_id) for r in pool.requests] == [(False, "0"), (True, "0")]
+    assert [ev.action for ev in events if isinstance(ev, Alert)] == ["wait"]
+    assert dt.RUNS == {"u-1": 1, "u-2": 1, "u-3": 1}
+
+
+async def test_the_ray_pool_fails_a_post_the_replica_refused_for_the_store_as_such() -> None:
+    """A replica that can't reach the store when it starts refuses the posted turns: the
+    supervisor must see `StoreUnavailable` (and wait for the store), not a turn failure."""
+    from ray.exceptions import RayTaskError
+
+    from swarm.runtime.supervisor import RayAgentPool, _Post, _Replica
+
+    pool = RayAgentPool({})
+    rep = _Replica("a", handle=None)
+    post = pool._posts["p0"] = _Post(rep, asyncio.get_running_loop().create_future())
+    refused = RayTaskError("post_turns", "traceback", StoreUnavailable(
+        "can't reach redis at redis://127.0.0.1:1/0")).as_instanceof_cause()
+    await pool._posted(rep, [("p0", None)], refused)  # type: ignore[list-item]
+    with pytest.raises(StoreUnavailable) as down:
+        post.future.result()
+    assert str(down.value) == \
+        "agent a could not start a turn: can't reach redis at redis://127.0.0.1:1/0"
+    other = pool._posts["p1"] = _Post(rep, asyncio.get_running_loop().create_future())
+    await pool._posted(rep, [("p1", None)], RuntimeError("boom"))  # type: ignore[list-item]
+    with pytest.raises(RunError, match="posting a turn to agent a failed: boom") as err:
+        other.future.result()
+    assert not isinstance(err.value, StoreUnavailable)
