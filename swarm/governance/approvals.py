@@ -315,7 +315,7 @@ class ApprovalDesk:
         self._audit("approval.requested", rec, gid, tool=gate["tool"], agent=gate["agent"],
                     args_hash=_hash(gate["arguments"]), detail=gate["reason"])
         if rec.state == "input_required":  # already parked (another gate, or a restart)
-            await self.sup._persist(rec)
+            await self.sup._persist_soon(rec)
         else:
             await self.sup._set_state(rec, "input_required", question)
         remaining = gate["requested"] + self.timeout_s - self.sup.clock()

@@ -799,6 +799,16 @@ class Supervisor:
         # and how many wait on it (`_store_answers`).
         self._probe: asyncio.Task[None] | None = None
         self._probe_waiters = 0
+        # Whether the store was last seen unreachable (by a turn, a row write or the probe)
+        # and not seen answering since: rows are then left to `_write_rows_later` at once.
+        self._seen_down = False
+        # Tasks whose row could not be stored (the store unreachable): their newest rows are
+        # written once it answers again (`_persist_soon`, `_write_rows_later`).
+        # By task id: the record and the count of the deferral, so a row deferred again
+        # while an older one was being written is written again.
+        self._unstored: dict[str, tuple[TaskRecord, int]] = {}
+        self._deferrals = itertools.count()
+        self._row_writer: asyncio.Task[None] | None = None
         from swarm.observability.metrics import task_meter
 
         self.meter = task_meter(cfg, self.swarm_id)  # None when nothing records metrics
@@ -1710,6 +1720,7 @@ class Supervisor:
         limit = self.cfg.state.outage_wait_s
         left = limit - waited
         where = store_name(self.store)
+        self._seen_down = True
         if left > 0:
             log.warning("task %s: the turn of agent %s stopped, the durable store %s is "
                         "unreachable (%s); waiting up to %g s more for it (state.outage_wait_s), "
@@ -1766,15 +1777,17 @@ class Supervisor:
                 continue
             log.info("the durable store %s answers again (probed for %.1f s)",
                      store_name(self.store), time.monotonic() - t0)
+            self._seen_down = False
             return
 
     async def close(self) -> None:
-        """Cancel the supervisor's own background work (the store probe)."""
-        task = self._probe
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        """Cancel the supervisor's own background work: the row writer and the store probe
+        (rows not stored stay as they were: see `stop`)."""
+        for task in (self._row_writer, self._probe):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _durable_step(self, rec: TaskRecord, agent: str, since: int) -> int:
         """The last step after `since` that `agent`'s events reported finished, where that
@@ -2054,6 +2067,55 @@ class Supervisor:
         if self.store is not None:
             await self.store.put_task(rec.to_row(self.swarm_id))
 
+    async def _persist_soon(self, rec: TaskRecord) -> bool:
+        """Store the task's row, now if the store answers; whether it was stored now. If it is
+        unreachable (or known to be), the task goes on as it is, and its newest row is written
+        once the store answers again (`_write_rows_later`): a store outage delays the row, it
+        doesn't change the task's outcome. Other errors are raised."""
+        if self.store is None:
+            return True
+        if not self._seen_down:  # else this write would wait out the outage first
+            try:
+                await self._persist(rec)
+            except StoreUnavailable as exc:
+                self._seen_down, why = True, str(exc)
+            else:
+                self._unstored.pop(rec.id, None)
+                return True
+        else:
+            why = "it was unreachable when last tried"
+        log.warning("task %s: its row (%s) is not stored yet, the store %s is unreachable (%s); "
+                    "it is written once the store answers again", rec.id, rec.state,
+                    store_name(self.store), why)
+        self._unstored[rec.id] = (rec, next(self._deferrals))
+        writer = self._row_writer
+        if writer is None or writer.done():
+            self._row_writer = asyncio.ensure_future(self._write_rows_later())
+        return False
+
+    async def _write_rows_later(self) -> None:
+        """Write the rows `_persist_soon` could not, each task's newest, whenever the store
+        answers again, until none is left (or the supervisor stops)."""
+        while self._unstored and not self.stopping:
+            await self._store_answers()
+            held = list(self._unstored.values())
+            recs = [rec for rec, _ in held]
+            try:
+                failed = await self._put_rows(recs)
+            except Exception as exc:
+                failed = [exc] * len(recs)
+            for (rec, n), exc in zip(held, failed, strict=True):
+                if isinstance(exc, StoreUnavailable):
+                    continue  # down again: the next round writes it
+                if exc is not None:
+                    log.error("task %s: its row could not be stored: %s", rec.id, exc)
+                now = self._unstored.get(rec.id)
+                if now is not None and now[0] is rec and now[1] == n:  # not deferred again
+                    del self._unstored[rec.id]
+                    if exc is None and rec.done.is_set():  # its end is stored: it may go
+                        self._finished[rec.id] = None
+            self._drop_finished()
+
     async def _set_state(self, rec: TaskRecord, state: str, detail: str = "", *,
                          persist: bool = True) -> None:
         message = None
@@ -2067,7 +2129,7 @@ class Supervisor:
         a2a.set_state(rec.live(), state, message)
         rec.updated = self.clock()
         if persist:
-            await self._persist(rec)
+            await self._persist_soon(rec)
         self._emit(rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state,
                                          detail=detail))
 
@@ -2097,8 +2159,9 @@ class Supervisor:
         rec.park()  # finished: read now and then, changed no more (its row uses the bytes)
         stored = False
         try:
-            await self._persist(rec)
-            stored = True
+            # An unreachable store leaves the row to `_write_rows_later`; the task stays in
+            # memory until it is written.
+            stored = await self._persist_soon(rec)
         except Exception:
             # The log still holds the turn's outcome, so a restarted supervisor finishes the
             # task again from it; the caller learns the outcome now either way.
@@ -2128,6 +2191,8 @@ class Supervisor:
         (`swarm up` with the same name) resumes each from its log. Without one there is
         nothing to resume from, and they end as canceled."""
         self.stopping = True
+        # Rows not stored stay as they were: the next supervisor resumes those tasks from
+        # their logs, where a turn that ended is finished again without running.
         await self.close()
         drivers = [r.driver for r in self.tasks.values()
                    if r.driver is not None and not r.driver.done()]
@@ -2167,7 +2232,9 @@ class Supervisor:
         # new tasks, not for each one (a scan of the whole table a submission, under a steady
         # load with no durable store, whose finished tasks stay here until then).
         room = limit - self.cfg.limits.max_tasks // 10
-        for tid in [t for t, r in self.tasks.items() if r.done.is_set()]:
+        # Not one whose row waits to be stored (`_unstored`): the store doesn't have its end.
+        for tid in [t for t, r in self.tasks.items()
+                    if r.done.is_set() and t not in self._unstored]:
             if len(self.tasks) < room:
                 break
             del self.tasks[tid]

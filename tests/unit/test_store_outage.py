@@ -200,11 +200,51 @@ async def test_a_store_that_stays_down_fails_the_task_naming_it(
                         if r.levelno == logging.WARNING and "fails:" in r.getMessage()]
             assert len(failures) == 1 and task_id in failures[0] and url in failures[0]
             assert dt.RUNS == {"z-1": 1, "z-2": 1}
-            # Meanwhile the swarm answers, and once the store is back it takes new work.
+            # Its row couldn't be stored; the supervisor keeps the task and writes the row
+            # once the store is back. Meanwhile the swarm answers, and afterwards takes new
+            # work.
             assert sup.list(state="failed")[0]["task_id"] == task_id
             await asyncio.to_thread(restart, server)
+            assert (await until_row(store, task_id, "failed")).task_id == task_id
             again = await sw.run("w", timeout=60)
             assert (again["state"], again["answer"]) == ("completed", "done: paid w-3")
+    finally:
+        await store.close()
+
+
+class _HeldFinalRow(RedisCheckpointer):
+    """The Redis store, holding the write of the first completed row until `go` is set."""
+
+    held: asyncio.Event
+    go: asyncio.Event
+
+    async def put_task(self, row: TaskRow) -> None:
+        if row.state == "completed" and not self.go.is_set():
+            self.held.set()
+            await self.go.wait()
+        await super().put_task(row)
+
+
+async def test_a_completed_task_whose_row_hits_the_outage_stays_completed(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """The agent's turn ended (logged) and the store went away before the supervisor stored
+    the task's final row: the task completes, and its row is written once the store is back."""
+    cfg = make_cfg(tmp_path)
+    store = _HeldFinalRow(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
+    store.held, store.go = asyncio.Event(), asyncio.Event()
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await sup.submit("v")
+            await asyncio.wait_for(store.held.wait(), 30)
+            await asyncio.to_thread(server.stop)
+            store.go.set()
+            row = await sup.wait(task_id, 60)
+            assert (row["state"], row["answer"]) == ("completed", "done: paid v-3"), row
+            assert (await sup.find(task_id)).state == "completed"
+            await asyncio.to_thread(restart, server)
+            assert (await until_row(store, task_id, "completed")).data
+        assert dt.RUNS == {"v-1": 1, "v-2": 1, "v-3": 1}
     finally:
         await store.close()
 
