@@ -1,5 +1,5 @@
-"""A tool for the supervisor-crash test: it counts its runs in Redis and holds its turn until
-the test releases it. Redis is the session's (`SWARM_PAYMENTS_REDIS`)."""
+"""Tools for the supervisor-crash and store-outage tests: they count their runs in Redis and
+hold their turn until the test releases it. Redis is the session's (`SWARM_PAYMENTS_REDIS`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 
 import redis.asyncio as redis
 
+from swarm.tools.function import tool
 from swarm.tools.interface import ToolContext
 
 
@@ -20,3 +21,27 @@ async def hold(ctx: ToolContext) -> str:
     finally:
         await client.aclose()
     return "released"
+
+
+@tool(idempotent=True)
+async def wait_here(ctx: ToolContext) -> str:
+    """Say it started, then wait for one of the test's releases (idempotent: a resumed turn
+    may run it again, and then takes the next release)."""
+    client = redis.Redis.from_url(os.environ["SWARM_PAYMENTS_REDIS"], decode_responses=True)
+    try:
+        await client.incr(f"held:waits:{ctx.task_id}")
+        await client.rpush(f"held:entered:{ctx.task_id}", str(os.getpid()))
+        await client.blpop([f"held:release:{ctx.task_id}"], timeout=0)
+    finally:
+        await client.aclose()
+    return "waited"
+
+
+async def charge(ctx: ToolContext, n: int) -> str:
+    """A side effect (not idempotent): counts its runs, per `n`."""
+    client = redis.Redis.from_url(os.environ["SWARM_PAYMENTS_REDIS"], decode_responses=True)
+    try:
+        await client.incr(f"held:charges:{ctx.task_id}:{n}")
+    finally:
+        await client.aclose()
+    return f"charged {n}"
