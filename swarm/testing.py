@@ -70,6 +70,7 @@ class LocalSwarm:
                 await self.pool.aclose()
                 raise
         await asyncio.gather(*(h.start() for h in self.hosts.values()))
+        await self.supervisor.mark_store()
         from swarm.runtime.toolbox import check_agents_gates
 
         for problem in check_agents_gates(

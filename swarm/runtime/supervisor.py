@@ -48,7 +48,7 @@ from swarm.governance.stuck import StuckError, WaitGraph, bounces
 from swarm.models.interface import Model, ModelRequest
 from swarm.protocol import a2a
 from swarm.runtime.agent import AgentHost, TurnRequest, TurnResult
-from swarm.state.interface import Checkpointer, StoreUnavailable, TaskRow
+from swarm.state.interface import Checkpointer, LostWrites, StoreUnavailable, TaskRow
 from swarm.state.replay import TaskState, restore
 
 log = logging.getLogger(__name__)
@@ -808,6 +808,9 @@ class Supervisor:
         # while an older one was being written is written again.
         self._unstored: dict[str, tuple[TaskRecord, int]] = {}
         self._deferrals = itertools.count()
+        # The store's epoch as this supervisor first found it (`mark_store`): a resume is
+        # refused once the store answers another one (it came back without its data).
+        self._epoch: str | None = None
         self._row_writer: asyncio.Task[None] | None = None
         from swarm.observability.metrics import task_meter
 
@@ -1210,10 +1213,34 @@ class Supervisor:
                     raise UserError(f"task {tid} is being deleted; submit it again once "
                                     "the deletion is done")
 
+    async def mark_store(self) -> None:
+        """Remember the durable store's epoch (`Checkpointer.epoch`), once: before any turn
+        can be resumed, so that a store that later comes back without its data is told from
+        one that kept it. `load` calls it; so does `LocalSwarm` as it starts."""
+        if self.store is not None and self._epoch is None:
+            self._epoch = await self.store.epoch()
+
+    async def _store_lost(self) -> str | None:
+        """Why a turn can't be resumed from the store, if it lost its data since
+        `mark_store` (its epoch changed); None if it kept it, or can't tell."""
+        if self.store is None or self._epoch is None:
+            return None
+        try:
+            now = await self.store.epoch()
+        except StoreUnavailable:
+            return None  # down again: the resumed turn stops on it, and is checked again then
+        if now is None or now == self._epoch:
+            return None
+        return (f"the durable store {store_name(self.store)} lost its data (its epoch changed: "
+                "a Redis server restarted without its append-only file, or its database was "
+                "flushed); the turn is not resumed, since from an empty log it would run "
+                "finished tool calls again. Run Redis with appendonly yes")
+
     async def load(self) -> int:
         """Rebuild the task table from the durable store and resume unfinished tasks."""
         if self.store is None:
             return 0
+        await self.mark_store()
         resumed = 0
         rows = [r for r in await self.store.list_tasks(self.swarm_id)
                 if r.task_id not in self.tasks]
@@ -1634,6 +1661,9 @@ class Supervisor:
                     retries += 1
                     if self.store is None or retries > self.cfg.state.max_turn_retries:
                         raise
+                    lost = await self._store_lost()
+                    if lost is not None:
+                        raise LostWrites(lost) from exc
                     log.warning("task %s: %s; resuming (attempt %d)", rec.id, exc, retries)
                     self._resume_req(rec, agent, req)
                     continue
@@ -1735,6 +1765,11 @@ class Supervisor:
             except TimeoutError:
                 waited += time.monotonic() - t0
             else:
+                lost = await self._store_lost()
+                if lost is not None:
+                    log.warning("task %s fails: %s", rec.id, lost)
+                    self._alert(rec, "store_unavailable", "fail", lost)
+                    return lost
                 log.info("task %s: the store %s answers again after %.1f s; resuming the turn "
                          "of agent %s from its log", rec.id, where, time.monotonic() - t0,
                          agent)

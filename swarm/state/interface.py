@@ -212,6 +212,14 @@ class Checkpointer(ABC):
     async def delete(self, task_id: str) -> None:
         """Remove everything stored for a task (log, snapshots, ledger, row)."""
 
+    async def epoch(self) -> str | None:
+        """A token the store keeps for as long as it keeps its data, made by the first call
+        that finds none: a store that lost everything (a Redis server restarted without its
+        append-only file, its database flushed) answers another one from then on. A process
+        that remembers the token from before can tell that a resume would read an empty log
+        and run finished tool calls again. None where the store can't tell (the default)."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - documented no-op hook
         """Release connections; the default does nothing."""
 

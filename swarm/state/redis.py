@@ -695,6 +695,19 @@ class RedisCheckpointer(Checkpointer):
         return Bounds(base=int(base or 0), end=int(end), archived=base != b"",
                       ledger_archived=ledger != b"", snapshot=int(snap) if snap else None)
 
+    async def epoch(self) -> str | None:
+        """The store's epoch (`Checkpointer.epoch`): a random token under `{prefix}:epoch`,
+        set by the first call that finds none. Written to the append-only file like any
+        other key, so a server restarted with its data keeps it."""
+        key = f"{self.prefix}:epoch"
+        mine = os.urandom(12).hex()
+
+        async def op(conn: AbstractConnection) -> Any:
+            return (await _exchange(conn, [("SET", key, mine, "NX"), ("GET", key)]))[1]
+
+        found = await self._run(op)
+        return found.decode() if isinstance(found, bytes) else found
+
     async def lease(self, task_id: str, ttl_s: float) -> str | None:
         """Become the task's only archiver for `ttl_s` seconds: a token, or None if another
         holds the lease. `compact` needs a current token; `release` gives it back."""

@@ -203,6 +203,10 @@ class TieredCheckpointer(Checkpointer):
         """Every row of a swarm."""
         return await self.hot.list_tasks(swarm)
 
+    async def epoch(self) -> str | None:
+        """Redis's (`Checkpointer.epoch`): an unfinished task's log is there."""
+        return await self.hot.epoch()
+
     async def delete(self, task_id: str) -> None:
         """Remove a task, and its agents' linked logs, from both tiers: the archive first, so
         a failure leaves the task readable and a retry finishes the job. Waits (at most

@@ -73,6 +73,24 @@ async def test_the_same_append_token_applies_once(store: RedisCheckpointer) -> N
     assert await store._cmd("LRANGE", keys[0], 0, -1) == [b"e0", b"e1", b"e0", b"e1"]
 
 
+async def test_the_epoch_lasts_as_long_as_the_data(redis_server: EmbeddedRedis) -> None:
+    """One token for every client of a prefix while the data is there; another once it is
+    gone (a server restarted without its append-only file answers as a flushed one does)."""
+    prefix = f"test{uuid.uuid4().hex[:12]}"
+    one, two = RedisCheckpointer(redis_server.url, prefix=prefix), \
+        RedisCheckpointer(redis_server.url, prefix=prefix)
+    try:
+        first = await one.epoch()
+        assert first and await two.epoch() == first and await one.epoch() == first
+        await one._cmd("DEL", f"{prefix}:epoch")  # what losing the data does to this key
+        again = await two.epoch()
+        assert again and again != first and await one.epoch() == again
+    finally:
+        await one.close()
+        await two.close()
+    assert await MemoryCheckpointer().epoch() is None  # a store that can't tell
+
+
 def test_the_packer_sends_a_bytes_subclass_as_its_bytes() -> None:
     class Raw(bytes):
         pass

@@ -249,6 +249,35 @@ async def test_a_completed_task_whose_row_hits_the_outage_stays_completed(
         await store.close()
 
 
+@pytest.mark.parametrize("checkpoint", ["phase", "every_step"])
+async def test_a_store_back_without_its_data_fails_the_task_instead_of_paying_again(
+        tmp_path: Path, server: EmbeddedRedis, checkpoint: str) -> None:
+    """The store comes back empty (its append-only file gone: a Redis run without
+    `appendonly`). Resumed from the empty log, the turn would pay again; the store's epoch
+    tells the supervisor the data is gone, and the task fails instead, naming the store. Under
+    `phase` nothing else catches it: no step was reported durable, so the resume's
+    durable-step check has nothing to compare."""
+    cfg = dt.swarm_config(tmp_path, RULES, name="outage",
+                          agents={"a": {"model": "m", "tools": ["t"]}},
+                          state={"outage_timeout_s": 1, "outage_wait_s": 60,
+                                 "checkpoint": checkpoint})
+    store = open_store(cfg, server, tmp_path)
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await stop_during(sup, server, "w", "w-2")
+            for f in server.dir.glob("appendonly*"):
+                f.unlink()
+            await asyncio.to_thread(restart, server)
+            row = await sup.wait(task_id, 60)
+            assert (row["state"], row["error_class"]) == ("failed", "checkpoint"), row
+            assert f"the durable store {server.url} lost its data" in row["error"]
+            await until_event(sup, task_id, store_alert("fail"))
+        assert dt.RUNS == {"w-1": 1, "w-2": 1}  # the payment never again
+    finally:
+        await store.close()
+
+
 class _ReplicaWithoutStore(AgentPool):
     """The in-process pool, whose first turn is refused as a Ray replica refuses one when it
     can't reach the store to start (`RayAgentPool` raises `StoreUnavailable` then)."""
