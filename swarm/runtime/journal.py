@@ -303,6 +303,20 @@ class Journal:
                           ts=now)],
         )
 
+    async def not_run(self, step: int, index: int, call: ToolCall, message: dict[str, Any]
+                      ) -> None:
+        """Log the error answer to a tool call that a stopped turn never ran
+        (`StepLoop.stopped`), as `tool` logs a result, marked so that it isn't counted as a
+        call (the turn's own counter doesn't count it: a restored task must count the same)."""
+        now = time.time()
+        await self._append(
+            [LogEntry(kind="tool", agent=self.agent, step=step, ts=now,
+                      data={"message": message, "index": index, "not_run": True})],
+            [LedgerRecord(key=ledger_key(self.log_id, self.agent, step, index), state="finished",
+                          tool=call.name, args_hash=args_hash(call.arguments),
+                          result=_preview(message.get("content")), is_error=True, ts=now)],
+        )
+
     async def turn_end(self, step: int, outcome: dict[str, Any]) -> None:
         """Log how the turn ended (after `step`), durable with everything buffered before it."""
         await self._append([LogEntry(kind="turn_end", agent=self.agent, step=step,

@@ -246,7 +246,7 @@ class StepLoop:
                 fn = raw.get("function") or {}
                 call = ToolCall(id=raw.get("id", ""), name=fn.get("name", ""),
                                 arguments=fn.get("arguments", ""))
-                await session.journal.tool(session.step, index, call, msg, True)
+                await session.journal.not_run(session.step, index, call, msg)
 
     async def _wrap_up(self, session: Session, stop: StopTurn) -> Outcome:
         """One final model call with no tools and the wrap-up instruction."""

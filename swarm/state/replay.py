@@ -4,7 +4,9 @@ Entry kinds and their `data`:
 
 - `turn_start` (agent): `input` (the message the agent was given), `turn` (turn id)
 - `model` (agent, step): `message` (the assistant message, tool calls included), `usage`
-- `tool` (agent, step): `message` (the tool message), `index` (position in the step's calls)
+- `tool` (agent, step): `message` (the tool message), `index` (position in the step's calls);
+  `handoff` for a handoff, `not_run` for the error answer to a call a stopped turn never ran
+  (neither counts as a tool call)
 - `turn_end` (agent): `outcome` (final / handoff / failed / canceled / input_required), `text`,
   `target`, `error_class`, `error`
 - `task` (supervisor): `state`, plus what the transition carries (answer, error)
@@ -87,7 +89,7 @@ def apply(state: TaskState, entry: LogEntry) -> None:
     elif kind == "tool":
         state.transcript.append(d["message"])
         state.pending.pop(int(d.get("index", 0)), None)
-        if not d.get("handoff"):
+        if not (d.get("handoff") or d.get("not_run")):
             state.tool_calls += 1
     elif kind == "turn_start":
         state.open_turn = OpenTurn(

@@ -186,3 +186,34 @@ async def test_a_deadlock_is_broken_at_the_task_that_closes_the_cycle(tmp_path: 
 def test_bounces_counts_alternating_handoffs() -> None:
     assert [stuck.bounces(list(t)) for t in ["A", "AB", "ABA", "ABAB", "CABAB", "ABB", "ABCB"]
             ] == [0, 1, 2, 3, 3, 0, 2]
+
+
+# A payment repeated with the same arguments: stuck at its third call (same_call 3), which
+# doesn't run.
+_PAY_AGAIN = [
+    {"when": {"agent": "a"}, "tool_calls": [{"name": "pay", "arguments": {"key": "same"}}]},
+]
+
+
+async def test_a_call_a_stopped_turn_never_ran_does_not_count_when_read_back(
+        tmp_path: Path) -> None:
+    """The call a detector refused is answered in the log ("not run"), so the transcript
+    stays valid, but it was no call: a task read back from its log counts what it counted
+    live (a restarted supervisor, a resumed turn)."""
+    from swarm.state.memory import MemoryCheckpointer
+    from swarm.state.replay import restore
+    from tests.unit import durable_tools as dt
+
+    dt.reset()
+    cfg = dt.swarm_config(tmp_path, _PAY_AGAIN, name="stop",
+                          stuck={"same_call": 3, "no_progress": None})
+    store = MemoryCheckpointer()
+    async with LocalSwarm(cfg, store=store) as sw:
+        row = await sw.run("pay")
+    assert row["state"] == "failed" and row["stuck"] == "same_call"
+    assert (row["tool_calls"], row["model_calls"]) == (2, 3) and dt.RUNS == {"same": 2}
+    state, _ = await restore(store, row["task_id"])
+    assert (state.tool_calls, state.model_calls, state.step) == (2, 3, 3)
+    (refused,) = [e for e in await store.read(row["task_id"])
+                  if e.kind == "tool" and e.data.get("not_run")]
+    assert refused.data["message"]["content"].startswith("ERROR: not run: stuck (same_call)")
