@@ -399,10 +399,14 @@ class AgentHost:
             elif session.journal is not None and kind not in ("canceled", "input_required"):
                 # Logged after the turn, so a crash before this resumes the turn instead. A
                 # turn waiting for an operator hasn't ended: it resumes with the answer.
+                end = {"outcome": kind, "text": reply, "target": target,
+                       "error_class": error_class, "error": error, "turn": keys.turn_id}
+                if marks[1] is not None:
+                    # A stuck detector ended it: with stuck.action escalate, the task waits
+                    # for an operator, which a restarted supervisor reads from here.
+                    end["stuck"] = marks[1]
                 try:
-                    await session.journal.turn_end(session.step, {
-                        "outcome": kind, "text": reply, "target": target,
-                        "error_class": error_class, "error": error, "turn": keys.turn_id})
+                    await session.journal.turn_end(session.step, end)
                 except Fenced as exc:
                     # Taken over while its last step waited to be written with the turn's end
                     # (`Journal.end_step`): the copy that took over reports the outcome.
@@ -533,7 +537,7 @@ class AgentHost:
                     first = 1 + ended.start
                 return Outcome(done["outcome"], text=done.get("text") or "",
                                target=done.get("target"), error_class=done.get("error_class"),
-                               error=done.get("error")), first
+                               error=done.get("error"), stuck=done.get("stuck")), first
         totals = req.totals
         base = TaskState(
             step=req.step_offset, handoffs=totals.get("handoffs", 0),

@@ -456,6 +456,10 @@ def _unlz4(blob: bytes, size: int) -> bytes:
     return _lz4_codec().decompress(blob, decompressed_size=size, asbytes=True)
 
 
+# Stuck detectors that end a turn (inside it), which stuck.action escalate asks an operator
+# about; the other detectors stop the task, or (ping_pong) are the supervisor's own.
+_ESCALATED = ("same_call", "no_progress")
+
 # The counters `TaskRecord.waiting` holds for a turn that waits for input.
 _WAITING = ("steps", "input_tokens", "output_tokens", "model_calls", "tool_calls", "cost_usd")
 
@@ -1563,15 +1567,20 @@ class Supervisor:
 
     async def _chain(self, rec: TaskRecord, agent: str, text: str,
                      transcript: list[dict[str, Any]], *, resume: bool = False,
-                     log_id: str | None = None) -> TurnResult:
-        """Run turns from `agent`, following handoffs, until one ends the task."""
+                     log_id: str | None = None, ended: TurnResult | None = None
+                     ) -> TurnResult:
+        """Run turns from `agent`, following handoffs, until one ends the task. `ended`: the
+        result of `agent`'s turn that had ended before a restart (read from the log), taken
+        as the chain's first turn instead of running one."""
         trail, stuck_from = [agent], 0  # for stuck detection: agents in turn order
         while True:
-            result = await self._turn(rec, agent, text, transcript, resume=resume,
-                                      log_id=log_id, stuck_from=stuck_from)
+            if ended is not None:
+                result, ended = ended, None
+            else:
+                result = await self._turn(rec, agent, text, transcript, resume=resume,
+                                          log_id=log_id, stuck_from=stuck_from)
             resume = False
-            if result.stuck in ("same_call", "no_progress") and \
-                    self.cfg.stuck.action == "escalate":
+            if result.stuck in _ESCALATED and self.cfg.stuck.action == "escalate":
                 if not await self._escalate(rec, result.error or str(result.stuck)):
                     return result
                 trail, stuck_from = [agent], len(transcript)
@@ -2017,11 +2026,20 @@ class Supervisor:
                                      log_id=log_id)
         if outcome not in ("final", "failed"):
             return None  # no other outcome is logged (a canceled turn writes no turn_end)
-        return TurnResult(
+        result = TurnResult(
             task_id=rec.id, agent=done.get("agent", ""), kind=outcome,
             message=a2a.dumps(a2a.text_message(done.get("text") or "", role="agent")),
             text=done.get("text") or "", error_class=done.get("error_class"),
-            error=done.get("error"))
+            error=done.get("error"), stuck=done.get("stuck"))
+        if result.stuck in _ESCALATED and self.cfg.stuck.action == "escalate":
+            # Stopped by a stuck detector, the task waited for an operator's answer (or was
+            # about to ask) when the supervisor went: it asks again, and goes on from the
+            # answer as `_chain` does after a turn. That turn's usage and its detection were
+            # counted then (the counters above, its row); the question alone is asked anew.
+            rec.stuck = result.stuck
+            return await self._chain(rec, result.agent, "", transcript, log_id=log_id,
+                                     ended=result)
+        return result
 
     async def _route(self, rec: TaskRecord, text: str) -> TurnResult:
         """Ask the router model which agent should take the task, then run from there."""

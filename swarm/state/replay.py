@@ -8,7 +8,7 @@ Entry kinds and their `data`:
   `handoff` for a handoff, `not_run` for the error answer to a call a stopped turn never ran
   (neither counts as a tool call)
 - `turn_end` (agent): `outcome` (final / handoff / failed / canceled / input_required), `text`,
-  `target`, `error_class`, `error`
+  `target`, `error_class`, `error`; `stuck`, the detector that stopped the turn, if one did
 - `task` (supervisor): `state`, plus what the transition carries (answer, error)
 - `approval`: a pending question and, later, its answer (see `Pending`)
 

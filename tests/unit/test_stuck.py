@@ -6,9 +6,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from swarm.config import parse_config
-from swarm.events import Alert, Handoff, ToolCalled
+from swarm.errors import UserError
+from swarm.events import Alert, Handoff, TaskStateChanged, ToolCalled
 from swarm.governance import stuck
+from swarm.protocol import a2a
 from swarm.runtime.middleware import Middleware, NextTool, StopTurn, ToolInvocation
 from swarm.runtime.step import Outcome
 from swarm.testing import LocalSwarm
@@ -189,10 +193,129 @@ def test_bounces_counts_alternating_handoffs() -> None:
 
 
 # A payment repeated with the same arguments: stuck at its third call (same_call 3), which
-# doesn't run.
+# doesn't run. `_CARRY_ON`: told by an operator to go on, the agent answers instead.
 _PAY_AGAIN = [
     {"when": {"agent": "a"}, "tool_calls": [{"name": "pay", "arguments": {"key": "same"}}]},
 ]
+_CARRY_ON = [
+    {"when": {"agent": "a", "last_role": "user", "last_matches": "^An operator reviewed"},
+     "content": "carried on after {{ counts.called.pay }} payment calls"},
+    *_PAY_AGAIN,
+]
+
+
+async def _escalated(sw: LocalSwarm, task_id: str, n: int = 1) -> Any:
+    """The task's record once it waits for an operator's answer to its `n`-th question (as
+    this supervisor counts them)."""
+    rec = sw.supervisor.get(task_id)
+    while sum(isinstance(e, TaskStateChanged) and e.state == "input_required"
+              for e in sw.events(task_id)) < n:
+        assert not rec.done.is_set(), rec.summary()
+        await asyncio.wait_for(rec.watch().wait(), 10)
+    await asyncio.wait_for(rec.asking.wait(), 10)
+    return rec
+
+
+async def _stuck_escalation(tmp_path: Path, answers: list[str], *, restart: bool
+                            ) -> tuple[dict[str, Any], dict[str, int], list[str]]:
+    """Run a task that gets stuck, answering each escalation in turn (told to continue, it
+    gets stuck again, unless its last answer is continue: then it finishes); with `restart`,
+    the supervisor dies while the first question waits and a new one on the same store takes
+    the task over. The task's last row, the payments made, and the questions asked."""
+    from swarm.state.memory import MemoryCheckpointer
+    from tests.unit import durable_tools as dt
+
+    dt.reset()
+    rules = _PAY_AGAIN if answers[-1] == "stop" else _CARRY_ON
+    cfg = dt.swarm_config(tmp_path, rules, name="esc",
+                          stuck={"same_call": 3, "no_progress": None, "action": "escalate"})
+    store = MemoryCheckpointer()
+    questions: list[str] = []
+    sw = LocalSwarm(cfg, store=store)
+    await sw.__aenter__()
+    try:
+        task_id = await sw.supervisor.submit("pay")
+        rec = await _escalated(sw, task_id)
+        questions.append(str(rec.question))
+        assert rec.choices == ("continue", "stop") and rec.stuck == "same_call"
+        if restart:
+            await sw.crash()
+            await sw.__aexit__(None, None, None)
+            sw = LocalSwarm(cfg, store=store)
+            await sw.__aenter__()
+            assert await sw.supervisor.load() == 1
+            rec = await _escalated(sw, task_id)
+            questions.append(str(rec.question))
+            assert rec.choices == ("continue", "stop") and rec.stuck == "same_call"
+            # The question a program reads (the A2A status) offers the same choices.
+            status = rec.task.status.message
+            assert {"choices": ["continue", "stop"]} in [
+                a2a.to_dict(p)["data"] for p in status.parts if p.HasField("data")]
+            with pytest.raises(UserError, match="'continue' or 'stop'"):
+                await sw.supervisor.respond(task_id, "rerun")
+        for i, answer in enumerate(answers):
+            if i:
+                rec = await _escalated(sw, task_id, 1 + i)
+                questions.append(str(rec.question))
+            await sw.supervisor.respond(task_id, answer)
+        row = await sw.supervisor.wait(task_id, 30)
+        assert row["state"] in ("completed", "failed"), row
+    finally:
+        await sw.__aexit__(None, None, None)
+    return row, dict(dt.RUNS), questions
+
+
+_COUNTED = ("state", "answer", "error_class", "error", "stuck", "steps", "model_calls",
+            "tool_calls", "input_tokens", "output_tokens", "cost_usd", "question")
+
+
+@pytest.mark.parametrize("answers", [["stop"], ["continue"], ["continue", "stop"]])
+async def test_a_stuck_escalation_is_asked_again_after_a_supervisor_restart(
+        tmp_path: Path, answers: list[str]) -> None:
+    """The supervisor restarts while a stuck task waits for an operator: the new one asks the
+    same question (same choices), and the answer continues or stops the task as it would have
+    without the restart: the same outcome and counters, no payment made again."""
+    before, runs, _ = await _stuck_escalation(tmp_path, answers, restart=False)
+    after, runs_after, questions = await _stuck_escalation(tmp_path, answers, restart=True)
+    assert {k: after[k] for k in _COUNTED} == {k: before[k] for k in _COUNTED}
+    assert runs_after == runs == {"same": 2 * len(answers)}
+    assert questions[0] == questions[1] and "pay called 3 times" in questions[0]
+    if answers[-1] == "stop":
+        assert after["state"] == "failed" and after["stuck"] == "same_call"
+        assert after["error"].startswith("stuck (same_call): pay called 3 times")
+    else:
+        assert after["state"] == "completed" and after["stuck"] is None
+        assert after["answer"] == "carried on after 3 payment calls"
+    assert after["tool_calls"] == 2 * len(answers)
+
+
+async def test_a_stuck_turn_reads_back_from_its_log_as_stuck(tmp_path: Path) -> None:
+    """A turn a stuck detector ended, read back from the log (its result lost with a replica,
+    or a supervisor that restarted): it is still stuck, so the operator is asked; and the
+    refused call, which never ran, doesn't count as a tool call."""
+    from swarm.runtime.agent import TurnRequest
+    from swarm.state.memory import MemoryCheckpointer
+    from swarm.state.replay import restore
+    from tests.unit import durable_tools as dt
+
+    dt.reset()
+    cfg = dt.swarm_config(tmp_path, _PAY_AGAIN, name="esc",
+                          stuck={"same_call": 3, "no_progress": None, "action": "escalate"})
+    store = MemoryCheckpointer()
+    async with LocalSwarm(cfg, store=store) as sw:
+        task_id = await sw.supervisor.submit("pay")
+        await _escalated(sw, task_id)
+        state, _ = await restore(store, task_id)
+        assert state.open_turn is None and state.last_outcome is not None
+        assert state.last_outcome["stuck"] == "same_call"
+        assert (state.tool_calls, state.model_calls) == (2, 3)
+        msg = a2a.dumps(a2a.text_message("pay", role="user", task_id=task_id))
+        again = await sw.hosts["a"].run_turn(TurnRequest(
+            task_id=task_id, context_id=task_id, message=msg, transcript=[], step_offset=0,
+            max_steps=10, log_id=task_id, turn_id="0", resume=True))
+    assert again.kind == "failed" and again.stuck == "same_call"
+    assert again.error_class == "policy" and (again.tool_calls, again.model_calls) == (2, 3)
+    assert dt.RUNS == {"same": 2}  # reading it back ran nothing again
 
 
 async def test_a_call_a_stopped_turn_never_ran_does_not_count_when_read_back(
