@@ -514,6 +514,9 @@ class AgentHost:
                     entries_replayed=len(entries)))
                 session.messages = [self._system, *state.transcript]
                 session.step = state.step
+                # Where its stuck detection counted from, as the turn's start says (a
+                # restarted supervisor doesn't know it).
+                session.scratch["stuck_from"] = turn.stuck_from
                 self._own_counters(session, state, turn.base)
                 session.journal = Journal(self.store, log_id, self.role, turn=turn.turn,
                                           snapshot_every=snapshot_every, base=state,
@@ -553,7 +556,8 @@ class AgentHost:
                                   fence=fence, write_behind=self.cfg.state.write_behind)
         session.journal.on_snapshot = self.publish_snapshot
         session.journal.on_append = self.on_checkpoint
-        await session.journal.turn_start(text, len(req.transcript))
+        await session.journal.turn_start(text, len(req.transcript),
+                                         int(session.scratch.get("stuck_from", 0)))
         return None, first
 
     def _check_durable(self, req: TurnRequest, log_id: str, state: TaskState,

@@ -260,15 +260,19 @@ class Journal:
         elif due or snapshot_due:
             await self.checkpoint()
 
-    async def turn_start(self, text: str, transcript_len: int) -> None:
-        """Log that this agent's turn began with `text` (at `transcript_len` in the transcript)."""
+    async def turn_start(self, text: str, transcript_len: int, stuck_from: int = 0) -> None:
+        """Log that this agent's turn began with `text` (at `transcript_len` in the transcript),
+        its stuck detection counting from `stuck_from` in the transcript."""
         base = self.base
         self.open_turn = OpenTurn(agent=self.agent, turn=self.turn, start=transcript_len,
-                                  step_offset=base.step, base=base.totals())
+                                  step_offset=base.step, base=base.totals(),
+                                  stuck_from=stuck_from)
         base.turns += 1
+        data: dict[str, Any] = {"input": text, "turn": self.turn}
+        if stuck_from:
+            data["stuck_from"] = stuck_from
         await self._append([LogEntry(kind="turn_start", agent=self.agent, step=base.step,
-                                     ts=time.time(), data={"input": text, "turn": self.turn})],
-                           now=True)
+                                     ts=time.time(), data=data)], now=True)
 
     async def model(self, step: int, message: dict[str, Any], usage: Usage,
                     calls: list[ToolCall]) -> None:

@@ -1567,12 +1567,14 @@ class Supervisor:
 
     async def _chain(self, rec: TaskRecord, agent: str, text: str,
                      transcript: list[dict[str, Any]], *, resume: bool = False,
-                     log_id: str | None = None, ended: TurnResult | None = None
-                     ) -> TurnResult:
+                     log_id: str | None = None, ended: TurnResult | None = None,
+                     stuck_from: int = 0) -> TurnResult:
         """Run turns from `agent`, following handoffs, until one ends the task. `ended`: the
         result of `agent`'s turn that had ended before a restart (read from the log), taken
-        as the chain's first turn instead of running one."""
-        trail, stuck_from = [agent], 0  # for stuck detection: agents in turn order
+        as the chain's first turn instead of running one. `stuck_from`: where in the
+        transcript stuck detection counts from (past the start after an operator's
+        "continue"; a chain carried on from the log goes on from where it was)."""
+        trail = [agent]  # for stuck detection: agents in turn order
         while True:
             if ended is not None:
                 result, ended = ended, None
@@ -2015,15 +2017,17 @@ class Supervisor:
             transcript[:] = state.transcript[: turn.start]
             text = state.transcript[turn.start].get("content") or ""
             return await self._chain(rec, turn.agent, text, transcript, resume=True,
-                                     log_id=log_id)
+                                     log_id=log_id, stuck_from=turn.stuck_from)
         done = state.last_outcome
         if done is None:
             return None
         transcript[:] = state.transcript
         outcome = done.get("outcome")
         if outcome == "handoff" and done.get("target"):
+            ended = state.last_turn
             return await self._chain(rec, done["target"], done.get("text") or "", transcript,
-                                     log_id=log_id)
+                                     log_id=log_id,
+                                     stuck_from=ended.stuck_from if ended is not None else 0)
         if outcome not in ("final", "failed"):
             return None  # no other outcome is logged (a canceled turn writes no turn_end)
         result = TurnResult(

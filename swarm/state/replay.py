@@ -2,7 +2,8 @@
 
 Entry kinds and their `data`:
 
-- `turn_start` (agent): `input` (the message the agent was given), `turn` (turn id)
+- `turn_start` (agent): `input` (the message the agent was given), `turn` (turn id), and
+  `stuck_from` if stuck detection counts from past the task's start (`OpenTurn.stuck_from`)
 - `model` (agent, step): `message` (the assistant message, tool calls included), `usage`
 - `tool` (agent, step): `message` (the tool message), `index` (position in the step's calls);
   `handoff` for a handoff, `not_run` for the error answer to a call a stopped turn never ran
@@ -36,6 +37,10 @@ class OpenTurn(msgspec.Struct, kw_only=True):
     step_offset: int
     # Task totals when the turn began, so a resumed turn reports only its own usage.
     base: dict[str, int] = msgspec.field(default_factory=dict)
+    # Where in the transcript stuck detection counts from (after an operator answered
+    # "continue" to a stuck escalation; 0: the task's start), for a resumed turn and the
+    # turns after it.
+    stuck_from: int = 0
 
 
 class TaskState(msgspec.Struct, kw_only=True):
@@ -94,7 +99,7 @@ def apply(state: TaskState, entry: LogEntry) -> None:
     elif kind == "turn_start":
         state.open_turn = OpenTurn(
             agent=entry.agent, turn=str(d.get("turn", "")), start=len(state.transcript),
-            step_offset=state.step, base=state.totals(),
+            step_offset=state.step, base=state.totals(), stuck_from=int(d.get("stuck_from", 0)),
         )
         state.transcript.append({"role": "user", "content": d.get("input", "")})
         state.pending = {}

@@ -340,3 +340,63 @@ async def test_a_call_a_stopped_turn_never_ran_does_not_count_when_read_back(
     (refused,) = [e for e in await store.read(row["task_id"])
                   if e.kind == "tool" and e.data.get("not_run")]
     assert refused.data["message"]["content"].startswith("ERROR: not run: stuck (same_call)")
+
+
+# Told to go on, the agent looks something up (a call that may run again), then pays again.
+_LOOK_THEN_PAY = [
+    {"when": {"agent": "a", "last_role": "user", "last_matches": "^An operator reviewed"},
+     "tool_calls": [{"name": "lookup", "arguments": {"key": "held"}}]},
+    *_PAY_AGAIN,
+]
+
+
+async def _continued(tmp_path: Path, *, restart: bool) -> tuple[dict[str, Any], dict[str, int]]:
+    """A task stuck, told to continue, stuck again and stopped; with `restart`, the
+    supervisor dies during the lookup after the answer, and a new one resumes the turn. The
+    task's last row and the calls made."""
+    from swarm.state.memory import MemoryCheckpointer
+    from tests.unit import durable_tools as dt
+
+    dt.reset()
+    cfg = dt.swarm_config(tmp_path, _LOOK_THEN_PAY, name="esc",
+                          stuck={"same_call": 3, "no_progress": None, "action": "escalate"})
+    store = MemoryCheckpointer()
+    if restart:
+        dt.HOLD["held"], dt.ENTERED["held"] = asyncio.Event(), asyncio.Event()
+    sw = LocalSwarm(cfg, store=store)
+    await sw.__aenter__()
+    try:
+        task_id = await sw.supervisor.submit("pay")
+        await _escalated(sw, task_id)
+        await sw.supervisor.respond(task_id, "continue")
+        asked = 2
+        if restart:
+            await asyncio.wait_for(dt.ENTERED["held"].wait(), 10)
+            await sw.crash()
+            await sw.__aexit__(None, None, None)
+            dt.HOLD.clear()
+            sw = LocalSwarm(cfg, store=store)
+            await sw.__aenter__()
+            assert await sw.supervisor.load() == 1
+            asked = 1  # this supervisor's first question
+        rec = await _escalated(sw, task_id, asked)
+        assert rec.stuck == "same_call"
+        await sw.supervisor.respond(task_id, "stop")
+        row = await sw.supervisor.wait(task_id, 30)
+    finally:
+        await sw.__aexit__(None, None, None)
+    return row, dict(dt.RUNS)
+
+
+async def test_after_an_operator_said_continue_a_restart_keeps_counting_from_the_answer(
+        tmp_path: Path) -> None:
+    """Told to continue, a stuck task's detectors count afresh from the answer; a turn resumed
+    after a restart counts from there too (the turn's start in the log says where), not from
+    the task's start, which would find it stuck again at once."""
+    before, runs = await _continued(tmp_path, restart=False)
+    after, runs_after = await _continued(tmp_path, restart=True)
+    assert {k: after[k] for k in _COUNTED} == {k: before[k] for k in _COUNTED}
+    assert after["state"] == "failed" and after["stuck"] == "same_call"
+    # Two payments before the first question, two after the answer; the lookup, which may
+    # run again, ran again after the restart.
+    assert runs == {"same": 4, "held": 1} and runs_after == {"same": 4, "held": 2}
