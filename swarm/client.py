@@ -34,6 +34,8 @@ class TaskInfo:
     answer: str | None
     error_class: str | None
     error: str | None
+    # Plain JSON as submitted, with `user` and what the swarm added (budget_exhausted, a
+    # fork's forked_from and forked_at_step).
     metadata: dict[str, Any]
     question: str | None = None
     # Open approval gates: gate, agent, tool, arguments, reason, requested (unix time), ...

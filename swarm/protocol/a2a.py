@@ -12,6 +12,7 @@ from typing import Any
 
 from a2a.types import Message, Part, Role, Task, TaskState
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import ListValue, Struct
 
 # Short names used in events, the CLI and the client; the values are a2a-sdk's enum members.
 STATES: dict[str, int] = {
@@ -110,6 +111,17 @@ def set_metadata(struct: Any, values: dict[str, Any]) -> None:
             rest[key] = value
     if rest:
         struct.update(rest)
+
+
+def json_data(value: Any) -> Any:
+    """A value read from a `google.protobuf.Struct` (`struct[key]`, or the Struct itself) as
+    plain JSON data: a nested Struct or ListValue as a dict or list, all the way down. Numbers
+    are what the Struct holds, doubles (an int set on it comes back a float)."""
+    if isinstance(value, Struct):
+        return {k: json_data(v) for k, v in value.items()}
+    if isinstance(value, ListValue):
+        return [json_data(v) for v in value]
+    return value
 
 
 def data_part(value: dict[str, Any]) -> Part:

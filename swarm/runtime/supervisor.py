@@ -464,6 +464,20 @@ _ESCALATED = ("same_call", "no_progress")
 _WAITING = ("steps", "input_tokens", "output_tokens", "model_calls", "tool_calls", "cost_usd")
 
 
+# Metadata values a protobuf Struct (the A2A task's metadata) gives back as they were set.
+_EXACT = frozenset({str, bool, type(None)})
+
+
+def _meta_json(meta: dict[str, Any]) -> str | None:
+    """A task's metadata as the JSON text its record keeps (`TaskRecord.meta_json`), or None
+    when the A2A task's Struct gives it back exactly (strings, booleans and nulls only, as
+    most tasks' metadata: nothing to encode or keep). Raises TypeError or ValueError for
+    what isn't JSON."""
+    if all(type(v) in _EXACT for v in meta.values()):
+        return None
+    return json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
+
+
 def _unsqueeze(chunks: list[tuple[bytes, int]]) -> list[bytes]:
     """The packed event lists of `TaskRecord.squeeze`'s chunks."""
     return [_unlz4(blob, size) for blob, size in chunks]
@@ -539,6 +553,12 @@ class TaskRecord:
     # dropped (`Supervisor._turn`); a task that ends while it waits keeps it (`settle`).
     # None while no turn waits (most tasks: no dict each).
     waiting: dict[str, dict[str, Any]] | None = None
+    # The task's metadata as JSON text (`_meta_json`): what was submitted, and what the
+    # supervisor added. The A2A task keeps it as a protobuf Struct, whose numbers are all
+    # doubles, so an int submitted would come back a float (a big one rounded). None when the
+    # Struct gives it back exactly, and in rows stored before this was kept. Read it through
+    # `metadata()`.
+    meta_json: str | None = None
 
     _wire: bytes | None = None  # the parked task's wire bytes
     _parked_state: str = ""  # its state when parked
@@ -679,6 +699,19 @@ class TaskRecord:
                 setattr(self, name, self.total(name))
             self.waiting = None
 
+    def metadata(self) -> dict[str, Any]:
+        """The task's metadata as plain JSON data (a fresh copy), as it was submitted."""
+        text = self.meta_json
+        if text is not None:
+            return json.loads(text)
+        return a2a.json_data(self.task.metadata)
+
+    def set_metadata(self, key: str, value: Any) -> None:
+        """Set one key of the task's metadata: on the A2A task, and in `meta_json`."""
+        if self.meta_json is not None or type(value) not in _EXACT:
+            self.meta_json = _meta_json({**self.metadata(), key: value})
+        a2a.set_metadata(self.live().metadata, {key: value})
+
     def summary(self) -> dict[str, Any]:
         """A JSON-ready row for listings and the client."""
         total = self.total
@@ -704,7 +737,7 @@ class TaskRecord:
             "stuck": self.stuck,
             "errors": dict(self.errors),
             "gates": list(self.gates.values()),
-            "metadata": dict(self.task.metadata),
+            "metadata": self.metadata(),
         }
 
     def finished_event(self) -> TaskFinished:
@@ -723,7 +756,8 @@ class TaskRecord:
 
     def to_row(self, swarm: str) -> TaskRow:
         """The durable row of this task: the A2A task (its ids, state, messages, answer and
-        metadata) and the record's own fields (what `from_row` restores, and the open gates).
+        metadata) and the record's own fields (what `from_row` restores, and the open gates;
+        the metadata's JSON text when the A2A task can't give it back exactly).
         Written at least twice a task, so built directly: not from `summary`, whose metadata
         conversion from the protobuf alone costs more than the rest of the row."""
         data = {
@@ -736,6 +770,8 @@ class TaskRecord:
             "steps": self.steps, **self.totals()}
         if self.waiting:
             data["waiting"] = {k: dict(v) for k, v in self.waiting.items()}
+        if self.meta_json is not None:
+            data["metadata"] = self.meta_json
         return TaskRow(task_id=self.id, swarm=swarm, state=self.state, data=data,
                        updated=self.updated)
 
@@ -751,6 +787,8 @@ class TaskRecord:
                      "errors"):
             if name in d:
                 setattr(rec, name, d[name])
+        if isinstance(d.get("metadata"), str):
+            rec.meta_json = d["metadata"]
         if d.get("waiting") and rec.state not in a2a.TERMINAL:
             rec.waiting = {k: dict(v) for k, v in d["waiting"].items()}
         if rec.state in a2a.TERMINAL:
@@ -1028,8 +1066,9 @@ class Supervisor:
             raise UserError("metadata keys must be strings, not "
                             + ", ".join(sorted({type(k).__name__ for k in meta
                                                 if not isinstance(k, str)})))
+        meta.setdefault("user", user)
         try:
-            json.dumps(meta)
+            meta_json = _meta_json(meta)  # also checks that it is JSON
         except (TypeError, ValueError) as e:
             raise UserError(f"metadata must be JSON-serialisable: {e}") from None
         check_chars(meta, "metadata")
@@ -1056,12 +1095,11 @@ class Supervisor:
         )
         if message_id:
             first.message_id = message_id
-        meta.setdefault("user", user)
         rec = TaskRecord(
             _task=a2a.new_task(task_id, context_id, first, meta), user=user, created=self.clock()
         )
         rec.updated = rec.created
-        rec.text = text
+        rec.text, rec.meta_json = text, meta_json
         parent = meta.get("parent_task")
         rec.parent = parent if isinstance(parent, str) else None
         self._evict(len(batch or ()))
@@ -1170,12 +1208,12 @@ class Supervisor:
         new_id = a2a.new_id()
         if kept:
             await store.append(new_id, kept)
-        meta = {**dict(src.task.metadata), "forked_from": task_id, "forked_at_step": step}
+        meta = {**src.metadata(), "forked_from": task_id, "forked_at_step": step}
         first = a2a.text_message(src.text, role="user", task_id=new_id,
                                  context_id=src.context_id, metadata={"user": src.user})
         rec = TaskRecord(_task=a2a.new_task(new_id, src.context_id, first, meta),
                          user=user or src.user, created=self.clock())
-        rec.text, rec.updated = src.text, rec.created
+        rec.text, rec.updated, rec.meta_json = src.text, rec.created, _meta_json(meta)
         await self._persist(rec)
         self.tasks[new_id] = rec
         self._emit(rec, TaskStateChanged(task_id=new_id, ts=rec.created, state="submitted",
@@ -2202,7 +2240,7 @@ class Supervisor:
         self.waits.parent.pop(rec.id, None)
         if budget_exhausted is not None:
             rec.budget_exhausted = budget_exhausted
-            rec.live().metadata["budget_exhausted"] = budget_exhausted
+            rec.set_metadata("budget_exhausted", budget_exhausted)
         reply = a2a.text_message(answer if answer is not None else (error or ""), role="agent",
                                  task_id=rec.id, context_id=rec.context_id)
         a2a.set_state(rec.live(), state, reply)

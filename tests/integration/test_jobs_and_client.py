@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -88,13 +89,20 @@ def test_up_client_and_down(ray_cluster, serve_port) -> None:
 
         client = swarm.connect(name)
         assert client.info()["agents"] == {"front": 1, "worker": 2, "broken": 1}
-        task = client.submit("hello there", user="ana", metadata={"ticket": "T-1"})
+        meta = {"ticket": "T-1", "n": 7, "tags": ["a", {"k": [1, 2.5]}], "whole": 2.0}
+        task = client.submit("hello there", user="ana", metadata=meta)
         events = list(task.events(timeout=60))
         assert any(isinstance(e, ModelCalled) for e in events)
         assert isinstance(events[-1], TaskFinished)
         assert task.result(timeout=30) == "done: hello there"
         st = task.status()
         assert (st.state, st.user, st.metadata["ticket"]) == ("completed", "ana", "T-1")
+        # Plain JSON as submitted (nested lists and objects, ints as ints), in every row.
+        sent = json.dumps({**meta, "user": "ana"}, sort_keys=True)
+        listed = [r for r in client.tasks() if r.task_id == task.id]
+        assert len(listed) == 1
+        for info in (st, task.wait(timeout=0), *listed):
+            assert json.dumps(info.metadata, sort_keys=True) == sent
         assert task.a2a_task().status.state == 3  # TASK_STATE_COMPLETED
 
         slow = client.submit("slow please")

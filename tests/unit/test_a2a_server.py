@@ -5,6 +5,7 @@ pure parts (reading answers, paging, the card)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -114,6 +115,25 @@ async def test_a_message_becomes_a_task_of_the_swarm(desk: Desk) -> None:
     assert rec.user == "ana" and rec.answer == "done: hello"
     assert await c.get_task(GetTaskRequest(id=task.id)) == rec.task  # the same Task
     assert rec.task.history[0].message_id == task.history[0].message_id
+
+
+async def test_get_and_list_tasks_carry_nested_metadata(desk: Desk) -> None:
+    """A task's metadata (nested lists and objects) reaches A2A clients in GetTask and
+    ListTasks as the A2A task's Struct (numbers as JSON numbers), and the server's own view of
+    the task (its row) holds it as plain data."""
+    meta = {"ticket": 7, "tags": ["a", 1, {"deep": [None, True]}], "nested": {"x": {"y": []}}}
+    sup = desk.swarm.supervisor
+    task_id = await sup.submit("hello", user="ana", metadata=meta)
+    await sup.wait(task_id, 30)
+    c = desk.client()
+    got = await c.get_task(GetTaskRequest(id=task_id))
+    assert a2a.json_data(got.metadata) == {**meta, "user": "ana"}
+    (listed,) = [t for t in (await c.list_tasks(ListTasksRequest())).tasks if t.id == task_id]
+    assert listed.metadata == got.metadata
+    snap = await LocalLink(sup).snapshot(task_id)
+    assert snap is not None
+    assert json.dumps(snap.row["metadata"], sort_keys=True) == json.dumps(
+        {**meta, "user": "ana"}, sort_keys=True)
 
 
 async def test_streaming_ends_with_the_answer(desk: Desk) -> None:
