@@ -472,10 +472,12 @@ def _meta_json(meta: dict[str, Any]) -> str | None:
     """A task's metadata as the JSON text its record keeps (`TaskRecord.meta_json`), or None
     when the A2A task's Struct gives it back exactly (strings, booleans and nulls only, as
     most tasks' metadata: nothing to encode or keep). Raises TypeError or ValueError for
-    what isn't JSON."""
+    what isn't JSON, NaN and the infinities included (json.dumps would write them, but no
+    JSON reader takes them, nor protobuf's JSON writer a Struct holding one: the A2A server's
+    GetTask of such a task failed)."""
     if all(type(v) in _EXACT for v in meta.values()):
         return None
-    return json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(meta, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def _unsqueeze(chunks: list[tuple[bytes, int]]) -> list[bytes]:

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import swarm.client
 from swarm.cli import app
 from swarm.client import TaskInfo
+from swarm.errors import UserError
 from swarm.protocol import a2a
 from swarm.protocol.a2a_server.bridge import LocalLink
 from swarm.runtime.supervisor import Supervisor, TaskRecord
@@ -145,3 +146,14 @@ async def test_swarm_tasks_json_prints_the_metadata(tmp_path: Path,
     (row,) = json.loads(res.output)
     assert row["task_id"] == task_id and row["state"] == "completed"
     _same(row["metadata"], WANT)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), [1, {"x": float("-inf")}]])
+async def test_metadata_with_a_number_json_has_not_is_refused(tmp_path: Path, value: Any) -> None:
+    """NaN and the infinities are no JSON (json.dumps writes them, as no JSON reader takes
+    them), and a protobuf Struct holding one can't be written as JSON: the A2A server's
+    GetTask and ListTasks failed on such a task. A submission with one is refused."""
+    async with LocalSwarm(_cfg(tmp_path)) as sw:
+        with pytest.raises(UserError, match="metadata must be JSON-serialisable: Out of range"):
+            await sw.supervisor.submit("hi", metadata={"ticket": 1, "x": value})
+        assert sw.supervisor.tasks == {}
