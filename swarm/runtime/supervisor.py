@@ -1645,11 +1645,13 @@ class Supervisor:
                     return self._stuck(rec, agent, "ping_pong", cause)
                 stuck.record(self.swarm_id, "ping_pong")
                 self._alert(rec, "stuck.ping_pong", "escalate", cause)
+                rec.stuck = "ping_pong"
+                await self._log_escalation(rec, log_id or rec.id, agent, cause)
                 if not await self._escalate(rec, cause):
                     return self._stuck(rec, agent, "ping_pong", cause, counted=True)
                 trail = [result.target]
             agent = result.target
-            text = result.text or f"Continue the task (handed over by {result.agent})."
+            text = _handoff_text(result.text, result.agent)
 
     async def _turn(self, rec: TaskRecord, agent: str, text: str,
                     transcript: list[dict[str, Any]], *, resume: bool = False,
@@ -1923,6 +1925,27 @@ class Supervisor:
         res.stuck = detector
         return res
 
+    async def _log_escalation(self, rec: TaskRecord, log_id: str, agent: str, cause: str
+                              ) -> None:
+        """Log a ping-pong escalation (an `approval` entry, see `swarm.state.replay`) after
+        the handoff that closed it, whose turn was `agent`'s last: a restarted supervisor
+        finds it there (`_from_log`) and asks again. A detector that ends a turn is named by
+        the turn's end instead."""
+        if self.store is None:
+            return
+        from swarm.state.interface import LogEntry
+
+        now = self.clock()
+        data = {"escalation": "ping_pong", "cause": cause, "agent": agent,
+                "turn": str(rec.turns - 1), "ts": now}  # the turn `_turn` just counted
+        try:
+            await self.store.append(log_id, [LogEntry(kind="approval", agent=agent,
+                                                      step=rec.steps, ts=now, data=data)])
+        except Exception:
+            # Asked all the same; a supervisor restarted before the answer won't know to ask.
+            log.warning("task %s: could not log its ping-pong escalation", rec.id,
+                        exc_info=True)
+
     async def _escalate(self, rec: TaskRecord, cause: str) -> bool:
         """Ask an operator about a stuck task; True to continue, False to stop it."""
         rec.choices = ("continue", "stop")
@@ -2064,9 +2087,18 @@ class Supervisor:
         transcript[:] = state.transcript
         outcome = done.get("outcome")
         if outcome == "handoff" and done.get("target"):
+            asked = _ping_pong_asked(state, done)
+            if asked is not None and self.cfg.stuck.action == "escalate":
+                # The handoff closed a ping-pong the task waited on an operator about when
+                # the supervisor went (`_chain`): asked again, answered as it would have been.
+                cause = str(asked.get("cause") or "")
+                rec.stuck = "ping_pong"
+                if not await self._escalate(rec, cause):
+                    return self._stuck(rec, done.get("agent"), "ping_pong", cause, counted=True)
             ended = state.last_turn
-            return await self._chain(rec, done["target"], done.get("text") or "", transcript,
-                                     log_id=log_id,
+            return await self._chain(rec, done["target"],
+                                     _handoff_text(done.get("text"), done.get("agent", "")),
+                                     transcript, log_id=log_id,
                                      stuck_from=ended.stuck_from if ended is not None else 0)
         if outcome not in ("final", "failed"):
             return None  # no other outcome is logged (a canceled turn writes no turn_end)
@@ -2357,6 +2389,22 @@ def store_name(store: Any) -> str:
         if isinstance(url, str) and url:
             return redact_url(url)
     return str(getattr(store, "name", None) or type(store).__name__)
+
+
+def _handoff_text(text: str | None, by: str) -> str:
+    """The message a handed-over turn starts with: the handoff's, or a default."""
+    return text or f"Continue the task (handed over by {by})."
+
+
+def _ping_pong_asked(state: TaskState, done: dict[str, Any]) -> dict[str, Any] | None:
+    """The ping-pong escalation logged after the handoff `done` (the log's last turn end),
+    if there is one (`Supervisor._log_escalation`)."""
+    for q in reversed(state.questions):
+        if q.get("escalation") == "ping_pong":
+            if q.get("turn") == done.get("turn") and q.get("agent") == done.get("agent"):
+                return q
+            return None  # an earlier one, answered
+    return None
 
 
 def _failed(task_id: str, agent: str | None, error_class: str, error: str) -> TurnResult:

@@ -11,7 +11,9 @@ Entry kinds and their `data`:
 - `turn_end` (agent): `outcome` (final / handoff / failed / canceled / input_required), `text`,
   `target`, `error_class`, `error`; `stuck`, the detector that stopped the turn, if one did
 - `task` (supervisor): `state`, plus what the transition carries (answer, error)
-- `approval`: a pending question and, later, its answer (see `Pending`)
+- `approval`: an approval gate's request and, later, its decision and its run
+  (`swarm.governance.approvals`); or, with `escalation: ping_pong`, a handoff ping-pong the
+  supervisor asked an operator about
 
 A model entry is the intent: the tool calls it names are logged before any of them runs, so
 after a crash the calls with no `tool` entry are exactly the ones that started and may or may

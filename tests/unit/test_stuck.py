@@ -400,3 +400,58 @@ async def test_after_an_operator_said_continue_a_restart_keeps_counting_from_the
     # Two payments before the first question, two after the answer; the lookup, which may
     # run again, ran again after the restart.
     assert runs == {"same": 4, "held": 1} and runs_after == {"same": 4, "held": 2}
+
+
+_BOUNCE = [
+    {"when": {"agent": "a"}, "tool_calls": [{"name": "transfer_to_b",
+                                             "arguments": {"message": "you do it"}}]},
+    {"when": {"agent": "b"}, "tool_calls": [{"name": "transfer_to_a",
+                                             "arguments": {"message": "no, you"}}]},
+]
+
+
+async def _ping_pong(tmp_path: Path, answers: list[str], *, restart: bool
+                     ) -> tuple[dict[str, Any], list[str]]:
+    """Agents that hand the task back and forth (ping_pong 4, escalated), each question
+    answered in turn; with `restart`, the supervisor dies while the first one waits. The
+    task's last row and the questions asked."""
+    from swarm.state.memory import MemoryCheckpointer
+
+    agents = {"a": {"model": "m", "handoffs": ["b"]}, "b": {"model": "m", "handoffs": ["a"]}}
+    cfg = make_cfg(tmp_path, _BOUNCE, agents, stuck={"ping_pong": 4, "action": "escalate"})
+    store = MemoryCheckpointer()
+    sw = LocalSwarm(cfg, store=store)
+    await sw.__aenter__()
+    try:
+        task_id = await sw.supervisor.submit("go")
+        questions = [str((await _escalated(sw, task_id)).question)]
+        if restart:
+            await sw.crash()
+            await sw.__aexit__(None, None, None)
+            sw = LocalSwarm(cfg, store=store)
+            await sw.__aenter__()
+            assert await sw.supervisor.load() == 1
+            rec = await _escalated(sw, task_id)
+            assert rec.choices == ("continue", "stop") and rec.stuck == "ping_pong"
+            questions.append(str(rec.question))
+        for i, answer in enumerate(answers):
+            if i:
+                questions.append(str((await _escalated(sw, task_id, 1 + i)).question))
+            await sw.supervisor.respond(task_id, answer)
+        row = await sw.supervisor.wait(task_id, 30)
+    finally:
+        await sw.__aexit__(None, None, None)
+    return row, questions
+
+
+@pytest.mark.parametrize("answers", [["stop"], ["continue", "stop"]])
+async def test_a_ping_pong_escalation_is_asked_again_after_a_supervisor_restart(
+        tmp_path: Path, answers: list[str]) -> None:
+    """Handoff ping-pong, escalated: the restarted supervisor asks again rather than follow
+    the last handoff as if an operator had said continue."""
+    before, _ = await _ping_pong(tmp_path, answers, restart=False)
+    after, questions = await _ping_pong(tmp_path, answers, restart=True)
+    assert {k: after[k] for k in _COUNTED} == {k: before[k] for k in _COUNTED}
+    assert after["state"] == "failed" and after["stuck"] == "ping_pong"
+    assert "4 handoffs in a row between b and a" in after["error"]
+    assert questions[0] == questions[1] and "4 handoffs in a row" in questions[0]
