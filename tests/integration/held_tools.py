@@ -11,15 +11,21 @@ from swarm.tools.function import tool
 from swarm.tools.interface import ToolContext
 
 
-async def hold(ctx: ToolContext) -> str:
-    """Count the run, say it started, then wait for the test's release (not idempotent)."""
+async def _held(ctx: ToolContext, counter: str) -> None:
+    """Count the run under `counter`, say it started, then wait for one of the test's
+    releases."""
     client = redis.Redis.from_url(os.environ["SWARM_PAYMENTS_REDIS"], decode_responses=True)
     try:
-        await client.incr(f"held:runs:{ctx.task_id}")
+        await client.incr(f"held:{counter}:{ctx.task_id}")
         await client.rpush(f"held:entered:{ctx.task_id}", str(os.getpid()))
         await client.blpop([f"held:release:{ctx.task_id}"], timeout=0)
     finally:
         await client.aclose()
+
+
+async def hold(ctx: ToolContext) -> str:
+    """Count the run, say it started, then wait for the test's release (not idempotent)."""
+    await _held(ctx, "runs")
     return "released"
 
 
@@ -27,13 +33,7 @@ async def hold(ctx: ToolContext) -> str:
 async def wait_here(ctx: ToolContext) -> str:
     """Say it started, then wait for one of the test's releases (idempotent: a resumed turn
     may run it again, and then takes the next release)."""
-    client = redis.Redis.from_url(os.environ["SWARM_PAYMENTS_REDIS"], decode_responses=True)
-    try:
-        await client.incr(f"held:waits:{ctx.task_id}")
-        await client.rpush(f"held:entered:{ctx.task_id}", str(os.getpid()))
-        await client.blpop([f"held:release:{ctx.task_id}"], timeout=0)
-    finally:
-        await client.aclose()
+    await _held(ctx, "waits")
     return "waited"
 
 

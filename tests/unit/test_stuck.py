@@ -216,6 +216,16 @@ async def _escalated(sw: LocalSwarm, task_id: str, n: int = 1) -> Any:
     return rec
 
 
+async def _restarted(sw: LocalSwarm, cfg: Any, store: Any) -> LocalSwarm:
+    """The swarm crashed and started again on the same store, its one task resumed."""
+    await sw.crash()
+    await sw.__aexit__(None, None, None)
+    sw = LocalSwarm(cfg, store=store)
+    await sw.__aenter__()
+    assert await sw.supervisor.load() == 1
+    return sw
+
+
 async def _stuck_escalation(tmp_path: Path, answers: list[str], *, restart: bool
                             ) -> tuple[dict[str, Any], dict[str, int], list[str]]:
     """Run a task that gets stuck, answering each escalation in turn (told to continue, it
@@ -239,11 +249,7 @@ async def _stuck_escalation(tmp_path: Path, answers: list[str], *, restart: bool
         questions.append(str(rec.question))
         assert rec.choices == ("continue", "stop") and rec.stuck == "same_call"
         if restart:
-            await sw.crash()
-            await sw.__aexit__(None, None, None)
-            sw = LocalSwarm(cfg, store=store)
-            await sw.__aenter__()
-            assert await sw.supervisor.load() == 1
+            sw = await _restarted(sw, cfg, store)
             rec = await _escalated(sw, task_id)
             questions.append(str(rec.question))
             assert rec.choices == ("continue", "stop") and rec.stuck == "same_call"
@@ -372,12 +378,8 @@ async def _continued(tmp_path: Path, *, restart: bool) -> tuple[dict[str, Any], 
         asked = 2
         if restart:
             await asyncio.wait_for(dt.ENTERED["held"].wait(), 10)
-            await sw.crash()
-            await sw.__aexit__(None, None, None)
-            dt.HOLD.clear()
-            sw = LocalSwarm(cfg, store=store)
-            await sw.__aenter__()
-            assert await sw.supervisor.load() == 1
+            dt.HOLD.clear()  # the held call waits on its event already; the resumed one won't
+            sw = await _restarted(sw, cfg, store)
             asked = 1  # this supervisor's first question
         rec = await _escalated(sw, task_id, asked)
         assert rec.stuck == "same_call"
@@ -426,11 +428,7 @@ async def _ping_pong(tmp_path: Path, answers: list[str], *, restart: bool
         task_id = await sw.supervisor.submit("go")
         questions = [str((await _escalated(sw, task_id)).question)]
         if restart:
-            await sw.crash()
-            await sw.__aexit__(None, None, None)
-            sw = LocalSwarm(cfg, store=store)
-            await sw.__aenter__()
-            assert await sw.supervisor.load() == 1
+            sw = await _restarted(sw, cfg, store)
             rec = await _escalated(sw, task_id)
             assert rec.choices == ("continue", "stop") and rec.stuck == "ping_pong"
             questions.append(str(rec.question))
