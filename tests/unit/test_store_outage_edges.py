@@ -1,0 +1,137 @@
+"""Edges of the store-outage handling and the store epoch (see test_store_outage.py): a replica
+death after the store lost its data, a supervisor that saw one loss, a replica that can't reach
+the store while the supervisor can, and a task forgotten while its row waits to be written."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+from typing import Any
+
+from swarm.events import Alert
+from swarm.runtime.agent import TurnRequest, TurnResult
+from swarm.runtime.supervisor import AgentPool, _ActorLost
+from swarm.state.embedded import EmbeddedRedis
+from swarm.state.interface import StoreUnavailable
+from swarm.state.memory import MemoryCheckpointer
+from swarm.testing import LocalSwarm
+from tests.unit import durable_tools as dt
+from tests.unit.test_store_outage import (  # noqa: F401 - fixtures
+    _HeldFinalRow,
+    _reset,
+    make_cfg,
+    open_store,
+    restart,
+    server,
+    stop_during,
+)
+
+
+class _Wrapped(AgentPool):
+    """The in-process pool, with `before(req)` run ahead of each turn (it may raise)."""
+
+    def __init__(self, inner: AgentPool, before: Any) -> None:
+        self.inner, self.before = inner, before
+        self.requests: list[TurnRequest] = []
+
+    async def turn(self, role: str, key: str, req: TurnRequest, attempt: int = 0) -> TurnResult:
+        self.requests.append(copy.copy(req))
+        await self.before(req, len(self.requests))
+        return await self.inner.turn(role, key, req, attempt)
+
+    async def cancel(self, role: str, key: str, task_id: str) -> None:
+        await self.inner.cancel(role, key, task_id)
+
+
+async def test_a_replica_death_after_the_store_lost_its_data_fails_as_a_checkpoint_error(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """`_turn` raises `LostWrites(lost)` for it: `LostWrites` takes (task_id, expected, got),
+    so that was a TypeError, and the task failed as a supervisor crash (orchestration)."""
+    cfg = make_cfg(tmp_path)
+    store = open_store(cfg, server, tmp_path)
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+
+            async def die_after_flush(req: TurnRequest, n: int) -> None:
+                if n == 1:
+                    await store._cmd("FLUSHALL")  # the store lost everything ...
+                    raise _ActorLost("agent a replica died during the turn")  # ... and the replica
+
+            sup.pool = _Wrapped(sup.pool, die_after_flush)
+            row = await sw.run("q", timeout=30)
+        assert (row["state"], row["error_class"]) == ("failed", "checkpoint"), row
+        assert "lost its data" in row["error"], row["error"]
+        assert dt.RUNS == {}
+    finally:
+        await store.close()
+
+
+async def test_a_store_that_lost_its_data_once_does_not_fail_later_tasks_resumes(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """The store lost its data (FLUSHALL here) while nothing ran. A task submitted afterwards
+    has its whole log in the store; an outage it outlasts must not fail it as "lost its
+    data": the supervisor kept comparing with the epoch it read when it started."""
+    cfg = make_cfg(tmp_path)
+    store = open_store(cfg, server, tmp_path)
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            await store._cmd("FLUSHALL")
+            task_id = await stop_during(sup, server, "n", "n-2")
+            await asyncio.to_thread(restart, server)  # with its data this time
+            row = await sup.wait(task_id, 60)
+        assert (row["state"], row["answer"]) == ("completed", "done: paid n-3"), row
+        assert dt.RUNS == {"n-1": 1, "n-2": 2, "n-3": 1}
+    finally:
+        await store.close()
+
+
+async def test_a_replica_that_cannot_reach_the_store_while_the_supervisor_can_is_bounded(
+        tmp_path: Path) -> None:
+    """A replica refuses every turn for the store (as a Ray replica does that can't reach it
+    to start: a partition, an embedded store bound to 127.0.0.1 on another node) while the
+    supervisor's probe reaches it at once. state.outage_wait_s (1 s) counts only the probe's
+    waits, none here, so the turn was sent again in a tight loop, an alert each time, until
+    budgets.task.max_wall_s (4 s) stopped it."""
+    cfg = make_cfg(tmp_path, outage_wait_s=1)
+    cfg = cfg.model_copy(update={"budgets": cfg.budgets.model_copy(update={
+        "task": cfg.budgets.task.model_copy(update={"max_wall_s": 4.0})})})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        sup = sw.supervisor
+
+        async def refuse(req: TurnRequest, n: int) -> None:
+            raise StoreUnavailable("agent a could not start a turn: redis unreachable")
+
+        pool = sup.pool = _Wrapped(sup.pool, refuse)
+        row = await sw.run("r", timeout=30)
+        alerts = [ev for ev in sw.events(row["task_id"]) if isinstance(ev, Alert)]
+    sends = len(pool.requests)
+    assert row["error_class"] == "checkpoint", (row["error_class"], row["error"], sends)
+    assert sends < 50 and len(alerts) < 50, (sends, len(alerts))
+
+
+async def test_a_task_forgotten_while_its_row_waits_to_be_written_stays_forgotten(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    cfg = make_cfg(tmp_path)
+    store = _HeldFinalRow(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
+    store.held, store.go = asyncio.Event(), asyncio.Event()
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await sup.submit("f")
+            await asyncio.wait_for(store.held.wait(), 30)
+            await asyncio.to_thread(server.stop)
+            store.go.set()
+            assert (await sup.wait(task_id, 60))["state"] == "completed"
+            await asyncio.to_thread(restart, server)
+            assert task_id in sup._unstored  # the writer's probe hasn't seen the store yet
+            await sup.forget(task_id)
+            for _ in range(200):  # the background writer has its go
+                if not sup._unstored and (sup._row_writer is None or sup._row_writer.done()):
+                    break
+                await asyncio.sleep(0.05)
+            assert await store.get_task(task_id) is None, "the forgotten task's row is back"
+    finally:
+        await store.close()
