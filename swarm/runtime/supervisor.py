@@ -27,7 +27,7 @@ import msgspec
 from swarm._text import check_chars
 from swarm._urls import redact_url
 from swarm.config import SwarmConfig
-from swarm.errors import RunError, TaskNotFound, UserError
+from swarm.errors import CheckpointError, RunError, TaskNotFound, UserError
 from swarm.events import (
     FILED_ONE_BY_ONE,
     Alert,
@@ -48,7 +48,7 @@ from swarm.governance.stuck import StuckError, WaitGraph, bounces
 from swarm.models.interface import Model, ModelRequest
 from swarm.protocol import a2a
 from swarm.runtime.agent import AgentHost, TurnRequest, TurnResult
-from swarm.state.interface import Checkpointer, LostWrites, StoreUnavailable, TaskRow
+from swarm.state.interface import Checkpointer, StoreUnavailable, TaskRow
 from swarm.state.replay import TaskState, restore
 
 log = logging.getLogger(__name__)
@@ -1716,7 +1716,7 @@ class Supervisor:
                         raise
                     lost = await self._store_lost()
                     if lost is not None:
-                        raise LostWrites(lost) from exc
+                        raise CheckpointError(lost) from exc
                     log.warning("task %s: %s; resuming (attempt %d)", rec.id, exc, retries)
                     self._resume_req(rec, agent, req)
                     continue
