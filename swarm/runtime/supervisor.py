@@ -855,6 +855,10 @@ class Supervisor:
         # The store's epoch as this supervisor first found it (`mark_store`): a resume is
         # refused once the store answers another one (it came back without its data).
         self._epoch: str | None = None
+        # When (`clock`) this supervisor last found the epoch changed: tasks created before
+        # then had their logs in the store that was lost; those created since are in the
+        # new one, and resume as usual.
+        self._epoch_since = float("-inf")
         self._row_writer: asyncio.Task[None] | None = None
         from swarm.observability.metrics import task_meter
 
@@ -1264,16 +1268,21 @@ class Supervisor:
         if self.store is not None and self._epoch is None:
             self._epoch = await self.store.epoch()
 
-    async def _store_lost(self) -> str | None:
-        """Why a turn can't be resumed from the store, if it lost its data since
-        `mark_store` (its epoch changed); None if it kept it, or can't tell."""
+    async def _store_lost(self, rec: TaskRecord) -> str | None:
+        """Why a turn of `rec` can't be resumed from the store, if the store lost its data
+        since the task was created (its epoch changed since `mark_store`, or since the last
+        change this supervisor saw); None if it kept it, or can't tell."""
         if self.store is None or self._epoch is None:
             return None
         try:
             now = await self.store.epoch()
         except StoreUnavailable:
             return None  # down again: the resumed turn stops on it, and is checked again then
-        if now is None or now == self._epoch:
+        if now is None:
+            return None
+        if now != self._epoch:  # lost now: tasks created from here on are in the new store
+            self._epoch, self._epoch_since = now, self.clock()
+        if rec.created >= self._epoch_since:
             return None
         return (f"the durable store {store_name(self.store)} lost its data (its epoch changed: "
                 "a Redis server restarted without its append-only file, or its database was "
@@ -1714,7 +1723,7 @@ class Supervisor:
                     retries += 1
                     if self.store is None or retries > self.cfg.state.max_turn_retries:
                         raise
-                    lost = await self._store_lost()
+                    lost = await self._store_lost(rec)
                     if lost is not None:
                         raise CheckpointError(lost) from exc
                     log.warning("task %s: %s; resuming (attempt %d)", rec.id, exc, retries)
@@ -1818,7 +1827,7 @@ class Supervisor:
             except TimeoutError:
                 waited += time.monotonic() - t0
             else:
-                lost = await self._store_lost()
+                lost = await self._store_lost(rec)
                 if lost is not None:
                     log.warning("task %s fails: %s", rec.id, lost)
                     self._alert(rec, "store_unavailable", "fail", lost)

@@ -70,20 +70,26 @@ async def test_a_replica_death_after_the_store_lost_its_data_fails_as_a_checkpoi
 
 async def test_a_store_that_lost_its_data_once_does_not_fail_later_tasks_resumes(
         tmp_path: Path, server: EmbeddedRedis) -> None:
-    """The store lost its data (FLUSHALL here) while nothing ran. A task submitted afterwards
-    has its whole log in the store; an outage it outlasts must not fail it as "lost its
-    data": the supervisor kept comparing with the epoch it read when it started."""
+    """The store came back without its data once, and the task it held failed for it. A task
+    submitted afterwards has its whole log in the store; an outage it outlasts must not fail
+    it as "lost its data": the supervisor kept comparing with the epoch it read as it started,
+    so after one loss every later resume (outage or replica death) of every task failed."""
     cfg = make_cfg(tmp_path)
     store = open_store(cfg, server, tmp_path)
     try:
         async with LocalSwarm(cfg, store=store) as sw:
             sup = sw.supervisor
-            await store._cmd("FLUSHALL")
+            first = await stop_during(sup, server, "l", "l-2")
+            for f in server.dir.glob("appendonly*"):
+                f.unlink()
+            await asyncio.to_thread(restart, server)  # empty
+            row = await sup.wait(first, 60)
+            assert "lost its data" in (row["error"] or ""), row
             task_id = await stop_during(sup, server, "n", "n-2")
             await asyncio.to_thread(restart, server)  # with its data this time
             row = await sup.wait(task_id, 60)
         assert (row["state"], row["answer"]) == ("completed", "done: paid n-3"), row
-        assert dt.RUNS == {"n-1": 1, "n-2": 2, "n-3": 1}
+        assert dt.RUNS == {"l-1": 1, "l-2": 1, "n-1": 1, "n-2": 2, "n-3": 1}
     finally:
         await store.close()
 
