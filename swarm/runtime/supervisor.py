@@ -1237,12 +1237,16 @@ class Supervisor:
             await asyncio.shield(under_way)
             return
         deleting = self._forgetting[task_id] = asyncio.get_running_loop().create_future()
+        # A row waiting to be written (`_write_rows_later`) would bring the task back.
+        unstored = self._unstored.pop(task_id, None)
         try:
             if self.store is not None:
                 await self.store.delete(task_id)
             self.tasks.pop(task_id, None)
             self._finished.pop(task_id, None)
         except BaseException as exc:
+            if unstored is not None and task_id not in self._unstored:
+                self._defer(unstored[0])  # not deleted: its row is still to be written
             deleting.set_exception(exc if isinstance(exc, Exception) else
                                    UserError(f"deleting task {task_id} was interrupted"))
             deleting.exception()  # retrieved: no "never retrieved" warning without a waiter
@@ -2225,11 +2229,15 @@ class Supervisor:
         log.warning("task %s: its row (%s) is not stored yet, the store %s is unreachable (%s); "
                     "it is written once the store answers again", rec.id, rec.state,
                     store_name(self.store), why)
+        self._defer(rec)
+        return False
+
+    def _defer(self, rec: TaskRecord) -> None:
+        """Leave the task's row to `_write_rows_later`."""
         self._unstored[rec.id] = (rec, next(self._deferrals))
         writer = self._row_writer
         if writer is None or writer.done():
             self._row_writer = asyncio.ensure_future(self._write_rows_later())
-        return False
 
     async def _write_rows_later(self) -> None:
         """Write the rows `_persist_soon` could not, each task's newest, whenever the store
