@@ -1704,6 +1704,11 @@ class Supervisor:
         rec.park()  # nothing changes the A2A task until the turn is over
         retries = 0
         outage_waited = 0.0  # time this turn waited for an unreachable store, in all
+        # While the turn keeps stopping on the store right after it answered the supervisor
+        # (a replica that can't reach it, an outage that came back): when it was last sent
+        # again, and the pause before the next resend.
+        resent: float | None = None
+        pause = 0.0
         rec.active.add(agent)
         replica = (agent, replica_for(context_id, cfg.agents[agent].replicas))
         self.waits.enter(rec.id, replica, cfg.agents[agent].max_sessions)
@@ -1747,10 +1752,17 @@ class Supervisor:
                     if attempt is not None and attempt.events:
                         self._emit_run(rec, attempt.events)
                     t0 = time.monotonic()
-                    failure = await self._outlast_outage(rec, agent, down, outage_waited)
+                    if resent is None:
+                        pause = 0.0
+                    else:  # stopped again: what the store made it wait counts, and resends
+                        # back off (a replica that refuses at once would be sent it in a loop)
+                        outage_waited += min(t0 - resent, cfg.state.outage_timeout_s)
+                        pause = min(max(2 * pause, 0.05), _PROBE_MAX_DELAY_S)
+                    failure = await self._outlast_outage(rec, agent, down, outage_waited, pause)
                     outage_waited += time.monotonic() - t0
                     if failure is None:
                         self._resume_req(rec, agent, req)
+                        resent = time.monotonic()
                         continue
                     result = _failed(rec.id, agent, "checkpoint", failure) if attempt is None \
                         else dataclasses.replace(
@@ -1758,6 +1770,7 @@ class Supervisor:
                             message=a2a.dumps(a2a.text_message(failure, role="agent",
                                                                task_id=rec.id)))
                     break
+                resent = None  # past the outage
                 if result.kind != "input_required":
                     break
                 # What the turn ran up to its question counts while it waits (listings, the
@@ -1807,26 +1820,32 @@ class Supervisor:
         held = self.hot.get(req.log_id)
         req.hot = held[1] if held is not None else None
 
-    async def _outlast_outage(self, rec: TaskRecord, agent: str, why: str, waited: float
-                              ) -> str | None:
+    async def _outlast_outage(self, rec: TaskRecord, agent: str, why: str, waited: float,
+                              pause: float = 0.0) -> str | None:
         """Wait for the durable store to answer again after agent `agent`'s turn stopped on it
         (`why`), for what is left of state.outage_wait_s after the `waited` seconds this turn
-        waited already; None once it answers, else the task's error, naming the store."""
+        waited already; None once it answers, else the task's error, naming the store.
+        `pause` (the turn stopped again as soon as it was resumed): wait that long first, and
+        log it without a new alert."""
         assert self.store is not None
         limit = self.cfg.state.outage_wait_s
         left = limit - waited
         where = store_name(self.store)
         self._seen_down = True
         if left > 0:
-            log.warning("task %s: the turn of agent %s stopped, the durable store %s is "
-                        "unreachable (%s); waiting up to %g s more for it (state.outage_wait_s), "
-                        "then the turn resumes from its log", rec.id, agent, where, why, left)
-            self._alert(rec, "store_unavailable", "wait",
-                        f"the store {where} is unreachable: waiting up to {left:g} s for it "
-                        f"(state.outage_wait_s), then agent {agent}'s turn resumes ({why})")
+            log.log(logging.INFO if pause else logging.WARNING,
+                    "task %s: the turn of agent %s stopped, the durable store %s is "
+                    "unreachable (%s); waiting up to %g s more for it (state.outage_wait_s), "
+                    "then the turn resumes from its log", rec.id, agent, where, why, left)
+            if not pause:
+                self._alert(rec, "store_unavailable", "wait",
+                            f"the store {where} is unreachable: waiting up to {left:g} s for it "
+                            f"(state.outage_wait_s), then agent {agent}'s turn resumes ({why})")
             t0 = time.monotonic()
             try:
                 async with asyncio.timeout(left):
+                    if pause:
+                        await asyncio.sleep(pause)
                     await self._store_answers()
             except TimeoutError:
                 waited += time.monotonic() - t0

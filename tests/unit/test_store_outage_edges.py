@@ -141,3 +141,35 @@ async def test_a_task_forgotten_while_its_row_waits_to_be_written_stays_forgotte
             assert await store.get_task(task_id) is None, "the forgotten task's row is back"
     finally:
         await store.close()
+
+
+async def test_an_agent_cut_off_from_the_store_the_supervisor_reaches_fails_in_time(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """The agent's store is unreachable (a closed port here: a partition, say) while the
+    supervisor's answers. Each resend stops again after state.outage_timeout_s (1 s); that time
+    counts toward state.outage_wait_s (3 s), so the task fails then, not at max_wall_s (30 s)."""
+    import socket
+
+    from swarm.state.redis import RedisCheckpointer
+
+    cfg = make_cfg(tmp_path, outage_wait_s=3)
+    cfg = cfg.model_copy(update={"budgets": cfg.budgets.model_copy(update={
+        "task": cfg.budgets.task.model_copy(update={"max_wall_s": 30.0})})})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = open_store(cfg, server, tmp_path)
+    cut_off = RedisCheckpointer(f"redis://127.0.0.1:{port}/0", outage_timeout_s=1)
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sw.hosts["a"].store = cut_off
+            t0 = asyncio.get_running_loop().time()
+            row = await sw.run("c", timeout=60)
+            took = asyncio.get_running_loop().time() - t0
+            alerts = [ev.action for ev in sw.events(row["task_id"]) if isinstance(ev, Alert)]
+        assert (row["state"], row["error_class"]) == ("failed", "checkpoint"), row
+        assert took < 10, took
+        assert alerts == ["wait", "fail"], alerts
+    finally:
+        await cut_off.close()
+        await store.close()
