@@ -42,6 +42,12 @@ def check_chars(value: Any, what: str) -> None:
     """Raise `UserError` if `value` (a string, or dicts and lists holding strings, the keys
     too) has a refused character; `what` names the field (`metadata`, `user`, ...), and a
     nested string is named by its path in it (`metadata["tags"][2]`)."""
+    if value is None:
+        return
+    if type(value) is str:  # most calls: one search, no stack (every submission makes several)
+        if _REFUSED.search(value) is None:
+            return
+        raise UserError(f"{what} has {refused_char(value)}")
     todo = [(value, what)]  # a stack, not recursion: metadata may nest deep
     while todo:
         item, where = todo.pop()

@@ -1077,17 +1077,22 @@ class Supervisor:
             meta_json = _meta_json(meta)  # also checks that it is JSON
         except (TypeError, ValueError) as e:
             raise UserError(f"metadata must be JSON-serialisable: {e}") from None
-        check_chars(meta, "metadata")
+        if meta:
+            check_chars(meta, "metadata")
         for what, value in (("context_id", context_id), ("message_id", message_id)):
-            if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 256):
+            if value is None:
+                continue
+            if not isinstance(value, str) or not 1 <= len(value) <= 256:
                 raise UserError(f"{what} must be a string of 1 to 256 characters, not "
                                 f"{type(value).__name__}"
                                 + (f" of {len(value)}" if isinstance(value, str) else ""))
             check_chars(value, what)
-        task_id = task_id or a2a.new_id()
-        if not isinstance(task_id, str) or not 8 <= len(task_id) <= 64:
+        if not task_id:
+            task_id = a2a.new_id()  # hex: nothing to check
+        elif not isinstance(task_id, str) or not 8 <= len(task_id) <= 64:
             raise UserError("task_id must be a string of 8 to 64 characters")
-        check_chars(task_id, "task_id")
+        else:
+            check_chars(task_id, "task_id")
         existing = self.tasks.get(task_id) or (batch or {}).get(task_id)
         if existing is None and task_id in self._storing:
             existing = self._storing[task_id][0]  # another call is storing its row now
