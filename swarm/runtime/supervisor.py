@@ -1714,6 +1714,7 @@ class Supervisor:
         # again, and the pause before the next resend.
         resent: float | None = None
         pause = 0.0
+        reported: TurnResult | None = None  # the turn's last report (each counts it all)
         rec.active.add(agent)
         replica = (agent, replica_for(context_id, cfg.agents[agent].replicas))
         self.waits.enter(rec.id, replica, cfg.agents[agent].max_sessions)
@@ -1748,6 +1749,7 @@ class Supervisor:
                         raise
                     down = str(exc)
                 else:
+                    reported = result
                     if result.store_unavailable and self.store is not None:
                         down = result.error or "the store is unreachable"
                 if down is not None:
@@ -1769,8 +1771,14 @@ class Supervisor:
                         self._resume_req(rec, agent, req)
                         resent = time.monotonic()
                         continue
-                    result = _failed(rec.id, agent, "checkpoint", failure) if attempt is None \
-                        else dataclasses.replace(
+                    if attempt is None:  # refused as it was sent
+                        result = _failed(rec.id, agent, "checkpoint", failure)
+                        if reported is not None:  # what the turn ran up to its last report
+                            for name in ("steps", "input_tokens", "output_tokens",
+                                         "cached_tokens", "model_calls", "tool_calls"):
+                                setattr(result, name, getattr(reported, name))
+                    else:
+                        result = dataclasses.replace(
                             attempt, error=failure, store_unavailable=False, events=[],
                             message=a2a.dumps(a2a.text_message(failure, role="agent",
                                                                task_id=rec.id)))

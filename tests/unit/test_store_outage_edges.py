@@ -214,3 +214,29 @@ async def test_a_task_failed_for_the_outage_is_not_run_again_by_the_next_supervi
             (row["state"], dt.RUNS)  # nothing more of a failed task
     finally:
         await store.close()
+
+
+async def test_a_turn_that_asked_then_outlasted_the_wait_keeps_its_usage(tmp_path: Path) -> None:
+    """A turn stops at an approval gate (what it ran so far counts: `rec.waiting`); once
+    decided, the resend is refused for the store until state.outage_wait_s runs out. The
+    task's counters must still hold what the turn ran before its question."""
+    from tests.unit.test_approvals import RULES as GATED
+    from tests.unit.test_approvals import _gate
+
+    cfg = dt.swarm_config(tmp_path, GATED, name="gated", state={"outage_wait_s": 0.3},
+                          approvals={"require": "destructive", "exempt": ["lookup"]})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        sup = sw.supervisor
+        task_id = await sup.submit("g")
+        gate = await _gate(sw, task_id)
+        asked = sup.get(task_id).summary()
+        assert asked["model_calls"] == 2 and asked["tool_calls"] == 1, asked
+
+        async def refuse(req: TurnRequest, n: int) -> None:
+            raise StoreUnavailable("agent a could not start a turn: redis unreachable")
+
+        sup.pool = _Wrapped(sup.pool, refuse)
+        await sup.approve(task_id, gate["gate"], approver="alice")
+        row = await sup.wait(task_id, 30)
+    assert (row["state"], row["error_class"]) == ("failed", "checkpoint"), row
+    assert (row["model_calls"], row["tool_calls"]) == (2, 1), row
