@@ -716,31 +716,34 @@ class TaskRecord:
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready row for listings and the client."""
-        total = self.total
-        return {
+        out = {
             "task_id": self.id,
             "context_id": self.context_id,
             "state": self.state,
             "user": self.user,
             "agent": self.agent,
-            "steps": total("steps"),
-            "input_tokens": total("input_tokens"),
-            "output_tokens": total("output_tokens"),
-            "model_calls": total("model_calls"),
-            "tool_calls": total("tool_calls"),
+            "steps": self.steps,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "model_calls": self.model_calls,
+            "tool_calls": self.tool_calls,
             "created": self.created,
             "updated": self.updated,
             "answer": self.answer,
             "error_class": self.error_class,
             "error": self.error,
             "question": self.question,
-            "cost_usd": total("cost_usd"),
+            "cost_usd": self.cost_usd,
             "budget_exhausted": self.budget_exhausted,
             "stuck": self.stuck,
             "errors": dict(self.errors),
             "gates": list(self.gates.values()),
             "metadata": self.metadata(),
         }
+        if self.waiting:  # what turns waiting for input ran (most tasks have none)
+            for name in _WAITING:
+                out[name] = self.total(name)
+        return out
 
     def finished_event(self) -> TaskFinished:
         """The task's last event, from its final state (set by `Supervisor._finish`)."""
