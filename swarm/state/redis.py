@@ -700,12 +700,14 @@ class RedisCheckpointer(Checkpointer):
         set by the first call that finds none. Written to the append-only file like any
         other key, so a server restarted with its data keeps it."""
         key = f"{self.prefix}:epoch"
-        mine = os.urandom(12).hex()
+        found = await self._cmd("GET", key)  # a read, as a replica (read-only) answers it
+        if found is None:
+            mine = os.urandom(12).hex()
 
-        async def op(conn: AbstractConnection) -> Any:
-            return (await _exchange(conn, [("SET", key, mine, "NX"), ("GET", key)]))[1]
+            async def op(conn: AbstractConnection) -> Any:
+                return (await _exchange(conn, [("SET", key, mine, "NX"), ("GET", key)]))[1]
 
-        found = await self._run(op)
+            found = await self._run(op)
         return found.decode() if isinstance(found, bytes) else found
 
     async def lease(self, task_id: str, ttl_s: float) -> str | None:

@@ -325,8 +325,8 @@ async def test_refused_characters_are_invalid_params_and_make_no_task(desk: Desk
     resp = await desk.http.post("/", headers=V1, json=rpc("SendMessage", new("hel\x00lo")))
     error = resp.json()["error"]
     assert error["code"] == -32602 and error["message"] == said + (
-        "; of the control characters U+0000 to U+001F only tab, newline and carriage return "
-        "are accepted"), error
+        "; of the control characters (U+0000 to U+001F, U+007F to U+009F) only tab, newline "
+        "and carriage return are accepted"), error
     resp = await desk.http.post("/rest/message:send", headers=V1, json=new("hel\x00lo"))
     assert resp.status_code == 400 and said in resp.json()["error"]["message"], resp.text
     resp = await desk.http.post("/", headers=V1, json=rpc("SendMessage", new(
