@@ -278,29 +278,35 @@ async def test_a_store_back_without_its_data_fails_the_task_instead_of_paying_ag
         await store.close()
 
 
-class _ReplicaWithoutStore(AgentPool):
-    """The in-process pool, whose first turn is refused as a Ray replica refuses one when it
-    can't reach the store to start (`RayAgentPool` raises `StoreUnavailable` then)."""
+class Wrapped(AgentPool):
+    """The in-process pool, with `before(req, n)` run ahead of the `n`-th turn sent (it may
+    raise, as a Ray replica's refusal or death would), and every request kept."""
 
-    def __init__(self, inner: AgentPool) -> None:
-        self.inner = inner
+    def __init__(self, inner: AgentPool, before: Any) -> None:
+        self.inner, self.before = inner, before
         self.requests: list[TurnRequest] = []
 
     async def turn(self, role: str, key: str, req: TurnRequest, attempt: int = 0) -> TurnResult:
         self.requests.append(copy.copy(req))
-        if len(self.requests) == 1:
-            raise StoreUnavailable("agent a could not start a turn: redis unreachable")
+        await self.before(req, len(self.requests))
         return await self.inner.turn(role, key, req, attempt)
 
     async def cancel(self, role: str, key: str, task_id: str) -> None:
         await self.inner.cancel(role, key, task_id)
 
 
+async def _refuse_first(req: TurnRequest, n: int) -> None:
+    # As a Ray replica refuses a turn when it can't reach the store to start
+    # (`RayAgentPool` raises `StoreUnavailable` then).
+    if n == 1:
+        raise StoreUnavailable("agent a could not start a turn: redis unreachable")
+
+
 async def test_a_turn_a_replica_could_not_start_for_the_store_is_sent_again(
         tmp_path: Path) -> None:
     async with LocalSwarm(make_cfg(tmp_path), store=MemoryCheckpointer()) as sw:
         sup = sw.supervisor
-        pool = sup.pool = _ReplicaWithoutStore(sup.pool)
+        pool = sup.pool = Wrapped(sup.pool, _refuse_first)
         row = await sw.run("u", timeout=60)
         assert (row["state"], row["answer"]) == ("completed", "done: paid u-3"), row
         events = sw.events(row["task_id"])

@@ -5,22 +5,21 @@ the store while the supervisor can, and a task forgotten while its row waits to 
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from swarm.events import Alert
-from swarm.runtime.agent import TurnRequest, TurnResult
-from swarm.runtime.supervisor import AgentPool, _ActorLost
+from swarm.runtime.agent import TurnRequest
+from swarm.runtime.supervisor import _ActorLost
 from swarm.state.embedded import EmbeddedRedis
 from swarm.state.interface import StoreUnavailable
 from swarm.state.memory import MemoryCheckpointer
 from swarm.testing import LocalSwarm
 from tests.unit import durable_tools as dt
 from tests.unit.test_store_outage import (
+    Wrapped,
     _HeldFinalRow,
     make_cfg,
     open_store,
@@ -44,22 +43,6 @@ def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
-class _Wrapped(AgentPool):
-    """The in-process pool, with `before(req)` run ahead of each turn (it may raise)."""
-
-    def __init__(self, inner: AgentPool, before: Any) -> None:
-        self.inner, self.before = inner, before
-        self.requests: list[TurnRequest] = []
-
-    async def turn(self, role: str, key: str, req: TurnRequest, attempt: int = 0) -> TurnResult:
-        self.requests.append(copy.copy(req))
-        await self.before(req, len(self.requests))
-        return await self.inner.turn(role, key, req, attempt)
-
-    async def cancel(self, role: str, key: str, task_id: str) -> None:
-        await self.inner.cancel(role, key, task_id)
-
-
 async def test_a_replica_death_after_the_store_lost_its_data_fails_as_a_checkpoint_error(
         tmp_path: Path, server: EmbeddedRedis) -> None:
     """`_turn` raises `LostWrites(lost)` for it: `LostWrites` takes (task_id, expected, got),
@@ -75,7 +58,7 @@ async def test_a_replica_death_after_the_store_lost_its_data_fails_as_a_checkpoi
                     await store._cmd("FLUSHALL")  # the store lost everything ...
                     raise _ActorLost("agent a replica died during the turn")  # ... and the replica
 
-            sup.pool = _Wrapped(sup.pool, die_after_flush)
+            sup.pool = Wrapped(sup.pool, die_after_flush)
             row = await sw.run("q", timeout=30)
         assert (row["state"], row["error_class"]) == ("failed", "checkpoint"), row
         assert "lost its data" in row["error"], row["error"]
@@ -126,7 +109,7 @@ async def test_a_replica_that_cannot_reach_the_store_while_the_supervisor_can_is
         async def refuse(req: TurnRequest, n: int) -> None:
             raise StoreUnavailable("agent a could not start a turn: redis unreachable")
 
-        pool = sup.pool = _Wrapped(sup.pool, refuse)
+        pool = sup.pool = Wrapped(sup.pool, refuse)
         row = await sw.run("r", timeout=30)
         alerts = [ev for ev in sw.events(row["task_id"]) if isinstance(ev, Alert)]
     sends = len(pool.requests)
@@ -235,7 +218,7 @@ async def test_a_turn_that_asked_then_outlasted_the_wait_keeps_its_usage(tmp_pat
         async def refuse(req: TurnRequest, n: int) -> None:
             raise StoreUnavailable("agent a could not start a turn: redis unreachable")
 
-        sup.pool = _Wrapped(sup.pool, refuse)
+        sup.pool = Wrapped(sup.pool, refuse)
         await sup.approve(task_id, gate["gate"], approver="alice")
         row = await sup.wait(task_id, 30)
     assert (row["state"], row["error_class"]) == ("failed", "checkpoint"), row
