@@ -2287,7 +2287,10 @@ class Supervisor:
                 failed = [exc] * len(recs)
             for (rec, n), exc in zip(held, failed, strict=True):
                 if isinstance(exc, StoreUnavailable):
-                    continue  # down again: the next round writes it
+                    # Down again: the next round writes it, and rows meanwhile are left to
+                    # this writer at once instead of each waiting out the outage first.
+                    self._seen_down = True
+                    continue
                 if exc is not None:
                     log.error("task %s: its row could not be stored: %s", rec.id, exc)
                 now = self._unstored.get(rec.id)
