@@ -2425,9 +2425,13 @@ class Supervisor:
             self._finished.pop(tid, None)
             self._dropped += 1  # with a store, `_recall` looks for its id again
         if len(self.tasks) >= limit:
+            held = sum(1 for t in self._unstored if t in self.tasks
+                       and self.tasks[t].done.is_set())
+            what = (f"tasks it can't drop yet ({held} of them finished, their rows not "
+                    "stored while the store is unreachable)") if held else "unfinished tasks"
             raise UserError(
                 f"swarm {self.cfg.name} has {len(self.tasks) + pending + len(self._storing)} "
-                f"unfinished tasks; limits.max_tasks is {self.cfg.limits.max_tasks}"
+                f"{what}; limits.max_tasks is {self.cfg.limits.max_tasks}"
             )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from swarm.errors import RunError
+from swarm.errors import RunError, UserError
 from swarm.events import Alert, Event, TaskStateChanged, TurnResumed
 from swarm.runtime.agent import TurnRequest, TurnResult
 from swarm.runtime.supervisor import AgentPool, Supervisor
@@ -274,6 +275,34 @@ async def test_a_store_back_without_its_data_fails_the_task_instead_of_paying_ag
             assert f"the durable store {server.url} lost its data" in row["error"]
             await until_event(sup, task_id, store_alert("fail"))
         assert dt.RUNS == {"w-1": 1, "w-2": 1}  # the payment never again
+    finally:
+        await store.close()
+
+
+async def test_a_full_table_says_which_tasks_wait_for_their_rows(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """A finished task whose row isn't stored yet stays in the table; a submission that finds
+    the table full says so, rather than counting it as unfinished."""
+    cfg = dt.swarm_config(tmp_path, RULES, name="outage",
+                          agents={"a": {"model": "m", "tools": ["t"]}},
+                          state={"outage_timeout_s": 1, "outage_wait_s": 60},
+                          limits={"max_tasks": 1})
+    store = _HeldFinalRow(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
+    store.held, store.go = asyncio.Event(), asyncio.Event()
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await sup.submit("f")
+            await asyncio.wait_for(store.held.wait(), 30)
+            await asyncio.to_thread(server.stop)
+            store.go.set()
+            assert (await sup.wait(task_id, 60))["state"] == "completed"
+            with pytest.raises(UserError, match=re.escape(
+                    "has 1 tasks it can't drop yet (1 of them finished, their rows not stored "
+                    "while the store is unreachable); limits.max_tasks is 1")):
+                await sup.submit("g")
+            await asyncio.to_thread(restart, server)
+            assert (await until_row(store, task_id, "completed")).task_id == task_id
     finally:
         await store.close()
 
