@@ -855,6 +855,8 @@ class Supervisor:
         # while an older one was being written is written again.
         self._unstored: dict[str, tuple[TaskRecord, int]] = {}
         self._deferrals = itertools.count()
+        # Finished tasks whose row the writer stored while `_finish` was still under way.
+        self._stored_late: set[str] = set()
         # The store's epoch as this supervisor first found it (`mark_store`): a resume is
         # refused once the store answers another one (it came back without its data).
         self._epoch: str | None = None
@@ -2298,6 +2300,8 @@ class Supervisor:
                     del self._unstored[rec.id]
                     if exc is None and rec.done.is_set():  # its end is stored: it may go
                         self._finished[rec.id] = None
+                    elif exc is None and rec.state in a2a.TERMINAL:
+                        self._stored_late.add(rec.id)  # `_finish` is still on it
             self._drop_finished()
 
     async def _set_state(self, rec: TaskRecord, state: str, detail: str = "", *,
@@ -2350,6 +2354,7 @@ class Supervisor:
             # The log still holds the turn's outcome, so a restarted supervisor finishes the
             # task again from it; the caller learns the outcome now either way.
             log.exception("task %s: could not store its final state", rec.id)
+        deferred = not stored and rec.id in self._unstored  # left to `_write_rows_later`
         self._emit(rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state,
                                          detail=error or ""))
         self._emit(rec, rec.finished_event())
@@ -2364,6 +2369,11 @@ class Supervisor:
         rec.compact(durable=self.store is not None)
         rec.done.set()
         self._wake(rec)  # a follower that read TaskFinished before `done` was set
+        if deferred and rec.id in self._stored_late:
+            # The writer stored it while this awaited (the session memory, say): before
+            # `done`, so it left the task to this.
+            stored = True
+        self._stored_late.discard(rec.id)
         if stored and self.store is not None:  # its row has its end: it may leave memory
             self._finished[rec.id] = None
             self._drop_finished()

@@ -307,6 +307,42 @@ async def test_a_full_table_says_which_tasks_wait_for_their_rows(
         await store.close()
 
 
+class _HeldMemory:
+    """A session memory whose `record_exchange` waits for the test's `go`."""
+
+    def __init__(self) -> None:
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+
+    async def record_exchange(self, *args: Any) -> None:
+        self.entered.set()
+        await self.go.wait()
+
+
+async def test_a_row_stored_while_the_task_ends_lets_the_task_leave_memory(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """The final row is deferred (the store down), and the writer stores it while `_finish`
+    still awaits the session memory: the finished task may leave memory like any other."""
+    cfg = make_cfg(tmp_path)
+    store = _HeldFinalRow(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
+    store.held, store.go = asyncio.Event(), asyncio.Event()
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            memory = sup.session_memory = _HeldMemory()  # type: ignore[assignment]
+            task_id = await sup.submit("m")
+            await asyncio.wait_for(store.held.wait(), 30)
+            await asyncio.to_thread(server.stop)
+            store.go.set()
+            await asyncio.wait_for(memory.entered.wait(), 30)  # the row was deferred
+            await asyncio.to_thread(restart, server)
+            await until_row(store, task_id, "completed")
+            memory.go.set()
+            assert (await sup.wait(task_id, 30))["state"] == "completed"
+            assert task_id in sup._finished and task_id not in sup._unstored
+    finally:
+        await store.close()
+
+
 class Wrapped(AgentPool):
     """The in-process pool, with `before(req, n)` run ahead of the `n`-th turn sent (it may
     raise, as a Ray replica's refusal or death would), and every request kept."""
