@@ -334,6 +334,14 @@ async def test_refused_characters_are_invalid_params_and_make_no_task(desk: Desk
     error = resp.json()["error"]
     assert error["code"] == -32602, error
     assert error["message"].startswith("user has a control character (U+001B) at index 2")
+    # A label too long, or not text, is refused too, not replaced by "a2a".
+    for label, said in (("x" * 65, "not a string of 65 characters"), (7, "not a float")):
+        resp = await desk.http.post("/", headers=V1, json=rpc("SendMessage", new(
+            "hello", metadata={"user": label})))
+        error = resp.json()["error"]
+        assert error["code"] == -32602 and error["message"] == (
+            "metadata.user, the sender's label, must be a string of 1 to 64 characters, "
+            + said), error
     assert sup.tasks == {}
     # Tab, newline and CR are text.
     done = await task_of(desk.client(), message("two\tcolumns\r\nand lines"))

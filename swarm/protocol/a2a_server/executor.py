@@ -19,7 +19,7 @@ from a2a.server.agent_execution import AgentExecutor, RequestContext, RequestCon
 from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.types import Message, SendMessageRequest, Task, TaskState, TaskStatus
-from a2a.utils.errors import TaskNotFoundError, UnsupportedOperationError
+from a2a.utils.errors import InvalidParamsError, TaskNotFoundError, UnsupportedOperationError
 
 from swarm.errors import SwarmError
 from swarm.protocol import a2a
@@ -36,17 +36,23 @@ from swarm.protocol.a2a_server.bridge import (
 from swarm.protocol.a2a_server.store import SupervisorTaskStore, a2a_error, snapshot
 
 DEFAULT_USER = "a2a"
+_LABEL_CHARS = 64  # the most a sender's label (`metadata.user`) may have
 
 
 def caller(context: ServerCallContext, message: Message | None) -> str:
     """Who sent a message: the authenticated user, else the message's `metadata.user` (a label,
-    as `swarm submit --user` gives one), else "a2a"."""
+    as `swarm submit --user` gives one), else "a2a". A label that isn't a string of 1 to 64
+    characters is an invalid-params error, not replaced."""
     if context.user.is_authenticated and context.user.user_name:
         return context.user.user_name
     if message is not None and "user" in message.metadata:
         named = message.metadata["user"]
-        if isinstance(named, str) and 0 < len(named) <= 64:
+        if isinstance(named, str) and 0 < len(named) <= _LABEL_CHARS:
             return named
+        what = f"a string of {len(named)} characters" if isinstance(named, str) else \
+            f"a {type(named).__name__}"
+        raise InvalidParamsError(message=f"metadata.user, the sender's label, must be a "
+                                 f"string of 1 to {_LABEL_CHARS} characters, not {what}")
     return DEFAULT_USER
 
 
