@@ -12,7 +12,6 @@ import asyncio
 import copy
 import logging
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,10 +58,12 @@ def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
-def make_cfg(tmp_path: Path, outage_wait_s: float = 60.0) -> Any:
+def make_cfg(tmp_path: Path, outage_wait_s: float = 60.0, *,
+             state: dict[str, Any] | None = None, **sections: Any) -> Any:
     return dt.swarm_config(tmp_path, RULES, name="outage",
                            agents={"a": {"model": "m", "tools": ["t"]}},
-                           state={"outage_timeout_s": 1, "outage_wait_s": outage_wait_s})
+                           state={"outage_timeout_s": 1, "outage_wait_s": outage_wait_s,
+                                  **(state or {})}, **sections)
 
 
 def open_store(cfg: Any, server: EmbeddedRedis, tmp_path: Path) -> RedisCheckpointer:
@@ -114,16 +115,16 @@ def restart(server: EmbeddedRedis) -> None:
     assert server.url == url
 
 
-async def until_row(store: RedisCheckpointer, task_id: str, state: str) -> TaskRow:
-    """The task's stored row once it is in `state` (it is written in the background: polled,
-    with a deadline)."""
-    deadline = time.monotonic() + 30
-    while True:
-        row = await store.get_task(task_id)
-        if row is not None and row.state == state:
-            return row
-        assert time.monotonic() < deadline, f"row of {task_id}: {row and row.state}"
-        await asyncio.sleep(0.05)
+async def stored_row(sup: Supervisor, store: RedisCheckpointer, task_id: str,
+                     state: str) -> TaskRow:
+    """The task's stored row, once the supervisor's background row writer, if one is under
+    way, has written what it held; it must be in `state`."""
+    writer = sup._row_writer
+    if writer is not None and not writer.done():
+        await asyncio.wait_for(asyncio.shield(writer), 30)
+    row = await store.get_task(task_id)
+    assert row is not None and row.state == state, f"row of {task_id}: {row and row.state}"
+    return row
 
 
 async def test_a_turn_that_outlasts_the_store_outage_resumes_and_completes(
@@ -151,7 +152,7 @@ async def test_a_turn_that_outlasts_the_store_outage_resumes_and_completes(
         ledger = await store.ledger(task_id)
         assert sorted(r.tool for r in ledger.values()) == ["lookup", "pay", "pay"]
         assert {r.state for r in ledger.values()} == {"finished"}
-        assert (await until_row(store, task_id, "completed")).task_id == task_id
+        assert (await stored_row(sup, store, task_id, "completed")).task_id == task_id
         waits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
                  and r.name == "swarm.runtime.supervisor" and "waiting up to" in r.getMessage()]
         assert len(waits) == 1 and task_id in waits[0] and server.url in waits[0]
@@ -206,7 +207,7 @@ async def test_a_store_that_stays_down_fails_the_task_naming_it(
             # work.
             assert sup.list(state="failed")[0]["task_id"] == task_id
             await asyncio.to_thread(restart, server)
-            assert (await until_row(store, task_id, "failed")).task_id == task_id
+            assert (await stored_row(sup, store, task_id, "failed")).task_id == task_id
             again = await sw.run("w", timeout=60)
             assert (again["state"], again["answer"]) == ("completed", "done: paid w-3")
     finally:
@@ -226,25 +227,39 @@ class _HeldFinalRow(RedisCheckpointer):
         await super().put_task(row)
 
 
+def held_final_row(cfg: Any, server: EmbeddedRedis) -> _HeldFinalRow:
+    """The store of `server`, opened as `open_store` does, holding the first completed row."""
+    store = _HeldFinalRow(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
+    store.held, store.go = asyncio.Event(), asyncio.Event()
+    return store
+
+
+async def end_in_outage(sup: Supervisor, store: _HeldFinalRow, server: EmbeddedRedis,
+                        text: str) -> str:
+    """Submit `text`; stop the store while the supervisor is about to store the task's
+    completed row, then let that write go on (it finds the store gone). The task's id."""
+    task_id = await sup.submit(text)
+    await asyncio.wait_for(store.held.wait(), 30)
+    await asyncio.to_thread(server.stop)
+    store.go.set()
+    return task_id
+
+
 async def test_a_completed_task_whose_row_hits_the_outage_stays_completed(
         tmp_path: Path, server: EmbeddedRedis) -> None:
     """The agent's turn ended (logged) and the store went away before the supervisor stored
     the task's final row: the task completes, and its row is written once the store is back."""
     cfg = make_cfg(tmp_path)
-    store = _HeldFinalRow(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
-    store.held, store.go = asyncio.Event(), asyncio.Event()
+    store = held_final_row(cfg, server)
     try:
         async with LocalSwarm(cfg, store=store) as sw:
             sup = sw.supervisor
-            task_id = await sup.submit("v")
-            await asyncio.wait_for(store.held.wait(), 30)
-            await asyncio.to_thread(server.stop)
-            store.go.set()
+            task_id = await end_in_outage(sup, store, server, "v")
             row = await sup.wait(task_id, 60)
             assert (row["state"], row["answer"]) == ("completed", "done: paid v-3"), row
             assert (await sup.find(task_id)).state == "completed"
             await asyncio.to_thread(restart, server)
-            assert (await until_row(store, task_id, "completed")).data
+            assert (await stored_row(sup, store, task_id, "completed")).data
         assert dt.RUNS == {"v-1": 1, "v-2": 1, "v-3": 1}
     finally:
         await store.close()
@@ -258,10 +273,7 @@ async def test_a_store_back_without_its_data_fails_the_task_instead_of_paying_ag
     tells the supervisor the data is gone, and the task fails instead, naming the store. Under
     `phase` nothing else catches it: no step was reported durable, so the resume's
     durable-step check has nothing to compare."""
-    cfg = dt.swarm_config(tmp_path, RULES, name="outage",
-                          agents={"a": {"model": "m", "tools": ["t"]}},
-                          state={"outage_timeout_s": 1, "outage_wait_s": 60,
-                                 "checkpoint": checkpoint})
+    cfg = make_cfg(tmp_path, state={"checkpoint": checkpoint})
     store = open_store(cfg, server, tmp_path)
     try:
         async with LocalSwarm(cfg, store=store) as sw:
@@ -283,26 +295,19 @@ async def test_a_full_table_says_which_tasks_wait_for_their_rows(
         tmp_path: Path, server: EmbeddedRedis) -> None:
     """A finished task whose row isn't stored yet stays in the table; a submission that finds
     the table full says so, rather than counting it as unfinished."""
-    cfg = dt.swarm_config(tmp_path, RULES, name="outage",
-                          agents={"a": {"model": "m", "tools": ["t"]}},
-                          state={"outage_timeout_s": 1, "outage_wait_s": 60},
-                          limits={"max_tasks": 1})
-    store = _HeldFinalRow(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
-    store.held, store.go = asyncio.Event(), asyncio.Event()
+    cfg = make_cfg(tmp_path, limits={"max_tasks": 1})
+    store = held_final_row(cfg, server)
     try:
         async with LocalSwarm(cfg, store=store) as sw:
             sup = sw.supervisor
-            task_id = await sup.submit("f")
-            await asyncio.wait_for(store.held.wait(), 30)
-            await asyncio.to_thread(server.stop)
-            store.go.set()
+            task_id = await end_in_outage(sup, store, server, "f")
             assert (await sup.wait(task_id, 60))["state"] == "completed"
             with pytest.raises(UserError, match=re.escape(
                     "has 1 tasks it can't drop yet (1 of them finished, their rows not stored "
                     "while the store is unreachable); limits.max_tasks is 1")):
                 await sup.submit("g")
             await asyncio.to_thread(restart, server)
-            assert (await until_row(store, task_id, "completed")).task_id == task_id
+            assert (await stored_row(sup, store, task_id, "completed")).task_id == task_id
     finally:
         await store.close()
 
@@ -323,19 +328,15 @@ async def test_a_row_stored_while_the_task_ends_lets_the_task_leave_memory(
     """The final row is deferred (the store down), and the writer stores it while `_finish`
     still awaits the session memory: the finished task may leave memory like any other."""
     cfg = make_cfg(tmp_path)
-    store = _HeldFinalRow(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
-    store.held, store.go = asyncio.Event(), asyncio.Event()
+    store = held_final_row(cfg, server)
     try:
         async with LocalSwarm(cfg, store=store) as sw:
             sup = sw.supervisor
             memory = sup.session_memory = _HeldMemory()  # type: ignore[assignment]
-            task_id = await sup.submit("m")
-            await asyncio.wait_for(store.held.wait(), 30)
-            await asyncio.to_thread(server.stop)
-            store.go.set()
+            task_id = await end_in_outage(sup, store, server, "m")
             await asyncio.wait_for(memory.entered.wait(), 30)  # the row was deferred
             await asyncio.to_thread(restart, server)
-            await until_row(store, task_id, "completed")
+            await stored_row(sup, store, task_id, "completed")
             memory.go.set()
             assert (await sup.wait(task_id, 30))["state"] == "completed"
             assert task_id in sup._finished and task_id not in sup._unstored
