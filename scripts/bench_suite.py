@@ -123,7 +123,22 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "cpu": cpu,
             "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "kernel": platform.release(),
-            "loadavg_at_start": [round(x, 2) for x in load], "packages": pkgs}
+            "loadavg_at_start": [round(x, 2) for x in load], "packages": pkgs,
+            "store_server": store_server()}
+
+
+def store_server() -> str | None:
+    """The version line of the server binary the embedded store (and so swarm's side) runs."""
+    import subprocess
+
+    from swarm.state.embedded import redis_server_binary
+
+    try:
+        out = subprocess.run([redis_server_binary(), "--version"], capture_output=True,
+                             text=True, timeout=30, stdin=subprocess.DEVNULL, check=False)
+    except Exception as exc:  # the suite reports it; the workloads then fail with the reason
+        return f"unavailable: {exc}"
+    return out.stdout.strip() or out.stderr.strip()[:200] or None
 
 
 def run_step(quick: bool) -> list[dict[str, Any]]:

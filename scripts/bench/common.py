@@ -267,7 +267,8 @@ def process_role(proc: psutil.Process) -> str:
     if proc.pid == os.getpid():
         return "driver"
     for needle, role in (("SupervisorActor", "supervisor"), ("AgentActor", "agents"),
-                         ("redis-server", "redis-server"), ("gcs_server", "ray gcs"),
+                         ("redis-server", "redis-server"), ("valkey-server", "redis-server"),
+                         ("gcs_server", "ray gcs"),
                          ("raylet", "ray raylet"), ("DashboardAgent", "ray dashboard agent"),
                          ("dashboard", "ray dashboard"), ("ray::IDLE", "ray idle workers")):
         if needle in cmd:
@@ -455,8 +456,9 @@ async def sustain(run_group: Callable[[int, int, int], Awaitable[list[float]]], 
     """Keep `sessions` tasks in flight: `run_group(group, round, n)` runs `n` tasks and returns
     when each ended (`time.time()`). Returns the window (`window_s`, from its opening reading
     to its closing one), the tasks that ended in it, the CPU `procs` used in it, the machine's
-    CPU split and how many rounds each group ran. Once the window has closed the groups start
-    no more rounds; the rounds then running are waited for."""
+    CPU split, the CPU by process role (`cpu_by_role`) and how many rounds each group ran. Once
+    the window has closed the groups start no more rounds; the rounds then running are waited
+    for."""
     groups = max(1, min(groups, sessions))
     shares = [sessions // groups + (1 if g < sessions % groups else 0) for g in range(groups)]
     start = time.time() + 0.05
@@ -493,8 +495,8 @@ async def sustain(run_group: Callable[[int, int, int], Awaitable[list[float]]], 
     await asyncio.gather(control(), *(group(g) for g in range(groups)))
     (t0, cpu0, m0), (t1, cpu1, m1) = marks["from"], marks["to"]
     return {"window_s": t1 - t0, "tasks": sum(1 for e in ends if t0 <= e <= t1),
-            "cpu_s": cpu_delta(cpu0, cpu1), "machine_cpu": machine_cpu_split(m0, m1),
-            "groups": groups, "rounds": rounds}
+            "cpu_s": cpu_delta(cpu0, cpu1), "cpu_by_role": cpu_by_role(procs, cpu0, cpu1),
+            "machine_cpu": machine_cpu_split(m0, m1), "groups": groups, "rounds": rounds}
 
 
 def sustained_row(impl: str, sessions: int, window: dict[str, Any], **extra: Any
@@ -510,6 +512,9 @@ def sustained_row(impl: str, sessions: int, window: dict[str, Any], **extra: Any
             "steps_per_s": achieved, "ideal_steps_per_s": ideal, "of_ideal": achieved / ideal,
             "cpu_s": window["cpu_s"],
             "cpu_us_per_step": window["cpu_s"] / steps * 1e6 if steps else None,
+            "cpu_us_per_step_by_process": {
+                role: round(v / steps * 1e6, 1) for role, v in window.get("cpu_by_role", {}).items()
+            } if steps else {},
             "groups": window["groups"], "rounds": window["rounds"],
             "timeline": {"machine_cpu": window["machine_cpu"]}, **extra}
 

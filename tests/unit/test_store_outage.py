@@ -12,6 +12,7 @@ import asyncio
 import copy
 import logging
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,13 @@ async def stop_during(sup: Supervisor, server: EmbeddedRedis, text: str, key: st
     dt.HOLD[key].set()
     await until_event(sup, task_id, store_alert("wait"))
     return task_id
+
+
+def wipe(server: EmbeddedRedis) -> None:
+    """Delete a stopped store's data: its append-only file, one file (Redis 6) or a directory
+    of parts (Valkey, Redis 7+)."""
+    for f in server.dir.glob("appendonly*"):
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
 
 
 def restart(server: EmbeddedRedis) -> None:
@@ -279,8 +287,7 @@ async def test_a_store_back_without_its_data_fails_the_task_instead_of_paying_ag
         async with LocalSwarm(cfg, store=store) as sw:
             sup = sw.supervisor
             task_id = await stop_during(sup, server, "w", "w-2")
-            for f in server.dir.glob("appendonly*"):
-                f.unlink()
+            wipe(server)
             await asyncio.to_thread(restart, server)
             row = await sup.wait(task_id, 60)
             assert (row["state"], row["error_class"]) == ("failed", "checkpoint"), row

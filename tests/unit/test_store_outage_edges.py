@@ -26,6 +26,7 @@ from tests.unit.test_store_outage import (
     open_store,
     restart,
     stop_during,
+    wipe,
 )
 
 
@@ -80,8 +81,7 @@ async def test_a_store_that_lost_its_data_once_does_not_fail_later_tasks_resumes
         async with LocalSwarm(cfg, store=store) as sw:
             sup = sw.supervisor
             first = await stop_during(sup, server, "l", "l-2")
-            for f in server.dir.glob("appendonly*"):
-                f.unlink()
+            wipe(server)
             await asyncio.to_thread(restart, server)  # empty
             row = await sup.wait(first, 60)
             assert "lost its data" in (row["error"] or ""), row
