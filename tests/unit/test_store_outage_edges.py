@@ -127,9 +127,21 @@ async def test_a_task_forgotten_while_its_row_waits_to_be_written_stays_forgotte
             sup = sw.supervisor
             task_id = await end_in_outage(sup, store, server, "f")
             assert (await sup.wait(task_id, 60))["state"] == "completed"
+            # The row writer's probe (`store.start`) sees the store back only once the task
+            # is forgotten: otherwise it may write the row while the server restarts, and
+            # the forget below would find nothing waiting (a race, not the case tested).
+            forgotten, real_start = asyncio.Event(), store.start
+
+            async def start_once_forgotten() -> None:
+                if not forgotten.is_set():
+                    raise StoreUnavailable("held back by the test until the task is forgotten")
+                await real_start()
+
+            store.start = start_once_forgotten  # type: ignore[method-assign]
             await asyncio.to_thread(restart, server)
-            assert task_id in sup._unstored  # the writer's probe hasn't seen the store yet
+            assert task_id in sup._unstored  # the row still waits to be written
             await sup.forget(task_id)
+            forgotten.set()
             writer = sup._row_writer  # it has its go: nothing is left for it to write
             if writer is not None:
                 await asyncio.wait_for(asyncio.shield(writer), 30)
