@@ -789,7 +789,9 @@ def store_status(run_dir: RunDirOpt = "runs") -> None:
     """Whether the run directory's embedded redis-server is running, and its URL."""
     server = _embedded_store(run_dir)
     if server.running():
-        line = f"running: {server.url} (pid {server.pid()}, data under {server.dir})"
+        version = server.version()
+        line = f"running: {server.url} ({f'{version}, ' if version else ''}pid {server.pid()}, " \
+               f"data under {server.dir})"
     elif server.process_alive():
         line = f"started but not answering (pid {server.pid()}, data under {server.dir})"
     else:

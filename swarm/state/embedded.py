@@ -186,6 +186,22 @@ class EmbeddedRedis:
             client.close()
         return Path(found).resolve() == self.dir
 
+    def version(self) -> str | None:
+        """The running server's name and version ("valkey 9.1.2", "redis 6.2.14"), or None
+        if it doesn't answer."""
+        port = self.port or self._recorded_port()
+        if port is None:
+            return None
+        client = self._client(port)
+        try:
+            info = client.info("server")
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+        name = str(info.get("server_name") or "redis")  # Redis itself doesn't say
+        return f"{name} {info.get(f'{name}_version') or info.get('redis_version', '?')}"
+
     def process_alive(self) -> bool:
         """Whether the process its pidfile names is a live redis-server (answering or not:
         loading a large append-only file, say)."""

@@ -285,6 +285,7 @@ def test_cli_store_status_and_stop(tmp_path: Path) -> None:
         client.close()
         status = runner.invoke(app, ["store", "status", "--run-dir", run_dir])
         assert status.exit_code == 0 and f"running: {server.url}" in status.output
+        assert server.version() is not None and server.version() in status.output
         stopped = runner.invoke(app, ["store", "stop", "--run-dir", run_dir])
         assert stopped.exit_code == 0 and f"stopped {server.url}" in stopped.output
         assert not server.running()
