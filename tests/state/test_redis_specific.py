@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -357,10 +358,10 @@ def test_embedded_binary_named_by_the_environment(
     monkeypatch.setenv("SWARM_REDIS_SERVER", str(tmp_path / "no-such-server"))
     with pytest.raises(UserError, match=r"SWARM_REDIS_SERVER=.*no-such-server.*not an executable"):
         redis_server_binary()
-    bundled = redis_server_binary.__globals__["shutil"].which("sh")  # any executable will do
-    assert bundled is not None
-    monkeypatch.setenv("SWARM_REDIS_SERVER", bundled)
-    assert redis_server_binary() == bundled
+    other = shutil.which("sh")  # any executable will do: it is taken as named
+    assert other is not None
+    monkeypatch.setenv("SWARM_REDIS_SERVER", other)
+    assert redis_server_binary() == other
 
 
 def test_embedded_binary_is_the_bundled_valkey_server(monkeypatch: pytest.MonkeyPatch) -> None:
