@@ -44,13 +44,15 @@ RULES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _reset() -> None:
+@pytest.fixture(name="_reset", autouse=True)
+def reset_tools() -> None:
+    """Each test starts with the durable tools' counts at zero (test_store_outage_edges too)."""
     dt.reset()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+@pytest.fixture(name="server")
+def store_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """The store's own redis-server under tmp_path (test_store_outage_edges too)."""
     server = EmbeddedRedis(tmp_path / "store")
     server.start()
     try:

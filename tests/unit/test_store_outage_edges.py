@@ -5,7 +5,6 @@ the store while the supervisor can, and a task forgotten while its row waits to 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,25 +23,12 @@ from tests.unit.test_store_outage import (
     held_final_row,
     make_cfg,
     open_store,
+    reset_tools,  # noqa: F401 (the fixture `_reset`, autouse)
     restart,
     stop_during,
+    store_server,  # noqa: F401 (the fixture `server`)
     wipe,
 )
-
-
-@pytest.fixture(autouse=True)
-def _reset() -> None:
-    dt.reset()
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "store")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_a_replica_death_after_the_store_lost_its_data_fails_as_a_checkpoint_error(
