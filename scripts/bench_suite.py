@@ -129,8 +129,6 @@ def machine() -> dict[str, Any]:
 
 def store_server() -> str | None:
     """The version line of the server binary the embedded store (and so swarm's side) runs."""
-    import subprocess
-
     from swarm.state.embedded import redis_server_binary
 
     try:
