@@ -75,6 +75,11 @@ class ArchivePlan(NamedTuple):
     snapshot: int | None
     ledger: dict[str, bytes]
     finished: bool
+    # What `write_archive` read back or found: the archive's end (the seq after its last
+    # entry) and the snapshot Redis recorded as archived. `archive_log`, which runs both
+    # halves under one lease, has `compact` take them instead of reading them again.
+    archived_end: int | None = None
+    held_snapshot: int | None = None
 
 
 class TieredCheckpointer(Checkpointer):
@@ -287,7 +292,7 @@ class TieredCheckpointer(Checkpointer):
                 return None
             try:
                 plan = await self.write_archive(task_id, upto, finished=finished)
-                return await self.compact(plan, lease=token)
+                return await self.compact(plan, lease=token, verified=True)
             finally:
                 try:
                     await self.hot.release(task_id, token)
@@ -319,18 +324,23 @@ class TieredCheckpointer(Checkpointer):
         records: list[LedgerRecord] = []
         if finished:
             raw = await self.hot.ledger_raw(task_id)
-            have = await self.archive.ledger(task_id) if raw else {}
+            # Records an earlier run archived are not written again. If Redis has no mark of
+            # one (the common case: a task archived once, when it finishes), the archive is
+            # not read for them: at worst, after a run cut short between its halves, a record
+            # is written twice, and a key's last row wins.
+            have = await self.archive.ledger(task_id) if raw and bounds.ledger_archived else {}
             for key, data in raw.items():
                 rec = codec.decode(LedgerRecord, data, task_id=task_id, what=f"ledger record {key}")
                 if have.get(key) != rec:
                     records.append(rec)
+        end = done
         if entries or records:
             end = await self.archive.write_segment(task_id, entries, records)
             if end <= last:
                 raise CheckpointError(f"task {task_id}: the archive ends at entry {end - 1} "
                                       f"after writing entries up to {last}")
         snapshot = await self._archive_snapshot(task_id, last, bounds.snapshot)
-        return ArchivePlan(task_id, last, snapshot, raw, finished)
+        return ArchivePlan(task_id, last, snapshot, raw, finished, end, bounds.snapshot)
 
     async def _archive_snapshot(self, task_id: str, last: int, held: int | None) -> int | None:
         """Copy the newest snapshot at or before `last` (unless the archive holds it); its seq."""
@@ -347,15 +357,18 @@ class TieredCheckpointer(Checkpointer):
         await self.archive.put_snapshot(snap, keep=_ARCHIVED_SNAPSHOTS)
         return snap.seq
 
-    async def compact(self, plan: ArchivePlan, *, lease: str) -> int:
+    async def compact(self, plan: ArchivePlan, *, lease: str, verified: bool = False) -> int:
         """The second half of `archive_log`: check the archive holds what `plan` says, then
-        trim it from Redis (while `lease` is current); the new base."""
+        trim it from Redis (while `lease` is current); the new base. `verified`: `plan` was
+        made under this lease by `write_archive`, which read back what it wrote, so the
+        archive's end and ledger records are taken from it instead of being read again."""
         task_id = plan.task_id
-        end = await self.archive.next_seq(task_id)
+        end = plan.archived_end if verified and plan.archived_end is not None else \
+            await self.archive.next_seq(task_id)
         if end <= plan.upto:
             raise CheckpointError(f"task {task_id}: the archive ends at entry {end - 1}; not "
                                   f"trimming redis through entry {plan.upto}")
-        if plan.ledger:
+        if plan.ledger and not verified:
             have = await self.archive.ledger(task_id)
             for key, data in plan.ledger.items():
                 if have.get(key) != codec.decode(LedgerRecord, data, task_id=task_id,
@@ -369,7 +382,7 @@ class TieredCheckpointer(Checkpointer):
         drop = False
         if plan.finished:  # its snapshots leave Redis if the archive holds the newest
             held = plan.snapshot if plan.snapshot is not None else \
-                (await self.hot.bounds(task_id)).snapshot
+                plan.held_snapshot if verified else (await self.hot.bounds(task_id)).snapshot
             hot = await self.hot.snapshots(task_id)
             drop = not hot or (held is not None and held >= hot[-1])
         return await self.hot.compact(task_id, plan.upto, lease=lease, snapshot=plan.snapshot,

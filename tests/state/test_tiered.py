@@ -145,6 +145,10 @@ async def test_trimming_refuses_what_the_archive_lacks(store: TieredCheckpointer
     plan = await store.write_archive("t", 9)
     with pytest.raises(CheckpointError, match="archive ends at entry 9; not trimming"):
         await store.compact(plan._replace(upto=19), lease=token)
+    # Taking the archive's end from the plan (as `archive_log` does) refuses the same way.
+    assert plan.archived_end == 10
+    with pytest.raises(CheckpointError, match="archive ends at entry 9; not trimming"):
+        await store.compact(plan._replace(upto=19), lease=token, verified=True)
     assert tiers.llen("t") == 30
     assert await store.compact(plan, lease=token) == 10
     with pytest.raises(CheckpointError, match="log is shorter"):
@@ -204,6 +208,25 @@ async def test_a_finished_task_moves_ledger_and_snapshots_to_the_archive(
     # A late ledger update in Redis still wins over the archived record.
     await store.append("t", [], [record("t:a:3:0", "finished", "late")])
     assert (await store.ledger("t"))["t:a:3:0"].result == "late"
+
+
+async def test_a_finished_task_archived_again_after_a_run_cut_short_keeps_its_ledger(
+    store: TieredCheckpointer, tiers: Tiers
+) -> None:
+    # The first run copies the ledger records and dies before trimming; Redis has no mark of
+    # them, so the next run copies them again (a key's last row wins) and trims.
+    await fill(store, "t", 20)
+    book = await store.ledger("t")
+    await store.hot.put_task(TaskRow(task_id="t", swarm="s", state="completed"))
+    token = await store.hot.lease("t", 10)
+    assert token is not None
+    await store.write_archive("t", finished=True)
+    await store.hot.release("t", token)
+    assert tiers.raw.hlen(tiers.key("t", "ledger")) == 20
+    assert await store.archive_log("t", finished=True) == 20
+    assert not tiers.raw.exists(tiers.key("t", "ledger")) and tiers.llen("t") == 0
+    assert await store.ledger("t") == book
+    assert [e.seq for e in await store.read("t")] == list(range(20))
 
 
 async def test_a_terminal_row_archives_the_task_and_its_agents_logs(tiers: Tiers) -> None:
