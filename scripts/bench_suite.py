@@ -44,6 +44,8 @@ ledger on. Each measurement runs in a fresh process.
     python scripts/bench_suite.py --only concurrency --levels 2000 --sides swarm   # one level,
                                                        # a fresh deployment, swarm alone
     python scripts/bench_suite.py --only sustained --levels 2000   # 2,000 kept in flight
+    python scripts/bench_suite.py --only sustained --levels 2000 --ray-archive   # with finished
+                                                       # tasks moved to an Arrow archive
 
 Results go to bench-results/<timestamp>/ (results.json, table.txt, *.png).
 """
@@ -166,11 +168,13 @@ def run_growth(quick: bool) -> list[dict[str, Any]]:
 
 def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python",
                     levels: list[int] | None = None, ray_layers: str = "on",
-                    ray_checkpoint: str = "every_step") -> list[dict[str, Any]]:
+                    ray_checkpoint: str = "every_step", ray_archive: bool = False
+                    ) -> list[dict[str, Any]]:
     levels = levels or ([10, 100] if quick else CONC_LEVELS)
     rows: list[dict[str, Any]] = []
     ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat,
-                       model=ray_model, layers=ray_layers, checkpoint=ray_checkpoint)
+                       model=ray_model, layers=ray_layers, checkpoint=ray_checkpoint,
+                       archive=ray_archive)
     rows += ray_rows if isinstance(ray_rows, list) else \
         [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
     for c in levels:
@@ -191,12 +195,12 @@ def run_concurrency(quick: bool, repeat: int = 1, ray_model: str = "python",
     return rows
 
 
-def run_sustained(quick: bool, repeat: int = 1, levels: list[int] | None = None
-                  ) -> list[dict[str, Any]]:
+def run_sustained(quick: bool, repeat: int = 1, levels: list[int] | None = None,
+                  ray_archive: bool = False) -> list[dict[str, Any]]:
     levels = levels or ([10, 100] if quick else SUSTAINED_LEVELS)
     rows: list[dict[str, Any]] = []
     ray_rows = measure("swarm_ray_concurrency", levels, timeout=3600, repeat=repeat,
-                       workload="sustained")
+                       workload="sustained", archive=ray_archive)
     rows += ray_rows if isinstance(ray_rows, list) else \
         [{"impl": "swarm+redis, Ray", "sessions": 0, **ray_rows}]
     for c in levels if "langgraph" in SIDES else ():
@@ -254,6 +258,11 @@ def main() -> None:
                     "end), to see what the per-step durability costs at scale; every_step:wait "
                     "or every_n:N:wait: each step waits for its append (state.write_behind: "
                     "false). No target verdict is printed for other policies")
+    ap.add_argument("--ray-archive", action="store_true",
+                    help="the Ray concurrency and sustained workloads with state.archive on a "
+                    "directory of the run, as README advises for a steady load: each finished "
+                    "task moves from Redis to an Arrow file (no target verdict is printed for "
+                    "these rows)")
     ap.add_argument("--levels", metavar="C,C,...",
                     help="concurrency levels, comma-separated (default 10,100,1000,2000, and "
                     "1000,2000 for sustained; --quick 10,100). The Ray levels share one "
@@ -316,9 +325,10 @@ def main() -> None:
     if "concurrency" in only:
         res["concurrency"] = run_concurrency(args.quick, 1 if args.quick else args.repeat,
                                              args.ray_model, levels, args.ray_layers,
-                                             args.ray_checkpoint)
+                                             args.ray_checkpoint, args.ray_archive)
     if "sustained" in only:
-        res["sustained"] = run_sustained(args.quick, 1 if args.quick else args.repeat, levels)
+        res["sustained"] = run_sustained(args.quick, 1 if args.quick else args.repeat, levels,
+                                         args.ray_archive)
     if "recovery" in only:
         print("  recovery: scripts/recovery_scenarios.py actor-kill (~1-2 minutes)", flush=True)
         res["recovery"] = run_recovery()

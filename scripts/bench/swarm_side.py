@@ -431,8 +431,8 @@ def layers_off(spec: str) -> tuple[str, ...]:
 
 def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
                     model: str = "python", layers: bool | str = True,
-                    checkpoint: str = "every_step", workload: str = "burst"
-                    ) -> list[dict[str, Any]]:
+                    checkpoint: str = "every_step", workload: str = "burst",
+                    archive: bool = False) -> list[dict[str, Any]]:
     """The concurrency workload on a local Ray with 2 CPUs: a supervisor actor and `replicas`
     agent actors, the model in-process (200 ms a call) and a Redis store; every level in the
     same deployment, one after the other, each `repeat` times: the row is the run with the
@@ -453,6 +453,10 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
     the targets are for), `every_n:N` (a durable append every N steps) or `phase` (at the
     turn's start and end): what a durable append every step costs at scale; with `:wait`
     (`every_step:wait`), each step waits for its append instead of writing it behind.
+
+    `archive`: with `state.archive` on a directory of the run (`file://`), as README advises
+    for a swarm under a steady load: each finished task's log and ledger move from Redis to an
+    Arrow segment file in the supervisor's background.
 
     `workload`: "burst" starts each level's tasks together (the concurrency workload);
     "sustained" keeps that many in flight (`scripts.bench.common.sustain`), its rows giving
@@ -503,7 +507,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
                                  "max_sessions": max(levels)}},
             "supervisor": {"entry": "bench"},
             "stuck": {"same_call": None, "no_progress": None},
-            "state": {"store": server.url, "run_dir": str(run_dir), **durability},
+            "state": {"store": server.url, "run_dir": str(run_dir), **durability,
+                      **({"archive": f"file://{run_dir / 'archive'}"} if archive else {})},
             "budgets": {"task": {"max_wall_s": 3600}},
             **{x: {"enabled": False} for x in off},
         }))
@@ -524,6 +529,8 @@ def ray_concurrency(levels: list[int], replicas: int = 2, repeat: int = 1,
                 row["layers_off"] = list(off)
             if checkpoint != "every_step":
                 row["impl"] += f", checkpoint: {checkpoint}"
+            if archive:
+                row["impl"] += ", archive on"
             out.append(row | {"replicas": replicas, "model": model, "runs": [
                 {"of_ideal": r["of_ideal"], "cpu_us_per_step": r["cpu_us_per_step"],
                  "orchestration_kb_per_session": r.get("orchestration_kb_per_session")}
