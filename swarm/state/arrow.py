@@ -443,6 +443,8 @@ class ArrowCheckpointer(Checkpointer):
 
     async def next_seq(self, task_id: str) -> int:
         """The seq after the task's last stored entry (0 if none), read from storage."""
+        if self.local and not await self._io(self._segments, task_id):
+            return 0  # a listing, on the loop: no hop to a thread for a task with no log here
         tail = await self._io(self._recover, task_id, thread=True)
         return tail.next_seq
 

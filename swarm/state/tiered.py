@@ -198,7 +198,8 @@ class TieredCheckpointer(Checkpointer):
         """Archive a task in the background once its stored row is terminal (`on_finish`)."""
         if self.on_finish and row.state in FINISHED:
             task_id = row.task_id
-            self._spawn(task_id, lambda: self.archive_task(task_id), busy="after")
+            self._spawn(task_id, lambda: self.archive_task(task_id, finished=True),
+                        busy="after")
 
     async def get_task(self, task_id: str) -> TaskRow | None:
         """A task row (rows stay in Redis)."""
@@ -256,12 +257,15 @@ class TieredCheckpointer(Checkpointer):
 
     # -- archiving -----------------------------------------------------------------------------
 
-    async def archive_task(self, task_id: str) -> dict[str, int | None]:
+    async def archive_task(self, task_id: str, *, finished: bool | None = None
+                           ) -> dict[str, int | None]:
         """Archive all of a task and its agents' linked logs; for a finished task (its row is
         terminal) with its ledger and snapshots. Returns each log's new base in Redis (None:
-        another process is archiving it)."""
-        row = await self.hot.get_task(task_id.partition("/")[0])
-        finished = row is not None and row.state in FINISHED
+        another process is archiving it). `finished`: whether the row is terminal, if the
+        caller has just stored it (else the row is read)."""
+        if finished is None:
+            row = await self.hot.get_task(task_id.partition("/")[0])
+            finished = row is not None and row.state in FINISHED
         return {log_id: await self.archive_log(log_id, finished=finished)
                 for log_id in [*await self.hot.linked(task_id), task_id]}
 
