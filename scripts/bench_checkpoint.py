@@ -22,6 +22,15 @@ At steps 10, 100, 500 and 2,000:
 With the tiered backend it prints one more line: the Redis bytes of a session before compaction,
 after archiving up to its previous snapshot, and after archiving it as a finished task.
 
+`--finished N` measures instead what archiving finished tasks costs under a steady load: N
+tasks shaped like the concurrency workload's in `scripts/bench_suite.py` (12 appends: the turn's
+start, ten steps of a model call and a tool result with its ledger record, the answer and the
+turn's end), all written to Redis, then their rows stored as completed together so the tiered
+store archives them all in its background; the CPU of the whole process (every thread, the
+filesystem's kernel work included) and the wall time until the last one is archived, per task.
+
+    python scripts/bench_checkpoint.py --finished 2000
+
 With the Redis backend it then runs `scripts/recovery_scenarios.py actor-kill` and `node-loss`
 (each in its own process with its own local Ray cluster, ~1 minute each) and prints the time
 from an agent actor kill, and from a worker node removal, to the next completed step of a task
@@ -249,6 +258,41 @@ async def compaction(b: Backend, steps: int, every: int) -> None:
     await manual.delete(task)
 
 
+async def finished_cost(n: int, rounds: int) -> None:
+    """Print the CPU and wall time a finished task costs to archive (`--finished`)."""
+    from swarm.state.interface import TaskRow
+
+    async with _redis(tiered=True) as b:
+        store = b.store
+        assert isinstance(store, TieredCheckpointer)
+        print(f"archiving {n} finished tasks at once, {rounds} rounds: {b.label}")
+        for r in range(rounds):
+            tasks = [f"done-{r}-{i}-{time.time_ns()}" for i in range(n)]
+
+            async def fill(task: str) -> None:
+                start = LogEntry(kind="turn_started", agent="bench", data={"text": "t" * 200})
+                await store.append(task, [start])
+                for step in range(1, 11):
+                    entry, ledger = step_records(task, step)
+                    call = LogEntry(kind="model", agent="bench", step=step,
+                                    data={"message": {"role": "assistant", "content": "c" * 200}})
+                    await store.append(task, [call, entry], [ledger])
+                answer = LogEntry(kind="model", agent="bench", step=11,
+                                  data={"message": {"role": "assistant", "content": "a" * 200}})
+                await store.append(task, [answer, LogEntry(kind="turn_ended", agent="bench")])
+
+            await asyncio.gather(*(fill(t) for t in tasks))
+            rows = [TaskRow(task_id=t, swarm="bench", state="completed") for t in tasks]
+            cpu, wall = time.process_time(), time.perf_counter()
+            await store.put_tasks(rows)
+            await store.drain()
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            left = sum([(await store.hot.bounds(t)).end > (await store.hot.bounds(t)).base
+                        for t in tasks])
+            print(f"round {r + 1}: {cpu / n * 1e6:.0f} µs of CPU and {wall / n * 1e6:.0f} µs "
+                  f"of wall time a finished task; {left} of {n} still hold entries in redis")
+
+
 def _file_bytes(store: Any, task: str, prefix: str) -> int:
     import pyarrow.fs as pafs
 
@@ -309,7 +353,15 @@ def main() -> None:
     ap.add_argument("--backends", default="memory,redis,arrow,arrow-fsync,tiered")
     ap.add_argument("--no-recovery", action="store_true",
                     help="skip the actor-kill and node-loss runs (each starts its own Ray)")
+    ap.add_argument("--finished", type=int, metavar="N",
+                    help="measure only what archiving N finished tasks costs (tiered store)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --finished: how many times")
     args = ap.parse_args()
+    if args.finished is not None:
+        if not 1 <= args.finished <= 100_000 or not 1 <= args.rounds <= 100:
+            ap.error("--finished must be 1 to 100000 and --rounds 1 to 100")
+        asyncio.run(finished_cost(args.finished, args.rounds))
+        return
     if args.steps < WINDOW:
         ap.error(f"--steps must be at least {WINDOW}")
     print(f"{args.steps} steps, a snapshot every {args.snapshot_every}; ckpt µs = median of "
