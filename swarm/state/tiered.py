@@ -280,7 +280,7 @@ class TieredCheckpointer(Checkpointer):
             for log_id in [*await self.hot.linked(row.task_id), row.task_id]:
                 bounds = await self.hot.bounds(log_id)
                 if bounds.end > bounds.base or await self.hot.ledger_raw(log_id):
-                    await self.archive_task(row.task_id)
+                    await self.archive_task(row.task_id, finished=True)
                     count += 1
                     break
         return count
