@@ -868,6 +868,8 @@ class Supervisor:
         # new one, and resume as usual.
         self._epoch_since = float("-inf")
         self._row_writer: asyncio.Task[None] | None = None
+        # Archives finished tasks a crash left in Redis (a tiered store), after `load`.
+        self._sweep: asyncio.Task[None] | None = None
         from swarm.observability.metrics import task_meter
 
         self.meter = task_meter(cfg, self.swarm_id)  # None when nothing records metrics
@@ -1312,8 +1314,9 @@ class Supervisor:
             return 0
         await self.mark_store()
         resumed = 0
-        rows = [r for r in await self.store.list_tasks(self.swarm_id)
-                if r.task_id not in self.tasks]
+        stored = await self.store.list_tasks(self.swarm_id)
+        self._sweep_later(stored)
+        rows = [r for r in stored if r.task_id not in self.tasks]
         # Only the newest finished tasks are made into records (limits.finished_in_memory):
         # the others are read back by id when asked for.
         ended = [r for r in rows if r.state in a2a.TERMINAL]
@@ -1341,6 +1344,27 @@ class Supervisor:
         if self.meter is not None:
             self.meter.resync(self.tasks.values())
         return resumed
+
+    def _sweep_later(self, rows: list[TaskRow]) -> None:
+        """With an archive (`state.archive`): move the finished tasks Redis still holds to it
+        in the background. A task is archived as it finishes, by the process that stored its
+        end; one whose run failed, or was lost with a process that died, would stay in Redis
+        for good without this."""
+        sweep = getattr(self.store, "archive_finished", None)
+        if sweep is None or (self._sweep is not None and not self._sweep.done()):
+            return
+
+        async def run() -> None:
+            try:
+                moved = await sweep(self.swarm_id, rows)
+            except Exception:
+                log.warning("archiving the finished tasks left in redis failed; the next "
+                            "start tries again", exc_info=True)
+                return
+            if moved:
+                log.info("archived %d finished tasks left in redis", moved)
+
+        self._sweep = asyncio.create_task(run(), name="archive-sweep")
 
     def get(self, task_id: str) -> TaskRecord:
         """The record of a task in memory, or `TaskNotFound` (`find` also reads the store)."""
@@ -1926,7 +1950,7 @@ class Supervisor:
     async def close(self) -> None:
         """Cancel the supervisor's own background work: the row writer and the store probe
         (rows not stored stay as they were: see `stop`)."""
-        for task in (self._row_writer, self._probe):
+        for task in (self._row_writer, self._probe, self._sweep):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):

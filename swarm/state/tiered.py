@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 # layer free of the protocol's dependencies).
 FINISHED = frozenset({"completed", "failed", "canceled", "rejected"})
 _ARCHIVED_SNAPSHOTS = 2  # the newest archived one, and the one before while it is replaced
+_SWEEP_CHUNK = 64  # finished tasks `archive_finished` looks at together
 
 
 class ArchivePlan(NamedTuple):
@@ -269,20 +270,30 @@ class TieredCheckpointer(Checkpointer):
         return {log_id: await self.archive_log(log_id, finished=finished)
                 for log_id in [*await self.hot.linked(task_id), task_id]}
 
-    async def archive_finished(self, swarm: str) -> int:
+    async def archive_finished(self, swarm: str, rows: list[TaskRow] | None = None) -> int:
         """Archive every finished task of a swarm that Redis still holds entries or ledger
-        records of (one whose background run failed, or that finished before the archive was
-        configured); how many were archived."""
-        count = 0
-        for row in await self.hot.list_tasks(swarm):
-            if row.state not in FINISHED:
-                continue
-            for log_id in [*await self.hot.linked(row.task_id), row.task_id]:
+        records of (one whose background run failed or was lost with its process, or that
+        finished before the archive was configured); how many were archived. `rows`: the
+        swarm's rows, if the caller has just read them. The tasks are looked at
+        `_SWEEP_CHUNK` at a time, their reads group-committed together."""
+
+        async def left(task_id: str) -> bool:
+            for log_id in [*await self.hot.linked(task_id), task_id]:
                 bounds = await self.hot.bounds(log_id)
                 if bounds.end > bounds.base or await self.hot.ledger_raw(log_id):
-                    await self.archive_task(row.task_id, finished=True)
+                    return True
+            return False
+
+        ended = [r.task_id for r in (await self.hot.list_tasks(swarm) if rows is None else rows)
+                 if r.state in FINISHED]
+        count = 0
+        for i in range(0, len(ended), _SWEEP_CHUNK):
+            chunk = ended[i:i + _SWEEP_CHUNK]
+            for task_id, held in zip(chunk, await asyncio.gather(*map(left, chunk)),
+                                     strict=True):
+                if held:
+                    await self.archive_task(task_id, finished=True)
                     count += 1
-                    break
         return count
 
     async def archive_log(self, task_id: str, upto: int | None = None, *,

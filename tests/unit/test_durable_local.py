@@ -643,3 +643,55 @@ async def test_a_task_asking_an_operator_lists_what_its_turn_ran_across_restarts
         row = await sw3.supervisor.wait(task_id, 10)
     assert row["state"] == "completed" and row["answer"] == undisturbed["answer"]
     assert {k: row[k] for k in keys} == {k: undisturbed[k] for k in keys}
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+async def test_a_restarted_supervisor_archives_the_finished_tasks_left_in_redis(
+        tmp_path: Path, redis_url: str) -> None:
+    # The process that finished the task died before archiving it (here: it never does,
+    # on_finish=False): the next supervisor's load moves it to the archive in the background.
+    import uuid
+
+    from swarm.state.arrow import ArrowCheckpointer
+    from swarm.state.redis import RedisCheckpointer
+    from swarm.state.tiered import TieredCheckpointer
+
+    prefix, archive = f"t{uuid.uuid4().hex[:10]}", (tmp_path / "archive").as_uri()
+
+    def open_store(**kw: Any) -> TieredCheckpointer:
+        return TieredCheckpointer(RedisCheckpointer(redis_url, prefix=prefix),
+                                  ArrowCheckpointer(archive), **kw)
+
+    first = open_store(on_finish=False)
+    await first.start()
+    async with LocalSwarm(make_cfg(tmp_path), store=first) as sw:
+        task_id = (await sw.run("x"))["task_id"]
+    held = await first.hot.bounds(task_id)
+    assert held.end > held.base and not held.archived  # still all in Redis
+    entries = await first.read(task_id)
+    await first.close()
+
+    store = open_store()
+    await store.start()
+    try:
+        async with LocalSwarm(make_cfg(tmp_path), store=store) as sw:
+            await sw.supervisor.load()
+            sweep = sw.supervisor._sweep
+            assert sweep is not None
+            await asyncio.wait_for(sweep, 30)
+            now = await store.hot.bounds(task_id)
+            assert now.archived and now.end == now.base == held.end  # nothing left in Redis
+            assert await store.read(task_id) == entries  # read back from the archive
+            row = await sw.supervisor.wait(task_id, 5)
+            assert row["state"] == "completed"
+    finally:
+        await store.close()
