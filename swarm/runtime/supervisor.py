@@ -49,7 +49,7 @@ from swarm.models.interface import Model, ModelRequest
 from swarm.protocol import a2a
 from swarm.runtime.agent import AgentHost, TurnRequest, TurnResult
 from swarm.state.interface import Checkpointer, StoreUnavailable, TaskRow
-from swarm.state.replay import TaskState, restore
+from swarm.state.replay import AgentUsage, TaskState, restore
 
 log = logging.getLogger(__name__)
 
@@ -1644,6 +1644,10 @@ class Supervisor:
             rec.steps = turn.step_offset if turn is not None else state.step
             for k, v in (turn.base if turn is not None else state.totals()).items():
                 setattr(rec, k, v)
+            # Each agent's ended turns, for its per-agent budget (an open turn counts when its
+            # resume ends, as the task's counters do).
+            rec.by_agent = {agent: self._agent_usage(agent, used)
+                            for agent, used in state.by_agent.items()}
             waited = rec.waiting.get(rec.id) if rec.waiting is not None else None
             if waited is not None and (turn is None or turn.turn != waited.get("turn")):
                 # The turn that waited (as the row says) has ended in the log since: the
@@ -1981,6 +1985,15 @@ class Supervisor:
             stuck.record(self.swarm_id, result.stuck)
             rec.stuck = result.stuck
             self._alert(rec, f"stuck.{result.stuck}", cfg.stuck.action, result.error or "")
+
+    def _agent_usage(self, agent: str, used: AgentUsage) -> Usage:
+        """An agent's usage in a task as its log records it (`TaskState.by_agent`), priced at
+        its model's price (cached input tokens are not logged: counted at the full price)."""
+        model = self.cfg.agents[agent].model if agent in self.cfg.agents else None
+        cost = 0.0 if model is None else self.cfg.models[model].price.cost(
+            used.input_tokens, used.output_tokens, 0)
+        return Usage(used.steps, used.model_calls, used.tool_calls, used.input_tokens,
+                     used.output_tokens, cost, used.wall_s)
 
     def _cost(self, agent: str, result: TurnResult) -> float:
         """What a turn's model usage cost, at its agent's model's price."""

@@ -43,6 +43,19 @@ class OpenTurn(msgspec.Struct, kw_only=True):
     # "continue" to a stuck escalation; 0: the task's start), for a resumed turn and the
     # turns after it.
     stuck_from: int = 0
+    started: float = 0.0  # the turn_start entry's time
+
+
+class AgentUsage(msgspec.Struct, kw_only=True):
+    """What one agent's ended turns in a task used: its per-agent budget's counters, which a
+    restarted supervisor takes from here (a turn still open counts once its resume ends)."""
+
+    steps: int = 0
+    model_calls: int = 0
+    tool_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
 
 
 class TaskState(msgspec.Struct, kw_only=True):
@@ -67,6 +80,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     task_state: str = "submitted"
     task_data: dict[str, Any] = msgspec.field(default_factory=dict)
     questions: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    by_agent: dict[str, AgentUsage] = msgspec.field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
         """Usage counters of the task so far."""
@@ -102,12 +116,16 @@ def apply(state: TaskState, entry: LogEntry) -> None:
         state.open_turn = OpenTurn(
             agent=entry.agent, turn=str(d.get("turn", "")), start=len(state.transcript),
             step_offset=state.step, base=state.totals(), stuck_from=int(d.get("stuck_from", 0)),
+            started=entry.ts,
         )
         state.transcript.append({"role": "user", "content": d.get("input", "")})
         state.pending = {}
         state.turns += 1
     elif kind == "turn_end":
-        state.last_turn = state.open_turn
+        turn = state.open_turn
+        if turn is not None:
+            _count_turn(state, turn, entry)
+        state.last_turn = turn
         state.open_turn = None
         state.pending = {}
         state.last_outcome = dict(d, agent=entry.agent)
@@ -119,6 +137,19 @@ def apply(state: TaskState, entry: LogEntry) -> None:
     elif kind == "approval":
         state.questions.append(dict(d))
     state.seq = entry.seq
+
+
+def _count_turn(state: TaskState, turn: OpenTurn, end: LogEntry) -> None:
+    """Add an ended turn's usage to its agent's (`TaskState.by_agent`)."""
+    used = state.by_agent.get(turn.agent)
+    if used is None:
+        used = state.by_agent[turn.agent] = AgentUsage()
+    base = turn.base
+    used.steps += max(state.step - turn.step_offset, 0)
+    for name in ("model_calls", "tool_calls", "input_tokens", "output_tokens"):
+        setattr(used, name, getattr(used, name) + getattr(state, name) - base.get(name, 0))
+    if turn.started and end.ts:
+        used.wall_s += max(end.ts - turn.started, 0.0)
 
 
 def fold(snapshot: Snapshot | None, entries: list[LogEntry]) -> TaskState:

@@ -695,3 +695,73 @@ async def test_a_restarted_supervisor_archives_the_finished_tasks_left_in_redis(
             assert row["state"] == "completed"
     finally:
         await store.close()
+
+
+async def test_a_restarted_supervisor_keeps_what_each_agent_used(tmp_path: Path) -> None:
+    # Per-agent budgets count an agent's turns in a task: after a restart the ended turns'
+    # usage comes back from the log (here agent a's), and the turn that was open when the
+    # process died (b's) counts once its resume ends, as the task's counters do.
+    rules = [
+        {"when": {"agent": "a", "last_role": "user"},
+         "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-1"}}]},
+        {"when": {"agent": "a", "last_tool": "lookup"},
+         "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "{{ last }}"}}]},
+        {"when": {"agent": "b", "last_role": "user"},
+         "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-3"}}]},
+        {"when": {"agent": "b"}, "content": "done: {{ last }}"},
+    ]
+    cfg = dt.swarm_config(tmp_path, rules, name="per-agent", agents={
+        "a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
+        "b": {"model": "m", "tools": ["t"]}})
+    store = MemoryCheckpointer()
+    async with LocalSwarm(cfg, store=store) as sw:
+        whole = await sw.run("w")
+        used = {k: (u.steps, u.model_calls, u.tool_calls)
+                for k, u in sw.supervisor.get(whole["task_id"]).by_agent.items()}
+    assert used == {"a": (2, 2, 1), "b": (2, 2, 1)}
+    task_id = await _crash_during(cfg, store, "v", "v-3")
+    dt.HOLD["v-3"], dt.ENTERED["v-3"] = asyncio.Event(), asyncio.Event()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        rec = sw2.supervisor.get(task_id)
+        await asyncio.wait_for(dt.ENTERED["v-3"].wait(), 10)  # b's turn, resumed, runs again
+        a = rec.by_agent["a"]
+        assert (a.steps, a.model_calls, a.tool_calls) == used["a"]
+        assert a.input_tokens > 0 and a.output_tokens > 0 and a.wall_s >= 0
+        assert rec.by_agent["b"].model_calls == 0  # open at the crash: counted at its end
+        dt.HOLD["v-3"].set()
+        row = await sw2.supervisor.wait(task_id, 10)
+        assert row["state"] == "completed"
+        again = {k: (u.steps, u.model_calls, u.tool_calls) for k, u in rec.by_agent.items()}
+    assert again == used
+
+
+def test_per_agent_usage_is_folded_from_ended_turns_and_kept_in_snapshots() -> None:
+    from swarm.state.interface import LogEntry, Snapshot
+    from swarm.state.replay import AgentUsage, TaskState, apply, fold, to_snapshot
+
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    log = [
+        LogEntry(kind="turn_start", agent="a", ts=10.0, data={"input": "x", "turn": "0"}),
+        LogEntry(kind="model", agent="a", step=1, data={
+            "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+            "usage": {"input_tokens": 5, "output_tokens": 2}}),
+        LogEntry(kind="tool", agent="a", step=1, data={
+            "message": {"role": "tool", "tool_call_id": "c1", "content": "r"}, "index": 0}),
+        LogEntry(kind="turn_end", agent="a", ts=12.5, data={"outcome": "handoff"}),
+        LogEntry(kind="turn_start", agent="b", ts=13.0, data={"input": "y", "turn": "1"}),
+        LogEntry(kind="model", agent="b", step=2, data={
+            "message": {"role": "assistant", "content": "hm"},
+            "usage": {"input_tokens": 7, "output_tokens": 1}}),
+    ]
+    state = TaskState()
+    for seq, entry in enumerate(log):
+        entry.seq = seq
+        apply(state, entry)
+    assert state.by_agent == {"a": AgentUsage(steps=1, model_calls=1, tool_calls=1,
+                                              input_tokens=5, output_tokens=2, wall_s=2.5)}
+    snap = to_snapshot("t", state, 1.0)
+    assert fold(snap, []).by_agent == state.by_agent
+    older = Snapshot(task_id="t", seq=snap.seq, step=snap.step,
+                     data={k: v for k, v in snap.data.items() if k != "by_agent"})
+    assert fold(older, []).by_agent == {}  # a snapshot from before the field: none known
