@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from swarm.events import (
     AnyEvent,
@@ -50,7 +51,8 @@ class ProgressPrinter:
         who = f"[bold cyan]{escape(ev.agent or '-'):>10}[/]"
         if isinstance(ev, TaskStateChanged):
             detail = f" ({escape(ev.detail)})" if ev.detail else ""
-            c.print(f"[dim]{t}[/] {'task':>10} state → [bold]{ev.state}[/]{detail}")
+            c.print(f"[dim]{t}[/] {'task':>10} state → [bold]{escape(ev.state)}[/]{detail}",
+                    markup=True)
         elif isinstance(ev, StepStarted):
             self.steps.setdefault(ev.step, _StepRow(ev.agent or "-"))
         elif isinstance(ev, ModelCalled):
@@ -63,35 +65,36 @@ class ProgressPrinter:
             if ev.error:
                 row.note = "model error"
                 c.print(
-                    f"[dim]{t}[/] {who} step {ev.step:>3} model [red]error[/]: {escape(ev.error)}"
-                )
+                    f"[dim]{t}[/] {who} step {ev.step:>3} model [red]error[/]: {escape(ev.error)}",
+                    markup=True)
             else:
                 what = f"{ev.tool_calls} tool call(s)" if ev.tool_calls else "answer"
                 c.print(
                     f"[dim]{t}[/] {who} step {ev.step:>3} model {escape(ev.model)}: "
                     f"{ev.input_tokens} in / {ev.output_tokens} out tokens, "
-                    f"{ev.latency_ms:.1f} ms → {what}"
+                    f"{ev.latency_ms:.1f} ms → {what}", markup=True
                 )
         elif isinstance(ev, ToolCalled):
             row = self.steps.setdefault(ev.step, _StepRow(ev.agent or "-"))
             ok = ev.outcome == "ok"
             row.tools.append(f"{ev.tool} {'ok' if ok else 'ERR'} {ev.duration_ms:.1f}ms")
             status = (
-                "[green]ok[/]" if ok else f"[red]error[/] ({ev.error_class}): {escape(ev.detail)}"
+                "[green]ok[/]" if ok else
+                f"[red]error[/] ({escape(str(ev.error_class))}): {escape(ev.detail)}"
             )
             c.print(
                 f"[dim]{t}[/] {who} step {ev.step:>3} tool {escape(ev.tool)} "
-                f"{ev.duration_ms:.1f} ms {status}"
+                f"{ev.duration_ms:.1f} ms {status}", markup=True
             )
         elif isinstance(ev, ToolProgress):
             of = f"/{ev.total:g}" if ev.total is not None else ""
             text = f": {escape(ev.message)}" if ev.message else ""
             c.print(f"[dim]{t}[/] {who} step {ev.step:>3} tool {escape(ev.tool)} "
-                    f"[dim]progress {ev.progress:g}{of}[/]{text}")
+                    f"[dim]progress {ev.progress:g}{of}[/]{text}", markup=True)
         elif isinstance(ev, Handoff):
             c.print(
                 f"[dim]{t}[/] {who} [magenta]handoff → {escape(ev.to_agent)}[/]: "
-                f"{escape(ev.message)}"
+                f"{escape(ev.message)}", markup=True
             )
             for row in reversed(self.steps.values()):
                 row.note = f"→ {ev.to_agent}"
@@ -100,7 +103,7 @@ class ProgressPrinter:
             self.steps.setdefault(ev.step, _StepRow(ev.agent or "-")).duration_ms = ev.duration_ms
         elif isinstance(ev, RemoteUpdate):
             text = f": {escape(ev.text)}" if ev.text else ""
-            c.print(f"[dim]{t}[/] {who} [blue]remote {escape(ev.state)}[/]{text}")
+            c.print(f"[dim]{t}[/] {who} [blue]remote {escape(ev.state)}[/]{text}", markup=True)
         elif isinstance(ev, TaskFinished):
             self.finished = ev
 
@@ -127,16 +130,17 @@ class ProgressPrinter:
         c.print(table)
         f = self.finished
         if f is None:
-            c.print("[yellow]the task had not finished[/]")
+            c.print("[yellow]the task had not finished[/]", markup=True)
             return
         totals = f"{f.steps} steps, {f.input_tokens} input / {f.output_tokens} output tokens"
         if f.state == "completed":
-            c.print(Panel(escape(f.answer or ""), title=f"answer ({totals})", border_style="green"))
+            c.print(Panel(Text(f.answer or ""), title=Text(f"answer ({totals})"),
+                          border_style="green"))
         else:
             c.print(
                 Panel(
-                    escape(f.error or ""),
-                    title=f"task {f.state} [{f.error_class}] ({totals})",
+                    Text(f.error or ""),
+                    title=Text(f"task {f.state} [{f.error_class}] ({totals})"),
                     border_style="red",
                 )
             )

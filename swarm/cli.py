@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from swarm._text import check_chars
@@ -21,8 +22,11 @@ from swarm.errors import ConfigError, SwarmError, TaskFailed, UserError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="swarm: run multi-agent LLM swarms on Ray."
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Markup off unless a print asks for it (and escapes what it interpolates): task texts, users,
+# answers and errors are stored strings, and one like "[/x]" must print as itself, not break
+# every table it appears in.
+out = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -46,8 +50,6 @@ TimeoutOpt = Annotated[float, typer.Option(
 
 def _die(message: str, code: int = EXIT_USAGE) -> NoReturn:
     # Messages are plain text: `swarm[gpu]` or a field path must not be read as markup.
-    from rich.markup import escape
-
     err.print(f"[red]error:[/] {escape(message)}", markup=True)
     raise typer.Exit(code)
 
@@ -76,7 +78,7 @@ def validate(config: ConfigArg) -> None:
     out.print(
         f"[green]ok[/]: swarm {cfg.name!r}: {len(cfg.models)} model(s), "
         f"{len(cfg.tools)} tool server(s), agents {agents}; "
-        f"strategy {cfg.supervisor.strategy}"
+        f"strategy {cfg.supervisor.strategy}", markup=True
     )
 
 
@@ -116,7 +118,7 @@ def run(
     except UserError as e:
         _die(str(e))
     deployment = f"{cfg.name}-run-{uuid.uuid4().hex[:6]}"
-    out.print(f"[bold]swarm[/] {cfg.name}: deploying as {deployment} ...")
+    out.print(f"[bold]swarm[/] {cfg.name}: deploying as {deployment} ...", markup=True)
     try:
         sup, reports = start_swarm(cfg, deployment=deployment)
     except SwarmError as e:
@@ -197,7 +199,7 @@ def up(
     deployed = name or cfg.name
     out.print(
         f"[green]swarm {deployed!r} is up[/]. Drive it with "
-        f"swarm.connect({deployed!r}) or `python -m swarm submit {deployed} TEXT`."
+        f"swarm.connect({deployed!r}) or `python -m swarm submit {deployed} TEXT`.", markup=True
     )
     if cfg.a2a.serve:
         from swarm.protocol.a2a_server.app import card_url
@@ -206,7 +208,7 @@ def up(
         out.print(f"A2A agent card: {url}", markup=False, soft_wrap=True)
         if a2a_port is not None and f":{a2a_port}/" not in url and not cfg.a2a.public_url:
             err.print(f"[yellow]note:[/] Serve was already listening on another port; the A2A "
-                      f"app is at {url}")
+                      f"app is at {escape(url)}", markup=True)
 
 
 @contextlib.contextmanager
@@ -231,7 +233,7 @@ def _warn_start_problems(reports: list[dict[str, Any]]) -> None:
     for rep in reports:
         for problem in rep["problems"]:
             who = "" if rep["role"] == "swarm" else f"agent {rep['role']}: tool source "
-            err.print(f"[yellow]warning:[/] {who}{problem}")
+            err.print(f"[yellow]warning:[/] {escape(who + str(problem))}", markup=True)
 
 
 @app.command()
@@ -277,11 +279,12 @@ def serve(
             raise typer.Exit(EXIT_USAGE) from None
         sys.stdout.write(text)
         for path in hidden:
-            err.print(f"[yellow]note:[/] {path} redacted; set it on the cluster instead")
+            err.print(f"[yellow]note:[/] {escape(str(path))} redacted; set it on the cluster "
+                      "instead", markup=True)
         other = sorted(set(cfg.models) - set(gpu))
         if other:
-            err.print(f"[yellow]note:[/] model(s) {', '.join(other)} are not vllm models and "
-                      "are not in this YAML")
+            err.print(f"[yellow]note:[/] model(s) {escape(', '.join(other))} are not vllm models "
+                      "and are not in this YAML", markup=True)
         return
     missing = "" if not gpu or vllm_available() else (
         f"model(s) {', '.join(sorted(gpu))} use provider: vllm, which needs vLLM and Ray Serve "
@@ -304,7 +307,8 @@ def serve(
     if missing:
         _die(missing, EXIT_FAILED)
     out.print(f"[green]{len(endpoints)} model app(s) up[/] for {deployment!r}; `swarm up` "
-              f"{config} reuses them, `swarm down {deployment}` removes them with the swarm")
+              f"{escape(str(config))} reuses them, `swarm down {deployment}` removes them with "
+              "the swarm", markup=True)
 
 
 @app.command()
@@ -376,9 +380,10 @@ def tasks(
         out.print_json(json.dumps([r.__dict__ for r in rows]))
         return
     table = Table(title=f"tasks of {name}")
-    table.add_column("task", overflow="fold", min_width=32)
-    for col in ("state", "user", "agent", "steps", "tokens", "error"):
-        table.add_column(col)
+    # Every column folds, so all of them fit a narrow terminal (or a pipe: 80 columns); a
+    # task id wider than its share goes on over two lines rather than being cut.
+    for col in ("task", "state", "user", "agent", "steps", "tokens", "error"):
+        table.add_column(col, overflow="fold", ratio=3 if col in ("task", "error") else None)
     for r in rows:
         table.add_row(
             r.task_id,
@@ -466,8 +471,9 @@ def replay(name: NameArg, task_id: TaskArg, address: AddressOpt = None) -> None:
         text = m.get("content") or ", ".join(
             f"{(c.get('function') or {}).get('name')}({(c.get('function') or {}).get('arguments')})"
             for c in calls)
-        out.print(f"[dim]step {m['step']:>3}[/] [cyan]{m['agent'] or '-':>10}[/] "
-                  f"[bold]{m['role']:>9}[/]: {text}", markup=True, highlight=False)
+        out.print(f"[dim]step {m['step']:>3}[/] [cyan]{escape(m['agent'] or '-'):>10}[/] "
+                  f"[bold]{escape(m['role']):>9}[/]: {escape(str(text))}", markup=True,
+                  highlight=False)
 
 
 @app.command()
@@ -891,8 +897,6 @@ def main() -> None:
     """Entry point of `python -m swarm` and the `swarm` script."""
     problem = _not_utf8(sys.argv[1:])
     if problem is not None:
-        from rich.markup import escape
-
         err.print(f"[red]error:[/] {escape(problem)}", markup=True)
         sys.exit(EXIT_USAGE)
     app()

@@ -294,8 +294,8 @@ def _render_trace(rows: list[dict[str, Any]], task_id: str) -> str:
     from swarm.observability.render import render_trace
 
     buf = io.StringIO()
-    Console(file=buf, width=120, color_system=None, force_terminal=False,
-            highlight=False).print(render_trace(rows, title=f"task {task_id}"))
+    Console(file=buf, width=120, color_system=None, force_terminal=False, highlight=False,
+            markup=False).print(render_trace(rows, title=f"task {task_id}"))
     return buf.getvalue()
 
 

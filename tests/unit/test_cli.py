@@ -161,3 +161,78 @@ def test_store_stop_stops_an_unused_store(tmp_path: Path) -> None:
         assert "stopped" in res.output and not server.running()
     finally:
         server.stop()
+
+
+class _Listing:
+    """A fake deployed swarm with two tasks whose stored strings look like Rich markup."""
+
+    def tasks(self, state: str | None = None) -> list[Any]:
+        from swarm.client import TaskInfo
+
+        def info(task_id: str, user: str, error: str | None) -> TaskInfo:
+            return TaskInfo(task_id=task_id, context_id="c", state="failed" if error else
+                            "completed", user=user, agent="writer", steps=3, input_tokens=4386,
+                            output_tokens=29, created=0.0, updated=0.0, answer=None,
+                            error_class="tool" if error else None, error=error, metadata={})
+
+        return [info("4d14e6a0b1c2d3e4f5a6b7c8d9e0f1c9", "[/u]", None),
+                info("5e25f7b1c2d3e4f5a6b7c8d9e0f1a2b3", "[bold]eve[/bold]",
+                     "lookup failed: [/x] not found")]
+
+    def task(self, task_id: str) -> Any:
+        return self
+
+    def history(self) -> list[dict[str, Any]]:
+        return [{"seq": 0, "step": 0, "agent": "a", "kind": "turn_start", "snapshot": False,
+                 "summary": "input: What is [/x]?"}]
+
+    def replay(self) -> list[dict[str, Any]]:
+        return [{"step": 0, "agent": "a", "role": "user", "content": "What is [/x]? [red]no[/]"}]
+
+
+@pytest.mark.parametrize("command", [["tasks", "s"], ["history", "s", "t-1"],
+                                     ["replay", "s", "t-1"]])
+def test_stored_text_that_looks_like_markup_prints_as_itself(
+        monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    # A task's text, user or error is whatever a client or peer sent: "[/x]" must neither
+    # break the table (a MarkupError for every task listed) nor style anything.
+    monkeypatch.setattr(swarm.client, "connect", lambda name, address=None: _Listing())
+    monkeypatch.setenv("COLUMNS", "80")
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    if command[0] == "tasks":
+        for header in ("task", "state", "user", "agent", "steps", "tokens", "error"):
+            assert f" {header} " in result.output  # every column shows at 80 columns
+        # Folded cells: read down each column, the table's borders and padding taken out.
+        lines = [ln.split("│") for ln in result.output.splitlines() if ln.startswith("│")]
+        columns = ["".join("".join(cells[i].split()) for cells in lines) for i in range(1, 8)]
+        assert columns[2] == "[/u][bold]eve[/bold]"
+        assert columns[6] == "tool:lookupfailed:[/x]notfound"
+        assert columns[0] == "4d14e6a0b1c2d3e4f5a6b7c8d9e0f1c95e25f7b1c2d3e4f5a6b7c8d9e0f1a2b3"
+    elif command[0] == "history":
+        assert "[/x]" in result.output
+    else:
+        assert "What is [/x]? [red]no[/]" in result.output
+
+
+def test_the_progress_printer_prints_markup_like_text_as_itself() -> None:
+    import io
+
+    from rich.console import Console
+
+    from swarm._console import ProgressPrinter
+    from swarm.events import Handoff, TaskStateChanged, ToolCalled
+
+    buf = io.StringIO()
+    printer = ProgressPrinter(Console(file=buf, width=200, highlight=False, markup=False))
+    printer(TaskStateChanged(ts=0.0, task_id="t", state="working", detail="[/d]"))
+    printer(ToolCalled(ts=0.0, task_id="t", agent="a", step=1, tool="look[/up]", call_id="c",
+                       outcome="error", error_class="tool", detail="no [/x] here",
+                       duration_ms=1.0))
+    printer(Handoff(ts=0.0, task_id="t", agent="a", to_agent="b", message="over [/y]"))
+    printer(TaskFinished(ts=0.0, task_id="t", state="completed", answer="It is [/x]. [red]!"))
+    printer.summary()
+    text = buf.getvalue()
+    for literal in ("([/d])", "look[/up]", "no [/x] here", "over [/y]", "It is [/x]. [red]!"):
+        assert literal in text, literal
+    assert "[dim]" not in text and "[/]" not in text  # its own styling is applied, not shown
