@@ -107,6 +107,8 @@ def run(
             f"task text is {len(text)} characters; limits.max_task_chars is "
             f"{cfg.limits.max_task_chars}"
         )
+    if not user:
+        _die("--user must not be empty")
     try:  # refused before a cluster is started for it, as the supervisor would refuse it
         check_chars(text, "task text")
         check_chars(user, "user")
@@ -128,7 +130,10 @@ def run(
     printer = ProgressPrinter(out)
     try:
         client = SwarmClient(deployment, sup)
-        handle = client.submit(text, user=user)
+        try:
+            handle = client.submit(text, user=user)
+        except SwarmError as e:  # refused (the swarm is taken down below)
+            _die(str(e))
         out.print(f"task {handle.id} submitted: {text[:120]!r}")
         try:
             for ev in handle.events(timeout=timeout):
@@ -641,10 +646,14 @@ def audit(
     except ValueError as e:
         _die(str(e))
     if store is not None:
+        from swarm._urls import redact_url, redis_url_problem
         from swarm.governance.audit import AuditLog, RedisAuditLog
 
         if not store.startswith(("redis://", "rediss://", "unix://")):
-            _die(f"--store {store!r}: expected a redis://, rediss:// or unix:// URL")
+            _die(f"--store {redact_url(store)!r}: expected a redis://, rediss:// or unix:// URL")
+        problem = redis_url_problem(store)
+        if problem is not None:
+            _die(f"--store: {problem}")
         folder = Path(archive_dir) if archive_dir else None
         log_: AuditLog = RedisAuditLog(store, name, folder)
 
@@ -659,7 +668,7 @@ def audit(
         try:
             rows = asyncio.run(_read())
         except Exception as e:
-            _die(f"can't read the audit log from {store}: {e}")
+            _die(f"can't read the audit log from {redact_url(store)}: {redact_url(str(e))}")
     else:
         from swarm.client import connect
 

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from swarm._urls import redis_url_problem
 from swarm.errors import ConfigError
 from swarm.memory.config import AgentMemoryConfig, MemoryConfig, memory_problems
 from swarm.tools.access import grant_problems
@@ -771,6 +772,8 @@ class StateConfig(_Strict):
         if scheme[1].lower() not in _REDIS_SCHEMES and not _arrow_scheme(scheme[1]):
             raise ValueError(f"unknown store {scheme[1]}://; expected embedded, none, memory, "
                              f"a redis://, rediss:// or unix:// URL, or {_ARROW_URI}")
+        if scheme[1].lower() in _REDIS_SCHEMES and (problem := redis_url_problem(v)):
+            raise ValueError(problem)
         return v
 
     @field_validator("archive")

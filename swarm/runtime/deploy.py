@@ -159,6 +159,10 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
     from swarm.state.embedded import EmbeddedRedis
 
     spec = os.environ.get(STORE_ENV) or cfg.state.store
+    if os.environ.get(STORE_ENV):
+        problem = store_env_problem()
+        if problem is not None:
+            raise UserError(problem)
     if spec == "none":
         return None, None
     if spec == "memory":
@@ -180,8 +184,11 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
         spec = with_archive(spec, archive, cfg.state.archive_after)
 
     async def check() -> None:
-        store = open_checkpointer(spec, run_dir=Path(cfg.state.run_dir),
-                                  outage_timeout_s=cfg.state.outage_timeout_s)
+        try:
+            store = open_checkpointer(spec, run_dir=Path(cfg.state.run_dir),
+                                      outage_timeout_s=cfg.state.outage_timeout_s)
+        except ValueError as exc:  # a spec the config's schema let through, or the env's
+            raise UserError(str(exc)) from None
         try:
             await store.start()
         finally:
@@ -189,6 +196,22 @@ def resolve_store(cfg: SwarmConfig) -> tuple[str | None, Any]:
 
     _run_apart(check())
     return spec, server
+
+
+def store_env_problem() -> str | None:
+    """What is wrong with `SWARM_STATE_STORE`, if it is set: it is checked as `state.store`
+    is, since it overrides it."""
+    spec = os.environ.get(STORE_ENV)
+    if not spec:
+        return None
+    from swarm.config import StateConfig
+
+    try:
+        StateConfig(store=spec.partition("|")[0].strip())
+    except ValueError as exc:  # pydantic's ValidationError is one
+        why = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+        return f"{STORE_ENV} (which overrides it): {why.removeprefix('Value error, ')}"
+    return None
 
 
 def preflight(cfg: SwarmConfig) -> None:
@@ -201,6 +224,9 @@ def preflight(cfg: SwarmConfig) -> None:
     from swarm.config import PythonModelConfig
     from swarm.tools.function import FunctionToolSource
 
+    problem = store_env_problem()  # it stands for state.store
+    if problem is not None:
+        raise ConfigError([("state.store", problem)])
     for name, tcfg in cfg.tools.items():
         if tcfg.python is not None:
             FunctionToolSource(name, tcfg.python, timeout_s=tcfg.timeout_s)

@@ -87,7 +87,12 @@ def _open(spec: str, run_dir: Path, outage_timeout_s: float | None = None) -> Ch
         spec = server.url
     scheme, sep, rest = spec.partition("://")
     if sep and scheme.lower() in ("redis", "rediss", "unix"):
+        from swarm._urls import redis_url_problem
         from swarm.state.redis import RedisCheckpointer
+
+        problem = redis_url_problem(spec)
+        if problem is not None:
+            raise ValueError(f"state store: {problem}")
 
         if outage_timeout_s is None:
             return RedisCheckpointer(spec)

@@ -236,3 +236,46 @@ def test_the_progress_printer_prints_markup_like_text_as_itself() -> None:
     for literal in ("([/d])", "look[/up]", "no [/x] here", "over [/y]", "It is [/x]. [red]!"):
         assert literal in text, literal
     assert "[dim]" not in text and "[/]" not in text  # its own styling is applied, not shown
+
+
+def test_a_store_url_that_is_not_usable_is_a_usage_error(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # In the config, in SWARM_STATE_STORE (which overrides it), and for `audit --store`: a
+    # clear exit 2 naming the setting, from validate as from run, never a traceback.
+    cfg = tmp_path / "s.yaml"
+    body = ("name: s\nmodels: {m: {provider: scripted, policy: p.yaml}}\n"
+            "agents: {a: {model: m}}\nsupervisor: {entry: a}\n")
+    (tmp_path / "p.yaml").write_text("rules: [{when: {}, content: hi}]\n")
+    cfg.write_text(body + "state: {store: 'redis://127.0.0.1:notaport/0'}\n")
+    for command in (["validate", str(cfg)], ["run", str(cfg)]):
+        res = runner.invoke(app, command)
+        assert res.exit_code == 2, res.output
+        flat = " ".join(res.output.split())
+        assert "state.store: 'redis://127.0.0.1:notaport/0' is not a usable Redis URL" in flat
+    cfg.write_text(body)
+    for value in ("garbage", "redis://:secret@127.0.0.1:x/0"):
+        monkeypatch.setenv("SWARM_STATE_STORE", value)
+        res = runner.invoke(app, ["validate", str(cfg)])
+        assert res.exit_code == 2, res.output
+        assert "SWARM_STATE_STORE (which overrides it)" in " ".join(res.output.split())
+        assert "secret" not in res.output
+    monkeypatch.delenv("SWARM_STATE_STORE")
+    res = runner.invoke(app, ["audit", "s", "--store", "redis://127.0.0.1:notaport/0"])
+    assert res.exit_code == 2 and "is not a usable Redis URL" in res.output
+
+
+def test_run_refuses_an_empty_user_before_deploying(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import swarm.runtime.deploy as deploy
+
+    def no_ray(*a: Any, **kw: Any) -> None:
+        raise AssertionError("ensure_ray must not be reached")
+
+    monkeypatch.setattr(deploy, "ensure_ray", no_ray)
+    (tmp_path / "p.yaml").write_text("rules: [{when: {}, content: hi}]\n")
+    (tmp_path / "s.yaml").write_text(
+        "name: s\nmodels: {m: {provider: scripted, policy: p.yaml}}\n"
+        "agents: {a: {model: m}}\nsupervisor: {entry: a}\nexample_task: hi\n")
+    res = runner.invoke(app, ["run", str(tmp_path / "s.yaml"), "--user", ""])
+    assert res.exit_code == 2, res.output
+    assert "--user must not be empty" in res.output
