@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -59,6 +60,7 @@ def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
                 address="local", namespace=NAMESPACE, log_to_driver=False,
                 include_dashboard=False, _system_config=dict(RAY_SYSTEM_CONFIG),
             )
+            _PRIVATE_RAY[0] = True
     except ConnectionError as exc:
         raise UserError(
             f"can't reach a Ray cluster at {target!r}: {exc}. Start one with `ray start --head` "
@@ -76,17 +78,69 @@ def _auth_hint() -> str:
             "`export RAY_AUTH_MODE=token` and try again.")
 
 
+# Whether `ensure_ray` started a private local cluster for this process (`swarm run`).
+_PRIVATE_RAY = [False]
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (as uvicorn binds: SO_REUSEADDR)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def serve_port() -> int:
-    """Start Ray Serve's HTTP proxy on loopback if needed; return the port it listens on."""
+    """Start Ray Serve's HTTP proxy on loopback if needed; return the port it listens on.
+
+    The port is `SWARM_SERVE_PORT` (default 8000). If Serve isn't running yet and another
+    program holds that port (another Ray cluster's Serve, say), a private cluster (`swarm run`)
+    takes a free port instead; otherwise it is a `UserError` naming the port, before Serve is
+    started, so no proxy is left half-started on it.
+    """
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    wanted = int(os.environ.get("SWARM_SERVE_PORT", DEFAULT_SERVE_PORT))
-    serve.start(
-        http_options={"host": os.environ.get("SWARM_SERVE_HOST", "127.0.0.1"), "port": wanted}
-    )
-    # Serve keeps the options of its first start; ask the controller which port won. This is an
-    # internal API of Ray 2.60, kept in this one place.
+    explicit = bool(os.environ.get("SWARM_SERVE_PORT"))
+    try:
+        wanted = int(os.environ.get("SWARM_SERVE_PORT") or DEFAULT_SERVE_PORT)
+    except ValueError:
+        raise UserError(f"SWARM_SERVE_PORT must be a port number, not "
+                        f"{os.environ['SWARM_SERVE_PORT']!r}") from None
+    host = os.environ.get("SWARM_SERVE_HOST", "127.0.0.1")
+    # Internal API of Ray 2.60, kept in this one place: whether Serve runs, and its port.
+    if _get_global_client(raise_if_no_controller_running=False) is None and \
+            not _port_free(host or "0.0.0.0", wanted):
+        if _PRIVATE_RAY[0] and not explicit:
+            import socket
+
+            with socket.socket() as s:
+                s.bind((host or "0.0.0.0", 0))
+                wanted = s.getsockname()[1]
+            log.info("port %d is taken; Ray Serve listens on %d for this run",
+                     DEFAULT_SERVE_PORT, wanted)
+        else:
+            raise UserError(
+                f"port {wanted} on {host or '0.0.0.0'} is in use by another program, so Ray "
+                "Serve's HTTP proxy can't listen there; free it, or pick another port with "
+                "SWARM_SERVE_PORT (swarm up: --a2a-port)")
+    try:
+        serve.start(http_options={"host": host, "port": wanted})
+    except RuntimeError as exc:  # the proxy couldn't bind after all (taken meanwhile)
+        if "bind" not in str(exc).lower():
+            raise
+        with contextlib.suppress(Exception):
+            serve.shutdown()  # not left running with the options of a port it can't use
+        raise UserError(f"Ray Serve's HTTP proxy can't listen on {host}:{wanted}: {exc}; "
+                        "pick another port with SWARM_SERVE_PORT (swarm up: --a2a-port)"
+                        ) from None
+    # Serve keeps the options of its first start; ask the controller which port won.
     return int(_get_global_client().http_config.port)
 
 
@@ -300,6 +354,8 @@ def start_swarm(
             f"`python -m swarm down {deployment}` first"
         )
     preflight(cfg)
+    if cfg.a2a.serve:
+        serve_port()  # its port held by another program: said now, before anything deploys
     if cfg.remote_agents():
         from swarm.protocol.a2a_member import check_cards
 

@@ -204,3 +204,29 @@ def test_a_follower_gets_the_end_of_a_task_that_left_memory(ray_cluster, serve_p
     finally:
         down = _cli("down", name)
     assert down.returncode == 0, down.stderr
+
+
+def test_run_on_its_own_cluster_takes_a_free_port_when_8000_is_taken(tmp_path) -> None:
+    # Another program (another cluster's Serve, say) holds port 8000: `swarm run`, which
+    # starts a private Ray, must put its Serve proxy on a free port and answer, not fail with
+    # a bind error or send its model calls to the other program.
+    import socket
+
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", 8000))
+        holder.listen()
+    except OSError:  # something holds it already: the same situation
+        pass
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "SWARM_SERVE_PORT")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "swarm", "run", "configs/research.yaml", "--task",
+             "What is MCP?", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=300, stdin=subprocess.DEVNULL)
+    finally:
+        holder.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"state":"completed"' in done.stdout.replace(" ", ""), done.stdout[-2000:]
