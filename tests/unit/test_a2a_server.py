@@ -315,6 +315,20 @@ async def test_json_nested_too_deeply_is_a_parse_error_and_the_server_serves_on(
     assert answer(await task_of(desk.client(), message(text))) == f"done: {text}"
 
 
+async def test_a_body_that_is_not_utf8_is_a_parse_error_and_the_server_serves_on(
+        desk: Desk) -> None:
+    bad = b'{"jsonrpc":"2.0","id":1,"method":"GetTask","params":{"id":"\xff"}}'
+    at = bad.index(b"\xff")
+    why = f"the request body is not UTF-8 (byte 0xff at offset {at}): JSON must be UTF-8"
+    resp = await desk.http.post("/", headers=V1, content=bad)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["error"] == {"code": -32700, "message": why}
+    resp = await desk.http.post("/rest/message:send", headers=V1,
+                                content=b'{"message": {"parts": [{"text": "\xfe"}]}}')
+    assert resp.status_code == 400 and "not UTF-8 (byte 0xfe" in resp.json()["error"]["message"]
+    assert answer(await task_of(desk.client(), message("still here"))) == "done: still here"
+
+
 async def test_refused_characters_are_invalid_params_and_make_no_task(desk: Desk) -> None:
     """NUL and the other C0 controls but tab, newline and CR (`swarm._text`): in a new task's
     text (checked as the message is read, on both bindings), in the sender's user label and in

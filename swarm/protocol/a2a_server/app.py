@@ -75,7 +75,8 @@ class BodyLimit:
     `MAX_JSON_DEPTH`, before a2a-sdk parses them: the JSON-RPC endpoint with JSON-RPC error
     -32600 for the size (as a2a-sdk answers a body Starlette finds too large) and -32700 (parse
     error) for the depth, the REST binding with HTTP 413 or 400 in its error format. A body
-    within the limits is read here and handed on whole."""
+    within the limits is read here and handed on whole. A body that is not UTF-8 is a parse
+    error too (-32700, HTTP 400), as JSON must be UTF-8."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, rpc_path: str = JSONRPC_PATH) -> None:
         self.app = app
@@ -107,6 +108,11 @@ class BodyLimit:
         if json_too_deep(body):
             await self._refuse_deep(scope, send)
             return
+        try:
+            body.decode("utf-8")  # JSON is UTF-8 (RFC 8259); a2a-sdk's reader would fail inside
+        except UnicodeDecodeError as exc:
+            await self._refuse_encoding(scope, send, exc)
+            return
 
         async def replay() -> Message:
             nonlocal replayed
@@ -126,6 +132,12 @@ class BodyLimit:
         text = (f"JSON nested too deeply: the request body nests arrays and objects more than "
                 f"{MAX_JSON_DEPTH} levels deep, which this agent does not parse")
         # As a2a-sdk answers JSON it can't parse: -32700 (parse error), HTTP 400.
+        await self._error(scope, send, text, JSONParseError(message=text), 400)
+
+    async def _refuse_encoding(self, scope: Scope, send: Send, exc: UnicodeDecodeError
+                               ) -> None:
+        text = (f"the request body is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
+                f"{exc.start}): JSON must be UTF-8")
         await self._error(scope, send, text, JSONParseError(message=text), 400)
 
     async def _error(self, scope: Scope, send: Send, text: str,
