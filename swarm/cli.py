@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -148,8 +149,6 @@ def run(
             # This run's deployment goes with it: its task ends here, canceled (`swarm down`
             # would keep it for a next `up` of a name that never comes back).
             err.print("interrupted: canceling the task and taking the swarm down")
-            import signal
-
             # The process ends after this: further Ctrl-Cs are ignored until it has, so the
             # cleanup (and Ray's own at exit) runs to its end.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -219,7 +218,6 @@ def up(
 @contextlib.contextmanager
 def _no_interrupts() -> Iterator[None]:
     """Ignore Ctrl-C (SIGINT) in the block, in the main thread: cleanup that must finish."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -595,9 +593,16 @@ def mcp_serve(
         server.run("streamable-http", host=host, port=port)
     except SystemExit as e:
         # uvicorn exits 3 when it can't start: the port was taken since it was checked.
-        if e.code not in (0, None):
+        if e.code == _UVICORN_STARTUP_FAILURE:
             _die(f"the MCP server could not listen on {host}:{port} (see above)")
+        # Stopped by SIGTERM or SIGINT: Ray's driver turns them into SystemExit(signal
+        # number). A normal stop, exit 0.
+        if e.code in (signal.SIGTERM, signal.SIGINT):
+            raise typer.Exit(0) from None
         raise
+
+
+_UVICORN_STARTUP_FAILURE = 3  # uvicorn.server's exit code when the server can't start
 
 
 def _check_can_listen(host: str, port: int) -> None:

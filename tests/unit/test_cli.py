@@ -279,3 +279,41 @@ def test_run_refuses_an_empty_user_before_deploying(tmp_path: Path,
     res = runner.invoke(app, ["run", str(tmp_path / "s.yaml"), "--user", ""])
     assert res.exit_code == 2, res.output
     assert "--user must not be empty" in res.output
+
+
+def test_mcp_over_http_stopped_by_sigterm_exits_0(tmp_path: Path) -> None:
+    # Ray's driver turns SIGTERM into SystemExit(15); a stop is not "could not listen".
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import signal, sys\n"
+        "import swarm.client\n"
+        "signal.signal(signal.SIGTERM, lambda n, f: sys.exit(n))  # as ray.init does\n"
+        "swarm.client.connect = lambda name, address=None: object()\n"
+        f"sys.argv = ['swarm', 'mcp', 's', '--transport', 'http', '--port', '{port}']\n"
+        "from swarm.cli import main\n"
+        "main()\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until it listens (bounded)
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, errs = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, errs
+    assert "could not listen" not in errs
