@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -209,13 +209,15 @@ class TaskHandle:
         """Approve the open approval gate `gate` (see `TaskInfo.gates`); with `args`, the call
         runs with these arguments instead. `approver` defaults to the OS user name."""
         return TaskInfo.from_summary(_call(self.client._sup, "approve", self.id, gate,
-                                           approver or _whoami(), args))
+                                           _whoami() if approver is None else approver,
+                                           args))
 
     def deny(self, gate: str, reason: str | None = None, *,
              approver: str | None = None) -> TaskInfo:
         """Deny the open approval gate `gate`; the agent's model is told who denied it and why."""
         return TaskInfo.from_summary(_call(self.client._sup, "deny", self.id, gate,
-                                           approver or _whoami(), reason))
+                                           _whoami() if approver is None else approver,
+                                           reason))
 
     def cancel(self) -> TaskInfo:
         """Cancel the task if it is still running."""
@@ -268,8 +270,10 @@ class SwarmClient:
         sent again makes only the tasks not made yet. Should the call fail part way (the
         store refused some rows), the exception carries the ids it used as `task_ids`:
         `submit_many(texts, task_ids=exc.task_ids)` finishes the batch."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("submit_many takes a list of task texts (strings)")
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or \
+                not all(isinstance(t, str) for t in texts):
+            raise TypeError("submit_many takes a list of task texts (strings), not "
+                            f"{type(texts).__name__}")
         ids = list(task_ids) if task_ids is not None else [uuid.uuid4().hex for _ in texts]
         if len(ids) != len(texts):
             raise TypeError(f"submit_many: {len(texts)} texts but {len(ids)} task ids")

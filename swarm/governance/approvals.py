@@ -349,6 +349,8 @@ class ApprovalDesk:
             raise UserError("gate must be a non-empty string (see the task's gates)")
         if not isinstance(by, str) or not by.strip():
             raise UserError("the approver's name must be a non-empty string")
+        if len(by) > 256:
+            raise UserError(f"the approver's name is {len(by)} characters; at most 256")
         check_chars(by, "the approver's name")
         if reason is not None and not isinstance(reason, str):
             raise UserError("reason must be a string")

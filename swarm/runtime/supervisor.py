@@ -62,6 +62,10 @@ _RESTART_WAIT_S = 120.0  # how long a turn waits for a dead replica to come back
 # flight: a burst of new tasks reaches the agents while the supervisor still starts the rest.
 _POST_BATCH = 64
 _SUBMIT_CHUNK = 256  # new tasks of a `submit_many` stored (and started) together
+# A submitter's or approver's name, and a task's metadata as JSON: labels and small facts,
+# kept in every row, listing and audit entry of the task.
+_MAX_LABEL_CHARS = 256
+_MAX_METADATA_CHARS = 64 * 1024
 # While the durable store is down, it is asked whether it answers again this often at most
 # (`Supervisor._store_answers`: one probe for every task that waits for it).
 _PROBE_MAX_DELAY_S = 2.0
@@ -1073,6 +1077,8 @@ class Supervisor:
         self.check_text(text)
         if not isinstance(user, str) or not user:
             raise UserError("user must be a non-empty string")
+        if len(user) > _MAX_LABEL_CHARS:
+            raise UserError(f"user is {len(user)} characters; at most {_MAX_LABEL_CHARS}")
         check_chars(user, "user")
         if metadata is not None and not isinstance(metadata, dict):
             raise UserError(f"metadata must be a dict (a JSON object), not "
@@ -1087,6 +1093,11 @@ class Supervisor:
             meta_json = _meta_json(meta)  # also checks that it is JSON
         except (TypeError, ValueError) as e:
             raise UserError(f"metadata must be JSON-serialisable: {e}") from None
+        size = len(meta_json) if meta_json is not None else sum(  # about its JSON's length
+            len(k) + (len(v) if type(v) is str else 5) + 6 for k, v in meta.items())
+        if size > _MAX_METADATA_CHARS:
+            raise UserError(f"metadata is about {size} characters as JSON; a task's metadata "
+                            f"may be at most {_MAX_METADATA_CHARS}")
         if meta:
             check_chars(meta, "metadata")
         for what, value in (("context_id", context_id), ("message_id", message_id)):

@@ -157,3 +157,21 @@ async def test_metadata_with_a_number_json_has_not_is_refused(tmp_path: Path, va
         with pytest.raises(UserError, match="metadata must be JSON-serialisable: Out of range"):
             await sw.supervisor.submit("hi", metadata={"ticket": 1, "x": value})
         assert sw.supervisor.tasks == {}
+
+
+async def test_a_user_label_or_metadata_too_large_is_refused(tmp_path: Path) -> None:
+    """A label and the task's metadata go into every row, listing and audit entry of the task:
+    a megabyte of either is refused with its size, and nothing is made."""
+    async with LocalSwarm(_cfg(tmp_path)) as sw:
+        with pytest.raises(UserError, match="user is 257 characters; at most 256"):
+            await sw.supervisor.submit("hi", user="u" * 257)
+        with pytest.raises(UserError, match=r"metadata is about 2000\d+ characters as JSON; a "
+                                            r"task's metadata may be at most 65536"):
+            await sw.supervisor.submit("hi", metadata={"k": "v" * 2_000_000})
+        with pytest.raises(UserError, match="user is 257 characters"):
+            await sw.supervisor.submit_many(["a", "b"], user="u" * 257)
+        with pytest.raises(UserError, match=r"metadata is about 700\d\d characters"):
+            await sw.supervisor.submit("hi", metadata={"k": ["v" * 70_000]})  # kept as JSON
+        assert sw.supervisor.tasks == {}
+        task_id = await sw.supervisor.submit("hi", user="u" * 256, metadata={"k": "v" * 60_000})
+        assert (await sw.supervisor.wait(task_id, 30))["state"] == "completed"
