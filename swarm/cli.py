@@ -184,6 +184,8 @@ def up(
 
     from swarm.runtime.deploy import ensure_ray, start_swarm
 
+    if name is not None and not name.strip():
+        _die("--name must not be empty (leave it out for the config's name)")
     cfg = _load(config)
     if a2a or a2a_port is not None:
         cfg = cfg.model_copy(update={"a2a": cfg.a2a.model_copy(update={"serve": True})})

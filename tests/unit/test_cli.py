@@ -317,3 +317,8 @@ def test_mcp_over_http_stopped_by_sigterm_exits_0(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 0, errs
     assert "could not listen" not in errs
+
+
+def test_up_with_an_empty_name_exits_2() -> None:
+    res = runner.invoke(app, ["up", "configs/research.yaml", "--name", ""])
+    assert res.exit_code == 2 and "--name must not be empty" in res.output
