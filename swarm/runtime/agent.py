@@ -31,7 +31,7 @@ from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
 from swarm.runtime.toolbox import Toolbox
 from swarm.state import codec
 from swarm.state.interface import Checkpointer, Fenced, LostWrites, Snapshot, StoreUnavailable
-from swarm.state.replay import TaskState, fold, latest_snapshot, read_after
+from swarm.state.replay import TaskState, agent_usage, fold, latest_snapshot, read_after
 from swarm.tools.access import function_tool_names, granted_servers
 from swarm.tools.interface import ToolSource
 
@@ -91,6 +91,9 @@ class TurnRequest:
     # transcript (the log has it), so it asks for them only for turns that go on (handoffs,
     # questions, a stuck turn an operator may continue).
     added_at_end: bool = True
+    # What each agent's ended turns in this task used (`replay.AgentUsage` fields by agent),
+    # so the log's snapshots carry it for a restarted supervisor's per-agent budgets.
+    by_agent: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class _TurnKeys(NamedTuple):
@@ -547,7 +550,7 @@ class AgentHost:
             turns=totals.get("turns", 0), input_tokens=totals.get("input_tokens", 0),
             output_tokens=totals.get("output_tokens", 0),
             model_calls=totals.get("model_calls", 0), tool_calls=totals.get("tool_calls", 0),
-            transcript=[],
+            transcript=[], by_agent=agent_usage(req.by_agent),
         )
         session.journal = Journal(self.store, log_id, self.role, turn=req.turn_id,
                                   snapshot_every=snapshot_every, base=base,

@@ -263,16 +263,16 @@ class Journal:
     async def turn_start(self, text: str, transcript_len: int, stuck_from: int = 0) -> None:
         """Log that this agent's turn began with `text` (at `transcript_len` in the transcript),
         its stuck detection counting from `stuck_from` in the transcript."""
-        base = self.base
+        base, now = self.base, time.time()
         self.open_turn = OpenTurn(agent=self.agent, turn=self.turn, start=transcript_len,
                                   step_offset=base.step, base=base.totals(),
-                                  stuck_from=stuck_from)
+                                  stuck_from=stuck_from, started=now)
         base.turns += 1
         data: dict[str, Any] = {"input": text, "turn": self.turn}
         if stuck_from:
             data["stuck_from"] = stuck_from
         await self._append([LogEntry(kind="turn_start", agent=self.agent, step=base.step,
-                                     ts=time.time(), data=data)], now=True)
+                                     ts=now, data=data)], now=True)
 
     async def model(self, step: int, message: dict[str, Any], usage: Usage,
                     calls: list[ToolCall]) -> None:
@@ -340,6 +340,7 @@ class Journal:
             transcript=list(messages[1:]), step=step, seq=self.seq, handoffs=base.handoffs,
             turns=base.turns, task_state=base.task_state, task_data=dict(base.task_data),
             open_turn=turn, questions=list(base.questions), **totals,
+            by_agent=base.by_agent,  # ended turns' usage; this open one counts at its end
         )
         snap = to_snapshot(self.log_id, state, time.time())
         self._snapshotting = asyncio.create_task(self._put_snapshot(snap))

@@ -1225,6 +1225,8 @@ class Supervisor:
         if user is not None:
             if not isinstance(user, str) or not user:
                 raise UserError("user must be a non-empty string")
+            if len(user) > _MAX_LABEL_CHARS:
+                raise UserError(f"user is {len(user)} characters; at most {_MAX_LABEL_CHARS}")
             check_chars(user, "user")
         src = await self.find(task_id)
         entries = await store.read(task_id)
@@ -1753,6 +1755,11 @@ class Supervisor:
             log_id=log_id or rec.id, turn_id=str(rec.turns), resume=resume, totals=rec.totals(),
             user=rec.user, added_at_end=self.store is None,
             guard={"budget": allowance, "steps_why": steps_why, "stuck_from": stuck_from},
+            by_agent={} if self.store is None else {
+                name: {"steps": u.steps, "model_calls": u.model_calls,
+                       "tool_calls": u.tool_calls, "input_tokens": u.input_tokens,
+                       "output_tokens": u.output_tokens, "wall_s": u.wall_s}
+                for name, u in rec.by_agent.items() if u.model_calls or u.steps},
         )
         del msg  # in the task's history and the request: not held while the turn runs
         rec.park()  # nothing changes the A2A task until the turn is over

@@ -139,6 +139,17 @@ def apply(state: TaskState, entry: LogEntry) -> None:
     state.seq = entry.seq
 
 
+def agent_usage(raw: dict[str, dict[str, Any]] | None) -> dict[str, AgentUsage]:
+    """`TaskState.by_agent` from plain dicts (a `TurnRequest`'s), bad values left out."""
+    out: dict[str, AgentUsage] = {}
+    for agent, used in (raw or {}).items():
+        try:
+            out[agent] = msgspec.convert(used, AgentUsage, strict=False)
+        except msgspec.ValidationError:
+            continue
+    return out
+
+
 def _count_turn(state: TaskState, turn: OpenTurn, end: LogEntry) -> None:
     """Add an ended turn's usage to its agent's (`TaskState.by_agent`)."""
     used = state.by_agent.get(turn.agent)

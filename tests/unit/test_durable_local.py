@@ -765,3 +765,37 @@ def test_per_agent_usage_is_folded_from_ended_turns_and_kept_in_snapshots() -> N
     older = Snapshot(task_id="t", seq=snap.seq, step=snap.step,
                      data={k: v for k, v in snap.data.items() if k != "by_agent"})
     assert fold(older, []).by_agent == {}  # a snapshot from before the field: none known
+
+
+async def test_per_agent_usage_before_a_snapshot_survives_a_restart(tmp_path: Path) -> None:
+    # A snapshot taken inside b's turn must carry a's ended turn: a restart that restores
+    # from that snapshot (not from the whole log) still knows what a used.
+    rules = [
+        {"when": {"agent": "a", "last_role": "user"},
+         "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-1"}}]},
+        {"when": {"agent": "a", "last_tool": "lookup"},
+         "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "{{ last }}"}}]},
+        {"when": {"agent": "b", "called": {"lookup": {"max": 1}}},
+         "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-b"}}]},
+        {"when": {"agent": "b", "called": {"lookup": {"max": 2}}},
+         "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-3"}}]},
+        {"when": {"agent": "b"}, "content": "done: {{ last }}"},
+    ]
+    cfg = dt.swarm_config(tmp_path, rules, name="per-agent-snap", agents={
+        "a": {"model": "m", "tools": ["t"], "handoffs": ["b"]},
+        "b": {"model": "m", "tools": ["t"]}}, state={"snapshot_every": 3})
+    store = MemoryCheckpointer()
+    task_id = await _crash_during(cfg, store, "s", "s-3")
+    snaps = await store.snapshots(task_id)
+    assert snaps, "a snapshot was due at step 3, in b's turn"
+    snap = await store.get_snapshot(task_id, snaps[-1])
+    assert snap is not None and snap.data["open_turn"]["agent"] == "b"
+    assert snap.data["by_agent"]["a"]["model_calls"] == 2  # a's ended turn, in the snapshot
+    dt.HOLD["s-3"], dt.ENTERED["s-3"] = asyncio.Event(), asyncio.Event()
+    async with LocalSwarm(cfg, store=store) as sw2:
+        assert await sw2.supervisor.load() == 1
+        rec = sw2.supervisor.get(task_id)
+        await asyncio.wait_for(dt.ENTERED["s-3"].wait(), 10)
+        assert (rec.by_agent["a"].model_calls, rec.by_agent["a"].tool_calls) == (2, 1)
+        dt.HOLD["s-3"].set()
+        assert (await sw2.supervisor.wait(task_id, 10))["state"] == "completed"
