@@ -222,12 +222,17 @@ class ArrowCheckpointer(Checkpointer):
         except FileNotFoundError:
             os.makedirs(where, exist_ok=True)
             f = open(tmp, "wb")
-        with f:
-            f.write(data)
-            if sync or self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with f:
+                f.write(data)
+                if sync or self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         if sync or self.fsync:
             _fsync(where)
 

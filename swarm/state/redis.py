@@ -641,7 +641,7 @@ class RedisCheckpointer(Checkpointer):
 
     async def get_snapshot(self, task_id: str, seq: int) -> Snapshot | None:
         """The snapshot at `seq`, or None."""
-        data = await self._grouped("HGET", self._k(task_id, "snap"), seq)
+        data = await self._cmd("HGET", self._k(task_id, "snap"), seq)  # up to MBs: not grouped
         if data is None:
             return None
         return codec.decode(Snapshot, data, task_id=task_id, what=f"snapshot at entry {seq}")
@@ -755,7 +755,7 @@ class RedisCheckpointer(Checkpointer):
 
     async def ledger_raw(self, task_id: str) -> dict[str, bytes]:
         """The task's ledger records as stored (encoded), by key."""
-        flat = await self._grouped("HGETALL", self._k(task_id, "ledger"))
+        flat = await self._cmd("HGETALL", self._k(task_id, "ledger"))  # a long task's: large
         return {k.decode(): v for k, v in zip(flat[::2], flat[1::2], strict=True)}
 
     async def link(self, task_id: str, log_id: str) -> None:

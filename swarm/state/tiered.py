@@ -53,6 +53,7 @@ from swarm.state.interface import (
     LedgerRecord,
     LogEntry,
     Snapshot,
+    StoreUnavailable,
     TaskRow,
 )
 from swarm.state.redis import RedisCheckpointer
@@ -289,11 +290,21 @@ class TieredCheckpointer(Checkpointer):
         count = 0
         for i in range(0, len(ended), _SWEEP_CHUNK):
             chunk = ended[i:i + _SWEEP_CHUNK]
-            for task_id, held in zip(chunk, await asyncio.gather(*map(left, chunk)),
-                                     strict=True):
-                if held:
-                    await self.archive_task(task_id, finished=True)
-                    count += 1
+            found = await asyncio.gather(*map(left, chunk), return_exceptions=True)
+            for task_id, held in zip(chunk, found, strict=True):
+                if isinstance(held, StoreUnavailable):
+                    raise held  # the store is gone: the next sweep tries them all again
+                try:
+                    if isinstance(held, BaseException):
+                        raise held
+                    if held:
+                        await self.archive_task(task_id, finished=True)
+                        count += 1
+                except (StoreUnavailable, asyncio.CancelledError):
+                    raise
+                except Exception:  # one task's problem (a corrupt record, ...) stops only it
+                    log.warning("archiving finished task %s failed; it stays in redis",
+                                task_id, exc_info=True)
         return count
 
     async def archive_log(self, task_id: str, upto: int | None = None, *,

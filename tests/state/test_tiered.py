@@ -383,6 +383,26 @@ async def test_a_sweep_archives_finished_tasks_left_in_redis(tiers: Tiers) -> No
     assert await plain.archive_finished("s") == 0  # nothing left to do
 
 
+async def test_a_sweep_goes_on_past_a_task_it_cannot_archive(
+        tiers: Tiers, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It runs at every supervisor start: one task it can't archive must not keep the others
+    # in Redis for good.
+    plain = await tiers.open(on_finish=False)
+    for task in ("a", "b", "c"):
+        await fill(plain, task, 5)
+        await plain.put_task(TaskRow(task_id=task, swarm="s", state="completed"))
+    real = plain.archive_task
+
+    async def flaky(task_id: str, **kw: object) -> object:
+        if task_id == "b":
+            raise CheckpointError("task b: entry 3 is unusable")
+        return await real(task_id, **kw)
+
+    monkeypatch.setattr(plain, "archive_task", flaky)
+    assert await plain.archive_finished("s") == 2
+    assert [tiers.llen(t) for t in ("a", "b", "c")] == [0, 5, 0]
+
+
 def test_a_deployed_swarm_opens_its_store_with_the_archive(
         redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # resolve_store hands every actor one spec string: the archive must be in it, with a
