@@ -311,9 +311,9 @@ def serve(
         out.print(f"  model {model}: {url}")
     if missing:
         _die(missing, EXIT_FAILED)
-    out.print(f"[green]{len(endpoints)} model app(s) up[/] for {deployment!r}; `swarm up` "
-              f"{escape(str(config))} reuses them, `swarm down {deployment}` removes them with "
-              "the swarm", markup=True)
+    out.print(f"[green]{len(endpoints)} model app(s) up[/] for {escape(repr(deployment))}; "
+              f"`swarm up` {escape(str(config))} reuses them, `swarm down "
+              f"{escape(deployment)}` removes them with the swarm", markup=True)
 
 
 @app.command()
@@ -597,9 +597,8 @@ def mcp_serve(
         # uvicorn exits 3 when it can't start: the port was taken since it was checked.
         if e.code == _UVICORN_STARTUP_FAILURE:
             _die(f"the MCP server could not listen on {host}:{port} (see above)")
-        # Stopped by SIGTERM or SIGINT: Ray's driver turns them into SystemExit(signal
-        # number). A normal stop, exit 0.
-        if e.code in (signal.SIGTERM, signal.SIGINT):
+        # Stopped by SIGTERM: Ray's driver turns it into SystemExit(15). A normal stop.
+        if e.code == signal.SIGTERM:
             raise typer.Exit(0) from None
         raise
 

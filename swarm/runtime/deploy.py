@@ -96,6 +96,20 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _on_head_node() -> bool:
+    """Whether this driver runs on the cluster's head node (not through Ray Client)."""
+    import ray
+
+    try:
+        if ray.util.client.ray.is_connected():
+            return False
+        here = ray.get_runtime_context().get_node_id()
+        return any(n.get("NodeID") == here and "node:__internal_head__" in n.get("Resources", {})
+                   for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # can't tell: don't refuse on a guess
+        return False
+
+
 def serve_port() -> int:
     """Start Ray Serve's HTTP proxy on loopback if needed; return the port it listens on.
 
@@ -114,9 +128,10 @@ def serve_port() -> int:
         raise UserError(f"SWARM_SERVE_PORT must be a port number, not "
                         f"{os.environ['SWARM_SERVE_PORT']!r}") from None
     host = os.environ.get("SWARM_SERVE_HOST", "127.0.0.1")
-    # Internal API of Ray 2.60, kept in this one place: whether Serve runs, and its port.
+    # Internal API of Ray 2.60, kept in this one place: whether Serve runs, and its port. The
+    # proxy runs on the head node: its port can be looked at from here only on that node.
     if _get_global_client(raise_if_no_controller_running=False) is None and \
-            not _port_free(host or "0.0.0.0", wanted):
+            (_PRIVATE_RAY[0] or _on_head_node()) and not _port_free(host or "0.0.0.0", wanted):
         if _PRIVATE_RAY[0] and not explicit:
             import socket
 
