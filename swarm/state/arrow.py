@@ -453,8 +453,9 @@ class ArrowCheckpointer(Checkpointer):
         tail = await self._io(self._recover, task_id, thread=True)
         return tail.next_seq
 
-    async def write_segment(self, task_id: str, entries: list[LogEntry],
-                            ledger: list[LedgerRecord] | None = None) -> int:
+    async def write_segment(self, task_id: str, entries: list[Any],
+                            ledger: list[LedgerRecord] | None = None, *,
+                            payloads: list[bytes] | None = None) -> int:
         """Store entries that already have their seqs (another store's), with ledger records,
         as one new segment file, written whole (and synced, on a local disk); read it back and
         return the seq after the log's last entry. This is how `TieredCheckpointer` archives.
@@ -463,17 +464,26 @@ class ArrowCheckpointer(Checkpointer):
         (ledger records are written again if given again); entries that would leave a gap
         after the last stored one raise `CheckpointError`, and so does finding the segment's
         name taken (another writer got there first).
+
+        `payloads`: each entry's bytes as another store holds them (`codec.encode` of it), to
+        be stored as they are; the entries then need only their `seq`, `kind`, `agent`, `step`
+        and `ts` (`redis.EntryHead`).
         """
         async with self._lock(task_id):
             # Appends of this instance would go on from a stale tail: recover it on next use.
             self._close(task_id, self._tails.pop(task_id, None))
             return await self._io(self._write_segment, task_id, entries, ledger or [],
-                                  thread=True)
+                                  payloads, thread=True)
 
-    def _write_segment(self, task_id: str, entries: list[LogEntry],
-                       ledger: list[LedgerRecord]) -> int:
+    def _write_segment(self, task_id: str, entries: list[Any], ledger: list[LedgerRecord],
+                       payloads: list[bytes] | None = None) -> int:
         end = self._recover(task_id).next_seq
-        new = [e for e in entries if e.seq >= end]
+        if payloads is None:
+            payloads = [codec.encode(e) for e in entries]
+        elif len(payloads) != len(entries):
+            raise ValueError(f"{len(entries)} entries but {len(payloads)} payloads")
+        kept = [(e, p) for e, p in zip(entries, payloads, strict=True) if e.seq >= end]
+        new = [e for e, _ in kept]
         if [e.seq for e in new] != list(range(end, end + len(new))):
             raise CheckpointError(
                 f"task {task_id}: can't archive entries {new[0].seq}..{new[-1].seq}: they must "
@@ -485,7 +495,7 @@ class ArrowCheckpointer(Checkpointer):
         if (os.path.exists(path) if self.local else
                 self.fs.get_file_info(path).type != pafs.FileType.NotFound):
             raise CheckpointError(f"task {task_id}: {path} exists: another writer is archiving")
-        rows = [(e.seq, e.kind, e.agent, e.step, e.ts, None, codec.encode(e)) for e in new]
+        rows = [(e.seq, e.kind, e.agent, e.step, e.ts, None, p) for e, p in kept]
         rows += [(None, None, None, None, r.ts, r.key, codec.encode(r)) for r in ledger]
         batch = pa.RecordBatch.from_struct_array(pa.array(rows, type=_ROW)).serialize()
         self._put(path, _SCHEMA_MESSAGE + batch.to_pybytes(), sync=True)

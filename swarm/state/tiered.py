@@ -340,9 +340,12 @@ class TieredCheckpointer(Checkpointer):
                 f"task {task_id}: the archive ({self.archive.uri}) holds entries up to "
                 f"{done - 1}, past the end of the log in redis ({bounds.end - 1}); it is not "
                 "this task's archive (a task of the same id deleted from redis only?)")
-        entries: list[LogEntry] = []
+        entries: list[Any] = []
+        payloads: list[bytes] = []
         if done <= last:
-            _, entries = await self.hot.read_tail(task_id, done - 1, last)
+            # As stored: each entry's head for the segment's columns and its bytes unchanged.
+            _, raw = await self.hot.read_tail_raw(task_id, done - 1, last)
+            entries, payloads = [h for h, _ in raw], [b for _, b in raw]
             if [e.seq for e in entries] != list(range(done, last + 1)):
                 raise CheckpointError(f"task {task_id}: entries {done}..{last} changed in "
                                       "redis while being archived (another archiver?)")
@@ -361,7 +364,8 @@ class TieredCheckpointer(Checkpointer):
                     records.append(rec)
         end = done
         if entries or records:
-            end = await self.archive.write_segment(task_id, entries, records)
+            end = await self.archive.write_segment(task_id, entries, records,
+                                                   payloads=payloads)
             if end <= last:
                 raise CheckpointError(f"task {task_id}: the archive ends at entry {end - 1} "
                                       f"after writing entries up to {last}")

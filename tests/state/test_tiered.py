@@ -358,6 +358,18 @@ async def test_a_corrupt_entry_after_compaction_is_named_by_its_seq(
     assert steps(await store.read("t", upto=22)) == list(range(23))
 
 
+async def test_archiving_a_corrupt_entry_names_it_and_trims_nothing(
+    store: TieredCheckpointer, tiers: Tiers
+) -> None:
+    # Entries are copied to the archive as stored, not decoded and encoded again: one that
+    # doesn't read as an entry is still found and named before anything is written.
+    await fill(store, "t", 10)
+    tiers.raw.lset(tiers.key("t", "log"), 4, b"\xc1\x00garbage")
+    with pytest.raises(CorruptRecord, match="task t: entry 4 is unusable"):
+        await store.archive_log("t", 9)
+    assert tiers.llen("t") == 10 and tiers.segments("t") == []
+
+
 def test_with_archive_round_trips_through_one_spec(tmp_path: Path) -> None:
     assert with_archive("redis://h:1/0", None) == "redis://h:1/0"
     spec = with_archive("redis://h:1/0", "file:///a", 50)
