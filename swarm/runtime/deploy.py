@@ -203,6 +203,9 @@ _STARTED_HERE: dict[str, Any] = {}
 # The agent replicas' handles, by deployment, of the swarms this process deployed: a replica
 # that isn't detached lives while a handle to it exists (until `stop_swarm`).
 _AGENTS_HERE: dict[str, dict[str, list[Any]]] = {}
+# The supervisors' handles of those swarms, for the same reason: a caller of `start_swarm`
+# that drops the handle it returned must not see the supervisor collected with it.
+_SUPERVISORS_HERE: dict[str, Any] = {}
 
 
 def stop_embedded_store(deployment: str) -> None:
@@ -407,6 +410,8 @@ def start_swarm(
         )
         .remote(cfg, endpoints, deployment, NAMESPACE, detached, store_spec)
     )
+    if not detached:
+        _SUPERVISORS_HERE[deployment] = sup  # held until `stop_swarm` (or this process ends)
     try:
         reports = ray.get(sup.ready.remote(), timeout=ready_timeout)
     except Exception as exc:
@@ -486,6 +491,7 @@ def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
             except ValueError:
                 pass
     _AGENTS_HERE.pop(deployment, None)
+    _SUPERVISORS_HERE.pop(deployment, None)
     ray.kill(sup)
     for model in info["endpoints"]:
         serve.delete(_app_name(deployment, model))

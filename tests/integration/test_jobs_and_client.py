@@ -230,3 +230,24 @@ def test_run_on_its_own_cluster_takes_a_free_port_when_8000_is_taken(tmp_path) -
         holder.close()
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"state":"completed"' in done.stdout.replace(" ", ""), done.stdout[-2000:]
+
+
+def test_a_swarm_started_from_python_outlives_the_handle_it_returned(ray_cluster,
+                                                                    serve_port) -> None:
+    # start_swarm's supervisor isn't detached: this process holds it until stop_swarm, so a
+    # caller that drops the returned handle doesn't lose the swarm (and orphan its agents).
+    import gc
+
+    from swarm.config import load_config
+    from swarm.runtime.deploy import start_swarm, stop_swarm
+
+    name = f"kept-{uuid.uuid4().hex[:6]}"
+    start_swarm(load_config(ECHO), deployment=name)  # the handle is not kept
+    gc.collect()
+    try:
+        client = swarm.connect(name)
+        assert client.submit("hello").result(timeout=60) == "done: hello"
+    finally:
+        stop_swarm(name)
+    with pytest.raises(SwarmNotFound):
+        swarm.connect(name)
