@@ -43,6 +43,9 @@ class Connection:
         self.error: BaseException | None = None
         self.dead = False
         self.in_flight = 0  # calls using or waiting for this connection (the pool's load)
+        # Whether its loss was counted against the server's breaker: a connection lost with
+        # several calls in flight is one failure of the server, not one a call.
+        self.loss_counted = False
         self.settled = asyncio.Event()
         self._source = source
         self._on_tools = on_tools

@@ -50,10 +50,12 @@ class _Failed(Exception):
     server answered, just not in MCP).
     """
 
-    def __init__(self, kind: Literal["connect", "lost", "timeout", "garbage"], message: str):
+    def __init__(self, kind: Literal["connect", "lost", "timeout", "garbage"], message: str,
+                 conn: Connection | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.conn = conn  # the connection a `lost` attempt lost
 
 
 class MCPToolSource(ToolSource):
@@ -158,7 +160,12 @@ class MCPToolSource(ToolSource):
             try:
                 result = await self._attempt(tool, arguments, ctx)
             except _Failed as f:
-                self.breaker.failure(f.message)
+                if f.conn is None or not f.conn.loss_counted:
+                    self.breaker.failure(f.message)
+                    if f.conn is not None:
+                        f.conn.loss_counted = True
+                else:  # the loss of a connection already counted: one failure, not one a call
+                    self.breaker.abandon()
                 retry = f.kind == "connect" or (
                     f.kind in ("lost", "timeout") and self._idempotent(tool))
                 delay = next(delays, None) if retry and not self._closed else None
@@ -191,7 +198,7 @@ class MCPToolSource(ToolSource):
         try:
             client = conn.client
             if client is None:
-                raise _Failed("lost", self._lost(tool, "the connection closed"))
+                raise _Failed("lost", self._lost(tool, "the connection closed"), conn)
             meta: dict[str, Any] = {}
             if ctx.traceparent:
                 meta["traceparent"] = ctx.traceparent
@@ -208,7 +215,7 @@ class MCPToolSource(ToolSource):
             except MCPError as e:
                 if conn.dead or e.code == mcp_types.CONNECTION_CLOSED or _session_gone(e):
                     conn.kill()
-                    raise _Failed("lost", self._lost(tool, e.message)) from None
+                    raise _Failed("lost", self._lost(tool, e.message), conn) from None
                 if e.code == mcp_types.REQUEST_TIMEOUT:
                     raise _Failed("timeout", self._timed_out(tool)) from None
                 # The server answered with a protocol error; the model may fix its call.
@@ -219,14 +226,14 @@ class MCPToolSource(ToolSource):
                 raise _Failed("timeout", self._timed_out(tool)) from None
             except (RuntimeError, ValidationError) as e:
                 if conn.dead:
-                    raise _Failed("lost", self._lost(tool, _reason(e))) from None
+                    raise _Failed("lost", self._lost(tool, _reason(e)), conn) from None
                 # The client rejected the answer (not a CallToolResult, or structured content
                 # against the output schema).
                 raise _Failed("garbage", f"MCP server {self.name!r} returned an invalid result "
                               f"for {tool!r}: {_reason(e)[:500]}") from None
             except Exception as e:
                 conn.kill()
-                raise _Failed("lost", self._lost(tool, _reason(e))) from None
+                raise _Failed("lost", self._lost(tool, _reason(e)), conn) from None
             return _to_result(result)
         finally:
             conn.in_flight -= 1

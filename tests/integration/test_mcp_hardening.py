@@ -126,3 +126,25 @@ async def test_large_result_is_cut_for_the_model(bad):
     result = await bad.call("big", {"n": 200_000}, CTX)
     assert result.content.endswith("\n[truncated: 65536 of 200000 characters shown]")
     assert len(result.content) < 65536 + 100
+
+
+async def test_a_crash_with_calls_in_flight_is_one_failure_of_the_server(tmp_path):
+    # Five calls wait on the connection when the server dies: the breaker (5 failures) must
+    # count one lost connection, not six failures, and the next call must reach a new server.
+    src = source(tmp_path, timeout_s=5.0, retries=0)
+    try:
+        await src.start()
+        hangs = [asyncio.create_task(src.call("hang", {}, CTX)) for _ in range(5)]
+        deadline = time.monotonic() + 10
+        while calls(tmp_path).count("hang") < 5:  # each has reached the server (bounded)
+            assert time.monotonic() < deadline, calls(tmp_path)
+            await asyncio.sleep(0.02)
+        with pytest.raises(ToolError, match="connection lost while calling 'crash'"):
+            await src.call("crash", {}, CTX)
+        for hang in hangs:
+            with pytest.raises(ToolError, match="connection lost while calling 'hang'"):
+                await hang
+        assert src.breaker.state == "closed" and src.breaker.consecutive == 1
+        assert (await src.call("ok", {}, CTX)).content == "fine"
+    finally:
+        await src.aclose()
