@@ -479,8 +479,9 @@ class StepLoop:
                 todo.append((index, call))
             elif decision == "skip":
                 session.messages.append({"role": "tool", "tool_call_id": call.id, "content": (
-                    f"{ERROR_PREFIX}the call to {call.name!r} was interrupted by a crash and an "
-                    "operator chose not to run it again; it may or may not have taken effect")})
+                    f"{ERROR_PREFIX}the call to {call.name!r} was interrupted before its result "
+                    "was logged and an operator chose not to run it again; it may or may not "
+                    "have taken effect")})
                 if session.journal is not None:
                     await session.journal.tool(step, index, call, session.messages[-1], True)
                     await session.journal.checkpoint()  # the operator's decision, at once
@@ -489,9 +490,11 @@ class StepLoop:
                     await session.journal.checkpoint()  # a phase boundary
                 return Outcome("input_required", text=(
                     f"Agent {self.agent} was running tool {call.name!r} (step {step}, call "
-                    f"{index}, arguments {call.arguments[:200]}) when its process died. The "
-                    "tool is not declared idempotent, so it may or may not have taken effect. "
-                    "Answer 'rerun' to run it again or 'skip' to continue without it."))
+                    f"{index}, arguments {call.arguments[:200]}) when its turn was cut short "
+                    "before the call's result was logged (its process died, the swarm was "
+                    "taken down, or the store could not be written). The tool is not declared "
+                    "idempotent, so it may or may not have taken effect. Answer 'rerun' to run "
+                    "it again or 'skip' to continue without it."))
         try:
             handoff = await self._run_calls(session, step, todo, limits) if todo else None
         except StopTurn as stop:

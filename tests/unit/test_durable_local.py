@@ -179,12 +179,13 @@ async def test_crash_during_a_non_idempotent_call_asks_an_operator(tmp_path: Pat
         rec = sw2.supervisor.get(task_id)
         await asyncio.wait_for(_wait_state(rec, "input_required"), 10)
         assert "pay" in rec.question and "rerun" in rec.question
+        assert "before the call's result was logged" in rec.question
         assert dt.RUNS["y-1"] == 1  # the finished lookup was not run again
         await sw2.supervisor.respond(task_id, "skip")
         row = await sw2.supervisor.wait(task_id, 10)
     assert row["state"] == "completed"
     assert dt.RUNS == {"y-1": 1, "y-2": 1}  # pay ran once, before the crash, never again
-    assert "interrupted by a crash" in row["answer"]
+    assert "interrupted before its result was logged" in row["answer"]
 
 
 async def test_rerun_decision_runs_the_call_again(tmp_path: Path) -> None:
