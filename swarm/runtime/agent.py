@@ -28,7 +28,7 @@ from swarm.protocol import a2a
 from swarm.runtime.journal import Journal
 from swarm.runtime.middleware import build_middleware
 from swarm.runtime.step import Outcome, Session, StepLoop, TurnLimits
-from swarm.runtime.toolbox import Toolbox
+from swarm.runtime.toolbox import Toolbox, note_unlisted
 from swarm.state import codec
 from swarm.state.interface import Checkpointer, Fenced, LostWrites, Snapshot, StoreUnavailable
 from swarm.state.replay import TaskState, agent_usage, fold, latest_snapshot, read_after
@@ -247,6 +247,7 @@ class AgentHost:
                 if isinstance(exc, BaseException):
                     # A tool server that is down costs only the calls that touch it.
                     self.start_problems.append(f"{source.name}: {exc}")
+                    note_unlisted(source, exc)
                     log.warning(
                         "agent %s: tool source %s did not start: %s", self.role, source.name, exc
                     )

@@ -583,7 +583,7 @@ class StepLoop:
                 self.toolbox.poke()
                 result = ToolResult(
                     f"{ERROR_PREFIX}unknown tool {call.name!r}: tool server "
-                    f"{', '.join(self.toolbox.unlisted)} could not list its tools yet; "
+                    f"{self.toolbox.why_unlisted()} could not list its tools yet; "
                     f"available tools: {', '.join(self.toolbox.names) or 'none'}",
                     is_error=True,
                 )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -160,6 +162,16 @@ class Toolbox:
         if self._relister is None or self._relister.done():
             self._relister = asyncio.get_running_loop().create_task(self._relist())
 
+    def why_unlisted(self) -> str:
+        """The servers that could not list their tools, each with why, for a tool error."""
+        sources = self._rules.sources if self._rules is not None else {}
+        out = []
+        for server in self.unlisted:
+            source = sources.get(server)
+            why = _LIST_ERRORS.get(source) if source is not None else None
+            out.append(f"{server} ({why[:300]})" if why else server)
+        return ", ".join(out)
+
     def poke(self) -> None:
         """Ask the sources that could not list their tools again now, not at the next retry
         (a model called a tool that may be theirs); at most once every `RELIST_FIRST_S`."""
@@ -239,12 +251,27 @@ def _unlisted(listed: dict[str, list[ToolSpec] | None]) -> list[str]:
     return sorted(s for s, specs in listed.items() if specs is None)
 
 
+# Why each source last failed to list its tools (`Toolbox.why_unlisted`).
+_LIST_ERRORS: weakref.WeakKeyDictionary[ToolSource, str] = weakref.WeakKeyDictionary()
+
+
+def note_unlisted(source: ToolSource, why: BaseException) -> None:
+    """Keep why a source could not give its tools (it failed to start, say) for the tool
+    errors of calls that may be its (`Toolbox.why_unlisted`)."""
+    with contextlib.suppress(TypeError):  # a source that can't be weakly referenced
+        _LIST_ERRORS[source] = str(why) or type(why).__name__
+
+
 async def _listing(source: ToolSource) -> list[ToolSpec] | None:
-    """The source's tools now, or None if it can't list them."""
+    """The source's tools now, or None if it can't list them (why is kept for messages)."""
     try:
-        return await source.list_tools()
-    except Exception:
+        specs = await source.list_tools()
+    except Exception as exc:
+        note_unlisted(source, exc)
         return None
+    with contextlib.suppress(TypeError):
+        _LIST_ERRORS.pop(source, None)
+    return specs
 
 
 async def _list_all(sources: dict[str, ToolSource],

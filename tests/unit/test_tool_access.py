@@ -194,10 +194,13 @@ async def test_a_source_that_comes_up_is_listed_once_when_it_is_asked_again() ->
     box = await Toolbox.build("a", ["late", "fn"], {"late": late, "fn": steady}, [])
     try:
         assert box.unlisted == ["late"] and box.names == ["echo"] and late.asked == 1
+        # A call of one of its tools is told why it can't be listed, not only that.
+        assert box.why_unlisted() == "late (server late is down)"
         late.up = True
         box.poke()
         await box.relisted()
         assert box.unlisted == [] and sorted(box.names) == ["echo", "late_tool"]
+        assert box.why_unlisted() == ""
         assert late.asked == 2  # the answer that brought its tools back is the one used
     finally:
         box.close()
