@@ -698,15 +698,21 @@ async def test_a_restarted_supervisor_archives_the_finished_tasks_left_in_redis(
         await store.close()
 
 
+# Agent a looks a key up, then hands the task to b (the per-agent usage tests).
+_A_LOOKS_UP_THEN_HANDS_OFF = [
+        {"when": {"agent": "a", "last_role": "user"},
+         "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-1"}}]},
+        {"when": {"agent": "a", "last_tool": "lookup"},
+         "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "{{ last }}"}}]},
+]
+
+
 async def test_a_restarted_supervisor_keeps_what_each_agent_used(tmp_path: Path) -> None:
     # Per-agent budgets count an agent's turns in a task: after a restart the ended turns'
     # usage comes back from the log (here agent a's), and the turn that was open when the
     # process died (b's) counts once its resume ends, as the task's counters do.
     rules = [
-        {"when": {"agent": "a", "last_role": "user"},
-         "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-1"}}]},
-        {"when": {"agent": "a", "last_tool": "lookup"},
-         "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "{{ last }}"}}]},
+        *_A_LOOKS_UP_THEN_HANDS_OFF,
         {"when": {"agent": "b", "last_role": "user"},
          "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-3"}}]},
         {"when": {"agent": "b"}, "content": "done: {{ last }}"},
@@ -772,10 +778,7 @@ async def test_per_agent_usage_before_a_snapshot_survives_a_restart(tmp_path: Pa
     # A snapshot taken inside b's turn must carry a's ended turn: a restart that restores
     # from that snapshot (not from the whole log) still knows what a used.
     rules = [
-        {"when": {"agent": "a", "last_role": "user"},
-         "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-1"}}]},
-        {"when": {"agent": "a", "last_tool": "lookup"},
-         "tool_calls": [{"name": "transfer_to_b", "arguments": {"message": "{{ last }}"}}]},
+        *_A_LOOKS_UP_THEN_HANDS_OFF,
         {"when": {"agent": "b", "called": {"lookup": {"max": 1}}},
          "tool_calls": [{"name": "lookup", "arguments": {"key": "{{ task }}-b"}}]},
         {"when": {"agent": "b", "called": {"lookup": {"max": 2}}},
