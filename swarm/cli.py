@@ -610,16 +610,13 @@ def _check_can_listen(host: str, port: int) -> None:
     """Exit 2 naming the address if an HTTP server can't listen on it (a port in use)."""
     import socket
 
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        _die(f"--host {host!r}: {e.strerror}")
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
-        try:
-            s.bind(addr)
-        except OSError as e:
-            _die(f"can't listen on {host}:{port}: {e.strerror}; pick another --port")
+    from swarm._net import listen_problem
+
+    problem = listen_problem(host, port)
+    if isinstance(problem, socket.gaierror):
+        _die(f"--host {host!r}: {problem.strerror}")
+    if problem is not None:
+        _die(f"can't listen on {host}:{port}: {problem.strerror}; pick another --port")
 
 
 @app.command()

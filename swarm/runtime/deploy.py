@@ -9,6 +9,7 @@ import os
 import re
 from typing import Any
 
+from swarm._net import free_port, listen_problem
 from swarm.config import ScriptedModelConfig, SwarmConfig
 from swarm.errors import ConfigError, OrchestrationError, SwarmNotFound, UserError
 from swarm.models.ingress import default_direct_ingress_env
@@ -82,20 +83,6 @@ def _auth_hint() -> str:
 _PRIVATE_RAY = [False]
 
 
-def _port_free(host: str, port: int) -> bool:
-    """Whether a server could listen on host:port now (as uvicorn binds: SO_REUSEADDR)."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _on_head_node() -> bool:
     """Whether this driver runs on the cluster's head node (not through Ray Client)."""
     import ray
@@ -131,13 +118,10 @@ def serve_port() -> int:
     # Internal API of Ray 2.60, kept in this one place: whether Serve runs, and its port. The
     # proxy runs on the head node: its port can be looked at from here only on that node.
     if _get_global_client(raise_if_no_controller_running=False) is None and \
-            (_PRIVATE_RAY[0] or _on_head_node()) and not _port_free(host or "0.0.0.0", wanted):
+            (_PRIVATE_RAY[0] or _on_head_node()) and \
+            listen_problem(host or "0.0.0.0", wanted) is not None:
         if _PRIVATE_RAY[0] and not explicit:
-            import socket
-
-            with socket.socket() as s:
-                s.bind((host or "0.0.0.0", 0))
-                wanted = s.getsockname()[1]
+            wanted = free_port(host or "0.0.0.0")
             log.info("port %d is taken; Ray Serve listens on %d for this run",
                      DEFAULT_SERVE_PORT, wanted)
         else:

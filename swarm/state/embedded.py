@@ -16,7 +16,6 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from swarm._net import free_port, listen_problem
 from swarm.errors import UserError
 from swarm.state.interface import StoreUnavailable
 
@@ -72,22 +72,6 @@ def redis_server_binary() -> str:
         "one; swarm depends on it, but it has no build for this platform), install Debian's "
         "redis-server, set SWARM_REDIS_SERVER to a binary, or point state.store at a Redis URL"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _alive(pid: int) -> bool:
@@ -233,7 +217,9 @@ class EmbeddedRedis:
             self.port = recorded
             return
         binary = redis_server_binary()
-        port = recorded if recorded is not None and _port_is_free(recorded) else _free_port()
+        # Its last port again if free (as redis-server binds: SO_REUSEADDR), else a new one.
+        port = recorded if recorded is not None and \
+            listen_problem("127.0.0.1", recorded) is None else free_port()
         for attempt in range(3):
             self.pidfile.unlink(missing_ok=True)
             log_from = self._log_size()
@@ -255,7 +241,7 @@ class EmbeddedRedis:
                 if attempt == 2:
                     raise StoreUnavailable(f"embedded redis-server found no free port: "
                                            f"{self._log_tail()}") from None
-                port = _free_port()  # someone took it between our check and the server's bind
+                port = free_port()  # someone took it between our check and the server's bind
         self.portfile.write_text(str(port))
         self.port = port
         self.started_here = True

@@ -1,0 +1,33 @@
+"""Whether a server could listen on an address now, and a free port: for the processes swarm
+starts (redis-server, Ray Serve's proxy, the MCP server) before it starts them."""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["free_port", "listen_problem"]
+
+
+def listen_problem(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on host:port now (the name doesn't resolve: a
+    `socket.gaierror`; the port is taken: the bind's `OSError`), or None if it could. Bound
+    as servers bind (SO_REUSEADDR), so a port only in TIME_WAIT counts as free."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        return e
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return e
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now (the system picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
