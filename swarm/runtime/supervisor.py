@@ -475,6 +475,16 @@ _WAITING = ("steps", "input_tokens", "output_tokens", "model_calls", "tool_calls
 _EXACT = frozenset({str, bool, type(None)})
 
 
+def _check_user(user: Any) -> None:
+    """A submitter's label: a non-empty string of at most `_MAX_LABEL_CHARS`, no control
+    characters; a `UserError` naming what is wrong."""
+    if not isinstance(user, str) or not user:
+        raise UserError("user must be a non-empty string")
+    if len(user) > _MAX_LABEL_CHARS:
+        raise UserError(f"user is {len(user)} characters; at most {_MAX_LABEL_CHARS}")
+    check_chars(user, "user")
+
+
 def _meta_json(meta: dict[str, Any]) -> str | None:
     """A task's metadata as the JSON text its record keeps (`TaskRecord.meta_json`), or None
     when the A2A task's Struct gives it back exactly (strings, booleans and nulls only, as
@@ -1075,11 +1085,7 @@ class Supervisor:
         """A new task's record, not yet stored; or the id of the task this submission made
         already (a client's retry), here or earlier in `batch`."""
         self.check_text(text)
-        if not isinstance(user, str) or not user:
-            raise UserError("user must be a non-empty string")
-        if len(user) > _MAX_LABEL_CHARS:
-            raise UserError(f"user is {len(user)} characters; at most {_MAX_LABEL_CHARS}")
-        check_chars(user, "user")
+        _check_user(user)
         if metadata is not None and not isinstance(metadata, dict):
             raise UserError(f"metadata must be a dict (a JSON object), not "
                             f"{type(metadata).__name__}")
@@ -1223,11 +1229,7 @@ class Supervisor:
         """
         store = self._require_store()
         if user is not None:
-            if not isinstance(user, str) or not user:
-                raise UserError("user must be a non-empty string")
-            if len(user) > _MAX_LABEL_CHARS:
-                raise UserError(f"user is {len(user)} characters; at most {_MAX_LABEL_CHARS}")
-            check_chars(user, "user")
+            _check_user(user)
         src = await self.find(task_id)
         entries = await store.read(task_id)
         if step < 0 or (entries and step > max(e.step for e in entries)):
@@ -1756,9 +1758,7 @@ class Supervisor:
             user=rec.user, added_at_end=self.store is None,
             guard={"budget": allowance, "steps_why": steps_why, "stuck_from": stuck_from},
             by_agent={} if self.store is None else {
-                name: {"steps": u.steps, "model_calls": u.model_calls,
-                       "tool_calls": u.tool_calls, "input_tokens": u.input_tokens,
-                       "output_tokens": u.output_tokens, "wall_s": u.wall_s}
+                name: {f: getattr(u, f) for f in AgentUsage.__struct_fields__}
                 for name, u in rec.by_agent.items() if u.model_calls or u.steps},
         )
         del msg  # in the task's history and the request: not held while the turn runs

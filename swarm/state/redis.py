@@ -191,7 +191,7 @@ _entries = msgspec.msgpack.Decoder(list[LogEntry])
 
 class EntryHead(msgspec.Struct, kw_only=True):
     """A stored log entry's fields but its `data` (`read_tail_raw`): what an archive segment's
-    columns hold, the entry's stored bytes going into it as they are."""
+    columns hold, with `raw`, the entry's stored bytes, going into it as they are."""
 
     kind: str
     agent: str = ""
@@ -199,6 +199,7 @@ class EntryHead(msgspec.Struct, kw_only=True):
     ts: float = 0.0
     seq: int = -1
     v: int = FORMAT_VERSION  # omitted from the stored bytes when it is the current one
+    raw: bytes = b""  # not stored: set from the page that was read
 
 
 _heads = msgspec.msgpack.Decoder(list[EntryHead])
@@ -611,9 +612,9 @@ class RedisCheckpointer(Checkpointer):
         return await self._tail(task_id, after, upto, self._decode_page)
 
     async def read_tail_raw(self, task_id: str, after: int = -1, upto: int | None = None
-                            ) -> tuple[int, list[tuple[EntryHead, bytes]]]:
-        """`read_tail` with each entry as its head (no `data`) and its stored bytes, for
-        copying to an archive without decoding and encoding every entry again."""
+                            ) -> tuple[int, list[EntryHead]]:
+        """`read_tail` with each entry as its head (no `data`) and its stored bytes (`raw`),
+        for copying to an archive without decoding and encoding every entry again."""
         return await self._tail(task_id, after, upto, self._decode_raw)
 
     async def _tail(self, task_id: str, after: int, upto: int | None,
@@ -642,7 +643,7 @@ class RedisCheckpointer(Checkpointer):
                             raise CorruptRecord(task_id, f"entries {first}..{first + count - 1}",
                                                 "they don't read as log entries")
                 for i, e in enumerate(page):
-                    (e if decode is self._decode_page else e[0]).seq = first + i
+                    e.seq = first + i
                 out += page
                 start = first + count
                 if count < _READ_PAGE:
@@ -651,7 +652,7 @@ class RedisCheckpointer(Checkpointer):
                 return max(base, 0), out
 
     @staticmethod
-    def _decode_raw(count: int, blob: bytes) -> list[tuple[EntryHead, bytes]] | None:
+    def _decode_raw(count: int, blob: bytes) -> list[EntryHead] | None:
         # The page read twice at C speed: each entry's head (its `data` skipped, not built)
         # and its bytes as stored.
         framed = b"\xdd" + count.to_bytes(4, "big") + blob
@@ -661,7 +662,9 @@ class RedisCheckpointer(Checkpointer):
             return None
         if any(h.v != FORMAT_VERSION for h in heads):
             return None
-        return [(h, bytes(r)) for h, r in zip(heads, raws, strict=True)]
+        for h, r in zip(heads, raws, strict=True):
+            h.raw = bytes(r)
+        return heads
 
     @staticmethod
     def _decode_page(count: int, blob: bytes) -> list[LogEntry] | None:

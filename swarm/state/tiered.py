@@ -56,7 +56,7 @@ from swarm.state.interface import (
     StoreUnavailable,
     TaskRow,
 )
-from swarm.state.redis import RedisCheckpointer
+from swarm.state.redis import EntryHead, RedisCheckpointer
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +292,6 @@ class TieredCheckpointer(Checkpointer):
             chunk = ended[i:i + _SWEEP_CHUNK]
             found = await asyncio.gather(*map(left, chunk), return_exceptions=True)
             for task_id, held in zip(chunk, found, strict=True):
-                if isinstance(held, StoreUnavailable):
-                    raise held  # the store is gone: the next sweep tries them all again
                 try:
                     if isinstance(held, BaseException):
                         raise held
@@ -301,7 +299,7 @@ class TieredCheckpointer(Checkpointer):
                         await self.archive_task(task_id, finished=True)
                         count += 1
                 except (StoreUnavailable, asyncio.CancelledError):
-                    raise
+                    raise  # the store is gone (the next sweep tries them all again), or stop
                 except Exception:  # one task's problem (a corrupt record, ...) stops only it
                     log.warning("archiving finished task %s failed; it stays in redis",
                                 task_id, exc_info=True)
@@ -340,12 +338,10 @@ class TieredCheckpointer(Checkpointer):
                 f"task {task_id}: the archive ({self.archive.uri}) holds entries up to "
                 f"{done - 1}, past the end of the log in redis ({bounds.end - 1}); it is not "
                 "this task's archive (a task of the same id deleted from redis only?)")
-        entries: list[Any] = []
-        payloads: list[bytes] = []
+        entries: list[EntryHead] = []
         if done <= last:
             # As stored: each entry's head for the segment's columns and its bytes unchanged.
-            _, raw = await self.hot.read_tail_raw(task_id, done - 1, last)
-            entries, payloads = [h for h, _ in raw], [b for _, b in raw]
+            _, entries = await self.hot.read_tail_raw(task_id, done - 1, last)
             if [e.seq for e in entries] != list(range(done, last + 1)):
                 raise CheckpointError(f"task {task_id}: entries {done}..{last} changed in "
                                       "redis while being archived (another archiver?)")
@@ -365,7 +361,7 @@ class TieredCheckpointer(Checkpointer):
         end = done
         if entries or records:
             end = await self.archive.write_segment(task_id, entries, records,
-                                                   payloads=payloads)
+                                                   payloads=[e.raw for e in entries])
             if end <= last:
                 raise CheckpointError(f"task {task_id}: the archive ends at entry {end - 1} "
                                       f"after writing entries up to {last}")
