@@ -23,6 +23,9 @@ from typing import Any
 
 from swarm.errors import UserError
 
+# The longest name of a person or process swarm keeps as a label (a task's submitter, an
+# approver): it goes into every row, listing and audit entry it belongs to.
+MAX_LABEL_CHARS = 256
 _REFUSED = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 

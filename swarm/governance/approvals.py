@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
-from swarm._text import check_chars
+from swarm._text import MAX_LABEL_CHARS, check_chars
 from swarm.errors import UserError
 from swarm.runtime.middleware import Middleware, NextTool, StopTurn, ToolInvocation
 from swarm.tools.interface import ToolResult
@@ -349,8 +349,9 @@ class ApprovalDesk:
             raise UserError("gate must be a non-empty string (see the task's gates)")
         if not isinstance(by, str) or not by.strip():
             raise UserError("the approver's name must be a non-empty string")
-        if len(by) > 256:
-            raise UserError(f"the approver's name is {len(by)} characters; at most 256")
+        if len(by) > MAX_LABEL_CHARS:
+            raise UserError(f"the approver's name is {len(by)} characters; at most "
+                            f"{MAX_LABEL_CHARS}")
         check_chars(by, "the approver's name")
         if reason is not None and not isinstance(reason, str):
             raise UserError("reason must be a string")

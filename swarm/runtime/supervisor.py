@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from swarm._text import check_chars
+from swarm._text import MAX_LABEL_CHARS, check_chars
 from swarm._urls import redact_url
 from swarm.config import SwarmConfig
 from swarm.errors import CheckpointError, RunError, TaskNotFound, UserError
@@ -62,9 +62,7 @@ _RESTART_WAIT_S = 120.0  # how long a turn waits for a dead replica to come back
 # flight: a burst of new tasks reaches the agents while the supervisor still starts the rest.
 _POST_BATCH = 64
 _SUBMIT_CHUNK = 256  # new tasks of a `submit_many` stored (and started) together
-# A submitter's or approver's name, and a task's metadata as JSON: labels and small facts,
-# kept in every row, listing and audit entry of the task.
-_MAX_LABEL_CHARS = 256
+# A task's metadata as JSON: small facts, kept in every row, listing and audit entry of it.
 _MAX_METADATA_CHARS = 64 * 1024
 # While the durable store is down, it is asked whether it answers again this often at most
 # (`Supervisor._store_answers`: one probe for every task that waits for it).
@@ -476,12 +474,12 @@ _EXACT = frozenset({str, bool, type(None)})
 
 
 def _check_user(user: Any) -> None:
-    """A submitter's label: a non-empty string of at most `_MAX_LABEL_CHARS`, no control
+    """A submitter's label: a non-empty string of at most `MAX_LABEL_CHARS`, no control
     characters; a `UserError` naming what is wrong."""
     if not isinstance(user, str) or not user:
         raise UserError("user must be a non-empty string")
-    if len(user) > _MAX_LABEL_CHARS:
-        raise UserError(f"user is {len(user)} characters; at most {_MAX_LABEL_CHARS}")
+    if len(user) > MAX_LABEL_CHARS:
+        raise UserError(f"user is {len(user)} characters; at most {MAX_LABEL_CHARS}")
     check_chars(user, "user")
 
 
