@@ -16,20 +16,22 @@ import json
 import logging
 import random
 import shlex
+import sys
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import IO, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import mcp.types as mcp_types
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.session import MessageHandlerFnT
+from mcp.client.stdio import stdio_client
 from pydantic import ValidationError
 
 from swarm.config import MCPHttpConfig, MCPStdioConfig, ToolServerConfig
 from swarm.errors import ConfigError, ToolError
-from swarm.tools._mcp_connection import Connection, http_transport
+from swarm.tools._mcp_connection import Connection, StderrTail, http_transport
 from swarm.tools.interface import ToolContext, ToolResult, ToolSource, ToolSpec
 from swarm.tools.resilience import CircuitBreaker, backoff_delays, cap_result
 
@@ -215,7 +217,13 @@ class MCPToolSource(ToolSource):
             except MCPError as e:
                 if conn.dead or e.code == mcp_types.CONNECTION_CLOSED or _session_gone(e):
                     conn.kill()
-                    raise _Failed("lost", self._lost(tool, e.message), conn) from None
+                    note = ""
+                    if e.code == mcp_types.CONNECTION_CLOSED:
+                        if conn.stderr is not None:
+                            # The server exited: its last words say why (a traceback).
+                            await conn.stderr.settle()
+                        note = conn.notes()
+                    raise _Failed("lost", self._lost(tool, e.message + note), conn) from None
                 if e.code == mcp_types.REQUEST_TIMEOUT:
                     raise _Failed("timeout", self._timed_out(tool)) from None
                 # The server answered with a protocol error; the model may fix its call.
@@ -270,9 +278,13 @@ class MCPToolSource(ToolSource):
                 if conn is None or conn.dead:
                     if conn is not None:
                         await conn.close()
+                    stderr = None
+                    if isinstance(self._server, MCPStdioConfig):
+                        stderr = StderrTail(self.name, [
+                            v.get_secret_value() for v in self._server.env.values()])
                     conn = self._slots[index] = Connection(
                         self._open, self.name, self.connect_timeout_s, self.timeout_s,
-                        self._listed)
+                        self._listed, stderr)
         conn.in_flight += 1
         try:
             await conn.settled.wait()
@@ -281,7 +293,7 @@ class MCPToolSource(ToolSource):
                 http = isinstance(self._server, MCPHttpConfig)
                 verb = "failed to connect" if http else "failed to start"
                 raise _Failed("connect", f"MCP server {self.name!r} ({self.target}) {verb}: "
-                              f"{_reason(conn.error)}")
+                              f"{_reason(conn.error)}{conn.notes()}")
         except BaseException:
             conn.in_flight -= 1
             raise
@@ -305,17 +317,18 @@ class MCPToolSource(ToolSource):
         if self._closed:
             raise ToolError(f"MCP server {self.name!r} ({self.target}): the source is closed")
 
-    def _open(self, on_message: MessageHandlerFnT) -> Client:
-        """A new, unentered client; secrets are decrypted only here, at connect time."""
+    def _open(self, on_message: MessageHandlerFnT, errlog: IO[str] | None = None) -> Client:
+        """A new, unentered client; secrets are decrypted only here, at connect time. A stdio
+        server's stderr goes to `errlog` (`StderrTail`), else to this process's."""
         server = self._server
         target: Any
         if isinstance(server, MCPStdioConfig):
-            target = StdioServerParameters(
+            target = stdio_client(StdioServerParameters(
                 command=server.command,
                 args=list(server.args),
                 env={k: v.get_secret_value() for k, v in server.env.items()} or None,
                 cwd=server.cwd,
-            )
+            ), errlog=errlog or sys.stderr)
         elif isinstance(server, MCPHttpConfig):
             headers = {k: v.get_secret_value() for k, v in server.headers.items()}
             target = http_transport(server.url, headers)

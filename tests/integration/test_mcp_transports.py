@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -186,6 +187,69 @@ async def test_stdio_server_that_never_answers_times_out_at_connect(tmp_path):
         await src.start()
     assert time.monotonic() - started < 10
     await src.aclose()
+
+
+def _script(tmp_path: Path, name: str, body: str, **more: Any) -> MCPStdioConfig:
+    path = tmp_path / name
+    path.write_text(body)
+    return MCPStdioConfig(command=sys.executable, args=[str(path)], **more)
+
+
+async def test_a_server_that_exits_at_start_is_reported_with_its_last_stderr_lines(tmp_path):
+    config = _script(tmp_path, "dies.py", (
+        "import os, sys\n"
+        "print('starting with key', os.environ['API_KEY'], file=sys.stderr)\n"
+        "import no_such_module_for_swarm_tests\n"),
+        env={"API_KEY": SecretStr("sk-do-not-print-me")})
+    src = MCPToolSource("broken", config)
+    with pytest.raises(ToolError) as err:
+        await src.start()
+    await src.aclose()
+    text = str(err.value)
+    assert "failed to start" in text
+    assert "its stderr ended with:" in text
+    assert "No module named 'no_such_module_for_swarm_tests'" in text
+    # The configured secret is masked in what the error repeats.
+    assert "starting with key ***" in text
+    assert "sk-do-not-print-me" not in text
+
+
+async def test_a_server_that_logs_to_stdout_is_told_to_log_to_stderr(tmp_path):
+    config = _script(tmp_path, "chatty.py", (
+        "import sys\n"
+        "print('Server starting on stdio...')\n"
+        "sys.stdout.flush()\n"
+        "sys.stdin.readline()\n"))
+    src = MCPToolSource("chatty", config, connect_timeout_s=5)
+    with pytest.raises(ToolError) as err:
+        await src.start()
+    await src.aclose()
+    assert "1 line(s) that are not JSON-RPC to stdout, the first: 'Server starting on " \
+        "stdio...'" in str(err.value)
+    assert "must write its logs to stderr" in str(err.value)
+
+
+async def test_a_server_that_crashes_during_a_call_is_reported_with_its_last_stderr_lines(
+        tmp_path):
+    config = _script(tmp_path, "crashes.py", (
+        "import os, sys\n"
+        "from mcp.server.mcpserver import MCPServer\n"
+        "server = MCPServer('crashes')\n"
+        "@server.tool()\n"
+        "def write(text: str) -> str:\n"
+        "    print('fatal: the disk is full', file=sys.stderr, flush=True)\n"
+        "    os._exit(7)\n"
+        "server.run('stdio')\n"), cwd=str(REPO))
+    src = MCPToolSource("crashes", config)
+    try:
+        await src.start()
+        with pytest.raises(ToolError) as err:
+            await src.call("write", {"text": "x"}, CTX)
+    finally:
+        await src.aclose()
+    text = str(err.value)
+    assert "connection lost while calling 'write'" in text
+    assert "its stderr ended with: fatal: the disk is full" in text
 
 
 # ---- streamable HTTP ------------------------------------------------------------------------

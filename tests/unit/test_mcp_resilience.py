@@ -151,7 +151,8 @@ async def changing(request) -> AsyncIterator[MCPToolSource]:
     mode = request.param
     if mode == "legacy":  # the handshake era: changes arrive as notifications only
         opened = src._open
-        src._open = lambda handler: _legacy(opened(handler))  # type: ignore[method-assign]
+        src._open = lambda handler, errlog=None: _legacy(  # type: ignore[method-assign]
+            opened(handler, errlog))
     yield src
     await src.aclose()
 
