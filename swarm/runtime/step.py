@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import time_ns
@@ -27,7 +29,7 @@ from swarm.runtime.middleware import (
     compose_tool,
 )
 from swarm.runtime.toolbox import Toolbox
-from swarm.state.interface import ledger_key
+from swarm.state.interface import StoreUnavailable, ledger_key
 from swarm.tools.interface import ToolContext, ToolResult
 
 if TYPE_CHECKING:
@@ -137,6 +139,48 @@ class _Clock:
     perf: Callable[[], float] = time.perf_counter
 
 
+log = logging.getLogger(__name__)
+
+# Results held through a store outage, at most (the oldest go first).
+_HELD_RESULTS = 1024
+
+
+class HeldResults:
+    """The results of tool calls with side effects that ran but could not be logged, because
+    the store was unreachable when their result was written. The turn stops there (the
+    supervisor resumes it once the store answers); as long as this process lives, the resume
+    logs the held result instead of treating the call as interrupted (asking an operator
+    whether to run it again), so the side effect happens once. Keyed by the log, step and call
+    index; taken only by the same call (id, tool and arguments)."""
+
+    def __init__(self, limit: int = _HELD_RESULTS) -> None:
+        self.limit = limit
+        self._held: OrderedDict[tuple[str, int, int],
+                                tuple[ToolCall, dict[str, Any], bool]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def keep(self, log_id: str, step: int, index: int, call: ToolCall,
+             message: dict[str, Any], is_error: bool) -> None:
+        self._held[(log_id, step, index)] = (call, message, is_error)
+        self._held.move_to_end((log_id, step, index))
+        while len(self._held) > self.limit:
+            self._held.popitem(last=False)
+
+    def take(self, log_id: str, step: int, index: int, call: ToolCall
+             ) -> tuple[dict[str, Any], bool] | None:
+        """The held result of this call (its message and whether it was an error), once."""
+        held = self._held.get((log_id, step, index))
+        if held is None:
+            return None
+        ran, message, is_error = held
+        if (ran.id, ran.name, ran.arguments) != (call.id, call.name, call.arguments):
+            return None  # not the call the log holds: it stays until evicted
+        del self._held[(log_id, step, index)]
+        return message, is_error
+
+
 @dataclass(slots=True)
 class StepLoop:
     """Runs turns of one agent role; holds what is the same for every session of the role."""
@@ -153,6 +197,8 @@ class StepLoop:
     record: Record | None = field(default=None, init=False, repr=False)
     _model_fn: Any = field(default=None, init=False, repr=False)
     _tool_fn: Any = field(default=None, init=False, repr=False)
+    # Results of calls with side effects whose logging met a store outage (`HeldResults`).
+    held: HeldResults = field(default_factory=HeldResults, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.use(self.middleware)
@@ -440,11 +486,20 @@ class StepLoop:
                 )
                 is_error = result.is_error
             if journal is not None:
-                await journal.tool(step, index, call, session.messages[-1], is_error,
-                                   handoff=target is not None)
-            if journal is not None and effects:
-                # And its result at once: after a crash it must not look unfinished.
-                await journal.checkpoint()
+                try:
+                    await journal.tool(step, index, call, session.messages[-1], is_error,
+                                       handoff=target is not None)
+                    if effects:
+                        # And its result at once: after a crash it must not look unfinished.
+                        await journal.checkpoint()
+                except Exception as exc:
+                    if effects and (isinstance(exc, StoreUnavailable)
+                                    or isinstance(journal.failure, StoreUnavailable)):
+                        # The call took effect but the store is unreachable: held here for
+                        # the turn's resume to log (`resume`), not run again.
+                        self.held.keep(journal.log_id, step, index, call,
+                                       session.messages[-1], is_error)
+                    raise
             if limits.wrap_up is not None and limits.deadline is not None and \
                     self.clock.now() >= limits.deadline:
                 # The deadline passed while the call ran (it was cut there): the calls left
@@ -475,6 +530,18 @@ class StepLoop:
             fn = raw.get("function") or {}
             call = ToolCall(id=raw.get("id", ""), name=fn.get("name", ""),
                             arguments=fn.get("arguments", ""))
+            kept = None if session.journal is None else \
+                self.held.take(session.journal.log_id, step, index, call)
+            if kept is not None:
+                # It ran, and only its logging met a store outage: its result is logged now.
+                message, is_error = kept
+                log.info("task %s: the result of %s (step %d, call %d), held while the store "
+                         "was unreachable, is logged now", session.task_id, call.name, step,
+                         index)
+                session.messages.append(message)
+                await session.journal.tool(step, index, call, message, is_error)
+                await session.journal.checkpoint()
+                continue
             if index in held or self.toolbox.safe_to_repeat(call.name) or decision == "rerun":
                 todo.append((index, call))
             elif decision == "skip":

@@ -170,26 +170,56 @@ async def test_a_turn_that_outlasts_the_store_outage_resumes_and_completes(
         await store.close()
 
 
-async def test_a_side_effect_whose_result_was_lost_in_the_outage_asks_an_operator(
+async def test_a_side_effect_whose_result_was_lost_in_the_outage_is_logged_not_run_again(
         tmp_path: Path, server: EmbeddedRedis) -> None:
     """The store goes away while a payment runs: the payment happens, its result can't be
-    logged. The resumed turn doesn't run it again on its own: it asks, as after a crash."""
+    logged. The agent holds the result; the resumed turn logs it and goes on, without running
+    the payment again and without asking an operator."""
     cfg = make_cfg(tmp_path)
     store = open_store(cfg, server, tmp_path)
     try:
         async with LocalSwarm(cfg, store=store) as sw:
             sup = sw.supervisor
             task_id = await stop_during(sup, server, "y", "y-1")
+            assert len(sw.hosts["a"]._loop.held) == 1
+            await asyncio.to_thread(restart, server)
+            row = await sup.wait(task_id, 60)
+            assert (row["state"], row["answer"]) == ("completed", "done: paid y-3"), row
+            assert dt.RUNS == {"y-1": 1, "y-2": 1, "y-3": 1}  # each payment once
+            assert len(sw.hosts["a"]._loop.held) == 0
+            states = [ev.state for ev in sup.get(task_id).events
+                      if isinstance(ev, TaskStateChanged)]
+            assert "input_required" not in states
+            # The log holds the first payment's result as the tool returned it.
+            state, _ = await restore(store, task_id)
+            results = [m["content"] for m in state.transcript if m.get("role") == "tool"]
+            assert results[0] == "paid y-1", results
+    finally:
+        await store.close()
+
+
+async def test_a_side_effect_whose_held_result_is_gone_asks_an_operator(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """As above, but the agent's process lost what it held (it was replaced during the
+    outage): the resumed turn can't know whether the payment happened, so it asks, as after
+    a crash, and `skip` goes on without running it again."""
+    cfg = make_cfg(tmp_path)
+    store = open_store(cfg, server, tmp_path)
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await stop_during(sup, server, "v", "v-1")
+            sw.hosts["a"]._loop.held = type(sw.hosts["a"]._loop.held)()  # a new process's
             await asyncio.to_thread(restart, server)
             await until_event(sup, task_id, lambda ev: isinstance(ev, TaskStateChanged)
                               and ev.state == "input_required")
             rec = sup.get(task_id)
             assert "pay" in (rec.question or "") and "rerun" in (rec.question or "")
-            assert dt.RUNS == {"y-1": 1}
+            assert dt.RUNS == {"v-1": 1}
             await sup.respond(task_id, "skip")
             row = await sup.wait(task_id, 60)
         assert row["state"] == "completed", row
-        assert dt.RUNS == {"y-1": 1, "y-2": 1, "y-3": 1}  # the first payment never again
+        assert dt.RUNS == {"v-1": 1, "v-2": 1, "v-3": 1}  # the first payment never again
     finally:
         await store.close()
 
