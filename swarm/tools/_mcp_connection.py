@@ -171,9 +171,10 @@ class Connection:
             self.dead = True
             self.client = None
             if stderr is not None:
-                if self.error is not None and not self._stop:
+                if self.error is not None and not self._stop and \
+                        not isinstance(self.error, asyncio.CancelledError):
                     # A failed start: what the server printed before it exited says why.
-                    with contextlib.suppress(BaseException):
+                    with contextlib.suppress(Exception):
                         await stderr.settle()
                 stderr.spawned()
             self.settled.set()
