@@ -1487,12 +1487,17 @@ class Supervisor:
             found = dict(zip(missing, await asyncio.gather(*(self.find(t) for t in missing)),
                              strict=True))
             recs = [r or found[t] for t, r in zip(task_ids, recs, strict=True)]
+        rows: list[dict[str, Any] | None] = [None] * len(recs)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                for rec in recs:
+                for i, rec in enumerate(recs):
                     if not rec.done.is_set():
                         await rec.done.wait()
-        return [rec.summary() for rec in recs]
+                    # Made as the wait passes it (a finished task's row changes no more): when
+                    # the last task ends, the rows of those that ended before it are ready.
+                    rows[i] = rec.summary()
+        return [row if row is not None else rec.summary()
+                for row, rec in zip(rows, recs, strict=True)]
 
     async def events(self, task_id: str, cursor: int, timeout: float) -> tuple[list[Event], bool]:
         """Events from `cursor` on, waiting up to `timeout` s for new ones; and whether it ended.
