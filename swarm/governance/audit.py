@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,16 +38,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# XADD of each entry (ARGV[2:]) to the stream KEYS[1], then one trim to ~ARGV[1] entries (the
-# same cap as `XADD MAXLEN ~` on each, for less work); how many were added.
+# XADD of each entry (ARGV[3:]) to the stream KEYS[1], then one trim to ~ARGV[1] entries (the
+# same cap as `XADD MAXLEN ~` on each, for less work); how many were added. KEYS[2] marks the
+# batch as written (for ARGV[2] seconds): a batch sent again after a reply was lost (a timeout,
+# a dropped connection) is not added twice.
 _XADD_EACH = Script("""
-for i = 2, #ARGV do
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return 0
+end
+for i = 3, #ARGV do
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[i])
 end
 redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[1])
-return #ARGV - 1
+return #ARGV - 2
 """)
 _PER_SCRIPT = 500  # entries per script call: a call blocks the server while it runs
+# How long a written batch's mark lasts: a batch retried later than this after its reply was
+# lost may be written twice.
+_SENT_MARK_S = 1800
 _encode = msgspec.json.Encoder().encode  # compact JSON bytes, several times json.dumps' speed
 
 
@@ -158,6 +167,9 @@ class RedisAuditLog(AuditLog):
         self.max_len = max_len
         self.flush_interval_s = flush_interval_s
         self._buffer: list[dict[str, Any]] = []
+        # Batches encoded and sent at least once but not known to be written: each with the
+        # mark that makes sending it again harmless (`_XADD_EACH`), oldest first.
+        self._unsent: list[tuple[str, list[bytes | str]]] = []
         self._scheduled: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
@@ -177,16 +189,21 @@ class RedisAuditLog(AuditLog):
         self._flushing = asyncio.ensure_future(self.flush())
 
     async def flush(self) -> None:
-        """Write the buffer in one round trip: a script call per `_PER_SCRIPT` entries."""
+        """Write the buffer in one round trip: a script call per `_PER_SCRIPT` entries, each
+        batch marked so that sending it again after a lost reply doesn't add it twice."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             batch, self._buffer = self._buffer, []
-            if not batch:
+            if batch:
+                entries = [_entry(e) for e in batch]
+                for i in range(0, len(entries), _PER_SCRIPT):
+                    self._unsent.append((os.urandom(8).hex(), entries[i:i + _PER_SCRIPT]))
+            if not self._unsent:
                 return
-            entries = [_entry(e) for e in batch]
-            cmds = [("EVALSHA", _XADD_EACH.sha, 1, self.key, self.max_len,
-                     *entries[i:i + _PER_SCRIPT]) for i in range(0, len(entries), _PER_SCRIPT)]
+            sending = list(self._unsent)
+            cmds = [("EVALSHA", _XADD_EACH.sha, 2, self.key, f"{self.key}:sent:{mark}",
+                     self.max_len, _SENT_MARK_S, *chunk) for mark, chunk in sending]
             try:
                 try:
                     await self.redis.execute(cmds)
@@ -194,14 +211,17 @@ class RedisAuditLog(AuditLog):
                     await self.redis.execute([("SCRIPT", "LOAD", _XADD_EACH.source)])
                     await self.redis.execute(cmds)
             except RedisDown as exc:
-                # The audit log must not stop the swarm: keep the batch for the next flush,
-                # bounded, and say so once.
-                self._buffer[:0] = batch
-                overflow = len(self._buffer) - self.max_len
-                if overflow > 0:
-                    del self._buffer[:overflow]
-                    self.dropped += overflow
-                log.warning("audit log: %s; %d entries waiting", exc, len(self._buffer))
+                # The audit log must not stop the swarm: keep the batches for the next flush
+                # (the same marks: any the server did write are not written again), bounded,
+                # and say so.
+                waiting = sum(len(chunk) for _, chunk in self._unsent)
+                while waiting > self.max_len and self._unsent:
+                    _, chunk = self._unsent.pop(0)
+                    waiting -= len(chunk)
+                    self.dropped += len(chunk)
+                log.warning("audit log: %s; %d entries waiting", exc, waiting)
+                return
+            del self._unsent[:len(sending)]
 
     async def _live(self) -> list[tuple[str, dict[str, Any]]]:
         out: list[tuple[str, dict[str, Any]]] = []

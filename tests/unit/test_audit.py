@@ -135,6 +135,78 @@ async def test_a_large_batch_is_written_whole_and_in_order_after_a_script_flush(
         raw.close()
 
 
+class _HeldReplies:
+    """A TCP proxy on loopback in front of a Redis server whose replies can be held back
+    (`hold`): the server has done the work, the client hears nothing, as when a reply is lost
+    in a stall or a dropped connection."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        self.port = int(port)
+        self.open = asyncio.Event()
+        self.open.set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(self.host, self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gated: bool
+                       ) -> None:
+            try:
+                while data := await src.read(65536):
+                    if gated:
+                        await self.open.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+
+    async def close(self) -> None:
+        self.open.set()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_batch_whose_reply_was_lost_is_not_written_twice(redis_url: str,
+                                                                 tmp_path: Path) -> None:
+    """The server wrote the batch but its reply never came (the client timed out): the next
+    flush sends the batch again, and the stream still holds each entry once."""
+    from swarm.governance._redis import FastRedis
+
+    proxy = _HeldReplies(redis_url)
+    log = RedisAuditLog(await proxy.start(), "lost-reply", tmp_path, flush_interval_s=60)
+    log.redis = FastRedis(log.redis.url, timeout_s=0.3)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        log.record("task.submitted", task_id="t0")
+        await log.flush()  # loads the script
+        assert raw.xlen(log.key) == 1
+        log.record("tool", task_id="t1", tool="pay", outcome="ok")
+        proxy.open.clear()
+        await log.flush()  # written, but the reply is held: the client gives up, keeps it
+        assert raw.xlen(log.key) == 2
+        proxy.open.set()
+        await log.flush()  # sent again, with the same mark
+        assert raw.xlen(log.key) == 2
+        assert [(r["kind"], r["task_id"]) for r in await log.read()] == [
+            ("task.submitted", "t0"), ("tool", "t1")]
+        log.record("tool", task_id="t2", tool="pay", outcome="ok")
+        await log.flush()  # and the next batch is written as usual
+        assert raw.xlen(log.key) == 3
+    finally:
+        await log.aclose()
+        await proxy.close()
+        raw.close()
+
+
 def test_swarm_audit_prints_the_log(redis_url: str, tmp_path: Path) -> None:
     from swarm.cli import app
 
