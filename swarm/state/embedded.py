@@ -126,6 +126,8 @@ class EmbeddedRedis:
         self.logfile = self.dir / "redis.log"
         self.port: int | None = None
         self.started_here = False
+        # The error our server answered the last check with, if it did (`_answers`).
+        self.refusing: str | None = None
 
     @classmethod
     def for_run_dir(cls, run_dir: Path | str) -> EmbeddedRedis:
@@ -161,9 +163,17 @@ class EmbeddedRedis:
     def _answers(self, port: int) -> bool:
         """Whether our server (one whose data dir is ours) answers on `port`."""
         client = self._client(port)
+        found = ""
+        self.refusing = None
         try:
-            client.ping()
             found = client.config_get("dir").get("dir", "")
+            client.ping()
+        except redis.ResponseError as exc:
+            # Ours, answering with an error: what it says is why it is of no use (MISCONF: it
+            # can't write its append-only file).
+            if found and Path(found).resolve() == self.dir:
+                self.refusing = str(exc)
+            return False
         except redis.RedisError:
             return False
         finally:
@@ -250,6 +260,10 @@ class EmbeddedRedis:
         """Poll (bounded) until the server answers; fail fast if it exited or gave up."""
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not self._answers(port):
+            if self.refusing is not None and self.refusing.startswith("MISCONF"):
+                raise StoreUnavailable(
+                    f"embedded redis-server on 127.0.0.1:{port} can't write its data under "
+                    f"{self.dir} (is the disk full?): {self.refusing}")
             news = self._log_since(log_from)
             pid = self.pid()
             if "Address already in use" in news:

@@ -84,6 +84,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 _REFUSED = (AuthenticationError, AuthorizationError)  # ConnectionErrors that waiting won't fix
+# Error replies that waiting fixes, waited out as an unreachable server is: a server that
+# can't persist its writes (MISCONF: its disk is full, say), is still loading its data after a
+# restart (LOADING), is a replica for now (READONLY, MASTERDOWN: a failover under way), or is
+# running a long script (BUSY).
+_WAITABLE_REPLIES = ("MISCONF ", "LOADING ", "READONLY ", "MASTERDOWN ", "BUSY ", "TRYAGAIN ")
+
+
+def _waitable(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith(_WAITABLE_REPLIES)
 _READ_PAGE = 1024  # entries per read round trip: bounds what one call makes Redis hold
 
 _APPEND = """
@@ -412,26 +421,32 @@ class RedisCheckpointer(Checkpointer):
             except _REFUSED as exc:
                 self._release(conn)
                 raise self._refused(exc) from None
-            except _TRANSIENT as exc:
-                await conn.disconnect(nowait=True)
-                self._release(conn)
+            except (*_TRANSIENT, ResponseError) as exc:
+                if isinstance(exc, ResponseError):
+                    self._release(conn)  # it answered: the connection is in step
+                    if not _waitable(exc):
+                        raise CheckpointError(f"redis at {redact(self.url)} refused: {exc}"
+                                              ) from exc
+                    # A whole batch is sent again: each append carries its retry token.
+                    what = "can't take writes"
+                else:
+                    await conn.disconnect(nowait=True)
+                    self._release(conn)
+                    what = "unreachable"
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.outage_timeout_s
                 if self._outage_since is None:
                     self._outage_since = now
-                    log.warning("redis at %s unreachable, waiting up to %g s (%s)",
-                                redact(self.url), self.outage_timeout_s, _why(exc))
+                    log.warning("redis at %s %s, waiting up to %g s (%s)",
+                                redact(self.url), what, self.outage_timeout_s, _why(exc))
                 if now >= deadline:
                     raise StoreUnavailable(
-                        f"redis at {redact(self.url)} unreachable for "
+                        f"redis at {redact(self.url)} {what} for "
                         f"{self.outage_timeout_s:g} s: {_why(exc)}") from None
                 await asyncio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1.0)
                 continue
-            except ResponseError as exc:
-                self._release(conn)
-                raise CheckpointError(f"redis at {redact(self.url)} refused: {exc}") from exc
             except BaseException:
                 await conn.disconnect(nowait=True)  # a reply may still be on its way
                 self._release(conn)
@@ -502,6 +517,9 @@ class RedisCheckpointer(Checkpointer):
                 again = await _exchange_each(conn, [commands[i] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
+            busy = next((r for r in replies if _waitable(r)), None)
+            if busy is not None:
+                raise busy  # waited out by `_run`, which sends the batch again
             return replies
 
         try:
@@ -555,6 +573,11 @@ class RedisCheckpointer(Checkpointer):
             raise StoreUnavailable(
                 f"can't reach redis at {redact(self.url)}: {_why(exc)}. Start "
                 "it, or set state.store to 'embedded' to run a private one") from None
+        except ResponseError as exc:
+            if not _waitable(exc):
+                raise CheckpointError(f"redis at {redact(self.url)} refused: {exc}") from exc
+            raise StoreUnavailable(f"redis at {redact(self.url)} can't take writes: "
+                                   f"{_why(exc)}") from None
         finally:
             self._release(conn)
 

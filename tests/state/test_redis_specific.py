@@ -6,6 +6,7 @@ Every test runs a real redis-server (`EmbeddedRedis` in a temporary directory); 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ import swarm.state.redis as redis_mod
 from swarm.errors import UserError
 from swarm.state import open_checkpointer
 from swarm.state.embedded import EmbeddedRedis
-from swarm.state.interface import StoreUnavailable
+from swarm.state.interface import LogEntry, StoreUnavailable
 from swarm.state.memory import MemoryCheckpointer
 from swarm.state.redis import RedisCheckpointer, redact
 
@@ -243,6 +244,81 @@ async def test_an_outage_mid_run_is_waited_out_and_loses_nothing(
     finally:
         await store.close()
         server.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MB tmpfs (root only: skipped where it can't be mounted)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                          capture_output=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"can't mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def _fill(path: Path) -> None:
+    with open(path, "wb") as f:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+
+
+async def test_a_full_disk_under_the_store_is_waited_out_like_an_outage(
+        small_disk: Path, caplog) -> None:
+    """The server can't write its append-only file (MISCONF): an append waits for it, as for
+    an unreachable server, instead of failing at once, and lands once there is room again."""
+    down = _Signal(logging.WARNING, "can't take writes")
+    logging.getLogger("swarm.state.redis").addHandler(down)
+    server = EmbeddedRedis(small_disk)
+    await asyncio.to_thread(server.start)
+    store = RedisCheckpointer(server.url, outage_timeout_s=60)
+    filler = small_disk / "filler"
+    try:
+        await store.append("t", [entry(1)])
+        await asyncio.to_thread(_fill, filler)
+        # Applied in memory; the server's write of its file fails, and it refuses writes.
+        await store.append("t", [LogEntry(kind="x", agent="a", step=2, ts=1.0,
+                                          data={"v": "y" * 200_000})])
+        pending = asyncio.create_task(store.append("t", [entry(3)]))
+        await asyncio.wait_for(down.event.wait(), 30)
+        assert not pending.done()
+        filler.unlink()
+        assert await asyncio.wait_for(pending, 60) == 2
+        assert [e.step for e in await store.read("t")] == [1, 2, 3]
+        assert any("MISCONF" in r.getMessage() for r in caplog.records
+                   if r.name == "swarm.state.redis")
+    finally:
+        logging.getLogger("swarm.state.redis").removeHandler(down)
+        await store.close()
+        await asyncio.to_thread(server.stop)
+
+
+def test_an_embedded_server_that_cant_write_says_so_at_start(small_disk: Path) -> None:
+    """Started again on a full disk, the server answers every command with MISCONF: the start
+    fails at once naming it, not after waiting for an answer that never comes."""
+    server = EmbeddedRedis(small_disk)
+    server.start()
+    import redis as redis_sync
+
+    with redis_sync.Redis.from_url(server.url) as raw:
+        raw.set("k", "v")
+        _fill(small_disk / "filler")
+        with contextlib.suppress(redis_sync.RedisError):
+            raw.set("big", "y" * 200_000)  # its file's write fails
+        again = EmbeddedRedis(small_disk)
+        try:
+            with pytest.raises(StoreUnavailable, match=r"can't write its data under .* "
+                                                       r"\(is the disk full\?\): MISCONF"):
+                again._wait_until_answering(server.port, 0)
+        finally:
+            (small_disk / "filler").unlink()
+            server.stop()
 
 
 def test_embedded_server_is_reused_by_later_instances_and_processes(tmp_path: Path) -> None:
