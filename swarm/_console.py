@@ -40,7 +40,7 @@ class ProgressPrinter:
     """Prints one line per event as it arrives and keeps what the summary table needs."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(highlight=False, markup=False)
+        self.console = console or Console(highlight=False, markup=False, emoji=False)
         self.steps: dict[int, _StepRow] = {}
         self.finished: TaskFinished | None = None
 

@@ -26,8 +26,8 @@ app = typer.Typer(
 # Markup off unless a print asks for it (and escapes what it interpolates): task texts, users,
 # answers and errors are stored strings, and one like "[/x]" must print as itself, not break
 # every table it appears in.
-out = Console(highlight=False, markup=False)
-err = Console(stderr=True, highlight=False, markup=False)
+out = Console(highlight=False, markup=False, emoji=False)
+err = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -21,8 +21,10 @@ from typing import Any
 
 from swarm.config import SwarmConfig
 from swarm.events import Event
+from swarm.governance._redis import RedisDown
 from swarm.protocol import a2a
 from swarm.runtime.supervisor import RayAgentPool, Supervisor
+from swarm.state.interface import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -243,12 +245,19 @@ class SupervisorActor:
         await self._ensure()
         if self.sup.audit is None:
             return []
-        return await self.sup.audit.read(task_id=task_id, since=since, kind=kind, limit=limit)
+        try:
+            return await self.sup.audit.read(task_id=task_id, since=since, kind=kind,
+                                             limit=limit)
+        except RedisDown as exc:
+            raise StoreUnavailable(f"can't read the audit log: {exc}") from None
 
     async def audit_archive(self) -> str | None:
         """Move the audit stream to a Parquet file; its path."""
         await self._ensure()
-        path = None if self.sup.audit is None else await self.sup.audit.archive()
+        try:
+            path = None if self.sup.audit is None else await self.sup.audit.archive()
+        except RedisDown as exc:
+            raise StoreUnavailable(f"can't archive the audit log: {exc}") from None
         return None if path is None else str(path)
 
     async def trace(self, task_id: str) -> list[dict[str, Any]]:
