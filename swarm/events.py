@@ -173,15 +173,36 @@ def unpack(data: bytes) -> list[AnyEvent]:
 # Kinds the supervisor files one by one, as its task meter counts them (the others it needs
 # only the agent of): an agent's run holding one travels decoded (`pack_runs`).
 FILED_ONE_BY_ONE = frozenset({TaskStateChanged, TaskFinished, Alert})
-_runs_unpacker = msgspec.msgpack.Decoder(
-    tuple[list[tuple[str, str | None, int, dict[str, int] | None, bytes]], bytes])
+# A run of events (`pack_runs`): its task, agent, count, failed calls by error class, the
+# events packed, and what they say the agent's turn has done (`progress`).
+Run = tuple[str, str | None, int, dict[str, int] | None, bytes, list[int] | None]
+_runs_unpacker = msgspec.msgpack.Decoder(tuple[list[Run], bytes])
+
+
+def progress(events: list[Event]) -> list[int] | None:
+    """What events say a turn has done: [steps, model calls, tool calls, input tokens, output
+    tokens] (None if nothing): what a listing shows of a turn still running."""
+    steps = models = tools = tokens_in = tokens_out = 0
+    for ev in events:
+        kind = type(ev)
+        if kind is StepFinished:
+            steps += 1
+        elif kind is ModelCalled:
+            models += 1
+            tokens_in += ev.input_tokens  # type: ignore[attr-defined]
+            tokens_out += ev.output_tokens  # type: ignore[attr-defined]
+        elif kind is ToolCalled:
+            tools += 1
+    if not (steps or models or tools):
+        return None
+    return [steps, models, tools, tokens_in, tokens_out]
 
 
 def pack_runs(by_task: dict[str, list[Event]]) -> bytes:
     """Agents' events, one run a task, for the supervisor: each run packed on its own, with
-    its task, agent, count and failed calls by error class, so the supervisor files it
-    without decoding it (`unpack_runs`); the events of runs it must look at go decoded."""
-    runs: list[tuple[str, str | None, int, dict[str, int] | None, bytes]] = []
+    its task, agent, count, failed calls by error class and progress, so the supervisor files
+    it without decoding it (`unpack_runs`); the events of runs it must look at go decoded."""
+    runs: list[Run] = []
     loose: list[Event] = []
     for task_id, events in by_task.items():
         if not events:
@@ -197,14 +218,14 @@ def pack_runs(by_task: dict[str, list[Event]]) -> bytes:
                 errors = errors or {}
                 errors[cls] = errors.get(cls, 0) + 1
         else:
-            runs.append((task_id, events[-1].agent, len(events), errors, _packer.encode(events)))
+            runs.append((task_id, events[-1].agent, len(events), errors, _packer.encode(events),
+                         progress(events)))
             continue
         loose += events
     return _packer.encode((runs, _packer.encode(loose)))
 
 
-def unpack_runs(data: bytes) -> tuple[list[tuple[str, str | None, int, dict[str, int] | None,
-                                                 bytes]], list[AnyEvent]]:
+def unpack_runs(data: bytes) -> tuple[list[Run], list[AnyEvent]]:
     """The runs and the decoded events of a `pack_runs` batch."""
     runs, loose = _runs_unpacker.decode(data)
     return runs, _unpacker.decode(loose)

@@ -38,6 +38,7 @@ from swarm.events import (
     TaskStateChanged,
     ToolCalled,
     concat_packed,
+    progress,
     unpack_runs,
 )
 from swarm.events import pack as pack_events
@@ -467,6 +468,8 @@ _ESCALATED = ("same_call", "no_progress")
 
 # The counters `TaskRecord.waiting` holds for a turn that waits for input.
 _WAITING = ("steps", "input_tokens", "output_tokens", "model_calls", "tool_calls", "cost_usd")
+# The counters a running turn's progress adds to, in `swarm.events.progress`'s order.
+_RUNNING = ("steps", "model_calls", "tool_calls", "input_tokens", "output_tokens")
 
 
 # Metadata values a protobuf Struct (the A2A task's metadata) gives back as they were set.
@@ -570,6 +573,10 @@ class TaskRecord:
     # dropped (`Supervisor._turn`); a task that ends while it waits keeps it (`settle`).
     # None while no turn waits (most tasks: no dict each).
     waiting: dict[str, dict[str, Any]] | None = None
+    # What each agent's turn still running has done so far, as its step events say
+    # (`swarm.events.progress`): listings show it (`summary`) until the turn's report is
+    # counted. None while no running turn has reported progress.
+    running: dict[str, list[int]] | None = None
     # The task's metadata as JSON text (`_meta_json`): what was submitted, and what the
     # supervisor added. The A2A task keeps it as a protobuf Struct, whose numbers are all
     # doubles, so an int submitted would come back a float (a big one rounded). None when the
@@ -715,6 +722,9 @@ class TaskRecord:
             for name in _WAITING:
                 setattr(self, name, self.total(name))
             self.waiting = None
+        # A running turn's progress is only shown, never counted: a late push of its events
+        # could otherwise count its steps twice.
+        self.running = None
 
     def metadata(self) -> dict[str, Any]:
         """The task's metadata as plain JSON data (a fresh copy), as it was submitted."""
@@ -758,7 +768,30 @@ class TaskRecord:
         if self.waiting:  # what turns waiting for input ran (most tasks have none)
             for name in _WAITING:
                 out[name] = self.total(name)
+        if self.running:  # turns still running
+            for done in self.running.values():
+                for name, n in zip(_RUNNING, done, strict=True):
+                    out[name] += n
         return out
+
+    def ran(self, agent: str, done: list[int]) -> None:
+        """Add what an agent's running turn did (`swarm.events.progress`) to its progress."""
+        running = self.running
+        if running is None:
+            running = self.running = {}
+        mine = running.get(agent)
+        if mine is None:
+            running[agent] = list(done)
+        else:
+            for i, n in enumerate(done):
+                mine[i] += n
+
+    def turn_counted(self, agent: str) -> None:
+        """An agent's turn was counted (its report, or what it ran before a question): its
+        running progress goes."""
+        if self.running is not None:
+            self.running.pop(agent, None)
+            self.running = self.running or None
 
     def finished_event(self) -> TaskFinished:
         """The task's last event, from its final state (set by `Supervisor._finish`)."""
@@ -1528,10 +1561,15 @@ class Supervisor:
                 self._emit_run(rec, batch[i:j] if i or j < n else batch)
             i = j
 
-    def _emit_run(self, rec: TaskRecord, run: list[Event]) -> None:
+    def _emit_run(self, rec: TaskRecord, run: list[Event], *, running: bool = True) -> None:
         """`_emit` for a run of one task's events, its followers woken once: the agents' step
         events (thousands a second) take a path of their own, as the task meter needs only
-        their agent (`TaskMeter.saw`); other kinds go through `_emit`."""
+        their agent (`TaskMeter.saw`); other kinds go through `_emit`. `running`: the events
+        of a turn still running, whose progress listings show (not those a report brought)."""
+        if running and run[-1].agent in rec.active:  # not a late push after its report
+            done = progress(run)
+            if done is not None:
+                rec.ran(run[-1].agent, done)
         events = rec._writable_events()
         if rec.state in a2a.TERMINAL or rec.event_count + len(run) >= _MAX_EVENTS_PER_TASK:
             for ev in run:
@@ -1560,7 +1598,7 @@ class Supervisor:
         task runs), with its count and failed calls filed now."""
         runs, loose = unpack_runs(batch)
         tasks = self.tasks
-        for task_id, agent, n, errors, blob in runs:
+        for task_id, agent, n, errors, blob, done in runs:
             rec = tasks.get(task_id)
             if rec is None:
                 continue
@@ -1572,6 +1610,8 @@ class Supervisor:
             rec._writable_events().append(blob)
             rec._runs = True
             rec.event_count += n
+            if done is not None and agent is not None and agent in rec.active:  # not late
+                rec.ran(agent, done)
             rec._tail += len(blob)
             if rec._tail >= _SQUEEZE_AT and not rec._read:  # nobody has read it yet
                 rec.squeeze()
@@ -1855,7 +1895,8 @@ class Supervisor:
                     "turn": req.turn_id}
                 rec.waiting = waiting
                 if result.events:
-                    self._emit_run(rec, result.events)
+                    self._emit_run(rec, result.events, running=False)
+                rec.turn_counted(agent)  # `waiting` holds what it ran
                 if result.gate is not None:
                     # An approval gate: the decision goes into the log, where the resumed
                     # turn finds it (swarm.governance.approvals).
@@ -1879,7 +1920,8 @@ class Supervisor:
         rec.model_calls += result.model_calls
         rec.tool_calls += result.tool_calls
         if result.events:
-            self._emit_run(rec, result.events)
+            self._emit_run(rec, result.events, running=False)
+        rec.turn_counted(agent)
         self._account(rec, agent, result, started)
         return result
 

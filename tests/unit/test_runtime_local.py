@@ -781,9 +781,13 @@ async def test_packed_runs_from_agent_replicas_read_as_events(tmp_path: Path) ->
         alert = E.Alert(task_id=b, ts=1.0, agent="a", alert="custom", action="none", detail="")
         follower = asyncio.ensure_future(sup.events(a, na, 10))
         await asyncio.sleep(0)  # one loop pass: the follower starts waiting for a change
+        calls_a, calls_b = ra.summary()["model_calls"], rb.summary()["model_calls"]
         sup.push_packed(E.pack_runs({a: [ev(a, 90), ev(a, 91, "boom")],
                                      b: [ev(b, 90), alert], "gone": [ev("gone", 1)]}))
         assert ra._runs and not rb._runs  # a's run kept packed; b's held an Alert
+        # Both turns are running: listings show the calls their runs report.
+        assert (ra.summary()["model_calls"], rb.summary()["model_calls"]) == \
+            (calls_a + 2, calls_b + 1)
         assert ra.event_count == na + 2 and rb.event_count == nb + 2
         assert ra.errors == {"model": 1} and rb.errors == {}
         got, _ = await asyncio.wait_for(follower, 10)
@@ -907,3 +911,40 @@ async def test_a_started_turn_is_joined_by_its_resume_and_refused_a_second_copy(
         assert "t1" not in host._turns
         quick = await host.run_turn(request("t2", "quick"))
         assert quick.kind == "final" and quick.text == "ok" and "t2" not in host._turns
+
+
+async def test_a_listing_shows_what_a_running_turn_has_done(tmp_path: Path) -> None:
+    """A task's counters grow at each turn's end; while the turn runs, listings add what its
+    step events say it has done so far, and once it ends they count it exactly once, also
+    when its events arrive after its report."""
+    from swarm import events as E
+    from tests.unit import durable_tools as dt
+    from tests.unit.test_store_outage import RULES
+
+    dt.reset()
+    cfg = dt.swarm_config(tmp_path, RULES, name="progress",
+                          agents={"a": {"model": "m", "tools": ["t"]}})
+    dt.HOLD["p-3"], dt.ENTERED["p-3"] = asyncio.Event(), asyncio.Event()
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        sup = sw.supervisor
+        task_id = await sup.submit("p")
+        await asyncio.wait_for(dt.ENTERED["p-3"].wait(), 30)  # in the third call, one turn
+        rec = sup.get(task_id)
+        assert rec.steps == 0  # the turn hasn't ended
+        # Its events reach the supervisor every few tens of ms; wait for the second step's.
+        async with asyncio.timeout(30):
+            while not any(isinstance(e, StepFinished) and e.step == 2 for e in rec.events):
+                await rec.watch().wait()
+        row = next(r for r in sup.list() if r["task_id"] == task_id)
+        assert (row["state"], row["steps"], row["model_calls"], row["tool_calls"]) == \
+            ("working", 2, 3, 2), row
+        assert row["input_tokens"] > 0
+        dt.HOLD["p-3"].set()
+        done = await sup.wait(task_id, 30)
+        # A late run of that turn's events, after its report: not counted again.
+        sup.push_events([E.StepFinished(task_id=task_id, ts=0.0, agent="a", step=9,
+                                        duration_ms=1.0)])
+        again = sup.get(task_id).summary()
+    assert done["state"] == "completed" and done["steps"] == 4, done
+    assert (again["steps"], again["model_calls"], again["tool_calls"]) == \
+        (done["steps"], done["model_calls"], done["tool_calls"]) == (4, 4, 3)
