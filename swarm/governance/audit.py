@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from swarm.governance._redis import FastRedis, RedisDown, Script, store_redis_url
 from swarm.runtime.journal import args_hash
 from swarm.runtime.middleware import Middleware, NextTool, StopTurn, ToolInvocation
+from swarm.state.redis import waitable_reply
 
 if TYPE_CHECKING:
     from swarm.tools.interface import ToolResult
@@ -210,7 +211,15 @@ class RedisAuditLog(AuditLog):
                 except NoScriptError:  # a new or restarted server: none of the calls ran
                     await self.redis.execute([("SCRIPT", "LOAD", _XADD_EACH.source)])
                     await self.redis.execute(cmds)
-            except RedisDown as exc:
+            except (RedisDown, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not waitable_reply(exc):
+                    # Refused for good (not a server that can't write for now): kept, they
+                    # would be refused at every flush and hold back the ones after them.
+                    lost = sum(len(chunk) for _, chunk in sending)
+                    del self._unsent[:len(sending)]
+                    self.dropped += lost
+                    log.error("audit log: redis refused %d entries: %s", lost, exc)
+                    return
                 # The audit log must not stop the swarm: keep the batches for the next flush
                 # (the same marks: any the server did write are not written again), bounded,
                 # and say so.

@@ -539,8 +539,15 @@ class StepLoop:
                          "was unreachable, is logged now", session.task_id, call.name, step,
                          index)
                 session.messages.append(message)
-                await session.journal.tool(step, index, call, message, is_error)
-                await session.journal.checkpoint()
+                try:
+                    await session.journal.tool(step, index, call, message, is_error)
+                    await session.journal.checkpoint()
+                except Exception:
+                    # Not logged after all (the store went away again): held for the next
+                    # resume, as before.
+                    self.held.keep(session.journal.log_id, step, index, call, message,
+                                   is_error)
+                    raise
                 continue
             if index in held or self.toolbox.safe_to_repeat(call.name) or decision == "rerun":
                 todo.append((index, call))

@@ -57,7 +57,13 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    NoScriptError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -85,14 +91,27 @@ T = TypeVar("T")
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 _REFUSED = (AuthenticationError, AuthorizationError)  # ConnectionErrors that waiting won't fix
 # Error replies that waiting fixes, waited out as an unreachable server is: a server that
-# can't persist its writes (MISCONF: its disk is full, say), is still loading its data after a
-# restart (LOADING), is a replica for now (READONLY, MASTERDOWN: a failover under way), or is
-# running a long script (BUSY).
-_WAITABLE_REPLIES = ("MISCONF ", "LOADING ", "READONLY ", "MASTERDOWN ", "BUSY ", "TRYAGAIN ")
+# can't persist its writes (MISCONF: its disk is full, say), is a replica for now (READONLY,
+# MASTERDOWN: a failover under way), is running a long script (BUSY), or asks to try again
+# (TRYAGAIN). (LOADING, a server still reading its data after a restart, comes as redis-py's
+# `BusyLoadingError`, a ConnectionError: unreachable for now.)
+_WAITABLE_CODES = frozenset({"MISCONF", "READONLY", "MASTERDOWN", "BUSY", "TRYAGAIN"})
 
 
-def _waitable(reply: Any) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith(_WAITABLE_REPLIES)
+def _code(reply: ResponseError) -> str:
+    """An error reply's code: redis-py takes the known ones off the text (`status_code`)."""
+    return getattr(reply, "status_code", None) or str(reply).split(" ", 1)[0]
+
+
+def waitable_reply(reply: Any) -> bool:
+    """Whether an error reply is one that waiting fixes (`_WAITABLE_CODES`)."""
+    return isinstance(reply, ResponseError) and _code(reply) in _WAITABLE_CODES
+
+
+def _reply_text(reply: ResponseError) -> str:
+    """An error reply as the server sent it (its code first)."""
+    text, code = _why(reply), getattr(reply, "status_code", None)
+    return f"{code} {text}" if code and not text.startswith(code) else text
 _READ_PAGE = 1024  # entries per read round trip: bounds what one call makes Redis hold
 
 _APPEND = """
@@ -164,6 +183,15 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# The lease KEYS[1] for token ARGV[1] and ARGV[2] ms, if free or already this token's (a batch
+# sent again after a partial failure asks twice): 1 if held now, else 0.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return 1 end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 _PUT_SNAPSHOT = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local keep = tonumber(ARGV[3])
@@ -194,7 +222,7 @@ return redis.call('DEL', unpack(KEYS))
 _SCRIPTS = {name: (src, hashlib.sha1(src.encode()).hexdigest()) for name, src in {
     "append": _APPEND, "read": _READ, "put_snapshot": _PUT_SNAPSHOT, "put_task": _PUT_TASK,
     "get_task": _GET_TASK, "delete": _DELETE, "bounds": _BOUNDS, "compact": _COMPACT,
-    "release": _RELEASE}.items()}
+    "release": _RELEASE, "lease": _LEASE}.items()}
 _entries = msgspec.msgpack.Decoder(list[LogEntry])
 
 
@@ -424,9 +452,9 @@ class RedisCheckpointer(Checkpointer):
             except (*_TRANSIENT, ResponseError) as exc:
                 if isinstance(exc, ResponseError):
                     self._release(conn)  # it answered: the connection is in step
-                    if not _waitable(exc):
-                        raise CheckpointError(f"redis at {redact(self.url)} refused: {exc}"
-                                              ) from exc
+                    if not waitable_reply(exc):
+                        raise CheckpointError(f"redis at {redact(self.url)} refused: "
+                                              f"{_reply_text(exc)}") from exc
                     # A whole batch is sent again: each append carries its retry token.
                     what = "can't take writes"
                 else:
@@ -439,11 +467,14 @@ class RedisCheckpointer(Checkpointer):
                 if self._outage_since is None:
                     self._outage_since = now
                     log.warning("redis at %s %s, waiting up to %g s (%s)",
-                                redact(self.url), what, self.outage_timeout_s, _why(exc))
+                                redact(self.url), what, self.outage_timeout_s,
+                                _reply_text(exc) if isinstance(exc, ResponseError)
+                                else _why(exc))
+                why = _reply_text(exc) if isinstance(exc, ResponseError) else _why(exc)
                 if now >= deadline:
                     raise StoreUnavailable(
                         f"redis at {redact(self.url)} {what} for "
-                        f"{self.outage_timeout_s:g} s: {_why(exc)}") from None
+                        f"{self.outage_timeout_s:g} s: {why}") from None
                 await asyncio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1.0)
                 continue
@@ -517,7 +548,7 @@ class RedisCheckpointer(Checkpointer):
                 again = await _exchange_each(conn, [commands[i] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
-            busy = next((r for r in replies if _waitable(r)), None)
+            busy = next((r for r in replies if waitable_reply(r)), None)
             if busy is not None:
                 raise busy  # waited out by `_run`, which sends the batch again
             return replies
@@ -541,7 +572,7 @@ class RedisCheckpointer(Checkpointer):
                 continue
             if isinstance(reply, ResponseError):
                 fut.set_exception(CheckpointError(f"redis at {redact(self.url)} refused: "
-                                                  f"{reply}"))
+                                                  f"{_reply_text(reply)}"))
             else:
                 fut.set_result(reply)
 
@@ -568,22 +599,29 @@ class RedisCheckpointer(Checkpointer):
                                                     _SCRIPTS.values())])
         except _REFUSED as exc:
             raise self._refused(exc) from None
+        except BusyLoadingError as exc:
+            await conn.disconnect(nowait=True)
+            raise StoreUnavailable(f"redis at {redact(self.url)} is still loading its data: "
+                                   f"{_why(exc)}") from None
         except _TRANSIENT as exc:
             await conn.disconnect(nowait=True)
             raise StoreUnavailable(
                 f"can't reach redis at {redact(self.url)}: {_why(exc)}. Start "
                 "it, or set state.store to 'embedded' to run a private one") from None
         except ResponseError as exc:
-            if not _waitable(exc):
-                raise CheckpointError(f"redis at {redact(self.url)} refused: {exc}") from exc
+            if not waitable_reply(exc):
+                raise CheckpointError(f"redis at {redact(self.url)} refused: "
+                                      f"{_reply_text(exc)}") from exc
             raise StoreUnavailable(f"redis at {redact(self.url)} can't take writes: "
-                                   f"{_why(exc)}") from None
+                                   f"{_reply_text(exc)}") from None
         finally:
             self._release(conn)
 
     async def claim(self, task_id: str) -> int:
         """A new writer token for the task (INCR of its fence key), sent with the next batch of
-        appends: every turn claims its log as it starts."""
+        appends: every turn claims its log as it starts. A batch sent again (after a server
+        refused part of it for now, `_WAITABLE_CODES`) may skip a value: harmless, as only
+        the newest token counts."""
         return int(await self._enqueue(("INCR", self._k(task_id, "fence"))))
 
     async def append(
@@ -791,8 +829,8 @@ class RedisCheckpointer(Checkpointer):
         """Become the task's only archiver for `ttl_s` seconds: a token, or None if another
         holds the lease. `compact` needs a current token; `release` gives it back."""
         token = os.urandom(9).hex()
-        ok = await self._grouped("SET", self._k(task_id, "lease"), token, "NX", "PX",
-                                 max(1, int(ttl_s * 1000)))
+        ok = await self._eval("lease", (self._k(task_id, "lease"),),
+                              (token, max(1, int(ttl_s * 1000))))
         return token if ok else None
 
     async def release(self, task_id: str, token: str) -> None:

@@ -299,6 +299,36 @@ async def test_a_full_disk_under_the_store_is_waited_out_like_an_outage(
         await asyncio.to_thread(server.stop)
 
 
+async def test_a_server_that_is_a_replica_for_now_is_waited_out(tmp_path: Path) -> None:
+    """A failover under way: the server is a replica (READONLY to writes) until it is made a
+    primary again; an append waits for that instead of failing at once."""
+    import redis as redis_sync
+
+    down = _Signal(logging.WARNING, "can't take writes")
+    logging.getLogger("swarm.state.redis").addHandler(down)
+    server = EmbeddedRedis(tmp_path)
+    await asyncio.to_thread(server.start)
+    store = RedisCheckpointer(server.url, outage_timeout_s=60)
+    raw = redis_sync.Redis.from_url(server.url)
+    try:
+        await store.append("t", [entry(1)])
+        with socket.socket() as s:  # a primary nobody answers for
+            s.bind(("127.0.0.1", 0))
+            nobody = s.getsockname()[1]
+        raw.execute_command("REPLICAOF", "127.0.0.1", nobody)
+        pending = asyncio.create_task(store.append("t", [entry(2)]))
+        await asyncio.wait_for(down.event.wait(), 30)
+        assert not pending.done()
+        raw.execute_command("REPLICAOF", "NO", "ONE")
+        assert await asyncio.wait_for(pending, 60) == 1
+        assert [e.step for e in await store.read("t")] == [1, 2]
+    finally:
+        logging.getLogger("swarm.state.redis").removeHandler(down)
+        raw.close()
+        await store.close()
+        await asyncio.to_thread(server.stop)
+
+
 def test_an_embedded_server_that_cant_write_says_so_at_start(small_disk: Path) -> None:
     """Started again on a full disk, the server answers every command with MISCONF: the start
     fails at once naming it, not after waiting for an answer that never comes."""

@@ -207,6 +207,43 @@ async def test_a_batch_whose_reply_was_lost_is_not_written_twice(redis_url: str,
         raw.close()
 
 
+async def test_refused_batches_are_kept_while_the_server_cant_write_and_dropped_if_for_good(
+        redis_url: str, tmp_path: Path) -> None:
+    """A server that can't take writes for now (a replica during a failover) keeps the batch
+    for the next flush, bounded; one refused for good (the key holds something else) is
+    dropped and counted, not sent again at every flush ahead of the ones after it."""
+    import socket
+
+    log = RedisAuditLog(redis_url, "refused", tmp_path, max_len=3, flush_interval_s=60)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nobody = s.getsockname()[1]
+        raw.execute_command("REPLICAOF", "127.0.0.1", nobody)
+        try:
+            for i in range(5):
+                log.record("tool", task_id=f"r{i}", tool="x", outcome="ok")
+                await log.flush()  # READONLY: kept (the oldest beyond max_len dropped)
+        finally:
+            raw.execute_command("REPLICAOF", "NO", "ONE")
+        assert log.dropped == 2 and raw.xlen(log.key) == 0
+        await log.flush()
+        assert [r["task_id"] for r in await log.read()] == ["r2", "r3", "r4"]
+        raw.delete(log.key)
+        raw.set(log.key, "not a stream")
+        log.record("tool", task_id="w", tool="x", outcome="ok")
+        await log.flush()  # WRONGTYPE: dropped, counted, no error
+        assert log.dropped == 3
+        raw.delete(log.key)
+        log.record("tool", task_id="after", tool="x", outcome="ok")
+        await log.flush()
+        assert [r["task_id"] for r in await log.read()] == ["after"]
+    finally:
+        await log.aclose()
+        raw.close()
+
+
 def test_swarm_audit_prints_the_log(redis_url: str, tmp_path: Path) -> None:
     from swarm.cli import app
 

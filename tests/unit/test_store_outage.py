@@ -198,6 +198,42 @@ async def test_a_side_effect_whose_result_was_lost_in_the_outage_is_logged_not_r
         await store.close()
 
 
+class _FlappingStore(RedisCheckpointer):
+    """The Redis store, refusing once (as if it went away again) the append that logs the
+    result `flap` names."""
+
+    flap: str | None = None
+
+    async def append(self, task_id: str, entries: list[Any], ledger: Any = None, *,
+                     fence: int | None = None) -> int:
+        if self.flap is not None and any(
+                e.kind == "tool" and e.data.get("message", {}).get("content") == self.flap
+                for e in entries):
+            self.flap = None
+            raise StoreUnavailable("redis went away again")
+        return await super().append(task_id, entries, ledger, fence=fence)
+
+
+async def test_a_held_result_outlives_a_resume_that_meets_the_outage_again(
+        tmp_path: Path, server: EmbeddedRedis) -> None:
+    """The store answers again, the turn resumes, and the write of the held result fails (the
+    store went away again): the result stays held, and the next resume logs it."""
+    cfg = make_cfg(tmp_path)
+    store = _FlappingStore(server.url, outage_timeout_s=cfg.state.outage_timeout_s)
+    try:
+        async with LocalSwarm(cfg, store=store) as sw:
+            sup = sw.supervisor
+            task_id = await stop_during(sup, server, "f", "f-1")
+            store.flap = "paid f-1"
+            await asyncio.to_thread(restart, server)
+            row = await sup.wait(task_id, 60)
+            assert store.flap is None  # the resume did meet it
+        assert (row["state"], row["answer"]) == ("completed", "done: paid f-3"), row
+        assert dt.RUNS == {"f-1": 1, "f-2": 1, "f-3": 1}
+    finally:
+        await store.close()
+
+
 async def test_a_side_effect_whose_held_result_is_gone_asks_an_operator(
         tmp_path: Path, server: EmbeddedRedis) -> None:
     """As above, but the agent's process lost what it held (it was replaced during the
