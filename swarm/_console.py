@@ -24,6 +24,32 @@ from swarm.events import (
     ToolProgress,
 )
 
+# Control characters shown as escapes (`\x1b`) instead of written to the terminal: stored texts
+# (tool results, model and remote agents' answers, errors) are whatever a tool or a peer sent,
+# and an ESC sequence in one would drive the operator's terminal (colours, its title, the
+# screen cleared). Tabs and newlines stay.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]
+             if c not in (0x09, 0x0A)}
+
+
+def shown(text: str) -> str:
+    """`text` with its control characters (but tabs and newlines) as visible escapes."""
+    return text.translate(_CONTROLS)
+
+
+class SafeConsole(Console):
+    """A Rich console for stored texts: markup, emoji codes and highlighting off unless a
+    print asks, and every string it renders (a print's, a table cell's) with its control
+    characters shown as escapes (`shown`); its own styling is unaffected."""
+
+    def __init__(self, **kwargs: object) -> None:
+        for key in ("highlight", "markup", "emoji"):
+            kwargs.setdefault(key, False)
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    def render_str(self, text: str, **kwargs: object) -> Text:  # type: ignore[override]
+        return super().render_str(shown(text), **kwargs)  # type: ignore[arg-type]
+
 
 @dataclass
 class _StepRow:
@@ -40,7 +66,7 @@ class ProgressPrinter:
     """Prints one line per event as it arrives and keeps what the summary table needs."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(highlight=False, markup=False, emoji=False)
+        self.console = console or SafeConsole()
         self.steps: dict[int, _StepRow] = {}
         self.finished: TaskFinished | None = None
 
@@ -134,12 +160,12 @@ class ProgressPrinter:
             return
         totals = f"{f.steps} steps, {f.input_tokens} input / {f.output_tokens} output tokens"
         if f.state == "completed":
-            c.print(Panel(Text(f.answer or ""), title=Text(f"answer ({totals})"),
+            c.print(Panel(Text(shown(f.answer or "")), title=Text(f"answer ({totals})"),
                           border_style="green"))
         else:
             c.print(
                 Panel(
-                    Text(f.error or ""),
+                    Text(shown(f.error or "")),
                     title=Text(f"task {f.state} [{f.error_class}] ({totals})"),
                     border_style="red",
                 )

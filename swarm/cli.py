@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from swarm._console import SafeConsole
 from swarm._text import check_chars
 from swarm.config import SwarmConfig, load_config
 from swarm.errors import ConfigError, SwarmError, TaskFailed, UserError
@@ -26,8 +26,8 @@ app = typer.Typer(
 # Markup off unless a print asks for it (and escapes what it interpolates): task texts, users,
 # answers and errors are stored strings, and one like "[/x]" must print as itself, not break
 # every table it appears in.
-out = Console(highlight=False, markup=False, emoji=False)
-err = Console(stderr=True, highlight=False, markup=False, emoji=False)
+out = SafeConsole()
+err = SafeConsole(stderr=True)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

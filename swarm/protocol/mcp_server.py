@@ -289,13 +289,12 @@ def _poll_events(client: SwarmClient, task_id: str, cursor: int,
 
 
 def _render_trace(rows: list[dict[str, Any]], task_id: str) -> str:
-    from rich.console import Console
-
+    from swarm._console import SafeConsole
     from swarm.observability.render import render_trace
 
     buf = io.StringIO()
-    Console(file=buf, width=120, color_system=None, force_terminal=False, highlight=False,
-            markup=False).print(render_trace(rows, title=f"task {task_id}"))
+    SafeConsole(file=buf, width=120, color_system=None, force_terminal=False).print(
+        render_trace(rows, title=f"task {task_id}"))
     return buf.getvalue()
 
 

@@ -188,7 +188,7 @@ class _Listing:
 
     def replay(self) -> list[dict[str, Any]]:
         return [{"step": 0, "agent": "a", "role": "user",
-                 "content": "What is [/x]? [red]no[/] :x:"}]
+                 "content": "What is [/x]? [red]no[/] :x: \x1b]0;title\x07\x1b[2J"}]
 
 
 @pytest.mark.parametrize("command", [["tasks", "s"], ["history", "s", "t-1"],
@@ -214,7 +214,10 @@ def test_stored_text_that_looks_like_markup_prints_as_itself(
         # Nor does ":a:" (an idempotency key's part) turn into an emoji.
         assert "[/x]" in result.output and "t1:a:3:0" in result.output
     else:
-        assert "What is [/x]? [red]no[/] :x:" in result.output
+        # And an ESC sequence (a tool's or a peer's text) is shown, not sent to the terminal.
+        assert "What is [/x]? [red]no[/] :x: \\x1b]0;title\\x07\\x1b[2J" in \
+            result.output.replace("\n", "")  # folded at 80 columns
+        assert "\x1b" not in result.output and "\x07" not in result.output
 
 
 def test_the_progress_printer_prints_markup_like_text_as_itself() -> None:
@@ -232,10 +235,12 @@ def test_the_progress_printer_prints_markup_like_text_as_itself() -> None:
                        outcome="error", error_class="tool", detail="no [/x] here",
                        duration_ms=1.0))
     printer(Handoff(ts=0.0, task_id="t", agent="a", to_agent="b", message="over [/y]"))
-    printer(TaskFinished(ts=0.0, task_id="t", state="completed", answer="It is [/x]. [red]!"))
+    printer(TaskFinished(ts=0.0, task_id="t", state="completed",
+                         answer="It is [/x]. [red]! \x1b[31mred"))
     printer.summary()
     text = buf.getvalue()
-    for literal in ("([/d])", "look[/up]", "no [/x] here", "over [/y]", "It is [/x]. [red]!"):
+    for literal in ("([/d])", "look[/up]", "no [/x] here", "over [/y]", "It is [/x]. [red]!",
+                    "\\x1b[31mred"):
         assert literal in text, literal
     assert "[dim]" not in text and "[/]" not in text  # its own styling is applied, not shown
 
