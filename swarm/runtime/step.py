@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from time import time_ns
 from typing import TYPE_CHECKING, Any, Literal
 
-from swarm.errors import ModelError, RunError, classify
+from swarm.errors import ModelError, RunError, ToolError, classify
 from swarm.events import Event, Handoff, ModelCalled, StepFinished, StepStarted, ToolCalled
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall
 from swarm.runtime.middleware import (
@@ -731,7 +731,11 @@ class StepLoop:
                     if inv is not None and self.record is not None:
                         self.record(_tool_record(inv, n0, "stopped", *_stopped(exc)))
                     raise
-                except Exception as exc:
+                except (Exception, SystemExit, KeyboardInterrupt) as exc:
+                    # SystemExit and KeyboardInterrupt too (a tool source that let one out):
+                    # past here either would stop the replica's loop, with every session on it.
+                    if not isinstance(exc, Exception):
+                        exc = ToolError(f"{type(exc).__name__}: {exc}")
                     if isinstance(exc, TimeoutError) and limits.tool_timeout_s is not None:
                         error_class = "tool"
                         result = ToolResult(

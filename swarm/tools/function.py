@@ -292,8 +292,8 @@ class FunctionToolSource(ToolSource):
         if entry.inline:
             try:
                 value = entry.fn(**kwargs)
-            except Exception as e:
-                return ToolResult(f"{type(e).__name__}: {e}", is_error=True)
+            except (Exception, SystemExit, KeyboardInterrupt) as e:
+                return _raised(e)
             if not inspect.isawaitable(value):
                 return cap_result(_encode(value), self.max_result_chars)
             work = value
@@ -326,9 +326,16 @@ class FunctionToolSource(ToolSource):
             raise ToolError(
                 f"tool {tool!r} in {self.name!r} timed out after {self.timeout_s:g}s"
             ) from None
-        except Exception as e:
-            return ToolResult(f"{type(e).__name__}: {e}", is_error=True)
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
+            return _raised(e)
         return cap_result(_encode(value), self.max_result_chars)
+
+
+def _raised(e: BaseException) -> ToolResult:
+    """What a tool raised, as its error result. `SystemExit` (a `sys.exit()` in the tool) and
+    `KeyboardInterrupt` too: let through, either would stop the replica's event loop, and
+    every session on it with it."""
+    return ToolResult(f"{type(e).__name__}: {e}", is_error=True)
 
 
 def import_function(path: str) -> Callable[..., Any]:

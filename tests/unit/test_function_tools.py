@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -183,6 +184,33 @@ async def test_a_raised_exception_becomes_an_error_result():
     assert (await src.call("fail", {}, CTX)).content == "RuntimeError: boom"
     result = await src.call("fail", {"message": "disk full"}, CTX)
     assert result.is_error and result.content == "RuntimeError: disk full"
+
+
+def exits() -> str:
+    """Call sys.exit, as a script turned into a tool might."""
+    sys.exit(2)
+
+
+async def interrupted() -> str:
+    """Raise KeyboardInterrupt from an async tool."""
+    raise KeyboardInterrupt("stop")
+
+
+@tool(inline=True)
+def exits_inline() -> str:
+    """sys.exit from an inline tool."""
+    sys.exit("bye")
+
+
+async def test_a_tool_that_exits_or_is_interrupted_is_an_error_result_not_a_dead_loop():
+    """SystemExit and KeyboardInterrupt are BaseExceptions: let out of the tool, either would
+    stop the replica's event loop with every session on it. Each is the call's error."""
+    src = source(exits, interrupted, exits_inline)
+    assert (await src.call("exits", {}, CTX)).content == "SystemExit: 2"
+    assert (await src.call("interrupted", {}, CTX)).content == "KeyboardInterrupt: stop"
+    assert (await src.call("exits_inline", {}, CTX)).content == "SystemExit: bye"
+    await asyncio.sleep(0)  # the loop goes on
+    assert (await src.call("exits", {}, CTX)).is_error  # and so does the source
 
 
 async def test_the_functions_own_timeout_error_is_a_result_not_a_timeout():
