@@ -52,6 +52,9 @@ def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
         target = "auto"
     try:
         if target:
+            problem = _unreachable(target)
+            if problem is not None:
+                raise ConnectionError(problem)
             ray.init(address=target, namespace=NAMESPACE, log_to_driver=False)
         else:
             # Serve reads these when its processes start: models with `ingress: direct` are
@@ -64,9 +67,30 @@ def ensure_ray(address: str | None = None, *, local_ok: bool = True) -> None:
             _PRIVATE_RAY[0] = True
     except ConnectionError as exc:
         raise UserError(
-            f"can't reach a Ray cluster at {target!r}: {exc}. Start one with `ray start --head` "
-            "or set RAY_ADDRESS." + _auth_hint()
+            f"can't reach a Ray cluster at {target!r}: {str(exc).rstrip('.')}. Start one with "
+            "`ray start --head` or set RAY_ADDRESS." + _auth_hint()
         ) from None
+
+
+_PROBE_TIMEOUT_S = 5.0
+
+
+def _unreachable(target: str) -> str | None:
+    """Why nothing listens at an explicit cluster address (`host:port`, `ray://host:port`),
+    or None (also for "auto" and "local", which Ray resolves itself). Checked first because
+    `ray.init` with an address where nothing answers retries for minutes before it gives up."""
+    import socket
+
+    address = target.removeprefix("ray://")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} ({exc.strerror or exc})"
 
 
 def _auth_hint() -> str:

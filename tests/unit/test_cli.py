@@ -329,3 +329,20 @@ def test_mcp_over_http_stopped_by_sigterm_exits_0(tmp_path: Path) -> None:
 def test_up_with_an_empty_name_exits_2() -> None:
     res = runner.invoke(app, ["up", "configs/research.yaml", "--name", ""])
     assert res.exit_code == 2 and "--name must not be empty" in res.output
+
+
+def test_a_ray_address_where_nothing_listens_exits_2_at_once(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """RAY_ADDRESS naming a port nobody listens on: a clear error and exit 2, not `ray.init`
+    retrying for minutes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    result = runner.invoke(app, ["tasks", "nobody"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"can't reach a Ray cluster at '127.0.0.1:{port}': nothing answers at " \
+        f"127.0.0.1:{port}" in text
