@@ -77,10 +77,22 @@ def _get(ref: Any, timeout: float | None = None) -> Any:
 _RESTART_WAIT_S = 120.0
 
 
+def _check_timeout(timeout: Any) -> None:
+    """A timeout is None (no limit) or a number of seconds, 0 or more."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not "
+                        f"{type(timeout).__name__}")
+    if not timeout >= 0:  # also NaN
+        raise ValueError(f"timeout must be 0 or more seconds, not {timeout}")
+
+
 def _wait_until_done(timeout: float | None, poll: Callable[[float], list[TaskInfo]]
                      ) -> list[TaskInfo]:
     """Call `poll(seconds)` (a supervisor wait, at most 30 s a call, so no call outlives a
     restart for long) until every row it returns is done or `timeout` has passed."""
+    _check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         wait = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
@@ -136,6 +148,7 @@ class TaskHandle:
 
         Raises `TimeoutError` if the task hasn't ended within `timeout` seconds.
         """
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         cursor = 0
         finished = False
@@ -270,10 +283,13 @@ class SwarmClient:
         sent again makes only the tasks not made yet. Should the call fail part way (the
         store refused some rows), the exception carries the ids it used as `task_ids`:
         `submit_many(texts, task_ids=exc.task_ids)` finishes the batch."""
-        if isinstance(texts, str) or not isinstance(texts, Sequence) or \
-                not all(isinstance(t, str) for t in texts):
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise TypeError("submit_many takes a list of task texts (strings), not "
                             f"{type(texts).__name__}")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"submit_many: text {bad} is {type(texts[bad]).__name__}, not a "
+                            "string")
         ids = list(task_ids) if task_ids is not None else [uuid.uuid4().hex for _ in texts]
         if len(ids) != len(texts):
             raise TypeError(f"submit_many: {len(texts)} texts but {len(ids)} task ids")

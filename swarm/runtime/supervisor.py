@@ -1259,6 +1259,8 @@ class Supervisor:
         again; from there the agents continue as if the original had been interrupted.
         """
         store = self._require_store()
+        if type(step) is not int:
+            raise UserError(f"fork: step must be an integer, not {type(step).__name__}")
         if user is not None:
             _check_user(user)
         src = await self.find(task_id)

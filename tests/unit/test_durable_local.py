@@ -10,6 +10,7 @@ import msgspec
 import pytest
 from a2a.types import TaskState, TaskStatus
 
+from swarm.errors import UserError
 from swarm.protocol import a2a
 from swarm.state.interface import TaskRow
 from swarm.state.memory import MemoryCheckpointer
@@ -334,6 +335,8 @@ async def test_fork_continues_from_a_step_without_redoing_it(tmp_path: Path) -> 
         assert forked["metadata"]["forked_from"] == row["task_id"]
         with pytest.raises(Exception, match="can't fork at step 99"):
             await sw.supervisor.fork(row["task_id"], 99)
+        with pytest.raises(UserError, match="fork: step must be an integer, not str"):
+            await sw.supervisor.fork(row["task_id"], "1")  # type: ignore[arg-type]
         # Deleting a finished task's state leaves the fork alone.
         await sw.supervisor.forget(row["task_id"])
         assert await store.read(row["task_id"]) == []

@@ -175,3 +175,21 @@ async def test_a_user_label_or_metadata_too_large_is_refused(tmp_path: Path) -> 
         assert sw.supervisor.tasks == {}
         task_id = await sw.supervisor.submit("hi", user="u" * 256, metadata={"k": "v" * 60_000})
         assert (await sw.supervisor.wait(task_id, 30))["state"] == "completed"
+
+
+def test_client_calls_with_wrong_argument_types_name_what_was_wrong() -> None:
+    """Checked in the client, before any call goes out."""
+    from swarm.client import SwarmClient, TaskHandle
+
+    handle = TaskHandle(None, "t-1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout must be a number of seconds or None, not str"):
+        handle.result(timeout="5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout must be 0 or more seconds, not -1"):
+        handle.wait(timeout=-1)
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        next(handle.events(timeout=True))  # type: ignore[arg-type]
+    client = SwarmClient.__new__(SwarmClient)
+    with pytest.raises(TypeError, match="submit_many: text 1 is int, not a string"):
+        client.submit_many(["ok", 5, "ok"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"takes a list of task texts \(strings\), not NoneType"):
+        client.submit_many(None)  # type: ignore[arg-type]
