@@ -1932,6 +1932,8 @@ class Supervisor:
         the turn stopped on an unreachable store): the log must reach every step reported
         durable, and the held hot snapshot goes with it."""
         req.resume, req.decision = True, None
+        # The resumed turn reports again what it redoes: its progress starts over.
+        rec.turn_counted(agent)
         req.durable_step = max(req.durable_step, self._durable_step(rec, agent, req.step_offset))
         held = self.hot.get(req.log_id)
         req.hot = held[1] if held is not None else None

@@ -33,6 +33,7 @@ _TAIL_LINE_CHARS = 300
 _TAIL_CHARS = 1500
 # How long a failed start waits for the rest of the server's stderr (its last words).
 _TAIL_WAIT_S = 1.0
+_TAIL_READ_BYTES = 8192  # at most this much of a line is read (and passed on) at once
 
 
 class StderrTail:
@@ -65,7 +66,7 @@ class StderrTail:
     def _read(self) -> None:
         try:
             with self._reader:
-                for raw in self._reader:
+                while raw := self._reader.readline(_TAIL_READ_BYTES):  # a long line: in parts
                     line = self._mask(raw.decode("utf-8", "replace").rstrip("\r\n"))
                     with contextlib.suppress(Exception):  # a closed or odd stderr of ours
                         sys.stderr.write(f"[MCP server {self.source}] {line}\n")
@@ -170,14 +171,16 @@ class Connection:
         finally:
             self.dead = True
             self.client = None
-            if stderr is not None:
-                if self.error is not None and not self._stop and \
+            try:
+                if stderr is not None and self.error is not None and not self._stop and \
                         not isinstance(self.error, asyncio.CancelledError):
                     # A failed start: what the server printed before it exited says why.
                     with contextlib.suppress(Exception):
                         await stderr.settle()
-                stderr.spawned()
-            self.settled.set()
+            finally:
+                if stderr is not None:
+                    stderr.spawned()
+                self.settled.set()
 
     async def _serve(self, client: Client) -> None:
         """Wait until killed, re-listing the tools each time the server says they changed."""
@@ -253,6 +256,10 @@ class Connection:
     async def close(self) -> None:
         """Tear the connection down and wait, bounded, until its task has finished."""
         self.kill()
+        if self.stderr is not None and self.client is None:
+            # Not started, or never will be (its task cancelled before it ran): our copy of
+            # the pipe goes, so its reader ends with the server.
+            self.stderr.spawned()
         if self.client is None and self._scope is not None:
             self._scope.cancel()  # still connecting
         try:
