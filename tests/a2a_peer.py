@@ -19,6 +19,9 @@ Modes:
   names after "badstate: " (a number if it is digits), valid A2A or not.
 - `badid`: answers a message with a JSON-RPC reply whose id is not the request's ("not-" and
   the request's id), as one JSON body (SendMessage) or as an event stream (streaming).
+- `strresult`: answers a message with a well-formed JSON-RPC reply whose result is a string,
+  not a Task or Message.
+- `hangcard`: its card endpoint never answers.
 
 The peer records every message it was sent (`received[mode]`) so tests can check the context
 id, the metadata (traceparent) and how many times a message was sent.
@@ -57,9 +60,9 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 MODES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
-         "badcard", "emptycard", "badstate", "badid")
+         "badcard", "emptycard", "badstate", "badid", "strresult", "hangcard")
 # Modes whose message calls are answered by `_Misbehave` (their cards stay good).
-MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate", "badid")
+MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate", "badid", "strresult")
 # Modes whose card says they don't stream (their messages come as SendMessage).
 NOT_STREAMING = ("echo", "badstate")
 STREAM_UPDATES = ("reading the question", "looking it up", "writing the answer")
@@ -159,6 +162,9 @@ class _Misbehave:
             return await self._task_in_state(json.loads(body))(scope, receive, send)
         if self.mode == "badid":
             return await self._other_id(json.loads(body))(scope, receive, send)
+        if self.mode == "strresult":
+            reply = {"jsonrpc": "2.0", "id": json.loads(body)["id"], "result": "just a string"}
+            return await JSONResponse(reply)(scope, receive, send)
         if self.mode == "flaky":
             return await Response("overloaded", status_code=503)(scope, receive, send)
         if self.mode == "garbage":
@@ -209,6 +215,12 @@ class _Misbehave:
         await self.good(scope, receive, cutting)
 
 
+async def _never_answer(request: Request) -> Response:
+    """A card endpoint that keeps the request open until the server stops."""
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
 class A2APeer:
     """The server: start it (a free port, a thread), use `url(mode)`, stop it."""
 
@@ -242,6 +254,8 @@ class A2APeer:
                 routes = [Route("/.well-known/agent-card.json",
                                 lambda r: JSONResponse({"name": ["not", "a", "string"],
                                                         "skills": "none"}))]
+            elif mode == "hangcard":
+                routes = [Route("/.well-known/agent-card.json", _never_answer)]
             elif mode == "emptycard":
                 routes = [Route("/.well-known/agent-card.json",
                                 lambda r: JSONResponse({"description": "no name, no url"}))]

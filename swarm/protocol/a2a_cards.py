@@ -42,7 +42,7 @@ async def fetch_card(cfg: A2AMemberConfig, http: httpx.AsyncClient) -> AgentCard
         card = await A2ACardResolver(http, cfg.url, cfg.card_path).get_agent_card(
             http_kwargs={"timeout": timeout})
     except AgentCardResolutionError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(_resolution_problem(exc, timeout)) from None
     try:
         validate_proto_required_fields(card)
     except A2AError as exc:
@@ -54,6 +54,21 @@ async def fetch_card(cfg: A2AMemberConfig, http: httpx.AsyncClient) -> AgentCard
         offered = sorted({i.protocol_binding for i in card.supported_interfaces})
         raise ValueError(f"agent card at {where} offers no JSONRPC interface (only {offered})")
     return card
+
+
+def _resolution_problem(exc: BaseException, timeout: httpx.Timeout) -> str:
+    """Why a card could not be fetched: the SDK's words, and the underlying error's, which
+    may have no text of its own (an httpx timeout)."""
+    text = str(exc).rstrip().rstrip(":")
+    cause = exc.__cause__ or exc.__context__
+    if cause is None:
+        return text
+    detail = str(cause) or type(cause).__name__
+    if isinstance(cause, httpx.ConnectTimeout):
+        detail = f"no connection within {timeout.connect:g} s"
+    elif isinstance(cause, httpx.TimeoutException):
+        detail = f"no answer within {timeout.read:g} s"
+    return f"{text}: {detail}" if detail not in text else text
 
 
 def http_client(cfg: A2AMemberConfig, max_connections: int = 100) -> httpx.AsyncClient:

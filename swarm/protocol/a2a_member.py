@@ -47,6 +47,7 @@ from a2a.types import (
     TaskState,
 )
 from a2a.utils.errors import A2AError, UnsupportedOperationError
+from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict
 
 from swarm.config import A2AMemberConfig, SwarmConfig
@@ -128,6 +129,11 @@ def _transient(exc: BaseException) -> tuple[bool, str]:
         return False, f"sent an invalid response: {exc}"
     if isinstance(exc, A2AError):
         return False, f"answered with an A2A error: {type(exc).__name__}: {exc}"
+    if isinstance(exc, json_format.ParseError):
+        # The reply was JSON-RPC, but its result is not the A2A object the method returns
+        # (a bare string, say): protobuf's parser reads it and words it as bad JSON.
+        return False, ("sent a JSON-RPC result that is not an A2A response (a Task or "
+                       f"Message object): {exc}")
     return False, f"sent an unusable response: {type(exc).__name__}: {exc}"
 
 

@@ -27,7 +27,7 @@ from tests.unit.test_runtime_local import make_cfg
 from tests.unit.test_tracing import Traced, traced  # noqa: F401  (the fixture)
 
 REMOTES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
-           "badstate", "badid")
+           "badstate", "badid", "strresult")
 # The desk hands a task "<mode>: text" to the remote member of that mode.
 RULES = [
     {"when": {"agent": "desk", "task_matches": f"^{mode}:"},
@@ -176,6 +176,27 @@ async def test_garbage_fails_at_once_and_5xx_is_retried(tmp_path: Path, peer: A2
     assert flaky["answer"] == "echo: flaky: are you there?"
     assert [u.text.split(";")[0] for u in retries] == ["attempt 1 answered HTTP 503",
                                                       "attempt 2 answered HTTP 503"]
+
+
+async def test_a_result_that_is_not_an_a2a_object_is_named_as_such(tmp_path: Path,
+                                                                   peer: A2APeer) -> None:
+    async with LocalSwarm(desk_cfg(tmp_path, peer)) as sw:
+        row = await sw.run("strresult: anything")
+    assert row["state"] == "failed" and row["error_class"] == "tool", row
+    assert "sent a JSON-RPC result that is not an A2A response (a Task or Message object)" \
+        in row["error"], row["error"]
+
+
+async def test_a_card_that_never_comes_is_named_with_the_wait(tmp_path: Path,
+                                                              peer: A2APeer) -> None:
+    cfg = make_cfg(tmp_path, RULES, {"desk": {"model": "m", "handoffs": ["billing"]},
+                                     "billing": {"a2a": {"url": peer.url("hangcard"),
+                                                         "timeout_s": 1}}})
+    with pytest.raises(ConfigError) as err:
+        await check_cards(cfg)
+    ((path, msg),) = err.value.problems
+    assert path == "agents.billing.a2a"
+    assert msg.endswith(": no answer within 1 s"), msg
 
 
 async def test_a_cut_stream_is_picked_up_without_sending_twice(tmp_path: Path,
