@@ -130,6 +130,11 @@ class TaskHandle:
         self.client = client
         self.id = task_id
 
+    @property
+    def task_id(self) -> str:
+        """The task's id, as `TaskInfo.task_id` names it (the same as `id`)."""
+        return self.id
+
     def __repr__(self) -> str:
         return f"TaskHandle({self.client.name!r}, {self.id!r})"
 

@@ -182,6 +182,7 @@ def test_client_calls_with_wrong_argument_types_name_what_was_wrong() -> None:
     from swarm.client import SwarmClient, TaskHandle
 
     handle = TaskHandle(None, "t-1")  # type: ignore[arg-type]
+    assert handle.task_id == handle.id == "t-1"  # as rows name it
     with pytest.raises(TypeError, match="timeout must be a number of seconds or None, not str"):
         handle.result(timeout="5")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout must be 0 or more seconds, not -1"):
