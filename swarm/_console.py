@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -32,6 +33,9 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]
              if c not in (0x09, 0x0A)}
 
 
+_PIPE_WIDTH = 200
+
+
 def shown(text: str) -> str:
     """`text` with its control characters (but tabs and newlines) as visible escapes."""
     return text.translate(_CONTROLS)
@@ -46,6 +50,10 @@ class SafeConsole(Console):
         for key in ("highlight", "markup", "emoji"):
             kwargs.setdefault(key, False)
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        if "width" not in kwargs and not self.is_terminal and not os.environ.get("COLUMNS"):
+            # Into a pipe or a file: lines as long as they come (to grep, to copy an id),
+            # not folded at 80 columns, Rich's guess for an output without a size.
+            self.width = _PIPE_WIDTH
 
     def render_str(self, text: str, **kwargs: object) -> Text:  # type: ignore[override]
         return super().render_str(shown(text), **kwargs)  # type: ignore[arg-type]
