@@ -348,7 +348,7 @@ def import_function(path: str) -> Callable[..., Any]:
     if fn is None:
         raise AttributeError(f"module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise TypeError(f"{path!r} names a {type(fn).__name__} value, not a function")
+        raise TypeError(f"{path!r} names a value of type {type(fn).__name__}, not a function")
     return typing.cast(Callable[..., Any], fn)
 
 
