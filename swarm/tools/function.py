@@ -295,7 +295,7 @@ class FunctionToolSource(ToolSource):
             except (Exception, SystemExit, KeyboardInterrupt) as e:
                 return _raised(e)
             if not inspect.isawaitable(value):
-                return cap_result(_encode(value), self.max_result_chars)
+                return cap_result(_encode(value, tool), self.max_result_chars)
             work = value
         elif entry.is_async:
             work = entry.fn(**kwargs)
@@ -328,7 +328,7 @@ class FunctionToolSource(ToolSource):
             ) from None
         except (Exception, SystemExit, KeyboardInterrupt) as e:
             return _raised(e)
-        return cap_result(_encode(value), self.max_result_chars)
+        return cap_result(_encode(value, tool), self.max_result_chars)
 
 
 def _raised(e: BaseException) -> ToolResult:
@@ -438,8 +438,25 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _encode(value: Any) -> ToolResult:
+def _encode(value: Any, tool: str = "") -> ToolResult:
     if isinstance(value, str):
         return ToolResult(value)
-    text = json.dumps(to_jsonable_python(value, fallback=str), ensure_ascii=False)
+    odd: list[str] = []
+
+    def as_text(v: Any) -> str:  # what JSON can't hold goes as its str(), and is warned of
+        odd.append(type(v).__name__)
+        return str(v)
+
+    text = json.dumps(to_jsonable_python(value, fallback=as_text), ensure_ascii=False)
+    for kind in odd:
+        if (tool, kind) not in _WARNED and len(_WARNED) < _WARNED_MAX:
+            _WARNED.add((tool, kind))
+            log.warning("tool %r returned a %s, which JSON can't hold: the model gets its "
+                        "str() (return a str, a number, a dict or list of them, a dataclass "
+                        "or a pydantic model)", tool, kind)
     return ToolResult(text, structured=value if isinstance(value, dict | list) else None)
+
+
+# (tool, type) pairs warned of once (`_encode`), at most this many.
+_WARNED: set[tuple[str, str]] = set()
+_WARNED_MAX = 1000

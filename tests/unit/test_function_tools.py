@@ -213,6 +213,26 @@ async def test_a_tool_that_exits_or_is_interrupted_is_an_error_result_not_a_dead
     assert (await src.call("exits", {}, CTX)).is_error  # and so does the source
 
 
+class _Opaque:
+    def __str__(self) -> str:
+        return "opaque thing"
+
+
+def opaque() -> object:
+    """Return an object JSON can't hold."""
+    return {"thing": _Opaque()}
+
+
+async def test_a_result_json_cant_hold_goes_as_its_str_with_a_warning(caplog):
+    src = source(opaque)
+    result = await src.call("opaque", {}, CTX)
+    assert not result.is_error and result.content == '{"thing": "opaque thing"}'
+    await src.call("opaque", {}, CTX)
+    warned = [r.getMessage() for r in caplog.records if r.name == "swarm.tools.function"]
+    assert len(warned) == 1, warned  # once a tool and type
+    assert "tool 'opaque' returned a _Opaque, which JSON can't hold" in warned[0]
+
+
 async def test_the_functions_own_timeout_error_is_a_result_not_a_timeout():
     result = await source(own_timeout).call("own_timeout", {}, CTX)
     assert result.is_error and result.content == "TimeoutError: upstream API timed out"
