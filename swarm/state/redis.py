@@ -108,9 +108,10 @@ def waitable_reply(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and _code(reply) in _WAITABLE_CODES
 
 
-def _reply_text(reply: ResponseError) -> str:
-    """An error reply as the server sent it (its code first)."""
-    text, code = _why(reply), getattr(reply, "status_code", None)
+def _reply_text(exc: BaseException) -> str:
+    """What went wrong, in words: an error reply as the server sent it (its code first,
+    which redis-py keeps apart), another error as `_why` says it."""
+    text, code = _why(exc), getattr(exc, "status_code", None)
     return f"{code} {text}" if code and not text.startswith(code) else text
 _READ_PAGE = 1024  # entries per read round trip: bounds what one call makes Redis hold
 
@@ -409,6 +410,11 @@ class RedisCheckpointer(Checkpointer):
     def _refused(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"redis at {redact(self.url)} refused the connection: {_why(exc)}")
 
+    def _refused_reply(self, reply: ResponseError) -> CheckpointError:
+        """The error for a command the server refused for good (an error reply that waiting
+        doesn't fix)."""
+        return CheckpointError(f"redis at {redact(self.url)} refused: {_reply_text(reply)}")
+
     def _k(self, task_id: str, what: str) -> str:
         return f"{self.prefix}:t:{task_id}:{what}"
 
@@ -453,24 +459,21 @@ class RedisCheckpointer(Checkpointer):
                 if isinstance(exc, ResponseError):
                     self._release(conn)  # it answered: the connection is in step
                     if not waitable_reply(exc):
-                        raise CheckpointError(f"redis at {redact(self.url)} refused: "
-                                              f"{_reply_text(exc)}") from exc
+                        raise self._refused_reply(exc) from exc
                     # A whole batch is sent again: each append carries its retry token.
                     what = "can't take writes"
                 else:
                     await conn.disconnect(nowait=True)
                     self._release(conn)
                     what = "unreachable"
+                why = _reply_text(exc)
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.outage_timeout_s
                 if self._outage_since is None:
                     self._outage_since = now
                     log.warning("redis at %s %s, waiting up to %g s (%s)",
-                                redact(self.url), what, self.outage_timeout_s,
-                                _reply_text(exc) if isinstance(exc, ResponseError)
-                                else _why(exc))
-                why = _reply_text(exc) if isinstance(exc, ResponseError) else _why(exc)
+                                redact(self.url), what, self.outage_timeout_s, why)
                 if now >= deadline:
                     raise StoreUnavailable(
                         f"redis at {redact(self.url)} {what} for "
@@ -571,8 +574,7 @@ class RedisCheckpointer(Checkpointer):
             if fut.done():
                 continue
             if isinstance(reply, ResponseError):
-                fut.set_exception(CheckpointError(f"redis at {redact(self.url)} refused: "
-                                                  f"{_reply_text(reply)}"))
+                fut.set_exception(self._refused_reply(reply))
             else:
                 fut.set_result(reply)
 
@@ -610,8 +612,7 @@ class RedisCheckpointer(Checkpointer):
                 "it, or set state.store to 'embedded' to run a private one") from None
         except ResponseError as exc:
             if not waitable_reply(exc):
-                raise CheckpointError(f"redis at {redact(self.url)} refused: "
-                                      f"{_reply_text(exc)}") from exc
+                raise self._refused_reply(exc) from exc
             raise StoreUnavailable(f"redis at {redact(self.url)} can't take writes: "
                                    f"{_reply_text(exc)}") from None
         finally:
