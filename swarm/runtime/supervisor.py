@@ -774,8 +774,11 @@ class TaskRecord:
                     out[name] += n
         return out
 
-    def ran(self, agent: str, done: list[int]) -> None:
-        """Add what an agent's running turn did (`swarm.events.progress`) to its progress."""
+    def ran(self, agent: str | None, done: list[int]) -> None:
+        """Add what an agent's running turn did (`swarm.events.progress`) to its progress;
+        not if the agent runs no turn of the task now (a late push after its report)."""
+        if agent is None or agent not in self.active:
+            return
         running = self.running
         if running is None:
             running = self.running = {}
@@ -1568,7 +1571,7 @@ class Supervisor:
         events (thousands a second) take a path of their own, as the task meter needs only
         their agent (`TaskMeter.saw`); other kinds go through `_emit`. `running`: the events
         of a turn still running, whose progress listings show (not those a report brought)."""
-        if running and run[-1].agent in rec.active:  # not a late push after its report
+        if running:
             done = progress(run)
             if done is not None:
                 rec.ran(run[-1].agent, done)
@@ -1612,7 +1615,7 @@ class Supervisor:
             rec._writable_events().append(blob)
             rec._runs = True
             rec.event_count += n
-            if done is not None and agent is not None and agent in rec.active:  # not late
+            if done is not None:
                 rec.ran(agent, done)
             rec._tail += len(blob)
             if rec._tail >= _SQUEEZE_AT and not rec._read:  # nobody has read it yet
