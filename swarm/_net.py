@@ -1,11 +1,12 @@
 """Whether a server could listen on an address now, and a free port: for the processes swarm
-starts (redis-server, Ray Serve's proxy, the MCP server) before it starts them."""
+starts (redis-server, Ray Serve's proxy, the MCP server) before it starts them; and whether
+anything answers at an address swarm is about to join."""
 
 from __future__ import annotations
 
 import socket
 
-__all__ = ["free_port", "listen_problem"]
+__all__ = ["connect_problem", "free_port", "listen_problem"]
 
 
 def listen_problem(host: str, port: int) -> OSError | None:
@@ -31,3 +32,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def connect_problem(host: str, port: int, timeout_s: float) -> OSError | None:
+    """Why nothing accepts a TCP connection at host:port within `timeout_s` (refused, timed
+    out, the name doesn't resolve), or None if something does."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return e

@@ -9,7 +9,7 @@ import os
 import re
 from typing import Any
 
-from swarm._net import free_port, listen_problem
+from swarm._net import connect_problem, free_port, listen_problem
 from swarm.config import ScriptedModelConfig, SwarmConfig
 from swarm.errors import ConfigError, OrchestrationError, SwarmNotFound, UserError
 from swarm.models.ingress import default_direct_ingress_env
@@ -79,18 +79,15 @@ def _unreachable(target: str) -> str | None:
     """Why nothing listens at an explicit cluster address (`host:port`, `ray://host:port`),
     or None (also for "auto" and "local", which Ray resolves itself). Checked first because
     `ray.init` with an address where nothing answers retries for minutes before it gives up."""
-    import socket
-
     address = target.removeprefix("ray://")
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
         return None
     host = host.strip("[]")
-    try:
-        with socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT_S):
-            return None
-    except OSError as exc:
-        return f"nothing answers at {host}:{port} ({exc.strerror or exc})"
+    problem = connect_problem(host, int(port), _PROBE_TIMEOUT_S)
+    if problem is None:
+        return None
+    return f"nothing answers at {host}:{port} ({problem.strerror or problem})"
 
 
 def _auth_hint() -> str:
