@@ -722,8 +722,8 @@ class TaskRecord:
             for name in _WAITING:
                 setattr(self, name, self.total(name))
             self.waiting = None
-        # A running turn's progress is only shown, never counted: a late push of its events
-        # could otherwise count its steps twice.
+        # A running turn's progress was counted as the task ended (`Supervisor._finish`);
+        # a push of its events after that is not.
         self.running = None
 
     def metadata(self) -> dict[str, Any]:
@@ -1822,6 +1822,7 @@ class Supervisor:
         rec.active.add(agent)
         replica = (agent, replica_for(context_id, cfg.agents[agent].replicas))
         self.waits.enter(rec.id, replica, cfg.agents[agent].max_sessions)
+        reports = False  # whether the turn leaves the loop below with a report to count
         try:
             cycle = self.waits.cycle(rec.id) if cfg.stuck.deadlock else None
             if cycle is not None:
@@ -1886,9 +1887,11 @@ class Supervisor:
                             attempt, error=failure, store_unavailable=False, events=[],
                             message=a2a.dumps(a2a.text_message(failure, role="agent",
                                                                task_id=rec.id)))
+                    reports = True
                     break
                 resent = None  # past the outage
                 if result.kind != "input_required":
+                    reports = True
                     break
                 # What the turn ran up to its question counts while it waits (listings, the
                 # row stored as it parks), replaced by each later report of the same turn.
@@ -1913,6 +1916,8 @@ class Supervisor:
         finally:
             rec.active.discard(agent)
             self.waits.leave(rec.id, replica)
+            if not reports:  # cut short (canceled, out of time, stuck, its replica lost)
+                self._count_unreported(rec, agent, started)
         if rec.waiting is not None:  # its report below counts the whole turn
             rec.waiting.pop(req.log_id, None)
             rec.waiting = rec.waiting or None
@@ -1929,6 +1934,33 @@ class Supervisor:
         rec.turn_counted(agent)
         self._account(rec, agent, result, started)
         return result
+
+    def _count_unreported(self, rec: TaskRecord, agent: str, started: float | None) -> None:
+        """Count what a turn that ends without its report ran, as its step events said
+        (`TaskRecord.running`), for the task, the agent and the swarm: a task canceled, or
+        stopped at max_wall_s, while a turn runs gets no report of it, and its calls must
+        still count (its counters, its cost, the agent's and the swarm's budgets). Calls made
+        after the agent's last push of events (every 50-250 ms) are not counted; the usage
+        ledger has every call. A swarm going down counts nothing: the next supervisor resumes
+        the turn, and its report counts it all. Nor does a task that has ended (`_finish`
+        counted its running turns as it ended). `started`: when the turn started, if known
+        (the agent's wall time in the task)."""
+        running = rec.running
+        done = None if running is None else running.pop(agent, None)
+        if running is not None and not running:
+            rec.running = None
+        if done is None or self.stopping or rec.state in a2a.TERMINAL:
+            return
+        steps, models, tools, tokens_in, tokens_out = done
+        rec.steps += steps
+        rec.model_calls += models
+        rec.tool_calls += tools
+        rec.input_tokens += tokens_in
+        rec.output_tokens += tokens_out
+        self._account(rec, agent, TurnResult(
+            task_id=rec.id, agent=agent, kind="canceled", message=b"", steps=steps,
+            input_tokens=tokens_in, output_tokens=tokens_out, model_calls=models,
+            tool_calls=tools), self.clock() if started is None else started)
 
     def _resume_req(self, rec: TaskRecord, agent: str, req: TurnRequest) -> None:
         """Make `req` the resume of its turn from the durable log (after the replica died, or
@@ -2443,6 +2475,8 @@ class Supervisor:
             # this swarm resumes it from its log (a turn that ended is finished from there).
             return
         self.waits.parent.pop(rec.id, None)
+        for agent in list(rec.running or ()):  # a turn cut short by a cancel, say
+            self._count_unreported(rec, agent, None)
         if budget_exhausted is not None:
             rec.budget_exhausted = budget_exhausted
             rec.set_metadata("budget_exhausted", budget_exhausted)

@@ -349,3 +349,53 @@ def test_bad_limits_name_their_field(data: dict[str, Any], field: str, needle: s
         parse_config({**base, **data})
     assert any(path == field and needle in msg for path, msg in err.value.problems), \
         err.value.problems
+
+
+async def _tool_calls_seen(sw: LocalSwarm, task_id: str, n: int) -> None:
+    """Wait (bounded) until the task's events hold `n` finished tool calls."""
+    import asyncio
+
+    cursor, seen = 0, 0
+    async with asyncio.timeout(20):
+        while seen < n:
+            evs, _ = await sw.supervisor.events(task_id, cursor, 5.0)
+            cursor += len(evs)
+            seen += sum(isinstance(e, ToolCalled) for e in evs)
+
+
+async def test_a_task_cut_short_while_its_turn_runs_counts_what_the_turn_ran(
+        tmp_path: Path) -> None:
+    """A task stopped at max_wall_s, or canceled, while its turn runs gets no report of that
+    turn. What the turn's step events said it ran still counts: the task's counters and cost,
+    and the swarm's budget, which then stops the next task (before, all stayed 0, and a swarm
+    max_model_calls never ran out on such tasks)."""
+    echo = {"name": "echo", "when": {"called": {"echo": {"max": 2}}},
+            "tool_calls": [{"name": "echo", "arguments": {"text": "n{{ messages | length }}"}}]}
+    hang = {"name": "hang", "when": {}, "tool_calls": [{"name": "slow",
+                                                         "arguments": {"seconds": 30}}]}
+    priced = {"m": {"provider": "scripted", "policy": "policy.yaml",
+                    "price": {"input_per_mtok": 1e6, "output_per_mtok": 1e6}}}
+    cfg = _cfg(tmp_path, {"task": {"max_wall_s": 1}, "swarm": {"max_model_calls": 6},
+                          "on_exhausted": "fail"}, [echo, hang], models=priced)
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("go", timeout=20)
+        assert row["budget_exhausted"] == "task max_wall_s (1)", row
+        # Three echo steps, and the fourth model call, whose tool call never ended.
+        assert (row["steps"], row["model_calls"], row["tool_calls"]) == (3, 4, 3), row
+        assert row["input_tokens"] > 0 and row["cost_usd"] == \
+            row["input_tokens"] + row["output_tokens"], row
+        assert sw.supervisor.swarm_usage.current().model_calls == 4
+        # Two calls of the swarm's six are left for the next task.
+        row = await sw.run("again", timeout=20)
+        assert row["state"] == "failed", row
+        assert row["budget_exhausted"] == "swarm max_model_calls (6)", row
+        assert row["model_calls"] == 2, row
+    cfg = _cfg(tmp_path, {"task": {"max_wall_s": 60}}, [echo, hang], models=priced)
+    async with LocalSwarm(cfg) as sw:
+        task_id = await sw.supervisor.submit("go")
+        await _tool_calls_seen(sw, task_id, 3)
+        await sw.supervisor.cancel(task_id)
+        row = await sw.supervisor.wait(task_id, 20)
+        assert row["state"] == "canceled", row
+        assert (row["steps"], row["model_calls"], row["tool_calls"]) == (3, 4, 3), row
+        assert row["cost_usd"] > 0, row
