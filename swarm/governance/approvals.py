@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarm._text import MAX_LABEL_CHARS, check_chars
 from swarm.errors import UserError
+from swarm.protocol import a2a
 from swarm.runtime.middleware import Middleware, NextTool, StopTurn, ToolInvocation
 from swarm.tools.interface import ToolResult
 
@@ -364,7 +365,7 @@ class ApprovalDesk:
                 try:
                     args = json.loads(args)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"--args is not valid JSON: {e.msg} at position {e.pos}"
+                    raise UserError(f"the arguments are not valid JSON: {e.msg} at position {e.pos}"
                                     ) from None
             if not isinstance(args, dict):
                 raise UserError(f"arguments must be a JSON object, got {type(args).__name__}")
@@ -374,6 +375,11 @@ class ApprovalDesk:
                 raise UserError(f"arguments must be JSON-serialisable: {e}") from None
             check_chars(args, "arguments")
         entry = self.open.get((task_id, gid))
+        if rec.state in a2a.TERMINAL and entry is not None:
+            # Ended (canceled, say) while the gate was open: the gate closed with it, though
+            # its turn may not have unwound yet.
+            raise UserError(f"task {task_id} is {rec.state}: its gates closed with it "
+                            f"(gate {gid} was not decided)")
         if entry is None:
             raise UserError(await self._why_not_open(rec, gid))
         if entry.deciding:
@@ -427,6 +433,9 @@ class ApprovalDesk:
                 if g is None:
                     continue
                 if g.decision is None:
+                    if rec.state in a2a.TERMINAL:
+                        return (f"task {rec.id} is {rec.state}: its gates closed with it "
+                                f"(gate {gid} was not decided)")
                     return (f"gate {gid} of task {rec.id} is not open for a decision right now "
                             "(the task is resuming); try again in a moment")
                 done = {"event": g.decision, "by": g.by, "tool": g.tool}
@@ -434,6 +443,8 @@ class ApprovalDesk:
         if done is not None:
             return (f"gate {gid} of task {rec.id} was already {done['event']} by "
                     f"{done['by']} (tool {done['tool']})")
+        if rec.state in a2a.TERMINAL:
+            return f"task {rec.id} is {rec.state} and has no gate {gid!r} that was decided"
         waiting = sorted(g for (t, g) in self.open if t == rec.id)
         return (f"task {rec.id} has no gate {gid!r}; "
                 + (f"open gates: {', '.join(waiting)}" if waiting else "it has no open gates"))

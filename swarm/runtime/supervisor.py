@@ -1207,8 +1207,12 @@ class Supervisor:
         if answer not in rec.choices:
             raise UserError(f"answer {' or '.join(map(repr, rec.choices))} (got {text!r}): "
                             f"{rec.question}")
-        if not rec.answer_waiter.done():
-            rec.answer_waiter.set_result(answer)
+        if rec.answer_waiter.done():  # answered a moment ago; the task hasn't moved on yet
+            first = rec.answer_waiter.result() if not rec.answer_waiter.cancelled() else None
+            raise UserError(f"task {task_id}'s question was answered already"
+                            + (f" ({first!r})" if first is not None else "")
+                            + "; one answer is taken")
+        rec.answer_waiter.set_result(answer)
         return rec.summary()
 
     async def approve(self, task_id: str, gate: str, *, approver: str,
@@ -2477,6 +2481,7 @@ class Supervisor:
         self.waits.parent.pop(rec.id, None)
         for agent in list(rec.running or ()):  # a turn cut short by a cancel, say
             self._count_unreported(rec, agent, None)
+        rec.gates.clear()  # closed with the task (its turn may not have unwound yet)
         if budget_exhausted is not None:
             rec.budget_exhausted = budget_exhausted
             rec.set_metadata("budget_exhausted", budget_exhausted)

@@ -156,7 +156,7 @@ async def test_bad_decisions_are_clear_errors(tmp_path: Path) -> None:
             await sw.supervisor.approve(task_id, "nope", approver="alice")
         with pytest.raises(UserError, match="arguments must be a JSON object"):
             await sw.supervisor.approve(task_id, gid, approver="alice", args="[1]")
-        with pytest.raises(UserError, match="--args is not valid JSON"):
+        with pytest.raises(UserError, match="the arguments are not valid JSON"):
             await sw.supervisor.approve(task_id, gid, approver="alice", args="{nope")
         with pytest.raises(UserError, match="approver's name"):
             await sw.supervisor.approve(task_id, gid, approver=" ")
@@ -355,6 +355,24 @@ async def test_a_task_canceled_while_it_waits_keeps_what_its_turn_ran(tmp_path: 
         assert (await sw.supervisor.events(task_id, 0, 0))[0][-1].steps == 2
     stored = await store.get_task(task_id)
     assert stored is not None and stored.data["steps"] == 2
+
+
+async def test_a_gate_of_a_canceled_task_is_closed(tmp_path: Path) -> None:
+    """Canceled while it waits at a gate: a decision right after the cancel (before its turn
+    has unwound) is refused, and the task lists no open gate."""
+    async with LocalSwarm(make_cfg(tmp_path), store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("c")
+        gid = (await _gate(sw, task_id))["gate"]
+        row = await sw.supervisor.cancel(task_id)
+        assert row["state"] == "canceled" and row["gates"] == [], row
+        with pytest.raises(UserError, match=f"task {task_id} is canceled: its gates closed "
+                                            f"with it \\(gate {gid} was not decided\\)"):
+            await sw.supervisor.approve(task_id, gid, approver="alice")
+        with pytest.raises(UserError, match="is canceled and has no gate 'nope' that was "
+                                            "decided"):
+            await sw.supervisor.deny(task_id, "nope", approver="alice")
+        assert sw.supervisor.get(task_id).summary()["gates"] == []
+    assert dt.RUNS.get("c-2", 0) == 0  # the gated call never ran
 
 
 async def test_a_turn_that_waited_and_ended_before_a_restart_is_counted_once(

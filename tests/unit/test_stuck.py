@@ -119,6 +119,23 @@ async def test_escalate_parks_the_task_for_an_operator(tmp_path: Path) -> None:
         assert [a.action for a in _alerts(sw, task_id)] == ["escalate", "escalate"]
 
 
+async def test_a_second_answer_to_an_escalation_is_refused(tmp_path: Path) -> None:
+    """Two answers in a row to one question: the first is taken, the second refused, naming
+    the first. (The second was taken silently and dropped, while the task had yet to move on
+    from the first.)"""
+    cfg = make_cfg(tmp_path, [SAME], {"a": {"model": "m", "tools": ["fn"]}},
+                   stuck={"same_call": 3, "no_progress": None, "action": "escalate"})
+    async with LocalSwarm(cfg) as sw:
+        task_id = await sw.supervisor.submit("go")
+        await _until(sw, task_id, "input_required")
+        await sw.supervisor.respond(task_id, "stop")
+        with pytest.raises(UserError, match="answered already \\('stop'\\); one answer is "
+                                            "taken"):
+            await sw.supervisor.respond(task_id, "continue")
+        row = await sw.supervisor.wait(task_id, 30)
+        assert row["state"] == "failed" and row["stuck"] == "same_call", row
+
+
 class AskOnce(Middleware):
     """Parks the turn in INPUT_REQUIRED at the first tool call (as a gate would)."""
 
