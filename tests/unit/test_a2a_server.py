@@ -270,6 +270,12 @@ async def test_list_tasks_refuses_an_unknown_status(desk: Desk) -> None:
         assert body["id"] == 7 and body["error"]["code"] == -32602, body
         assert f"unknown task status {status!r}" in body["error"]["message"]
         assert "TASK_STATE_COMPLETED" in body["error"]["message"]  # the accepted ones
+    # The method's name with a letter escaped is the same method, and is checked the same.
+    escaped = b'{"jsonrpc": "2.0", "id": 8, "method": "\\u004cistTasks", ' \
+              b'"params": {"status": "BOGUS"}}'
+    body = (await desk.http.post("/", headers={**V1, "Content-Type": "application/json"},
+                                 content=escaped)).json()
+    assert body["id"] == 8 and body["error"]["code"] == -32602, body
     resp = await desk.http.get("/rest/tasks", headers=V1, params={"status": "TASK_STATE_BOGUS"})
     assert resp.status_code == 400 and "TASK_STATE_WORKING" in resp.json()["error"]["message"]
     for status in ("TASK_STATE_COMPLETED", 3):  # a name or a number of a state
@@ -417,6 +423,10 @@ def test_reading_the_answer_to_a_gate() -> None:
         read_answer(message("deny typo-gate reason"), two)
     with pytest.raises(InvalidParamsError, match="JSON object"):
         read_answer(message(data={"approve": "a-1-0", "args": [1]}), one)
+    # A number is no gate id, 1 and 1.0 included (1 == True: they approved the open gate).
+    for number in (1, 1.0, 0, 5):
+        with pytest.raises(InvalidParamsError, match="a gate is named by its id"):
+            read_answer(message(data={"approve": number}), one)
 
 
 def test_reading_the_answer_to_a_question() -> None:

@@ -218,7 +218,9 @@ class StatusFilterCheck:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
-        if b"ListTasks" in body:
+        # Parsed only if it may be a ListTasks: its name as is, or with a letter escaped
+        # (`\u004cistTasks`), the only JSON escape that can spell one.
+        if b"ListTasks" in body or b"\\u" in body:
             try:
                 request = json.loads(body)
             except (ValueError, RecursionError):

@@ -363,7 +363,9 @@ def _pick(named: Any, open_gates: list[str]) -> str:
             raise InvalidParamsError(message=f"no open gate {named!r}; open: "
                                      f"{', '.join(open_gates)}")
         return named
-    if named not in (True, None, ""):
+    # `named is True`, not `==`: 1 == True, and a number (a gate's index, say) must not
+    # decide a gate.
+    if not (named is True or named is None or named == ""):
         raise InvalidParamsError(message=f"a gate is named by its id (a string), got {named!r}")
     if len(open_gates) > 1:
         raise InvalidParamsError(message=f"{len(open_gates)} gates are open "
