@@ -22,6 +22,9 @@ Modes:
 - `strresult`: answers a message with a well-formed JSON-RPC reply whose result is a string,
   not a Task or Message.
 - `hangcard`: its card endpoint never answers.
+- `bigcard`: its card is a body of 64 MB (spaces after a `{`), sent as fast as it is read.
+- `tricklecard`: its card comes a byte every 0.2 s (at most 300 of them: a minute).
+- `bigreply`: serves a good card, then answers every message call with a 64 MB body.
 
 The peer records every message it was sent (`received[mode]`) so tests can check the context
 id, the metadata (traceparent) and how many times a message was sent.
@@ -35,6 +38,7 @@ import json
 import socket
 import threading
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
@@ -55,14 +59,15 @@ from a2a.types import (
 )
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 MODES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
-         "badcard", "emptycard", "badstate", "badid", "strresult", "hangcard")
+         "badcard", "emptycard", "badstate", "badid", "strresult", "hangcard", "bigcard",
+         "tricklecard", "bigreply")
 # Modes whose message calls are answered by `_Misbehave` (their cards stay good).
-MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate", "badid", "strresult")
+MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate", "badid", "strresult", "bigreply")
 # Modes whose card says they don't stream (their messages come as SendMessage).
 NOT_STREAMING = ("echo", "badstate")
 STREAM_UPDATES = ("reading the question", "looking it up", "writing the answer")
@@ -170,6 +175,9 @@ class _Misbehave:
         if self.mode == "garbage":
             return await Response(b"{this is not json", media_type="application/json")(
                 scope, receive, send)
+        if self.mode == "bigreply":
+            return await StreamingResponse(_big_body(), media_type="application/json")(
+                scope, receive, send)
         # drop: promise a body, send part of it, then go away (uvicorn closes the connection).
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
@@ -215,6 +223,26 @@ class _Misbehave:
         await self.good(scope, receive, cutting)
 
 
+async def _big_body() -> AsyncIterator[bytes]:
+    """64 MB: `{` and spaces, 64 KB a chunk."""
+    yield b"{"
+    for _ in range(1024):
+        yield b" " * 65_536
+
+
+async def _big_card(request: Request) -> Response:
+    return StreamingResponse(_big_body(), media_type="application/json")
+
+
+async def _trickle_card(request: Request) -> Response:
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(300):
+            yield b" "
+            await asyncio.sleep(0.2)
+
+    return StreamingResponse(body(), media_type="application/json")
+
+
 async def _never_answer(request: Request) -> Response:
     """A card endpoint that keeps the request open until the server stops."""
     await asyncio.Event().wait()
@@ -256,6 +284,10 @@ class A2APeer:
                                                         "skills": "none"}))]
             elif mode == "hangcard":
                 routes = [Route("/.well-known/agent-card.json", _never_answer)]
+            elif mode == "bigcard":
+                routes = [Route("/.well-known/agent-card.json", _big_card)]
+            elif mode == "tricklecard":
+                routes = [Route("/.well-known/agent-card.json", _trickle_card)]
             elif mode == "emptycard":
                 routes = [Route("/.well-known/agent-card.json",
                                 lambda r: JSONResponse({"description": "no name, no url"}))]

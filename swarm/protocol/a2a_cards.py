@@ -25,6 +25,22 @@ from swarm.config import A2AMemberConfig, SwarmConfig
 from swarm.errors import ConfigError
 
 _CARD_TIMEOUT_S = 30.0
+# The most a member's card may be, decoded: a card is a few KB. A reply's limit follows the
+# member's max_answer_chars (`reply_limit`).
+_CARD_MAX_BYTES = 1 << 20
+_REPLY_MIN_BYTES = 8 << 20
+
+
+class BodyTooLarge(ValueError):
+    """A remote's card or reply (or one event of a streamed reply) is over its byte limit:
+    read no further, so a peer can't fill the supervisor's memory."""
+
+
+def reply_limit(cfg: A2AMemberConfig) -> int:
+    """The most bytes a member's reply (or one streamed event) may be, decoded: room for
+    `max_answer_chars` of any UTF-8 twice over (a task carries its history and artifacts), at
+    least 8 MiB."""
+    return max(_REPLY_MIN_BYTES, 8 * cfg.max_answer_chars)
 
 
 def card_problem(role: str, url: str, exc: BaseException) -> tuple[str, str]:
@@ -38,11 +54,21 @@ async def fetch_card(cfg: A2AMemberConfig, http: httpx.AsyncClient) -> AgentCard
     # A card is small: it gets the connect timeout and at most 30 s to arrive, whatever the
     # member's (long) turn timeout.
     timeout = httpx.Timeout(min(cfg.timeout_s, _CARD_TIMEOUT_S), connect=cfg.connect_timeout_s)
+    # httpx's read timeout is per read: a card sent a byte at a time would never time out.
+    whole = min(cfg.timeout_s, _CARD_TIMEOUT_S) + cfg.connect_timeout_s
     try:
-        card = await A2ACardResolver(http, cfg.url, cfg.card_path).get_agent_card(
-            http_kwargs={"timeout": timeout})
+        async with asyncio.timeout(whole):
+            card = await A2ACardResolver(http, cfg.url, cfg.card_path).get_agent_card(
+                http_kwargs={"timeout": timeout})
     except AgentCardResolutionError as exc:
         raise ValueError(_resolution_problem(exc, timeout)) from None
+    except TimeoutError:
+        raise ValueError(f"agent card at {where} did not arrive whole within {whole:g} s"
+                         ) from None
+    except BodyTooLarge as exc:
+        raise ValueError(f"agent card at {where}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"agent card at {where} is nested too deeply to read") from None
     try:
         validate_proto_required_fields(card)
     except A2AError as exc:
@@ -64,7 +90,9 @@ def _resolution_problem(exc: BaseException, timeout: httpx.Timeout) -> str:
     if cause is None:
         return text
     detail = str(cause) or type(cause).__name__
-    if isinstance(cause, httpx.ConnectTimeout):
+    if isinstance(cause, UnicodeDecodeError):
+        detail = f"it is not JSON text (UTF-8): {cause}"
+    elif isinstance(cause, httpx.ConnectTimeout):
         detail = f"no connection within {timeout.connect:g} s"
     elif isinstance(cause, httpx.TimeoutException):
         detail = f"no answer within {timeout.read:g} s"
@@ -79,8 +107,54 @@ def http_client(cfg: A2AMemberConfig, max_connections: int = 100) -> httpx.Async
         timeout=httpx.Timeout(cfg.timeout_s + _CARD_TIMEOUT_S, connect=cfg.connect_timeout_s),
         headers={k: v.get_secret_value() for k, v in cfg.headers.items()},
         limits=httpx.Limits(max_connections=max_connections),
-        event_hooks={"response": [_check_reply_ids]},
+        event_hooks={"response": [_cap_body(reply_limit(cfg)), _check_reply_ids]},
     )
+
+
+def _cap_body(limit: int) -> Any:
+    """Response hook: read a body no further than its limit once decoded (a card's
+    `_CARD_MAX_BYTES`, a reply's `limit`, each event's of a streamed reply), raising
+    `BodyTooLarge` there."""
+
+    async def hook(response: httpx.Response) -> None:
+        request = response.request
+        events = "text/event-stream" in response.headers.get("content-type", "")
+        cap = _CARD_MAX_BYTES if request.method == "GET" else limit
+        decoded = httpx.Response(response.status_code, headers=response.headers,
+                                 stream=response.stream, request=request)
+        for name in ("content-encoding", "content-length"):
+            if name in response.headers:
+                del response.headers[name]
+        what = "agent card" if request.method == "GET" else \
+            "event of its streamed reply" if events else "reply"
+        response.stream = _Capped(decoded, cap, events, what)
+
+    return hook
+
+
+class _Capped(httpx.AsyncByteStream):
+    """A decoded body passed on until it (or, for server-sent events, one event) is over
+    `limit` bytes."""
+
+    def __init__(self, decoded: httpx.Response, limit: int, per_event: bool, what: str
+                 ) -> None:
+        self._decoded, self._limit, self._per_event, self._what = \
+            decoded, limit, per_event, what
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self._decoded.aiter_bytes():
+            if self._per_event:
+                ends = max(chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n"))
+                size = len(chunk) - ends if ends >= 0 else size + len(chunk)
+            else:
+                size += len(chunk)
+            if size > self._limit:
+                raise BodyTooLarge(f"the {self._what} is over {self._limit} bytes")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._decoded.aclose()
 
 
 class JsonRpcReplyError(Exception):

@@ -27,7 +27,7 @@ from tests.unit.test_runtime_local import make_cfg
 from tests.unit.test_tracing import Traced, traced  # noqa: F401  (the fixture)
 
 REMOTES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
-           "badstate", "badid", "strresult")
+           "badstate", "badid", "strresult", "bigreply")
 # The desk hands a task "<mode>: text" to the remote member of that mode.
 RULES = [
     {"when": {"agent": "desk", "task_matches": f"^{mode}:"},
@@ -197,6 +197,37 @@ async def test_a_card_that_never_comes_is_named_with_the_wait(tmp_path: Path,
     ((path, msg),) = err.value.problems
     assert path == "agents.billing.a2a"
     assert msg.endswith(": no answer within 1 s"), msg
+
+
+async def test_a_card_too_big_or_too_slow_is_refused_in_bounded_time_and_memory(
+        tmp_path: Path, peer: A2APeer) -> None:
+    """A card of 64 MB is read no further than 1 MiB, and one sent a byte at a time is given
+    up on at timeout_s plus the connect timeout (httpx's read timeout is per read, so it
+    never fired: `swarm run` hung)."""
+    agents = {"desk": {"model": "m", "handoffs": ["big", "slow"]},
+              "big": {"a2a": {"url": peer.url("bigcard")}},
+              "slow": {"a2a": {"url": peer.url("tricklecard"), "timeout_s": 1,
+                               "connect_timeout_s": 1}}}
+    with pytest.raises(ConfigError) as err:
+        await check_cards(make_cfg(tmp_path, RULES, agents))
+    problems = dict(err.value.problems)
+    assert problems["agents.big.a2a"].endswith(
+        f"agent card at {peer.url('bigcard')}/.well-known/agent-card.json: the agent card is "
+        "over 1048576 bytes"), problems
+    assert problems["agents.slow.a2a"].endswith("did not arrive whole within 2 s"), problems
+
+
+async def test_a_reply_too_big_fails_the_turn_unread(tmp_path: Path, peer: A2APeer) -> None:
+    """A 64 MB reply is read no further than the member's limit (8 MiB here), and the turn
+    fails naming it; the next turn of another member is served."""
+    cfg = desk_cfg(tmp_path, peer, bigreply=remote(peer, "bigreply", retries=0))
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("bigreply: anything")
+        other = await sw.run("echo: still there?")
+    assert row["state"] == "failed" and row["error_class"] == "tool", row
+    assert "remote agent bigreply" in row["error"] and \
+        f"reply is over {8 << 20} bytes" in row["error"], row["error"]
+    assert other["state"] == "completed", other
 
 
 async def test_a_cut_stream_is_picked_up_without_sending_twice(tmp_path: Path,
