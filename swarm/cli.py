@@ -642,12 +642,14 @@ def audit(
     import datetime as dt
     from pathlib import Path
 
-    from swarm.governance.audit import parse_since
+    from swarm.governance.audit import kind_problem, parse_since
 
     try:
         cutoff = None if since is None else parse_since(since)
     except ValueError as e:
         _die(str(e))
+    if (problem := kind_problem(kind)) is not None:
+        _die(f"--kind: {problem}")
     if store is not None:
         from swarm._urls import redact_url, redis_url_problem
         from swarm.governance.audit import AuditLog, RedisAuditLog

@@ -312,6 +312,19 @@ def build_audit_layer(cfg: Any, role: str, store: Any = None) -> AuditLayer | No
     return AuditLayer(audit) if audit is not None else None
 
 
+# What `read(kind=...)` can name: a whole kind, or a prefix of kinds.
+KINDS = ("task", "task.submitted", "task.completed", "task.failed", "task.canceled",
+         "task.rejected", "tool", "approval", "approval.requested", "approval.approved",
+         "approval.denied")
+
+
+def kind_problem(kind: str | None) -> str | None:
+    """Why `kind` names no audit entries at all (a typo, say), or None."""
+    if kind is None or kind in KINDS:
+        return None
+    return f"unknown audit kind {kind!r}; one of {', '.join(KINDS)}"
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """A time filter: an ISO date/time, or an age such as 30s, 15m, 2h, 7d; unix seconds."""
     from datetime import datetime

@@ -1284,7 +1284,9 @@ class Supervisor:
         new_id = a2a.new_id()
         if kept:
             await store.append(new_id, kept)
-        meta = {**src.metadata(), "forked_from": task_id, "forked_at_step": step}
+        # What the swarm added to the source about how it ended is not the fork's.
+        meta = {**{k: v for k, v in src.metadata().items() if k != "budget_exhausted"},
+                "forked_from": task_id, "forked_at_step": step}
         first = a2a.text_message(src.text, role="user", task_id=new_id,
                                  context_id=src.context_id, metadata={"user": src.user})
         rec = TaskRecord(_task=a2a.new_task(new_id, src.context_id, first, meta),

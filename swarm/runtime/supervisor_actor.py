@@ -242,6 +242,11 @@ class SupervisorActor:
     async def audit(self, task_id: str | None = None, since: float | None = None,
                     kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Audit entries (stream plus Parquet archive), oldest first."""
+        from swarm.errors import UserError
+        from swarm.governance.audit import kind_problem
+
+        if (problem := kind_problem(kind)) is not None:
+            raise UserError(problem)
         await self._ensure()
         if self.sup.audit is None:
             return []

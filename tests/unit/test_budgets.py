@@ -399,3 +399,18 @@ async def test_a_task_cut_short_while_its_turn_runs_counts_what_the_turn_ran(
         assert row["state"] == "canceled", row
         assert (row["steps"], row["model_calls"], row["tool_calls"]) == (3, 4, 3), row
         assert row["cost_usd"] > 0, row
+
+
+async def test_a_fork_of_a_task_a_budget_stopped_starts_without_its_mark(tmp_path: Path) -> None:
+    """The swarm marked the source `budget_exhausted` (its metadata too); the fork starts with
+    the source's metadata less that mark, which was about how the source ended."""
+    from swarm.state.memory import MemoryCheckpointer
+
+    cfg = _cfg(tmp_path, {"task": {"max_tool_calls": 2}})
+    async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+        row = await sw.run("go")
+        assert row["metadata"]["budget_exhausted"] == "task max_tool_calls (2)", row
+        fork_id = await sw.supervisor.fork(row["task_id"], 1)
+        meta = sw.supervisor.get(fork_id).summary()["metadata"]  # before it has run
+        assert "budget_exhausted" not in meta and meta["forked_from"] == row["task_id"], meta
+        await sw.supervisor.wait(fork_id, 20)

@@ -123,6 +123,17 @@ def test_audit_of_an_unreachable_store_exits_2() -> None:
     assert "can't read the audit log" in res.output
 
 
+def test_audit_of_an_unknown_kind_exits_2_naming_the_kinds() -> None:
+    res = runner.invoke(app, ["audit", "s", "--kind", "zzz", "--store", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "--kind: unknown audit kind 'zzz'; one of task, task.submitted" in text, text
+    for kind in ("tool", "approval.denied"):  # a kind and a prefix: past the check
+        res = runner.invoke(app, ["audit", "s", "--kind", kind, "--store",
+                                  "redis://127.0.0.1:1/0"])
+        assert res.exit_code == 2 and "can't read the audit log" in res.output, res.output
+
+
 def test_store_stop_refuses_while_clients_use_it(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import redis
