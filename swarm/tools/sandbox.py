@@ -210,6 +210,10 @@ class Sandbox:
         if len(data) > self.limits.max_code_bytes:
             raise ValueError(f"code is {len(data)} bytes; the limit is "
                              f"{self.limits.max_code_bytes}")
+        if not os.access(str(self.python), os.X_OK):  # no sandbox, nor running without one
+            raise SandboxUnavailable(
+                f"python_exec can't run code: the interpreter {self.python} is not executable "
+                "(python_exec's `python` setting, or --python)")
         problem = await self.problem()
         if problem is not None and not self.allow_unsandboxed:
             raise SandboxUnavailable(
@@ -323,8 +327,12 @@ class Sandbox:
             limit = "output"
         if limit is None and sig is not None:
             limit = _SIGNAL_LIMITS.get(signal.Signals[sig])
-            if limit is None and sig == "SIGKILL":
-                limit = "cpu_time"  # the hard CPU limit is the only thing that sends SIGKILL
+            if limit is None and sig == "SIGKILL" and \
+                    duration * (os.cpu_count() or 1) >= lim.cpu_s + 1:
+                # The hard CPU limit (cpu_s + 1) sends SIGKILL; a kill sooner than the code
+                # could have used that much CPU came from elsewhere (the kernel's OOM killer,
+                # the code itself, an operator): no limit of the sandbox's.
+                limit = "cpu_time"
         if limit is None and code not in (0, None):
             limit = next((n for n, pat in _STDERR_LIMITS if pat.search(stderr)), None)
         return ExecResult(

@@ -98,6 +98,14 @@ async def test_infinite_loop_hits_the_cpu_limit(sandbox: Sandbox) -> None:
     await run_ok(sandbox)
 
 
+async def test_a_kill_from_elsewhere_is_not_blamed_on_the_cpu_limit(sandbox: Sandbox) -> None:
+    """SIGKILL long before the code could have used its CPU time (here it kills itself; the
+    kernel's OOM killer looks the same) names no limit."""
+    r = await sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert r.signal == "SIGKILL" and r.limit is None and r.exit_code is None, r
+    await run_ok(sandbox)
+
+
 async def test_sleeping_code_hits_the_wall_clock(sandbox: Sandbox) -> None:
     r = await Sandbox(SHORT).run("import time\ntime.sleep(3600)")
     assert r.limit == "wall_clock" and r.exit_code is None, r
@@ -254,6 +262,16 @@ async def test_unavailable_sandbox_is_a_tool_error(tmp_path: Path) -> None:
         res = await client.call_tool("python_exec", {"code": "print(1)"})
     assert res.is_error
     assert "refuses to run: no sandbox: bwrap is not installed" in res.content[0].text
+    # An interpreter that isn't there: named, with no advice about bubblewrap (installed or
+    # not, and with or without allow_unsandboxed, it can't run).
+    missing = tmp_path / "no-python"
+    for allow in (False, True):
+        server = build_server(Sandbox(LIMITS, python=str(missing), allow_unsandboxed=allow))
+        async with Client(server) as client:
+            res = await client.call_tool("python_exec", {"code": "print(1)"})
+        assert res.is_error and (f"can't run code: the interpreter {missing} is not "
+                                 "executable (python_exec's `python` setting, or --python)"
+                                 in res.content[0].text), res.content[0].text
 
 
 def test_server_options_are_checked(capsys: pytest.CaptureFixture[str],
