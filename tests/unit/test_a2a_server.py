@@ -169,7 +169,10 @@ async def test_a_message_sent_again_is_the_same_task(desk: Desk) -> None:
     assert len(sup.tasks) == 2
     # Another text under the same message id is refused; another sender's is their own task.
     refused = await send_rpc("not hello", "m-1", contextId=ctx)
-    assert refused["error"]["code"] == -32602 and "already exists" in refused["error"]["message"]
+    assert refused["error"]["code"] == -32602, refused
+    assert refused["error"]["message"] == (f"messageId 'm-1' was sent before with another text "
+                                           f"(it started task {task_id}); a new message needs "
+                                           "a new messageId"), refused
     theirs = await send_rpc("hello", "m-1", contextId=ctx, metadata={"user": "someone"})
     assert theirs["result"]["task"]["id"] != task_id and len(sup.tasks) == 3
     # A task waiting for input, sent again: the task as it is, waiting still.
@@ -178,6 +181,15 @@ async def test_a_message_sent_again_is_the_same_task(desk: Desk) -> None:
     again = await send_rpc("count a b", "m-3", contextId=ctx)
     assert again["result"]["task"]["id"] == asked["result"]["task"]["id"]
     assert again["result"]["task"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED"
+    # ... and another text under its message id is refused while it waits, on both methods
+    # (a2a-sdk answered it with the waiting task, the new text dropped).
+    refused = await send_rpc("count c d", "m-3", contextId=ctx)
+    assert refused["error"]["code"] == -32602, refused
+    assert refused["error"]["message"].startswith("messageId 'm-3' was sent before"), refused
+    params = new("count c d", contextId=ctx)
+    params["message"]["messageId"] = "m-3"
+    streamed = await desk.http.post("/", headers=V1, json=rpc("SendStreamingMessage", params))
+    assert "messageId 'm-3' was sent before" in streamed.text, streamed.text
     assert len(sup.tasks) == 4
     await sup.cancel(asked["result"]["task"]["id"])
     # A task still running, sent again: the same task.

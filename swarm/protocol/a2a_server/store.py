@@ -164,7 +164,9 @@ class SwarmRequestHandler(DefaultRequestHandler):
                            ) -> Task | None:
         """The task a new message made when it was sent before, if that task has ended
         (a2a-sdk refuses to run an ended task again; a client's retry gets it as it is). A task
-        still running is left to the executor, which follows it."""
+        still running is left to the executor, which follows it. Another message under the
+        same id (another text or sender) is refused here, whatever its task's state: a2a-sdk
+        would answer it with the running task."""
         if not params.HasField("message") or params.message.task_id or \
                 not params.message.message_id:
             return None
@@ -175,7 +177,7 @@ class SwarmRequestHandler(DefaultRequestHandler):
             context_id=probe.message.context_id or None)
         task_id = str(request.task_id)
         snap = await snapshot(self.link, task_id)
-        if snap is None or snap.state not in a2a.TERMINAL:
+        if snap is None:
             return None
         text = getattr(request, "text", None)
         from swarm.protocol.a2a_server.executor import caller
@@ -183,8 +185,16 @@ class SwarmRequestHandler(DefaultRequestHandler):
         try:  # the same submission is a retry; another message under the same id is refused
             await self.link.call("submit", text, caller(context, params.message), {"via": "a2a"},
                                  str(request.context_id), task_id, params.message.message_id)
+        except UserError as exc:
+            if "already exists" not in str(exc):
+                raise a2a_error(exc) from None
+            raise InvalidParamsError(message=(
+                f"messageId {params.message.message_id!r} was sent before with another text "
+                f"(it started task {task_id}); a new message needs a new messageId")) from None
         except SwarmError as exc:
             raise a2a_error(exc) from None
+        if snap.state not in a2a.TERMINAL:
+            return None
         return apply_history_length(snap.task, params.configuration)
 
     async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext
