@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from time import time_ns
 from typing import TYPE_CHECKING, Any, Literal
 
-from swarm.errors import ModelError, RunError, ToolError, classify
+from swarm.errors import ModelError, PolicyError, RunError, ToolError, classify
 from swarm.events import Event, Handoff, ModelCalled, StepFinished, StepStarted, ToolCalled
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall
 from swarm.runtime.middleware import (
@@ -749,7 +749,11 @@ class StepLoop:
                         result = ToolResult(f"{ERROR_PREFIX}{exc}", is_error=True)
                         text = _text(exc)
                     if inv is not None and self.record is not None:
-                        self.record(_tool_record(inv, n0, "error", error_class, text))
+                        # Refused by a rate limit before it ran: recorded as stopped (no
+                        # ledger row, not billed), as a budget's or a gate's stop is.
+                        self.record(_tool_record(inv, n0, "stopped", error_class, text, "failed")
+                                    if isinstance(exc, PolicyError) else
+                                    _tool_record(inv, n0, "error", error_class, text))
                 else:
                     if result.is_error:
                         error_class = "tool"
@@ -844,6 +848,8 @@ def _model_failed(session: Session, call: ModelCall, n0: int,
     if isinstance(exc, StopTurn):
         outcome = "stopped"
         error_class, text, stopped = _stopped(exc)
+    elif isinstance(exc, PolicyError):  # refused by a rate limit before it ran: not billed
+        outcome, error_class, text, stopped = "stopped", "policy", _text(exc), "failed"
     elif isinstance(exc, asyncio.CancelledError):
         outcome, error_class, text = (
             "canceled", getattr(exc, "error_class", None) or "model", _text(exc))

@@ -153,6 +153,7 @@ def _cfg(tmp_path: Path, limits: list[dict[str, Any]]) -> Any:
     return parse_config({
         "name": "limited", "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
         "agents": {"a": {"model": "m"}}, "supervisor": {"entry": "a"}, "rate_limits": limits,
+        "usage": {"dir": str(tmp_path / "usage")},
     }, base_dir=tmp_path)
 
 
@@ -166,6 +167,13 @@ async def test_a_rejected_model_call_fails_the_task_with_class_policy(tmp_path: 
     assert first["state"] == "completed" and other["state"] == "completed"
     assert second["state"] == "failed" and second["error_class"] == "policy"
     assert "rate limit for user alice: 1 requests per hour" in second["error"]
+    # The refused call never ran: no usage row (as for a budget's or a gate's stop), while
+    # each call that ran has one.
+    from swarm.observability.usage import read_usage
+
+    rows = read_usage(str(tmp_path / "usage")).to_pylist()
+    assert sorted((r["task_id"], r["outcome"]) for r in rows) == sorted(
+        (t["task_id"], "ok") for t in (first, other)), rows
 
 
 def test_bad_limits_are_named(tmp_path: Path) -> None:
