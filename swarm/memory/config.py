@@ -7,9 +7,12 @@ code; the models follow the same rules: `extra="forbid"`, frozen, errors naming 
 from __future__ import annotations
 
 import re
+from fnmatch import fnmatchcase
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+_GLOB = set("*?[")
 
 Scope = Literal["user", "swarm", "shared"]
 SCOPES: tuple[str, ...] = ("user", "swarm", "shared")
@@ -156,8 +159,10 @@ def memory_problems(cfg: object) -> list[tuple[str, str]]:
     for name, agent in getattr(cfg, "agents", {}).items():
         for i, grant in enumerate(agent.tools):
             server, _, tool = grant.partition(".")
-            if server == "memory" and tool and tool not in ("remember", "recall", "forget"):
+            if server == "memory" and tool and not any(
+                    fnmatchcase(t, tool) for t in ("remember", "recall", "forget")):
                 problems.append((f"agents.{name}.tools.{i}",
-                                 f"the memory server has no tool {tool!r}; it has "
-                                 "['forget', 'recall', 'remember']"))
+                                 f"the memory server has no tool {tool!r}"
+                                 + (" (nor one it matches)" if _GLOB & set(tool) else "")
+                                 + "; it has ['forget', 'recall', 'remember']"))
     return problems

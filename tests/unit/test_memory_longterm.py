@@ -232,3 +232,23 @@ def test_namespaces() -> None:
     assert namespace_for("shared", user="u", swarm="s") == "shared"
     with pytest.raises(ValueError, match="unknown memory scope"):
         namespace_for("team", user="u", swarm="s")
+
+
+def test_a_memory_grant_may_be_a_glob(tmp_path: Path) -> None:
+    """`memory.rem*` grants `remember` (README: either part of a grant may be a glob); a glob
+    that matches none of the memory server's tools is named as such."""
+    import re
+
+    from swarm.errors import ConfigError
+
+    cfg = swarm_cfg(tmp_path)
+    data = cfg.model_dump(mode="json")
+    for grant, problem in (("memory.rem*", None), ("memory.re[cm]*", None),
+                           ("memory.zz*", "has no tool 'zz*' (nor one it matches)"),
+                           ("memory.nope", "has no tool 'nope'; it has")):
+        data["agents"]["keeper"]["tools"] = [grant]
+        if problem is None:
+            parse_config(data, base_dir=tmp_path)
+            continue
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            parse_config(data, base_dir=tmp_path)
