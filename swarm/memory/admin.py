@@ -21,13 +21,23 @@ _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_age(text: str) -> float:
-    """Seconds in an age such as 90s, 30m, 12h, 30d or 2w."""
+def parse_age(text: str, now: float | None = None) -> float:
+    """Seconds in an age such as 90s, 30m, 12h, 30d or 2w, or since an ISO date/time such as
+    2026-01-01 (as `swarm usage` and `swarm audit` take `--since`)."""
     m = _AGE.match(text.strip())
-    if not m:
+    if m:
+        return float(m.group(1)) * _UNIT[m.group(2)]
+    from datetime import datetime
+
+    now = time.time() if now is None else now
+    try:
+        age = now - datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
         raise UserError(f"--older-than {text!r}: expected a number and a unit s, m, h, d or w "
-                        "(e.g. 30d)")
-    return float(m.group(1)) * _UNIT[m.group(2)]
+                        "(e.g. 30d), or an ISO date/time such as 2026-01-01") from None
+    if age < 0:
+        raise UserError(f"--older-than {text!r} is in the future")
+    return age
 
 
 def _redis_url(cfg: SwarmConfig) -> tuple[str | None, Any]:

@@ -131,7 +131,14 @@ class LanceMemoryStore:
         if self._table is not None:
             return self._table
         db = await self._connect()
-        names = await db.table_names()
+        names: set[str] = set()
+        token = None
+        for _ in range(10_000):  # pages of table names (a handful of tables, one page)
+            page = await db.list_tables(page_token=token)
+            names.update(page.tables)
+            token = page.page_token
+            if not token:
+                break
         if self.table_name in names:
             self._table = await db.open_table(self.table_name)
             vec = (await self._table.schema()).field("vector").type

@@ -244,3 +244,21 @@ def test_cli_forget_deletes_a_users_sessions(tmp_path: Path, redis_server: Embed
     bad = CliRunner().invoke(app, ["memory", "prune", str(tmp_path / "swarm.yaml"),
                                    "--older-than", "soon"])
     assert bad.exit_code == 2 and "expected a number and a unit" in bad.output
+
+
+def test_an_age_is_a_duration_or_an_iso_date() -> None:
+    """`memory prune --older-than` takes what `usage` and `audit` take for --since: an age, or
+    an ISO date/time (measured back from now); a date in the future is refused."""
+    import datetime as dt
+
+    from swarm.errors import UserError
+    from swarm.memory.admin import parse_age
+
+    now = dt.datetime(2026, 3, 1).timestamp()
+    assert parse_age("30d") == 30 * 86400 and parse_age("2w") == 14 * 86400
+    assert parse_age("2026-01-30", now=now) == 30 * 86400
+    assert parse_age("2026-02-28T12:00", now=now) == 12 * 3600
+    with pytest.raises(UserError, match="is in the future"):
+        parse_age("2026-03-02", now=now)
+    with pytest.raises(UserError, match="or an ISO date/time such as 2026-01-01"):
+        parse_age("soon")
