@@ -148,7 +148,9 @@ async def test_streaming_ends_with_the_answer(desk: Desk) -> None:
     assert tool.metadata["swarm_event"]["kind"] == "tool_call"
 
 
-async def test_a_message_sent_again_is_the_same_task(desk: Desk) -> None:
+async def test_a_message_sent_again_is_the_same_task(desk: Desk,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("ERROR", logger="a2a")
     sup = desk.swarm.supervisor
     ctx = uuid.uuid4().hex
 
@@ -181,6 +183,9 @@ async def test_a_message_sent_again_is_the_same_task(desk: Desk) -> None:
     again = await send_rpc("count a b", "m-3", contextId=ctx)
     assert again["result"]["task"]["id"] == asked["result"]["task"]["id"]
     assert again["result"]["task"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED"
+    # A retry is no error of the server's: none is logged for the task handed back.
+    assert not [r for r in caplog.records if "already exists" in r.getMessage()], \
+        [r.getMessage() for r in caplog.records]
     # ... and another text under its message id is refused while it waits, on both methods
     # (a2a-sdk answered it with the waiting task, the new text dropped).
     refused = await send_rpc("count c d", "m-3", contextId=ctx)
@@ -229,7 +234,9 @@ async def test_answers_to_a_gate_started_elsewhere(desk: Desk) -> None:
     assert [d["by"] for (t, _), d in sup.approvals.done.items() if t == task_id] == ["lee"]
 
 
-async def test_a_wrong_gate_id_leaves_the_gate_open(desk: Desk) -> None:
+async def test_a_wrong_gate_id_leaves_the_gate_open(desk: Desk,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("ERROR", logger="a2a")
     sup = desk.swarm.supervisor
     task_id = await sup.submit("count one two")
     rec = sup.get(task_id)
@@ -245,6 +252,9 @@ async def test_a_wrong_gate_id_leaves_the_gate_open(desk: Desk) -> None:
     assert errors[0]["message"] == f"no open gate 'nosuchgate'; open: {gid}"
     assert rec.state == "input_required" and list(rec.gates) == [gid]
     assert not [k for k in sup.approvals.done if k[0] == task_id]
+    # Refusals are the client's errors: no traceback in the server's log for them.
+    assert not [r for r in caplog.records if r.exc_info], \
+        [r.getMessage() for r in caplog.records]
     await sup.cancel(task_id)
 
 
@@ -347,11 +357,13 @@ async def test_a_body_that_is_not_utf8_is_a_parse_error_and_the_server_serves_on
     assert answer(await task_of(desk.client(), message("still here"))) == "done: still here"
 
 
-async def test_refused_characters_are_invalid_params_and_make_no_task(desk: Desk) -> None:
+async def test_refused_characters_are_invalid_params_and_make_no_task(
+        desk: Desk, caplog: pytest.LogCaptureFixture) -> None:
     """NUL and the other C0 controls but tab, newline and CR (`swarm._text`): in a new task's
     text (checked as the message is read, on both bindings), in the sender's user label and in
-    an answer (refused by the supervisor, mapped as its other refusals); nothing is made, and
-    an open gate stays open."""
+    an answer (refused by the supervisor, mapped as its other refusals); nothing is made, an
+    open gate stays open, and the server's log gets no traceback for the client's errors."""
+    caplog.set_level("ERROR", logger="a2a")
     sup = desk.swarm.supervisor
     said = "task text has a control character (U+0000) at index 3"
     resp = await desk.http.post("/", headers=V1, json=rpc("SendMessage", new("hel\x00lo")))
@@ -388,6 +400,8 @@ async def test_refused_characters_are_invalid_params_and_make_no_task(desk: Desk
     assert error["code"] == -32602, error
     assert error["message"].startswith("reason has a control character (U+001B) at index 4")
     assert rec.state == "input_required" and list(rec.gates) == [gid]
+    assert not [r for r in caplog.records if r.exc_info], \
+        [r.getMessage() for r in caplog.records]
     await sup.cancel(task_id)
 
 

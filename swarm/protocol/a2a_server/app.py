@@ -11,6 +11,7 @@ POST) and `/rest/...` (the HTTP+JSON binding: `/rest/message:send`, `/rest/tasks
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from a2a.server.routes import (
 )
 from a2a.types import AgentCard, TaskState
 from a2a.utils.error_handlers import build_error_details
-from a2a.utils.errors import InvalidParamsError, InvalidRequestError
+from a2a.utils.errors import A2AError, InvalidParamsError, InvalidRequestError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
@@ -246,10 +247,34 @@ class StatusFilterCheck:
         await self.app(scope, replay, send)
 
 
+class _RefusalsQuiet(logging.Filter):
+    """a2a-sdk logs a traceback (twice: its producer's and its consumer's) for whatever the
+    executor raises, the A2A errors it answers a bad request with included, so a client's
+    typo filled the server's log with tracebacks; and an error for a client's retry of a
+    running task, whose task the executor hands back. Those go (the client gets the error,
+    or the task); anything else stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, A2AError) and record.msg != _REPLACED
+
+
+_REPLACED = "Task %s already exists. Ignoring task replacement."
+
+
+_QUIET = _RefusalsQuiet()
+
+
 def build_app(link: SwarmLink, card: AgentCard, *, max_task_chars: int,
               max_body_bytes: int) -> Starlette:
     """The A2A app of one swarm: a2a-sdk's card, JSON-RPC and REST routes over its handler,
     with the swarm's task table as the task store."""
+    for name in ("a2a.server.request_handlers.default_request_handler",
+                 "a2a.server.request_handlers.default_request_handler_v2",
+                 "a2a.server.agent_execution.active_task"):
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
     store = SupervisorTaskStore(link)
     handler = SwarmRequestHandler(
         link=link, agent_executor=SwarmAgentExecutor(link, store), task_store=store,
