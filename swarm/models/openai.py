@@ -16,14 +16,16 @@ read here. The client speaks the wire format directly:
 
 Failures after retries raise `ModelCallError` (status, server message, attempts); a server's
 context-length 400 raises `ContextLimitError`. An answer that isn't a completion raises
-`ModelError` (not retried): JSON of another shape (a `null` choice, a token count that isn't an
-integer: the decoder names the path), no choices, or neither content (`""` counts) nor tool calls.
+`ModelError` (not retried): JSON of another shape (a `null` choice: the decoder names the
+path), no choices, or neither content (`""` counts) nor tool calls. A token count that is none
+(negative, not a whole number, over a billion) counts as 0, with a warning once per model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import re
 import time
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
     from swarm.config import OpenAIModelConfig
 
 __all__ = ["OpenAIModel", "close_pool", "is_context_length_message"]
+
+log = logging.getLogger(__name__)
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.decode
@@ -273,6 +277,12 @@ class OpenAIModel(Model):
                     continue
             if attempt > self.max_retries:
                 raise self._failed(failure, attempt)
+            if failure.retry_after is not None and failure.retry_after > _MAX_RETRY_AFTER_S:
+                # Asked to wait longer than swarm waits for a retry: an outage, better met by
+                # a fallback model at once than by a minute's sleep per attempt.
+                failure.what += (f" (and asked to wait {failure.retry_after:.0f} s before "
+                                 f"trying again; swarm waits at most {_MAX_RETRY_AFTER_S:g})")
+                raise self._failed(failure, attempt)
             delay = self._backoff(attempt, failure.retry_after)
             if end is not None and time.time() + delay >= end:
                 raise self._out_of_time(attempt, end, failure)
@@ -280,7 +290,7 @@ class OpenAIModel(Model):
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]; a server's Retry-After
-        wins (up to a minute: a longer wait is an outage, better met by a fallback model)."""
+        wins (up to a minute; a longer one fails the call at once, in `complete`)."""
         if retry_after is not None:
             return min(retry_after, _MAX_RETRY_AFTER_S)
         return self._rng.uniform(0.0, min(self.backoff_max_s,
@@ -295,7 +305,8 @@ class OpenAIModel(Model):
             msg = f"{self._where()} answered HTTP {failure.status} ({tries}): {failure.what}"
         else:
             msg = f"{self._where()} failed ({tries}): {failure.what}"
-        return ModelCallError(msg, status=failure.status, attempts=attempts, transient=True)
+        return ModelCallError(self._hide_key(msg), status=failure.status, attempts=attempts,
+                              transient=True)
 
     def _out_of_time(self, attempts: int, end: float, last: _Retryable | None) -> ModelCallError:
         why = f"{attempts} attempt{'s' if attempts != 1 else ''}"
@@ -303,9 +314,9 @@ class OpenAIModel(Model):
             status = f"HTTP {last.status} " if last.status else ""
             why += f", last: {status}{last.what}"
         step = f"step_timeout_s = {self.step_timeout_s}" if self.step_timeout_s else "the step"
-        return ModelCallError(
+        return ModelCallError(self._hide_key(
             f"{self._where()}: out of time for this step ({step} or the turn's deadline, "
-            f"{max(0.0, end - time.time()):.3g}s left; {why})",
+            f"{max(0.0, end - time.time()):.3g}s left; {why})"),
             status=last.status if last else None, attempts=attempts, transient=True)
 
     async def _attempt(self, client: httpx.AsyncClient, url: str, content: bytes,
@@ -327,8 +338,14 @@ class OpenAIModel(Model):
                 return self._from_json(await r.aread())  # a server that ignores `stream`
             return await self._from_stream(r, t0)
 
+    def _hide_key(self, text: str) -> str:
+        """`text` without the API key in it (a server that echoes the request's headers in
+        its error: the text goes into the task's state, events and logs)."""
+        key = self.api_key
+        return text.replace(key, "[REDACTED]") if key and len(key) >= 8 else text
+
     def _status_error(self, status: int, raw: bytes, headers: httpx.Headers) -> NoReturn:
-        message = _server_message(raw)
+        message = self._hide_key(_server_message(raw))
         if status in _RETRY_STATUS or status >= 500:
             raise _Retryable(message, status, _retry_after(headers))
         if status == 400 and is_context_length_message(message):
@@ -339,8 +356,8 @@ class OpenAIModel(Model):
                              status=status, attempts=1, transient=False)
 
     def _unreadable(self, what: str, raw: bytes | str) -> ModelError:
-        return ModelError(f"{self._where()} returned an unreadable completion ({what}): "
-                          f"{raw[:200]!r}")
+        return ModelError(self._hide_key(f"{self._where()} returned an unreadable completion "
+                                         f"({what}): {raw[:200]!r}"))
 
     def _from_json(self, raw: bytes) -> ModelResponse:
         try:
@@ -368,7 +385,7 @@ class OpenAIModel(Model):
         if msg.content is None and not calls:  # text (if empty) or tool calls, or nothing
             raise self._unreadable("no content and no tool calls", raw)
         return ModelResponse(
-            content=msg.content, tool_calls=calls, usage=_usage(data.usage),
+            content=msg.content, tool_calls=calls, usage=_usage(data.usage, self._where()),
             finish_reason=choice.finish_reason or "stop",
             model=data.model or self.model, time_to_first_token_s=None)
 
@@ -416,7 +433,7 @@ class OpenAIModel(Model):
                 for tc in delta.tool_calls or ():
                     slot = calls.get(tc.index or 0)
                     if slot is None:
-                        slot = calls[tc.index or 0] = ["", "", []]
+                        slot = calls[tc.index or 0] = ["", "", [], False]
                     if tc.id:
                         slot[0] = tc.id
                     fn = tc.function or _Function()
@@ -424,6 +441,8 @@ class OpenAIModel(Model):
                         slot[1] += fn.name
                     if fn.arguments:
                         slot[2].append(fn.arguments)
+                    elif fn.arguments is None:
+                        slot[3] = True  # `null`: the call's arguments, if nothing else comes
                 if ch.finish_reason:
                     finish = ch.finish_reason
         if not done and finish is None:
@@ -432,7 +451,10 @@ class OpenAIModel(Model):
             raise ModelError(f"{self._where()} streamed a completion with no choices "
                              f"(last chunk: {last[:200]!r})")
         content = "".join(parts) or None
-        tool_calls = [ToolCall(id=s[0], name=s[1], arguments="".join(s[2]))
+        # Arguments that were only ever `null` are handed on as that JSON, as unstreamed
+        # (the step loop refuses them, naming it); a `null` among fragments is no fragment.
+        tool_calls = [ToolCall(id=s[0], name=s[1],
+                               arguments="null" if s[3] and not s[2] else "".join(s[2]))
                       for _, s in sorted(calls.items())]
         if content is None and not tool_calls:
             if not texts:
@@ -440,7 +462,7 @@ class OpenAIModel(Model):
                                  f"no tool calls (last chunk: {last[:200]!r})")
             content = ""  # only `content: ""` deltas: an empty answer, as unstreamed
         return ModelResponse(
-            content=content, tool_calls=tool_calls, usage=_usage(usage),
+            content=content, tool_calls=tool_calls, usage=_usage(usage, self._where()),
             finish_reason=finish or "stop", model=model or self.model,
             time_to_first_token_s=ttft)
 
@@ -484,14 +506,12 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
-class _TokenDetails(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
 class _UsageWire(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt_tokens_details: _TokenDetails | None = None
+    # Read as sent, and checked (`_usage`): a usage figure swarm can't use must not make the
+    # whole completion unreadable.
+    prompt_tokens: Any = None
+    completion_tokens: Any = None
+    prompt_tokens_details: Any = None
 
 
 class _Completion(msgspec.Struct):
@@ -504,13 +524,44 @@ class _Completion(msgspec.Struct):
 _decode_completion = msgspec.json.Decoder(_Completion).decode
 
 
-def _usage(u: _UsageWire | None) -> Usage:
+# The most tokens one completion may report: more is no real count (a server's bug, or a
+# hostile one), and a count past 2**63 broke the task's end.
+_MAX_USAGE_TOKENS = 10**9
+_warned_usage: set[str] = set()
+
+
+def _token_count(value: Any) -> int | None:
+    """A token count as reported, or None if it is none (negative, too large, not a whole
+    number); absent is 0."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is int and 0 <= value <= _MAX_USAGE_TOKENS:
+        return value
+    return None
+
+
+def _usage(u: _UsageWire | None, where: str) -> Usage:
+    """The completion's usage; a figure that is no token count (negative, over
+    `_MAX_USAGE_TOKENS`, not a whole number) counts as 0, with a warning once per model: a
+    negative cost would let a task past its max_cost_usd."""
     if u is None:
         return Usage()
     details = u.prompt_tokens_details
-    return Usage(input_tokens=u.prompt_tokens or 0,
-                 output_tokens=u.completion_tokens or 0,
-                 cached_input_tokens=(details.cached_tokens if details else None) or 0)
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    sent = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "prompt_tokens_details.cached_tokens": cached}
+    counts = {k: _token_count(v) for k, v in sent.items()}
+    bad = [f"{k}={sent[k]!r}"[:80] for k, n in counts.items() if n is None]
+    if bad and where not in _warned_usage:
+        _warned_usage.add(where)
+        log.warning("%s reported token usage that is no count (%s): counted as 0, so costs "
+                    "and token budgets don't see it (said once per model)", where,
+                    ", ".join(bad))
+    return Usage(input_tokens=counts["prompt_tokens"] or 0,
+                 output_tokens=counts["completion_tokens"] or 0,
+                 cached_input_tokens=counts["prompt_tokens_details.cached_tokens"] or 0)
 
 
 def _error_text(err: Any) -> str:

@@ -403,8 +403,9 @@ class UsageLedger:
             try:
                 parts.append(source.ledger_table(records, costs))
             except Exception:
-                log.error("usage ledger: %d call records of %r could not be converted; "
-                          "dropped", len(records), source, exc_info=True)
+                log.error("usage ledger: %d call records of agent %s could not be converted; "
+                          "dropped", len(records), getattr(source, "role", source),
+                          exc_info=True)
                 bad += len(records)
         self.rows_dropped += bad
         whole = parts[0] if len(parts) == 1 else pa.concat_tables(parts) if parts else None

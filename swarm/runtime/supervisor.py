@@ -2508,20 +2508,26 @@ class Supervisor:
             # task again from it; the caller learns the outcome now either way.
             log.exception("task %s: could not store its final state", rec.id)
         deferred = not stored and rec.id in self._unstored  # left to `_write_rows_later`
-        self._emit(rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state,
-                                         detail=error or ""))
-        self._emit(rec, rec.finished_event())
-        if self.audit is not None:
-            self.audit.record(f"task.{state}", task_id=rec.id, user=rec.user, agent=rec.agent,
-                              error_class=error_class, outcome=rec.budget_exhausted or rec.stuck,
-                              detail=error)
-        if self.session_memory is not None and state == "completed" and answer is not None:
-            # Before `done`: the user's next task in this session starts with this exchange.
-            await self.session_memory.record_exchange(rec.user, rec.context_id, rec.text,
-                                                      answer, rec.id)
-        rec.compact(durable=self.store is not None)
-        rec.done.set()
-        self._wake(rec)  # a follower that read TaskFinished before `done` was set
+        try:
+            self._emit(rec, TaskStateChanged(task_id=rec.id, ts=rec.updated, state=state,
+                                             detail=error or ""))
+            self._emit(rec, rec.finished_event())
+            if self.audit is not None:
+                self.audit.record(f"task.{state}", task_id=rec.id, user=rec.user,
+                                  agent=rec.agent, error_class=error_class,
+                                  outcome=rec.budget_exhausted or rec.stuck, detail=error)
+            if self.session_memory is not None and state == "completed" and \
+                    answer is not None:
+                # Before `done`: the user's next task in this session starts with this
+                # exchange.
+                await self.session_memory.record_exchange(rec.user, rec.context_id, rec.text,
+                                                          answer, rec.id)
+            rec.compact(durable=self.store is not None)
+        finally:
+            # Its end is set (the state, the row) whatever failed above: its waiters must
+            # hear of it, else they wait out their timeouts for a task that has ended.
+            rec.done.set()
+            self._wake(rec)  # a follower that read TaskFinished before `done` was set
         if deferred and rec.id in self._stored_late:
             # The writer stored it while this awaited (the session memory, say): before
             # `done`, so it left the task to this.

@@ -257,6 +257,34 @@ async def test_gives_up_after_max_retries_with_status_message_and_attempts(
     assert len(server.requests) == 3
 
 
+async def test_a_retry_after_past_a_minute_fails_at_once_naming_it(server: FakeServer) -> None:
+    """A server asking for a wait longer than swarm waits for a retry (a minute) is an
+    outage: the call fails at once, saying so, for a fallback model to take over, instead of
+    sleeping a minute an attempt."""
+    server.script("m1", error(429, "slow down", {"retry-after": "1000000000"}),
+                  completion("too late"))
+    m = model(server, max_retries=3)
+    with pytest.raises(ModelCallError) as info:
+        await m.complete(req())
+    await m.aclose()
+    assert info.value.transient and len(server.requests) == 1
+    assert ("HTTP 429 (1 attempt): slow down (and asked to wait 1000000000 s before trying "
+            "again; swarm waits at most 60)") in str(info.value), str(info.value)
+
+
+async def test_an_api_key_the_server_echoes_stays_out_of_errors(server: FakeServer) -> None:
+    key = "sk-SECRETKEY-abcdef0123456789"
+    server.script("m1", error(401, f"Incorrect API key provided: Bearer {key}"))
+    server.script("m2", error(500, f"headers: authorization=Bearer {key}"))
+    for name in ("m1", "m2"):
+        m = model(server, name, api_key=key, max_retries=1)
+        with pytest.raises(ModelCallError) as info:
+            await m.complete(req())
+        await m.aclose()
+        assert key not in str(info.value) and "Bearer [REDACTED]" in str(info.value), \
+            str(info.value)
+
+
 async def test_client_errors_are_not_retried(server: FakeServer) -> None:
     server.script("m1", error(401, "bad key"))
     m = model(server, max_retries=5)
@@ -534,18 +562,21 @@ async def test_broken_tool_arguments_over_http_go_back_as_a_model_error(
     assert first.ttft_ms is not None  # streamed: time to first token in the step's event
 
 
-@pytest.mark.parametrize("arguments", ["null", None], ids=["text-null", "json-null"])
+@pytest.mark.parametrize(("arguments", "stream"), [("null", False), (None, False),
+                                                   (None, True)],
+                         ids=["text-null", "json-null", "streamed-json-null"])
 async def test_null_tool_arguments_go_back_as_a_model_error_and_the_tool_does_not_run(
-        tmp_path: Path, server: FakeServer, arguments: str | None) -> None:
+        tmp_path: Path, server: FakeServer, arguments: str | None, stream: bool) -> None:
     # `fail` runs with no arguments (its message has a default): read as {}, it ran and failed.
-    server.script("backup", completion(None, tool_calls=[
-        {"id": "c1", "type": "function", "function": {"name": "fail", "arguments": arguments}}]),
-        completion("recovered"))
+    # Streamed, `null` was dropped as no fragment, so the call had no arguments and ran.
+    call = {"id": "c1", "type": "function", "function": {"name": "fail", "arguments": arguments}}
+    server.script("backup", sse([delta({"tool_calls": [{"index": 0, **call}]}, "tool_calls")])
+                  if stream else completion(None, tool_calls=[call]), completion("recovered"))
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"rules": []}))
     cfg = parse_config({
         "name": "t",
         "models": {"backup": {"provider": "openai", "base_url": server.url, "model": "backup",
-                              "stream": False}},
+                              "stream": stream}},
         "tools": {"fn": {"python": ["swarm.examples.tools:fail"]}},
         "agents": {"a": {"model": "backup", "tools": ["fn"]}},
         "supervisor": {"entry": "a"},
@@ -653,11 +684,6 @@ def _choice(**msg: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("stream", "answer", "where"), [
-    (False, raw({**_choice(content="x"), "usage": {"prompt_tokens": "lots"}}),
-     r"\$\.usage\.prompt_tokens"),
-    (False, raw({**_choice(content="x"), "usage": {
-        "prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": "some"}}}),
-     r"\$\.usage\.prompt_tokens_details\.cached_tokens"),
     (False, raw({"model": "m1", "choices": [None]}), r"\$\.choices\[0\]"),
     (False, raw({"model": "m1", "choices": [{"index": 0, "message": None}]}), "no message"),
     (False, raw(_choice(content=None, tool_calls=["x"])), r"\$\.choices\[0\]\.message"),
@@ -666,26 +692,50 @@ def _choice(**msg: Any) -> dict[str, Any]:
     (False, raw(5), "got `int`"),
     (True, raw_sse("5"), "unreadable stream chunk.*got `int`"),
     (True, raw_sse('{"choices": [null]}'), r"unreadable stream chunk.*\$\.choices\[0\]"),
-    (True, raw_sse('{"choices": [{"index": 0, "delta": null, "finish_reason": "stop"}], '
-                   '"usage": {"prompt_tokens": "lots"}}'), r"\$\.usage\.prompt_tokens"),
     (True, raw_sse('{"choices": [{"index": 0, "delta": {"tool_calls": ["x"]}}]}'),
      r"\$\.choices\[0\]\.delta\.tool_calls\[0\]"),
-], ids=["usage-str", "cached-str", "choice-null", "message-null", "tool-call-str",
-        "function-str", "not-object", "stream-int", "stream-choice-null", "stream-usage-str",
-        "stream-tool-call-str"])
+], ids=["choice-null", "message-null", "tool-call-str", "function-str", "not-object",
+        "stream-int", "stream-choice-null", "stream-tool-call-str"])
 async def test_json_of_the_wrong_shape_is_a_model_error_naming_the_model(
         server: FakeServer, stream: bool, answer: Responder, where: str) -> None:
     assert type(await _refused(server, answer, stream, where)) is ModelError
 
 
-async def test_a_malformed_usage_fails_the_task_as_a_model_error(
-        tmp_path: Path, server: FakeServer) -> None:
-    server.script("primary", raw({**_choice(content="x"), "usage": {"prompt_tokens": "lots"}}))
-    cfg = swarm_cfg(tmp_path, server)
-    async with LocalSwarm(cfg) as sw:
-        row = await sw.run("go")
-    assert row["state"] == "failed" and row["error_class"] == "model", row
-    assert "model 'primary'" in row["error"] and "usage.prompt_tokens" in row["error"]
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": "lots", "completion_tokens": 2},
+    {"prompt_tokens": 10**30, "completion_tokens": 5},
+    {"prompt_tokens": -1_000_000, "completion_tokens": -5},
+    {"prompt_tokens": 1.5, "completion_tokens": True},
+    {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": "some"}},
+], ids=["string", "past-2**64", "negative", "fraction-and-bool", "cached-string"])
+async def test_a_usage_that_is_no_count_counts_as_zero_and_the_task_ends(
+        tmp_path: Path, server: FakeServer, usage: dict[str, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A server's token counts that are none (a string, a fraction, negative, past what any
+    completion holds) count as 0, with a warning naming the model: the answer is used, the
+    task ends (a count past 2**64 made its end raise, so its waiters never heard of it), and
+    no negative cost lets it past max_cost_usd."""
+    from swarm.models import openai as openai_client
+
+    openai_client._warned_usage.clear()
+    for stream in (False, True):
+        server.script("primary", raw({**_choice(content="x"), "usage": usage}) if not stream
+                      else raw_sse(json.dumps({"choices": [{"index": 0, "delta": {
+                          "role": "assistant", "content": "x"}, "finish_reason": "stop"}],
+                          "usage": usage})))
+        cfg = parse_config({
+            "name": "t", "models": {"primary": {
+                "provider": "openai", "base_url": server.url, "model": "primary",
+                "stream": stream, "price": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}}},
+            "agents": {"a": {"model": "primary"}}, "supervisor": {"entry": "a"},
+        }, base_dir=tmp_path)
+        async with LocalSwarm(cfg) as sw:
+            row = await sw.run("go", timeout=30)
+        assert row["state"] == "completed" and row["answer"] == "x", row
+        assert 0 <= row["input_tokens"] <= 10 and 0 <= row["output_tokens"] <= 5, row
+        assert row["cost_usd"] >= 0, row
+    warned = [r.getMessage() for r in caplog.records if "is no count" in r.getMessage()]
+    assert len(warned) == 1 and "model 'primary'" in warned[0], warned
 
 
 # ---- fallbacks name the configured model, credentials stay out of messages -----------------------
