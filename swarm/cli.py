@@ -716,6 +716,7 @@ def usage(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Print usage and cost from the ledger, summed by role, user, swarm or model."""
+    from swarm.observability.render import usd
     from swarm.observability.usage import default_location, usage_table
 
     if directory is not None:
@@ -748,7 +749,7 @@ def usage(
     for r in rows:
         view.add_row(str(r[by]), str(r["model_calls"]), str(r["tool_calls"]),
                      str(r["input_tokens"]), str(r["output_tokens"]), str(r["cached_tokens"]),
-                     f"{r['cost_usd']:.4f}", str(r["errors"]))
+                     usd(r["cost_usd"])[1:], str(r["errors"]))
     out.print(view)
 
 

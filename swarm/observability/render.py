@@ -9,6 +9,8 @@ from rich.console import Group
 from rich.text import Text
 from rich.tree import Tree
 
+from swarm._console import shown
+
 
 @dataclass
 class Node:
@@ -56,11 +58,27 @@ def _ms(row: dict[str, Any]) -> float:
     return max(0.0, (row.get("end", 0.0) - row.get("start", 0.0)) * 1e3)
 
 
+def usd(cost: float) -> str:
+    """A cost for the terminal: cents to four places, less than a cent to three significant
+    digits (a cheap model's calls are not $0.0000)."""
+    return f"${cost:.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.3g}"
+
+
+class _Shown(Text):
+    """A `Text` whose appended strings have their control characters shown as escapes: span
+    names, errors and attributes come from peers (a model server's error, its finish reason)
+    and must not drive the terminal."""
+
+    def append(self, text: Any, style: Any = None) -> _Shown:  # type: ignore[override]
+        super().append(shown(str(text)), style=style)
+        return self
+
+
 def _label(node: Node, t0: float) -> Text:
     r = node.row
     a = r.get("attrs") or {}
     op = a.get("gen_ai.operation.name")
-    text = Text()
+    text = _Shown()
     style = "bold red" if r.get("status") == "error" else \
         {"invoke_workflow": "bold", "invoke_agent": "bold cyan", "chat": "magenta",
          "execute_tool": "yellow"}.get(op or "", "blue")
@@ -74,7 +92,7 @@ def _label(node: Node, t0: float) -> Text:
                     f"{a.get('gen_ai.usage.output_tokens', 0)} out")
         cost = float(a.get("swarm.cost_usd", 0.0))
         if cost:
-            text.append(f"  ${cost:.4f}", style="bold")
+            text.append(f"  {usd(cost)}", style="bold")
         reasons = a.get("gen_ai.response.finish_reasons")
         if reasons:
             text.append(f"  [{', '.join(map(str, reasons))}]", style="dim")
@@ -107,13 +125,13 @@ def render_trace(rows: list[dict[str, Any]], title: str | None = None) -> Group:
     t0 = min(r.get("start", 0.0) for r in rows)
     end = max(r.get("end", 0.0) for r in rows)
     tot = totals(rows)
-    summary = Text()
+    summary = _Shown()
     summary.append(title or f"trace {rows[0].get('trace', '')}", style="bold")
     summary.append(f"  {len(rows)} spans, {(end - t0) * 1e3:.1f} ms, "
                    f"{tot['model_calls']} model calls, {tot['tool_calls']} tool calls, "
                    f"{tot['input_tokens']} in / {tot['output_tokens']} out tokens")
     if tot["cost_usd"]:
-        summary.append(f", ${tot['cost_usd']:.4f}", style="bold")
+        summary.append(f", {usd(tot['cost_usd'])}", style="bold")
     if tot["errors"]:
         summary.append(f", {tot['errors']} error(s)", style="bold red")
     parts: list[Any] = [summary]

@@ -321,6 +321,25 @@ async def test_trace_rendering(tmp_path: Path) -> None:
     assert f"{row['input_tokens']} in" in text
 
 
+def test_a_rendered_trace_shows_control_characters_as_escapes_and_small_costs() -> None:
+    """What peers put in spans (a model server's error, its finish reason) can't drive the
+    terminal, and a cost under a cent is not shown as $0.0000."""
+    from swarm._console import SafeConsole
+    from swarm.observability.render import render_trace
+
+    rows = [{"trace": "t1", "span": "s1", "parent": None, "start": 1.0, "end": 1.5,
+             "name": "chat m\x1b[2J", "status": "error", "error": "bad \x1b[31mRED\x00",
+             "attrs": {"gen_ai.operation.name": "chat", "swarm.cost_usd": 2e-05,
+                       "gen_ai.response.finish_reasons": ["\x1b[2Jstop"],
+                       "error.type": "model"}}]
+    console = SafeConsole(width=200, record=True, color_system=None)
+    console.print(render_trace(rows, title="trace of \x1b]0;x\x07"))
+    text = console.export_text()
+    assert "\x1b" not in text and "\x00" not in text and "\x07" not in text, repr(text)
+    assert "chat m\\x1b[2J" in text and "bad \\x1b[31mRED\\x00" in text, text
+    assert "[\\x1b[2Jstop]" in text and "$2e-05" in text, text
+
+
 async def test_traceparent_reaches_an_mcp_server(tmp_path: Path, traced: Traced) -> None:
     server = MCPServer("probe", log_level="WARNING")
 
