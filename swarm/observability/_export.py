@@ -113,9 +113,11 @@ class CountedBatchProcessor(BatchSpanProcessor):
             if now - self._last_log < _LOSS_LOG_EVERY_S and self._last_log:
                 return
             self._last_log = now
-            log.warning("tracing: exporter %s has dropped %d span(s) (queue of %d full) and "
-                        "failed to export %d; tasks are not affected", self.name,
-                        self.dropped, self.max_queue, self.counter.failed)
+            dropped, failed = self.dropped, self.counter.failed
+            lost = [f"dropped {dropped} span(s) (its queue of {self.max_queue} was full)"
+                    if dropped else "", f"failed to export {failed}" if failed else ""]
+            log.warning("tracing: exporter %s has %s; tasks are not affected", self.name,
+                        " and ".join(x for x in lost if x) or "lost no span")
 
     def stats(self) -> dict[str, int]:
         """Spans ended, exported, failed, dropped, and still queued."""
@@ -167,11 +169,43 @@ class JsonlSpanExporter(SpanExporter):
         """Nothing to close: each batch opens and closes the file."""
 
 
+class _AtMostOncePerMinute(logging.Filter):
+    """Lets one record of each logger and level through a minute: the OTLP exporters log an
+    error (and a warning) for every batch they can't send, so a collector that is down filled
+    the log. swarm says what was lost itself (`CountedBatchProcessor.note_loss`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, int], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, key = time.monotonic(), (record.name, record.levelno)
+        last = self._last.get(key)
+        if last is not None and now - last < _LOSS_LOG_EVERY_S:
+            return False
+        self._last[key] = now
+        return True
+
+
+_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                     "opentelemetry.exporter.otlp.proto.grpc.exporter",
+                     "opentelemetry.sdk._shared_internal")
+_THROTTLE = _AtMostOncePerMinute()
+
+
+def _throttle_exporter_logs() -> None:
+    for name in _EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        if _THROTTLE not in logger.filters:
+            logger.addFilter(_THROTTLE)
+
+
 def build_exporter(settings: Any, run_dir: Path) -> SpanExporter | None:
     """The exporter `tracing.exporter` names, or None for `none`."""
     kind = settings.exporter
     if kind == "none":
         return None
+    _throttle_exporter_logs()
     if kind == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 

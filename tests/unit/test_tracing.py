@@ -3,6 +3,7 @@ the trace store and `swarm trace` rendering, and the traceparent reaching an MCP
 
 from __future__ import annotations
 
+import collections
 import json
 import socket
 import time
@@ -236,7 +237,8 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 async def test_an_exporter_that_cannot_connect_never_fails_a_task(
-        tmp_path: Path, protocol: str) -> None:
+        tmp_path: Path, protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING")
     port = _closed_port()
     cfg = cfg3(tmp_path, tracing={
         "exporter": "otlp", "max_queue": 2, "batch_size": 1,
@@ -262,6 +264,14 @@ async def test_an_exporter_that_cannot_connect_never_fails_a_task(
     assert otlp["failed"] + otlp["dropped"] == otlp["ended"]
     # The trace store, on its own processor, got everything.
     assert stats["store"]["exported"] == 36 and stats["store"]["dropped"] == 0
+    # The exporter's own complaints: at most one a minute for each of its loggers and levels
+    # (one for every batch filled the log), and swarm's note says what was lost.
+    sdk = collections.Counter((r.name, r.levelno) for r in caplog.records
+                              if r.name.startswith("opentelemetry"))
+    assert sdk and max(sdk.values()) == 1, sdk
+    notes = [r.getMessage() for r in caplog.records if "tracing: exporter otlp" in
+             r.getMessage()]
+    assert notes and "was full" in notes[0] and "queue of 4096" not in notes[0], notes
 
 
 async def test_trace_store_keeps_spans_per_task(tmp_path: Path, traced: Traced) -> None:
