@@ -87,6 +87,13 @@ class LocalSwarm:
         await asyncio.gather(*(h.aclose() for h in self.hosts.values()))
         if isinstance(self.pool, RemoteMemberPool):
             await self.pool.aclose()
+        from swarm.observability.tracing import active
+
+        tracing = active()
+        if tracing is not None and self.cfg.tracing.enabled:
+            # Spans still queued would go with the process (a script's last tasks); a
+            # collector that doesn't answer holds this up 2 s at most.
+            await asyncio.to_thread(tracing.flush, 2.0)
 
     async def run(self, text: str, *, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
         """Submit a task, wait for it to end, and return its summary."""

@@ -274,6 +274,23 @@ async def test_an_exporter_that_cannot_connect_never_fails_a_task(
     assert notes and "was full" in notes[0] and "queue of 4096" not in notes[0], notes
 
 
+async def test_a_local_swarm_flushes_its_spans_as_it_exits(tmp_path: Path) -> None:
+    """A script's last tasks' spans reach the exporter though nobody flushed them (they went
+    with the process)."""
+    cfg = cfg3(tmp_path, tracing={"exporter": "jsonl", "flush_interval_s": 60})
+    tracing = Tracing(provider=TracerProvider(), store=None,
+                      exporter=build_exporter(cfg.tracing, tmp_path), settings=cfg.tracing)
+    previous = install(tracing)
+    try:
+        async with LocalSwarm(cfg) as sw:
+            await sw.run("the last task")
+        lines = (tmp_path / cfg.tracing.jsonl_path).read_text().splitlines()
+    finally:
+        install(previous)
+        tracing.shutdown()
+    assert len(lines) == 12, len(lines)
+
+
 async def test_trace_store_keeps_spans_per_task(tmp_path: Path, traced: Traced) -> None:
     async with LocalSwarm(cfg3(tmp_path)) as sw:
         one = await sw.run("first")
