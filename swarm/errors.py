@@ -109,6 +109,10 @@ class PolicyError(RunError):
     error_class = "policy"
 
 
+class RateLimited(PolicyError):
+    """A call a rate limit refused before it ran (swarm.governance.ratelimit)."""
+
+
 class CheckpointError(RunError):
     """State could not be saved or restored."""
 

@@ -179,23 +179,32 @@ Run = tuple[str, str | None, int, dict[str, int] | None, bytes, list[int] | None
 _runs_unpacker = msgspec.msgpack.Decoder(tuple[list[Run], bytes])
 
 
+# Tool calls the step loop doesn't count as calls: the model's slips (an unknown tool, arguments
+# that aren't an object) and what policy refused before it ran.
+_UNCOUNTED_TOOL_CLASSES = frozenset({"model", "policy"})
+
+
 def progress(events: list[Event]) -> list[int] | None:
-    """What events say a turn has done: [steps, model calls, tool calls, input tokens, output
-    tokens] (None if nothing): what a listing shows of a turn still running."""
-    steps = models = tools = tokens_in = tokens_out = 0
+    """What events say a turn has done, counted as the step loop counts its report: [steps,
+    model calls, tool calls, input tokens, output tokens, cached tokens] (None if nothing):
+    what a listing shows of a turn still running, and what a turn cut short counts."""
+    steps = models = tools = tokens_in = tokens_out = cached = 0
     for ev in events:
         kind = type(ev)
         if kind is StepFinished:
             steps += 1
         elif kind is ModelCalled:
-            models += 1
-            tokens_in += ev.input_tokens  # type: ignore[attr-defined]
-            tokens_out += ev.output_tokens  # type: ignore[attr-defined]
+            if ev.error is None:  # type: ignore[attr-defined]  # a failed call is no call
+                models += 1
+                tokens_in += ev.input_tokens  # type: ignore[attr-defined]
+                tokens_out += ev.output_tokens  # type: ignore[attr-defined]
+                cached += ev.cached_tokens or 0  # type: ignore[attr-defined]
         elif kind is ToolCalled:
-            tools += 1
+            if ev.error_class not in _UNCOUNTED_TOOL_CLASSES:  # type: ignore[attr-defined]
+                tools += 1
     if not (steps or models or tools):
         return None
-    return [steps, models, tools, tokens_in, tokens_out]
+    return [steps, models, tools, tokens_in, tokens_out, cached]
 
 
 def pack_runs(by_task: dict[str, list[Event]]) -> bytes:

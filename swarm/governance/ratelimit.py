@@ -10,8 +10,9 @@ checks and takes from every bucket of a call atomically, on Redis's clock, so li
 replicas and nodes. A call that must wait takes its tokens now (the bucket goes into debt) and
 sleeps for the time the script returns, so waiters are served in order. Over the limit,
 `on_limit: wait` waits (never past the turn's deadline) and `reject` refuses at once; both
-refusals are `PolicyError`s. When the limiter's Redis can't be reached, a check that involves a
-`strict` limit fails closed (`PolicyError`) and any other passes (one warning per outage).
+refusals are `RateLimited` (a `PolicyError`). When the limiter's Redis can't be reached, a
+check that involves a `strict` limit fails closed (`RateLimited` too) and any other passes (one
+warning per outage).
 Without Redis, `MemoryRateLimiter` applies the same buckets within the process.
 """
 
@@ -24,7 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from swarm.errors import PolicyError
+from swarm.errors import PolicyError, RateLimited
 from swarm.governance._redis import FastRedis, RedisDown, Script
 from swarm.runtime.middleware import Middleware, ModelCall, NextModel, NextTool, ToolInvocation
 
@@ -122,10 +123,10 @@ class RateLimiter(ABC):
 
 def _refused(bucket: Bucket, wait: float, deadline_bound: bool) -> PolicyError:
     if bucket.limit.on_limit == "reject":
-        return PolicyError(f"{bucket.describe()} exceeded; retry in {wait:.2f} s "
+        return RateLimited(f"{bucket.describe()} exceeded; retry in {wait:.2f} s "
                            "(on_limit: reject)")
     why = "past the turn's deadline" if deadline_bound else "too long"
-    return PolicyError(f"{bucket.describe()} exceeded; the call would wait {wait:.2f} s, {why}")
+    return RateLimited(f"{bucket.describe()} exceeded; the call would wait {wait:.2f} s, {why}")
 
 
 class MemoryRateLimiter(RateLimiter):
@@ -275,7 +276,7 @@ class RateLimitLayer(Middleware):
         except _Down as down:
             strict = [b for b in buckets if b.limit.strict]
             if strict:
-                raise PolicyError(f"{strict[0].describe()} can't be checked: {down} "
+                raise RateLimited(f"{strict[0].describe()} can't be checked: {down} "
                                   "(strict: failing closed)") from None
             return
         if wait > 0:

@@ -373,6 +373,10 @@ class MeteringLayer(Middleware):
         for r in batch:
             outcome = r[9]
             if outcome == "stopped":
+                if r[10] == "policy":  # refused by a rate limit: no call, but an error of
+                    # its class, as the step's event and the task's `errors` count it
+                    ekey = ("model" if r[0] == _MODEL else "tool", "policy")
+                    errors[ekey] = errors.get(ekey, 0) + 1
                 continue
             if r[0] == _MODEL:
                 steps += 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from time import time_ns
 from typing import TYPE_CHECKING, Any, Literal
 
-from swarm.errors import ModelError, PolicyError, RunError, ToolError, classify
+from swarm.errors import ModelError, RateLimited, RunError, ToolError, classify
 from swarm.events import Event, Handoff, ModelCalled, StepFinished, StepStarted, ToolCalled
 from swarm.models.interface import Model, ModelRequest, ModelResponse, ToolCall
 from swarm.runtime.middleware import (
@@ -748,11 +748,14 @@ class StepLoop:
                         error_class = classify(exc) if isinstance(exc, RunError) else "tool"
                         result = ToolResult(f"{ERROR_PREFIX}{exc}", is_error=True)
                         text = _text(exc)
+                    refused = isinstance(exc, RateLimited)
+                    if refused:
+                        session.tool_calls -= 1  # refused before it ran: not a call
                     if inv is not None and self.record is not None:
                         # Refused by a rate limit before it ran: recorded as stopped (no
                         # ledger row, not billed), as a budget's or a gate's stop is.
                         self.record(_tool_record(inv, n0, "stopped", error_class, text, "failed")
-                                    if isinstance(exc, PolicyError) else
+                                    if refused else
                                     _tool_record(inv, n0, "error", error_class, text))
                 else:
                     if result.is_error:
@@ -848,7 +851,7 @@ def _model_failed(session: Session, call: ModelCall, n0: int,
     if isinstance(exc, StopTurn):
         outcome = "stopped"
         error_class, text, stopped = _stopped(exc)
-    elif isinstance(exc, PolicyError):  # refused by a rate limit before it ran: not billed
+    elif isinstance(exc, RateLimited):  # refused before it ran: not billed
         outcome, error_class, text, stopped = "stopped", "policy", _text(exc), "failed"
     elif isinstance(exc, asyncio.CancelledError):
         outcome, error_class, text = (

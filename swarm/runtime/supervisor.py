@@ -770,7 +770,7 @@ class TaskRecord:
                 out[name] = self.total(name)
         if self.running:  # turns still running
             for done in self.running.values():
-                for name, n in zip(_RUNNING, done, strict=True):
+                for name, n in zip(_RUNNING, done, strict=False):  # (cached tokens last)
                     out[name] += n
         return out
 
@@ -1208,10 +1208,10 @@ class Supervisor:
             raise UserError(f"answer {' or '.join(map(repr, rec.choices))} (got {text!r}): "
                             f"{rec.question}")
         if rec.answer_waiter.done():  # answered a moment ago; the task hasn't moved on yet
-            first = rec.answer_waiter.result() if not rec.answer_waiter.cancelled() else None
-            raise UserError(f"task {task_id}'s question was answered already"
-                            + (f" ({first!r})" if first is not None else "")
-                            + "; one answer is taken")
+            if rec.answer_waiter.cancelled():  # stopped waiting (canceled, timed out)
+                raise UserError(f"task {task_id} is no longer waiting for an answer")
+            raise UserError(f"task {task_id}'s question was answered already "
+                            f"({rec.answer_waiter.result()!r}); one answer is taken")
         rec.answer_waiter.set_result(answer)
         return rec.summary()
 
@@ -1911,6 +1911,9 @@ class Supervisor:
                 if result.events:
                     self._emit_run(rec, result.events, running=False)
                 rec.turn_counted(agent)  # `waiting` holds what it ran
+                # No turn of this agent runs while the task waits: step events of the turn
+                # that arrive after its report are not progress to count again.
+                rec.active.discard(agent)
                 if result.gate is not None:
                     # An approval gate: the decision goes into the log, where the resumed
                     # turn finds it (swarm.governance.approvals).
@@ -1919,6 +1922,7 @@ class Supervisor:
                 else:
                     req.decision = await self._ask(rec, result.text)
                 req.resume = True
+                rec.active.add(agent)
         finally:
             rec.active.discard(agent)
             self.waits.leave(rec.id, replica)
@@ -1955,9 +1959,11 @@ class Supervisor:
         done = None if running is None else running.pop(agent, None)
         if running is not None and not running:
             rec.running = None
-        if done is None or self.stopping or rec.state in a2a.TERMINAL:
+        if done is None or (self.stopping and self.store is not None) or \
+                rec.state in a2a.TERMINAL:
             return
-        steps, models, tools, tokens_in, tokens_out = done
+        steps, models, tools, tokens_in, tokens_out = done[:5]
+        cached = done[5] if len(done) > 5 else 0
         rec.steps += steps
         rec.model_calls += models
         rec.tool_calls += tools
@@ -1965,16 +1971,17 @@ class Supervisor:
         rec.output_tokens += tokens_out
         self._account(rec, agent, TurnResult(
             task_id=rec.id, agent=agent, kind="canceled", message=b"", steps=steps,
-            input_tokens=tokens_in, output_tokens=tokens_out, model_calls=models,
-            tool_calls=tools), self.clock() if started is None else started)
+            input_tokens=tokens_in, output_tokens=tokens_out, cached_tokens=cached,
+            model_calls=models, tool_calls=tools), self.clock() if started is None else started)
 
     def _resume_req(self, rec: TaskRecord, agent: str, req: TurnRequest) -> None:
         """Make `req` the resume of its turn from the durable log (after the replica died, or
         the turn stopped on an unreachable store): the log must reach every step reported
         durable, and the held hot snapshot goes with it."""
         req.resume, req.decision = True, None
-        # The resumed turn reports again what it redoes: its progress starts over.
-        rec.turn_counted(agent)
+        # What the turn ran before stays in its progress (a cut now counts it; its report
+        # counts the whole turn): a step the resumed turn redoes is shown and counted twice
+        # until then, as its model call was made twice.
         req.durable_step = max(req.durable_step, self._durable_step(rec, agent, req.step_offset))
         held = self.hot.get(req.log_id)
         req.hot = held[1] if held is not None else None
@@ -2483,7 +2490,9 @@ class Supervisor:
         self.waits.parent.pop(rec.id, None)
         for agent in list(rec.running or ()):  # a turn cut short by a cancel, say
             self._count_unreported(rec, agent, None)
-        rec.gates.clear()  # closed with the task (its turn may not have unwound yet)
+        # Closed with the task (its turn may not have unwound yet), and its question too.
+        rec.gates.clear()
+        rec.question = None
         if budget_exhausted is not None:
             rec.budget_exhausted = budget_exhausted
             rec.set_metadata("budget_exhausted", budget_exhausted)

@@ -357,6 +357,26 @@ async def test_a_task_canceled_while_it_waits_keeps_what_its_turn_ran(tmp_path: 
     assert stored is not None and stored.data["steps"] == 2
 
 
+async def test_step_events_that_arrive_after_the_gate_count_once(tmp_path: Path) -> None:
+    """An agent's last step events can reach the supervisor after the report of a turn that
+    stopped at a gate; they are not progress to add again when the task is then canceled."""
+    from swarm.events import ModelCalled, StepFinished
+
+    async with LocalSwarm(_priced(tmp_path), store=MemoryCheckpointer()) as sw:
+        task_id = await sw.supervisor.submit("c")
+        await _gate(sw, task_id)
+        waiting = _counters(sw.supervisor.get(task_id).summary())
+        now = time.time()
+        sw.supervisor.push_events([
+            ModelCalled(task_id=task_id, ts=now, agent="a", step=2, model="m",
+                        input_tokens=50, output_tokens=5),
+            StepFinished(task_id=task_id, ts=now, agent="a", step=2, duration_ms=1.0)])
+        assert _counters(sw.supervisor.get(task_id).summary()) == waiting
+        row = await sw.supervisor.cancel(task_id)
+    assert row["state"] == "canceled" and _counters(row) == waiting, (row, waiting)
+    assert row["question"] is None  # its gate closed with it, and its question
+
+
 async def test_a_gate_of_a_canceled_task_is_closed(tmp_path: Path) -> None:
     """Canceled while it waits at a gate: a decision right after the cancel (before its turn
     has unwound) is refused, and the task lists no open gate."""

@@ -414,3 +414,27 @@ async def test_a_fork_of_a_task_a_budget_stopped_starts_without_its_mark(tmp_pat
         meta = sw.supervisor.get(fork_id).summary()["metadata"]  # before it has run
         assert "budget_exhausted" not in meta and meta["forked_from"] == row["task_id"], meta
         await sw.supervisor.wait(fork_id, 20)
+
+
+async def test_a_turn_cut_after_a_resume_counts_what_it_ran_before_it(tmp_path: Path) -> None:
+    """A turn resent (its replica died, or the store came back) and then cut short: what it
+    ran before the resend still counts (the resumed turn doesn't report it again; before, the
+    resend dropped it)."""
+    from swarm.runtime.agent import TurnRequest
+
+    echo = {"name": "echo", "when": {"called": {"echo": {"max": 2}}},
+            "tool_calls": [{"name": "echo", "arguments": {"text": "n{{ messages | length }}"}}]}
+    hang = {"name": "hang", "when": {}, "tool_calls": [{"name": "slow",
+                                                         "arguments": {"seconds": 30}}]}
+    cfg = _cfg(tmp_path, {"task": {"max_wall_s": 60}}, [echo, hang])
+    async with LocalSwarm(cfg) as sw:
+        sup = sw.supervisor
+        task_id = await sup.submit("go")
+        await _tool_calls_seen(sw, task_id, 3)
+        rec = sup.get(task_id)
+        sup._resume_req(rec, "a", TurnRequest(task_id=task_id, context_id=rec.context_id,
+                                               message=b"", transcript=[], step_offset=0,
+                                               max_steps=12, log_id=task_id))
+        row = await sup.cancel(task_id)
+    assert row["state"] == "canceled", row
+    assert (row["steps"], row["model_calls"], row["tool_calls"]) == (3, 4, 3), row

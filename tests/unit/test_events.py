@@ -59,3 +59,27 @@ def test_live_events_are_pushed_less_often_only_while_a_replica_is_busy():
     assert flush_interval(int(8000 * busy), busy) == pytest.approx(busy)
     assert flush_interval(10**6, busy) == _FLUSH_MAX_INTERVAL_S
     assert flush_interval(10, busy) == _FLUSH_INTERVAL_S  # back at once when it quietens
+
+
+def test_progress_counts_as_the_step_loop_reports() -> None:
+    """A running turn's progress (listings, and what a turn cut short counts) counts as the
+    step loop's report does: a failed model call is no call, a tool call the model slipped on
+    or policy refused is no call, and cached tokens are carried (for the cost)."""
+    from swarm.events import ModelCalled, StepFinished, ToolCalled, progress
+
+    t = {"task_id": "t", "ts": 1.0, "agent": "a"}
+    events = [
+        ModelCalled(**t, step=1, model="m", input_tokens=100, output_tokens=10,
+                    cached_tokens=40),
+        ModelCalled(**t, step=2, model="m", error="HTTP 503", error_class="model"),
+        ToolCalled(**t, step=1, tool="echo", call_id="c1", duration_ms=1, outcome="ok"),
+        ToolCalled(**t, step=1, tool="nope", call_id="c2", duration_ms=1, outcome="error",
+                   error_class="model"),
+        ToolCalled(**t, step=1, tool="echo", call_id="c3", duration_ms=1, outcome="error",
+                   error_class="policy"),
+        ToolCalled(**t, step=1, tool="fail", call_id="c4", duration_ms=1, outcome="error",
+                   error_class="tool"),
+        StepFinished(**t, step=1, duration_ms=2.0),
+    ]
+    assert progress(events) == [1, 1, 2, 100, 10, 40]
+    assert progress([events[1]]) is None  # nothing that counts

@@ -192,3 +192,40 @@ def test_bad_limits_are_named(tmp_path: Path) -> None:
             _cfg(tmp_path, limits)
         assert where in [p for p, _ in e.value.problems], e.value.problems
         assert what in str(e.value)
+
+
+async def test_a_refused_tool_call_is_no_call_and_no_row_but_a_policy_error(
+        tmp_path: Path) -> None:
+    """Tool calls a rate limit refuses are not counted as calls (nor against max_tool_calls),
+    have no ledger row, and still count as policy errors in the task and the errors metric."""
+    from swarm.observability.metrics import MemoryRecorder, use_recorder
+    from swarm.observability.usage import read_usage
+
+    rules = [{"when": {"agent": "a", "called": {"echo": {"max": 2}}},
+              "tool_calls": [{"name": "echo", "arguments": {"text": "n{{ messages | length }}"}}]},
+             {"when": {"agent": "a"}, "content": "done"}]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"rules": rules}))
+    cfg = parse_config({
+        "name": "limited", "models": {"m": {"provider": "scripted", "policy": "p.yaml"}},
+        "tools": {"fn": {"python": ["swarm.examples.tools:echo"]}},
+        "agents": {"a": {"model": "m", "tools": ["fn"]}}, "supervisor": {"entry": "a"},
+        "rate_limits": [{"scope": "agent", "key": "a", "rate": 1, "per": "hour", "calls": "tool",
+                         "on_limit": "reject"}],
+        "stuck": {"same_call": None, "no_progress": None},
+        "usage": {"dir": str(tmp_path / "usage")},
+    }, base_dir=tmp_path)
+    recorder = MemoryRecorder()
+    before = use_recorder(recorder)
+    try:
+        async with LocalSwarm(cfg, store=MemoryCheckpointer()) as sw:
+            row = await sw.run("go")
+    finally:
+        use_recorder(before)
+    # Three echo calls asked for: the first ran, the other two were refused.
+    assert row["state"] == "completed" and row["tool_calls"] == 1, row
+    assert row["errors"] == {"policy": 2}, row
+    tools = [r for r in read_usage(str(tmp_path / "usage")).to_pylist() if r["kind"] == "tool"]
+    assert [r["outcome"] for r in tools] == ["ok"], tools
+    assert recorder.value("swarm_errors", kind="tool", error_class="policy") == 2, \
+        recorder.series("swarm_errors")
+    assert recorder.value("swarm_tool_calls", tool="echo") == 1
