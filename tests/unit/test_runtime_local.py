@@ -785,9 +785,10 @@ async def test_packed_runs_from_agent_replicas_read_as_events(tmp_path: Path) ->
         sup.push_packed(E.pack_runs({a: [ev(a, 90), ev(a, 91, "boom")],
                                      b: [ev(b, 90), alert], "gone": [ev("gone", 1)]}))
         assert ra._runs and not rb._runs  # a's run kept packed; b's held an Alert
-        # Both turns are running: listings show the calls their runs report.
+        # Both turns are running: listings show the calls their runs report (a failed call
+        # is no call, as in the turn's report).
         assert (ra.summary()["model_calls"], rb.summary()["model_calls"]) == \
-            (calls_a + 2, calls_b + 1)
+            (calls_a + 1, calls_b + 1)
         assert ra.event_count == na + 2 and rb.event_count == nb + 2
         assert ra.errors == {"model": 1} and rb.errors == {}
         got, _ = await asyncio.wait_for(follower, 10)
