@@ -776,7 +776,8 @@ def memory_forget(
 @memory_app.command("prune")
 def memory_prune(
     config: ConfigArg,
-    older_than: Annotated[str, typer.Option("--older-than", help="age: 12h, 30d, 2w")],
+    older_than: Annotated[str, typer.Option(
+        "--older-than", help="an age (12h, 30d, 2w) or an ISO date, UTC unless it says")],
 ) -> None:
     """Delete long-term memories not updated for longer than an age."""
     from swarm.memory.admin import parse_age, prune

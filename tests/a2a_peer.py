@@ -25,6 +25,8 @@ Modes:
 - `bigcard`: its card is a body of 64 MB (spaces after a `{`), sent as fast as it is read.
 - `tricklecard`: its card comes a byte every 0.2 s (at most 300 of them: a minute).
 - `bigreply`: serves a good card, then answers every message call with a 64 MB body.
+- `gzipreply`: serves a good card, then answers every message call gzip-compressed.
+- `binarycard`: its card's body is not UTF-8.
 
 The peer records every message it was sent (`received[mode]`) so tests can check the context
 id, the metadata (traceparent) and how many times a message was sent.
@@ -65,9 +67,10 @@ from starlette.types import Receive, Scope, Send
 
 MODES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
          "badcard", "emptycard", "badstate", "badid", "strresult", "hangcard", "bigcard",
-         "tricklecard", "bigreply")
+         "tricklecard", "bigreply", "gzipreply", "binarycard")
 # Modes whose message calls are answered by `_Misbehave` (their cards stay good).
-MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate", "badid", "strresult", "bigreply")
+MISBEHAVING = ("drop", "garbage", "flaky", "cut", "badstate", "badid", "strresult", "bigreply",
+               "gzipreply")
 # Modes whose card says they don't stream (their messages come as SendMessage).
 NOT_STREAMING = ("echo", "badstate")
 STREAM_UPDATES = ("reading the question", "looking it up", "writing the answer")
@@ -178,6 +181,14 @@ class _Misbehave:
         if self.mode == "bigreply":
             return await StreamingResponse(_big_body(), media_type="application/json")(
                 scope, receive, send)
+        if self.mode == "gzipreply":
+            import gzip
+
+            task = {"id": "t", "contextId": "c", "status": {"state": "TASK_STATE_COMPLETED"}}
+            reply = {"jsonrpc": "2.0", "id": json.loads(body)["id"], "result": {"task": task}}
+            return await Response(gzip.compress(json.dumps(reply).encode()),
+                                  media_type="application/json",
+                                  headers={"content-encoding": "gzip"})(scope, receive, send)
         # drop: promise a body, send part of it, then go away (uvicorn closes the connection).
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
@@ -288,6 +299,9 @@ class A2APeer:
                 routes = [Route("/.well-known/agent-card.json", _big_card)]
             elif mode == "tricklecard":
                 routes = [Route("/.well-known/agent-card.json", _trickle_card)]
+            elif mode == "binarycard":
+                routes = [Route("/.well-known/agent-card.json", lambda r: Response(
+                    b'{"name": "\xff\xfe"}', media_type="application/json"))]
             elif mode == "emptycard":
                 routes = [Route("/.well-known/agent-card.json",
                                 lambda r: JSONResponse({"description": "no name, no url"}))]

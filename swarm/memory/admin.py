@@ -23,15 +23,18 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 def parse_age(text: str, now: float | None = None) -> float:
     """Seconds in an age such as 90s, 30m, 12h, 30d or 2w, or since an ISO date/time such as
-    2026-01-01 (as `swarm usage` and `swarm audit` take `--since`)."""
+    2026-01-01 (UTC unless it names a zone, as `swarm usage --since` reads one)."""
     m = _AGE.match(text.strip())
     if m:
         return float(m.group(1)) * _UNIT[m.group(2)]
-    from datetime import datetime
+    from datetime import UTC, datetime
 
     now = time.time() if now is None else now
     try:
-        age = now - datetime.fromisoformat(text.strip()).timestamp()
+        when = datetime.fromisoformat(text.strip())
+        if when.tzinfo is None:  # a date without a zone is UTC, as `swarm usage --since` reads
+            when = when.replace(tzinfo=UTC)
+        age = now - when.timestamp()
     except ValueError:
         raise UserError(f"--older-than {text!r}: expected a number and a unit s, m, h, d or w "
                         "(e.g. 30d), or an ISO date/time such as 2026-01-01") from None

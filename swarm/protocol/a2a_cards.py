@@ -69,6 +69,8 @@ async def fetch_card(cfg: A2AMemberConfig, http: httpx.AsyncClient) -> AgentCard
         raise ValueError(f"agent card at {where}: {exc}") from None
     except RecursionError:
         raise ValueError(f"agent card at {where} is nested too deeply to read") from None
+    except UnicodeDecodeError as exc:  # a2a-sdk's resolver lets it through as it is
+        raise ValueError(f"agent card at {where} is not JSON text (UTF-8): {exc}") from None
     try:
         validate_proto_required_fields(card)
     except A2AError as exc:
@@ -105,7 +107,10 @@ def http_client(cfg: A2AMemberConfig, max_connections: int = 100) -> httpx.Async
     timeout is only a backstop behind it."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(cfg.timeout_s + _CARD_TIMEOUT_S, connect=cfg.connect_timeout_s),
-        headers={k: v.get_secret_value() for k, v in cfg.headers.items()},
+        # Bodies uncompressed: a compressed one is refused (`_cap_body`), as it could grow a
+        # thousandfold in memory before its size could be checked.
+        headers={"accept-encoding": "identity",
+                 **{k: v.get_secret_value() for k, v in cfg.headers.items()}},
         limits=httpx.Limits(max_connections=max_connections),
         event_hooks={"response": [_cap_body(reply_limit(cfg)), _check_reply_ids]},
     )
@@ -120,6 +125,12 @@ def _cap_body(limit: int) -> Any:
         request = response.request
         events = "text/event-stream" in response.headers.get("content-type", "")
         cap = _CARD_MAX_BYTES if request.method == "GET" else limit
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            await response.aclose()
+            what = "agent card" if request.method == "GET" else "reply"
+            raise BodyTooLarge(f"the {what} came compressed ({encoding}), though asked for "
+                               "none: its size can't be bounded before it is unpacked")
         decoded = httpx.Response(response.status_code, headers=response.headers,
                                  stream=response.stream, request=request)
         for name in ("content-encoding", "content-length"):
@@ -142,15 +153,25 @@ class _Capped(httpx.AsyncByteStream):
             decoded, limit, per_event, what
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        size = 0
+        size, newline = 0, False  # the event's size so far; whether the last byte ended a line
+        limit = self._limit
         async for chunk in self._decoded.aiter_bytes():
             if self._per_event:
-                ends = max(chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n"))
-                size = len(chunk) - ends if ends >= 0 else size + len(chunk)
+                # Events end at a blank line (LF, CRLF or CR line ends); every event in the
+                # chunk is measured, and a blank line split across chunks still ends one.
+                text = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                if newline and text.startswith(b"\n"):
+                    size, text = 0, text[1:]
+                parts = text.split(b"\n\n")
+                for i, part in enumerate(parts):
+                    size = len(part) if i else size + len(part)
+                    if size > limit:
+                        raise BodyTooLarge(f"the {self._what} is over {limit} bytes")
+                newline = text.endswith(b"\n")
             else:
                 size += len(chunk)
-            if size > self._limit:
-                raise BodyTooLarge(f"the {self._what} is over {self._limit} bytes")
+                if size > limit:
+                    raise BodyTooLarge(f"the {self._what} is over {limit} bytes")
             yield chunk
 
     async def aclose(self) -> None:

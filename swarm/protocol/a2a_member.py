@@ -365,6 +365,9 @@ class RemoteMember:
             except Exception as exc:
                 retry, why = _transient(exc)
                 if not retry or attempt == attempts:
+                    # The remote task, if it made one, is not followed further: cancel it
+                    # (README: a turn that fails this way cancels it).
+                    self._cancel_remote(progress)
                     tried = f" ({attempt} attempts)" if attempt > 1 else ""
                     raise _Failed("tool", f"{self.where} {why}{tried}") from None
                 wait = delay

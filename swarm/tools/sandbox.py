@@ -328,7 +328,7 @@ class Sandbox:
         if limit is None and sig is not None:
             limit = _SIGNAL_LIMITS.get(signal.Signals[sig])
             if limit is None and sig == "SIGKILL" and \
-                    duration * (os.cpu_count() or 1) >= lim.cpu_s + 1:
+                    duration * _cpus() >= lim.cpu_s + 1:
                 # The hard CPU limit (cpu_s + 1) sends SIGKILL; a kill sooner than the code
                 # could have used that much CPU came from elsewhere (the kernel's OOM killer,
                 # the code itself, an operator): no limit of the sandbox's.
@@ -339,6 +339,14 @@ class Sandbox:
             stdout=out.text(), stderr=stderr, exit_code=code, signal=sig, limit=limit,
             stdout_truncated=out.truncated, stderr_truncated=err.truncated,
             duration_s=round(duration, 3), sandboxed=sandboxed)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 class _Capped:

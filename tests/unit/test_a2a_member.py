@@ -27,7 +27,7 @@ from tests.unit.test_runtime_local import make_cfg
 from tests.unit.test_tracing import Traced, traced  # noqa: F401  (the fixture)
 
 REMOTES = ("echo", "stream", "slow", "hold", "drop", "garbage", "flaky", "fail", "ask", "cut",
-           "badstate", "badid", "strresult", "bigreply")
+           "badstate", "badid", "strresult", "bigreply", "gzipreply")
 # The desk hands a task "<mode>: text" to the remote member of that mode.
 RULES = [
     {"when": {"agent": "desk", "task_matches": f"^{mode}:"},
@@ -228,6 +228,54 @@ async def test_a_reply_too_big_fails_the_turn_unread(tmp_path: Path, peer: A2APe
     assert "remote agent bigreply" in row["error"] and \
         f"reply is over {8 << 20} bytes" in row["error"], row["error"]
     assert other["state"] == "completed", other
+
+
+async def test_a_compressed_reply_and_a_card_that_is_not_text_are_named(
+        tmp_path: Path, peer: A2APeer) -> None:
+    """Replies are asked for uncompressed; one sent compressed anyway is refused (it could
+    grow a thousandfold before its size could be checked). A card that isn't UTF-8 is named
+    as such, with its URL."""
+    cfg = desk_cfg(tmp_path, peer, gzipreply=remote(peer, "gzipreply", retries=0))
+    async with LocalSwarm(cfg) as sw:
+        row = await sw.run("gzipreply: anything")
+    assert row["state"] == "failed" and row["error_class"] == "tool", row
+    assert "the reply came compressed (gzip), though asked for none" in row["error"], row
+    agents = {"desk": {"model": "m", "handoffs": ["bin"]},
+              "bin": {"a2a": {"url": peer.url("binarycard")}}}
+    with pytest.raises(ConfigError) as err:
+        await check_cards(make_cfg(tmp_path, RULES, agents))
+    ((_, msg),) = err.value.problems
+    assert f"agent card at {peer.url('binarycard')}/.well-known/agent-card.json is not JSON " \
+        "text (UTF-8)" in msg, msg
+
+
+async def test_each_streamed_event_is_measured_wherever_chunks_split_it() -> None:
+    """The per-event limit of a streamed reply: every event in a chunk is measured, and a
+    blank line split across chunks (or CR line ends) still ends an event."""
+    from swarm.protocol.a2a_cards import BodyTooLarge, _Capped
+
+    class Body:
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.chunks = chunks
+
+        async def aiter_bytes(self) -> Any:
+            for c in self.chunks:
+                yield c
+
+        async def aclose(self) -> None:
+            return None
+
+    async def read(chunks: list[bytes]) -> bytes:
+        return b"".join([c async for c in _Capped(Body(chunks), 100, True, "event")])
+
+    event = b"data: " + b"x" * 60 + b"\n"
+    assert await read([event + b"\n", event + b"\n"]) == (event + b"\n") * 2
+    assert await read([event, b"\n" + event, b"\n"])  # the blank line split across chunks
+    assert await read([event.replace(b"\n", b"\r") + b"\r" + event])  # CR line ends
+    with pytest.raises(BodyTooLarge, match="over 100 bytes"):  # a big event mid-chunk
+        await read([b"data: a\n\n" + b"data: " + b"y" * 200 + b"\n\ndata: b\n\n"])
+    with pytest.raises(BodyTooLarge):  # one event over several chunks
+        await read([event, event])
 
 
 async def test_a_cut_stream_is_picked_up_without_sending_twice(tmp_path: Path,

@@ -539,3 +539,27 @@ async def test_following_a_task_picks_up_after_a_supervisor_restart() -> None:
         "TaskStatusUpdateEvent", "TaskArtifactUpdateEvent", "TaskStatusUpdateEvent"]
     assert text(got[1].artifact) == "the answer"
     assert got[-1].status.state == TaskState.TASK_STATE_COMPLETED
+
+
+def test_the_log_filter_keeps_the_servers_own_failures() -> None:
+    """Only errors that are the client's to fix lose their tracebacks; a server's own failure
+    (a store that can't be reached becomes an InternalError) keeps its record."""
+    import logging
+    import sys
+
+    from a2a.utils.errors import InternalError, TaskNotFoundError
+
+    from swarm.protocol.a2a_server.app import _QUIET
+
+    def record(exc: Exception) -> logging.LogRecord:
+        try:
+            raise exc
+        except Exception:
+            info = sys.exc_info()
+        return logging.LogRecord("a2a", logging.ERROR, __file__, 1, "Agent execution failed",
+                                 None, info)
+
+    assert not _QUIET.filter(record(InvalidParamsError(message="bad gate")))
+    assert not _QUIET.filter(record(TaskNotFoundError(message="no task")))
+    assert _QUIET.filter(record(InternalError(message="StoreUnavailable: redis down")))
+    assert _QUIET.filter(record(RuntimeError("a bug")))

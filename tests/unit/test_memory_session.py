@@ -254,10 +254,11 @@ def test_an_age_is_a_duration_or_an_iso_date() -> None:
     from swarm.errors import UserError
     from swarm.memory.admin import parse_age
 
-    now = dt.datetime(2026, 3, 1).timestamp()
+    now = dt.datetime(2026, 3, 1, tzinfo=dt.UTC).timestamp()
     assert parse_age("30d") == 30 * 86400 and parse_age("2w") == 14 * 86400
     assert parse_age("2026-01-30", now=now) == 30 * 86400
-    assert parse_age("2026-02-28T12:00", now=now) == 12 * 3600
+    assert parse_age("2026-02-28T12:00", now=now) == 12 * 3600  # UTC, as --since reads it
+    assert parse_age("2026-02-28T12:00+02:00", now=now) == 14 * 3600
     with pytest.raises(UserError, match="is in the future"):
         parse_age("2026-03-02", now=now)
     with pytest.raises(UserError, match="or an ISO date/time such as 2026-01-01"):

@@ -28,7 +28,16 @@ from a2a.server.routes import (
 )
 from a2a.types import AgentCard, TaskState
 from a2a.utils.error_handlers import build_error_details
-from a2a.utils.errors import A2AError, InvalidParamsError, InvalidRequestError
+from a2a.utils.errors import (
+    ContentTypeNotSupportedError,
+    InvalidParamsError,
+    InvalidRequestError,
+    MethodNotFoundError,
+    TaskNotCancelableError,
+    TaskNotFoundError,
+    UnsupportedOperationError,
+    VersionNotSupportedError,
+)
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
@@ -252,14 +261,19 @@ class _RefusalsQuiet(logging.Filter):
     executor raises, the A2A errors it answers a bad request with included, so a client's
     typo filled the server's log with tracebacks; and an error for a client's retry of a
     running task, whose task the executor hands back. Those go (the client gets the error,
-    or the task); anything else stays."""
+    or the task); the server's own failures (`InternalError`, ...) and anything else stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, A2AError) and record.msg != _REPLACED
+        return not isinstance(exc, _CLIENTS_FAULT) and record.msg != _REPLACED
 
 
 _REPLACED = "Task %s already exists. Ignoring task replacement."
+# The A2A errors that are the client's to fix (a server's own, `InternalError` and the like,
+# keep their tracebacks).
+_CLIENTS_FAULT = (InvalidParamsError, InvalidRequestError, TaskNotFoundError,
+                  TaskNotCancelableError, UnsupportedOperationError, MethodNotFoundError,
+                  ContentTypeNotSupportedError, VersionNotSupportedError)
 
 
 _QUIET = _RefusalsQuiet()
