@@ -277,7 +277,8 @@ def check_outcome(report: Report, url: str, jobs: list[Job],
             answers.append(f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(Exception):
             steps.add(job.handle.status().steps)
-    wrong = [a for a in answers if a != ANSWER]
+    # Each answer names its task's account: a task that got another's answer shows.
+    wrong = [a for a, j in zip(answers, jobs, strict=True) if a != f"{ANSWER} ({j.account})"]
     report.check("answers_correct", not wrong, f"{len(answers) - len(wrong)}/{len(answers)}"
                  + (f"; e.g. {wrong[0]!r}" if wrong else ""))
     report.check("steps_as_undisturbed", steps == {STEPS}, f"steps per task {sorted(steps)}")

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import time
+import uuid
 import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -115,6 +116,7 @@ class _Post:
 
     replica: _Replica
     future: asyncio.Future[TurnResult]
+    task_id: str = ""  # the task whose turn it is: a result for another is not this one's
     incarnation: str | None = None  # the replica instance that took it (from the post's ack)
 
 
@@ -147,6 +149,9 @@ class RayAgentPool(AgentPool):
         self._where: dict[str, Any] = {}  # task id -> the replica running its turn now
         self._replicas = {id(h): _Replica(role, h) for role, hs in handles.items() for h in hs}
         self._posts: dict[str, _Post] = {}  # by post id
+        # Post ids are this pool's own: replicas deliver the results of turns a supervisor
+        # posted before it restarted to the new one, whose counter starts again at 0.
+        self._prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
         self._sending: set[asyncio.Future[None]] = set()  # post calls sent by `_post_now`
 
@@ -159,12 +164,13 @@ class RayAgentPool(AgentPool):
         result; a replica that dies meanwhile is an orchestration error."""
         handle = self._pick(role, key, attempt)
         self._where[req.task_id] = handle
-        post_id = f"p{next(self._ids)}"
+        post_id = f"{self._prefix}-{next(self._ids)}"
         try:
             if attempt:
                 await self._until_alive(role, handle)
             rep = self._replicas[id(handle)]
-            post = self._posts[post_id] = _Post(rep, asyncio.get_running_loop().create_future())
+            post = self._posts[post_id] = _Post(rep, asyncio.get_running_loop().create_future(),
+                                                req.task_id)
             rep.outbox.append((post_id, req))
             if len(rep.outbox) >= _POST_BATCH:
                 # A burst (many tasks started at once): send these now rather than after
@@ -185,6 +191,10 @@ class RayAgentPool(AgentPool):
         for post_id, outcome in batch:
             post = self._posts.get(post_id)
             if post is None or post.future.done():
+                continue
+            if not isinstance(outcome, str) and outcome.task_id != post.task_id:
+                log.error("a turn result of task %s came under the post id of task %s's "
+                          "turn (%s); dropped", outcome.task_id, post.task_id, post_id)
                 continue
             if isinstance(outcome, str):  # the turn raised in the replica
                 post.future.set_exception(RunError(outcome))

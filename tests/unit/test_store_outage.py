@@ -478,3 +478,29 @@ async def test_the_ray_pool_fails_a_post_the_replica_refused_for_the_store_as_su
     with pytest.raises(RunError, match="posting a turn to agent a failed: boom") as err:
         other.future.result()
     assert not isinstance(err.value, StoreUnavailable)
+
+
+async def test_a_result_posted_to_a_supervisor_before_it_restarted_reaches_no_other_task(
+        ) -> None:
+    """Replicas deliver results of turns the supervisor posted before it restarted to the new
+    one. Post ids are each pool's own (a counter from 0 made the old `p17` the new `p17`: 38
+    of 100 tasks completed with another task's answer after a supervisor kill), and a result
+    whose task isn't the post's is dropped."""
+    from swarm.runtime.agent import TurnResult
+    from swarm.runtime.supervisor import RayAgentPool, _Post, _Replica
+
+    before, after = RayAgentPool({}), RayAgentPool({})
+    assert before._prefix != after._prefix
+    rep = _Replica("a", handle=None)
+    loop = asyncio.get_running_loop()
+    mine = after._posts[f"{after._prefix}-0"] = _Post(rep, loop.create_future(), "task-b")
+
+    def result(task_id: str) -> TurnResult:
+        return TurnResult(task_id=task_id, agent="a", kind="final", message=b"",
+                          text=f"answer of {task_id}")
+
+    after.deliver([(f"{before._prefix}-0", result("task-a"))])  # the old pool's post id
+    after.deliver([(f"{after._prefix}-0", result("task-a"))])  # another task's result
+    assert not mine.future.done()
+    after.deliver([(f"{after._prefix}-0", result("task-b"))])
+    assert mine.future.result().text == "answer of task-b"
