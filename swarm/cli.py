@@ -821,6 +821,26 @@ def store_status(run_dir: RunDirOpt = "runs") -> None:
     out.print(line, markup=False, soft_wrap=True)
 
 
+@store_app.command("start")
+def store_start(run_dir: RunDirOpt = "runs") -> None:
+    """Start the run directory's embedded redis-server again (after it was stopped, or
+    died while a swarm is up: the swarm's tasks wait for it, up to state.outage_wait_s), on
+    the port it had, with its data."""
+    from swarm.state.interface import StoreUnavailable
+
+    server = _embedded_store(run_dir)
+    if server.running():
+        out.print(f"already running: {server.url} (data under {server.dir})", markup=False,
+                  soft_wrap=True)
+        return
+    try:
+        server.start()
+    except StoreUnavailable as exc:
+        _die(str(exc))
+    out.print(f"started: {server.url} (data under {server.dir})", markup=False,
+              soft_wrap=True)
+
+
 @store_app.command("stop")
 def store_stop(
     run_dir: RunDirOpt = "runs",

@@ -608,8 +608,9 @@ class RedisCheckpointer(Checkpointer):
         except _TRANSIENT as exc:
             await conn.disconnect(nowait=True)
             raise StoreUnavailable(
-                f"can't reach redis at {redact(self.url)}: {_why(exc)}. Start "
-                "it, or set state.store to 'embedded' to run a private one") from None
+                f"can't reach redis at {redact(self.url)}: {_why(exc)}. Start it (an "
+                "embedded store: `swarm store start --run-dir RUN_DIR`), or set state.store "
+                "to 'embedded' to run a private one") from None
         except ResponseError as exc:
             if not waitable_reply(exc):
                 raise self._refused_reply(exc) from exc

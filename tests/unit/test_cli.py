@@ -161,6 +161,39 @@ def test_store_stop_refuses_while_clients_use_it(tmp_path: Path,
         server.stop()
 
 
+def test_store_start_brings_a_dead_store_back_on_its_port_with_its_data(
+        tmp_path: Path) -> None:
+    import os
+    import signal
+
+    import redis
+
+    from swarm.state.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis.for_run_dir(tmp_path)
+    server.start()
+    try:
+        url = server.url
+        first = redis.Redis.from_url(url)
+        first.config_set("appendfsync", "always")  # the write on disk before the kill
+        first.set("k", "v")
+        first.close()
+        res = runner.invoke(app, ["store", "start", "--run-dir", str(tmp_path)])
+        assert res.exit_code == 0 and "already running" in res.output, res.output
+        pid = server.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        res = runner.invoke(app, ["store", "start", "--run-dir", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        said = " ".join(res.output.split())
+        assert f"started: {url}" in said, said  # the same port: URLs handed out still work
+        again = redis.Redis.from_url(url)
+        assert again.get("k") == b"v"
+        again.close()
+    finally:
+        server.stop()
+
+
 def test_store_stop_stops_an_unused_store(tmp_path: Path) -> None:
     from swarm.state.embedded import EmbeddedRedis
 
