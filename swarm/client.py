@@ -101,21 +101,30 @@ def _wait_until_done(timeout: float | None, poll: Callable[[float], list[TaskInf
             return infos
 
 
-def _call(actor: Any, method: str, *args: Any, timeout: float | None = None) -> Any:
+def _call(client: SwarmClient, method: str, *args: Any, timeout: float | None = None) -> Any:
     """Call a supervisor method, riding out a restart of the supervisor.
 
     While a crashed supervisor restarts, calls fail with ActorUnavailableError ("may or may not
     have been executed"); every supervisor method is safe to repeat (a submission carries the
-    task id the client chose), so the call is simply sent again, for a bounded time.
+    task id the client chose), so the call is simply sent again, for a bounded time. A
+    supervisor that was taken down (`swarm down`) and deployed again (`swarm up`) is a new
+    actor: the client finds it by the swarm's name and goes on with it.
     """
     import ray
+
+    from swarm.state.interface import TableNotLoaded
 
     deadline = time.monotonic() + _RESTART_WAIT_S
     delay = 0.1
     while True:
         try:
-            return _get(getattr(actor, method).remote(*args), timeout)
-        except ray.exceptions.ActorUnavailableError as exc:
+            return _get(getattr(client._sup, method).remote(*args), timeout)
+        except ray.exceptions.ActorDiedError:
+            client._reattach()
+            continue
+        except (ray.exceptions.ActorUnavailableError, TableNotLoaded) as exc:
+            # Restarting, or restarted while its store can't be reached (it loads its task
+            # table once the store answers).
             if time.monotonic() > deadline:
                 raise SwarmError(f"the swarm's supervisor stayed unavailable for "
                                  f"{_RESTART_WAIT_S:.0f} s: {exc}") from None
@@ -140,13 +149,13 @@ class TaskHandle:
 
     def status(self) -> TaskInfo:
         """The task's current row."""
-        row = _call(self.client._sup, "get_task", self.id)
+        row = _call(self.client, "get_task", self.id)
         row.pop("a2a", None)
         return TaskInfo.from_summary(row)
 
     def a2a_task(self) -> Any:
         """The task as an a2a-sdk `Task` (state, history, artifacts)."""
-        return a2a.loads_task(_call(self.client._sup, "get_task", self.id)["a2a"])
+        return a2a.loads_task(_call(self.client, "get_task", self.id)["a2a"])
 
     def events(self, timeout: float | None = None) -> Iterator[AnyEvent]:
         """Yield the task's events as they happen, from the first, until it ends.
@@ -161,25 +170,25 @@ class TaskHandle:
             wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
             if wait <= 0:
                 raise TimeoutError(f"task {self.id} still running after {timeout} s")
-            batch, done = _call(self.client._sup, "events", self.id, cursor, wait)
+            batch, done = _call(self.client, "events", self.id, cursor, wait)
             cursor += len(batch)
             finished = finished or any(isinstance(e, TaskFinished) for e in batch)
             yield from batch
             if done:
                 # One more read catches events that arrived with the final state.
-                tail, _ = _call(self.client._sup, "events", self.id, cursor, 0.0)
+                tail, _ = _call(self.client, "events", self.id, cursor, 0.0)
                 yield from tail
                 if not finished and not any(isinstance(e, TaskFinished) for e in tail):
                     # The task left the supervisor's memory between two reads (its events
                     # with it: limits.finished_in_memory); read back, it has its end alone.
-                    kept, _ = _call(self.client._sup, "events", self.id, 0, 0.0)
+                    kept, _ = _call(self.client, "events", self.id, 0, 0.0)
                     yield from (e for e in kept[-1:] if isinstance(e, TaskFinished))
                 return
 
     def wait(self, timeout: float | None = None) -> TaskInfo:
         """Wait for the task to end, up to `timeout` seconds; return its row (maybe unfinished)."""
         return _wait_until_done(timeout, lambda wait: [TaskInfo.from_summary(
-            _call(self.client._sup, "wait", self.id, wait))])[0]
+            _call(self.client, "wait", self.id, wait))])[0]
 
     def result(self, timeout: float | None = None) -> str:
         """The final answer; raises `TaskFailed` if the task failed, `TimeoutError` on timeout."""
@@ -192,13 +201,13 @@ class TaskHandle:
 
     def history(self, *, full: bool = False) -> list[dict[str, Any]]:
         """The task's checkpoints in order (seq, kind, agent, step, summary; data if `full`)."""
-        return list(_call(self.client._sup, "history", self.id, full))
+        return list(_call(self.client, "history", self.id, full))
 
     def trace(self) -> list[dict[str, Any]]:
         """The task's spans from the swarm's trace store, in start order (name, trace/span/parent
         ids, kind, start/end in epoch seconds, status, error, attributes): what `swarm trace`
         renders (`swarm.observability.render.render_trace`)."""
-        return list(_call(self.client._sup, "trace", self.id))
+        return list(_call(self.client, "trace", self.id))
 
     def replay(self) -> Iterator[dict[str, Any]]:
         """The task's messages as they were logged, read-only, in order."""
@@ -211,35 +220,35 @@ class TaskHandle:
 
     def fork(self, step: int, *, user: str | None = None) -> TaskHandle:
         """A new task that continues from this one's state after `step`."""
-        new_id = _call(self.client._sup, "fork", self.id, step, user)
+        new_id = _call(self.client, "fork", self.id, step, user)
         return TaskHandle(self.client, new_id)
 
     def forget(self) -> None:
         """Delete this finished task's durable state."""
-        _call(self.client._sup, "forget", self.id)
+        _call(self.client, "forget", self.id)
 
     def respond(self, text: str) -> TaskInfo:
         """Answer the task's question while it is in INPUT_REQUIRED (see `TaskInfo.question`)."""
-        return TaskInfo.from_summary(_call(self.client._sup, "respond", self.id, text))
+        return TaskInfo.from_summary(_call(self.client, "respond", self.id, text))
 
     def approve(self, gate: str, args: dict[str, Any] | None = None, *,
                 approver: str | None = None) -> TaskInfo:
         """Approve the open approval gate `gate` (see `TaskInfo.gates`); with `args`, the call
         runs with these arguments instead. `approver` defaults to the OS user name."""
-        return TaskInfo.from_summary(_call(self.client._sup, "approve", self.id, gate,
+        return TaskInfo.from_summary(_call(self.client, "approve", self.id, gate,
                                            _whoami() if approver is None else approver,
                                            args))
 
     def deny(self, gate: str, reason: str | None = None, *,
              approver: str | None = None) -> TaskInfo:
         """Deny the open approval gate `gate`; the agent's model is told who denied it and why."""
-        return TaskInfo.from_summary(_call(self.client._sup, "deny", self.id, gate,
+        return TaskInfo.from_summary(_call(self.client, "deny", self.id, gate,
                                            _whoami() if approver is None else approver,
                                            reason))
 
     def cancel(self) -> TaskInfo:
         """Cancel the task if it is still running."""
-        return TaskInfo.from_summary(_call(self.client._sup, "cancel", self.id))
+        return TaskInfo.from_summary(_call(self.client, "cancel", self.id))
 
 
 def _whoami() -> str:
@@ -258,12 +267,28 @@ class SwarmClient:
         self.name = name
         self._sup = supervisor
 
+    def _reattach(self) -> None:
+        """The supervisor this client called is gone for good (the swarm was taken down):
+        take the one now deployed under the swarm's name, if it is another actor; else raise
+        `SwarmNotFound`."""
+        import ray
+
+        try:
+            sup = ray.get_actor(supervisor_actor_name(self.name), namespace=NAMESPACE)
+        except ValueError:
+            sup = None
+        if sup is None or sup._actor_id == self._sup._actor_id:
+            raise SwarmNotFound(f"swarm {self.name!r} is not running any more (its "
+                                "supervisor is gone, and none is deployed under its name); "
+                                "deploy it again with `swarm up`") from None
+        self._sup = sup
+
     def __repr__(self) -> str:
         return f"SwarmClient({self.name!r})"
 
     def info(self) -> dict[str, Any]:
         """Agents, replicas, model endpoints and task counts."""
-        return dict(_call(self._sup, "info"))
+        return dict(_call(self, "info"))
 
     def submit(
         self,
@@ -276,7 +301,7 @@ class SwarmClient:
         """Submit a task; returns at once with a handle."""
         # The client picks the id, so a submission repeated after a supervisor restart can't
         # create a second task.
-        task_id = _call(self._sup, "submit", text, user, metadata, context_id, uuid.uuid4().hex)
+        task_id = _call(self, "submit", text, user, metadata, context_id, uuid.uuid4().hex)
         return TaskHandle(self, task_id)
 
     def submit_many(self, texts: list[str], *, user: str = "anonymous",
@@ -299,7 +324,7 @@ class SwarmClient:
         if len(ids) != len(texts):
             raise TypeError(f"submit_many: {len(texts)} texts but {len(ids)} task ids")
         try:
-            got = _call(self._sup, "submit_many", list(texts), user, ids)
+            got = _call(self, "submit_many", list(texts), user, ids)
         except Exception as exc:
             exc.task_ids = ids  # type: ignore[attr-defined]
             exc.add_note("submit_many: the task ids this call used are on the exception as "
@@ -314,7 +339,7 @@ class SwarmClient:
         the supervisor (not one per task); their rows in order (some maybe unfinished)."""
         ids = [t.id if isinstance(t, TaskHandle) else t for t in tasks]
         return _wait_until_done(timeout, lambda wait: [
-            TaskInfo.from_summary(r) for r in _call(self._sup, "wait_many", ids, wait)])
+            TaskInfo.from_summary(r) for r in _call(self, "wait_many", ids, wait)])
 
     def task(self, task_id: str) -> TaskHandle:
         """A handle on an existing task (raises `TaskNotFound` if there is none)."""
@@ -326,16 +351,16 @@ class SwarmClient:
               kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Audit log entries, oldest first: submissions, tool calls, approvals, task ends.
         `since` is unix seconds; `kind` a kind or its prefix (`approval`, `task`)."""
-        return list(_call(self._sup, "audit", task_id, since, kind, limit))
+        return list(_call(self, "audit", task_id, since, kind, limit))
 
     def archive_audit(self) -> str | None:
         """Move the audit stream into a Parquet file under the run directory; its path."""
-        path = _call(self._sup, "audit_archive")
+        path = _call(self, "audit_archive")
         return None if path is None else str(path)
 
     def tasks(self, state: str | None = None, user: str | None = None) -> list[TaskInfo]:
         """Tasks and their A2A states, newest first."""
-        return [TaskInfo.from_summary(r) for r in _call(self._sup, "list_tasks", state, user)]
+        return [TaskInfo.from_summary(r) for r in _call(self, "list_tasks", state, user)]
 
     def usage(self, by: str = "role", since: str | float | None = "24h") -> Any:
         """This swarm's usage and cost from its ledger as a pyarrow Table, summed `by` role,
@@ -349,7 +374,7 @@ class SwarmClient:
         from swarm.errors import UserError
         from swarm.observability.usage import usage_table
 
-        location = _call(self._sup, "info").get("usage_dir")
+        location = _call(self, "info").get("usage_dir")
         if not location:
             raise UserError(f"swarm {self.name} keeps no usage ledger (usage.enabled: false)")
         when = datetime.fromtimestamp(since, UTC) if isinstance(since, int | float) else since

@@ -283,7 +283,7 @@ def _poll_events(client: SwarmClient, task_id: str, cursor: int,
                  wait: float) -> tuple[list[AnyEvent], bool]:
     # TaskHandle.events is an iterator from the first event on; following a task from a cursor
     # (after a decision) and in bounded slices needs the supervisor's long poll itself.
-    batch, done = _call(client._sup, "events", task_id, cursor, wait,
+    batch, done = _call(client, "events", task_id, cursor, wait,
                         timeout=wait + _CALL_TIMEOUT_S)
     return list(batch), bool(done)
 

@@ -482,9 +482,9 @@ def stop_swarm(deployment: str, *, timeout: float = 30.0) -> dict[str, Any]:
         sup = ray.get_actor(supervisor_actor_name(deployment), namespace=NAMESPACE)
     except ValueError:
         raise SwarmNotFound(f"no swarm named {deployment!r} is running") from None
-    from swarm.client import _call
+    from swarm.client import SwarmClient, _call
 
-    info = _call(sup, "info", timeout=timeout)
+    info = _call(SwarmClient(deployment, sup), "info", timeout=timeout)
     try:
         info |= ray.get(sup.shutdown.remote(), timeout=timeout) or {}
     except Exception:

@@ -24,7 +24,7 @@ from swarm.events import Event
 from swarm.governance._redis import RedisDown
 from swarm.protocol import a2a
 from swarm.runtime.supervisor import RayAgentPool, Supervisor
-from swarm.state.interface import StoreUnavailable
+from swarm.state.interface import StoreUnavailable, TableNotLoaded
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,13 @@ class SupervisorActor:
         done = self._loaded
         if done is None or (done.done() and (done.cancelled() or done.exception() is not None)):
             self._loaded = asyncio.create_task(self._load())
-        await asyncio.shield(self._loaded)
+        try:
+            await asyncio.shield(self._loaded)
+        except StoreUnavailable as exc:
+            # The client may call again (`swarm.client`): the load is tried again until the
+            # store answers.
+            raise TableNotLoaded(f"the swarm's supervisor (re)started and can't load its task "
+                                 f"table yet: {exc}") from None
 
     async def _load(self) -> int:
         if self.sup.store is not None:

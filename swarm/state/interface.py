@@ -131,6 +131,11 @@ class StoreUnavailable(CheckpointError):
     """The durable store can't be reached (after the backend's own bounded retries)."""
 
 
+class TableNotLoaded(StoreUnavailable):
+    """A restarted supervisor can't load its task table yet (its store can't be reached): it
+    keeps trying by itself, so a client's call may be sent again."""
+
+
 class Checkpointer(ABC):
     """Durable storage of task logs, snapshots, the idempotency ledger and task rows.
 

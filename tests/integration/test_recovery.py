@@ -289,14 +289,15 @@ def test_a_swarm_taken_down_keeps_its_unfinished_tasks_for_the_next_up(pay) -> N
     info = stop_swarm(name)
     assert info["resumable"] is True
     assert info["unfinished"] >= 1, info
-    sup, _ = start_swarm(load_config(HERE / "configs" / "pay.yaml"), deployment=name)
-    again = SwarmClient(name, sup)
-    rows = again.wait_all([h.id for h in handles], timeout=120)
+    # (Not detached: the redeployed supervisor lives while this handle does.)
+    _sup, _ = start_swarm(load_config(HERE / "configs" / "pay.yaml"), deployment=name)
+    # The client of the swarm taken down goes on with the one deployed under its name.
+    rows = client.wait_all([h.id for h in handles], timeout=120)
     assert [(row.state, row.answer) for row in rows] == \
         [("completed", answer(a)) for a in accounts]
     assert {row.steps for row in rows} == {21}
     _check_exactly_once(r, accounts)
-    stop_swarm(name)  # while `sup` holds the redeployed supervisor (not detached) alive
+    stop_swarm(name)  # while `_sup` holds the redeployed supervisor (not detached) alive
 
 
 @pytest.mark.slow
