@@ -6,6 +6,7 @@ tests/unit/test_store_outage.py, here across the actors' own store connections).
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from pathlib import Path
 
@@ -65,13 +66,42 @@ def test_a_store_restart_mid_task_is_waited_out(ray_cluster, redis_url, tmp_path
                         and e.alert == "store_unavailable"), None)
         assert waiting is not None, f"no store_unavailable alert: {handle.status()}"
         assert waiting.action == "wait" and url in waiting.detail
+        # The supervisor restarts while the store is down: it can't load its task table yet
+        # (TableNotLoaded), and a client's call is sent again until it can (it raised
+        # StoreUnavailable to the client before).
+        import threading
+
+        import ray
+
+        from swarm.runtime.deploy import NAMESPACE
+        from swarm.runtime.supervisor_actor import supervisor_actor_name
+        from swarm.state.interface import TableNotLoaded
+
+        actor = ray.get_actor(supervisor_actor_name(name), namespace=NAMESPACE)
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + 120
+        while True:  # the dying instance may still answer a call sent as it dies
+            try:
+                ray.get(actor.info.remote(), timeout=60)
+            except TableNotLoaded as exc:
+                assert "can't load its task table yet" in str(exc)
+                break
+            except ray.exceptions.ActorUnavailableError:
+                pass  # restarting
+            assert time.monotonic() < deadline, "the restarted supervisor loaded no table"
+        waited: dict[str, object] = {}
+        waiter = threading.Thread(target=lambda: waited.update(info=handle.wait(timeout=120)))
+        waiter.start()  # its calls meet TableNotLoaded until the store is back
         store.start()
         assert store.url == url
-        rest = list(events)
+        waiter.join(180)
+        info = waited.get("info")
+        assert info is not None, "the client's wait did not ride out the restart"
         info = handle.wait(timeout=120)
         assert (info.state, info.answer) == ("completed", "done: charged 2"), \
             f"{info}\n" + swarm_diagnostics(ray_cluster["temp_dir"], name)
-        assert any(isinstance(e, TurnResumed) for e in rest)
+        # The restarted supervisor resumed the turn (events are its own since it started).
+        assert any(isinstance(e, TurnResumed) for e in handle.events(timeout=30))
         assert [r.get(f"held:charges:{handle.id}:{n}") for n in (1, 2)] == ["1", "1"]
         assert r.get(f"held:waits:{handle.id}") == "2", "\n".join(
             str((h["seq"], h["summary"])) for h in handle.history())
