@@ -305,6 +305,7 @@ class ApprovalDesk:
         schema = gate.get("input_schema")
         gate = {k: v for k, v in gate.items() if k != "input_schema"}
         entry = self.open.get(key)
+        new = entry is None
         if entry is None:
             entry = _Open(gate, asyncio.get_running_loop().create_future())
             self.open[key] = entry
@@ -313,8 +314,11 @@ class ApprovalDesk:
         rec.gates[gid] = gate
         question = _question(gate, rec.id, self.sup.swarm_id)
         rec.question = question
-        self._audit("approval.requested", rec, gid, tool=gate["tool"], agent=gate["agent"],
-                    args_hash=_hash(gate["arguments"]), detail=gate["reason"])
+        # Audited once: not again when the turn is resent while it waits, nor by a restarted
+        # supervisor for a gate its predecessor had (and audited) already.
+        if new and gate["requested"] >= self.sup.started:
+            self._audit("approval.requested", rec, gid, tool=gate["tool"], agent=gate["agent"],
+                        args_hash=_hash(gate["arguments"]), detail=gate["reason"])
         if rec.state == "input_required":  # already parked (another gate, or a restart)
             await self.sup._persist_soon(rec)
         else:

@@ -883,6 +883,7 @@ class Supervisor:
         pool.bind(self.push_events)
         self.router_model = router_model
         self.clock = clock
+        self.started = clock()  # when this supervisor (instance) started
         self.store = store
         self.swarm_id = swarm_id or cfg.name
         self.tasks: dict[str, TaskRecord] = {}

@@ -98,10 +98,15 @@ async def test_the_gate_and_its_decision_survive_a_restart(tmp_path: Path) -> No
         task_id = await sw.supervisor.submit("z")
         gid = (await _gate(sw, task_id))["gate"]
         await sw.crash()
-    # The restarted swarm finds the open gate in the log and waits on it again.
+    # The restarted swarm finds the open gate in the log and waits on it again; its request
+    # was audited by the supervisor it was made to, not again by this one (the process's
+    # audit log of the swarm is the one both wrote to).
     async with LocalSwarm(cfg, store=store) as sw2:
         assert await sw2.supervisor.load() == 1
         assert (await _gate(sw2, task_id))["gate"] == gid
+        audit = sw2.supervisor.audit
+        assert audit is not None
+        assert len(await audit.read(task_id=task_id, kind="approval.requested")) == 1
         await sw2.supervisor.approve(task_id, gid, approver="alice")
         dt.HOLD["z-2"], dt.ENTERED["z-2"] = asyncio.Event(), asyncio.Event()
         await asyncio.wait_for(dt.ENTERED["z-2"].wait(), 10)
