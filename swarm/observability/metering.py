@@ -63,6 +63,7 @@ from swarm.observability.tracing import _SAMPLED, _random_bits
 from swarm.observability.usage import UsageLedger, _redis_url
 from swarm.runtime.middleware import Middleware, ModelCall, NextModel, NextTool
 from swarm.runtime.step import MODEL as _MODEL
+from swarm.runtime.step import REFUSED as _REFUSED
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -373,9 +374,9 @@ class MeteringLayer(Middleware):
         for r in batch:
             outcome = r[9]
             if outcome == "stopped":
-                if r[10] == "policy":  # refused by a rate limit: no call, but an error of
+                if r[12] == _REFUSED:  # refused by a rate limit: no call, but an error of
                     # its class, as the step's event and the task's `errors` count it
-                    ekey = ("model" if r[0] == _MODEL else "tool", "policy")
+                    ekey = ("model" if r[0] == _MODEL else "tool", r[10])
                     errors[ekey] = errors.get(ekey, 0) + 1
                 continue
             if r[0] == _MODEL:

@@ -55,6 +55,9 @@ Record = Callable[[tuple[Any, ...]], None]
 # that spends time of its own before a model call (memory priming) leaves the time the call
 # starts from, in ns, in `extra` "start_ns".
 MODEL, TOOL = 0, 1
+# The stop kind of a call a rate limit refused before it ran (a record's `stopped`): the one
+# stop the error metric still counts (swarm.observability.metering).
+REFUSED = "refused"
 
 # Tool errors reach the model as tool messages starting with this marker, so policies (and
 # people reading transcripts) can tell them from results.
@@ -754,7 +757,7 @@ class StepLoop:
                     if inv is not None and self.record is not None:
                         # Refused by a rate limit before it ran: recorded as stopped (no
                         # ledger row, not billed), as a budget's or a gate's stop is.
-                        self.record(_tool_record(inv, n0, "stopped", error_class, text, "failed")
+                        self.record(_tool_record(inv, n0, "stopped", error_class, text, REFUSED)
                                     if refused else
                                     _tool_record(inv, n0, "error", error_class, text))
                 else:
@@ -852,7 +855,7 @@ def _model_failed(session: Session, call: ModelCall, n0: int,
         outcome = "stopped"
         error_class, text, stopped = _stopped(exc)
     elif isinstance(exc, RateLimited):  # refused before it ran: not billed
-        outcome, error_class, text, stopped = "stopped", "policy", _text(exc), "failed"
+        outcome, error_class, text, stopped = "stopped", "policy", _text(exc), REFUSED
     elif isinstance(exc, asyncio.CancelledError):
         outcome, error_class, text = (
             "canceled", getattr(exc, "error_class", None) or "model", _text(exc))
