@@ -45,7 +45,7 @@ Record = Callable[[tuple[Any, ...]], None]
 #  5 the parent span's (trace id, span id) in hex: `Session.scratch` "span_ids", or None
 #  6 span id (0: drawn when drained)
 #  7 start ns   8 end ns   9 outcome: ok | error | canceled | stopped   10 error class
-# 11 error text (raw: redacted when drained)   12 stopped: the StopTurn outcome's kind
+# 11 error text (raw: redacted when drained)   12 stopped: the StopTurn outcome's kind, or REFUSED
 # 13 captured content (input or arguments)   14 captured content (output or result)
 # model calls:  15 request model  16 response model  17 finish reason  18 tool calls
 #               19 input tokens   20 output tokens   21 cached tokens   22 wrap-up
