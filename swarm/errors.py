@@ -44,6 +44,10 @@ class UserError(SwarmError):
     """The caller asked for something that can't be done (bad argument, unknown task, ...)."""
 
 
+class TaskExists(UserError):
+    """A submission names a task id another submission (another text or sender) made."""
+
+
 class TaskNotFound(UserError):
     """No task with this id exists in the swarm."""
 

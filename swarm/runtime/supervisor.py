@@ -28,7 +28,7 @@ import msgspec
 from swarm._text import MAX_LABEL_CHARS, check_chars
 from swarm._urls import redact_url
 from swarm.config import SwarmConfig
-from swarm.errors import CheckpointError, RunError, TaskNotFound, UserError
+from swarm.errors import CheckpointError, RunError, TaskExists, TaskNotFound, UserError
 from swarm.events import (
     FILED_ONE_BY_ONE,
     Alert,
@@ -1171,7 +1171,7 @@ class Supervisor:
         if existing is not None:
             if existing.text == text and existing.user == user:
                 return task_id  # the same submission sent again (a client retry)
-            raise UserError(f"task {task_id} already exists")
+            raise TaskExists(f"task {task_id} already exists")
         context_id = context_id or a2a.new_id()
         first = a2a.text_message(
             text, role="user", task_id=task_id, context_id=context_id, metadata={"user": user}

@@ -48,7 +48,7 @@ from a2a.utils.task import (
     encode_list_tasks_cursor,
 )
 
-from swarm.errors import SwarmError, SwarmNotFound, TaskNotFound, UserError
+from swarm.errors import SwarmError, SwarmNotFound, TaskExists, TaskNotFound, UserError
 from swarm.protocol import a2a
 from swarm.protocol.a2a_server.bridge import Snapshot, SwarmLink, follow
 from swarm.protocol.a2a_server.listing import TaskQuery, sort_key
@@ -185,9 +185,7 @@ class SwarmRequestHandler(DefaultRequestHandler):
         try:  # the same submission is a retry; another message under the same id is refused
             await self.link.call("submit", text, caller(context, params.message), {"via": "a2a"},
                                  str(request.context_id), task_id, params.message.message_id)
-        except UserError as exc:
-            if "already exists" not in str(exc):
-                raise a2a_error(exc) from None
+        except TaskExists:
             raise InvalidParamsError(message=(
                 f"messageId {params.message.message_id!r} was sent before with another text "
                 f"(it started task {task_id}); a new message needs a new messageId")) from None
