@@ -92,9 +92,7 @@ def _resolution_problem(exc: BaseException, timeout: httpx.Timeout) -> str:
     if cause is None:
         return text
     detail = str(cause) or type(cause).__name__
-    if isinstance(cause, UnicodeDecodeError):
-        detail = f"it is not JSON text (UTF-8): {cause}"
-    elif isinstance(cause, httpx.ConnectTimeout):
+    if isinstance(cause, httpx.ConnectTimeout):
         detail = f"no connection within {timeout.connect:g} s"
     elif isinstance(cause, httpx.TimeoutException):
         detail = f"no answer within {timeout.read:g} s"
@@ -122,25 +120,31 @@ def _cap_body(limit: int) -> Any:
     `BodyTooLarge` there."""
 
     async def hook(response: httpx.Response) -> None:
-        request = response.request
+        card = response.request.method == "GET"
         events = "text/event-stream" in response.headers.get("content-type", "")
-        cap = _CARD_MAX_BYTES if request.method == "GET" else limit
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             await response.aclose()
-            what = "agent card" if request.method == "GET" else "reply"
-            raise BodyTooLarge(f"the {what} came compressed ({encoding}), though asked for "
-                               "none: its size can't be bounded before it is unpacked")
-        decoded = httpx.Response(response.status_code, headers=response.headers,
-                                 stream=response.stream, request=request)
-        for name in ("content-encoding", "content-length"):
-            if name in response.headers:
-                del response.headers[name]
-        what = "agent card" if request.method == "GET" else \
-            "event of its streamed reply" if events else "reply"
-        response.stream = _Capped(decoded, cap, events, what)
+            raise BodyTooLarge(f"the {'agent card' if card else 'reply'} came compressed "
+                               f"({encoding}), though asked for none: its size can't be "
+                               "bounded before it is unpacked")
+        what = "agent card" if card else "event of its streamed reply" if events else "reply"
+        response.stream = _Capped(_decoded(response), _CARD_MAX_BYTES if card else limit,
+                                  events, what)
 
     return hook
+
+
+def _decoded(response: httpx.Response) -> httpx.Response:
+    """A response over `response`'s stream that reads it decoded; `response`'s own headers
+    lose the encoding and length, so a stream put in its place (which passes decoded bytes)
+    is read as it is."""
+    decoded = httpx.Response(response.status_code, headers=response.headers,
+                             stream=response.stream, request=response.request)
+    for name in ("content-encoding", "content-length"):
+        if name in response.headers:
+            del response.headers[name]
+    return decoded
 
 
 class _Capped(httpx.AsyncByteStream):
@@ -218,13 +222,8 @@ async def _check_reply_ids(response: httpx.Response) -> None:
     if not isinstance(call, dict) or "id" not in call:
         return
     if "text/event-stream" in response.headers.get("content-type", ""):
-        # The events are checked as they pass, decoded (by a response over the same stream).
-        decoded = httpx.Response(response.status_code, headers=response.headers,
-                                 stream=response.stream, request=request)
-        for name in ("content-encoding", "content-length"):
-            if name in response.headers:
-                del response.headers[name]
-        response.stream = _CheckedEvents(decoded, call["id"])
+        # The events are checked as they pass, decoded.
+        response.stream = _CheckedEvents(_decoded(response), call["id"])
         return
     _check_reply_id(call["id"], await response.aread())
 
