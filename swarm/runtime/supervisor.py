@@ -780,9 +780,18 @@ class TaskRecord:
                 out[name] = self.total(name)
         if self.running:  # turns still running
             for done in self.running.values():
-                for name, n in zip(_RUNNING, done, strict=False):  # (cached tokens last)
+                for name, n in zip(_RUNNING, done[:5], strict=True):  # (cached tokens last)
                     out[name] += n
         return out
+
+    def add(self, used: TurnResult) -> None:
+        """Count a turn's steps, tokens and calls (its report, or what it ran as its events
+        said) in the task's counters."""
+        self.steps += used.steps
+        self.input_tokens += used.input_tokens
+        self.output_tokens += used.output_tokens
+        self.model_calls += used.model_calls
+        self.tool_calls += used.tool_calls
 
     def ran(self, agent: str | None, done: list[int]) -> None:
         """Add what an agent's running turn did (`swarm.events.progress`) to its progress;
@@ -1945,11 +1954,7 @@ class Supervisor:
         rec.turns += 1
         rec.live().history.append(a2a.loads_message(result.message))
         transcript.extend(result.added)
-        rec.steps += result.steps
-        rec.input_tokens += result.input_tokens
-        rec.output_tokens += result.output_tokens
-        rec.model_calls += result.model_calls
-        rec.tool_calls += result.tool_calls
+        rec.add(result)
         if result.events:
             self._emit_run(rec, result.events, running=False)
         rec.turn_counted(agent)
@@ -1973,17 +1978,12 @@ class Supervisor:
         if done is None or (self.stopping and self.store is not None) or \
                 rec.state in a2a.TERMINAL:
             return
-        steps, models, tools, tokens_in, tokens_out = done[:5]
-        cached = done[5] if len(done) > 5 else 0
-        rec.steps += steps
-        rec.model_calls += models
-        rec.tool_calls += tools
-        rec.input_tokens += tokens_in
-        rec.output_tokens += tokens_out
-        self._account(rec, agent, TurnResult(
-            task_id=rec.id, agent=agent, kind="canceled", message=b"", steps=steps,
-            input_tokens=tokens_in, output_tokens=tokens_out, cached_tokens=cached,
-            model_calls=models, tool_calls=tools), self.clock() if started is None else started)
+        steps, models, tools, tokens_in, tokens_out, cached = done
+        ran = TurnResult(task_id=rec.id, agent=agent, kind="canceled", message=b"", steps=steps,
+                         input_tokens=tokens_in, output_tokens=tokens_out, cached_tokens=cached,
+                         model_calls=models, tool_calls=tools)
+        rec.add(ran)
+        self._account(rec, agent, ran, self.clock() if started is None else started)
 
     def _resume_req(self, rec: TaskRecord, agent: str, req: TurnRequest) -> None:
         """Make `req` the resume of its turn from the durable log (after the replica died, or
