@@ -27,15 +27,12 @@ def parse_age(text: str, now: float | None = None) -> float:
     m = _AGE.match(text.strip())
     if m:
         return float(m.group(1)) * _UNIT[m.group(2)]
-    from datetime import UTC, datetime
+    from swarm.observability.usage import parse_since
 
     now = time.time() if now is None else now
     try:
-        when = datetime.fromisoformat(text.strip())
-        if when.tzinfo is None:  # a date without a zone is UTC, as `swarm usage --since` reads
-            when = when.replace(tzinfo=UTC)
-        age = now - when.timestamp()
-    except ValueError:
+        age = now - parse_since(text).timestamp()  # an ISO date, read as `--since` reads one
+    except UserError:
         raise UserError(f"--older-than {text!r}: expected a number and a unit s, m, h, d or w "
                         "(e.g. 30d), or an ISO date/time such as 2026-01-01") from None
     if age < 0:

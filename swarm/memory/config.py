@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-_GLOB = set("*?[")
+from swarm.tools.access import is_glob
 
 Scope = Literal["user", "swarm", "shared"]
 SCOPES: tuple[str, ...] = ("user", "swarm", "shared")
@@ -163,6 +163,6 @@ def memory_problems(cfg: object) -> list[tuple[str, str]]:
                     fnmatchcase(t, tool) for t in ("remember", "recall", "forget")):
                 problems.append((f"agents.{name}.tools.{i}",
                                  f"the memory server has no tool {tool!r}"
-                                 + (" (nor one it matches)" if _GLOB & set(tool) else "")
+                                 + (" (nor one it matches)" if is_glob(tool) else "")
                                  + "; it has ['forget', 'recall', 'remember']"))
     return problems
