@@ -382,8 +382,7 @@ class ApprovalDesk:
         if rec.state in a2a.TERMINAL and entry is not None:
             # Ended (canceled, say) while the gate was open: the gate closed with it, though
             # its turn may not have unwound yet.
-            raise UserError(f"task {task_id} is {rec.state}: its gates closed with it "
-                            f"(gate {gid} was not decided)")
+            raise UserError(_closed_with(rec, gid))
         if entry is None:
             raise UserError(await self._why_not_open(rec, gid))
         if entry.deciding:
@@ -438,8 +437,7 @@ class ApprovalDesk:
                     continue
                 if g.decision is None:
                     if rec.state in a2a.TERMINAL:
-                        return (f"task {rec.id} is {rec.state}: its gates closed with it "
-                                f"(gate {gid} was not decided)")
+                        return _closed_with(rec, gid)
                     return (f"gate {gid} of task {rec.id} is not open for a decision right now "
                             "(the task is resuming); try again in a moment")
                 done = {"event": g.decision, "by": g.by, "tool": g.tool}
@@ -463,6 +461,11 @@ class ApprovalDesk:
     def _audit(self, kind: str, rec: TaskRecord, gid: str, **fields: Any) -> None:
         if self.on_record is not None:
             self.on_record(kind, task_id=rec.id, user=rec.user, gate=gid, **fields)
+
+
+def _closed_with(rec: TaskRecord, gid: str) -> str:
+    """Why gate `gid` of a task that ended before it was decided takes no decision."""
+    return f"task {rec.id} is {rec.state}: its gates closed with it (gate {gid} was not decided)"
 
 
 def _question(gate: dict[str, Any], task_id: str, swarm: str) -> str:
